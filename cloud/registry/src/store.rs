@@ -1,0 +1,415 @@
+use crate::artifacts::sync_dir;
+use crate::types::{Approval, Device, EnrollToken, ModelVersion, NewVersion};
+use crate::{RegistryError, Result};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use sha2::{Digest, Sha256};
+use sled::Transactional;
+use sled::transaction::{ConflictableTransactionError, TransactionError};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use tern_proto::{DeviceId, ModelStatus, Sha256Digest};
+
+/// The registry database.
+///
+/// Every mutating call is durable when it returns: sled's `flush` alone does
+/// not fsync on Linux, so [`Registry::sync`] also fsyncs its files.
+pub struct Registry {
+    path: PathBuf,
+    db: sled::Db,
+    models: sled::Tree,
+    devices: sled::Tree,
+    tokens: sled::Tree,
+}
+
+fn version_key(name: &str, version: u32) -> Vec<u8> {
+    // Names never contain NUL, and big-endian versions sort numerically.
+    let mut k = name.as_bytes().to_vec();
+    k.push(0);
+    k.extend_from_slice(&version.to_be_bytes());
+    k
+}
+
+fn encode<T: Serialize>(v: &T) -> Vec<u8> {
+    serde_json::to_vec(v).expect("registry records serialize")
+}
+
+fn decode<T: DeserializeOwned>(key: &[u8], bytes: &[u8]) -> Result<T> {
+    serde_json::from_slice(bytes).map_err(|e| RegistryError::Corrupt {
+        key: String::from_utf8_lossy(key).replace('\0', ":"),
+        reason: e.to_string(),
+    })
+}
+
+fn token_key(secret: &[u8; 16]) -> [u8; 32] {
+    Sha256::digest(secret).into()
+}
+
+/// Aborts a sled transaction with a registry error.
+fn abort<T>(e: RegistryError) -> std::result::Result<T, ConflictableTransactionError<RegistryError>> {
+    Err(ConflictableTransactionError::Abort(e))
+}
+
+fn unwrap_tx<T>(r: std::result::Result<T, TransactionError<RegistryError>>) -> Result<T> {
+    r.map_err(|e| match e {
+        TransactionError::Abort(e) => e,
+        TransactionError::Storage(e) => RegistryError::Storage(e),
+    })
+}
+
+impl Registry {
+    /// Opens (creating) the registry at `path`.
+    pub fn open(path: impl AsRef<Path>) -> Result<Self> {
+        let path = path.as_ref().to_path_buf();
+        let db = sled::open(&path)?;
+        Ok(Self {
+            models: db.open_tree("models")?,
+            devices: db.open_tree("devices")?,
+            tokens: db.open_tree("tokens")?,
+            db,
+            path,
+        })
+    }
+
+    /// Makes everything written so far durable.
+    pub fn sync(&self) -> Result<()> {
+        self.db.flush()?;
+        for entry in std::fs::read_dir(&self.path)? {
+            let entry = entry?;
+            if entry.file_type()?.is_file() {
+                std::fs::File::open(entry.path())?.sync_all()?;
+            }
+        }
+        sync_dir(&self.path)?;
+        Ok(())
+    }
+
+    // ---- models ----
+
+    /// Registers a new version of `name`, numbered one past the latest.
+    pub fn register(&self, name: &str, new: NewVersion) -> Result<ModelVersion> {
+        loop {
+            let version = self.latest_version(name)?.map_or(1, |v| v.version + 1);
+            let record = ModelVersion {
+                name: name.to_owned(),
+                version,
+                sha256: new.sha256,
+                size: new.size,
+                format: new.format,
+                inputs: new.inputs.clone(),
+                outputs: new.outputs.clone(),
+                card: new.card.clone(),
+                meta: new.meta.clone(),
+                created_at: new.now,
+                status: Approval::Pending,
+                status_changed_at: new.now,
+            };
+            let key = version_key(name, version);
+            // A concurrent registration that took this number makes us retry with the next.
+            if self.models.compare_and_swap(&key, None::<&[u8]>, Some(encode(&record)))?.is_ok() {
+                self.sync()?;
+                return Ok(record);
+            }
+        }
+    }
+
+    fn latest_version(&self, name: &str) -> Result<Option<ModelVersion>> {
+        let mut prefix = name.as_bytes().to_vec();
+        prefix.push(0);
+        match self.models.scan_prefix(&prefix).next_back() {
+            Some(kv) => {
+                let (k, v) = kv?;
+                Ok(Some(decode(&k, &v)?))
+            }
+            None => Ok(None),
+        }
+    }
+
+    /// One version.
+    pub fn version(&self, name: &str, version: u32) -> Result<ModelVersion> {
+        let key = version_key(name, version);
+        match self.models.get(&key)? {
+            Some(v) => decode(&key, &v),
+            None if self.latest_version(name)?.is_some() => {
+                Err(RegistryError::UnknownVersion { name: name.to_owned(), version })
+            }
+            None => Err(RegistryError::UnknownModel(name.to_owned())),
+        }
+    }
+
+    /// All versions of `name`, oldest first.
+    pub fn versions(&self, name: &str) -> Result<Vec<ModelVersion>> {
+        let mut prefix = name.as_bytes().to_vec();
+        prefix.push(0);
+        let out = self
+            .models
+            .scan_prefix(&prefix)
+            .map(|kv| {
+                let (k, v) = kv?;
+                decode(&k, &v)
+            })
+            .collect::<Result<Vec<ModelVersion>>>()?;
+        if out.is_empty() {
+            return Err(RegistryError::UnknownModel(name.to_owned()));
+        }
+        Ok(out)
+    }
+
+    /// Every version of every model, by name then version.
+    pub fn all_versions(&self) -> Result<Vec<ModelVersion>> {
+        self.models
+            .iter()
+            .map(|kv| {
+                let (k, v) = kv?;
+                decode(&k, &v)
+            })
+            .collect()
+    }
+
+    /// Sets the approval status of a version.
+    pub fn set_status(&self, name: &str, version: u32, status: Approval, now: u64) -> Result<ModelVersion> {
+        let mut record = self.version(name, version)?;
+        record.status = status;
+        record.status_changed_at = now;
+        self.models.insert(version_key(name, version), encode(&record))?;
+        self.sync()?;
+        Ok(record)
+    }
+
+    // ---- enrollment tokens ----
+
+    /// Stores a token under the hash of its secret.
+    pub fn add_token(&self, secret: &[u8; 16], token: &EnrollToken) -> Result<()> {
+        self.tokens.insert(token_key(secret), encode(token))?;
+        self.sync()
+    }
+
+    /// Consumes a token and creates the device, atomically: a token enrolls
+    /// exactly one device, and a device exists only with a consumed token.
+    pub fn enroll(
+        &self,
+        secret: &[u8; 16],
+        id: DeviceId,
+        cert_sha256: Sha256Digest,
+        agent_version: &str,
+        now: u64,
+    ) -> Result<Device> {
+        let tkey = token_key(secret);
+        let result = (&self.tokens, &self.devices).transaction(|(tokens, devices)| {
+            let Some(raw) = tokens.get(tkey)? else {
+                return abort(RegistryError::TokenUnknown);
+            };
+            let mut token: EnrollToken = match decode(b"token", &raw) {
+                Ok(t) => t,
+                Err(e) => return abort(e),
+            };
+            if let Some(by) = &token.used_by {
+                return abort(RegistryError::TokenUsed(by.to_string()));
+            }
+            if now >= token.expires_at {
+                return abort(RegistryError::TokenExpired(now - token.expires_at));
+            }
+            if devices.get(id.as_str())?.is_some() {
+                return abort(RegistryError::DeviceExists(id.to_string()));
+            }
+            token.used_by = Some(id.clone());
+            let device = Device {
+                id: id.clone(),
+                group: token.group.clone(),
+                profile: token.profile.clone(),
+                enrolled_at: now,
+                cert_sha256,
+                last_seen: Some(now),
+                agent_version: Some(agent_version.to_owned()),
+                desired: BTreeMap::new(),
+                generation: 0,
+                reported: Vec::new(),
+            };
+            tokens.insert(&tkey, encode(&token))?;
+            devices.insert(id.as_str(), encode(&device))?;
+            Ok(device)
+        });
+        let device = unwrap_tx(result)?;
+        self.sync()?;
+        Ok(device)
+    }
+
+    /// Checks a token without consuming it (so a refused request costs nothing).
+    pub fn check_token(&self, secret: &[u8; 16], now: u64) -> Result<EnrollToken> {
+        let key = token_key(secret);
+        let token: EnrollToken = match self.tokens.get(key)? {
+            Some(raw) => decode(b"token", &raw)?,
+            None => return Err(RegistryError::TokenUnknown),
+        };
+        if let Some(by) = &token.used_by {
+            return Err(RegistryError::TokenUsed(by.to_string()));
+        }
+        if now >= token.expires_at {
+            return Err(RegistryError::TokenExpired(now - token.expires_at));
+        }
+        Ok(token)
+    }
+
+    // ---- devices ----
+
+    /// One device.
+    pub fn device(&self, id: &str) -> Result<Device> {
+        match self.devices.get(id)? {
+            Some(v) => decode(id.as_bytes(), &v),
+            None => Err(RegistryError::UnknownDevice(id.to_owned())),
+        }
+    }
+
+    /// The device holding the certificate with this digest.
+    pub fn device_by_cert(&self, cert_sha256: &Sha256Digest) -> Result<Option<Device>> {
+        for d in self.devices()? {
+            if &d.cert_sha256 == cert_sha256 {
+                return Ok(Some(d));
+            }
+        }
+        Ok(None)
+    }
+
+    /// All devices, by id.
+    pub fn devices(&self) -> Result<Vec<Device>> {
+        self.devices
+            .iter()
+            .map(|kv| {
+                let (k, v) = kv?;
+                decode(&k, &v)
+            })
+            .collect()
+    }
+
+    /// Applies `f` to a device record atomically and stores the result.
+    fn update_device(&self, id: &str, durable: bool, f: impl Fn(&mut Device) -> Result<()>) -> Result<Device> {
+        loop {
+            let old = self.devices.get(id)?.ok_or_else(|| RegistryError::UnknownDevice(id.to_owned()))?;
+            let mut device: Device = decode(id.as_bytes(), &old)?;
+            f(&mut device)?;
+            if self.devices.compare_and_swap(id, Some(old), Some(encode(&device)))?.is_ok() {
+                if durable {
+                    self.sync()?;
+                }
+                return Ok(device);
+            }
+        }
+    }
+
+    /// Sets the version of `name` a device should serve. Only approved
+    /// versions are accepted.
+    pub fn assign(&self, id: &str, name: &str, version: u32) -> Result<Device> {
+        let v = self.version(name, version)?;
+        if v.status != Approval::Approved {
+            return Err(RegistryError::NotApproved { name: name.to_owned(), version, status: v.status });
+        }
+        self.update_device(id, true, |d| {
+            d.desired.insert(name.to_owned(), version);
+            d.generation += 1;
+            Ok(())
+        })
+    }
+
+    /// Records that a device was heard from, with what it reported. Not
+    /// fsynced: losing a heartbeat to a power cut is harmless.
+    pub fn seen(&self, id: &str, now: u64, agent_version: Option<&str>, reported: Option<&[ModelStatus]>) -> Result<Device> {
+        self.update_device(id, false, |d| {
+            d.last_seen = Some(now);
+            if let Some(v) = agent_version {
+                d.agent_version = Some(v.to_owned());
+            }
+            if let Some(r) = reported {
+                d.reported = r.to_vec();
+            }
+            Ok(())
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tern_proto::ModelFormat;
+
+    fn new_version(bytes: &[u8]) -> NewVersion {
+        NewVersion {
+            sha256: Sha256Digest::of(bytes),
+            size: bytes.len() as u64,
+            format: ModelFormat::Onnx,
+            inputs: vec![],
+            outputs: vec![],
+            card: Some("# card".into()),
+            meta: BTreeMap::from([("owner".into(), "ml-team".into())]),
+            now: 100,
+        }
+    }
+
+    fn token(expires_at: u64) -> EnrollToken {
+        EnrollToken { group: "lab".into(), profile: "rpi4".into(), created_at: 0, expires_at, used_by: None }
+    }
+
+    #[test]
+    fn versions_count_up_and_survive_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let r = Registry::open(dir.path()).unwrap();
+            assert_eq!(r.register("iris", new_version(b"a")).unwrap().version, 1);
+            assert_eq!(r.register("iris", new_version(b"b")).unwrap().version, 2);
+            assert_eq!(r.register("iris-big", new_version(b"c")).unwrap().version, 1);
+            assert_eq!(r.set_status("iris", 2, Approval::Approved, 5).unwrap().status, Approval::Approved);
+        }
+        let r = Registry::open(dir.path()).unwrap();
+        let vs = r.versions("iris").unwrap();
+        assert_eq!(vs.iter().map(|v| v.version).collect::<Vec<_>>(), [1, 2]);
+        assert_eq!(vs[1].status, Approval::Approved);
+        assert_eq!(r.all_versions().unwrap().len(), 3);
+        assert_eq!(r.register("iris", new_version(b"d")).unwrap().version, 3);
+        assert!(matches!(r.version("iris", 9), Err(RegistryError::UnknownVersion { .. })));
+        assert!(matches!(r.version("nope", 1), Err(RegistryError::UnknownModel(_))));
+    }
+
+    #[test]
+    fn token_enrolls_exactly_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let r = Registry::open(dir.path()).unwrap();
+        let secret = [7u8; 16];
+        r.add_token(&secret, &token(1000)).unwrap();
+        let id = DeviceId::new("cam-1").unwrap();
+        let d = r.enroll(&secret, id.clone(), Sha256Digest::of(b"cert"), "0.1", 10).unwrap();
+        assert_eq!((d.group.as_str(), d.profile.as_str()), ("lab", "rpi4"));
+        let again = r.enroll(&secret, DeviceId::new("cam-2").unwrap(), Sha256Digest::of(b"x"), "0.1", 11);
+        assert_eq!(again.unwrap_err().to_string(), "enrollment token was already used (by device cam-1)");
+        assert!(matches!(r.device("cam-2"), Err(RegistryError::UnknownDevice(_))));
+        assert!(matches!(
+            r.enroll(&[9; 16], DeviceId::new("cam-3").unwrap(), Sha256Digest::of(b"y"), "0.1", 11),
+            Err(RegistryError::TokenUnknown)
+        ));
+        assert_eq!(r.device_by_cert(&Sha256Digest::of(b"cert")).unwrap().unwrap().id, id);
+    }
+
+    #[test]
+    fn expired_token_is_refused_and_stays_unused() {
+        let dir = tempfile::tempdir().unwrap();
+        let r = Registry::open(dir.path()).unwrap();
+        r.add_token(&[1; 16], &token(50)).unwrap();
+        let err = r.enroll(&[1; 16], DeviceId::new("cam-1").unwrap(), Sha256Digest::of(b"c"), "0.1", 80).unwrap_err();
+        assert!(matches!(err, RegistryError::TokenExpired(30)), "{err}");
+        assert!(r.devices().unwrap().is_empty());
+    }
+
+    #[test]
+    fn only_approved_versions_are_assigned() {
+        let dir = tempfile::tempdir().unwrap();
+        let r = Registry::open(dir.path()).unwrap();
+        r.add_token(&[1; 16], &token(50)).unwrap();
+        r.enroll(&[1; 16], DeviceId::new("cam-1").unwrap(), Sha256Digest::of(b"c"), "0.1", 1).unwrap();
+        r.register("iris", new_version(b"a")).unwrap();
+        let err = r.assign("cam-1", "iris", 1).unwrap_err();
+        assert!(err.to_string().contains("iris:1 is pending, only approved versions can be deployed"), "{err}");
+        assert_eq!(r.device("cam-1").unwrap().generation, 0);
+        r.set_status("iris", 1, Approval::Approved, 2).unwrap();
+        let d = r.assign("cam-1", "iris", 1).unwrap();
+        assert_eq!((d.desired["iris"], d.generation), (1, 1));
+        assert!(matches!(r.assign("cam-9", "iris", 1), Err(RegistryError::UnknownDevice(_))));
+    }
+}

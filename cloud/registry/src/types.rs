@@ -1,0 +1,132 @@
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::fmt;
+use tern_proto::{DeviceId, ModelFormat, ModelManifest, ModelStatus, Sha256Digest, TensorSpec};
+
+/// Whether a version may be deployed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Approval {
+    /// Registered, awaiting a decision.
+    Pending,
+    /// May be deployed.
+    Approved,
+    /// May not be deployed.
+    Rejected,
+}
+
+impl fmt::Display for Approval {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Approval::Pending => "pending",
+            Approval::Approved => "approved",
+            Approval::Rejected => "rejected",
+        })
+    }
+}
+
+/// What a caller supplies to register a version; the registry numbers it.
+#[derive(Debug, Clone)]
+pub struct NewVersion {
+    /// Digest of an artifact already in the artifact store.
+    pub sha256: Sha256Digest,
+    /// Its size.
+    pub size: u64,
+    /// Its format.
+    pub format: ModelFormat,
+    /// Input signature read from the model.
+    pub inputs: Vec<TensorSpec>,
+    /// Output signature read from the model.
+    pub outputs: Vec<TensorSpec>,
+    /// Model card (markdown).
+    pub card: Option<String>,
+    /// Free-form metadata.
+    pub meta: BTreeMap<String, String>,
+    /// Registration time (Unix seconds).
+    pub now: u64,
+}
+
+/// One registered version of a model.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ModelVersion {
+    /// Model name.
+    pub name: String,
+    /// Version, from 1.
+    pub version: u32,
+    /// Artifact digest.
+    pub sha256: Sha256Digest,
+    /// Artifact size in bytes.
+    pub size: u64,
+    /// Artifact format.
+    pub format: ModelFormat,
+    /// Input signature.
+    pub inputs: Vec<TensorSpec>,
+    /// Output signature.
+    pub outputs: Vec<TensorSpec>,
+    /// Model card (markdown).
+    pub card: Option<String>,
+    /// Free-form metadata.
+    pub meta: BTreeMap<String, String>,
+    /// When it was registered (Unix seconds).
+    pub created_at: u64,
+    /// Approval status.
+    pub status: Approval,
+    /// When the status last changed (Unix seconds).
+    pub status_changed_at: u64,
+}
+
+impl ModelVersion {
+    /// The manifest the registry signs for devices.
+    pub fn manifest(&self) -> ModelManifest {
+        ModelManifest {
+            name: self.name.clone(),
+            version: self.version,
+            sha256: self.sha256,
+            size: self.size,
+            format: self.format,
+            inputs: self.inputs.clone(),
+            outputs: self.outputs.clone(),
+            created_at: self.created_at,
+        }
+    }
+}
+
+/// An enrolled device.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Device {
+    /// Its id, also its certificate's common name.
+    pub id: DeviceId,
+    /// Fleet group.
+    pub group: String,
+    /// Device profile (hardware class).
+    pub profile: String,
+    /// When it enrolled (Unix seconds).
+    pub enrolled_at: u64,
+    /// SHA-256 of its certificate: how a connection is tied to the device.
+    pub cert_sha256: Sha256Digest,
+    /// When it was last heard from (Unix seconds).
+    pub last_seen: Option<u64>,
+    /// Agent version it last reported.
+    pub agent_version: Option<String>,
+    /// Desired model versions, by model name.
+    pub desired: BTreeMap<String, u32>,
+    /// Increases with every change to `desired`.
+    pub generation: u64,
+    /// What the agent last reported.
+    pub reported: Vec<ModelStatus>,
+}
+
+/// A one-time enrollment token, stored by the hash of its secret.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EnrollToken {
+    /// Group a device enrolled with it joins.
+    pub group: String,
+    /// Profile a device enrolled with it gets.
+    pub profile: String,
+    /// Issue time (Unix seconds).
+    pub created_at: u64,
+    /// Expiry (Unix seconds).
+    pub expires_at: u64,
+    /// The device that used it.
+    pub used_by: Option<DeviceId>,
+}

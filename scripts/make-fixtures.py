@@ -1,0 +1,66 @@
+#!/usr/bin/env python3
+"""Builds the test and demo models in fixtures/ and their expected outputs.
+
+Trains a small scikit-learn classifier on the Iris data set, exports it with
+skl2onnx, and records predictions made by onnxruntime (an implementation
+independent of tract) for the end-to-end tests to compare against.
+
+    pip install scikit-learn skl2onnx onnx onnxruntime
+    python3 scripts/make-fixtures.py
+
+The outputs are committed so that the demo and the tests need no Python.
+"""
+import json
+import pathlib
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from skl2onnx import to_onnx
+from sklearn.datasets import load_iris
+from sklearn.neural_network import MLPClassifier
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
+
+OUT = pathlib.Path(__file__).resolve().parent.parent / "fixtures"
+
+
+def main() -> None:
+    OUT.mkdir(exist_ok=True)
+    x, y = load_iris(return_X_y=True)
+    x = x.astype(np.float32)
+    model = make_pipeline(
+        StandardScaler(),
+        MLPClassifier(hidden_layer_sizes=(16,), max_iter=2000, random_state=7),
+    )
+    model.fit(x, y)
+    onx = to_onnx(
+        model,
+        x[:1],
+        options={"zipmap": False},
+        target_opset={"": 17, "ai.onnx.ml": 3},
+    )
+    onx.doc_string = "Iris MLP classifier (scikit-learn, exported with skl2onnx); inputs: sepal/petal length/width in cm"
+    path = OUT / "iris.onnx"
+    onnx.save(onx, path)
+
+    # A few rows from each class, plus two made-up flowers.
+    rows = np.concatenate([x[[0, 1, 50, 51, 100, 101]], np.array([[5.0, 3.0, 1.5, 0.2], [6.9, 3.1, 5.4, 2.1]], np.float32)])
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    names = [o.name for o in sess.get_outputs()]
+    outs = sess.run(None, {sess.get_inputs()[0].name: rows})
+    expected = {
+        "model": "iris.onnx",
+        "producer": f"onnxruntime {ort.__version__}",
+        "input": {"name": sess.get_inputs()[0].name, "shape": list(rows.shape), "data": rows.flatten().tolist()},
+        "outputs": {
+            n: {"shape": list(o.shape), "data": o.flatten().tolist(), "dtype": str(o.dtype)}
+            for n, o in zip(names, outs)
+        },
+    }
+    (OUT / "iris.expected.json").write_text(json.dumps(expected, indent=1) + "\n")
+    print(f"wrote {path} ({path.stat().st_size} bytes), outputs {names}, accuracy {model.score(x, y):.3f}")
+
+
+if __name__ == "__main__":
+    main()

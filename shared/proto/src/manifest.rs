@@ -1,0 +1,135 @@
+use crate::ids::Sha256Digest;
+use serde::{Deserialize, Serialize};
+use std::fmt;
+
+/// The file format of a model artifact.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ModelFormat {
+    /// An ONNX protobuf file.
+    Onnx,
+    /// A tract NNEF archive (tar), the compiled format for devices.
+    Nnef,
+}
+
+impl fmt::Display for ModelFormat {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            ModelFormat::Onnx => "onnx",
+            ModelFormat::Nnef => "nnef",
+        })
+    }
+}
+
+/// The element type of a tensor.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DType {
+    /// 32-bit float.
+    F32,
+    /// 64-bit float.
+    F64,
+    /// 8-bit signed integer.
+    I8,
+    /// 16-bit signed integer.
+    I16,
+    /// 32-bit signed integer.
+    I32,
+    /// 64-bit signed integer.
+    I64,
+    /// 8-bit unsigned integer.
+    U8,
+    /// 16-bit unsigned integer.
+    U16,
+    /// 32-bit unsigned integer.
+    U32,
+    /// 64-bit unsigned integer.
+    U64,
+    /// Boolean.
+    Bool,
+}
+
+impl fmt::Display for DType {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let s = serde_name(self);
+        f.write_str(s)
+    }
+}
+
+fn serde_name(d: &DType) -> &'static str {
+    match d {
+        DType::F32 => "f32",
+        DType::F64 => "f64",
+        DType::I8 => "i8",
+        DType::I16 => "i16",
+        DType::I32 => "i32",
+        DType::I64 => "i64",
+        DType::U8 => "u8",
+        DType::U16 => "u16",
+        DType::U32 => "u32",
+        DType::U64 => "u64",
+        DType::Bool => "bool",
+    }
+}
+
+/// Name, element type and shape of one model input or output. A `None`
+/// dimension is dynamic (a batch axis, usually).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct TensorSpec {
+    /// The name in the model graph.
+    pub name: String,
+    /// Element type.
+    pub dtype: DType,
+    /// Dimensions; `None` where the model leaves it open.
+    pub shape: Vec<Option<u64>>,
+}
+
+impl fmt::Display for TensorSpec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}[", self.name, self.dtype)?;
+        for (i, d) in self.shape.iter().enumerate() {
+            if i > 0 {
+                f.write_str(",")?;
+            }
+            match d {
+                Some(n) => write!(f, "{n}")?,
+                None => f.write_str("?")?,
+            }
+        }
+        f.write_str("]")
+    }
+}
+
+/// What the registry vouches for about one model version: the agent checks
+/// the artifact it downloads against this before loading it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ModelManifest {
+    /// Model name.
+    pub name: String,
+    /// Version, counting from 1.
+    pub version: u32,
+    /// Digest of the artifact's bytes.
+    pub sha256: Sha256Digest,
+    /// Size of the artifact in bytes.
+    pub size: u64,
+    /// Artifact format.
+    pub format: ModelFormat,
+    /// Input signature.
+    pub inputs: Vec<TensorSpec>,
+    /// Output signature.
+    pub outputs: Vec<TensorSpec>,
+    /// When the version was registered (Unix seconds).
+    pub created_at: u64,
+}
+
+/// A manifest as signed by the registry key: the exact postcard bytes that
+/// were signed, so verification never depends on re-encoding.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SignedManifest {
+    /// postcard encoding of a [`ModelManifest`].
+    pub body: Vec<u8>,
+    /// First 8 bytes of the SHA-256 of the signing public key.
+    pub key_id: [u8; 8],
+    /// Ed25519 signature over `body`.
+    pub signature: Vec<u8>,
+}

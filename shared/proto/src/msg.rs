@@ -1,0 +1,215 @@
+use crate::ids::{DeviceId, Sha256Digest};
+use crate::manifest::SignedManifest;
+use serde::{Deserialize, Serialize};
+use std::fmt;
+
+/// Every message of wire version 1. Which ones are allowed depends on the
+/// stream: enrollment, the control stream, or an artifact stream.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum Message {
+    /// Agent → coordinator, on a connection without a client certificate.
+    EnrollRequest(EnrollRequest),
+    /// Coordinator → agent: the enrolled identity.
+    EnrollResponse(EnrollResponse),
+    /// Agent → coordinator: first message on the control stream.
+    Hello(Hello),
+    /// Coordinator → agent: answer to [`Message::Hello`].
+    Welcome(Welcome),
+    /// Coordinator → agent: the models this device should serve.
+    Desired(DesiredState),
+    /// Agent → coordinator: what it is serving now.
+    Status(StatusReport),
+    /// Agent → coordinator: first message on an artifact stream.
+    FetchArtifact(FetchArtifact),
+    /// Coordinator → agent: precedes the raw artifact bytes.
+    ArtifactHeader(ArtifactHeader),
+    /// Either way: a request failed.
+    Error(WireError),
+}
+
+impl Message {
+    /// The variant's name, for logs and error messages.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Message::EnrollRequest(_) => "EnrollRequest",
+            Message::EnrollResponse(_) => "EnrollResponse",
+            Message::Hello(_) => "Hello",
+            Message::Welcome(_) => "Welcome",
+            Message::Desired(_) => "Desired",
+            Message::Status(_) => "Status",
+            Message::FetchArtifact(_) => "FetchArtifact",
+            Message::ArtifactHeader(_) => "ArtifactHeader",
+            Message::Error(_) => "Error",
+        }
+    }
+}
+
+/// Enrollment: a one-time token and a certificate signing request made from a
+/// key that never leaves the device.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EnrollRequest {
+    /// The token's secret part.
+    pub secret: [u8; 16],
+    /// DER-encoded PKCS#10 certificate signing request.
+    pub csr_der: Vec<u8>,
+    /// A device id the agent asks for; the coordinator picks one if `None`.
+    pub requested_id: Option<DeviceId>,
+    /// The agent's version string.
+    pub agent_version: String,
+}
+
+/// The identity a device gets at enrollment.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EnrollResponse {
+    /// The device's id (its certificate's common name).
+    pub device_id: DeviceId,
+    /// The device certificate, DER.
+    pub cert_der: Vec<u8>,
+    /// The fleet CA certificate, DER.
+    pub ca_der: Vec<u8>,
+    /// The registry's Ed25519 public key, which signs model manifests.
+    pub registry_key: [u8; 32],
+    /// Fleet group named by the token.
+    pub group: String,
+    /// Device profile named by the token.
+    pub profile: String,
+}
+
+/// First message of an enrolled agent's control stream.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Hello {
+    /// The agent's version string.
+    pub agent_version: String,
+    /// What the agent serves or is working on.
+    pub models: Vec<ModelStatus>,
+}
+
+/// The coordinator's answer to [`Hello`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Welcome {
+    /// The id the coordinator knows this device by.
+    pub device_id: DeviceId,
+    /// The coordinator's clock (Unix seconds), for the agent's logs.
+    pub server_time: u64,
+}
+
+/// The models a device should serve. The agent reconciles towards the latest
+/// generation it has received.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DesiredState {
+    /// Increases every time the device's desired state changes.
+    pub generation: u64,
+    /// One signed manifest per model name.
+    pub models: Vec<SignedManifest>,
+}
+
+/// Where an agent is with one model.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ModelState {
+    /// Fetching the artifact.
+    Downloading,
+    /// Checking digest and signature.
+    Verifying,
+    /// Handing the artifact to the runtime.
+    Loading,
+    /// Answering predictions.
+    Serving,
+    /// The last attempt failed; see `detail`.
+    Failed,
+}
+
+impl fmt::Display for ModelState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            ModelState::Downloading => "downloading",
+            ModelState::Verifying => "verifying",
+            ModelState::Loading => "loading",
+            ModelState::Serving => "serving",
+            ModelState::Failed => "failed",
+        })
+    }
+}
+
+/// One model's status on a device.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ModelStatus {
+    /// Model name.
+    pub name: String,
+    /// Version the state refers to.
+    pub version: u32,
+    /// Where the agent is with it.
+    pub state: ModelState,
+    /// Why it failed, when it did.
+    pub detail: Option<String>,
+}
+
+/// The agent's periodic and on-change report.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StatusReport {
+    /// Every model the agent knows about.
+    pub models: Vec<ModelStatus>,
+}
+
+/// Asks for an artifact's bytes from `offset` on (for resuming).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FetchArtifact {
+    /// The artifact's digest.
+    pub sha256: Sha256Digest,
+    /// First byte wanted.
+    pub offset: u64,
+}
+
+/// Announces `size - offset` raw bytes that follow on the same stream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ArtifactHeader {
+    /// The artifact's digest.
+    pub sha256: Sha256Digest,
+    /// Total size of the artifact.
+    pub size: u64,
+    /// Where the bytes that follow start.
+    pub offset: u64,
+}
+
+/// What went wrong, in a form both a program and a person can use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum ErrorCode {
+    /// The request was malformed or not allowed on this stream.
+    BadRequest,
+    /// The peer has no valid identity for this request.
+    Unauthorized,
+    /// The enrollment token is not one this coordinator issued.
+    TokenUnknown,
+    /// The enrollment token was used already.
+    TokenUsed,
+    /// The enrollment token has expired.
+    TokenExpired,
+    /// The requested device id is taken.
+    DeviceExists,
+    /// The named thing does not exist.
+    NotFound,
+    /// The coordinator failed; the request may be retried.
+    Internal,
+}
+
+/// An error reply.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WireError {
+    /// Machine-readable kind.
+    pub code: ErrorCode,
+    /// One line for a person.
+    pub message: String,
+}
+
+impl WireError {
+    /// Builds an error reply.
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
+        Self { code, message: message.into() }
+    }
+}
+
+impl fmt::Display for WireError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:?}: {}", self.code, self.message)
+    }
+}
