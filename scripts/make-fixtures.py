@@ -29,11 +29,14 @@ def main() -> None:
     OUT.mkdir(exist_ok=True)
     x, y = load_iris(return_X_y=True)
     x = x.astype(np.float32)
-    model = make_pipeline(
-        StandardScaler(),
-        MLPClassifier(hidden_layer_sizes=(16,), max_iter=2000, random_state=7),
-    )
+    # No StandardScaler in front: tract has no ONNX-ML `Scaler` op. The
+    # pipeline with one is kept as a real model that tract refuses.
+    model = MLPClassifier(hidden_layer_sizes=(16,), max_iter=3000, random_state=7)
     model.fit(x, y)
+    scaled = make_pipeline(StandardScaler(), MLPClassifier(hidden_layer_sizes=(4,), max_iter=500, random_state=7))
+    scaled.fit(x, y)
+    unsupported = to_onnx(scaled, x[:1], options={"zipmap": False}, target_opset={"": 17, "ai.onnx.ml": 3})
+    onnx.save(unsupported, OUT / "unsupported-scaler.onnx")
     onx = to_onnx(
         model,
         x[:1],

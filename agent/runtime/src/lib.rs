@@ -1,1 +1,66 @@
-//! placeholder
+//! Tern's inference runtime: typed tensors, the [`Backend`] trait every
+//! model runner implements, and the tract ONNX backend. The same loader
+//! checks models at registration on the coordinator, so a model the agent
+//! cannot run is refused before it reaches a device.
+
+mod tensor;
+mod tract_onnx_backend;
+
+pub use tensor::{Tensor, TensorData};
+pub use tract_onnx_backend::TractOnnx;
+
+use tern_proto::TensorSpec;
+
+/// Errors from loading or running a model.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RuntimeError {
+    /// The artifact is not a model this backend can load.
+    #[error("cannot load model: {0}")]
+    Load(String),
+    /// The request's tensors do not match the model's signature.
+    #[error("{0}")]
+    Signature(String),
+    /// The model failed while running.
+    #[error("model failed while running: {0}")]
+    Run(String),
+}
+
+/// A loaded model that can answer requests. Implementations are shared
+/// between request handlers, so `run` takes `&self`.
+pub trait Backend: Send + Sync {
+    /// Input signature.
+    fn inputs(&self) -> &[TensorSpec];
+    /// Output signature.
+    fn outputs(&self) -> &[TensorSpec];
+    /// Runs the model on inputs already checked with [`check_inputs`].
+    fn run(&self, inputs: Vec<Tensor>) -> Result<Vec<Tensor>, RuntimeError>;
+}
+
+/// Checks count, element type and shape of `inputs` against `specs`, with
+/// an error that names the expected signature.
+pub fn check_inputs(specs: &[TensorSpec], inputs: &[Tensor]) -> Result<(), RuntimeError> {
+    let expected = || specs.iter().map(|s| s.to_string()).collect::<Vec<_>>().join(", ");
+    if specs.len() != inputs.len() {
+        return Err(RuntimeError::Signature(format!(
+            "expected {} input(s) ({}), got {}",
+            specs.len(),
+            expected(),
+            inputs.len()
+        )));
+    }
+    for (spec, t) in specs.iter().zip(inputs) {
+        let shape_ok = spec.shape.len() == t.shape.len()
+            && spec.shape.iter().zip(&t.shape).all(|(want, got)| want.is_none_or(|w| w == *got as u64));
+        if t.dtype() != spec.dtype || !shape_ok {
+            return Err(RuntimeError::Signature(format!(
+                "input {:?} expects {}, got {}{:?} (model signature: {})",
+                spec.name,
+                spec,
+                t.dtype(),
+                t.shape,
+                expected()
+            )));
+        }
+    }
+    Ok(())
+}
