@@ -1,1 +1,82 @@
-fn main() {}
+//! `tern`: the Tern coordinator (`tern serve`) and the admin CLI that drives
+//! it (`tern model …`, `tern fleet …`), plus `tern demo`.
+
+mod cli;
+mod demo;
+mod fsutil;
+mod serve;
+
+use clap::{Parser, Subcommand};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+#[derive(Parser)]
+#[command(name = "tern", version, about = "Tern coordinator and admin CLI")]
+struct Cli {
+    /// Coordinator data directory (registry, artifacts, keys, admin token).
+    #[arg(long, env = "TERN_DATA_DIR", default_value = "tern-data", global = true)]
+    data_dir: PathBuf,
+    /// Admin API URL; default: read from <data-dir>/serve.json.
+    #[arg(long, env = "TERN_ADMIN", global = true)]
+    admin: Option<String>,
+    /// Admin token; default: read from <data-dir>/admin.token.
+    #[arg(long, env = "TERN_ADMIN_TOKEN", hide_env_values = true, global = true)]
+    token: Option<String>,
+    /// Print JSON instead of tables, for scripts.
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run the coordinator: QUIC endpoint for agents, admin API for this CLI.
+    Serve(serve::ServeArgs),
+    /// Register, inspect and approve models.
+    #[command(subcommand)]
+    Model(cli::ModelCmd),
+    /// Enrollment tokens, devices and their desired models.
+    #[command(subcommand)]
+    Fleet(cli::FleetCmd),
+    /// Start a coordinator and an agent in a temporary folder, deploy a
+    /// model, and print predictions made on the "device".
+    Demo(demo::DemoArgs),
+}
+
+fn init_logs(default: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.cmd {
+        Cmd::Serve(args) => {
+            init_logs("info,quinn=warn");
+            tokio::runtime::Runtime::new()
+                .map_err(anyhow::Error::from)
+                .and_then(|rt| rt.block_on(serve::run(cli.data_dir, args)))
+        }
+        Cmd::Model(cmd) => {
+            init_logs("warn");
+            cli::Client::new(&cli.data_dir, cli.admin, cli.token).and_then(|c| cli::model(&c, cmd, cli.json))
+        }
+        Cmd::Fleet(cmd) => {
+            init_logs("warn");
+            cli::Client::new(&cli.data_dir, cli.admin, cli.token).and_then(|c| cli::fleet(&c, cmd, cli.json))
+        }
+        Cmd::Demo(args) => {
+            init_logs("warn");
+            demo::run(args)
+        }
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -6,6 +6,7 @@ mod frame;
 mod ids;
 mod manifest;
 mod msg;
+mod token;
 
 pub use frame::{
     FrameDecoder, FrameError, FrameHeader, HEADER_LEN, MAGIC, MAX_FRAME_LEN, decode_frame,
@@ -13,6 +14,7 @@ pub use frame::{
 };
 pub use ids::{DeviceId, IdError, ModelRef, Sha256Digest};
 pub use manifest::{DType, ModelFormat, ModelManifest, SignedManifest, TensorSpec};
+pub use token::{EnrollTokenText, TokenError};
 pub use msg::{
     ArtifactHeader, DesiredState, EnrollRequest, EnrollResponse, ErrorCode, FetchArtifact, Hello,
     Message, ModelState, ModelStatus, StatusReport, Welcome, WireError,

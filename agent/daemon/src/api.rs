@@ -1,0 +1,238 @@
+//! The local inference API for apps on the device, on 127.0.0.1 and on a
+//! Unix socket: `GET /v1/models`, `POST /v1/models/NAME:predict`.
+
+use axum::extract::rejection::JsonRejection;
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::Deserialize;
+use serde_json::{Value, json};
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
+use tern_proto::{DType, DeviceId, ModelManifest, ModelState, ModelStatus, TensorSpec};
+use tern_runtime::{Backend, RuntimeError, Tensor, TensorData, check_inputs};
+use tokio::sync::watch;
+
+/// A model that is answering requests.
+pub struct Served {
+    /// What the registry signed for it.
+    pub manifest: ModelManifest,
+    /// The loaded model.
+    pub backend: Arc<dyn Backend>,
+    /// False once it has failed inside the runtime.
+    pub healthy: AtomicBool,
+    /// Requests answered.
+    pub requests: AtomicU64,
+    /// Requests that failed inside the runtime.
+    pub errors: AtomicU64,
+}
+
+impl Served {
+    pub fn new(manifest: ModelManifest, backend: Arc<dyn Backend>) -> Self {
+        Self { manifest, backend, healthy: AtomicBool::new(true), requests: AtomicU64::new(0), errors: AtomicU64::new(0) }
+    }
+}
+
+/// What the API shares with the agent's main loop.
+pub struct Shared {
+    pub device: DeviceId,
+    pub models: RwLock<BTreeMap<String, Arc<Served>>>,
+    pub status: watch::Receiver<Vec<ModelStatus>>,
+}
+
+/// An error answer: `{"error": …}` with a fitting status.
+pub struct ApiError(StatusCode, String);
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.0, Json(json!({ "error": self.1 }))).into_response()
+    }
+}
+
+fn bad(msg: impl Into<String>) -> ApiError {
+    ApiError(StatusCode::BAD_REQUEST, msg.into())
+}
+
+pub fn router(shared: Arc<Shared>) -> Router {
+    Router::new()
+        .route("/v1/models", get(list))
+        .route("/v1/models/{target}", post(predict))
+        .fallback(|| async { ApiError(StatusCode::NOT_FOUND, "no such route; try GET /v1/models or POST /v1/models/NAME:predict".into()) })
+        .with_state(shared)
+}
+
+fn spec_json(specs: &[TensorSpec]) -> Value {
+    Value::Array(specs.iter().map(|s| json!({ "name": s.name, "dtype": s.dtype, "shape": s.shape })).collect())
+}
+
+async fn list(State(shared): State<Arc<Shared>>) -> Json<Value> {
+    let models = shared.models.read().expect("lock").clone();
+    let mut out: Vec<Value> = models
+        .values()
+        .map(|s| {
+            json!({
+                "name": s.manifest.name,
+                "version": s.manifest.version,
+                "state": ModelState::Serving,
+                "healthy": s.healthy.load(Ordering::Relaxed),
+                "sha256": s.manifest.sha256,
+                "inputs": spec_json(s.backend.inputs()),
+                "outputs": spec_json(s.backend.outputs()),
+                "requests": s.requests.load(Ordering::Relaxed),
+                "errors": s.errors.load(Ordering::Relaxed),
+            })
+        })
+        .collect();
+    // Versions on their way in (or failed) are listed too, so an app can see why.
+    for st in shared.status.borrow().iter().filter(|s| s.state != ModelState::Serving) {
+        out.push(json!({ "name": st.name, "version": st.version, "state": st.state, "detail": st.detail }));
+    }
+    Json(json!({ "device": shared.device, "models": out }))
+}
+
+#[derive(Deserialize)]
+pub struct PredictRequest {
+    inputs: Vec<JsonTensor>,
+}
+
+#[derive(Deserialize)]
+struct JsonTensor {
+    #[serde(default)]
+    name: Option<String>,
+    #[serde(default)]
+    dtype: Option<DType>,
+    shape: Vec<usize>,
+    data: Value,
+}
+
+fn flatten<'a>(v: &'a Value, out: &mut Vec<&'a Value>) {
+    match v {
+        Value::Array(items) => items.iter().for_each(|i| flatten(i, out)),
+        other => out.push(other),
+    }
+}
+
+fn convert(input: &str, values: &[&Value], dtype: DType) -> Result<TensorData, ApiError> {
+    fn ints<T: TryFrom<i64> + TryFrom<u64>>(input: &str, values: &[&Value], dtype: DType) -> Result<Vec<T>, ApiError> {
+        values
+            .iter()
+            .enumerate()
+            .map(|(i, v)| {
+                let n = if let Some(n) = v.as_i64() { T::try_from(n).ok() } else { v.as_u64().and_then(|n| T::try_from(n).ok()) };
+                n.ok_or_else(|| bad(format!("input {input:?}: element {i} ({v}) is not a {dtype}")))
+            })
+            .collect()
+    }
+    let floats = || -> Result<Vec<f64>, ApiError> {
+        values
+            .iter()
+            .enumerate()
+            .map(|(i, v)| v.as_f64().ok_or_else(|| bad(format!("input {input:?}: element {i} ({v}) is not a number"))))
+            .collect()
+    };
+    Ok(match dtype {
+        DType::F32 => TensorData::F32(floats()?.into_iter().map(|x| x as f32).collect()),
+        DType::F64 => TensorData::F64(floats()?),
+        DType::I8 => TensorData::I8(ints(input, values, dtype)?),
+        DType::I16 => TensorData::I16(ints(input, values, dtype)?),
+        DType::I32 => TensorData::I32(ints(input, values, dtype)?),
+        DType::I64 => TensorData::I64(ints(input, values, dtype)?),
+        DType::U8 => TensorData::U8(ints(input, values, dtype)?),
+        DType::U16 => TensorData::U16(ints(input, values, dtype)?),
+        DType::U32 => TensorData::U32(ints(input, values, dtype)?),
+        DType::U64 => TensorData::U64(ints(input, values, dtype)?),
+        DType::Bool => TensorData::Bool(
+            values
+                .iter()
+                .enumerate()
+                .map(|(i, v)| v.as_bool().ok_or_else(|| bad(format!("input {input:?}: element {i} ({v}) is not a bool"))))
+                .collect::<Result<_, _>>()?,
+        ),
+    })
+}
+
+/// JSON tensors to runtime tensors, in the model's input order. Unnamed
+/// inputs are taken in order; the element type defaults to the model's.
+fn to_tensors(req: PredictRequest, specs: &[TensorSpec]) -> Result<Vec<Tensor>, ApiError> {
+    let named = req.inputs.iter().all(|t| t.name.is_some()) && !req.inputs.is_empty();
+    let mut ordered: Vec<(usize, JsonTensor)> = Vec::with_capacity(req.inputs.len());
+    for (i, t) in req.inputs.into_iter().enumerate() {
+        let ix = if named {
+            let name = t.name.as_deref().expect("checked");
+            specs.iter().position(|s| s.name == name).ok_or_else(|| {
+                let names: Vec<_> = specs.iter().map(|s| s.name.as_str()).collect();
+                bad(format!("model has no input {name:?} (inputs: {})", names.join(", ")))
+            })?
+        } else {
+            i
+        };
+        ordered.push((ix, t));
+    }
+    ordered.sort_by_key(|(ix, _)| *ix);
+    ordered
+        .into_iter()
+        .map(|(ix, t)| {
+            let spec = specs.get(ix);
+            let name = spec.map_or("?", |s| s.name.as_str());
+            let dtype = t.dtype.or(spec.map(|s| s.dtype)).unwrap_or(DType::F32);
+            let mut values = Vec::new();
+            flatten(&t.data, &mut values);
+            let data = convert(name, &values, dtype)?;
+            Tensor::new(t.shape, data).map_err(|e| bad(format!("input {name:?}: {e}")))
+        })
+        .collect()
+}
+
+fn tensor_json(spec: Option<&TensorSpec>, t: &Tensor) -> Value {
+    let data = match &t.data {
+        TensorData::F32(v) => json!(v),
+        TensorData::F64(v) => json!(v),
+        TensorData::I8(v) => json!(v),
+        TensorData::I16(v) => json!(v),
+        TensorData::I32(v) => json!(v),
+        TensorData::I64(v) => json!(v),
+        TensorData::U8(v) => json!(v),
+        TensorData::U16(v) => json!(v),
+        TensorData::U32(v) => json!(v),
+        TensorData::U64(v) => json!(v),
+        TensorData::Bool(v) => json!(v),
+    };
+    json!({ "name": spec.map(|s| s.name.as_str()), "dtype": t.dtype(), "shape": t.shape, "data": data })
+}
+
+async fn predict(
+    State(shared): State<Arc<Shared>>,
+    Path(target): Path<String>,
+    body: Result<Json<PredictRequest>, JsonRejection>,
+) -> Result<Json<Value>, ApiError> {
+    let Some(name) = target.strip_suffix(":predict") else {
+        return Err(ApiError(StatusCode::NOT_FOUND, format!("unknown action in {target:?}; use POST /v1/models/NAME:predict")));
+    };
+    let served = shared.models.read().expect("lock").get(name).cloned().ok_or_else(|| {
+        let loaded: Vec<String> = shared.models.read().expect("lock").keys().cloned().collect();
+        ApiError(StatusCode::NOT_FOUND, format!("no model named {name:?} is loaded (loaded: {})", if loaded.is_empty() { "none".into() } else { loaded.join(", ") }))
+    })?;
+    let Json(req) = body.map_err(|e| bad(format!("bad JSON body: {}", e.body_text())))?;
+    let inputs = to_tensors(req, served.backend.inputs())?;
+    check_inputs(served.backend.inputs(), &inputs).map_err(|e| bad(e.to_string()))?;
+    let model = served.clone();
+    let result = tokio::task::spawn_blocking(move || model.backend.run(inputs))
+        .await
+        .map_err(|e| RuntimeError::Run(format!("inference task failed: {e}")));
+    served.requests.fetch_add(1, Ordering::Relaxed);
+    let outputs = match result.and_then(|r| r) {
+        Ok(o) => o,
+        Err(e) => {
+            served.errors.fetch_add(1, Ordering::Relaxed);
+            served.healthy.store(false, Ordering::Relaxed);
+            tracing::error!(model = %name, "inference failed: {e}");
+            return Err(ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()));
+        }
+    };
+    let specs = served.backend.outputs();
+    let outputs: Vec<Value> = outputs.iter().enumerate().map(|(i, t)| tensor_json(specs.get(i), t)).collect();
+    Ok(Json(json!({ "model": name, "version": served.manifest.version, "outputs": outputs })))
+}

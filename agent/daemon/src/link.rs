@@ -1,0 +1,152 @@
+//! The agent's session with the coordinator over mutual-TLS QUIC: a
+//! reconnecting control stream, and artifact downloads on streams of their
+//! own that resume from what is already on disk.
+
+use crate::identity::{Identity, resolve};
+use crate::store::Store;
+use anyhow::{Context, Result, anyhow, bail};
+use std::sync::Arc;
+use std::time::Duration;
+use tern_net::{NetError, read_msg, write_msg};
+use tern_proto::{FetchArtifact, Hello, Message, ModelManifest, StatusReport};
+use tokio::io::AsyncWriteExt;
+use tokio::sync::{mpsc, watch};
+use tracing::{debug, info, warn};
+
+/// What the link tells the main loop.
+pub enum FromLink {
+    /// The coordinator sent a desired state.
+    Desired(tern_proto::DesiredState),
+}
+
+/// Keeps a session with the coordinator up, forever. Publishes the live
+/// connection (for downloads) on `conn_tx`; sends status reports it gets on
+/// `status_rx`; forwards desired states to `to_main`.
+pub async fn run(
+    identity: Arc<Identity>,
+    conn_tx: watch::Sender<Option<quinn::Connection>>,
+    mut status_rx: watch::Receiver<Vec<tern_proto::ModelStatus>>,
+    to_main: mpsc::Sender<FromLink>,
+) {
+    let mut backoff = Duration::from_millis(250);
+    loop {
+        match session(&identity, &conn_tx, &mut status_rx, &to_main).await {
+            Ok(()) => backoff = Duration::from_millis(250),
+            Err(e) => warn!("coordinator session: {e:#}; retrying in {backoff:?}"),
+        }
+        conn_tx.send_replace(None);
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(Duration::from_secs(30));
+    }
+}
+
+async fn session(
+    identity: &Identity,
+    conn_tx: &watch::Sender<Option<quinn::Connection>>,
+    status_rx: &mut watch::Receiver<Vec<tern_proto::ModelStatus>>,
+    to_main: &mpsc::Sender<FromLink>,
+) -> Result<()> {
+    let addr = resolve(&identity.info.coordinator).await?;
+    let config = tern_net::device_client_config(&identity.ca_der, &identity.cert_der, &identity.key_der)?;
+    let endpoint = tern_net::client_endpoint(addr)?;
+    let conn = endpoint
+        .connect_with(config, addr, tern_net::COORDINATOR_NAME)
+        .map_err(NetError::from)?
+        .await
+        .map_err(NetError::from)
+        .with_context(|| format!("connecting to {addr}"))?;
+    let (mut send, mut recv) = conn.open_bi().await.map_err(NetError::from)?;
+    let hello = Hello { agent_version: crate::VERSION.into(), models: status_rx.borrow_and_update().clone() };
+    write_msg(&mut send, &Message::Hello(hello)).await?;
+    match read_msg(&mut recv).await? {
+        Some(Message::Welcome(w)) => info!(device = %w.device_id, %addr, "connected to coordinator"),
+        Some(Message::Error(e)) => bail!("coordinator refused the session: {}", e.message),
+        Some(other) => bail!("expected Welcome, got {}", other.kind()),
+        None => bail!("coordinator closed the session"),
+    }
+    conn_tx.send_replace(Some(conn.clone()));
+    let mut heartbeat = tokio::time::interval(Duration::from_secs(30));
+    heartbeat.tick().await;
+    loop {
+        tokio::select! {
+            msg = read_msg(&mut recv) => match msg? {
+                Some(Message::Desired(d)) => {
+                    debug!(generation = d.generation, models = d.models.len(), "desired state received");
+                    to_main.send(FromLink::Desired(d)).await.map_err(|_| anyhow!("agent is stopping"))?;
+                }
+                Some(Message::Error(e)) => warn!("coordinator: {}", e.message),
+                Some(other) => warn!("ignoring unexpected {} on the control stream", other.kind()),
+                None => return Ok(()),
+            },
+            changed = status_rx.changed() => {
+                changed.map_err(|_| anyhow!("agent is stopping"))?;
+                let models = status_rx.borrow_and_update().clone();
+                write_msg(&mut send, &Message::Status(StatusReport { models })).await?;
+            }
+            _ = heartbeat.tick() => {
+                let models = status_rx.borrow().clone();
+                write_msg(&mut send, &Message::Status(StatusReport { models })).await?;
+            }
+        }
+    }
+}
+
+/// Downloads the artifact of `manifest` into `partial/`, resuming from what
+/// is there, and promotes it to `models/` once its digest matches.
+pub async fn fetch(
+    store: &Store,
+    mut conn_rx: watch::Receiver<Option<quinn::Connection>>,
+    manifest: &ModelManifest,
+) -> Result<(), String> {
+    let sha = manifest.sha256;
+    if store.model_path(&sha).is_file() {
+        return Ok(());
+    }
+    let conn = conn_rx
+        .wait_for(Option::is_some)
+        .await
+        .map_err(|_| "agent is stopping".to_string())?
+        .clone()
+        .expect("waited for Some");
+    download(store, &conn, manifest).await.map_err(|e| format!("{e:#}"))?;
+    store.promote(&sha)
+}
+
+async fn download(store: &Store, conn: &quinn::Connection, manifest: &ModelManifest) -> Result<()> {
+    let partial = store.partial_path(&manifest.sha256);
+    let offset = match tokio::fs::metadata(&partial).await {
+        Ok(m) if m.len() <= manifest.size => m.len(),
+        Ok(_) => {
+            tokio::fs::remove_file(&partial).await?;
+            0
+        }
+        Err(_) => 0,
+    };
+    let (mut send, mut recv) = conn.open_bi().await.map_err(NetError::from)?;
+    write_msg(&mut send, &Message::FetchArtifact(FetchArtifact { sha256: manifest.sha256, offset })).await?;
+    send.finish().ok();
+    let header = match read_msg(&mut recv).await? {
+        Some(Message::ArtifactHeader(h)) => h,
+        Some(Message::Error(e)) => bail!("coordinator refused the download: {}", e.message),
+        Some(other) => bail!("expected ArtifactHeader, got {}", other.kind()),
+        None => bail!("coordinator closed the download stream"),
+    };
+    if header.size != manifest.size || header.offset != offset || header.sha256 != manifest.sha256 {
+        bail!("coordinator offered {} bytes from {}, the manifest says {} bytes", header.size, header.offset, manifest.size);
+    }
+    let mut file = tokio::fs::OpenOptions::new().create(true).append(true).open(&partial).await?;
+    let mut got = offset;
+    while let Some(chunk) = recv.read_chunk(256 * 1024, true).await.map_err(|e| anyhow!("download interrupted at byte {got}: {e}"))? {
+        got += chunk.bytes.len() as u64;
+        if got > manifest.size {
+            bail!("coordinator sent more than the {} bytes of the manifest", manifest.size);
+        }
+        file.write_all(&chunk.bytes).await?;
+    }
+    file.sync_all().await?;
+    if got != manifest.size {
+        bail!("download ended at byte {got} of {}; will resume", manifest.size);
+    }
+    info!(model = %manifest.name, version = manifest.version, bytes = got - offset, resumed_from = offset, "artifact downloaded");
+    Ok(())
+}

@@ -1,0 +1,331 @@
+//! The admin CLI: a thin client of the admin API that prints tables for
+//! people and JSON (`--json`) for scripts.
+
+use crate::fsutil::unix_now;
+use crate::serve::Endpoints;
+use anyhow::{Context, Result, bail};
+use clap::Subcommand;
+use comfy_table::{Table, presets::UTF8_FULL_CONDENSED};
+use indicatif::{ProgressBar, ProgressStyle};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use serde_json::{Value, json};
+use std::collections::BTreeMap;
+use std::io::Cursor;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+use tern_proto::{ModelRef, Sha256Digest};
+use tern_registry::{Device, ModelVersion};
+
+#[derive(Subcommand)]
+pub enum ModelCmd {
+    /// Upload an ONNX model as the next version of NAME (checked with tract first).
+    Register {
+        /// Model name.
+        name: String,
+        /// The .onnx file.
+        #[arg(long)]
+        file: PathBuf,
+        /// A model card (markdown).
+        #[arg(long)]
+        card: Option<PathBuf>,
+        /// Metadata, repeatable: --meta owner=vision --meta dataset=iris.
+        #[arg(long = "meta", value_parser = parse_kv)]
+        meta: Vec<(String, String)>,
+    },
+    /// All models and versions.
+    List,
+    /// One model (all versions) or one version: NAME or NAME:VERSION.
+    Show {
+        /// NAME or NAME:VERSION.
+        target: String,
+    },
+    /// Allow a version to be deployed.
+    Approve {
+        /// NAME:VERSION.
+        target: ModelRef,
+    },
+    /// Forbid a version from being deployed.
+    Reject {
+        /// NAME:VERSION.
+        target: ModelRef,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum FleetCmd {
+    /// Print a single-use enrollment token for one device.
+    Token {
+        /// Group the device joins.
+        #[arg(long)]
+        group: String,
+        /// Device profile (hardware class), e.g. rpi4, jetson-orin.
+        #[arg(long)]
+        profile: String,
+        /// How long the token stays valid, in seconds.
+        #[arg(long, default_value_t = 24 * 3600)]
+        ttl: u64,
+    },
+    /// Set the model version a device should serve.
+    Assign {
+        /// Device id.
+        device: String,
+        /// NAME:VERSION (must be approved).
+        model: ModelRef,
+    },
+    /// Enrolled devices with group, profile, last contact and models.
+    List,
+}
+
+fn parse_kv(s: &str) -> Result<(String, String), String> {
+    s.split_once('=')
+        .filter(|(k, _)| !k.is_empty())
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .ok_or_else(|| format!("expected KEY=VALUE, got {s:?}"))
+}
+
+/// An admin API client.
+pub struct Client {
+    base: String,
+    token: String,
+    agent: ureq::Agent,
+}
+
+impl Client {
+    /// Finds the coordinator: explicit flags first, then the data dir.
+    pub fn new(data_dir: &Path, admin: Option<String>, token: Option<String>) -> Result<Self> {
+        let base = match admin {
+            Some(a) => a.trim_end_matches('/').to_owned(),
+            None => {
+                let path = data_dir.join("serve.json");
+                let raw = std::fs::read(&path).with_context(|| {
+                    format!("no coordinator found: {} is missing (start `tern serve`, or pass --admin URL)", path.display())
+                })?;
+                let e: Endpoints = serde_json::from_slice(&raw).with_context(|| format!("reading {}", path.display()))?;
+                format!("http://{}", e.admin)
+            }
+        };
+        let token = match token {
+            Some(t) => t,
+            None => {
+                let path = data_dir.join("admin.token");
+                std::fs::read_to_string(&path)
+                    .with_context(|| format!("no admin token: cannot read {} (pass --token)", path.display()))?
+                    .trim()
+                    .to_owned()
+            }
+        };
+        let agent = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .timeout_global(Some(Duration::from_secs(600)))
+            .build()
+            .into();
+        Ok(Self { base, token, agent })
+    }
+
+    fn finish<T: DeserializeOwned>(&self, what: &str, resp: Result<ureq::http::Response<ureq::Body>, ureq::Error>) -> Result<T> {
+        let mut resp = resp.with_context(|| format!("cannot reach the coordinator at {}", self.base))?;
+        let status = resp.status();
+        let body: Value = resp.body_mut().read_json().with_context(|| format!("{what}: unreadable answer ({status})"))?;
+        if !status.is_success() {
+            let msg = body.get("error").and_then(Value::as_str).unwrap_or("no details");
+            bail!("{msg}");
+        }
+        serde_json::from_value(body).with_context(|| format!("{what}: unexpected answer"))
+    }
+
+    fn get<T: DeserializeOwned>(&self, path: &str) -> Result<T> {
+        let resp = self.agent.get(format!("{}{path}", self.base)).header("authorization", format!("Bearer {}", self.token)).call();
+        self.finish(path, resp)
+    }
+
+    fn send<T: DeserializeOwned>(&self, method: &str, path: &str, body: &impl Serialize) -> Result<T> {
+        let url = format!("{}{path}", self.base);
+        let auth = format!("Bearer {}", self.token);
+        let resp = match method {
+            "PUT" => self.agent.put(url).header("authorization", auth).send_json(body),
+            _ => self.agent.post(url).header("authorization", auth).send_json(body),
+        };
+        self.finish(path, resp)
+    }
+
+    fn upload(&self, bytes: Vec<u8>) -> Result<Sha256Digest> {
+        let digest = Sha256Digest::of(&bytes);
+        let pb = ProgressBar::new(bytes.len() as u64);
+        pb.set_style(ProgressStyle::with_template("uploading {bar:30} {bytes}/{total_bytes} {bytes_per_sec}").expect("template"));
+        let mut reader = pb.wrap_read(Cursor::new(bytes));
+        let resp = self
+            .agent
+            .post(format!("{}/v1/artifacts", self.base))
+            .header("authorization", format!("Bearer {}", self.token))
+            .header("x-tern-sha256", digest.to_hex())
+            .send(ureq::SendBody::from_reader(&mut reader));
+        pb.finish_and_clear();
+        let v: Value = self.finish("upload", resp)?;
+        Ok(serde_json::from_value(v["sha256"].clone())?)
+    }
+}
+
+impl Client {
+    /// Issues an enrollment token and returns the API's answer.
+    pub fn token_json(&self, group: &str, profile: &str, ttl: u64) -> Result<Value> {
+        self.send("POST", "/v1/tokens", &json!({ "group": group, "profile": profile, "ttl_secs": ttl }))
+    }
+}
+
+fn print_json(v: &impl Serialize) -> Result<()> {
+    println!("{}", serde_json::to_string_pretty(v)?);
+    Ok(())
+}
+
+fn table(header: &[&str]) -> Table {
+    let mut t = Table::new();
+    t.load_preset(UTF8_FULL_CONDENSED).set_header(header.to_vec());
+    t
+}
+
+fn ago(t: Option<u64>) -> String {
+    let Some(t) = t else { return "never".into() };
+    let d = unix_now().saturating_sub(t);
+    match d {
+        0..60 => format!("{d}s ago"),
+        60..3600 => format!("{}m ago", d / 60),
+        3600..86400 => format!("{}h ago", d / 3600),
+        _ => format!("{}d ago", d / 86400),
+    }
+}
+
+fn signature(specs: &[tern_proto::TensorSpec]) -> String {
+    specs.iter().map(|s| s.to_string()).collect::<Vec<_>>().join(", ")
+}
+
+fn show_version(v: &ModelVersion) {
+    println!("{}:{}  ({})", v.name, v.version, v.status);
+    println!("  sha256   {}", v.sha256);
+    println!("  size     {} bytes, {}", v.size, v.format);
+    println!("  inputs   {}", signature(&v.inputs));
+    println!("  outputs  {}", signature(&v.outputs));
+    println!("  created  {} ({})", v.created_at, ago(Some(v.created_at)));
+    for (k, val) in &v.meta {
+        println!("  meta     {k}={val}");
+    }
+    if let Some(card) = &v.card {
+        println!("\n{card}");
+    }
+}
+
+pub fn model(c: &Client, cmd: ModelCmd, json: bool) -> Result<()> {
+    match cmd {
+        ModelCmd::Register { name, file, card, meta } => {
+            ModelRef::check_name(&name)?;
+            let bytes = std::fs::read(&file).with_context(|| format!("reading {}", file.display()))?;
+            let card = card
+                .map(|p| std::fs::read_to_string(&p).with_context(|| format!("reading {}", p.display())))
+                .transpose()?;
+            let sha256 = c.upload(bytes)?;
+            let meta: BTreeMap<String, String> = meta.into_iter().collect();
+            let v: ModelVersion =
+                c.send("POST", &format!("/v1/models/{name}/versions"), &json!({ "sha256": sha256, "card": card, "meta": meta }))?;
+            if json {
+                return print_json(&v);
+            }
+            println!("registered {}:{} (pending approval)", v.name, v.version);
+            show_version(&v);
+        }
+        ModelCmd::List => {
+            let vs: Vec<ModelVersion> = c.get("/v1/models")?;
+            if json {
+                return print_json(&vs);
+            }
+            let mut t = table(&["model", "version", "status", "size", "sha256", "inputs", "registered"]);
+            for v in &vs {
+                t.add_row(vec![
+                    v.name.clone(),
+                    v.version.to_string(),
+                    v.status.to_string(),
+                    v.size.to_string(),
+                    v.sha256.to_hex()[..12].to_owned(),
+                    signature(&v.inputs),
+                    ago(Some(v.created_at)),
+                ]);
+            }
+            println!("{t}");
+        }
+        ModelCmd::Show { target } => {
+            if let Ok(r) = target.parse::<ModelRef>() {
+                let v: ModelVersion = c.get(&format!("/v1/models/{}/versions/{}", r.name, r.version))?;
+                return if json { print_json(&v) } else { Ok(show_version(&v)) };
+            }
+            ModelRef::check_name(&target)?;
+            let vs: Vec<ModelVersion> = c.get(&format!("/v1/models/{target}"))?;
+            if json {
+                return print_json(&vs);
+            }
+            for v in &vs {
+                show_version(v);
+                println!();
+            }
+        }
+        ModelCmd::Approve { target } => decide(c, &target, "approve", json)?,
+        ModelCmd::Reject { target } => decide(c, &target, "reject", json)?,
+    }
+    Ok(())
+}
+
+fn decide(c: &Client, r: &ModelRef, decision: &str, json: bool) -> Result<()> {
+    let v: ModelVersion = c.send("POST", &format!("/v1/models/{}/versions/{}/{decision}", r.name, r.version), &json!({}))?;
+    if json {
+        return print_json(&v);
+    }
+    println!("{}:{} is now {}", v.name, v.version, v.status);
+    Ok(())
+}
+
+pub fn fleet(c: &Client, cmd: FleetCmd, json: bool) -> Result<()> {
+    match cmd {
+        FleetCmd::Token { group, profile, ttl } => {
+            let v = c.token_json(&group, &profile, ttl)?;
+            if json {
+                return print_json(&v);
+            }
+            println!("{}", v["token"].as_str().unwrap_or_default());
+        }
+        FleetCmd::Assign { device, model } => {
+            let d: Device = c.send("PUT", &format!("/v1/devices/{device}/models/{}", model.name), &json!({ "version": model.version }))?;
+            if json {
+                return print_json(&d);
+            }
+            println!("{} should now serve {model} (desired state generation {})", d.id, d.generation);
+        }
+        FleetCmd::List => {
+            let ds: Vec<Device> = c.get("/v1/devices")?;
+            if json {
+                return print_json(&ds);
+            }
+            let mut t = table(&["device", "group", "profile", "last seen", "serving", "desired", "agent"]);
+            for d in &ds {
+                let serving = d
+                    .reported
+                    .iter()
+                    .map(|m| match &m.detail {
+                        Some(detail) => format!("{}:{} {} ({detail})", m.name, m.version, m.state),
+                        None => format!("{}:{} {}", m.name, m.version, m.state),
+                    })
+                    .collect::<Vec<_>>()
+                    .join("\n");
+                let desired = d.desired.iter().map(|(n, v)| format!("{n}:{v}")).collect::<Vec<_>>().join("\n");
+                t.add_row(vec![
+                    d.id.to_string(),
+                    d.group.clone(),
+                    d.profile.clone(),
+                    ago(d.last_seen),
+                    serving,
+                    desired,
+                    d.agent_version.clone().unwrap_or_default(),
+                ]);
+            }
+            println!("{t}");
+        }
+    }
+    Ok(())
+}

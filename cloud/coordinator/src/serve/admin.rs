@@ -1,0 +1,237 @@
+//! The admin API (HTTP/JSON) the CLI talks to. Every route but `/v1/health`
+//! needs `Authorization: Bearer <admin token>`.
+
+use super::State;
+use crate::fsutil::unix_now;
+use axum::body::Bytes;
+use axum::extract::rejection::JsonRejection;
+use axum::extract::{DefaultBodyLimit, Path, Request, State as Ext};
+use axum::http::{HeaderMap, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post, put};
+use axum::{Json, Router};
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use tern_proto::{EnrollTokenText, ModelFormat, ModelRef, Sha256Digest};
+use tern_registry::{Approval, Device, EnrollToken, ModelVersion, NewVersion, RegistryError};
+use tern_runtime::{Backend, TractOnnx};
+use tracing::info;
+
+/// Largest model upload accepted.
+const MAX_UPLOAD: usize = 1 << 30;
+
+/// An error answer: a status and one line for a person, as `{"error": …}`.
+pub struct ApiError(StatusCode, String);
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.0, Json(json!({ "error": self.1 }))).into_response()
+    }
+}
+
+impl From<RegistryError> for ApiError {
+    fn from(e: RegistryError) -> Self {
+        let status = match &e {
+            RegistryError::UnknownModel(_)
+            | RegistryError::UnknownVersion { .. }
+            | RegistryError::UnknownDevice(_)
+            | RegistryError::UnknownArtifact(_) => StatusCode::NOT_FOUND,
+            RegistryError::NotApproved { .. } | RegistryError::DeviceExists(_) => StatusCode::CONFLICT,
+            RegistryError::DigestMismatch { .. } => StatusCode::BAD_REQUEST,
+            RegistryError::TokenUnknown | RegistryError::TokenUsed(_) | RegistryError::TokenExpired(_) => {
+                StatusCode::BAD_REQUEST
+            }
+            RegistryError::Corrupt { .. } | RegistryError::Storage(_) | RegistryError::Io(_) => {
+                StatusCode::INTERNAL_SERVER_ERROR
+            }
+        };
+        ApiError(status, e.to_string())
+    }
+}
+
+fn bad(msg: impl Into<String>) -> ApiError {
+    ApiError(StatusCode::BAD_REQUEST, msg.into())
+}
+
+type ApiResult<T> = Result<T, ApiError>;
+
+pub fn router(state: Arc<State>) -> Router {
+    let authed = Router::new()
+        .route("/v1/artifacts", post(upload).layer(DefaultBodyLimit::max(MAX_UPLOAD)))
+        .route("/v1/models", get(list_models))
+        .route("/v1/models/{name}", get(show_model))
+        .route("/v1/models/{name}/versions", post(register))
+        .route("/v1/models/{name}/versions/{version}", get(show_version))
+        .route("/v1/models/{name}/versions/{version}/{decision}", post(decide))
+        .route("/v1/tokens", post(new_token))
+        .route("/v1/devices", get(list_devices))
+        .route("/v1/devices/{id}", get(show_device))
+        .route("/v1/devices/{id}/models/{name}", put(assign))
+        .route_layer(middleware::from_fn_with_state(state.clone(), auth));
+    Router::new()
+        .route("/v1/health", get(|| async { Json(json!({ "ok": true })) }))
+        .merge(authed)
+        .fallback(|| async { ApiError(StatusCode::NOT_FOUND, "no such API route".into()) })
+        .with_state(state)
+}
+
+async fn auth(Ext(state): Ext<Arc<State>>, req: Request, next: Next) -> Response {
+    let given = req
+        .headers()
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or("");
+    // Compare digests so the time taken says nothing about the token.
+    if Sha256Digest::of(given.as_bytes()) != Sha256Digest::of(state.admin_token.as_bytes()) {
+        return ApiError(StatusCode::UNAUTHORIZED, "missing or wrong admin token".into()).into_response();
+    }
+    next.run(req).await
+}
+
+fn json_body<T>(body: Result<Json<T>, JsonRejection>) -> ApiResult<T> {
+    body.map(|Json(b)| b).map_err(|e| bad(format!("bad JSON body: {}", e.body_text())))
+}
+
+#[derive(Serialize)]
+struct Uploaded {
+    sha256: Sha256Digest,
+    size: u64,
+}
+
+async fn upload(Ext(state): Ext<Arc<State>>, headers: HeaderMap, body: Bytes) -> ApiResult<(StatusCode, Json<Uploaded>)> {
+    let expected = match headers.get("x-tern-sha256") {
+        Some(v) => Some(
+            v.to_str()
+                .ok()
+                .and_then(|s| s.parse::<Sha256Digest>().ok())
+                .ok_or_else(|| bad("x-tern-sha256 must be 64 hex characters"))?,
+        ),
+        None => None,
+    };
+    let size = body.len() as u64;
+    let sha256 = tokio::task::spawn_blocking(move || state.artifacts.put(&body, expected))
+        .await
+        .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))??;
+    Ok((StatusCode::CREATED, Json(Uploaded { sha256, size })))
+}
+
+#[derive(Deserialize)]
+struct RegisterBody {
+    sha256: Sha256Digest,
+    #[serde(default)]
+    card: Option<String>,
+    #[serde(default)]
+    meta: BTreeMap<String, String>,
+}
+
+async fn register(
+    Ext(state): Ext<Arc<State>>,
+    Path(name): Path<String>,
+    body: Result<Json<RegisterBody>, JsonRejection>,
+) -> ApiResult<(StatusCode, Json<ModelVersion>)> {
+    let body = json_body(body)?;
+    ModelRef::check_name(&name).map_err(|e| bad(e.to_string()))?;
+    let path = state.artifacts.path(&body.sha256);
+    let bytes = tokio::fs::read(&path)
+        .await
+        .map_err(|_| ApiError(StatusCode::NOT_FOUND, format!("no artifact with sha256 {}; upload it first", body.sha256)))?;
+    let size = bytes.len() as u64;
+    // The same loader as on the device: a model the agents cannot run is refused here.
+    let model = tokio::task::spawn_blocking(move || TractOnnx::load(&bytes))
+        .await
+        .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
+        .map_err(|e| ApiError(StatusCode::UNPROCESSABLE_ENTITY, format!("model refused: tract {e}")))?;
+    let new = NewVersion {
+        sha256: body.sha256,
+        size,
+        format: ModelFormat::Onnx,
+        inputs: model.inputs().to_vec(),
+        outputs: model.outputs().to_vec(),
+        card: body.card,
+        meta: body.meta,
+        now: unix_now(),
+    };
+    let v = state.registry.register(&name, new)?;
+    info!(model = %name, version = v.version, sha256 = %v.sha256, "model version registered");
+    Ok((StatusCode::CREATED, Json(v)))
+}
+
+async fn list_models(Ext(state): Ext<Arc<State>>) -> ApiResult<Json<Vec<ModelVersion>>> {
+    Ok(Json(state.registry.all_versions()?))
+}
+
+async fn show_model(Ext(state): Ext<Arc<State>>, Path(name): Path<String>) -> ApiResult<Json<Vec<ModelVersion>>> {
+    Ok(Json(state.registry.versions(&name)?))
+}
+
+async fn show_version(Ext(state): Ext<Arc<State>>, Path((name, version)): Path<(String, u32)>) -> ApiResult<Json<ModelVersion>> {
+    Ok(Json(state.registry.version(&name, version)?))
+}
+
+async fn decide(
+    Ext(state): Ext<Arc<State>>,
+    Path((name, version, decision)): Path<(String, u32, String)>,
+) -> ApiResult<Json<ModelVersion>> {
+    let status = match decision.as_str() {
+        "approve" => Approval::Approved,
+        "reject" => Approval::Rejected,
+        other => return Err(ApiError(StatusCode::NOT_FOUND, format!("unknown decision {other:?}: use approve or reject"))),
+    };
+    let v = state.registry.set_status(&name, version, status, unix_now())?;
+    info!(model = %name, version, %status, "approval changed");
+    Ok(Json(v))
+}
+
+#[derive(Deserialize)]
+struct TokenBody {
+    group: String,
+    profile: String,
+    ttl_secs: u64,
+}
+
+async fn new_token(Ext(state): Ext<Arc<State>>, body: Result<Json<TokenBody>, JsonRejection>) -> ApiResult<(StatusCode, Json<serde_json::Value>)> {
+    let body = json_body(body)?;
+    if body.group.is_empty() || body.profile.is_empty() {
+        return Err(bad("group and profile must not be empty"));
+    }
+    let now = unix_now();
+    let secret = super::random::<16>();
+    let expires_at = now.saturating_add(body.ttl_secs);
+    state.registry.add_token(
+        &secret,
+        &EnrollToken { group: body.group.clone(), profile: body.profile.clone(), created_at: now, expires_at, used_by: None },
+    )?;
+    let text = EnrollTokenText { secret, ca_sha256: tern_net::ca_fingerprint(state.ca.cert_der()), expires_at };
+    info!(group = %body.group, profile = %body.profile, expires_at, "enrollment token issued");
+    Ok((StatusCode::CREATED, Json(json!({ "token": text.encode(), "expires_at": expires_at, "group": body.group, "profile": body.profile }))))
+}
+
+async fn list_devices(Ext(state): Ext<Arc<State>>) -> ApiResult<Json<Vec<Device>>> {
+    Ok(Json(state.registry.devices()?))
+}
+
+async fn show_device(Ext(state): Ext<Arc<State>>, Path(id): Path<String>) -> ApiResult<Json<Device>> {
+    Ok(Json(state.registry.device(&id)?))
+}
+
+#[derive(Deserialize)]
+struct AssignBody {
+    version: u32,
+}
+
+async fn assign(
+    Ext(state): Ext<Arc<State>>,
+    Path((id, name)): Path<(String, String)>,
+    body: Result<Json<AssignBody>, JsonRejection>,
+) -> ApiResult<Json<Device>> {
+    let body = json_body(body)?;
+    let device = state.registry.assign(&id, &name, body.version)?;
+    info!(device = %id, model = %name, version = body.version, generation = device.generation, "desired state changed");
+    // No receiver just means the device is offline; it gets the state when it connects.
+    let _ = state.changes.send(device.id.clone());
+    Ok(Json(device))
+}
