@@ -1,0 +1,245 @@
+//! Real `tern serve` and `tern-agent` processes on loopback, for the
+//! end-to-end tests. Every process is SIGKILLed when its handle drops.
+
+#![allow(dead_code)]
+
+use serde_json::Value;
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+pub fn fixture(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures").join(name)
+}
+
+pub fn tern_bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_tern"))
+}
+
+pub fn agent_bin() -> PathBuf {
+    let p = tern_bin().with_file_name("tern-agent");
+    assert!(p.is_file(), "{} is missing: build it first (cargo build -p tern-agent, or scripts/test)", p.display());
+    p
+}
+
+pub fn wait_for<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) -> T {
+    let start = Instant::now();
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(start.elapsed() < timeout, "timed out after {timeout:?} waiting for {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// A child process, SIGKILLed on drop.
+pub struct Proc(pub Child);
+
+impl Proc {
+    pub fn kill9(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+fn spawn(bin: &Path, args: &[&str], log: &Path) -> Proc {
+    let log = std::fs::File::create(log).unwrap();
+    let child = Command::new(bin)
+        .args(args)
+        .env("RUST_LOG", "debug,quinn=warn,quinn_proto=warn,rustls=warn,sled=warn,tract=warn,tract_core=warn,tract_hir=warn,tract_onnx=warn,hyper=warn")
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .stdin(Stdio::null())
+        .spawn()
+        .unwrap();
+    Proc(child)
+}
+
+/// A running coordinator with its own data dir.
+pub struct Coord {
+    pub dir: tempfile::TempDir,
+    pub proc: Proc,
+    pub quic: String,
+    pub admin: String,
+}
+
+impl Coord {
+    pub fn start() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let data = dir.path().join("data");
+        let proc = spawn(
+            &tern_bin(),
+            &["serve", "--data-dir", data.to_str().unwrap(), "--quic-listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"],
+            &dir.path().join("coordinator.log"),
+        );
+        let ep: Value = wait_for("coordinator start", Duration::from_secs(20), || {
+            serde_json::from_slice(&std::fs::read(data.join("serve.json")).ok()?).ok()
+        });
+        Self {
+            quic: ep["quic"].as_str().unwrap().to_owned(),
+            admin: format!("http://{}", ep["admin"].as_str().unwrap()),
+            dir,
+            proc,
+        }
+    }
+
+    pub fn data(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("coordinator.log")).unwrap_or_default()
+    }
+
+    pub fn admin_token(&self) -> String {
+        std::fs::read_to_string(self.data().join("admin.token")).unwrap().trim().to_owned()
+    }
+
+    pub fn cli(&self, args: &[&str]) -> Output {
+        Command::new(tern_bin()).arg("--data-dir").arg(self.data()).args(args).output().unwrap()
+    }
+
+    /// Runs the CLI, asserts success, returns stdout.
+    pub fn ok(&self, args: &[&str]) -> String {
+        let out = self.cli(args);
+        assert!(out.status.success(), "tern {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8(out.stdout).unwrap()
+    }
+
+    /// Runs the CLI, asserts failure, returns stderr.
+    pub fn fails(&self, args: &[&str]) -> String {
+        let out = self.cli(args);
+        assert!(!out.status.success(), "tern {args:?} unexpectedly succeeded: {}", String::from_utf8_lossy(&out.stdout));
+        String::from_utf8(out.stderr).unwrap()
+    }
+
+    pub fn json(&self, args: &[&str]) -> Value {
+        let mut a = vec!["--json"];
+        a.extend_from_slice(args);
+        serde_json::from_str(&self.ok(&a)).unwrap()
+    }
+
+    pub fn token(&self) -> String {
+        self.ok(&["fleet", "token", "--group", "lab", "--profile", "rpi4"]).trim().to_owned()
+    }
+
+    /// Registers and approves fixtures/iris.onnx; returns the version.
+    pub fn register_iris(&self, name: &str) -> u64 {
+        let v = self.json(&["model", "register", name, "--file", fixture("iris.onnx").to_str().unwrap(), "--meta", "dataset=iris"]);
+        let version = v["version"].as_u64().unwrap();
+        self.ok(&["model", "approve", &format!("{name}:{version}")]);
+        version
+    }
+
+    pub fn device(&self, id: &str) -> Value {
+        self.json(&["fleet", "list"]).as_array().unwrap().iter().find(|d| d["id"] == id).cloned().unwrap_or(Value::Null)
+    }
+}
+
+/// An agent's data dir and, once started, its process.
+pub struct Agent {
+    pub dir: tempfile::TempDir,
+    pub proc: Option<Proc>,
+    pub http: String,
+    pub socket: PathBuf,
+}
+
+impl Agent {
+    pub fn new() -> Self {
+        Self { dir: tempfile::tempdir().unwrap(), proc: None, http: String::new(), socket: PathBuf::new() }
+    }
+
+    pub fn data(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+
+    pub fn enroll(&self, coordinator: &str, token: &str, id: Option<&str>) -> Output {
+        let mut cmd = Command::new(agent_bin());
+        cmd.args(["enroll", "--coordinator", coordinator, "--token", token, "--data-dir"]).arg(self.data());
+        if let Some(id) = id {
+            cmd.args(["--device-id", id]);
+        }
+        cmd.output().unwrap()
+    }
+
+    pub fn start(&mut self) {
+        let _ = std::fs::remove_file(self.data().join("api.json"));
+        self.proc = Some(spawn(
+            &agent_bin(),
+            &["run", "--data-dir", self.data().to_str().unwrap(), "--listen", "127.0.0.1:0"],
+            &self.dir.path().join(format!("agent-{}.log", Instant::now().elapsed().as_nanos())),
+        ));
+        let api: Value = wait_for("agent start", Duration::from_secs(20), || {
+            serde_json::from_slice(&std::fs::read(self.data().join("api.json")).ok()?).ok()
+        });
+        self.http = format!("http://{}", api["http"].as_str().unwrap());
+        self.socket = PathBuf::from(api["socket"].as_str().unwrap());
+    }
+
+    pub fn logs(&self) -> String {
+        let mut all = String::new();
+        for e in std::fs::read_dir(self.dir.path()).unwrap() {
+            let p = e.unwrap().path();
+            if p.extension().is_some_and(|x| x == "log") {
+                all += &std::fs::read_to_string(p).unwrap_or_default();
+            }
+        }
+        all
+    }
+
+    fn client() -> ureq::Agent {
+        ureq::Agent::config_builder().http_status_as_error(false).build().new_agent()
+    }
+
+    pub fn models(&self) -> Value {
+        Self::client().get(format!("{}/v1/models", self.http)).call().unwrap().body_mut().read_json().unwrap()
+    }
+
+    pub fn wait_serving(&self, name: &str, version: u64) {
+        wait_for(&format!("{name}:{version} serving"), Duration::from_secs(30), || {
+            self.models()["models"]
+                .as_array()?
+                .iter()
+                .any(|m| m["name"] == name && m["version"] == version && m["state"] == "serving")
+                .then_some(())
+        })
+    }
+
+    /// POSTs raw bytes; returns status and the JSON answer.
+    pub fn post(&self, path: &str, body: &str) -> (u16, Value) {
+        let mut resp = Self::client()
+            .post(format!("{}{path}", self.http))
+            .header("content-type", "application/json")
+            .send(body)
+            .unwrap();
+        (resp.status().as_u16(), resp.body_mut().read_json().unwrap())
+    }
+
+    /// The same over the Unix socket, speaking HTTP/1.1 by hand.
+    pub fn post_unix(&self, path: &str, body: &str) -> (u16, Value) {
+        let mut s = UnixStream::connect(&self.socket).unwrap();
+        write!(
+            s,
+            "POST {path} HTTP/1.1\r\nHost: agent\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        )
+        .unwrap();
+        let mut raw = String::new();
+        s.read_to_string(&mut raw).unwrap();
+        let (head, rest) = raw.split_once("\r\n\r\n").unwrap();
+        let status: u16 = head.split(' ').nth(1).unwrap().parse().unwrap();
+        // The body may arrive chunked; take the JSON object inside.
+        let start = rest.find('{').unwrap();
+        let end = rest.rfind('}').unwrap();
+        (status, serde_json::from_str(&rest[start..=end]).unwrap())
+    }
+}
