@@ -82,24 +82,25 @@ async fn reject(mut send: SendStream, code: ErrorCode, message: String) -> Resul
 
 async fn enrollment(conn: Connection, state: Arc<State>) -> Result<()> {
     let (mut send, mut recv) = conn.accept_bi().await?;
-    let req = match read_msg(&mut recv).await {
-        Ok(Some(Message::EnrollRequest(req))) => req,
-        Ok(Some(other)) => {
-            return reject(send, ErrorCode::Unauthorized, format!("{} needs a device certificate; enroll first", other.kind())).await;
-        }
+    let reply = match read_msg(&mut recv).await {
+        Ok(Some(Message::EnrollRequest(req))) => match enroll(&state, req) {
+            Ok(resp) => Message::EnrollResponse(resp),
+            Err(e) => {
+                warn!(remote = %conn.remote_address(), "enrollment refused: {}", e.message);
+                Message::Error(e)
+            }
+        },
+        Ok(Some(other)) => Message::Error(WireError::new(
+            ErrorCode::Unauthorized,
+            format!("{} needs a device certificate; enroll first", other.kind()),
+        )),
         Ok(None) => return Ok(()),
-        Err(e) => return reject(send, ErrorCode::BadRequest, e.to_string()).await,
-    };
-    let reply = match enroll(&state, req) {
-        Ok(resp) => Message::EnrollResponse(resp),
-        Err(e) => {
-            warn!(remote = %conn.remote_address(), "enrollment refused: {}", e.message);
-            Message::Error(e)
-        }
+        Err(e) => Message::Error(WireError::new(ErrorCode::BadRequest, e.to_string())),
     };
     write_msg(&mut send, &reply).await?;
     send.finish()?;
-    // Let the agent read the reply and close; it owns the end of this connection.
+    // Dropping the connection now could discard the reply: let the agent
+    // read it and close, or give up after a while.
     let _ = tokio::time::timeout(std::time::Duration::from_secs(5), conn.closed()).await;
     Ok(())
 }
