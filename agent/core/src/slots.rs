@@ -172,7 +172,10 @@ impl Slots {
         for m in active {
             s.slots.insert(
                 m.name.clone(),
-                Slot { candidate: Some(Candidate { manifest: m.clone(), phase: Phase::Loading, attempts: 0 }), ..Slot::default() },
+                Slot {
+                    candidate: Some(Candidate { manifest: m.clone(), phase: Phase::Loading, attempts: 0 }),
+                    ..Slot::default()
+                },
             );
             s.actions.push_back(Action::Load(m));
         }
@@ -296,7 +299,12 @@ impl Slots {
         let mut out = Vec::new();
         for (name, slot) in &self.slots {
             if let Some(a) = &slot.active {
-                out.push(ModelStatus { name: name.clone(), version: a.version, state: ModelState::Serving, detail: None });
+                out.push(ModelStatus {
+                    name: name.clone(),
+                    version: a.version,
+                    state: ModelState::Serving,
+                    detail: None,
+                });
             }
             if let Some(c) = &slot.candidate {
                 let (state, detail) = match &c.phase {

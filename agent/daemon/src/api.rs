@@ -32,7 +32,13 @@ pub struct Served {
 
 impl Served {
     pub fn new(manifest: ModelManifest, backend: Arc<dyn Backend>) -> Self {
-        Self { manifest, backend, healthy: AtomicBool::new(true), requests: AtomicU64::new(0), errors: AtomicU64::new(0) }
+        Self {
+            manifest,
+            backend,
+            healthy: AtomicBool::new(true),
+            requests: AtomicU64::new(0),
+            errors: AtomicU64::new(0),
+        }
     }
 }
 
@@ -60,7 +66,9 @@ pub fn router(shared: Arc<Shared>) -> Router {
     Router::new()
         .route("/v1/models", get(list))
         .route("/v1/models/{target}", post(predict))
-        .fallback(|| async { ApiError(StatusCode::NOT_FOUND, "no such route; try GET /v1/models or POST /v1/models/NAME:predict".into()) })
+        .fallback(|| async {
+            ApiError(StatusCode::NOT_FOUND, "no such route; try GET /v1/models or POST /v1/models/NAME:predict".into())
+        })
         .with_state(shared)
 }
 
@@ -121,7 +129,11 @@ fn convert(input: &str, values: &[&Value], dtype: DType) -> Result<TensorData, A
             .iter()
             .enumerate()
             .map(|(i, v)| {
-                let n = if let Some(n) = v.as_i64() { T::try_from(n).ok() } else { v.as_u64().and_then(|n| T::try_from(n).ok()) };
+                let n = if let Some(n) = v.as_i64() {
+                    T::try_from(n).ok()
+                } else {
+                    v.as_u64().and_then(|n| T::try_from(n).ok())
+                };
                 n.ok_or_else(|| bad(format!("input {input:?}: element {i} ({v}) is not a {dtype}")))
             })
             .collect()
@@ -148,7 +160,9 @@ fn convert(input: &str, values: &[&Value], dtype: DType) -> Result<TensorData, A
             values
                 .iter()
                 .enumerate()
-                .map(|(i, v)| v.as_bool().ok_or_else(|| bad(format!("input {input:?}: element {i} ({v}) is not a bool"))))
+                .map(|(i, v)| {
+                    v.as_bool().ok_or_else(|| bad(format!("input {input:?}: element {i} ({v}) is not a bool")))
+                })
                 .collect::<Result<_, _>>()?,
         ),
     })
@@ -209,11 +223,20 @@ async fn predict(
     body: Result<Json<PredictRequest>, JsonRejection>,
 ) -> Result<Json<Value>, ApiError> {
     let Some(name) = target.strip_suffix(":predict") else {
-        return Err(ApiError(StatusCode::NOT_FOUND, format!("unknown action in {target:?}; use POST /v1/models/NAME:predict")));
+        return Err(ApiError(
+            StatusCode::NOT_FOUND,
+            format!("unknown action in {target:?}; use POST /v1/models/NAME:predict"),
+        ));
     };
     let served = shared.models.read().expect("lock").get(name).cloned().ok_or_else(|| {
         let loaded: Vec<String> = shared.models.read().expect("lock").keys().cloned().collect();
-        ApiError(StatusCode::NOT_FOUND, format!("no model named {name:?} is loaded (loaded: {})", if loaded.is_empty() { "none".into() } else { loaded.join(", ") }))
+        ApiError(
+            StatusCode::NOT_FOUND,
+            format!(
+                "no model named {name:?} is loaded (loaded: {})",
+                if loaded.is_empty() { "none".into() } else { loaded.join(", ") }
+            ),
+        )
     })?;
     let Json(req) = body.map_err(|e| bad(format!("bad JSON body: {}", e.body_text())))?;
     let inputs = to_tensors(req, served.backend.inputs())?;

@@ -48,9 +48,8 @@ impl Identity {
             })
         };
         let info: AgentInfo = serde_json::from_slice(&read("agent.json")?).context("identity/agent.json is corrupt")?;
-        let key: [u8; 32] = read("registry.pub")?
-            .try_into()
-            .map_err(|_| anyhow::anyhow!("identity/registry.pub is corrupt"))?;
+        let key: [u8; 32] =
+            read("registry.pub")?.try_into().map_err(|_| anyhow::anyhow!("identity/registry.pub is corrupt"))?;
         Ok(Self {
             info,
             key_der: read("device.key")?,
@@ -94,9 +93,16 @@ pub async fn enroll(data_dir: &Path, coordinator: &str, token: &str, device_id: 
         .await
         .with_context(|| format!("no answer from a coordinator at {addr} within 15 s"))?
         .map_err(NetError::from)
-        .with_context(|| format!("TLS handshake with {addr} failed (is this the coordinator that issued the token?)"))?;
+        .with_context(|| {
+            format!("TLS handshake with {addr} failed (is this the coordinator that issued the token?)")
+        })?;
     let (mut send, mut recv) = conn.open_bi().await.map_err(NetError::from)?;
-    let req = EnrollRequest { secret: token.secret, csr_der: csr, requested_id: device_id, agent_version: crate::VERSION.into() };
+    let req = EnrollRequest {
+        secret: token.secret,
+        csr_der: csr,
+        requested_id: device_id,
+        agent_version: crate::VERSION.into(),
+    };
     write_msg(&mut send, &Message::EnrollRequest(req)).await?;
     send.finish().ok();
     let reply = read_msg(&mut recv).await.context("reading the enrollment answer")?;

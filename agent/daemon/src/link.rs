@@ -132,11 +132,18 @@ async fn download(store: &Store, conn: &quinn::Connection, manifest: &ModelManif
         None => bail!("coordinator closed the download stream"),
     };
     if header.size != manifest.size || header.offset != offset || header.sha256 != manifest.sha256 {
-        bail!("coordinator offered {} bytes from {}, the manifest says {} bytes", header.size, header.offset, manifest.size);
+        bail!(
+            "coordinator offered {} bytes from {}, the manifest says {} bytes",
+            header.size,
+            header.offset,
+            manifest.size
+        );
     }
     let mut file = tokio::fs::OpenOptions::new().create(true).append(true).open(&partial).await?;
     let mut got = offset;
-    while let Some(chunk) = recv.read_chunk(256 * 1024, true).await.map_err(|e| anyhow!("download interrupted at byte {got}: {e}"))? {
+    while let Some(chunk) =
+        recv.read_chunk(256 * 1024, true).await.map_err(|e| anyhow!("download interrupted at byte {got}: {e}"))?
+    {
         got += chunk.bytes.len() as u64;
         if got > manifest.size {
             bail!("coordinator sent more than the {} bytes of the manifest", manifest.size);

@@ -110,9 +110,11 @@ async fn run(data_dir: &Path, listen: SocketAddr, socket: Option<PathBuf>) -> Re
         status: status_rx.clone(),
     });
     let socket = socket.unwrap_or_else(|| data_dir.join("agent.sock"));
-    let tcp = tokio::net::TcpListener::bind(listen).await.with_context(|| format!("binding the local API on {listen}"))?;
+    let tcp =
+        tokio::net::TcpListener::bind(listen).await.with_context(|| format!("binding the local API on {listen}"))?;
     let _ = std::fs::remove_file(&socket);
-    let uds = tokio::net::UnixListener::bind(&socket).with_context(|| format!("binding the local API on {}", socket.display()))?;
+    let uds = tokio::net::UnixListener::bind(&socket)
+        .with_context(|| format!("binding the local API on {}", socket.display()))?;
     let http_addr = tcp.local_addr()?;
     tokio::spawn(serve_api(axum::serve(tcp, api::router(shared.clone()))));
     tokio::spawn(serve_api(axum::serve(uds, api::router(shared.clone()))));
@@ -219,7 +221,11 @@ fn execute(
                 let (name, version) = (m.name.clone(), m.version);
                 let ev = match load(&store, &m) {
                     Ok(backend) => {
-                        shared.models.write().expect("lock").insert(m.name.clone(), Arc::new(api::Served::new(m, backend)));
+                        shared
+                            .models
+                            .write()
+                            .expect("lock")
+                            .insert(m.name.clone(), Arc::new(api::Served::new(m, backend)));
                         info!(model = %name, version, "serving");
                         Event::Loaded { name, version }
                     }

@@ -22,7 +22,8 @@ impl Store {
     pub fn open(data_dir: &Path) -> Result<Self> {
         let root = data_dir.to_path_buf();
         for sub in ["models", "partial"] {
-            std::fs::create_dir_all(root.join(sub)).with_context(|| format!("creating {}", root.join(sub).display()))?;
+            std::fs::create_dir_all(root.join(sub))
+                .with_context(|| format!("creating {}", root.join(sub).display()))?;
         }
         let db = sled::open(root.join("state")).context("opening the agent state (sled)")?;
         Ok(Self { root, db })

@@ -18,7 +18,8 @@ fn iris_matches_onnxruntime() {
     let names: Vec<_> = model.outputs().iter().map(|o| o.name.as_str()).collect();
     assert_eq!(names, ["label", "probabilities"]);
 
-    let expected: Value = serde_json::from_str(&std::fs::read_to_string(fixture("iris.expected.json")).unwrap()).unwrap();
+    let expected: Value =
+        serde_json::from_str(&std::fs::read_to_string(fixture("iris.expected.json")).unwrap()).unwrap();
     let shape: Vec<usize> = serde_json::from_value(expected["input"]["shape"].clone()).unwrap();
     let data: Vec<f32> = serde_json::from_value(expected["input"]["data"].clone()).unwrap();
     let input = Tensor::new(shape, TensorData::F32(data)).unwrap();

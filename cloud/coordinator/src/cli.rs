@@ -99,9 +99,13 @@ impl Client {
             None => {
                 let path = data_dir.join("serve.json");
                 let raw = std::fs::read(&path).with_context(|| {
-                    format!("no coordinator found: {} is missing (start `tern serve`, or pass --admin URL)", path.display())
+                    format!(
+                        "no coordinator found: {} is missing (start `tern serve`, or pass --admin URL)",
+                        path.display()
+                    )
                 })?;
-                let e: Endpoints = serde_json::from_slice(&raw).with_context(|| format!("reading {}", path.display()))?;
+                let e: Endpoints =
+                    serde_json::from_slice(&raw).with_context(|| format!("reading {}", path.display()))?;
                 format!("http://{}", e.admin)
             }
         };
@@ -123,10 +127,15 @@ impl Client {
         Ok(Self { base, token, agent })
     }
 
-    fn finish<T: DeserializeOwned>(&self, what: &str, resp: Result<ureq::http::Response<ureq::Body>, ureq::Error>) -> Result<T> {
+    fn finish<T: DeserializeOwned>(
+        &self,
+        what: &str,
+        resp: Result<ureq::http::Response<ureq::Body>, ureq::Error>,
+    ) -> Result<T> {
         let mut resp = resp.with_context(|| format!("cannot reach the coordinator at {}", self.base))?;
         let status = resp.status();
-        let body: Value = resp.body_mut().read_json().with_context(|| format!("{what}: unreadable answer ({status})"))?;
+        let body: Value =
+            resp.body_mut().read_json().with_context(|| format!("{what}: unreadable answer ({status})"))?;
         if !status.is_success() {
             let msg = body.get("error").and_then(Value::as_str).unwrap_or("no details");
             bail!("{msg}");
@@ -135,7 +144,11 @@ impl Client {
     }
 
     fn get<T: DeserializeOwned>(&self, path: &str) -> Result<T> {
-        let resp = self.agent.get(format!("{}{path}", self.base)).header("authorization", format!("Bearer {}", self.token)).call();
+        let resp = self
+            .agent
+            .get(format!("{}{path}", self.base))
+            .header("authorization", format!("Bearer {}", self.token))
+            .call();
         self.finish(path, resp)
     }
 
@@ -152,7 +165,9 @@ impl Client {
     fn upload(&self, bytes: Vec<u8>) -> Result<Sha256Digest> {
         let digest = Sha256Digest::of(&bytes);
         let pb = ProgressBar::new(bytes.len() as u64);
-        pb.set_style(ProgressStyle::with_template("uploading {bar:30} {bytes}/{total_bytes} {bytes_per_sec}").expect("template"));
+        pb.set_style(
+            ProgressStyle::with_template("uploading {bar:30} {bytes}/{total_bytes} {bytes_per_sec}").expect("template"),
+        );
         let mut reader = pb.wrap_read(Cursor::new(bytes));
         let resp = self
             .agent
@@ -224,8 +239,11 @@ pub fn model(c: &Client, cmd: ModelCmd, json: bool) -> Result<()> {
                 .transpose()?;
             let sha256 = c.upload(bytes)?;
             let meta: BTreeMap<String, String> = meta.into_iter().collect();
-            let v: ModelVersion =
-                c.send("POST", &format!("/v1/models/{name}/versions"), &json!({ "sha256": sha256, "card": card, "meta": meta }))?;
+            let v: ModelVersion = c.send(
+                "POST",
+                &format!("/v1/models/{name}/versions"),
+                &json!({ "sha256": sha256, "card": card, "meta": meta }),
+            )?;
             if json {
                 return print_json(&v);
             }
@@ -254,7 +272,11 @@ pub fn model(c: &Client, cmd: ModelCmd, json: bool) -> Result<()> {
         ModelCmd::Show { target } => {
             if let Ok(r) = target.parse::<ModelRef>() {
                 let v: ModelVersion = c.get(&format!("/v1/models/{}/versions/{}", r.name, r.version))?;
-                return if json { print_json(&v) } else { Ok(show_version(&v)) };
+                if json {
+                    return print_json(&v);
+                }
+                show_version(&v);
+                return Ok(());
             }
             ModelRef::check_name(&target)?;
             let vs: Vec<ModelVersion> = c.get(&format!("/v1/models/{target}"))?;
@@ -273,7 +295,8 @@ pub fn model(c: &Client, cmd: ModelCmd, json: bool) -> Result<()> {
 }
 
 fn decide(c: &Client, r: &ModelRef, decision: &str, json: bool) -> Result<()> {
-    let v: ModelVersion = c.send("POST", &format!("/v1/models/{}/versions/{}/{decision}", r.name, r.version), &json!({}))?;
+    let v: ModelVersion =
+        c.send("POST", &format!("/v1/models/{}/versions/{}/{decision}", r.name, r.version), &json!({}))?;
     if json {
         return print_json(&v);
     }
@@ -291,7 +314,11 @@ pub fn fleet(c: &Client, cmd: FleetCmd, json: bool) -> Result<()> {
             println!("{}", v["token"].as_str().unwrap_or_default());
         }
         FleetCmd::Assign { device, model } => {
-            let d: Device = c.send("PUT", &format!("/v1/devices/{device}/models/{}", model.name), &json!({ "version": model.version }))?;
+            let d: Device = c.send(
+                "PUT",
+                &format!("/v1/devices/{device}/models/{}", model.name),
+                &json!({ "version": model.version }),
+            )?;
             if json {
                 return print_json(&d);
             }

@@ -69,7 +69,10 @@ pub fn run(args: DemoArgs) -> Result<()> {
     let me = std::env::current_exe()?;
     let agent_bin = args.agent_bin.unwrap_or_else(|| me.with_file_name("tern-agent"));
     if !agent_bin.is_file() {
-        bail!("tern-agent not found at {} (build it: cargo build --release -p tern-agent, or pass --agent-bin)", agent_bin.display());
+        bail!(
+            "tern-agent not found at {} (build it: cargo build --release -p tern-agent, or pass --agent-bin)",
+            agent_bin.display()
+        );
     }
     let tmp = tempfile::Builder::new().prefix("tern-demo-").tempdir()?;
     let root = tmp.path().to_path_buf();
@@ -77,7 +80,8 @@ pub fn run(args: DemoArgs) -> Result<()> {
     let agent_dir = root.join("agent");
     let mut procs = Procs(Vec::new());
 
-    let serve_args = ["serve", "--data-dir", path_str(&coord_dir)?, "--quic-listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"];
+    let serve_args =
+        ["serve", "--data-dir", path_str(&coord_dir)?, "--quic-listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"];
     procs.0.push(spawn(&me, &serve_args, &root.join("coordinator.log"))?);
     let endpoints: Endpoints = wait_for("the coordinator to start", Duration::from_secs(20), || {
         std::fs::read(coord_dir.join("serve.json")).ok().and_then(|b| serde_json::from_slice(&b).ok())
@@ -90,7 +94,17 @@ pub fn run(args: DemoArgs) -> Result<()> {
     step(t0, &format!("enrollment token: {}…", &token[..24]));
 
     let status = Command::new(&agent_bin)
-        .args(["enroll", "--coordinator", &endpoints.quic.to_string(), "--token", &token, "--data-dir", path_str(&agent_dir)?, "--device-id", "demo-cam-01"])
+        .args([
+            "enroll",
+            "--coordinator",
+            &endpoints.quic.to_string(),
+            "--token",
+            &token,
+            "--data-dir",
+            path_str(&agent_dir)?,
+            "--device-id",
+            "demo-cam-01",
+        ])
         .status()?;
     if !status.success() {
         bail!("agent enrollment failed");
@@ -100,11 +114,27 @@ pub fn run(args: DemoArgs) -> Result<()> {
     let model_path = root.join("iris.onnx");
     std::fs::write(&model_path, IRIS_ONNX)?;
     let card = root.join("iris.md");
-    std::fs::write(&card, "# Iris MLP\n\nscikit-learn MLPClassifier (16 hidden units) on the Iris data set, exported with skl2onnx.\n")?;
-    model(&client, ModelCmd::Register { name: "iris".into(), file: model_path, card: Some(card), meta: vec![("dataset".into(), "iris".into())] }, false)?;
+    std::fs::write(
+        &card,
+        "# Iris MLP\n\nscikit-learn MLPClassifier (16 hidden units) on the Iris data set, exported with skl2onnx.\n",
+    )?;
+    model(
+        &client,
+        ModelCmd::Register {
+            name: "iris".into(),
+            file: model_path,
+            card: Some(card),
+            meta: vec![("dataset".into(), "iris".into())],
+        },
+        false,
+    )?;
     model(&client, ModelCmd::Approve { target: "iris:1".parse()? }, false)?;
 
-    procs.0.push(spawn(&agent_bin, &["run", "--data-dir", path_str(&agent_dir)?, "--listen", "127.0.0.1:0"], &root.join("agent.log"))?);
+    procs.0.push(spawn(
+        &agent_bin,
+        &["run", "--data-dir", path_str(&agent_dir)?, "--listen", "127.0.0.1:0"],
+        &root.join("agent.log"),
+    )?);
     let api: Value = wait_for("the agent's local API", Duration::from_secs(20), || {
         std::fs::read(agent_dir.join("api.json")).ok().and_then(|b| serde_json::from_slice(&b).ok())
     })?;
@@ -116,11 +146,22 @@ pub fn run(args: DemoArgs) -> Result<()> {
     let deployed = Instant::now();
     wait_for("the agent to serve iris:1", Duration::from_secs(30), || {
         let v: Value = http.get(format!("{base}/v1/models")).call().ok()?.body_mut().read_json().ok()?;
-        v["models"].as_array()?.iter().any(|m| m["name"] == "iris" && m["version"] == 1 && m["state"] == "serving").then_some(())
+        v["models"]
+            .as_array()?
+            .iter()
+            .any(|m| m["name"] == "iris" && m["version"] == 1 && m["state"] == "serving")
+            .then_some(())
     })?;
-    step(t0, &format!("iris:1 downloaded, verified (sha256 + ed25519) and serving after {:.0} ms", deployed.elapsed().as_secs_f64() * 1e3));
+    step(
+        t0,
+        &format!(
+            "iris:1 downloaded, verified (sha256 + ed25519) and serving after {:.0} ms",
+            deployed.elapsed().as_secs_f64() * 1e3
+        ),
+    );
 
-    let flowers: [[f32; 4]; 4] = [[5.1, 3.5, 1.4, 0.2], [6.4, 3.2, 4.5, 1.5], [6.9, 3.1, 5.4, 2.1], [5.0, 3.0, 1.6, 0.2]];
+    let flowers: [[f32; 4]; 4] =
+        [[5.1, 3.5, 1.4, 0.2], [6.4, 3.2, 4.5, 1.5], [6.9, 3.1, 5.4, 2.1], [5.0, 3.0, 1.6, 0.2]];
     let data: Vec<f32> = flowers.iter().flatten().copied().collect();
     let mut resp = http
         .post(format!("{base}/v1/models/iris:predict"))
@@ -133,8 +174,16 @@ pub fn run(args: DemoArgs) -> Result<()> {
     let probs = out["outputs"][1]["data"].as_array().context("no probabilities")?;
     println!("\npredictions from the agent's local API (POST {base}/v1/models/iris:predict):");
     let mut t = comfy_table::Table::new();
-    t.load_preset(comfy_table::presets::UTF8_FULL_CONDENSED)
-        .set_header(vec!["sepal l", "sepal w", "petal l", "petal w", "species", "p(setosa)", "p(versicolor)", "p(virginica)"]);
+    t.load_preset(comfy_table::presets::UTF8_FULL_CONDENSED).set_header(vec![
+        "sepal l",
+        "sepal w",
+        "petal l",
+        "petal w",
+        "species",
+        "p(setosa)",
+        "p(versicolor)",
+        "p(virginica)",
+    ]);
     for (i, f) in flowers.iter().enumerate() {
         let label = labels[i].as_i64().unwrap_or(-1);
         let mut row: Vec<String> = f.iter().map(|x| format!("{x:.1}")).collect();

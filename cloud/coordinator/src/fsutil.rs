@@ -10,11 +10,8 @@ use std::path::Path;
 /// `secret` files are created readable by the owner only.
 pub fn write_atomic(path: &Path, bytes: &[u8], secret: bool) -> std::io::Result<()> {
     let dir = path.parent().unwrap_or(Path::new("."));
-    let tmp = dir.join(format!(
-        ".{}.tmp{}",
-        path.file_name().and_then(|n| n.to_str()).unwrap_or("file"),
-        std::process::id()
-    ));
+    let tmp =
+        dir.join(format!(".{}.tmp{}", path.file_name().and_then(|n| n.to_str()).unwrap_or("file"), std::process::id()));
     {
         let mut f = OpenOptions::new()
             .write(true)
@@ -31,8 +28,5 @@ pub fn write_atomic(path: &Path, bytes: &[u8], secret: bool) -> std::io::Result<
 
 /// Seconds since the Unix epoch.
 pub fn unix_now() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
 }

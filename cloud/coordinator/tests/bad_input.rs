@@ -39,7 +39,8 @@ fn bad_admin_requests_are_refused_and_nothing_is_lost() {
     assert!(coord.fails(&["fleet", "assign", "cam-01", "iris:2"]).contains("iris:2 is rejected"));
 
     // A model tract cannot load (a real skl2onnx export with an op tract lacks), and garbage.
-    let err = coord.fails(&["model", "register", "scaled", "--file", fixture("unsupported-scaler.onnx").to_str().unwrap()]);
+    let err =
+        coord.fails(&["model", "register", "scaled", "--file", fixture("unsupported-scaler.onnx").to_str().unwrap()]);
     assert!(err.starts_with("error: model refused: tract cannot load model:"), "{err}");
     assert!(err.contains("Scaler"), "{err}");
     let junk = coord.dir.path().join("junk.onnx");

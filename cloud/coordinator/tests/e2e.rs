@@ -47,8 +47,17 @@ fn deploy_over_quic_and_predict_like_onnxruntime() {
     let card = coord.dir.path().join("card.md");
     std::fs::write(&card, "# Iris\nA small classifier.\n").unwrap();
     let v = coord.json(&[
-        "model", "register", "iris", "--file", fixture("iris.onnx").to_str().unwrap(), "--card", card.to_str().unwrap(),
-        "--meta", "owner=ml", "--meta", "dataset=iris",
+        "model",
+        "register",
+        "iris",
+        "--file",
+        fixture("iris.onnx").to_str().unwrap(),
+        "--card",
+        card.to_str().unwrap(),
+        "--meta",
+        "owner=ml",
+        "--meta",
+        "dataset=iris",
     ]);
     assert_eq!(v["version"], 1);
     assert_eq!(v["status"], "pending");

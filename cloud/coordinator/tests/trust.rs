@@ -24,14 +24,20 @@ fn tokens_are_single_use_expiring_unforgeable_and_pinned() {
     let b = Agent::new();
     let out = b.enroll(&coord.quic, &token, Some("cam-b"));
     assert!(!out.status.success());
-    assert_eq!(stderr(&out), "error: coordinator refused enrollment: enrollment token was already used (by device cam-a)");
+    assert_eq!(
+        stderr(&out),
+        "error: coordinator refused enrollment: enrollment token was already used (by device cam-a)"
+    );
     assert!(!b.data().join("identity/agent.json").exists());
 
     // Forged: a well-formed token with a secret the coordinator never issued.
     let mut forged = EnrollTokenText::decode(&token).unwrap();
     forged.secret[0] ^= 0xff;
     let out = b.enroll(&coord.quic, &forged.encode(), Some("cam-b"));
-    assert_eq!(stderr(&out), "error: coordinator refused enrollment: enrollment token not recognised by this coordinator");
+    assert_eq!(
+        stderr(&out),
+        "error: coordinator refused enrollment: enrollment token not recognised by this coordinator"
+    );
 
     // Malformed.
     let out = b.enroll(&coord.quic, "tern1_not-a-token", None);
@@ -51,7 +57,10 @@ fn tokens_are_single_use_expiring_unforgeable_and_pinned() {
     let other = Coord::start();
     let out = b.enroll(&coord.quic, &other.token(), Some("cam-b"));
     let err = stderr(&out);
-    assert!(err.contains("TLS handshake with") && err.contains("not from the CA pinned by the enrollment token"), "{err}");
+    assert!(
+        err.contains("TLS handshake with") && err.contains("not from the CA pinned by the enrollment token"),
+        "{err}"
+    );
 
     // None of this enrolled anything or spent the good tokens.
     let devices = coord.json(&["fleet", "list"]);
@@ -133,7 +142,10 @@ fn oversize_frame_is_refused_and_the_coordinator_carries_on() {
         send.write_all(&header).await.unwrap();
         match read_msg(&mut recv).await.unwrap() {
             Some(Message::Error(e)) => {
-                assert_eq!(e.message, format!("frame of {} bytes exceeds the limit of {MAX_FRAME_LEN} bytes", MAX_FRAME_LEN + 1))
+                assert_eq!(
+                    e.message,
+                    format!("frame of {} bytes exceeds the limit of {MAX_FRAME_LEN} bytes", MAX_FRAME_LEN + 1)
+                )
             }
             other => panic!("expected an error, got {other:?}"),
         }

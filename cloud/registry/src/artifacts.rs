@@ -36,9 +36,7 @@ impl Artifacts {
     pub fn size(&self, digest: &Sha256Digest) -> Result<u64> {
         match fs::metadata(self.path(digest)) {
             Ok(m) => Ok(m.len()),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                Err(RegistryError::UnknownArtifact(*digest))
-            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err(RegistryError::UnknownArtifact(*digest)),
             Err(e) => Err(e.into()),
         }
     }

@@ -34,7 +34,9 @@ pub enum RegistryError {
     #[error("device {0:?} is enrolled already")]
     DeviceExists(String),
     /// Deploying needs an approved version.
-    #[error("{name}:{version} is {status}, only approved versions can be deployed (run: tern model approve {name}:{version})")]
+    #[error(
+        "{name}:{version} is {status}, only approved versions can be deployed (run: tern model approve {name}:{version})"
+    )]
     NotApproved {
         /// Model name.
         name: String,

@@ -19,6 +19,8 @@ pub struct Registry {
     db: sled::Db,
     models: sled::Tree,
     devices: sled::Tree,
+    /// Certificate SHA-256 → device id, so a connection finds its device in one lookup.
+    certs: sled::Tree,
     tokens: sled::Tree,
 }
 
@@ -65,6 +67,7 @@ impl Registry {
         Ok(Self {
             models: db.open_tree("models")?,
             devices: db.open_tree("devices")?,
+            certs: db.open_tree("certs")?,
             tokens: db.open_tree("tokens")?,
             db,
             path,
@@ -195,7 +198,7 @@ impl Registry {
         now: u64,
     ) -> Result<Device> {
         let tkey = token_key(secret);
-        let result = (&self.tokens, &self.devices).transaction(|(tokens, devices)| {
+        let result = (&self.tokens, &self.devices, &self.certs).transaction(|(tokens, devices, certs)| {
             let Some(raw) = tokens.get(tkey)? else {
                 return abort(RegistryError::TokenUnknown);
             };
@@ -227,6 +230,7 @@ impl Registry {
             };
             tokens.insert(&tkey, encode(&token))?;
             devices.insert(id.as_str(), encode(&device))?;
+            certs.insert(&cert_sha256.0, id.as_str())?;
             Ok(device)
         });
         let device = unwrap_tx(result)?;
@@ -262,12 +266,10 @@ impl Registry {
 
     /// The device holding the certificate with this digest.
     pub fn device_by_cert(&self, cert_sha256: &Sha256Digest) -> Result<Option<Device>> {
-        for d in self.devices()? {
-            if &d.cert_sha256 == cert_sha256 {
-                return Ok(Some(d));
-            }
+        match self.certs.get(cert_sha256.0)? {
+            Some(id) => self.device(&String::from_utf8_lossy(&id)).map(Some),
+            None => Ok(None),
         }
-        Ok(None)
     }
 
     /// All devices, by id.
@@ -312,7 +314,13 @@ impl Registry {
 
     /// Records that a device was heard from, with what it reported. Not
     /// fsynced: losing a heartbeat to a power cut is harmless.
-    pub fn seen(&self, id: &str, now: u64, agent_version: Option<&str>, reported: Option<&[ModelStatus]>) -> Result<Device> {
+    pub fn seen(
+        &self,
+        id: &str,
+        now: u64,
+        agent_version: Option<&str>,
+        reported: Option<&[ModelStatus]>,
+    ) -> Result<Device> {
         self.update_device(id, false, |d| {
             d.last_seen = Some(now);
             if let Some(v) = agent_version {

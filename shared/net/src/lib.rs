@@ -11,8 +11,7 @@ pub use framed::{read_msg, write_msg};
 pub use pki::FleetCa;
 pub use pki::{DeviceKey, ca_fingerprint};
 pub use tls::{
-    COORDINATOR_NAME, client_endpoint, device_client_config, enroll_client_config, peer_cert,
-    server_config,
+    COORDINATOR_NAME, client_endpoint, device_client_config, enroll_client_config, peer_cert, server_config,
 };
 
 /// Transport and certificate errors.

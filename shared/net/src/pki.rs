@@ -44,8 +44,8 @@ pub use ca::FleetCa;
 mod ca {
     use super::*;
     use rcgen::{
-        BasicConstraints, CertificateSigningRequestParams, ExtendedKeyUsagePurpose, IsCa, Issuer,
-        KeyUsagePurpose, SanType,
+        BasicConstraints, CertificateSigningRequestParams, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyUsagePurpose,
+        SanType,
     };
     use rustls::pki_types::{CertificateDer, CertificateSigningRequestDer};
     use time::{Duration, OffsetDateTime};

@@ -106,14 +106,9 @@ impl ServerCertVerifier for PinnedCa {
         ocsp: &[u8],
         now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
-        let ca = intermediates
-            .iter()
-            .find(|c| crate::ca_fingerprint(c) == self.pin)
-            .ok_or_else(|| {
-                rustls::Error::General(
-                    "coordinator's certificate is not from the CA pinned by the enrollment token".into(),
-                )
-            })?;
+        let ca = intermediates.iter().find(|c| crate::ca_fingerprint(c) == self.pin).ok_or_else(|| {
+            rustls::Error::General("coordinator's certificate is not from the CA pinned by the enrollment token".into())
+        })?;
         let mut roots = RootCertStore::empty();
         roots.add(ca.clone().into_owned())?;
         WebPkiServerVerifier::builder_with_provider(Arc::new(roots), self.provider.clone())

@@ -59,10 +59,7 @@ impl FrameHeader {
         }
         let version = WireVersion(u16::from_le_bytes([bytes[2], bytes[3]]));
         if version != WireVersion::CURRENT {
-            return Err(FrameError::UnsupportedVersion {
-                got: version,
-                supported: WireVersion::CURRENT,
-            });
+            return Err(FrameError::UnsupportedVersion { got: version, supported: WireVersion::CURRENT });
         }
         let len = u32::from_le_bytes([bytes[4], bytes[5], bytes[6], bytes[7]]) as usize;
         if len > max {
@@ -78,8 +75,7 @@ pub fn encode_frame(msg: &Message) -> Result<Vec<u8>, FrameError> {
     out.extend_from_slice(&MAGIC);
     out.extend_from_slice(&WireVersion::CURRENT.0.to_le_bytes());
     out.extend_from_slice(&[0; 4]);
-    let out =
-        postcard::to_extend(msg, out).map_err(|e| FrameError::Encode(e.to_string()))?;
+    let out = postcard::to_extend(msg, out).map_err(|e| FrameError::Encode(e.to_string()))?;
     let len = out.len() - HEADER_LEN;
     if len > MAX_FRAME_LEN {
         return Err(FrameError::Encode(format!(
@@ -94,8 +90,7 @@ pub fn encode_frame(msg: &Message) -> Result<Vec<u8>, FrameError> {
 
 /// Decodes a payload that a header announced.
 pub fn decode_payload(payload: &[u8]) -> Result<Message, FrameError> {
-    let (msg, rest) =
-        postcard::take_from_bytes(payload).map_err(|e| FrameError::Payload(e.to_string()))?;
+    let (msg, rest) = postcard::take_from_bytes(payload).map_err(|e| FrameError::Payload(e.to_string()))?;
     if !rest.is_empty() {
         return Err(FrameError::Payload(format!("{} trailing bytes", rest.len())));
     }

@@ -9,16 +9,15 @@ mod msg;
 mod token;
 
 pub use frame::{
-    FrameDecoder, FrameError, FrameHeader, HEADER_LEN, MAGIC, MAX_FRAME_LEN, decode_frame,
-    decode_payload, encode_frame,
+    FrameDecoder, FrameError, FrameHeader, HEADER_LEN, MAGIC, MAX_FRAME_LEN, decode_frame, decode_payload, encode_frame,
 };
 pub use ids::{DeviceId, IdError, ModelRef, Sha256Digest};
 pub use manifest::{DType, ModelFormat, ModelManifest, SignedManifest, TensorSpec};
-pub use token::{EnrollTokenText, TokenError};
 pub use msg::{
-    ArtifactHeader, DesiredState, EnrollRequest, EnrollResponse, ErrorCode, FetchArtifact, Hello,
-    Message, ModelState, ModelStatus, StatusReport, Welcome, WireError,
+    ArtifactHeader, DesiredState, EnrollRequest, EnrollResponse, ErrorCode, FetchArtifact, Hello, Message, ModelState,
+    ModelStatus, StatusReport, Welcome, WireError,
 };
+pub use token::{EnrollTokenText, TokenError};
 
 /// The version of the wire protocol, carried in every frame header.
 ///

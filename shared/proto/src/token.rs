@@ -40,9 +40,7 @@ impl EnrollTokenText {
         let body = text
             .strip_prefix(PREFIX)
             .ok_or_else(|| TokenError::Malformed(format!("expected it to start with {PREFIX:?}")))?;
-        let bytes = URL_SAFE_NO_PAD
-            .decode(body)
-            .map_err(|e| TokenError::Malformed(format!("not base64url: {e}")))?;
+        let bytes = URL_SAFE_NO_PAD.decode(body).map_err(|e| TokenError::Malformed(format!("not base64url: {e}")))?;
         let (token, rest) = postcard::take_from_bytes::<Self>(&bytes)
             .map_err(|e| TokenError::Malformed(format!("truncated or altered ({e})")))?;
         if !rest.is_empty() {

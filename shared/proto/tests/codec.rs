@@ -13,13 +13,7 @@ fn device_id() -> impl Strategy<Value = DeviceId> {
 }
 
 fn dtype() -> impl Strategy<Value = DType> {
-    prop_oneof![
-        Just(DType::F32),
-        Just(DType::F64),
-        Just(DType::I64),
-        Just(DType::U8),
-        Just(DType::Bool)
-    ]
+    prop_oneof![Just(DType::F32), Just(DType::F64), Just(DType::I64), Just(DType::U8), Just(DType::Bool)]
 }
 
 fn spec() -> impl Strategy<Value = TensorSpec> {
@@ -55,11 +49,7 @@ fn signed() -> impl Strategy<Value = SignedManifest> {
 }
 
 fn status() -> impl Strategy<Value = ModelStatus> {
-    let state = prop_oneof![
-        Just(ModelState::Downloading),
-        Just(ModelState::Serving),
-        Just(ModelState::Failed)
-    ];
+    let state = prop_oneof![Just(ModelState::Downloading), Just(ModelState::Serving), Just(ModelState::Failed)];
     ("[a-z]{1,10}", any::<u32>(), state, prop::option::of(".{0,40}"))
         .prop_map(|(name, version, state, detail)| ModelStatus { name, version, state, detail })
 }
@@ -67,11 +57,14 @@ fn status() -> impl Strategy<Value = ModelStatus> {
 fn message() -> impl Strategy<Value = Message> {
     prop_oneof![
         (any::<[u8; 16]>(), prop::collection::vec(any::<u8>(), 0..512), prop::option::of(device_id()), ".{0,16}")
-            .prop_map(|(secret, csr_der, requested_id, agent_version)| Message::EnrollRequest(
-                EnrollRequest { secret, csr_der, requested_id, agent_version }
-            )),
-        (device_id(), prop::collection::vec(any::<u8>(), 0..512), any::<[u8; 32]>(), ".{0,8}", ".{0,8}")
-            .prop_map(|(device_id, cert_der, registry_key, group, profile)| {
+            .prop_map(|(secret, csr_der, requested_id, agent_version)| Message::EnrollRequest(EnrollRequest {
+                secret,
+                csr_der,
+                requested_id,
+                agent_version
+            })),
+        (device_id(), prop::collection::vec(any::<u8>(), 0..512), any::<[u8; 32]>(), ".{0,8}", ".{0,8}").prop_map(
+            |(device_id, cert_der, registry_key, group, profile)| {
                 Message::EnrollResponse(EnrollResponse {
                     device_id,
                     ca_der: cert_der.clone(),
@@ -80,7 +73,8 @@ fn message() -> impl Strategy<Value = Message> {
                     group,
                     profile,
                 })
-            }),
+            }
+        ),
         (".{0,16}", prop::collection::vec(status(), 0..4))
             .prop_map(|(agent_version, models)| Message::Hello(Hello { agent_version, models })),
         (device_id(), any::<u64>())
@@ -88,11 +82,9 @@ fn message() -> impl Strategy<Value = Message> {
         (any::<u64>(), prop::collection::vec(signed(), 0..4))
             .prop_map(|(generation, models)| Message::Desired(DesiredState { generation, models })),
         prop::collection::vec(status(), 0..4).prop_map(|models| Message::Status(StatusReport { models })),
-        (digest(), any::<u64>())
-            .prop_map(|(sha256, offset)| Message::FetchArtifact(FetchArtifact { sha256, offset })),
-        (digest(), any::<u64>(), any::<u64>()).prop_map(|(sha256, size, offset)| {
-            Message::ArtifactHeader(ArtifactHeader { sha256, size, offset })
-        }),
+        (digest(), any::<u64>()).prop_map(|(sha256, offset)| Message::FetchArtifact(FetchArtifact { sha256, offset })),
+        (digest(), any::<u64>(), any::<u64>())
+            .prop_map(|(sha256, size, offset)| { Message::ArtifactHeader(ArtifactHeader { sha256, size, offset }) }),
         ".{0,80}".prop_map(|m| Message::Error(WireError::new(ErrorCode::NotFound, m))),
     ]
 }

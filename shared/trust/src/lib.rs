@@ -47,9 +47,7 @@ impl SigningKey {
 
     /// Loads a key from its PKCS#8 encoding.
     pub fn from_pkcs8(der: &[u8]) -> Result<Self, TrustError> {
-        Ed25519KeyPair::from_pkcs8(der)
-            .map(|pair| Self { pair })
-            .map_err(|e| TrustError::BadKey(e.to_string()))
+        Ed25519KeyPair::from_pkcs8(der).map(|pair| Self { pair }).map_err(|e| TrustError::BadKey(e.to_string()))
     }
 
     /// The matching public key.
@@ -83,10 +81,7 @@ impl VerifyingKey {
     /// Checks the signature over the exact signed bytes, then decodes them.
     pub fn verify(&self, signed: &SignedManifest) -> Result<ModelManifest, TrustError> {
         if signed.key_id != self.key_id() {
-            return Err(TrustError::UnknownKey {
-                got: hex(&signed.key_id),
-                want: hex(&self.key_id()),
-            });
+            return Err(TrustError::UnknownKey { got: hex(&signed.key_id), want: hex(&self.key_id()) });
         }
         UnparsedPublicKey::new(&ED25519, &self.0)
             .verify(&signed.body, &signed.signature)

@@ -102,7 +102,11 @@ struct Uploaded {
     size: u64,
 }
 
-async fn upload(Ext(state): Ext<Arc<State>>, headers: HeaderMap, body: Bytes) -> ApiResult<(StatusCode, Json<Uploaded>)> {
+async fn upload(
+    Ext(state): Ext<Arc<State>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> ApiResult<(StatusCode, Json<Uploaded>)> {
     let expected = match headers.get("x-tern-sha256") {
         Some(v) => Some(
             v.to_str()
@@ -136,9 +140,9 @@ async fn register(
     let body = json_body(body)?;
     ModelRef::check_name(&name).map_err(|e| bad(e.to_string()))?;
     let path = state.artifacts.path(&body.sha256);
-    let bytes = tokio::fs::read(&path)
-        .await
-        .map_err(|_| ApiError(StatusCode::NOT_FOUND, format!("no artifact with sha256 {}; upload it first", body.sha256)))?;
+    let bytes = tokio::fs::read(&path).await.map_err(|_| {
+        ApiError(StatusCode::NOT_FOUND, format!("no artifact with sha256 {}; upload it first", body.sha256))
+    })?;
     let size = bytes.len() as u64;
     // The same loader as on the device: a model the agents cannot run is refused here.
     let model = tokio::task::spawn_blocking(move || TractOnnx::load(&bytes))
@@ -168,7 +172,10 @@ async fn show_model(Ext(state): Ext<Arc<State>>, Path(name): Path<String>) -> Ap
     Ok(Json(state.registry.versions(&name)?))
 }
 
-async fn show_version(Ext(state): Ext<Arc<State>>, Path((name, version)): Path<(String, u32)>) -> ApiResult<Json<ModelVersion>> {
+async fn show_version(
+    Ext(state): Ext<Arc<State>>,
+    Path((name, version)): Path<(String, u32)>,
+) -> ApiResult<Json<ModelVersion>> {
     Ok(Json(state.registry.version(&name, version)?))
 }
 
@@ -179,7 +186,9 @@ async fn decide(
     let status = match decision.as_str() {
         "approve" => Approval::Approved,
         "reject" => Approval::Rejected,
-        other => return Err(ApiError(StatusCode::NOT_FOUND, format!("unknown decision {other:?}: use approve or reject"))),
+        other => {
+            return Err(ApiError(StatusCode::NOT_FOUND, format!("unknown decision {other:?}: use approve or reject")));
+        }
     };
     let v = state.registry.set_status(&name, version, status, unix_now())?;
     info!(model = %name, version, %status, "approval changed");
@@ -193,7 +202,10 @@ struct TokenBody {
     ttl_secs: u64,
 }
 
-async fn new_token(Ext(state): Ext<Arc<State>>, body: Result<Json<TokenBody>, JsonRejection>) -> ApiResult<(StatusCode, Json<serde_json::Value>)> {
+async fn new_token(
+    Ext(state): Ext<Arc<State>>,
+    body: Result<Json<TokenBody>, JsonRejection>,
+) -> ApiResult<(StatusCode, Json<serde_json::Value>)> {
     let body = json_body(body)?;
     if body.group.is_empty() || body.profile.is_empty() {
         return Err(bad("group and profile must not be empty"));
@@ -203,11 +215,20 @@ async fn new_token(Ext(state): Ext<Arc<State>>, body: Result<Json<TokenBody>, Js
     let expires_at = now.saturating_add(body.ttl_secs);
     state.registry.add_token(
         &secret,
-        &EnrollToken { group: body.group.clone(), profile: body.profile.clone(), created_at: now, expires_at, used_by: None },
+        &EnrollToken {
+            group: body.group.clone(),
+            profile: body.profile.clone(),
+            created_at: now,
+            expires_at,
+            used_by: None,
+        },
     )?;
     let text = EnrollTokenText { secret, ca_sha256: tern_net::ca_fingerprint(state.ca.cert_der()), expires_at };
     info!(group = %body.group, profile = %body.profile, expires_at, "enrollment token issued");
-    Ok((StatusCode::CREATED, Json(json!({ "token": text.encode(), "expires_at": expires_at, "group": body.group, "profile": body.profile }))))
+    Ok((
+        StatusCode::CREATED,
+        Json(json!({ "token": text.encode(), "expires_at": expires_at, "group": body.group, "profile": body.profile })),
+    ))
 }
 
 async fn list_devices(Ext(state): Ext<Arc<State>>) -> ApiResult<Json<Vec<Device>>> {

@@ -8,8 +8,8 @@ use quinn::{Connection, RecvStream, SendStream};
 use std::sync::Arc;
 use tern_net::{read_msg, write_msg};
 use tern_proto::{
-    ArtifactHeader, DeviceId, EnrollRequest, EnrollResponse, ErrorCode, FetchArtifact, Message, Sha256Digest,
-    Welcome, WireError,
+    ArtifactHeader, DeviceId, EnrollRequest, EnrollResponse, ErrorCode, FetchArtifact, Message, Sha256Digest, Welcome,
+    WireError,
 };
 use tern_registry::{Device, RegistryError};
 use tokio::io::{AsyncReadExt, AsyncSeekExt};
@@ -62,7 +62,9 @@ async fn handle_connection(conn: Connection, state: Arc<State>) -> Result<()> {
             let result = match first {
                 Ok(Some(Message::Hello(h))) => control(state, &id, h, send, recv).await,
                 Ok(Some(Message::FetchArtifact(f))) => artifact(state, &id, f, send).await,
-                Ok(Some(other)) => reject(send, ErrorCode::BadRequest, format!("{} cannot open a stream", other.kind())).await,
+                Ok(Some(other)) => {
+                    reject(send, ErrorCode::BadRequest, format!("{} cannot open a stream", other.kind())).await
+                }
                 Ok(None) => Ok(()),
                 Err(e) => reject(send, ErrorCode::BadRequest, e.to_string()).await,
             };
@@ -131,10 +133,8 @@ fn enroll(state: &State, req: EnrollRequest) -> Result<EnrollResponse, WireError
         .ca
         .issue_device(&req.csr_der, id.as_str(), DEVICE_CERT_DAYS)
         .map_err(|e| WireError::new(ErrorCode::BadRequest, format!("certificate request refused: {e}")))?;
-    let device = state
-        .registry
-        .enroll(&req.secret, id, Sha256Digest::of(&cert), &req.agent_version, now)
-        .map_err(wire)?;
+    let device =
+        state.registry.enroll(&req.secret, id, Sha256Digest::of(&cert), &req.agent_version, now).map_err(wire)?;
     info!(device = %device.id, group = %token.group, profile = %token.profile, "device enrolled");
     Ok(EnrollResponse {
         device_id: device.id,
@@ -189,9 +189,10 @@ async fn control(
 async fn artifact(state: Arc<State>, id: &DeviceId, req: FetchArtifact, mut send: SendStream) -> Result<()> {
     // A device may fetch only artifacts of versions assigned to it.
     let device = state.registry.device(id.as_str())?;
-    let assigned = device.desired.iter().any(|(name, version)| {
-        state.registry.version(name, *version).is_ok_and(|v| v.sha256 == req.sha256)
-    });
+    let assigned = device
+        .desired
+        .iter()
+        .any(|(name, version)| state.registry.version(name, *version).is_ok_and(|v| v.sha256 == req.sha256));
     if !assigned {
         return reject(send, ErrorCode::NotFound, format!("artifact {} is not assigned to {id}", req.sha256)).await;
     }
@@ -199,9 +200,11 @@ async fn artifact(state: Arc<State>, id: &DeviceId, req: FetchArtifact, mut send
     let mut file = tokio::fs::File::open(&path).await.with_context(|| format!("opening {}", path.display()))?;
     let size = file.metadata().await?.len();
     if req.offset > size {
-        return reject(send, ErrorCode::BadRequest, format!("offset {} is past the end ({size} bytes)", req.offset)).await;
+        return reject(send, ErrorCode::BadRequest, format!("offset {} is past the end ({size} bytes)", req.offset))
+            .await;
     }
-    write_msg(&mut send, &Message::ArtifactHeader(ArtifactHeader { sha256: req.sha256, size, offset: req.offset })).await?;
+    write_msg(&mut send, &Message::ArtifactHeader(ArtifactHeader { sha256: req.sha256, size, offset: req.offset }))
+        .await?;
     file.seek(std::io::SeekFrom::Start(req.offset)).await?;
     let mut buf = vec![0u8; 64 * 1024];
     loop {

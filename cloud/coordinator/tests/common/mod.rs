@@ -78,7 +78,15 @@ impl Coord {
         let data = dir.path().join("data");
         let proc = spawn(
             &tern_bin(),
-            &["serve", "--data-dir", data.to_str().unwrap(), "--quic-listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"],
+            &[
+                "serve",
+                "--data-dir",
+                data.to_str().unwrap(),
+                "--quic-listen",
+                "127.0.0.1:0",
+                "--admin-listen",
+                "127.0.0.1:0",
+            ],
             &dir.path().join("coordinator.log"),
         );
         let ep: Value = wait_for("coordinator start", Duration::from_secs(20), || {
@@ -118,7 +126,11 @@ impl Coord {
     /// Runs the CLI, asserts failure, returns stderr.
     pub fn fails(&self, args: &[&str]) -> String {
         let out = self.cli(args);
-        assert!(!out.status.success(), "tern {args:?} unexpectedly succeeded: {}", String::from_utf8_lossy(&out.stdout));
+        assert!(
+            !out.status.success(),
+            "tern {args:?} unexpectedly succeeded: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
         String::from_utf8(out.stderr).unwrap()
     }
 
@@ -134,7 +146,15 @@ impl Coord {
 
     /// Registers and approves fixtures/iris.onnx; returns the version.
     pub fn register_iris(&self, name: &str) -> u64 {
-        let v = self.json(&["model", "register", name, "--file", fixture("iris.onnx").to_str().unwrap(), "--meta", "dataset=iris"]);
+        let v = self.json(&[
+            "model",
+            "register",
+            name,
+            "--file",
+            fixture("iris.onnx").to_str().unwrap(),
+            "--meta",
+            "dataset=iris",
+        ]);
         let version = v["version"].as_u64().unwrap();
         self.ok(&["model", "approve", &format!("{name}:{version}")]);
         version
