@@ -11,6 +11,7 @@ mod store;
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
+use std::io::Write;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -80,7 +81,14 @@ fn main() -> ExitCode {
         match cli.cmd {
             Cmd::Enroll { coordinator, token, device_id } => {
                 let info = identity::enroll(&cli.data_dir, &coordinator, &token, device_id).await?;
-                println!("enrolled as {} (group {}, profile {})", info.device_id, info.group, info.profile);
+                // A closed stdout is no reason to fail an enrollment that succeeded.
+                let _ = writeln!(
+                    std::io::stdout(),
+                    "enrolled as {} (group {}, profile {})",
+                    info.device_id,
+                    info.group,
+                    info.profile
+                );
                 Ok(())
             }
             Cmd::Run { listen, socket } => run(&cli.data_dir, listen, socket).await,

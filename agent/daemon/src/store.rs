@@ -25,7 +25,14 @@ impl Store {
             std::fs::create_dir_all(root.join(sub))
                 .with_context(|| format!("creating {}", root.join(sub).display()))?;
         }
-        let db = sled::open(root.join("state")).context("opening the agent state (sled)")?;
+        // A small cache, and no background flusher waking every 500 ms:
+        // every write that must last is flushed and fsynced by `set_active`.
+        let db = sled::Config::new()
+            .path(root.join("state"))
+            .cache_capacity(1 << 20)
+            .flush_every_ms(None)
+            .open()
+            .context("opening the agent state (sled)")?;
         Ok(Self { root, db })
     }
 

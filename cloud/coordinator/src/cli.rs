@@ -188,8 +188,16 @@ impl Client {
     }
 }
 
+/// Prints a line to stdout. A reader that went away (`tern … | head`) is
+/// not an error: the command still finishes its work (and the demo still
+/// stops its processes) instead of panicking.
+pub fn out(text: impl std::fmt::Display) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stdout().lock(), "{text}");
+}
+
 fn print_json(v: &impl Serialize) -> Result<()> {
-    println!("{}", serde_json::to_string_pretty(v)?);
+    out(serde_json::to_string_pretty(v)?);
     Ok(())
 }
 
@@ -215,17 +223,17 @@ fn signature(specs: &[tern_proto::TensorSpec]) -> String {
 }
 
 fn show_version(v: &ModelVersion) {
-    println!("{}:{}  ({})", v.name, v.version, v.status);
-    println!("  sha256   {}", v.sha256);
-    println!("  size     {} bytes, {}", v.size, v.format);
-    println!("  inputs   {}", signature(&v.inputs));
-    println!("  outputs  {}", signature(&v.outputs));
-    println!("  created  {} ({})", v.created_at, ago(Some(v.created_at)));
+    out(format!("{}:{}  ({})", v.name, v.version, v.status));
+    out(format!("  sha256   {}", v.sha256));
+    out(format!("  size     {} bytes, {}", v.size, v.format));
+    out(format!("  inputs   {}", signature(&v.inputs)));
+    out(format!("  outputs  {}", signature(&v.outputs)));
+    out(format!("  created  {} ({})", v.created_at, ago(Some(v.created_at))));
     for (k, val) in &v.meta {
-        println!("  meta     {k}={val}");
+        out(format!("  meta     {k}={val}"));
     }
     if let Some(card) = &v.card {
-        println!("\n{card}");
+        out(format!("\n{card}"));
     }
 }
 
@@ -247,7 +255,7 @@ pub fn model(c: &Client, cmd: ModelCmd, json: bool) -> Result<()> {
             if json {
                 return print_json(&v);
             }
-            println!("registered {}:{} (pending approval)", v.name, v.version);
+            out(format!("registered {}:{} (pending approval)", v.name, v.version));
             show_version(&v);
         }
         ModelCmd::List => {
@@ -267,7 +275,7 @@ pub fn model(c: &Client, cmd: ModelCmd, json: bool) -> Result<()> {
                     ago(Some(v.created_at)),
                 ]);
             }
-            println!("{t}");
+            out(t);
         }
         ModelCmd::Show { target } => {
             if let Ok(r) = target.parse::<ModelRef>() {
@@ -285,7 +293,7 @@ pub fn model(c: &Client, cmd: ModelCmd, json: bool) -> Result<()> {
             }
             for v in &vs {
                 show_version(v);
-                println!();
+                out("");
             }
         }
         ModelCmd::Approve { target } => decide(c, &target, "approve", json)?,
@@ -300,7 +308,7 @@ fn decide(c: &Client, r: &ModelRef, decision: &str, json: bool) -> Result<()> {
     if json {
         return print_json(&v);
     }
-    println!("{}:{} is now {}", v.name, v.version, v.status);
+    out(format!("{}:{} is now {}", v.name, v.version, v.status));
     Ok(())
 }
 
@@ -311,7 +319,7 @@ pub fn fleet(c: &Client, cmd: FleetCmd, json: bool) -> Result<()> {
             if json {
                 return print_json(&v);
             }
-            println!("{}", v["token"].as_str().unwrap_or_default());
+            out(v["token"].as_str().unwrap_or_default());
         }
         FleetCmd::Assign { device, model } => {
             let d: Device = c.send(
@@ -322,7 +330,7 @@ pub fn fleet(c: &Client, cmd: FleetCmd, json: bool) -> Result<()> {
             if json {
                 return print_json(&d);
             }
-            println!("{} should now serve {model} (desired state generation {})", d.id, d.generation);
+            out(format!("{} should now serve {model} (desired state generation {})", d.id, d.generation));
         }
         FleetCmd::List => {
             let ds: Vec<Device> = c.get("/v1/devices")?;
@@ -351,7 +359,7 @@ pub fn fleet(c: &Client, cmd: FleetCmd, json: bool) -> Result<()> {
                     d.agent_version.clone().unwrap_or_default(),
                 ]);
             }
-            println!("{t}");
+            out(t);
         }
     }
     Ok(())

@@ -2,7 +2,7 @@
 //! run as real processes in a temporary folder; the agent enrolls, receives a
 //! model over mutual-TLS QUIC and answers predictions on its local API.
 
-use crate::cli::{Client, FleetCmd, ModelCmd, fleet, model};
+use crate::cli::{Client, FleetCmd, ModelCmd, fleet, model, out};
 use crate::serve::Endpoints;
 use anyhow::{Context, Result, bail};
 use serde_json::{Value, json};
@@ -61,7 +61,7 @@ fn spawn(bin: &Path, args: &[&str], log: &Path) -> Result<Child> {
 }
 
 fn step(t0: Instant, msg: &str) {
-    println!("[{:>6.2}s] {msg}", t0.elapsed().as_secs_f64());
+    out(format!("[{:>6.2}s] {msg}", t0.elapsed().as_secs_f64()));
 }
 
 pub fn run(args: DemoArgs) -> Result<()> {
@@ -93,7 +93,7 @@ pub fn run(args: DemoArgs) -> Result<()> {
     let token = token["token"].as_str().context("token missing")?.to_owned();
     step(t0, &format!("enrollment token: {}…", &token[..24]));
 
-    let status = Command::new(&agent_bin)
+    let enrolled = Command::new(&agent_bin)
         .args([
             "enroll",
             "--coordinator",
@@ -105,9 +105,9 @@ pub fn run(args: DemoArgs) -> Result<()> {
             "--device-id",
             "demo-cam-01",
         ])
-        .status()?;
-    if !status.success() {
-        bail!("agent enrollment failed");
+        .output()?;
+    if !enrolled.status.success() {
+        bail!("agent enrollment failed: {}", String::from_utf8_lossy(&enrolled.stderr).trim());
     }
     step(t0, "agent enrolled as demo-cam-01 (key made on the device, certificate from the fleet CA)");
 
@@ -166,13 +166,13 @@ pub fn run(args: DemoArgs) -> Result<()> {
     let mut resp = http
         .post(format!("{base}/v1/models/iris:predict"))
         .send_json(json!({ "inputs": [{ "name": "X", "shape": [flowers.len(), 4], "data": data }] }))?;
-    let out: Value = resp.body_mut().read_json()?;
+    let answer: Value = resp.body_mut().read_json()?;
     if !resp.status().is_success() {
-        bail!("prediction failed: {out}");
+        bail!("prediction failed: {answer}");
     }
-    let labels = out["outputs"][0]["data"].as_array().context("no labels")?;
-    let probs = out["outputs"][1]["data"].as_array().context("no probabilities")?;
-    println!("\npredictions from the agent's local API (POST {base}/v1/models/iris:predict):");
+    let labels = answer["outputs"][0]["data"].as_array().context("no labels")?;
+    let probs = answer["outputs"][1]["data"].as_array().context("no probabilities")?;
+    out(format!("\npredictions from the agent's local API (POST {base}/v1/models/iris:predict):"));
     let mut t = comfy_table::Table::new();
     t.load_preset(comfy_table::presets::UTF8_FULL_CONDENSED).set_header(vec![
         "sepal l",
@@ -191,13 +191,13 @@ pub fn run(args: DemoArgs) -> Result<()> {
         row.extend((0..3).map(|k| format!("{:.3}", probs[i * 3 + k].as_f64().unwrap_or(f64::NAN))));
         t.add_row(row);
     }
-    println!("{t}\n");
+    out(format!("{t}\n"));
     fleet(&client, FleetCmd::List, false)?;
     step(t0, "demo finished");
     drop(procs);
     if args.keep {
         let kept = tmp.keep();
-        println!("kept {}", kept.display());
+        out(format!("kept {}", kept.display()));
     }
     Ok(())
 }
