@@ -1,13 +1,18 @@
 //! Tern's inference runtime: typed tensors, the [`Backend`] trait every
-//! model runner implements, and the tract ONNX backend. The same loader
-//! checks models at registration on the coordinator, so a model the agent
-//! cannot run is refused before it reaches a device.
+//! model runner implements, and tract backends for NNEF (what devices
+//! should receive) and ONNX (feature `onnx`). The same loader checks models
+//! at registration on the coordinator, so a model the agent cannot run is
+//! refused before it reaches a device.
 
+#[cfg(feature = "onnx")]
+mod onnx;
 mod tensor;
-mod tract_onnx_backend;
+mod tract_backend;
 
+#[cfg(feature = "onnx")]
+pub use onnx::onnx_to_nnef;
 pub use tensor::{Tensor, TensorData};
-pub use tract_onnx_backend::TractOnnx;
+pub use tract_backend::TractModel;
 
 use tern_proto::TensorSpec;
 
@@ -34,6 +39,14 @@ pub trait Backend: Send + Sync {
     fn outputs(&self) -> &[TensorSpec];
     /// Runs the model on inputs already checked with [`check_inputs`].
     fn run(&self, inputs: Vec<Tensor>) -> Result<Vec<Tensor>, RuntimeError>;
+}
+
+/// Tells an NNEF archive (tar, or gzipped tar) from an ONNX protobuf by
+/// its first bytes.
+pub fn sniff_format(bytes: &[u8]) -> tern_proto::ModelFormat {
+    let gzip = bytes.starts_with(&[0x1f, 0x8b]);
+    let tar = bytes.get(257..262) == Some(b"ustar");
+    if gzip || tar { tern_proto::ModelFormat::Nnef } else { tern_proto::ModelFormat::Onnx }
 }
 
 /// Checks count, element type and shape of `inputs` against `specs`, with

@@ -142,6 +142,20 @@ fn agent_gets_desired_state_when_it_connects_later_and_on_upgrade() {
     agent.wait_serving("iris", 2);
     let (status, answer) = agent.post("/v1/models/iris:predict", &request_body());
     assert_eq!((status, answer["version"].as_u64()), (200, Some(2)));
+
+    // The compiled NNEF form of the same model, served next to it.
+    let nnef = tern_runtime::onnx_to_nnef(&std::fs::read(fixture("iris.onnx")).unwrap()).unwrap();
+    let path = coord.dir.path().join("iris.nnef.tar");
+    std::fs::write(&path, nnef).unwrap();
+    let v = coord.json(&["model", "register", "iris-nnef", "--file", path.to_str().unwrap()]);
+    assert_eq!(v["format"], "nnef");
+    coord.ok(&["model", "approve", "iris-nnef:1"]);
+    coord.ok(&["fleet", "assign", "cam-02", "iris-nnef:1"]);
+    agent.wait_serving("iris-nnef", 1);
+    let (status, answer) = agent.post("/v1/models/iris-nnef:predict", &request_body());
+    assert_eq!(status, 200, "{answer}");
+    assert_matches_onnxruntime(&answer);
+    agent.wait_serving("iris", 2);
 }
 
 #[test]

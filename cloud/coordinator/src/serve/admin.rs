@@ -15,9 +15,9 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use tern_proto::{EnrollTokenText, ModelFormat, ModelRef, Sha256Digest};
+use tern_proto::{EnrollTokenText, ModelRef, Sha256Digest};
 use tern_registry::{Approval, Device, EnrollToken, ModelVersion, NewVersion, RegistryError};
-use tern_runtime::{Backend, TractOnnx};
+use tern_runtime::{Backend, TractModel, sniff_format};
 use tracing::info;
 
 /// Largest model upload accepted.
@@ -145,14 +145,15 @@ async fn register(
     })?;
     let size = bytes.len() as u64;
     // The same loader as on the device: a model the agents cannot run is refused here.
-    let model = tokio::task::spawn_blocking(move || TractOnnx::load(&bytes))
+    let format = sniff_format(&bytes);
+    let model = tokio::task::spawn_blocking(move || TractModel::load(format, &bytes))
         .await
         .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
         .map_err(|e| ApiError(StatusCode::UNPROCESSABLE_ENTITY, format!("model refused: tract {e}")))?;
     let new = NewVersion {
         sha256: body.sha256,
         size,
-        format: ModelFormat::Onnx,
+        format,
         inputs: model.inputs().to_vec(),
         outputs: model.outputs().to_vec(),
         card: body.card,

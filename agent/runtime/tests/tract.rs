@@ -3,7 +3,7 @@
 
 use serde_json::Value;
 use tern_proto::DType;
-use tern_runtime::{Backend, RuntimeError, Tensor, TensorData, TractOnnx, check_inputs};
+use tern_runtime::{Backend, RuntimeError, Tensor, TensorData, TractModel, check_inputs};
 
 fn fixture(name: &str) -> std::path::PathBuf {
     std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures").join(name)
@@ -11,7 +11,7 @@ fn fixture(name: &str) -> std::path::PathBuf {
 
 #[test]
 fn iris_matches_onnxruntime() {
-    let model = TractOnnx::load(&std::fs::read(fixture("iris.onnx")).unwrap()).unwrap();
+    let model = TractModel::onnx(&std::fs::read(fixture("iris.onnx")).unwrap()).unwrap();
     assert_eq!(model.inputs().len(), 1);
     assert_eq!(model.inputs()[0].dtype, DType::F32);
     assert_eq!(model.inputs()[0].shape, [None, Some(4)]);
@@ -38,23 +38,48 @@ fn iris_matches_onnxruntime() {
 
 #[test]
 fn unsupported_operator_is_a_load_error() {
-    let err = TractOnnx::load(&std::fs::read(fixture("unsupported-scaler.onnx")).unwrap()).err().unwrap();
+    let err = TractModel::onnx(&std::fs::read(fixture("unsupported-scaler.onnx")).unwrap()).err().unwrap();
     assert!(matches!(&err, RuntimeError::Load(m) if m.contains("Scaler")), "{err}");
 }
 
 #[test]
 fn garbage_is_a_load_error() {
-    let err = TractOnnx::load(b"definitely not protobuf").err().unwrap();
+    let err = TractModel::onnx(b"definitely not protobuf").err().unwrap();
     assert!(matches!(err, RuntimeError::Load(_)), "{err}");
 }
 
 #[test]
 fn wrong_shape_and_dtype_name_the_signature() {
-    let model = TractOnnx::load(&std::fs::read(fixture("iris.onnx")).unwrap()).unwrap();
+    let model = TractModel::onnx(&std::fs::read(fixture("iris.onnx")).unwrap()).unwrap();
     let bad = Tensor::new(vec![1, 3], TensorData::F32(vec![1.0; 3])).unwrap();
     let err = check_inputs(model.inputs(), &[bad]).unwrap_err();
     assert_eq!(err.to_string(), "input \"X\" expects X: f32[?,4], got f32[1, 3] (model signature: X: f32[?,4])");
     let bad = Tensor::new(vec![1, 4], TensorData::I64(vec![1; 4])).unwrap();
     assert!(check_inputs(model.inputs(), &[bad]).is_err());
     assert!(check_inputs(model.inputs(), &[]).unwrap_err().to_string().starts_with("expected 1 input(s)"));
+}
+
+#[test]
+fn nnef_translation_runs_like_the_onnx_source() {
+    let onnx = std::fs::read(fixture("iris.onnx")).unwrap();
+    let nnef = tern_runtime::onnx_to_nnef(&onnx).unwrap();
+    assert_eq!(tern_runtime::sniff_format(&nnef), tern_proto::ModelFormat::Nnef);
+    assert_eq!(tern_runtime::sniff_format(&onnx), tern_proto::ModelFormat::Onnx);
+    let a = TractModel::onnx(&onnx).unwrap();
+    let b = TractModel::nnef(&nnef).unwrap();
+    assert_eq!(a.inputs(), b.inputs());
+    assert_eq!(
+        a.outputs().iter().map(|o| (o.dtype, &o.shape)).collect::<Vec<_>>(),
+        b.outputs().iter().map(|o| (o.dtype, &o.shape)).collect::<Vec<_>>()
+    );
+    let x = Tensor::new(vec![3, 4], TensorData::F32(vec![5.1, 3.5, 1.4, 0.2, 6.4, 3.2, 4.5, 1.5, 6.9, 3.1, 5.4, 2.1]))
+        .unwrap();
+    assert_eq!(a.run(vec![x.clone()]).unwrap(), b.run(vec![x]).unwrap());
+}
+
+#[test]
+fn corrupt_nnef_is_a_load_error() {
+    let nnef = tern_runtime::onnx_to_nnef(&std::fs::read(fixture("iris.onnx")).unwrap()).unwrap();
+    let err = TractModel::nnef(&nnef[..nnef.len() / 2]).err().unwrap();
+    assert!(matches!(err, RuntimeError::Load(_)), "{err}");
 }

@@ -1,50 +1,56 @@
 use crate::{Backend, RuntimeError, Tensor, TensorData};
 use std::sync::Arc;
 use tern_proto::{DType, TensorSpec};
-use tract_onnx::prelude::*;
-use tract_onnx::tract_hir::infer::Factoid;
+use tract_nnef::prelude::*;
 
 type Plan = Arc<TypedRunnableModel>;
 
-/// An ONNX model, optimized and planned by tract.
-pub struct TractOnnx {
+/// A model planned by tract, from ONNX or NNEF.
+pub struct TractModel {
     plan: Plan,
     inputs: Vec<TensorSpec>,
     outputs: Vec<TensorSpec>,
 }
 
-fn load_err(e: impl std::fmt::Display) -> RuntimeError {
+pub(crate) fn load_err(e: impl std::fmt::Display) -> RuntimeError {
     RuntimeError::Load(format!("{e:#}"))
 }
 
-impl TractOnnx {
+/// The NNEF framework with the operators ONNX models translate to.
+pub(crate) fn nnef() -> tract_nnef::internal::Nnef {
+    use tract_onnx_opl::WithOnnx;
+    tract_nnef::nnef().with_onnx()
+}
+
+impl TractModel {
+    /// Loads a tract NNEF archive (tar or tar.gz), as compiled for devices.
+    pub fn nnef(bytes: &[u8]) -> Result<Self, RuntimeError> {
+        let model = nnef().model_for_read(&mut &*bytes).map_err(load_err)?;
+        Self::from_typed(model.into_optimized().map_err(load_err)?)
+    }
+
     /// Parses, types, optimizes and plans an ONNX model. Dimensions the
     /// model leaves open become symbols resolved at each run, so a dynamic
     /// batch axis stays dynamic.
-    pub fn load(bytes: &[u8]) -> Result<Self, RuntimeError> {
-        let mut model = tract_onnx::onnx().model_for_read(&mut &*bytes).map_err(load_err)?;
-        for ix in 0..model.inputs.len() {
-            let fact = model.input_fact(ix).map_err(load_err)?.clone();
-            let dt = fact
-                .datum_type
-                .concretize()
-                .ok_or_else(|| RuntimeError::Load(format!("input {ix} has no element type")))?;
-            let rank = fact
-                .shape
-                .rank()
-                .concretize()
-                .ok_or_else(|| RuntimeError::Load(format!("input {ix} has no fixed rank")))?;
-            let dims: TVec<TDim> = (0..rank as usize)
-                .map(|ax| {
-                    fact.shape.dim(ax).and_then(|d| d.concretize()).unwrap_or_else(|| {
-                        let name = if ax == 0 { "N".to_owned() } else { format!("in{ix}_d{ax}") };
-                        model.sym(&name).into()
-                    })
-                })
-                .collect();
-            model.set_input_fact(ix, InferenceFact::dt_shape(dt, dims)).map_err(load_err)?;
+    #[cfg(feature = "onnx")]
+    pub fn onnx(bytes: &[u8]) -> Result<Self, RuntimeError> {
+        Self::from_typed(crate::onnx::typed(bytes)?.into_optimized().map_err(load_err)?)
+    }
+
+    /// Loads an artifact of either format.
+    pub fn load(format: tern_proto::ModelFormat, bytes: &[u8]) -> Result<Self, RuntimeError> {
+        match format {
+            tern_proto::ModelFormat::Nnef => Self::nnef(bytes),
+            #[cfg(feature = "onnx")]
+            tern_proto::ModelFormat::Onnx => Self::onnx(bytes),
+            #[cfg(not(feature = "onnx"))]
+            tern_proto::ModelFormat::Onnx => {
+                Err(RuntimeError::Load("this build cannot parse ONNX; deploy the compiled NNEF artifact".into()))
+            }
         }
-        let typed = model.into_optimized().map_err(load_err)?;
+    }
+
+    fn from_typed(typed: TypedModel) -> Result<Self, RuntimeError> {
         let inputs = typed
             .input_outlets()
             .map_err(load_err)?
@@ -138,7 +144,7 @@ fn from_tract(v: &TValue) -> Result<Tensor, RuntimeError> {
     Ok(Tensor { shape, data })
 }
 
-impl Backend for TractOnnx {
+impl Backend for TractModel {
     fn inputs(&self) -> &[TensorSpec] {
         &self.inputs
     }
