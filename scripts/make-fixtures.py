@@ -25,7 +25,42 @@ from sklearn.preprocessing import StandardScaler
 OUT = pathlib.Path(__file__).resolve().parent.parent / "fixtures"
 
 
+def small_models() -> None:
+    """Two hand-built graphs for failure tests.
+
+    fragile.onnx: idx int64[1] -> Gather(table f32[4]) -> y f32[1]; an index
+    past the table fails inside the runtime although the signature matches.
+    slow.onnx: x f32[1] -> Expand to f32[2048, 2048] -> ReduceSum -> y; tens
+    of milliseconds per run, to fill a request queue.
+    """
+    from onnx import TensorProto, helper, numpy_helper
+
+    table = numpy_helper.from_array(np.array([1.0, 2.0, 3.0, 4.0], np.float32), "table")
+    g = helper.make_graph(
+        [helper.make_node("Gather", ["table", "idx"], ["y"], axis=0)],
+        "fragile",
+        [helper.make_tensor_value_info("idx", TensorProto.INT64, [1])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])],
+        [table],
+    )
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), OUT / "fragile.onnx")
+
+    shape = numpy_helper.from_array(np.array([2048, 2048], np.int64), "shape")
+    g = helper.make_graph(
+        [
+            helper.make_node("Expand", ["x", "shape"], ["big"]),
+            helper.make_node("ReduceSum", ["big"], ["y"], keepdims=0),
+        ],
+        "slow",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [])],
+        [shape],
+    )
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), OUT / "slow.onnx")
+
+
 def main() -> None:
+    small_models()
     OUT.mkdir(exist_ok=True)
     x, y = load_iris(return_X_y=True)
     x = x.astype(np.float32)

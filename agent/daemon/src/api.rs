@@ -11,33 +11,45 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 use tern_proto::{DType, DeviceId, ModelManifest, ModelState, ModelStatus, TensorSpec};
-use tern_runtime::{Backend, RuntimeError, Tensor, TensorData, check_inputs};
-use tokio::sync::watch;
+use tern_runtime::{Backend, Pool, RuntimeError, SubmitError, Tensor, TensorData, check_inputs};
+use tokio::sync::{Notify, oneshot, watch};
 
 /// A model that is answering requests.
 pub struct Served {
     /// What the registry signed for it.
     pub manifest: ModelManifest,
-    /// The loaded model.
+    /// The loaded model (for its signature).
     pub backend: Arc<dyn Backend>,
-    /// False once it has failed inside the runtime.
+    /// Its worker threads and bounded queue.
+    pub pool: Pool,
+    /// False while its last run failed inside the runtime.
     pub healthy: AtomicBool,
+    /// Why the last failed run failed.
+    pub last_error: Mutex<Option<String>>,
     /// Requests answered.
     pub requests: AtomicU64,
     /// Requests that failed inside the runtime.
     pub errors: AtomicU64,
+    /// Requests refused because the queue was full.
+    pub busy: AtomicU64,
+    /// NaN or infinite input elements seen (they are passed on, and counted).
+    pub nonfinite_inputs: AtomicU64,
 }
 
 impl Served {
-    pub fn new(manifest: ModelManifest, backend: Arc<dyn Backend>) -> Self {
+    pub fn new(manifest: ModelManifest, backend: Arc<dyn Backend>, pool: Pool) -> Self {
         Self {
             manifest,
             backend,
+            pool,
             healthy: AtomicBool::new(true),
+            last_error: Mutex::new(None),
             requests: AtomicU64::new(0),
             errors: AtomicU64::new(0),
+            busy: AtomicU64::new(0),
+            nonfinite_inputs: AtomicU64::new(0),
         }
     }
 }
@@ -47,6 +59,28 @@ pub struct Shared {
     pub device: DeviceId,
     pub models: RwLock<BTreeMap<String, Arc<Served>>>,
     pub status: watch::Receiver<Vec<ModelStatus>>,
+    /// Signalled when a model's health changes, so the status is re-sent.
+    pub health_changed: Notify,
+    /// Worker threads per model.
+    pub threads: usize,
+    /// Queue slots per model.
+    pub queue: usize,
+}
+
+impl Shared {
+    /// The core's status with the health of what is serving folded in.
+    pub fn status_with_health(&self, mut status: Vec<ModelStatus>) -> Vec<ModelStatus> {
+        let models = self.models.read().expect("lock");
+        for st in status.iter_mut().filter(|s| s.state == ModelState::Serving) {
+            if let Some(m) = models.get(&st.name).filter(|m| m.manifest.version == st.version)
+                && !m.healthy.load(Ordering::Relaxed)
+            {
+                st.state = ModelState::Unhealthy;
+                st.detail = m.last_error.lock().expect("lock").clone();
+            }
+        }
+        status
+    }
 }
 
 /// An error answer: `{"error": …}` with a fitting status.
@@ -84,18 +118,25 @@ async fn list(State(shared): State<Arc<Shared>>) -> Json<Value> {
             json!({
                 "name": s.manifest.name,
                 "version": s.manifest.version,
-                "state": ModelState::Serving,
+                "format": s.manifest.format,
+                "state": if s.healthy.load(Ordering::Relaxed) { ModelState::Serving } else { ModelState::Unhealthy },
                 "healthy": s.healthy.load(Ordering::Relaxed),
+                "last_error": s.last_error.lock().expect("lock").clone(),
+                "threads": s.pool.threads(),
+                "queue": s.pool.queue(),
                 "sha256": s.manifest.sha256,
                 "inputs": spec_json(s.backend.inputs()),
                 "outputs": spec_json(s.backend.outputs()),
                 "requests": s.requests.load(Ordering::Relaxed),
                 "errors": s.errors.load(Ordering::Relaxed),
+                "busy": s.busy.load(Ordering::Relaxed),
+                "nonfinite_inputs": s.nonfinite_inputs.load(Ordering::Relaxed),
             })
         })
         .collect();
     // Versions on their way in (or failed) are listed too, so an app can see why.
-    for st in shared.status.borrow().iter().filter(|s| s.state != ModelState::Serving) {
+    for st in shared.status.borrow().iter().filter(|s| !matches!(s.state, ModelState::Serving | ModelState::Unhealthy))
+    {
         out.push(json!({ "name": st.name, "version": st.version, "state": st.state, "detail": st.detail }));
     }
     Json(json!({ "device": shared.device, "models": out }))
@@ -241,21 +282,57 @@ async fn predict(
     let Json(req) = body.map_err(|e| bad(format!("bad JSON body: {}", e.body_text())))?;
     let inputs = to_tensors(req, served.backend.inputs())?;
     check_inputs(served.backend.inputs(), &inputs).map_err(|e| bad(e.to_string()))?;
-    let model = served.clone();
-    let result = tokio::task::spawn_blocking(move || model.backend.run(inputs))
-        .await
-        .map_err(|e| RuntimeError::Run(format!("inference task failed: {e}")));
-    served.requests.fetch_add(1, Ordering::Relaxed);
-    let outputs = match result.and_then(|r| r) {
-        Ok(o) => o,
-        Err(e) => {
-            served.errors.fetch_add(1, Ordering::Relaxed);
-            served.healthy.store(false, Ordering::Relaxed);
-            tracing::error!(model = %name, "inference failed: {e}");
-            return Err(ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()));
-        }
-    };
+    let outputs = run(&shared, &served, inputs).await?;
     let specs = served.backend.outputs();
     let outputs: Vec<Value> = outputs.iter().enumerate().map(|(i, t)| tensor_json(specs.get(i), t)).collect();
     Ok(Json(json!({ "model": name, "version": served.manifest.version, "outputs": outputs })))
+}
+
+fn nonfinite(inputs: &[Tensor]) -> u64 {
+    inputs
+        .iter()
+        .map(|t| match &t.data {
+            TensorData::F32(v) => v.iter().filter(|x| !x.is_finite()).count(),
+            TensorData::F64(v) => v.iter().filter(|x| !x.is_finite()).count(),
+            _ => 0,
+        } as u64)
+        .sum()
+}
+
+/// Runs checked inputs on the model's pool; keeps its counters and health.
+async fn run(shared: &Shared, served: &Arc<Served>, inputs: Vec<Tensor>) -> Result<Vec<Tensor>, ApiError> {
+    let name = &served.manifest.name;
+    let bad_values = nonfinite(&inputs);
+    if bad_values > 0 {
+        served.nonfinite_inputs.fetch_add(bad_values, Ordering::Relaxed);
+    }
+    let (tx, rx) = oneshot::channel();
+    match served.pool.try_submit(inputs, Box::new(move |r| drop(tx.send(r)))) {
+        Ok(()) => {}
+        Err(e @ SubmitError::Busy { .. }) => {
+            served.busy.fetch_add(1, Ordering::Relaxed);
+            return Err(ApiError(StatusCode::TOO_MANY_REQUESTS, format!("model {name:?} is {e}; retry later")));
+        }
+        Err(e @ SubmitError::Stopped) => return Err(ApiError(StatusCode::SERVICE_UNAVAILABLE, e.to_string())),
+    }
+    let result = rx.await.unwrap_or_else(|_| Err(RuntimeError::Run("worker stopped before answering".into())));
+    served.requests.fetch_add(1, Ordering::Relaxed);
+    match result {
+        Ok(outputs) => {
+            if !served.healthy.swap(true, Ordering::Relaxed) {
+                tracing::info!(model = %name, "healthy again");
+                shared.health_changed.notify_one();
+            }
+            Ok(outputs)
+        }
+        Err(e) => {
+            served.errors.fetch_add(1, Ordering::Relaxed);
+            *served.last_error.lock().expect("lock") = Some(e.to_string());
+            if served.healthy.swap(false, Ordering::Relaxed) {
+                shared.health_changed.notify_one();
+            }
+            tracing::error!(model = %name, "inference failed: {e}");
+            Err(ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))
+        }
+    }
 }

@@ -58,6 +58,12 @@ enum Cmd {
         /// Unix socket of the local API; default: <data-dir>/agent.sock.
         #[arg(long)]
         socket: Option<PathBuf>,
+        /// Worker threads per model (concurrent requests it runs); default: the core count.
+        #[arg(long)]
+        threads: Option<usize>,
+        /// Requests a model queues beyond its busy workers before answering 429.
+        #[arg(long, default_value_t = 32)]
+        queue: usize,
     },
 }
 
@@ -91,7 +97,10 @@ fn main() -> ExitCode {
                 );
                 Ok(())
             }
-            Cmd::Run { listen, socket } => run(&cli.data_dir, listen, socket).await,
+            Cmd::Run { listen, socket, threads, queue } => {
+                let threads = threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+                run(&cli.data_dir, listen, socket, threads, queue).await
+            }
         }
     });
     match result {
@@ -103,7 +112,7 @@ fn main() -> ExitCode {
     }
 }
 
-async fn run(data_dir: &Path, listen: SocketAddr, socket: Option<PathBuf>) -> Result<()> {
+async fn run(data_dir: &Path, listen: SocketAddr, socket: Option<PathBuf>, threads: usize, queue: usize) -> Result<()> {
     let identity = Arc::new(identity::Identity::load(data_dir)?);
     let store = Arc::new(store::Store::open(data_dir)?);
     let mut slots = Slots::restore(store.active()?);
@@ -116,6 +125,9 @@ async fn run(data_dir: &Path, listen: SocketAddr, socket: Option<PathBuf>) -> Re
         device: identity.info.device_id.clone(),
         models: Default::default(),
         status: status_rx.clone(),
+        health_changed: Default::default(),
+        threads,
+        queue,
     });
     let socket = socket.unwrap_or_else(|| data_dir.join("agent.sock"));
     let tcp =
@@ -137,7 +149,7 @@ async fn run(data_dir: &Path, listen: SocketAddr, socket: Option<PathBuf>) -> Re
             execute(action, &slots, &store, &shared, &conn_rx, &done_tx);
         }
         status_tx.send_if_modified(|s| {
-            let now = slots.status();
+            let now = shared.status_with_health(slots.status());
             let changed = *s != now;
             *s = now;
             changed
@@ -151,6 +163,7 @@ async fn run(data_dir: &Path, listen: SocketAddr, socket: Option<PathBuf>) -> Re
                 }
             }
             _ = sleep_until(timeout) => slots.handle_timeout(Instant::now()),
+            _ = shared.health_changed.notified() => {}
             _ = tokio::signal::ctrl_c() => break,
             _ = term.recv() => break,
         }
@@ -227,14 +240,16 @@ fn execute(
             let (store, shared, done) = (store.clone(), shared.clone(), done.clone());
             tokio::task::spawn_blocking(move || {
                 let (name, version) = (m.name.clone(), m.version);
-                let ev = match load(&store, &m) {
-                    Ok(backend) => {
-                        shared
-                            .models
-                            .write()
-                            .expect("lock")
-                            .insert(m.name.clone(), Arc::new(api::Served::new(m, backend)));
-                        info!(model = %name, version, "serving");
+                let ev = match load(&store, &m).and_then(|backend| {
+                    let pool = tern_runtime::Pool::new(&m.name, backend.clone(), shared.threads, shared.queue)
+                        .map_err(|e| format!("cannot start worker threads: {e}"))?;
+                    Ok((backend, pool))
+                }) {
+                    Ok((backend, pool)) => {
+                        let served = Arc::new(api::Served::new(m, backend, pool));
+                        // In-flight requests finish on the old version; its workers stop after.
+                        shared.models.write().expect("lock").insert(name.clone(), served);
+                        info!(model = %name, version, threads = shared.threads, queue = shared.queue, "serving");
                         Event::Loaded { name, version }
                     }
                     Err(reason) => {

@@ -83,3 +83,15 @@ fn corrupt_nnef_is_a_load_error() {
     let err = TractModel::nnef(&nnef[..nnef.len() / 2]).err().unwrap();
     assert!(matches!(err, RuntimeError::Load(_)), "{err}");
 }
+
+#[test]
+fn fragile_model_fails_at_run_time_not_load_time() {
+    let model = TractModel::onnx(&std::fs::read(fixture("fragile.onnx")).unwrap()).unwrap();
+    let ok = model.run(vec![Tensor::new(vec![1], TensorData::I64(vec![2])).unwrap()]).unwrap();
+    assert_eq!(ok[0].data, TensorData::F32(vec![3.0]));
+    let bad = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        model.run(vec![Tensor::new(vec![1], TensorData::I64(vec![7])).unwrap()])
+    }));
+    // tract reports the bad index as an error or a panic; the pool turns either into an error.
+    assert!(!matches!(bad, Ok(Ok(_))), "an out-of-range gather succeeded: {bad:?}");
+}

@@ -115,6 +115,8 @@ pub enum ModelState {
     Loading,
     /// Answering predictions.
     Serving,
+    /// Loaded, but its last run failed inside the runtime; see `detail`.
+    Unhealthy,
     /// The last attempt failed; see `detail`.
     Failed,
 }
@@ -126,6 +128,7 @@ impl fmt::Display for ModelState {
             ModelState::Verifying => "verifying",
             ModelState::Loading => "loading",
             ModelState::Serving => "serving",
+            ModelState::Unhealthy => "unhealthy",
             ModelState::Failed => "failed",
         })
     }

@@ -144,6 +144,14 @@ impl Coord {
         self.ok(&["fleet", "token", "--group", "lab", "--profile", "rpi4"]).trim().to_owned()
     }
 
+    /// Registers and approves a fixture; returns the version.
+    pub fn register_fixture(&self, name: &str, file: &str) -> u64 {
+        let v = self.json(&["model", "register", name, "--file", fixture(file).to_str().unwrap()]);
+        let version = v["version"].as_u64().unwrap();
+        self.ok(&["model", "approve", &format!("{name}:{version}")]);
+        version
+    }
+
     /// Registers and approves fixtures/iris.onnx; returns the version.
     pub fn register_iris(&self, name: &str) -> u64 {
         let v = self.json(&[
@@ -192,10 +200,17 @@ impl Agent {
     }
 
     pub fn start(&mut self) {
+        self.start_with(&[]);
+    }
+
+    pub fn start_with(&mut self, extra: &[&str]) {
         let _ = std::fs::remove_file(self.data().join("api.json"));
+        let data = self.data();
+        let mut args = vec!["run", "--data-dir", data.to_str().unwrap(), "--listen", "127.0.0.1:0"];
+        args.extend_from_slice(extra);
         self.proc = Some(spawn(
             &agent_bin(),
-            &["run", "--data-dir", self.data().to_str().unwrap(), "--listen", "127.0.0.1:0"],
+            &args,
             &self.dir.path().join(format!("agent-{}.log", Instant::now().elapsed().as_nanos())),
         ));
         let api: Value = wait_for("agent start", Duration::from_secs(20), || {

@@ -1,0 +1,87 @@
+//! The agent under strain: a model that fails inside the runtime, and more
+//! concurrent requests than a model's workers and queue can hold.
+
+mod common;
+
+use common::*;
+use std::time::Duration;
+
+#[test]
+fn runtime_failure_marks_the_model_unhealthy_and_the_agent_stays_up() {
+    let coord = Coord::start();
+    let mut agent = Agent::new();
+    assert!(agent.enroll(&coord.quic, &coord.token(), Some("cam-01")).status.success());
+    coord.register_fixture("fragile", "fragile.onnx");
+    coord.register_iris("iris");
+    coord.ok(&["fleet", "assign", "cam-01", "fragile:1"]);
+    coord.ok(&["fleet", "assign", "cam-01", "iris:1"]);
+    agent.start();
+    agent.wait_serving("fragile", 1);
+    agent.wait_serving("iris", 1);
+
+    let (status, ok) = agent.post("/v1/models/fragile:predict", r#"{"inputs":[{"shape":[1],"data":[2]}]}"#);
+    assert_eq!((status, ok["outputs"][0]["data"][0].as_f64()), (200, Some(3.0)));
+
+    // Index 7 of a 4-element table: the signature matches, the run fails.
+    let (status, err) = agent.post("/v1/models/fragile:predict", r#"{"inputs":[{"shape":[1],"data":[7]}]}"#);
+    assert_eq!(status, 500, "{err}");
+    assert!(err["error"].as_str().unwrap().starts_with("model failed while running"), "{err}");
+    let m = agent.models()["models"].as_array().unwrap().iter().find(|m| m["name"] == "fragile").cloned().unwrap();
+    assert_eq!(
+        (m["state"].as_str(), m["healthy"].as_bool(), m["errors"].as_u64()),
+        (Some("unhealthy"), Some(false), Some(1))
+    );
+    wait_for("the coordinator to hear of it", Duration::from_secs(10), || {
+        let d = coord.device("cam-01");
+        d["reported"].as_array()?.iter().any(|r| r["name"] == "fragile" && r["state"] == "unhealthy").then_some(())
+    });
+    assert!(coord.ok(&["fleet", "list"]).contains("fragile:1 unhealthy"));
+
+    // The agent and its other model are fine; a good request heals the model.
+    let (status, _) = agent.post("/v1/models/iris:predict", r#"{"inputs":[{"shape":[1,4],"data":[5.1,3.5,1.4,0.2]}]}"#);
+    assert_eq!(status, 200);
+    let (status, _) = agent.post("/v1/models/fragile:predict", r#"{"inputs":[{"shape":[1],"data":[0]}]}"#);
+    assert_eq!(status, 200);
+    wait_for("the coordinator to see it healthy", Duration::from_secs(10), || {
+        let d = coord.device("cam-01");
+        d["reported"].as_array()?.iter().any(|r| r["name"] == "fragile" && r["state"] == "serving").then_some(())
+    });
+}
+
+#[test]
+fn a_full_queue_answers_429_and_memory_stays_bounded() {
+    let coord = Coord::start();
+    let mut agent = Agent::new();
+    assert!(agent.enroll(&coord.quic, &coord.token(), Some("cam-01")).status.success());
+    coord.register_fixture("slow", "slow.onnx");
+    coord.ok(&["fleet", "assign", "cam-01", "slow:1"]);
+    agent.start_with(&["--threads", "1", "--queue", "1"]);
+    agent.wait_serving("slow", 1);
+    let m = &agent.models()["models"][0];
+    assert_eq!((m["threads"].as_u64(), m["queue"].as_u64()), (Some(1), Some(1)));
+
+    let agent = std::sync::Arc::new(agent);
+    let handles: Vec<_> = (0..12)
+        .map(|_| {
+            let agent = agent.clone();
+            std::thread::spawn(move || {
+                agent.post("/v1/models/slow:predict", r#"{"inputs":[{"shape":[1],"data":[0.5]}]}"#)
+            })
+        })
+        .collect();
+    let answers: Vec<(u16, serde_json::Value)> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+    let ok = answers.iter().filter(|(s, _)| *s == 200).count();
+    let busy: Vec<_> = answers.iter().filter(|(s, _)| *s == 429).collect();
+    assert!(ok >= 1, "{answers:?}");
+    assert!(!busy.is_empty(), "twelve concurrent requests on 1 worker + 1 slot never got 429: {answers:?}");
+    assert_eq!(ok + busy.len(), 12, "{answers:?}");
+    assert_eq!(busy[0].1["error"], "model \"slow\" is busy: 1 requests already queued; retry later");
+    for (s, a) in &answers {
+        if *s == 200 {
+            assert_eq!(a["outputs"][0]["data"][0].as_f64(), Some(0.5 * 2048.0 * 2048.0));
+        }
+    }
+    let m = &agent.models()["models"][0];
+    assert_eq!(m["busy"].as_u64(), Some(busy.len() as u64));
+    assert_eq!(m["requests"].as_u64(), Some(ok as u64));
+}
