@@ -1,9 +1,9 @@
 //! The local inference API for apps on the device, on 127.0.0.1 and on a
 //! Unix socket: `GET /v1/models`, `POST /v1/models/NAME:predict`.
 
-use axum::extract::rejection::JsonRejection;
-use axum::extract::{Path, State};
-use axum::http::StatusCode;
+use axum::body::Bytes;
+use axum::extract::{DefaultBodyLimit, Path, State};
+use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
@@ -12,9 +12,15 @@ use serde_json::{Value, json};
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
-use tern_proto::{DType, DeviceId, ModelManifest, ModelState, ModelStatus, TensorSpec};
+use tern_proto::{
+    DType, DeviceId, ModelManifest, ModelState, ModelStatus, TENSORS_MEDIA_TYPE, TensorSpec, decode_tensors,
+    encode_tensors,
+};
 use tern_runtime::{Backend, Pool, RuntimeError, SubmitError, Tensor, TensorData, check_inputs};
 use tokio::sync::{Notify, oneshot, watch};
+
+/// Largest request body (a batch of images fits; a runaway client does not).
+const MAX_BODY: usize = 64 << 20;
 
 /// A model that is answering requests.
 pub struct Served {
@@ -99,7 +105,7 @@ fn bad(msg: impl Into<String>) -> ApiError {
 pub fn router(shared: Arc<Shared>) -> Router {
     Router::new()
         .route("/v1/models", get(list))
-        .route("/v1/models/{target}", post(predict))
+        .route("/v1/models/{target}", post(predict).layer(DefaultBodyLimit::max(MAX_BODY)))
         .fallback(|| async {
             ApiError(StatusCode::NOT_FOUND, "no such route; try GET /v1/models or POST /v1/models/NAME:predict".into())
         })
@@ -261,8 +267,9 @@ fn tensor_json(spec: Option<&TensorSpec>, t: &Tensor) -> Value {
 async fn predict(
     State(shared): State<Arc<Shared>>,
     Path(target): Path<String>,
-    body: Result<Json<PredictRequest>, JsonRejection>,
-) -> Result<Json<Value>, ApiError> {
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, ApiError> {
     let Some(name) = target.strip_suffix(":predict") else {
         return Err(ApiError(
             StatusCode::NOT_FOUND,
@@ -271,21 +278,28 @@ async fn predict(
     };
     let served = shared.models.read().expect("lock").get(name).cloned().ok_or_else(|| {
         let loaded: Vec<String> = shared.models.read().expect("lock").keys().cloned().collect();
-        ApiError(
-            StatusCode::NOT_FOUND,
-            format!(
-                "no model named {name:?} is loaded (loaded: {})",
-                if loaded.is_empty() { "none".into() } else { loaded.join(", ") }
-            ),
-        )
+        let loaded = if loaded.is_empty() { "none".into() } else { loaded.join(", ") };
+        ApiError(StatusCode::NOT_FOUND, format!("no model named {name:?} is loaded (loaded: {loaded})"))
     })?;
-    let Json(req) = body.map_err(|e| bad(format!("bad JSON body: {}", e.body_text())))?;
-    let inputs = to_tensors(req, served.backend.inputs())?;
+    let binary = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with(TENSORS_MEDIA_TYPE));
+    let inputs = if binary {
+        decode_tensors(&body).map_err(|e| bad(format!("bad tensor body: {e}")))?
+    } else {
+        let req: PredictRequest = serde_json::from_slice(&body).map_err(|e| bad(format!("bad JSON body: {e}")))?;
+        to_tensors(req, served.backend.inputs())?
+    };
     check_inputs(served.backend.inputs(), &inputs).map_err(|e| bad(e.to_string()))?;
     let outputs = run(&shared, &served, inputs).await?;
+    if binary {
+        let bytes = encode_tensors(&outputs).map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e))?;
+        return Ok(([(header::CONTENT_TYPE, TENSORS_MEDIA_TYPE)], bytes).into_response());
+    }
     let specs = served.backend.outputs();
     let outputs: Vec<Value> = outputs.iter().enumerate().map(|(i, t)| tensor_json(specs.get(i), t)).collect();
-    Ok(Json(json!({ "model": name, "version": served.manifest.version, "outputs": outputs })))
+    Ok(Json(json!({ "model": name, "version": served.manifest.version, "outputs": outputs })).into_response())
 }
 
 fn nonfinite(inputs: &[Tensor]) -> u64 {

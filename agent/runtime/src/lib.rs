@@ -7,13 +7,12 @@
 #[cfg(feature = "onnx")]
 mod onnx;
 mod pool;
-mod tensor;
 mod tract_backend;
 
 #[cfg(feature = "onnx")]
 pub use onnx::onnx_to_nnef;
 pub use pool::{Pool, Reply, SubmitError};
-pub use tensor::{Tensor, TensorData};
+pub use tern_proto::{Tensor, TensorData};
 pub use tract_backend::TractModel;
 
 use tern_proto::TensorSpec;

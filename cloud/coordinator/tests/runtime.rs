@@ -85,3 +85,48 @@ fn a_full_queue_answers_429_and_memory_stays_bounded() {
     assert_eq!(m["busy"].as_u64(), Some(busy.len() as u64));
     assert_eq!(m["requests"].as_u64(), Some(ok as u64));
 }
+
+#[test]
+fn binary_tensors_and_non_finite_inputs() {
+    use tern_proto::{Tensor, TensorData, decode_tensors};
+    let coord = Coord::start();
+    let mut agent = Agent::new();
+    assert!(agent.enroll(&coord.quic, &coord.token(), Some("cam-01")).status.success());
+    coord.register_iris("iris");
+    coord.ok(&["fleet", "assign", "cam-01", "iris:1"]);
+    agent.start();
+    agent.wait_serving("iris", 1);
+
+    let x = Tensor::new(vec![2, 4], TensorData::F32(vec![5.1, 3.5, 1.4, 0.2, 6.9, 3.1, 5.4, 2.1])).unwrap();
+    let (status, ct, body) = agent.post_tensors("/v1/models/iris:predict", &[x]);
+    assert_eq!((status, ct.as_str()), (200, tern_proto::TENSORS_MEDIA_TYPE));
+    let out = decode_tensors(&body).unwrap();
+    assert_eq!(out[0].data, TensorData::I64(vec![0, 2]));
+    assert_eq!(out[1].shape, [2, 3]);
+
+    // NaN and infinity pass through to the model and are counted.
+    let x = Tensor::new(vec![1, 4], TensorData::F32(vec![f32::NAN, f32::INFINITY, 1.0, 1.0])).unwrap();
+    let (status, _, _) = agent.post_tensors("/v1/models/iris:predict", &[x]);
+    assert_eq!(status, 200);
+    assert_eq!(agent.models()["models"][0]["nonfinite_inputs"].as_u64(), Some(2));
+
+    // Wrong element type in a binary body: 400 naming the signature.
+    let x = Tensor::new(vec![1, 4], TensorData::F64(vec![1.0; 4])).unwrap();
+    let (status, _, body) = agent.post_tensors("/v1/models/iris:predict", &[x]);
+    let err: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(status, 400);
+    assert_eq!(err["error"], "input \"X\" expects X: f32[?,4], got f64[1, 4] (model signature: X: f32[?,4])");
+
+    // A body that is not the format at all.
+    let mut resp = ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .build()
+        .new_agent()
+        .post(format!("{}/v1/models/iris:predict", agent.http))
+        .header("content-type", tern_proto::TENSORS_MEDIA_TYPE)
+        .send(&b"TT\x01\x01\x01\x02\x05"[..])
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 400);
+    let err: serde_json::Value = resp.body_mut().read_json().unwrap();
+    assert!(err["error"].as_str().unwrap().starts_with("bad tensor body: truncated"), "{err}");
+}

@@ -6,6 +6,7 @@ mod frame;
 mod ids;
 mod manifest;
 mod msg;
+mod tensor;
 mod token;
 
 pub use frame::{
@@ -17,6 +18,7 @@ pub use msg::{
     ArtifactHeader, DesiredState, EnrollRequest, EnrollResponse, ErrorCode, FetchArtifact, Hello, Message, ModelState,
     ModelStatus, StatusReport, Welcome, WireError,
 };
+pub use tensor::{TENSORS_MEDIA_TYPE, Tensor, TensorData, decode_tensors, encode_tensors};
 pub use token::{EnrollTokenText, TokenError};
 
 /// The version of the wire protocol, carried in every frame header.

@@ -161,3 +161,60 @@ proptest! {
         let _ = decode_frame(&bytes, MAX_FRAME_LEN);
     }
 }
+
+fn tensor() -> impl Strategy<Value = Tensor> {
+    prop::collection::vec(0usize..5, 0..4).prop_flat_map(|shape| {
+        let n: usize = shape.iter().product();
+        let data = prop_oneof![
+            prop::collection::vec(any::<f32>(), n).prop_map(TensorData::F32),
+            prop::collection::vec(any::<f64>(), n).prop_map(TensorData::F64),
+            prop::collection::vec(any::<i64>(), n).prop_map(TensorData::I64),
+            prop::collection::vec(any::<i8>(), n).prop_map(TensorData::I8),
+            prop::collection::vec(any::<u8>(), n).prop_map(TensorData::U8),
+            prop::collection::vec(any::<u16>(), n).prop_map(TensorData::U16),
+            prop::collection::vec(any::<bool>(), n).prop_map(TensorData::Bool),
+        ];
+        (Just(shape), data).prop_map(|(shape, data)| Tensor::new(shape, data).unwrap())
+    })
+}
+
+/// Bitwise equality, so NaN payloads count as equal.
+fn same_bits(a: &[Tensor], b: &[Tensor]) -> bool {
+    encode_tensors(a).unwrap() == encode_tensors(b).unwrap() && a.len() == b.len()
+}
+
+proptest! {
+    #[test]
+    fn tensors_roundtrip(ts in prop::collection::vec(tensor(), 0..5)) {
+        let bytes = encode_tensors(&ts).unwrap();
+        let back = decode_tensors(&bytes).unwrap();
+        prop_assert!(same_bits(&back, &ts));
+        prop_assert_eq!(back.iter().map(|t| &t.shape).collect::<Vec<_>>(), ts.iter().map(|t| &t.shape).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn tensor_bodies_never_panic(bytes in prop::collection::vec(any::<u8>(), 0..512)) {
+        let _ = decode_tensors(&bytes);
+        let mut with_header = b"TT\x01".to_vec();
+        with_header.extend_from_slice(&bytes);
+        let _ = decode_tensors(&with_header);
+    }
+
+    #[test]
+    fn truncated_tensor_bodies_are_errors(ts in prop::collection::vec(tensor(), 1..4), cut in any::<prop::sample::Index>()) {
+        let bytes = encode_tensors(&ts).unwrap();
+        let cut = cut.index(bytes.len());
+        prop_assert!(decode_tensors(&bytes[..cut]).is_err());
+    }
+}
+
+#[test]
+fn a_huge_claimed_tensor_is_refused_without_allocating() {
+    // One f64 tensor claiming 2^32-1 x 2^32-1 elements in a 14-byte body.
+    let mut b = b"TT\x01\x01\x02\x02".to_vec();
+    b.extend_from_slice(&u32::MAX.to_le_bytes());
+    b.extend_from_slice(&u32::MAX.to_le_bytes());
+    let err = decode_tensors(&b).unwrap_err();
+    assert!(err.contains("truncated") || err.contains("too large"), "{err}");
+    assert_eq!(decode_tensors(b"XX\x01\x00").unwrap_err(), "not a tensor body (expected magic \"TT\", got [58, 58])");
+}

@@ -259,6 +259,18 @@ impl Agent {
         (resp.status().as_u16(), resp.body_mut().read_json().unwrap())
     }
 
+    /// POSTs a binary tensor body; returns status, content type and body.
+    pub fn post_tensors(&self, path: &str, tensors: &[tern_proto::Tensor]) -> (u16, String, Vec<u8>) {
+        let body = tern_proto::encode_tensors(tensors).unwrap();
+        let mut resp = Self::client()
+            .post(format!("{}{path}", self.http))
+            .header("content-type", tern_proto::TENSORS_MEDIA_TYPE)
+            .send(&body[..])
+            .unwrap();
+        let ct = resp.headers().get("content-type").map(|v| v.to_str().unwrap().to_owned()).unwrap_or_default();
+        (resp.status().as_u16(), ct, resp.body_mut().read_to_vec().unwrap())
+    }
+
     /// The same over the Unix socket, speaking HTTP/1.1 by hand.
     pub fn post_unix(&self, path: &str, body: &str) -> (u16, Value) {
         let mut s = UnixStream::connect(&self.socket).unwrap();
