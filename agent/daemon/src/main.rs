@@ -136,6 +136,10 @@ async fn run(data_dir: &Path, listen: SocketAddr, socket: Option<PathBuf>, threa
     let uds = tokio::net::UnixListener::bind(&socket)
         .with_context(|| format!("binding the local API on {}", socket.display()))?;
     let http_addr = tcp.local_addr()?;
+    // Small request/response pairs: Nagle's algorithm would only add latency.
+    let tcp = axum::serve::ListenerExt::tap_io(tcp, |s| {
+        let _ = s.set_nodelay(true);
+    });
     tokio::spawn(serve_api(axum::serve(tcp, api::router(shared.clone()))));
     tokio::spawn(serve_api(axum::serve(uds, api::router(shared.clone()))));
     let api_json = serde_json::json!({ "http": http_addr, "socket": socket, "pid": std::process::id() });

@@ -7,9 +7,19 @@ use tract_onnx::prelude::*;
 use tract_onnx::tract_hir::infer::Factoid;
 
 /// Parses an ONNX model into a decluttered typed model. Dimensions left open
-/// (unnamed, or given as -1) become symbols: `N` for the first axis.
-pub(crate) fn typed(bytes: &[u8]) -> Result<TypedModel, RuntimeError> {
+/// (unnamed, or given as -1) become symbols (`N` for the first axis), unless
+/// `pinned` gives the input shapes, which then replace the model's own.
+pub(crate) fn typed(bytes: &[u8], pinned: Option<&[Vec<usize>]>) -> Result<TypedModel, RuntimeError> {
     let mut model = tract_onnx::onnx().model_for_read(&mut &*bytes).map_err(load_err)?;
+    if let Some(shapes) = pinned
+        && shapes.len() != model.inputs.len()
+    {
+        return Err(RuntimeError::Load(format!(
+            "model has {} inputs, {} shapes given",
+            model.inputs.len(),
+            shapes.len()
+        )));
+    }
     for ix in 0..model.inputs.len() {
         let fact = model.input_fact(ix).map_err(load_err)?.clone();
         let dt = fact
@@ -21,6 +31,10 @@ pub(crate) fn typed(bytes: &[u8]) -> Result<TypedModel, RuntimeError> {
             .rank()
             .concretize()
             .ok_or_else(|| RuntimeError::Load(format!("input {ix} has no fixed rank")))?;
+        if let Some(shape) = pinned.map(|p| &p[ix]) {
+            model.set_input_fact(ix, InferenceFact::dt_shape(dt, shape.clone())).map_err(load_err)?;
+            continue;
+        }
         let dims: TVec<TDim> = (0..rank as usize)
             .map(|ax| {
                 let known =
@@ -37,8 +51,9 @@ pub(crate) fn typed(bytes: &[u8]) -> Result<TypedModel, RuntimeError> {
 }
 
 /// Translates an ONNX model to a tract NNEF archive (tar), checking on the
-/// way that tract can load it.
-pub fn onnx_to_nnef(bytes: &[u8]) -> Result<Vec<u8>, RuntimeError> {
-    let model = typed(bytes)?;
+/// way that tract can load it. `pinned` fixes the input shapes, which lets
+/// tract optimize for them (a device serving one camera resolution).
+pub fn onnx_to_nnef(bytes: &[u8], pinned: Option<&[Vec<usize>]>) -> Result<Vec<u8>, RuntimeError> {
+    let model = typed(bytes, pinned)?;
     crate::tract_backend::nnef().write_to_tar(&model, Vec::new()).map_err(load_err)
 }

@@ -34,7 +34,7 @@ impl TractModel {
     /// batch axis stays dynamic.
     #[cfg(feature = "onnx")]
     pub fn onnx(bytes: &[u8]) -> Result<Self, RuntimeError> {
-        Self::from_typed(crate::onnx::typed(bytes)?.into_optimized().map_err(load_err)?)
+        Self::from_typed(crate::onnx::typed(bytes, None)?.into_optimized().map_err(load_err)?)
     }
 
     /// Loads an artifact of either format.

@@ -62,7 +62,7 @@ fn wrong_shape_and_dtype_name_the_signature() {
 #[test]
 fn nnef_translation_runs_like_the_onnx_source() {
     let onnx = std::fs::read(fixture("iris.onnx")).unwrap();
-    let nnef = tern_runtime::onnx_to_nnef(&onnx).unwrap();
+    let nnef = tern_runtime::onnx_to_nnef(&onnx, None).unwrap();
     assert_eq!(tern_runtime::sniff_format(&nnef), tern_proto::ModelFormat::Nnef);
     assert_eq!(tern_runtime::sniff_format(&onnx), tern_proto::ModelFormat::Onnx);
     let a = TractModel::onnx(&onnx).unwrap();
@@ -79,7 +79,7 @@ fn nnef_translation_runs_like_the_onnx_source() {
 
 #[test]
 fn corrupt_nnef_is_a_load_error() {
-    let nnef = tern_runtime::onnx_to_nnef(&std::fs::read(fixture("iris.onnx")).unwrap()).unwrap();
+    let nnef = tern_runtime::onnx_to_nnef(&std::fs::read(fixture("iris.onnx")).unwrap(), None).unwrap();
     let err = TractModel::nnef(&nnef[..nnef.len() / 2]).err().unwrap();
     assert!(matches!(err, RuntimeError::Load(_)), "{err}");
 }
@@ -94,4 +94,13 @@ fn fragile_model_fails_at_run_time_not_load_time() {
     }));
     // tract reports the bad index as an error or a panic; the pool turns either into an error.
     assert!(!matches!(bad, Ok(Ok(_))), "an out-of-range gather succeeded: {bad:?}");
+}
+
+#[test]
+fn pinned_shapes_replace_open_dimensions() {
+    let onnx = std::fs::read(fixture("iris.onnx")).unwrap();
+    let nnef = tern_runtime::onnx_to_nnef(&onnx, Some(&[vec![2, 4]])).unwrap();
+    let m = TractModel::nnef(&nnef).unwrap();
+    assert_eq!(m.inputs()[0].shape, [Some(2), Some(4)]);
+    assert!(tern_runtime::onnx_to_nnef(&onnx, Some(&[])).is_err());
 }

@@ -144,7 +144,7 @@ fn agent_gets_desired_state_when_it_connects_later_and_on_upgrade() {
     assert_eq!((status, answer["version"].as_u64()), (200, Some(2)));
 
     // The compiled NNEF form of the same model, served next to it.
-    let nnef = tern_runtime::onnx_to_nnef(&std::fs::read(fixture("iris.onnx")).unwrap()).unwrap();
+    let nnef = tern_runtime::onnx_to_nnef(&std::fs::read(fixture("iris.onnx")).unwrap(), None).unwrap();
     let path = coord.dir.path().join("iris.nnef.tar");
     std::fs::write(&path, nnef).unwrap();
     let v = coord.json(&["model", "register", "iris-nnef", "--file", path.to_str().unwrap()]);

@@ -1,0 +1,308 @@
+//! `tern-bench`: one model, one machine, one run. Measures the latency of
+//! raw tract in-process, of a real `tern-agent` answering over its Unix
+//! socket and over HTTP on loopback (binary tensor bodies, the model
+//! deployed through a real coordinator as pinned-shape NNEF), and of
+//! onnxruntime from PyPI in single-thread mode; checks that they agree; and
+//! prints a markdown table.
+
+use anyhow::{Context, Result, bail, ensure};
+use clap::Parser;
+use serde_json::Value;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+use tern_proto::{TENSORS_MEDIA_TYPE, Tensor, TensorData, decode_tensors, encode_tensors};
+use tract_onnx::prelude::*;
+
+#[derive(Parser)]
+#[command(about = "Benchmark raw tract, the Tern agent (Unix socket, HTTP) and onnxruntime on one model")]
+struct Args {
+    /// The ONNX model.
+    #[arg(long)]
+    model: PathBuf,
+    /// Input shape, e.g. 1,3,48,192 (one f32 input).
+    #[arg(long, value_delimiter = ',', required = true)]
+    input_shape: Vec<usize>,
+    /// Name for the table.
+    #[arg(long)]
+    name: String,
+    /// Timed runs per path.
+    #[arg(long, default_value_t = 300)]
+    iters: usize,
+    /// Untimed runs first.
+    #[arg(long, default_value_t = 30)]
+    warmup: usize,
+    /// Where `tern` and `tern-agent` are; default: next to this binary.
+    #[arg(long)]
+    bin_dir: Option<PathBuf>,
+    /// Python with onnxruntime and numpy.
+    #[arg(long, default_value = "python3")]
+    python: PathBuf,
+    /// Append the table to this file as well.
+    #[arg(long)]
+    out: Option<PathBuf>,
+}
+
+struct Stats {
+    p50: f64,
+    p99: f64,
+    mean: f64,
+}
+
+fn stats(mut ms: Vec<f64>) -> Stats {
+    ms.sort_by(f64::total_cmp);
+    let q = |p: f64| ms[((ms.len() as f64 - 1.0) * p).round() as usize];
+    Stats { p50: q(0.5), p99: q(0.99), mean: ms.iter().sum::<f64>() / ms.len() as f64 }
+}
+
+fn time_runs(iters: usize, warmup: usize, mut f: impl FnMut() -> Result<()>) -> Result<Vec<f64>> {
+    for _ in 0..warmup {
+        f()?;
+    }
+    let mut out = Vec::with_capacity(iters);
+    for _ in 0..iters {
+        let t = Instant::now();
+        f()?;
+        out.push(t.elapsed().as_secs_f64() * 1e3);
+    }
+    Ok(out)
+}
+
+/// Deterministic input in [0, 1).
+fn input_data(n: usize) -> Vec<f32> {
+    let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
+    (0..n)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x >> 40) as f32 / (1u64 << 24) as f32
+        })
+        .collect()
+}
+
+fn first_output_f32(t: &Tensor) -> Vec<f32> {
+    match &t.data {
+        TensorData::F32(v) => v.clone(),
+        TensorData::F64(v) => v.iter().map(|x| *x as f32).collect(),
+        TensorData::I64(v) => v.iter().map(|x| *x as f32).collect(),
+        other => vec![f32::NAN; other.len()],
+    }
+}
+
+/// A keep-alive HTTP/1.1 client, the same for the Unix socket and TCP, so
+/// that the two agent paths differ only in the transport.
+struct Http1<S: Read + Write> {
+    write: S,
+    read: BufReader<S>,
+}
+
+impl<S: Read + Write> Http1<S> {
+    fn post(&mut self, path: &str, body: &[u8]) -> Result<Vec<u8>> {
+        let mut req = format!(
+            "POST {path} HTTP/1.1\r\nHost: agent\r\nContent-Type: {TENSORS_MEDIA_TYPE}\r\nContent-Length: {}\r\n\r\n",
+            body.len()
+        )
+        .into_bytes();
+        req.extend_from_slice(body);
+        self.write.write_all(&req)?;
+        let mut line = String::new();
+        self.read.read_line(&mut line)?;
+        let status: u16 = line.split(' ').nth(1).context("no status line")?.parse()?;
+        let mut len = None;
+        loop {
+            line.clear();
+            self.read.read_line(&mut line)?;
+            if line == "\r\n" || line.is_empty() {
+                break;
+            }
+            if let Some((k, v)) = line.split_once(':')
+                && k.eq_ignore_ascii_case("content-length")
+            {
+                len = Some(v.trim().parse::<usize>()?);
+            }
+        }
+        let mut out = vec![0; len.context("response without content-length")?];
+        self.read.read_exact(&mut out)?;
+        ensure!(status == 200, "agent answered {status}: {}", String::from_utf8_lossy(&out));
+        Ok(out)
+    }
+}
+
+struct Procs(Vec<Child>);
+
+impl Drop for Procs {
+    fn drop(&mut self) {
+        for c in &mut self.0 {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+fn wait_for<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> Result<T> {
+    let start = Instant::now();
+    loop {
+        if let Some(v) = f() {
+            return Ok(v);
+        }
+        if start.elapsed() > Duration::from_secs(60) {
+            bail!("timed out waiting for {what}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn cli(bin: &Path, data: &Path, args: &[&str]) -> Result<String> {
+    let out = Command::new(bin.join("tern")).arg("--data-dir").arg(data).args(args).output()?;
+    ensure!(out.status.success(), "tern {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    Ok(String::from_utf8(out.stdout)?)
+}
+
+/// Starts a coordinator and an agent, deploys `nnef` to it, and returns
+/// the processes with the agent's HTTP address and socket path.
+fn deploy(bin: &Path, root: &Path, nnef: &Path) -> Result<(Procs, String, PathBuf)> {
+    let (coord, agent) = (root.join("coordinator"), root.join("agent"));
+    let mut procs = Procs(Vec::new());
+    let log = |n: &str| std::fs::File::create(root.join(n));
+    procs.0.push(
+        Command::new(bin.join("tern"))
+            .args(["serve", "--quic-listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0", "--data-dir"])
+            .arg(&coord)
+            .stderr(log("coordinator.log")?)
+            .stdout(Stdio::null())
+            .spawn()?,
+    );
+    let ep: Value =
+        wait_for("coordinator", || serde_json::from_slice(&std::fs::read(coord.join("serve.json")).ok()?).ok())?;
+    let token = cli(bin, &coord, &["fleet", "token", "--group", "bench", "--profile", "bench"])?;
+    let out = Command::new(bin.join("tern-agent"))
+        .args([
+            "enroll",
+            "--device-id",
+            "bench",
+            "--coordinator",
+            ep["quic"].as_str().unwrap_or_default(),
+            "--token",
+            token.trim(),
+            "--data-dir",
+        ])
+        .arg(&agent)
+        .output()?;
+    ensure!(out.status.success(), "enroll: {}", String::from_utf8_lossy(&out.stderr));
+    cli(bin, &coord, &["model", "register", "bench", "--file", nnef.to_str().context("path")?])?;
+    cli(bin, &coord, &["model", "approve", "bench:1"])?;
+    cli(bin, &coord, &["fleet", "assign", "bench", "bench:1"])?;
+    procs.0.push(
+        Command::new(bin.join("tern-agent"))
+            .args(["run", "--listen", "127.0.0.1:0", "--threads", "1", "--data-dir"])
+            .arg(&agent)
+            .env("RUST_LOG", "warn")
+            .stderr(log("agent.log")?)
+            .stdout(Stdio::null())
+            .spawn()?,
+    );
+    let api: Value = wait_for("agent", || serde_json::from_slice(&std::fs::read(agent.join("api.json")).ok()?).ok())?;
+    let http = api["http"].as_str().context("http")?.to_owned();
+    let http_agent = ureq::Agent::config_builder().http_status_as_error(false).build().new_agent();
+    wait_for("the model to be served", || {
+        let v: Value = http_agent.get(format!("http://{http}/v1/models")).call().ok()?.body_mut().read_json().ok()?;
+        v["models"].as_array()?.iter().any(|m| m["state"] == "serving").then_some(())
+    })?;
+    Ok((procs, http, PathBuf::from(api["socket"].as_str().context("socket")?)))
+}
+
+fn main() -> Result<()> {
+    let args = Args::parse();
+    let bin = match &args.bin_dir {
+        Some(b) => b.clone(),
+        None => std::env::current_exe()?.parent().context("exe dir")?.to_path_buf(),
+    };
+    let shape = args.input_shape.clone();
+    let data = input_data(shape.iter().product());
+    let input = Tensor::new(shape.clone(), TensorData::F32(data.clone())).map_err(anyhow::Error::msg)?;
+    let onnx = std::fs::read(&args.model).with_context(|| format!("reading {}", args.model.display()))?;
+    let tmp = tempfile::tempdir()?;
+
+    // 1. Raw tract, in-process, straight from the ONNX file with the same pinned shape.
+    let plan = tract_onnx::onnx()
+        .model_for_path(&args.model)?
+        .with_input_fact(0, f32::fact(&shape).into())?
+        .into_optimized()?
+        .into_runnable()?;
+    let tract_input: tract_onnx::prelude::Tensor =
+        tract_ndarray::ArrayD::from_shape_vec(shape.clone(), data.clone())?.into();
+    let reference: Vec<f32> = plan.run(tvec!(tract_input.clone().into_tvalue()))?[0]
+        .cast_to::<f32>()?
+        .try_as_plain_ram()?
+        .as_slice::<f32>()?
+        .to_vec();
+    let raw = time_runs(args.iters, args.warmup, || {
+        plan.run(tvec!(tract_input.clone().into_tvalue()))?;
+        Ok(())
+    })?;
+
+    // 2. The agent, serving the model compiled to NNEF with that shape.
+    let nnef = tern_runtime::onnx_to_nnef(&onnx, Some(std::slice::from_ref(&shape)))?;
+    let nnef_path = tmp.path().join("model.nnef.tar");
+    std::fs::write(&nnef_path, &nnef)?;
+    let (procs, http, socket) = deploy(&bin, tmp.path(), &nnef_path)?;
+    let body = encode_tensors(std::slice::from_ref(&input)).map_err(anyhow::Error::msg)?;
+    let path = "/v1/models/bench:predict";
+    let stream = UnixStream::connect(&socket)?;
+    let mut uds = Http1 { read: BufReader::new(stream.try_clone()?), write: stream };
+    let agent_out = decode_tensors(&uds.post(path, &body)?).map_err(anyhow::Error::msg)?;
+    let agent_diff =
+        first_output_f32(&agent_out[0]).iter().zip(&reference).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+    let over_uds = time_runs(args.iters, args.warmup, || uds.post(path, &body).map(drop))?;
+    let stream = TcpStream::connect(&http)?;
+    stream.set_nodelay(true)?;
+    let mut tcp = Http1 { read: BufReader::new(stream.try_clone()?), write: stream };
+    let over_http = time_runs(args.iters, args.warmup, || tcp.post(path, &body).map(drop))?;
+    drop(procs);
+
+    // 3. onnxruntime from PyPI, single thread, same input.
+    let input_file = tmp.path().join("input.f32");
+    let ref_file = tmp.path().join("reference.f32");
+    std::fs::write(&input_file, data.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>())?;
+    std::fs::write(&ref_file, reference.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>())?;
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("ort_bench.py");
+    let shape_arg = shape.iter().map(|d| d.to_string()).collect::<Vec<_>>().join(",");
+    let out = Command::new(&args.python)
+        .arg(&script)
+        .args([args.model.to_str().context("path")?, &shape_arg, &args.iters.to_string(), &args.warmup.to_string()])
+        .args([&input_file, &ref_file])
+        .output()
+        .with_context(|| format!("running {}", args.python.display()))?;
+    ensure!(out.status.success(), "onnxruntime benchmark failed: {}", String::from_utf8_lossy(&out.stderr));
+    let ort: Value = serde_json::from_slice(&out.stdout)?;
+    let ort_ms: Vec<f64> = serde_json::from_value(ort["latencies_ms"].clone())?;
+
+    let labels = [
+        "raw tract, in-process".to_string(),
+        "tern-agent, Unix socket".to_string(),
+        "tern-agent, HTTP (loopback)".to_string(),
+        format!("onnxruntime {} (1 thread)", ort["version"].as_str().unwrap_or("?")),
+    ];
+    let all = [stats(raw), stats(over_uds), stats(over_http), stats(ort_ms)];
+    let mut table = format!(
+        "\n### {} — input {:?}, {} runs after {} warm-up\n\n| path | p50 ms | p99 ms | throughput /s | p50 vs raw tract |\n|---|---|---|---|---|\n",
+        args.name, shape, args.iters, args.warmup
+    );
+    for (label, s) in labels.iter().zip(&all) {
+        table +=
+            &format!("| {label} | {:.3} | {:.3} | {:.0} | {:.2}× |\n", s.p50, s.p99, 1e3 / s.mean, s.p50 / all[0].p50);
+    }
+    table += &format!(
+        "\nOutputs agree: agent vs raw tract max |Δ| = {agent_diff:.2e}; onnxruntime vs raw tract max |Δ| = {:.2e}.\n",
+        ort["max_abs_diff"].as_f64().unwrap_or(f64::NAN)
+    );
+    print!("{table}");
+    if let Some(out) = &args.out {
+        std::fs::OpenOptions::new().create(true).append(true).open(out)?.write_all(table.as_bytes())?;
+    }
+    Ok(())
+}
