@@ -7,6 +7,7 @@ mod api;
 mod files;
 mod identity;
 mod link;
+mod profiles;
 mod store;
 
 use anyhow::{Context, Result};
@@ -58,12 +59,14 @@ enum Cmd {
         /// Unix socket of the local API; default: <data-dir>/agent.sock.
         #[arg(long)]
         socket: Option<PathBuf>,
-        /// Worker threads per model (concurrent requests it runs); default: the core count.
+        /// Worker threads per model (concurrent requests it runs); default: from the
+        /// device profile, else one per core.
         #[arg(long)]
         threads: Option<usize>,
-        /// Requests a model queues beyond its busy workers before answering 429.
-        #[arg(long, default_value_t = 32)]
-        queue: usize,
+        /// Requests a model queues beyond its busy workers before answering 429;
+        /// default: from the device profile, else 32.
+        #[arg(long)]
+        queue: Option<usize>,
     },
 }
 
@@ -97,10 +100,7 @@ fn main() -> ExitCode {
                 );
                 Ok(())
             }
-            Cmd::Run { listen, socket, threads, queue } => {
-                let threads = threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
-                run(&cli.data_dir, listen, socket, threads, queue).await
-            }
+            Cmd::Run { listen, socket, threads, queue } => run(&cli.data_dir, listen, socket, threads, queue).await,
         }
     });
     match result {
@@ -112,8 +112,26 @@ fn main() -> ExitCode {
     }
 }
 
-async fn run(data_dir: &Path, listen: SocketAddr, socket: Option<PathBuf>, threads: usize, queue: usize) -> Result<()> {
+async fn run(
+    data_dir: &Path,
+    listen: SocketAddr,
+    socket: Option<PathBuf>,
+    threads: Option<usize>,
+    queue: Option<usize>,
+) -> Result<()> {
     let identity = Arc::new(identity::Identity::load(data_dir)?);
+    let profile = profiles::lookup(&identity.info.profile);
+    match &profile {
+        Some(p) => {
+            info!(profile = %identity.info.profile, description = %p.description, arch = %p.arch, cores = ?p.cores,
+                memory_mb = ?p.memory_mb, accelerators = ?p.accelerators, format = p.version, "device profile");
+            if p.arch != "any" && p.arch != std::env::consts::ARCH {
+                warn!(profile = %identity.info.profile, "profile is for {}, this agent runs on {}", p.arch, std::env::consts::ARCH);
+            }
+        }
+        None => warn!(profile = %identity.info.profile, "unknown device profile; sizing from this machine"),
+    }
+    let (threads, queue) = profiles::budget(profile.as_ref(), threads, queue);
     let store = Arc::new(store::Store::open(data_dir)?);
     let mut slots = Slots::restore(store.active()?);
     let (status_tx, status_rx) = watch::channel(slots.status());
