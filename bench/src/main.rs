@@ -249,6 +249,13 @@ fn main() -> Result<()> {
     let nnef = tern_runtime::onnx_to_nnef(&onnx, Some(std::slice::from_ref(&shape)))?;
     let nnef_path = tmp.path().join("model.nnef.tar");
     std::fs::write(&nnef_path, &nnef)?;
+    // The same compiled artifact, in-process: separates the plan from the serving path.
+    let compiled = tern_runtime::TractModel::nnef(&nnef)?;
+    let in_process = time_runs(args.iters, args.warmup, || {
+        tern_runtime::Backend::run(&compiled, vec![input.clone()])?;
+        Ok(())
+    })?;
+    drop(compiled);
     let (procs, http, socket) = deploy(&bin, tmp.path(), &nnef_path)?;
     let body = encode_tensors(std::slice::from_ref(&input)).map_err(anyhow::Error::msg)?;
     let path = "/v1/models/bench:predict";
@@ -283,11 +290,12 @@ fn main() -> Result<()> {
 
     let labels = [
         "raw tract, in-process".to_string(),
+        "tern-runtime on the compiled NNEF, in-process".to_string(),
         "tern-agent, Unix socket".to_string(),
         "tern-agent, HTTP (loopback)".to_string(),
         format!("onnxruntime {} (1 thread)", ort["version"].as_str().unwrap_or("?")),
     ];
-    let all = [stats(raw), stats(over_uds), stats(over_http), stats(ort_ms)];
+    let all = [stats(raw), stats(in_process), stats(over_uds), stats(over_http), stats(ort_ms)];
     let mut table = format!(
         "\n### {} — input {:?}, {} runs after {} warm-up\n\n| path | p50 ms | p99 ms | throughput /s | p50 vs raw tract |\n|---|---|---|---|---|\n",
         args.name, shape, args.iters, args.warmup
