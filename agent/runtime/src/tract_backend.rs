@@ -1,5 +1,5 @@
 use crate::{Backend, RuntimeError, Tensor, TensorData};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use tern_proto::{DType, TensorSpec};
 use tract_nnef::prelude::*;
 
@@ -10,6 +10,10 @@ pub struct TractModel {
     plan: Plan,
     inputs: Vec<TensorSpec>,
     outputs: Vec<TensorSpec>,
+    /// Run states kept between runs, so that a run reuses the buffers of
+    /// the one before instead of allocating (and faulting in) new ones.
+    /// At most one per concurrent run.
+    states: Mutex<Vec<TypedSimpleState>>,
 }
 
 pub(crate) fn load_err(e: impl std::fmt::Display) -> RuntimeError {
@@ -67,7 +71,7 @@ impl TractModel {
             })
             .collect::<Result<Vec<_>, _>>()?;
         let plan = typed.into_runnable().map_err(load_err)?;
-        Ok(Self { plan, inputs, outputs })
+        Ok(Self { plan, inputs, outputs, states: Mutex::new(Vec::new()) })
     }
 }
 
@@ -155,7 +159,15 @@ impl Backend for TractModel {
 
     fn run(&self, inputs: Vec<Tensor>) -> Result<Vec<Tensor>, RuntimeError> {
         let inputs = inputs.into_iter().map(to_tract).collect::<Result<TVec<_>, _>>()?;
-        let outputs = self.plan.run(inputs).map_err(|e| RuntimeError::Run(format!("{e:#}")))?;
+        let run_err = |e: TractError| RuntimeError::Run(format!("{e:#}"));
+        let state = self.states.lock().expect("lock").pop();
+        let mut state = match state {
+            Some(s) => s,
+            None => self.plan.spawn().map_err(run_err)?,
+        };
+        // A failed run drops its state rather than reuse one left half-done.
+        let outputs = state.run(inputs).map_err(run_err)?;
+        self.states.lock().expect("lock").push(state);
         outputs.iter().map(from_tract).collect()
     }
 }

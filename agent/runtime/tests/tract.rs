@@ -104,3 +104,21 @@ fn pinned_shapes_replace_open_dimensions() {
     assert_eq!(m.inputs()[0].shape, [Some(2), Some(4)]);
     assert!(tern_runtime::onnx_to_nnef(&onnx, Some(&[])).is_err());
 }
+
+#[test]
+fn reused_run_states_give_the_same_answers_as_fresh_ones() {
+    let bytes = std::fs::read(fixture("iris.onnx")).unwrap();
+    let reused = TractModel::onnx(&bytes).unwrap();
+    let batches = [
+        Tensor::new(vec![1, 4], TensorData::F32(vec![5.1, 3.5, 1.4, 0.2])).unwrap(),
+        Tensor::new(vec![3, 4], TensorData::F32(vec![6.4, 3.2, 4.5, 1.5, 6.9, 3.1, 5.4, 2.1, 5.0, 3.0, 1.6, 0.2]))
+            .unwrap(),
+        Tensor::new(vec![2, 4], TensorData::F32(vec![6.9, 3.1, 5.4, 2.1, 5.1, 3.5, 1.4, 0.2])).unwrap(),
+    ];
+    for round in 0..3 {
+        for b in &batches {
+            let fresh = TractModel::onnx(&bytes).unwrap().run(vec![b.clone()]).unwrap();
+            assert_eq!(reused.run(vec![b.clone()]).unwrap(), fresh, "round {round}, shape {:?}", b.shape);
+        }
+    }
+}
