@@ -1,11 +1,11 @@
 //! The device's identity: made at enrollment, read at every start.
 
-use crate::files::write_atomic;
 use anyhow::{Context, Result, bail};
 use serde::{Deserialize, Serialize};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
+use tern_durable::write_atomic;
 use tern_net::{DeviceKey, NetError, read_msg, write_msg};
 use tern_proto::{DeviceId, EnrollRequest, EnrollTokenText, Message};
 use tern_trust::VerifyingKey;

@@ -4,7 +4,6 @@
 //! local HTTP API and Unix socket.
 
 mod api;
-mod files;
 mod identity;
 mod link;
 mod profiles;
@@ -161,7 +160,7 @@ async fn run(
     tokio::spawn(serve_api(axum::serve(tcp, api::router(shared.clone()))));
     tokio::spawn(serve_api(axum::serve(uds, api::router(shared.clone()))));
     let api_json = serde_json::json!({ "http": http_addr, "socket": socket, "pid": std::process::id() });
-    files::write_atomic(&data_dir.join("api.json"), &serde_json::to_vec_pretty(&api_json)?, false)?;
+    tern_durable::write_atomic(&data_dir.join("api.json"), &serde_json::to_vec_pretty(&api_json)?, false)?;
     info!(device = %identity.info.device_id, http = %http_addr, socket = %socket.display(), "agent ready");
 
     tokio::spawn(link::run(identity.clone(), conn_tx, status_rx, link_tx));

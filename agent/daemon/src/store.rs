@@ -2,11 +2,11 @@
 //! a content-addressed folder (`partial/` while downloading, `models/` once
 //! verified). Only verified artifacts ever appear under `models/`.
 
-use crate::files::sync_dir;
 use anyhow::{Context, Result};
 use sha2::{Digest, Sha256};
 use std::io::Read;
 use std::path::{Path, PathBuf};
+use tern_durable::{sync_dir, sync_sled};
 use tern_proto::{ModelManifest, Sha256Digest};
 
 const ACTIVE: &[u8] = b"slots/active";
@@ -47,15 +47,7 @@ impl Store {
     /// Persists the serving manifests, durably (sled's flush does not fsync).
     pub fn set_active(&self, active: &[ModelManifest]) -> Result<()> {
         self.db.insert(ACTIVE, serde_json::to_vec(active)?)?;
-        self.db.flush()?;
-        let dir = self.root.join("state");
-        for entry in std::fs::read_dir(&dir)? {
-            let entry = entry?;
-            if entry.file_type()?.is_file() {
-                std::fs::File::open(entry.path())?.sync_all()?;
-            }
-        }
-        sync_dir(&dir)?;
+        sync_sled(&self.db, &self.root.join("state"))?;
         Ok(())
     }
 

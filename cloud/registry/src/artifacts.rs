@@ -1,8 +1,9 @@
 use crate::{RegistryError, Result};
 use sha2::{Digest, Sha256};
-use std::fs::{self, File};
+use std::fs;
 use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
+use tern_durable::sync_dir;
 use tern_proto::Sha256Digest;
 
 /// A folder of artifacts named by the SHA-256 of their bytes. A file appears
@@ -61,11 +62,6 @@ impl Artifacts {
         sync_dir(dest.parent().expect("artifact path has a parent"))?;
         Ok(actual)
     }
-}
-
-/// fsyncs a directory so that a rename into it survives a power cut.
-pub(crate) fn sync_dir(dir: &Path) -> std::io::Result<()> {
-    File::open(dir)?.sync_all()
 }
 
 #[cfg(test)]

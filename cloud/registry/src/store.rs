@@ -1,4 +1,3 @@
-use crate::artifacts::sync_dir;
 use crate::types::{Approval, Device, EnrollToken, ModelVersion, NewVersion};
 use crate::{RegistryError, Result};
 use serde::Serialize;
@@ -76,15 +75,7 @@ impl Registry {
 
     /// Makes everything written so far durable.
     pub fn sync(&self) -> Result<()> {
-        self.db.flush()?;
-        for entry in std::fs::read_dir(&self.path)? {
-            let entry = entry?;
-            if entry.file_type()?.is_file() {
-                std::fs::File::open(entry.path())?.sync_all()?;
-            }
-        }
-        sync_dir(&self.path)?;
-        Ok(())
+        Ok(tern_durable::sync_sled(&self.db, &self.path)?)
     }
 
     // ---- models ----

@@ -1,10 +1,10 @@
 //! The coordinator's identity on disk: the fleet CA, the registry signing
 //! key and the admin token, made on first start and reused after.
 
-use crate::fsutil::write_atomic;
 use anyhow::{Context, Result};
 use ring::rand::{SecureRandom, SystemRandom};
 use std::path::Path;
+use tern_durable::write_atomic;
 use tern_net::FleetCa;
 use tern_trust::SigningKey;
 

@@ -8,12 +8,13 @@ mod quic;
 
 pub use keys::random;
 
-use crate::fsutil::{unix_now, write_atomic};
+use crate::fsutil::unix_now;
 use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
+use tern_durable::write_atomic;
 use tern_net::FleetCa;
 use tern_proto::{DesiredState, DeviceId};
 use tern_registry::{Artifacts, Registry, RegistryError};
