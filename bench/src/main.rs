@@ -32,9 +32,13 @@ struct Args {
     /// Timed runs per path.
     #[arg(long, default_value_t = 300)]
     iters: usize,
-    /// Untimed runs first.
+    /// Untimed runs first, per path and round.
     #[arg(long, default_value_t = 30)]
     warmup: usize,
+    /// Rounds: each path runs iters/rounds times per round, the paths taking
+    /// turns, so that drift of the machine falls on every path alike.
+    #[arg(long, default_value_t = 5)]
+    rounds: usize,
     /// Where `tern` and `tern-agent` are; default: next to this binary.
     #[arg(long)]
     bin_dir: Option<PathBuf>,
@@ -240,22 +244,13 @@ fn main() -> Result<()> {
         .try_as_plain_ram()?
         .as_slice::<f32>()?
         .to_vec();
-    let raw = time_runs(args.iters, args.warmup, || {
-        plan.run(tvec!(tract_input.clone().into_tvalue()))?;
-        Ok(())
-    })?;
 
-    // 2. The agent, serving the model compiled to NNEF with that shape.
+    // 2. The same model compiled to NNEF with that shape: in-process, and
+    //    served by a real agent after deployment through a real coordinator.
     let nnef = tern_runtime::onnx_to_nnef(&onnx, Some(std::slice::from_ref(&shape)))?;
     let nnef_path = tmp.path().join("model.nnef.tar");
     std::fs::write(&nnef_path, &nnef)?;
-    // The same compiled artifact, in-process: separates the plan from the serving path.
     let compiled = tern_runtime::TractModel::nnef(&nnef)?;
-    let in_process = time_runs(args.iters, args.warmup, || {
-        tern_runtime::Backend::run(&compiled, vec![input.clone()])?;
-        Ok(())
-    })?;
-    drop(compiled);
     let (procs, http, socket) = deploy(&bin, tmp.path(), &nnef_path)?;
     let body = encode_tensors(std::slice::from_ref(&input)).map_err(anyhow::Error::msg)?;
     let path = "/v1/models/bench:predict";
@@ -264,29 +259,47 @@ fn main() -> Result<()> {
     let agent_out = decode_tensors(&uds.post(path, &body)?).map_err(anyhow::Error::msg)?;
     let agent_diff =
         first_output_f32(&agent_out[0]).iter().zip(&reference).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
-    let over_uds = time_runs(args.iters, args.warmup, || uds.post(path, &body).map(drop))?;
     let stream = TcpStream::connect(&http)?;
     stream.set_nodelay(true)?;
     let mut tcp = Http1 { read: BufReader::new(stream.try_clone()?), write: stream };
-    let over_http = time_runs(args.iters, args.warmup, || tcp.post(path, &body).map(drop))?;
-    drop(procs);
 
-    // 3. onnxruntime from PyPI, single thread, same input.
+    // 3. onnxruntime from PyPI, single thread, same input, in its own process.
     let input_file = tmp.path().join("input.f32");
     let ref_file = tmp.path().join("reference.f32");
     std::fs::write(&input_file, data.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>())?;
     std::fs::write(&ref_file, reference.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>())?;
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("ort_bench.py");
     let shape_arg = shape.iter().map(|d| d.to_string()).collect::<Vec<_>>().join(",");
-    let out = Command::new(&args.python)
-        .arg(&script)
-        .args([args.model.to_str().context("path")?, &shape_arg, &args.iters.to_string(), &args.warmup.to_string()])
-        .args([&input_file, &ref_file])
-        .output()
-        .with_context(|| format!("running {}", args.python.display()))?;
-    ensure!(out.status.success(), "onnxruntime benchmark failed: {}", String::from_utf8_lossy(&out.stderr));
-    let ort: Value = serde_json::from_slice(&out.stdout)?;
-    let ort_ms: Vec<f64> = serde_json::from_value(ort["latencies_ms"].clone())?;
+    let rounds = args.rounds.max(1);
+    let per_round = args.iters.div_ceil(rounds);
+    let ort_round = |ort: &mut Value| -> Result<Vec<f64>> {
+        let out = Command::new(&args.python)
+            .arg(&script)
+            .args([args.model.to_str().context("path")?, &shape_arg, &per_round.to_string(), &args.warmup.to_string()])
+            .args([&input_file, &ref_file])
+            .output()
+            .with_context(|| format!("running {}", args.python.display()))?;
+        ensure!(out.status.success(), "onnxruntime benchmark failed: {}", String::from_utf8_lossy(&out.stderr));
+        *ort = serde_json::from_slice(&out.stdout)?;
+        Ok(serde_json::from_value(ort["latencies_ms"].clone())?)
+    };
+
+    let (mut raw, mut in_process, mut over_uds, mut over_http, mut ort_ms) = (vec![], vec![], vec![], vec![], vec![]);
+    let mut ort = Value::Null;
+    for _ in 0..rounds {
+        raw.extend(time_runs(per_round, args.warmup, || {
+            plan.run(tvec!(tract_input.clone().into_tvalue()))?;
+            Ok(())
+        })?);
+        in_process.extend(time_runs(per_round, args.warmup, || {
+            tern_runtime::Backend::run(&compiled, vec![input.clone()])?;
+            Ok(())
+        })?);
+        over_uds.extend(time_runs(per_round, args.warmup, || uds.post(path, &body).map(drop))?);
+        over_http.extend(time_runs(per_round, args.warmup, || tcp.post(path, &body).map(drop))?);
+        ort_ms.extend(ort_round(&mut ort)?);
+    }
+    drop(procs);
 
     let labels = [
         "raw tract, in-process".to_string(),
@@ -297,8 +310,11 @@ fn main() -> Result<()> {
     ];
     let all = [stats(raw), stats(in_process), stats(over_uds), stats(over_http), stats(ort_ms)];
     let mut table = format!(
-        "\n### {} — input {:?}, {} runs after {} warm-up\n\n| path | p50 ms | p99 ms | throughput /s | p50 vs raw tract |\n|---|---|---|---|---|\n",
-        args.name, shape, args.iters, args.warmup
+        "\n### {} — input {:?}, {} runs per path in {rounds} interleaved rounds ({} warm-up runs each)\n\n| path | p50 ms | p99 ms | throughput /s | p50 vs raw tract |\n|---|---|---|---|---|\n",
+        args.name,
+        shape,
+        per_round * rounds,
+        args.warmup
     );
     for (label, s) in labels.iter().zip(&all) {
         table +=
