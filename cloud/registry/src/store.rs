@@ -357,7 +357,18 @@ mod tests {
             assert_eq!(r.register("iris-big", new_version(b"c")).unwrap().version, 1);
             assert_eq!(r.set_status("iris", 2, Approval::Approved, 5).unwrap().status, Approval::Approved);
         }
-        let r = Registry::open(dir.path()).unwrap();
+        // sled releases its file lock from a background thread shortly after
+        // the last handle drops; wait for it rather than fail.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        let r = loop {
+            match Registry::open(dir.path()) {
+                Ok(r) => break r,
+                Err(_) if std::time::Instant::now() < deadline => {
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                }
+                Err(e) => panic!("reopening the registry: {e}"),
+            }
+        };
         let vs = r.versions("iris").unwrap();
         assert_eq!(vs.iter().map(|v| v.version).collect::<Vec<_>>(), [1, 2]);
         assert_eq!(vs[1].status, Approval::Approved);

@@ -65,6 +65,22 @@ mod tests {
         assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 1);
     }
 
+    /// sled releases its file lock from a background thread shortly after
+    /// the last handle drops, so an immediate reopen in the same process
+    /// may find it still held.
+    fn reopen(path: &Path) -> sled::Db {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        loop {
+            match sled::open(path) {
+                Ok(db) => return db,
+                Err(_) if std::time::Instant::now() < deadline => {
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                }
+                Err(e) => panic!("reopening {}: {e}", path.display()),
+            }
+        }
+    }
+
     #[test]
     fn sled_sync_keeps_what_was_written() {
         let dir = tempfile::tempdir().unwrap();
@@ -73,7 +89,7 @@ mod tests {
             db.insert(b"k", b"v").unwrap();
             sync_sled(&db, dir.path()).unwrap();
         }
-        let db = sled::open(dir.path()).unwrap();
+        let db = reopen(dir.path());
         assert_eq!(db.get(b"k").unwrap().unwrap().as_ref(), b"v");
     }
 }
