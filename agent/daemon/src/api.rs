@@ -112,10 +112,6 @@ pub fn router(shared: Arc<Shared>) -> Router {
         .with_state(shared)
 }
 
-fn spec_json(specs: &[TensorSpec]) -> Value {
-    Value::Array(specs.iter().map(|s| json!({ "name": s.name, "dtype": s.dtype, "shape": s.shape })).collect())
-}
-
 async fn list(State(shared): State<Arc<Shared>>) -> Json<Value> {
     let models = shared.models.read().expect("lock").clone();
     let mut out: Vec<Value> = models
@@ -131,8 +127,8 @@ async fn list(State(shared): State<Arc<Shared>>) -> Json<Value> {
                 "threads": s.pool.threads(),
                 "queue": s.pool.queue(),
                 "sha256": s.manifest.sha256,
-                "inputs": spec_json(s.backend.inputs()),
-                "outputs": spec_json(s.backend.outputs()),
+                "inputs": s.backend.inputs(),
+                "outputs": s.backend.outputs(),
                 "requests": s.requests.load(Ordering::Relaxed),
                 "errors": s.errors.load(Ordering::Relaxed),
                 "busy": s.busy.load(Ordering::Relaxed),
@@ -276,11 +272,16 @@ async fn predict(
             format!("unknown action in {target:?}; use POST /v1/models/NAME:predict"),
         ));
     };
-    let served = shared.models.read().expect("lock").get(name).cloned().ok_or_else(|| {
-        let loaded: Vec<String> = shared.models.read().expect("lock").keys().cloned().collect();
-        let loaded = if loaded.is_empty() { "none".into() } else { loaded.join(", ") };
-        ApiError(StatusCode::NOT_FOUND, format!("no model named {name:?} is loaded (loaded: {loaded})"))
-    })?;
+    // One guard: taking the read lock again while it is held can deadlock
+    // behind a waiting writer (a model being swapped in).
+    let served = {
+        let models = shared.models.read().expect("lock");
+        models.get(name).cloned().ok_or_else(|| {
+            let loaded: Vec<&str> = models.keys().map(String::as_str).collect();
+            let loaded = if loaded.is_empty() { "none".into() } else { loaded.join(", ") };
+            ApiError(StatusCode::NOT_FOUND, format!("no model named {name:?} is loaded (loaded: {loaded})"))
+        })?
+    };
     let binary = headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
