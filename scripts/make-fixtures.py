@@ -18,7 +18,7 @@ import onnx
 import onnxruntime as ort
 from skl2onnx import to_onnx
 from sklearn.datasets import load_iris
-from sklearn.neural_network import MLPClassifier
+from sklearn.neural_network import MLPClassifier, MLPRegressor
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
@@ -98,6 +98,44 @@ def main() -> None:
     }
     (OUT / "iris.expected.json").write_text(json.dumps(expected, indent=1) + "\n")
     print(f"wrote {path} ({path.stat().st_size} bytes), outputs {names}, accuracy {model.score(x, y):.3f}")
+    builtin_models(model, x, rows)
+
+
+def weights_json(family: dict, model) -> dict:
+    """A built-in model's weights as `tern model pack` reads them: per layer
+    `weight` [in][out] (scikit-learn's `coefs_` layout) and `bias` [out]."""
+    return {
+        "family": family,
+        "layers": [{"weight": w.tolist(), "bias": b.tolist()} for w, b in zip(model.coefs_, model.intercepts_)],
+    }
+
+
+def builtin_models(classifier, x, rows) -> None:
+    """The same networks as Tern built-in families (tern-models): the Iris
+    classifier above as an `Mlp` with a softmax head, and an autoencoder
+    trained to reconstruct Iris rows. Expected outputs come from onnxruntime
+    running skl2onnx exports of the very same scikit-learn models."""
+    mlp = {"Mlp": {"inputs": 4, "hidden": list(classifier.hidden_layer_sizes), "outputs": 3, "head": "Softmax"}}
+    (OUT / "iris-mlp.weights.json").write_text(json.dumps(weights_json(mlp, classifier)) + "\n")
+    sess = ort.InferenceSession(str(OUT / "iris.onnx"), providers=["CPUExecutionProvider"])
+    probabilities = sess.run(["probabilities"], {sess.get_inputs()[0].name: rows})[0]
+
+    ae = MLPRegressor(hidden_layer_sizes=(8, 3, 8), max_iter=4000, random_state=7)
+    ae.fit(x, x)
+    family = {"Autoencoder": {"inputs": 4, "encoder": [8, 3]}}
+    (OUT / "iris-autoencoder.weights.json").write_text(json.dumps(weights_json(family, ae)) + "\n")
+    onx = to_onnx(ae, x[:1], target_opset={"": 17})
+    sess = ort.InferenceSession(onx.SerializeToString(), providers=["CPUExecutionProvider"])
+    recon = sess.run(None, {sess.get_inputs()[0].name: rows})[0].reshape(rows.shape)
+    score = ((recon - rows) ** 2).mean(axis=1)
+    expected = {
+        "producer": f"onnxruntime {ort.__version__} (skl2onnx exports of the same scikit-learn models)",
+        "input": {"shape": list(rows.shape), "data": rows.flatten().tolist()},
+        "mlp": {"probabilities": probabilities.flatten().tolist()},
+        "autoencoder": {"reconstruction": recon.flatten().tolist(), "score": score.tolist()},
+    }
+    (OUT / "builtin.expected.json").write_text(json.dumps(expected, indent=1) + "\n")
+    print("wrote built-in model weights and expected outputs")
 
 
 if __name__ == "__main__":

@@ -18,8 +18,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Instant;
 use tern_agent_core::{Action, Event, Slots};
-use tern_proto::{DeviceId, ModelFormat, ModelManifest};
-use tern_runtime::TractModel;
+use tern_proto::{DeviceId, ModelManifest};
 use tokio::sync::{mpsc, watch};
 use tracing::{error, info, warn};
 
@@ -219,8 +218,8 @@ fn apply_desired(slots: &mut Slots, identity: &identity::Identity, desired: tern
         .iter()
         .map(|signed| {
             let m = identity.registry_key.verify(signed).map_err(|e| e.to_string())?;
-            if m.format == ModelFormat::Onnx && !cfg!(feature = "onnx") {
-                return Err(format!("{}:{} is ONNX, which this agent build cannot parse", m.name, m.version));
+            if !tern_runtime::supports(m.format) {
+                return Err(format!("{}:{} is {}, which this agent build cannot run", m.name, m.version, m.format));
             }
             Ok(m)
         })
@@ -304,5 +303,5 @@ fn load(store: &store::Store, m: &ModelManifest) -> Result<Arc<dyn tern_runtime:
         let _ = std::fs::remove_file(&path);
         return Err(format!("stored artifact is corrupt (sha256 {actual}); it will be downloaded again"));
     }
-    Ok(Arc::new(TractModel::load(m.format, &bytes).map_err(|e| e.to_string())?))
+    Ok(tern_runtime::load(m.format, &bytes).map_err(|e| e.to_string())?.into())
 }

@@ -1,21 +1,26 @@
 //! Tern's inference runtime: typed tensors, the [`Backend`] trait every
-//! model runner implements, and tract backends for NNEF (what devices
-//! should receive) and ONNX (feature `onnx`). The same loader checks models
+//! model runner implements, tract backends for NNEF (what devices should
+//! receive) and ONNX (feature `onnx`), and burn for the built-in model
+//! families of `tern-models` (feature `burn`). The same loader checks models
 //! at registration on the coordinator, so a model the agent cannot run is
 //! refused before it reaches a device.
 
+#[cfg(feature = "burn")]
+mod burn_backend;
 #[cfg(feature = "onnx")]
 mod onnx;
 mod pool;
 mod tract_backend;
 
+#[cfg(feature = "burn")]
+pub use burn_backend::BurnModel;
 #[cfg(feature = "onnx")]
 pub use onnx::onnx_to_nnef;
 pub use pool::{Pool, Reply, SubmitError};
 pub use tern_proto::{Tensor, TensorData};
 pub use tract_backend::TractModel;
 
-use tern_proto::TensorSpec;
+use tern_proto::{ModelFormat, TensorSpec};
 
 /// Errors from loading or running a model.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -42,12 +47,38 @@ pub trait Backend: Send + Sync {
     fn run(&self, inputs: Vec<Tensor>) -> Result<Vec<Tensor>, RuntimeError>;
 }
 
-/// Tells an NNEF archive (tar, or gzipped tar) from an ONNX protobuf by
-/// its first bytes.
-pub fn sniff_format(bytes: &[u8]) -> tern_proto::ModelFormat {
+/// Tells a built-in model (`TBM`), an NNEF archive (tar, or gzipped tar)
+/// and an ONNX protobuf apart by their first bytes.
+pub fn sniff_format(bytes: &[u8]) -> ModelFormat {
     let gzip = bytes.starts_with(&[0x1f, 0x8b]);
     let tar = bytes.get(257..262) == Some(b"ustar");
-    if gzip || tar { tern_proto::ModelFormat::Nnef } else { tern_proto::ModelFormat::Onnx }
+    if bytes.starts_with(b"TBM") {
+        ModelFormat::Burn
+    } else if gzip || tar {
+        ModelFormat::Nnef
+    } else {
+        ModelFormat::Onnx
+    }
+}
+
+/// Loads an artifact of any format this build runs.
+pub fn load(format: ModelFormat, bytes: &[u8]) -> Result<Box<dyn Backend>, RuntimeError> {
+    match format {
+        ModelFormat::Onnx | ModelFormat::Nnef => Ok(Box::new(TractModel::load(format, bytes)?)),
+        #[cfg(feature = "burn")]
+        ModelFormat::Burn => Ok(Box::new(BurnModel::load(bytes)?)),
+        #[cfg(not(feature = "burn"))]
+        ModelFormat::Burn => Err(RuntimeError::Load("this build has no burn backend for built-in models".into())),
+    }
+}
+
+/// Whether this build can run artifacts of `format`.
+pub fn supports(format: ModelFormat) -> bool {
+    match format {
+        ModelFormat::Nnef => true,
+        ModelFormat::Onnx => cfg!(feature = "onnx"),
+        ModelFormat::Burn => cfg!(feature = "burn"),
+    }
 }
 
 /// Checks count, element type and shape of `inputs` against `specs`, with

@@ -51,6 +51,7 @@ impl TractModel {
             tern_proto::ModelFormat::Onnx => {
                 Err(RuntimeError::Load("this build cannot parse ONNX; deploy the compiled NNEF artifact".into()))
             }
+            tern_proto::ModelFormat::Burn => Err(RuntimeError::Load("a built-in model is not a tract model".into())),
         }
     }
 

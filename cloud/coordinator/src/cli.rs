@@ -19,11 +19,13 @@ use tern_registry::{Device, ModelVersion};
 
 #[derive(Subcommand)]
 pub enum ModelCmd {
-    /// Upload an ONNX model as the next version of NAME (checked with tract first).
+    /// Upload a model as the next version of NAME: ONNX, a tract NNEF archive
+    /// or a built-in model (.tbm); the coordinator loads it first and refuses
+    /// what agents could not run.
     Register {
         /// Model name.
         name: String,
-        /// The .onnx file.
+        /// The .onnx, .nnef.tgz or .tbm file.
         #[arg(long)]
         file: PathBuf,
         /// A model card (markdown).
@@ -50,6 +52,41 @@ pub enum ModelCmd {
         /// NAME:VERSION.
         target: ModelRef,
     },
+    /// Build a built-in model (.tbm, run by burn on agents) from a family
+    /// and weights trained elsewhere, given as JSON:
+    /// {"family": {"Mlp": {"inputs": 4, "hidden": [16], "outputs": 3, "head": "Softmax"}},
+    ///  "layers": [{"weight": [[..in..]..out], "bias": [..out]}, ...]}
+    /// (`weight` is [in][out], scikit-learn's `coefs_` layout). Works offline.
+    Pack {
+        /// The weights JSON.
+        weights: PathBuf,
+        /// Where to write the .tbm artifact.
+        #[arg(long, short)]
+        out: PathBuf,
+    },
+}
+
+/// `tern model pack`.
+pub fn pack(weights: &Path, out_path: &Path, json: bool) -> Result<()> {
+    let text = std::fs::read_to_string(weights).with_context(|| format!("reading {}", weights.display()))?;
+    let w: tern_models::Weights =
+        serde_json::from_str(&text).with_context(|| format!("{} is not a family with weights", weights.display()))?;
+    let device = tern_models::cpu_device();
+    let family = w.family.clone();
+    let model = w.build(&device).with_context(|| format!("weights in {}", weights.display()))?;
+    let bytes = tern_models::Artifact::encode(&family, model)?;
+    tern_durable::write_atomic(out_path, &bytes, false).with_context(|| format!("writing {}", out_path.display()))?;
+    let summary = json!({
+        "path": out_path,
+        "size": bytes.len(),
+        "sha256": Sha256Digest::of(&bytes).to_hex(),
+        "family": family,
+    });
+    if json {
+        return print_json(&summary);
+    }
+    out(format!("wrote {} ({} bytes), {:?}", out_path.display(), bytes.len(), family));
+    Ok(())
 }
 
 #[derive(Subcommand)]
@@ -297,6 +334,7 @@ pub fn model(c: &Client, cmd: ModelCmd, json: bool) -> Result<()> {
             }
         }
         ModelCmd::Approve { target } => decide(c, &target, "approve", json)?,
+        ModelCmd::Pack { weights, out } => pack(&weights, &out, json)?,
         ModelCmd::Reject { target } => decide(c, &target, "reject", json)?,
     }
     Ok(())

@@ -63,6 +63,10 @@ fn main() -> ExitCode {
                 .map_err(anyhow::Error::from)
                 .and_then(|rt| rt.block_on(serve::run(cli.data_dir, args)))
         }
+        Cmd::Model(cli::ModelCmd::Pack { weights, out }) => {
+            init_logs("warn");
+            cli::pack(&weights, &out, cli.json)
+        }
         Cmd::Model(cmd) => {
             init_logs("warn");
             cli::Client::new(&cli.data_dir, cli.admin, cli.token).and_then(|c| cli::model(&c, cmd, cli.json))

@@ -41,12 +41,12 @@ fn bad_admin_requests_are_refused_and_nothing_is_lost() {
     // A model tract cannot load (a real skl2onnx export with an op tract lacks), and garbage.
     let err =
         coord.fails(&["model", "register", "scaled", "--file", fixture("unsupported-scaler.onnx").to_str().unwrap()]);
-    assert!(err.starts_with("error: model refused: tract cannot load model:"), "{err}");
+    assert!(err.starts_with("error: model refused (onnx): cannot load model:"), "{err}");
     assert!(err.contains("Scaler"), "{err}");
     let junk = coord.dir.path().join("junk.onnx");
     std::fs::write(&junk, b"\x08\x07this is not an onnx file").unwrap();
     let err = coord.fails(&["model", "register", "junk", "--file", junk.to_str().unwrap()]);
-    assert!(err.starts_with("error: model refused: tract cannot load model:"), "{err}");
+    assert!(err.starts_with("error: model refused (onnx): cannot load model:"), "{err}");
 
     // Corrupt upload: the bytes do not hash to what the client says it sent.
     let token = coord.admin_token();

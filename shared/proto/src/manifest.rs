@@ -10,6 +10,8 @@ pub enum ModelFormat {
     Onnx,
     /// A tract NNEF archive (tar), the compiled format for devices.
     Nnef,
+    /// A built-in model family with its weights (`tern-models`' `.tbm`), run by burn.
+    Burn,
 }
 
 impl fmt::Display for ModelFormat {
@@ -17,6 +19,7 @@ impl fmt::Display for ModelFormat {
         f.write_str(match self {
             ModelFormat::Onnx => "onnx",
             ModelFormat::Nnef => "nnef",
+            ModelFormat::Burn => "burn",
         })
     }
 }

@@ -17,7 +17,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use tern_proto::{EnrollTokenText, ModelRef, Sha256Digest};
 use tern_registry::{Approval, Device, EnrollToken, ModelVersion, NewVersion, RegistryError};
-use tern_runtime::{Backend, TractModel, sniff_format};
+use tern_runtime::sniff_format;
 use tracing::info;
 
 /// Largest model upload accepted.
@@ -146,10 +146,10 @@ async fn register(
     let size = bytes.len() as u64;
     // The same loader as on the device: a model the agents cannot run is refused here.
     let format = sniff_format(&bytes);
-    let model = tokio::task::spawn_blocking(move || TractModel::load(format, &bytes))
+    let model = tokio::task::spawn_blocking(move || tern_runtime::load(format, &bytes))
         .await
         .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
-        .map_err(|e| ApiError(StatusCode::UNPROCESSABLE_ENTITY, format!("model refused: tract {e}")))?;
+        .map_err(|e| ApiError(StatusCode::UNPROCESSABLE_ENTITY, format!("model refused ({format}): {e}")))?;
     let new = NewVersion {
         sha256: body.sha256,
         size,
