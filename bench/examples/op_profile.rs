@@ -17,17 +17,14 @@ fn main() -> Result<()> {
     let shape: Vec<usize> = args.get(2).context("shape")?.split(',').map(str::parse).collect::<Result<_, _>>()?;
     let runs: usize = args.get(3).map(|r| r.parse()).transpose()?.unwrap_or(200);
 
-    let raw = tract_onnx::onnx()
-        .model_for_path(model)?
-        .with_input_fact(0, f32::fact(&shape).into())?
-        .into_optimized()?;
+    let raw =
+        tract_onnx::onnx().model_for_path(model)?.with_input_fact(0, f32::fact(&shape).into())?.into_optimized()?;
     let nnef_bytes = tern_runtime::onnx_to_nnef(&std::fs::read(model)?, Some(std::slice::from_ref(&shape)))?;
     let nnef = tract_nnef::nnef().with_onnx().model_for_read(&mut &*nnef_bytes)?.into_optimized()?;
 
-    let input: Tensor = tract_ndarray::ArrayD::from_shape_fn(shape.clone(), |ix| {
-        (ix.as_array_view().iter().sum::<usize>() % 17) as f32 / 17.0
-    })
-    .into();
+    let n = shape.iter().product();
+    let input: Tensor =
+        tract_ndarray::ArrayD::from_shape_vec(shape.clone(), (0..n).map(|i| (i % 17) as f32 / 17.0).collect())?.into();
     for (name, m) in [("tract from ONNX", raw), ("tract from pinned NNEF", nnef)] {
         profile(name, m, &input, runs)?;
     }
@@ -36,7 +33,7 @@ fn main() -> Result<()> {
 
 fn profile(name: &str, model: TypedModel, input: &Tensor, runs: usize) -> Result<()> {
     let plan = model.into_runnable()?;
-    let mut state = SimpleState::new(plan.clone())?;
+    let mut state = plan.spawn()?;
     let mut per_kind: BTreeMap<String, (usize, Duration)> = BTreeMap::new();
     let mut nodes = 0;
     let mut total = Duration::ZERO;
@@ -62,7 +59,7 @@ fn profile(name: &str, model: TypedModel, input: &Tensor, runs: usize) -> Result
     println!("\n## {name}: {nodes} nodes evaluated per run, {:.3} ms per run (mean of {runs})\n", ms(total, runs));
     println!("| operator | nodes | ms per run | share |\n|---|---|---|---|");
     let mut rows: Vec<_> = per_kind.into_iter().collect();
-    rows.sort_by(|a, b| b.1.1.cmp(&a.1.1));
+    rows.sort_by_key(|r| std::cmp::Reverse(r.1.1));
     for (kind, (count, d)) in rows {
         println!(
             "| {kind} | {} | {:.3} | {:.1}% |",

@@ -102,6 +102,18 @@ fn first_output_f32(t: &Tensor) -> Vec<f32> {
 struct Http1<S: Read + Write> {
     write: S,
     read: BufReader<S>,
+    /// `(queue, run, handler)` ms from each answer's Server-Timing header.
+    timings: Vec<[f64; 3]>,
+}
+
+fn server_timing(v: &str) -> Option<[f64; 3]> {
+    let mut out = [f64::NAN; 3];
+    for part in v.split(',') {
+        let (name, dur) = part.trim().split_once(";dur=")?;
+        let i = ["queue", "run", "handler"].iter().position(|n| *n == name)?;
+        out[i] = dur.trim().parse().ok()?;
+    }
+    Some(out)
 }
 
 impl<S: Read + Write> Http1<S> {
@@ -123,10 +135,12 @@ impl<S: Read + Write> Http1<S> {
             if line == "\r\n" || line.is_empty() {
                 break;
             }
-            if let Some((k, v)) = line.split_once(':')
-                && k.eq_ignore_ascii_case("content-length")
-            {
-                len = Some(v.trim().parse::<usize>()?);
+            if let Some((k, v)) = line.split_once(':') {
+                if k.eq_ignore_ascii_case("content-length") {
+                    len = Some(v.trim().parse::<usize>()?);
+                } else if k.eq_ignore_ascii_case("server-timing") {
+                    self.timings.extend(server_timing(v));
+                }
             }
         }
         let mut out = vec![0; len.context("response without content-length")?];
@@ -255,13 +269,13 @@ fn main() -> Result<()> {
     let body = encode_tensors(std::slice::from_ref(&input)).map_err(anyhow::Error::msg)?;
     let path = "/v1/models/bench:predict";
     let stream = UnixStream::connect(&socket)?;
-    let mut uds = Http1 { read: BufReader::new(stream.try_clone()?), write: stream };
+    let mut uds = Http1 { read: BufReader::new(stream.try_clone()?), write: stream, timings: vec![] };
     let agent_out = decode_tensors(&uds.post(path, &body)?).map_err(anyhow::Error::msg)?;
     let agent_diff =
         first_output_f32(&agent_out[0]).iter().zip(&reference).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
     let stream = TcpStream::connect(&http)?;
     stream.set_nodelay(true)?;
-    let mut tcp = Http1 { read: BufReader::new(stream.try_clone()?), write: stream };
+    let mut tcp = Http1 { read: BufReader::new(stream.try_clone()?), write: stream, timings: vec![] };
 
     // 3. onnxruntime from PyPI, single thread, same input, in its own process.
     let input_file = tmp.path().join("input.f32");
@@ -284,6 +298,7 @@ fn main() -> Result<()> {
         Ok(serde_json::from_value(ort["latencies_ms"].clone())?)
     };
 
+    uds.timings.clear();
     let (mut raw, mut in_process, mut over_uds, mut over_http, mut ort_ms) = (vec![], vec![], vec![], vec![], vec![]);
     let mut ort = Value::Null;
     for _ in 0..rounds {
@@ -295,7 +310,9 @@ fn main() -> Result<()> {
             tern_runtime::Backend::run(&compiled, vec![input.clone()])?;
             Ok(())
         })?);
+        let mark = uds.timings.len();
         over_uds.extend(time_runs(per_round, args.warmup, || uds.post(path, &body).map(drop))?);
+        uds.timings.drain(mark..mark + args.warmup);
         over_http.extend(time_runs(per_round, args.warmup, || tcp.post(path, &body).map(drop))?);
         ort_ms.extend(ort_round(&mut ort)?);
     }
@@ -308,6 +325,7 @@ fn main() -> Result<()> {
         "tern-agent, HTTP (loopback)".to_string(),
         format!("onnxruntime {} (1 thread)", ort["version"].as_str().unwrap_or("?")),
     ];
+    let uds_runs = over_uds.len();
     let all = [stats(raw), stats(in_process), stats(over_uds), stats(over_http), stats(ort_ms)];
     let mut table = format!(
         "\n### {} — input {:?}, {} runs per path in {rounds} interleaved rounds ({} warm-up runs each)\n\n| path | p50 ms | p99 ms | throughput /s | p50 vs raw tract |\n|---|---|---|---|---|\n",
@@ -320,6 +338,16 @@ fn main() -> Result<()> {
         table +=
             &format!("| {label} | {:.3} | {:.3} | {:.0} | {:.2}× |\n", s.p50, s.p99, 1e3 / s.mean, s.p50 / all[0].p50);
     }
+    ensure!(uds.timings.len() == uds_runs, "the agent sent no Server-Timing with every answer");
+    let inside = |i: usize| stats(uds.timings.iter().map(|t| t[i]).collect()).p50;
+    let (queue, run, handler) = (inside(0), inside(1), inside(2));
+    table += &format!(
+        "\nInside the agent (its Server-Timing, Unix socket, p50): model run {run:.3} ms, queue {queue:.3} ms, \
+         handler {handler:.3} ms (decode, checks, queue, run, encode); the remaining {:.3} ms of the {:.3} ms \
+         round trip is HTTP and the socket.\n",
+        all[2].p50 - handler,
+        all[2].p50
+    );
     table += &format!(
         "\nOutputs agree: agent vs raw tract max |Δ| = {agent_diff:.2e}; onnxruntime vs raw tract max |Δ| = {:.2e}.\n",
         ort["max_abs_diff"].as_f64().unwrap_or(f64::NAN)

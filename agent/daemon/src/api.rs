@@ -3,7 +3,7 @@
 
 use axum::body::Bytes;
 use axum::extract::{DefaultBodyLimit, Path, State};
-use axum::http::{HeaderMap, StatusCode, header};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
@@ -12,11 +12,12 @@ use serde_json::{Value, json};
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
 use tern_proto::{
     DType, DeviceId, ModelManifest, ModelState, ModelStatus, TENSORS_MEDIA_TYPE, TensorSpec, decode_tensors,
     encode_tensors,
 };
-use tern_runtime::{Backend, Pool, RuntimeError, SubmitError, Tensor, TensorData, check_inputs};
+use tern_runtime::{Backend, Pool, RuntimeError, SubmitError, Tensor, TensorData, Timing, check_inputs};
 use tokio::sync::{Notify, oneshot, watch};
 
 /// Largest request body (a batch of images fits; a runaway client does not).
@@ -266,6 +267,7 @@ async fn predict(
     headers: HeaderMap,
     body: Bytes,
 ) -> Result<Response, ApiError> {
+    let start = Instant::now();
     let Some(name) = target.strip_suffix(":predict") else {
         return Err(ApiError(
             StatusCode::NOT_FOUND,
@@ -293,14 +295,25 @@ async fn predict(
         to_tensors(req, served.backend.inputs())?
     };
     check_inputs(served.backend.inputs(), &inputs).map_err(|e| bad(e.to_string()))?;
-    let outputs = run(&shared, &served, inputs).await?;
-    if binary {
+    let (outputs, timing) = run(&shared, &served, inputs).await?;
+    let mut response = if binary {
         let bytes = encode_tensors(&outputs).map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e))?;
-        return Ok(([(header::CONTENT_TYPE, TENSORS_MEDIA_TYPE)], bytes).into_response());
-    }
-    let specs = served.backend.outputs();
-    let outputs: Vec<Value> = outputs.iter().enumerate().map(|(i, t)| tensor_json(specs.get(i), t)).collect();
-    Ok(Json(json!({ "model": name, "version": served.manifest.version, "outputs": outputs })).into_response())
+        ([(header::CONTENT_TYPE, TENSORS_MEDIA_TYPE)], bytes).into_response()
+    } else {
+        let specs = served.backend.outputs();
+        let outputs: Vec<Value> = outputs.iter().enumerate().map(|(i, t)| tensor_json(specs.get(i), t)).collect();
+        Json(json!({ "model": name, "version": served.manifest.version, "outputs": outputs })).into_response()
+    };
+    response.headers_mut().insert("server-timing", server_timing(timing, start.elapsed()));
+    Ok(response)
+}
+
+/// W3C Server-Timing, in milliseconds: waiting for a worker, the model run,
+/// and the whole handler from a received body to an encoded answer.
+fn server_timing(t: Timing, handler: Duration) -> HeaderValue {
+    let ms = |d: Duration| d.as_secs_f64() * 1e3;
+    let v = format!("queue;dur={:.3}, run;dur={:.3}, handler;dur={:.3}", ms(t.queued), ms(t.ran), ms(handler));
+    HeaderValue::from_str(&v).expect("ASCII")
 }
 
 fn nonfinite(inputs: &[Tensor]) -> u64 {
@@ -315,14 +328,14 @@ fn nonfinite(inputs: &[Tensor]) -> u64 {
 }
 
 /// Runs checked inputs on the model's pool; keeps its counters and health.
-async fn run(shared: &Shared, served: &Arc<Served>, inputs: Vec<Tensor>) -> Result<Vec<Tensor>, ApiError> {
+async fn run(shared: &Shared, served: &Arc<Served>, inputs: Vec<Tensor>) -> Result<(Vec<Tensor>, Timing), ApiError> {
     let name = &served.manifest.name;
     let bad_values = nonfinite(&inputs);
     if bad_values > 0 {
         served.nonfinite_inputs.fetch_add(bad_values, Ordering::Relaxed);
     }
     let (tx, rx) = oneshot::channel();
-    match served.pool.try_submit(inputs, Box::new(move |r| drop(tx.send(r)))) {
+    match served.pool.try_submit(inputs, Box::new(move |r, t| drop(tx.send((r, t))))) {
         Ok(()) => {}
         Err(e @ SubmitError::Busy { .. }) => {
             served.busy.fetch_add(1, Ordering::Relaxed);
@@ -330,7 +343,9 @@ async fn run(shared: &Shared, served: &Arc<Served>, inputs: Vec<Tensor>) -> Resu
         }
         Err(e @ SubmitError::Stopped) => return Err(ApiError(StatusCode::SERVICE_UNAVAILABLE, e.to_string())),
     }
-    let result = rx.await.unwrap_or_else(|_| Err(RuntimeError::Run("worker stopped before answering".into())));
+    let (result, timing) = rx
+        .await
+        .unwrap_or_else(|_| (Err(RuntimeError::Run("worker stopped before answering".into())), Timing::default()));
     served.requests.fetch_add(1, Ordering::Relaxed);
     match result {
         Ok(outputs) => {
@@ -338,7 +353,7 @@ async fn run(shared: &Shared, served: &Arc<Served>, inputs: Vec<Tensor>) -> Resu
                 tracing::info!(model = %name, "healthy again");
                 shared.health_changed.notify_one();
             }
-            Ok(outputs)
+            Ok((outputs, timing))
         }
         Err(e) => {
             served.errors.fetch_add(1, Ordering::Relaxed);

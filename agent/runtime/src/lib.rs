@@ -16,7 +16,7 @@ mod tract_backend;
 pub use burn_backend::BurnModel;
 #[cfg(feature = "onnx")]
 pub use onnx::onnx_to_nnef;
-pub use pool::{Pool, Reply, SubmitError};
+pub use pool::{Pool, Reply, SubmitError, Timing};
 pub use tern_proto::{Tensor, TensorData};
 pub use tract_backend::TractModel;
 

@@ -7,11 +7,21 @@ use crate::{Backend, RuntimeError, Tensor};
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::mpsc::{Receiver, SyncSender, TrySendError, sync_channel};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
-/// Called with the outcome of a run, on the worker thread.
-pub type Reply = Box<dyn FnOnce(Result<Vec<Tensor>, RuntimeError>) + Send>;
+/// Called with the outcome of a run and its timing, on the worker thread.
+pub type Reply = Box<dyn FnOnce(Result<Vec<Tensor>, RuntimeError>, Timing) + Send>;
 
-type Job = (Vec<Tensor>, Reply);
+/// Where a request's time went inside the pool.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Timing {
+    /// From submission until a worker took it.
+    pub queued: Duration,
+    /// The model run itself.
+    pub ran: Duration,
+}
+
+type Job = (Vec<Tensor>, Reply, Instant);
 
 /// Why a request was not queued.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -52,7 +62,7 @@ impl Pool {
 
     /// Queues a run; `reply` gets its outcome. Never blocks.
     pub fn try_submit(&self, inputs: Vec<Tensor>, reply: Reply) -> Result<(), SubmitError> {
-        self.tx.try_send((inputs, reply)).map_err(|e| match e {
+        self.tx.try_send((inputs, reply, Instant::now())).map_err(|e| match e {
             TrySendError::Full(_) => SubmitError::Busy { queued: self.queue },
             TrySendError::Disconnected(_) => SubmitError::Stopped,
         })
@@ -76,7 +86,8 @@ fn worker(rx: &Mutex<Receiver<Job>>, backend: &dyn Backend) {
             Ok(rx) => rx.recv(),
             Err(_) => return,
         };
-        let Ok((inputs, reply)) = job else { return };
+        let Ok((inputs, reply, submitted)) = job else { return };
+        let started = Instant::now();
         let result = catch_unwind(AssertUnwindSafe(|| backend.run(inputs))).unwrap_or_else(|panic| {
             let what = panic
                 .downcast_ref::<&str>()
@@ -85,7 +96,7 @@ fn worker(rx: &Mutex<Receiver<Job>>, backend: &dyn Backend) {
                 .unwrap_or_else(|| "unknown panic".into());
             Err(RuntimeError::Run(format!("runtime panicked: {what}")))
         });
-        reply(result);
+        reply(result, Timing { queued: started - submitted, ran: started.elapsed() });
     }
 }
 
@@ -125,7 +136,7 @@ mod tests {
         let mut busy = 0;
         for _ in 0..10 {
             let tx = tx.clone();
-            match pool.try_submit(t(), Box::new(move |r| tx.send(r.is_ok()).unwrap())) {
+            match pool.try_submit(t(), Box::new(move |r, _| tx.send(r.is_ok()).unwrap())) {
                 Ok(()) => {}
                 Err(SubmitError::Busy { queued: 2 }) => busy += 1,
                 Err(e) => panic!("{e}"),
@@ -142,10 +153,10 @@ mod tests {
         let pool = Pool::new("p", Arc::new(Slow(Duration::ZERO)), 2, 4).unwrap();
         let (tx, rx) = channel();
         let tx2 = tx.clone();
-        pool.try_submit(vec![], Box::new(move |r| tx2.send(r).unwrap())).unwrap();
+        pool.try_submit(vec![], Box::new(move |r, _| tx2.send(r).unwrap())).unwrap();
         let err = rx.recv().unwrap().unwrap_err();
         assert!(err.to_string().contains("runtime panicked: no input"), "{err}");
-        pool.try_submit(t(), Box::new(move |r| tx.send(r).unwrap())).unwrap();
+        pool.try_submit(t(), Box::new(move |r, _| tx.send(r).unwrap())).unwrap();
         assert!(rx.recv().unwrap().is_ok());
     }
 }

@@ -98,7 +98,18 @@ fn binary_tensors_and_non_finite_inputs() {
     agent.wait_serving("iris", 1);
 
     let x = Tensor::new(vec![2, 4], TensorData::F32(vec![5.1, 3.5, 1.4, 0.2, 6.9, 3.1, 5.4, 2.1])).unwrap();
-    let (status, ct, body) = agent.post_tensors("/v1/models/iris:predict", &[x]);
+    let (status, ct, body, timing) = agent.post_tensors_timed("/v1/models/iris:predict", &[x]);
+    // Server-Timing: "queue;dur=Q, run;dur=R, handler;dur=H" in ms, the run inside the handler.
+    let durs: Vec<(String, f64)> = timing
+        .split(", ")
+        .map(|p| {
+            let (name, dur) = p.split_once(";dur=").unwrap_or_else(|| panic!("bad Server-Timing {timing:?}"));
+            (name.to_owned(), dur.parse().unwrap())
+        })
+        .collect();
+    let names: Vec<&str> = durs.iter().map(|(n, _)| n.as_str()).collect();
+    assert_eq!(names, ["queue", "run", "handler"], "{timing}");
+    assert!(durs[1].1 > 0.0 && durs[1].1 <= durs[2].1, "{timing}");
     assert_eq!((status, ct.as_str()), (200, tern_proto::TENSORS_MEDIA_TYPE));
     let out = decode_tensors(&body).unwrap();
     assert_eq!(out[0].data, TensorData::I64(vec![0, 2]));

@@ -261,14 +261,21 @@ impl Agent {
 
     /// POSTs a binary tensor body; returns status, content type and body.
     pub fn post_tensors(&self, path: &str, tensors: &[tern_proto::Tensor]) -> (u16, String, Vec<u8>) {
+        let (status, ct, body, _) = self.post_tensors_timed(path, tensors);
+        (status, ct, body)
+    }
+
+    /// The same, with the answer's Server-Timing header.
+    pub fn post_tensors_timed(&self, path: &str, tensors: &[tern_proto::Tensor]) -> (u16, String, Vec<u8>, String) {
         let body = tern_proto::encode_tensors(tensors).unwrap();
         let mut resp = Self::client()
             .post(format!("{}{path}", self.http))
             .header("content-type", tern_proto::TENSORS_MEDIA_TYPE)
             .send(&body[..])
             .unwrap();
-        let ct = resp.headers().get("content-type").map(|v| v.to_str().unwrap().to_owned()).unwrap_or_default();
-        (resp.status().as_u16(), ct, resp.body_mut().read_to_vec().unwrap())
+        let header = |name: &str| resp.headers().get(name).map(|v| v.to_str().unwrap().to_owned()).unwrap_or_default();
+        let (ct, timing) = (header("content-type"), header("server-timing"));
+        (resp.status().as_u16(), ct, resp.body_mut().read_to_vec().unwrap(), timing)
     }
 
     /// The same over the Unix socket, speaking HTTP/1.1 by hand.
