@@ -19,11 +19,6 @@ impl BurnModel {
         let (inputs, outputs) = signature(&family);
         Ok(Self { model, device, inputs, outputs })
     }
-
-    /// The family and shape of the model.
-    pub fn family(bytes: &[u8]) -> Result<Family, RuntimeError> {
-        Artifact::family(bytes).map_err(|e| RuntimeError::Load(e.to_string()))
-    }
 }
 
 fn signature(family: &Family) -> (Vec<TensorSpec>, Vec<TensorSpec>) {

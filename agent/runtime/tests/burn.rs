@@ -11,9 +11,7 @@ fn fixture(name: &str) -> String {
 
 fn artifact(weights: &str) -> Vec<u8> {
     let w: tern_models::Weights = serde_json::from_str(&fixture(weights)).unwrap();
-    let device = tern_models::cpu_device();
-    let family = w.family.clone();
-    tern_models::Artifact::encode(&family, w.build(&device).unwrap()).unwrap()
+    w.into_artifact(&tern_models::cpu_device()).unwrap()
 }
 
 fn floats(v: &Value) -> Vec<f32> {

@@ -71,10 +71,9 @@ pub fn pack(weights: &Path, out_path: &Path, json: bool) -> Result<()> {
     let text = std::fs::read_to_string(weights).with_context(|| format!("reading {}", weights.display()))?;
     let w: tern_models::Weights =
         serde_json::from_str(&text).with_context(|| format!("{} is not a family with weights", weights.display()))?;
-    let device = tern_models::cpu_device();
     let family = w.family.clone();
-    let model = w.build(&device).with_context(|| format!("weights in {}", weights.display()))?;
-    let bytes = tern_models::Artifact::encode(&family, model)?;
+    let bytes =
+        w.into_artifact(&tern_models::cpu_device()).with_context(|| format!("weights in {}", weights.display()))?;
     tern_durable::write_atomic(out_path, &bytes, false).with_context(|| format!("writing {}", out_path.display()))?;
     let summary = json!({
         "path": out_path,

@@ -10,8 +10,7 @@ use serde_json::json;
 #[test]
 fn bad_admin_requests_are_refused_and_nothing_is_lost() {
     let coord = Coord::start();
-    let agent = Agent::new();
-    assert!(agent.enroll(&coord.quic, &coord.token(), Some("cam-01")).status.success());
+    let _agent = Agent::enrolled(&coord, "cam-01");
     coord.register_iris("iris");
     coord.ok(&["fleet", "assign", "cam-01", "iris:1"]);
     let models_before = coord.json(&["model", "list"]);

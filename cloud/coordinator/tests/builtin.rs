@@ -30,8 +30,7 @@ fn assert_close(got: &Value, want: &Value, tol: f64) {
 #[test]
 fn packed_builtin_models_deploy_and_serve_on_burn() {
     let coord = Coord::start();
-    let mut agent = Agent::new();
-    assert!(agent.enroll(&coord.quic, &coord.token(), Some("cam-01")).status.success());
+    let mut agent = Agent::enrolled(&coord, "cam-01");
 
     let mlp = pack(&coord, "iris-mlp.weights.json");
     let v = coord.json(&["model", "register", "iris-burn", "--file", mlp.to_str().unwrap()]);

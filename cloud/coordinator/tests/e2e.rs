@@ -128,8 +128,7 @@ fn deploy_over_quic_and_predict_like_onnxruntime() {
 #[test]
 fn agent_gets_desired_state_when_it_connects_later_and_on_upgrade() {
     let coord = Coord::start();
-    let mut agent = Agent::new();
-    assert!(agent.enroll(&coord.quic, &coord.token(), Some("cam-02")).status.success());
+    let mut agent = Agent::enrolled(&coord, "cam-02");
     // Assigned while the agent is not running.
     coord.register_iris("iris");
     coord.ok(&["fleet", "assign", "cam-02", "iris:1"]);
@@ -165,8 +164,7 @@ fn interrupted_download_resumes_and_corrupt_download_is_refetched() {
     let sha = tern_proto::Sha256Digest::of(&bytes).to_hex();
 
     // Half the artifact is already on disk from an earlier attempt.
-    let mut agent = Agent::new();
-    assert!(agent.enroll(&coord.quic, &coord.token(), Some("cam-03")).status.success());
+    let mut agent = Agent::enrolled(&coord, "cam-03");
     std::fs::create_dir_all(agent.data().join("partial")).unwrap();
     std::fs::write(agent.data().join("partial").join(&sha), &bytes[..bytes.len() / 2]).unwrap();
     coord.register_iris("iris");
@@ -177,8 +175,7 @@ fn interrupted_download_resumes_and_corrupt_download_is_refetched() {
 
     // A partial file of the right length but wrong bytes fails the digest
     // check, is thrown away, and the artifact is fetched again.
-    let mut agent = Agent::new();
-    assert!(agent.enroll(&coord.quic, &coord.token(), Some("cam-04")).status.success());
+    let mut agent = Agent::enrolled(&coord, "cam-04");
     std::fs::create_dir_all(agent.data().join("partial")).unwrap();
     std::fs::write(agent.data().join("partial").join(&sha), vec![0u8; bytes.len()]).unwrap();
     coord.ok(&["fleet", "assign", "cam-04", "iris:1"]);

@@ -9,8 +9,7 @@ use std::time::Duration;
 #[test]
 fn runtime_failure_marks_the_model_unhealthy_and_the_agent_stays_up() {
     let coord = Coord::start();
-    let mut agent = Agent::new();
-    assert!(agent.enroll(&coord.quic, &coord.token(), Some("cam-01")).status.success());
+    let mut agent = Agent::enrolled(&coord, "cam-01");
     coord.register_fixture("fragile", "fragile.onnx");
     coord.register_iris("iris");
     coord.ok(&["fleet", "assign", "cam-01", "fragile:1"]);
@@ -51,8 +50,7 @@ fn runtime_failure_marks_the_model_unhealthy_and_the_agent_stays_up() {
 #[test]
 fn a_full_queue_answers_429_and_memory_stays_bounded() {
     let coord = Coord::start();
-    let mut agent = Agent::new();
-    assert!(agent.enroll(&coord.quic, &coord.token(), Some("cam-01")).status.success());
+    let mut agent = Agent::enrolled(&coord, "cam-01");
     coord.register_fixture("slow", "slow.onnx");
     coord.ok(&["fleet", "assign", "cam-01", "slow:1"]);
     agent.start_with(&["--threads", "1", "--queue", "1"]);
@@ -90,8 +88,7 @@ fn a_full_queue_answers_429_and_memory_stays_bounded() {
 fn binary_tensors_and_non_finite_inputs() {
     use tern_proto::{Tensor, TensorData, decode_tensors};
     let coord = Coord::start();
-    let mut agent = Agent::new();
-    assert!(agent.enroll(&coord.quic, &coord.token(), Some("cam-01")).status.success());
+    let mut agent = Agent::enrolled(&coord, "cam-01");
     coord.register_iris("iris");
     coord.ok(&["fleet", "assign", "cam-01", "iris:1"]);
     agent.start();

@@ -79,8 +79,7 @@ fn quic_addr(coord: &Coord) -> std::net::SocketAddr {
 #[test]
 fn foreign_certificates_and_missing_certificates_get_nothing() {
     let coord = Coord::start();
-    let agent = Agent::new();
-    assert!(agent.enroll(&coord.quic, &coord.token(), Some("cam-01")).status.success());
+    let _agent = Agent::enrolled(&coord, "cam-01");
     let fleet_ca = std::fs::read(coord.data().join("ca.crt")).unwrap();
     let addr = quic_addr(&coord);
 
@@ -123,8 +122,7 @@ fn foreign_certificates_and_missing_certificates_get_nothing() {
 #[test]
 fn oversize_frame_is_refused_and_the_coordinator_carries_on() {
     let coord = Coord::start();
-    let mut agent = Agent::new();
-    assert!(agent.enroll(&coord.quic, &coord.token(), Some("cam-01")).status.success());
+    let mut agent = Agent::enrolled(&coord, "cam-01");
     coord.register_iris("iris");
     coord.ok(&["fleet", "assign", "cam-01", "iris:1"]);
     let id = agent.data().join("identity");

@@ -56,9 +56,8 @@ impl Artifact {
     /// Reads the family and weights, checking the shape before allocating
     /// the model and every weight tensor against it.
     pub fn decode(bytes: &[u8], device: &Device) -> Result<Self, ArtifactError> {
-        let family = Self::family(bytes)?;
-        let header_len = header_len(bytes)?;
-        let record = ModuleRecord::from_bytes(Bytes::from_bytes_vec(bytes[8 + header_len..].to_vec()))
+        let (family, weights) = split(bytes)?;
+        let record = ModuleRecord::from_bytes(Bytes::from_bytes_vec(weights.to_vec()))
             .map_err(|e| ArtifactError::Weights(e.to_string()))?;
         if record.len() != family.layers().len() * 2 {
             return Err(ArtifactError::Weights(format!(
@@ -67,21 +66,18 @@ impl Artifact {
                 family.layers().len()
             )));
         }
-        let model = BuiltIn::new(&family, false, device)?.load_record(record).map_err(ArtifactError::Weights)?;
+        let model = BuiltIn::zeroed(&family, device)?.load_record(record).map_err(ArtifactError::Weights)?;
         Ok(Artifact { family, model })
     }
 
     /// Reads only the family description.
     pub fn family(bytes: &[u8]) -> Result<Family, ArtifactError> {
-        let len = header_len(bytes)?;
-        let family: Family =
-            postcard::from_bytes(&bytes[8..8 + len]).map_err(|e| ArtifactError::Header(e.to_string()))?;
-        family.validate()?;
-        Ok(family)
+        Ok(split(bytes)?.0)
     }
 }
 
-fn header_len(bytes: &[u8]) -> Result<usize, ArtifactError> {
+/// The checked family, and the weights after it.
+fn split(bytes: &[u8]) -> Result<(Family, &[u8]), ArtifactError> {
     if !bytes.starts_with(MAGIC) {
         return Err(ArtifactError::Magic);
     }
@@ -95,5 +91,7 @@ fn header_len(bytes: &[u8]) -> Result<usize, ArtifactError> {
     if len > MAX_HEADER || bytes.len() < 8 + len {
         return Err(ArtifactError::Header(format!("header of {len} bytes in an artifact of {}", bytes.len())));
     }
-    Ok(len)
+    let family: Family = postcard::from_bytes(&bytes[8..8 + len]).map_err(|e| ArtifactError::Header(e.to_string()))?;
+    family.validate()?;
+    Ok((family, &bytes[8 + len..]))
 }

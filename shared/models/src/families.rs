@@ -137,8 +137,8 @@ fn chain(first: usize, rest: impl Iterator<Item = usize>) -> Vec<(usize, usize)>
     rest.map(|w| (std::mem::replace(&mut prev, w), w)).collect()
 }
 
-fn linears(layers: &[(usize, usize)], init: Initializer, device: &Device) -> Vec<Linear> {
-    layers.iter().map(|&(i, o)| LinearConfig::new(i, o).with_initializer(init.clone()).init(device)).collect()
+fn linears(layers: &[(usize, usize)], device: &Device) -> Vec<Linear> {
+    layers.iter().map(|&(i, o)| LinearConfig::new(i, o).with_initializer(Initializer::Zeros).init(device)).collect()
 }
 
 /// ReLU between layers, none after the last.
@@ -194,24 +194,15 @@ pub enum BuiltIn {
 }
 
 impl BuiltIn {
-    /// A model of `family` with fresh weights: `random` (Kaiming uniform)
-    /// to train, or zeros when a record is about to replace them.
-    pub fn new(family: &Family, random: bool, device: &Device) -> Result<Self, SpecError> {
+    /// A model of `family` with zero weights, for a record to replace.
+    pub(crate) fn zeroed(family: &Family, device: &Device) -> Result<Self, SpecError> {
         family.validate()?;
-        let init = if random {
-            Initializer::KaimingUniform { gain: 1.0 / 3f64.sqrt(), fan_out_only: false }
-        } else {
-            Initializer::Zeros
-        };
         let layers = family.layers();
         Ok(match family {
-            Family::Mlp(s) => BuiltIn::Mlp(Mlp { layers: linears(&layers, init, device) }, s.head),
+            Family::Mlp(s) => BuiltIn::Mlp(Mlp { layers: linears(&layers, device) }, s.head),
             Family::Autoencoder(s) => {
                 let (enc, dec) = layers.split_at(s.encoder.len());
-                BuiltIn::Autoencoder(Autoencoder {
-                    encoder: linears(enc, init.clone(), device),
-                    decoder: linears(dec, init, device),
-                })
+                BuiltIn::Autoencoder(Autoencoder { encoder: linears(enc, device), decoder: linears(dec, device) })
             }
         })
     }
@@ -287,6 +278,12 @@ pub struct Weights {
 }
 
 impl Weights {
+    /// Builds the model and serializes it as a `.tbm` artifact.
+    pub fn into_artifact(self, device: &Device) -> Result<Vec<u8>, crate::ArtifactError> {
+        let family = self.family.clone();
+        crate::Artifact::encode(&family, self.build(device)?)
+    }
+
     /// Builds the model, checking every layer against the family's shape.
     pub fn build(self, device: &Device) -> Result<BuiltIn, SpecError> {
         self.family.validate()?;

@@ -37,7 +37,7 @@ fn mlp_matches_onnxruntime_through_an_artifact() {
     let device = cpu_device();
     let weights = load("iris-mlp.weights.json");
     let family = weights.family.clone();
-    let bytes = Artifact::encode(&family, weights.build(&device).unwrap()).unwrap();
+    let bytes = weights.into_artifact(&device).unwrap();
     let loaded = Artifact::decode(&bytes, &device).unwrap();
     assert_eq!(loaded.family, family);
     assert_eq!(BuiltIn::output_names(&family), ["probabilities"]);
@@ -53,8 +53,7 @@ fn autoencoder_matches_onnxruntime() {
     let device = cpu_device();
     let weights = load("iris-autoencoder.weights.json");
     assert_eq!(weights.family.layers(), [(4, 8), (8, 3), (3, 8), (8, 4)]);
-    let family = weights.family.clone();
-    let bytes = Artifact::encode(&family, weights.build(&device).unwrap()).unwrap();
+    let bytes = weights.into_artifact(&device).unwrap();
     let out = Artifact::decode(&bytes, &device).unwrap().model.run(input, 8, &device);
     assert_eq!(out[0].1, [8, 4]);
     assert_eq!(out[1].1, [8]);
@@ -76,9 +75,7 @@ fn weights_of_the_wrong_shape_are_refused() {
 #[test]
 fn bad_artifacts_get_clear_errors() {
     let device = cpu_device();
-    let w = load("iris-mlp.weights.json");
-    let family = w.family.clone();
-    let good = Artifact::encode(&family, w.build(&device).unwrap()).unwrap();
+    let good = load("iris-mlp.weights.json").into_artifact(&device).unwrap();
 
     assert_eq!(Artifact::decode(b"\x1f\x8b not this", &device).unwrap_err(), ArtifactError::Magic);
     let mut v = good.clone();

@@ -190,6 +190,14 @@ impl Agent {
         self.dir.path().join("data")
     }
 
+    /// A new agent, enrolled with `coord` as `id`.
+    pub fn enrolled(coord: &Coord, id: &str) -> Self {
+        let agent = Self::new();
+        let out = agent.enroll(&coord.quic, &coord.token(), Some(id));
+        assert!(out.status.success(), "enrolling {id}: {}", String::from_utf8_lossy(&out.stderr));
+        agent
+    }
+
     pub fn enroll(&self, coordinator: &str, token: &str, id: Option<&str>) -> Output {
         let mut cmd = Command::new(agent_bin());
         cmd.args(["enroll", "--coordinator", coordinator, "--token", token, "--data-dir"]).arg(self.data());
