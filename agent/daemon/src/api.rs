@@ -17,8 +17,9 @@ use tern_proto::{
     DType, DeviceId, ModelManifest, ModelState, ModelStatus, TENSORS_MEDIA_TYPE, TensorSpec, decode_tensors,
     encode_tensors,
 };
-use tern_runtime::{Backend, Pool, RuntimeError, SubmitError, Tensor, TensorData, Timing, check_inputs};
-use tokio::sync::{Notify, oneshot, watch};
+use crate::gate::{Gate, Timing};
+use tern_runtime::{Backend, Tensor, TensorData, check_inputs};
+use tokio::sync::{Notify, watch};
 
 /// Largest request body (a batch of images fits; a runaway client does not).
 const MAX_BODY: usize = 64 << 20;
@@ -29,8 +30,8 @@ pub struct Served {
     pub manifest: ModelManifest,
     /// The loaded model (for its signature).
     pub backend: Arc<dyn Backend>,
-    /// Its worker threads and bounded queue.
-    pub pool: Pool,
+    /// Its run slots and bounded queue.
+    pub gate: Gate,
     /// False while its last run failed inside the runtime.
     pub healthy: AtomicBool,
     /// Why the last failed run failed.
@@ -46,11 +47,11 @@ pub struct Served {
 }
 
 impl Served {
-    pub fn new(manifest: ModelManifest, backend: Arc<dyn Backend>, pool: Pool) -> Self {
+    pub fn new(manifest: ModelManifest, backend: Arc<dyn Backend>, gate: Gate) -> Self {
         Self {
             manifest,
             backend,
-            pool,
+            gate,
             healthy: AtomicBool::new(true),
             last_error: Mutex::new(None),
             requests: AtomicU64::new(0),
@@ -125,8 +126,8 @@ async fn list(State(shared): State<Arc<Shared>>) -> Json<Value> {
                 "state": if s.healthy.load(Ordering::Relaxed) { ModelState::Serving } else { ModelState::Unhealthy },
                 "healthy": s.healthy.load(Ordering::Relaxed),
                 "last_error": s.last_error.lock().expect("lock").clone(),
-                "threads": s.pool.threads(),
-                "queue": s.pool.queue(),
+                "threads": s.gate.threads(),
+                "queue": s.gate.queue(),
                 "sha256": s.manifest.sha256,
                 "inputs": s.backend.inputs(),
                 "outputs": s.backend.outputs(),
@@ -308,7 +309,7 @@ async fn predict(
     Ok(response)
 }
 
-/// W3C Server-Timing, in milliseconds: waiting for a worker, the model run,
+/// W3C Server-Timing, in milliseconds: waiting for a run slot, the model run,
 /// and the whole handler from a received body to an encoded answer.
 fn server_timing(t: Timing, handler: Duration) -> HeaderValue {
     let ms = |d: Duration| d.as_secs_f64() * 1e3;
@@ -334,18 +335,10 @@ async fn run(shared: &Shared, served: &Arc<Served>, inputs: Vec<Tensor>) -> Resu
     if bad_values > 0 {
         served.nonfinite_inputs.fetch_add(bad_values, Ordering::Relaxed);
     }
-    let (tx, rx) = oneshot::channel();
-    match served.pool.try_submit(inputs, Box::new(move |r, t| drop(tx.send((r, t))))) {
-        Ok(()) => {}
-        Err(e @ SubmitError::Busy { .. }) => {
-            served.busy.fetch_add(1, Ordering::Relaxed);
-            return Err(ApiError(StatusCode::TOO_MANY_REQUESTS, format!("model {name:?} is {e}; retry later")));
-        }
-        Err(e @ SubmitError::Stopped) => return Err(ApiError(StatusCode::SERVICE_UNAVAILABLE, e.to_string())),
-    }
-    let (result, timing) = rx
-        .await
-        .unwrap_or_else(|_| (Err(RuntimeError::Run("worker stopped before answering".into())), Timing::default()));
+    let (result, timing) = served.gate.run(served.backend.as_ref(), inputs).await.map_err(|e| {
+        served.busy.fetch_add(1, Ordering::Relaxed);
+        ApiError(StatusCode::TOO_MANY_REQUESTS, format!("model {name:?} is {e}; retry later"))
+    })?;
     served.requests.fetch_add(1, Ordering::Relaxed);
     match result {
         Ok(outputs) => {

@@ -4,9 +4,11 @@
 //! local HTTP API and Unix socket.
 
 mod api;
+mod gate;
 mod identity;
 mod link;
 mod profiles;
+mod serve;
 mod store;
 
 use anyhow::{Context, Result};
@@ -57,11 +59,11 @@ enum Cmd {
         /// Unix socket of the local API; default: <data-dir>/agent.sock.
         #[arg(long)]
         socket: Option<PathBuf>,
-        /// Worker threads per model (concurrent requests it runs); default: from the
+        /// Runs per model at once (its thread budget); default: from the
         /// device profile, else one per core.
         #[arg(long)]
         threads: Option<usize>,
-        /// Requests a model queues beyond its busy workers before answering 429;
+        /// Requests a model queues while its budget is in use before answering 429;
         /// default: from the device profile, else 32.
         #[arg(long)]
         queue: Option<usize>,
@@ -155,12 +157,8 @@ async fn run(
     let uds = tokio::net::UnixListener::bind(&socket)
         .with_context(|| format!("binding the local API on {}", socket.display()))?;
     let http_addr = tcp.local_addr()?;
-    // Small request/response pairs: Nagle's algorithm would only add latency.
-    let tcp = axum::serve::ListenerExt::tap_io(tcp, |s| {
-        let _ = s.set_nodelay(true);
-    });
-    tokio::spawn(serve_api(axum::serve(tcp, api::router(shared.clone()))));
-    tokio::spawn(serve_api(axum::serve(uds, api::router(shared.clone()))));
+    tokio::spawn(serve::tcp(tcp, api::router(shared.clone())));
+    tokio::spawn(serve::unix(uds, api::router(shared.clone())));
     let api_json = serde_json::json!({ "http": http_addr, "socket": socket, "pid": std::process::id() });
     tern_durable::write_atomic(&data_dir.join("api.json"), &serde_json::to_vec_pretty(&api_json)?, false)?;
     info!(device = %identity.info.device_id, http = %http_addr, socket = %socket.display(), "agent ready");
@@ -194,16 +192,6 @@ async fn run(
     info!("agent stopping");
     let _ = std::fs::remove_file(&socket);
     Ok(())
-}
-
-async fn serve_api<L>(server: axum::serve::Serve<L, axum::Router, axum::Router>)
-where
-    L: axum::serve::Listener,
-    L::Addr: std::fmt::Debug,
-{
-    if let Err(e) = server.await {
-        error!("local API stopped: {e}");
-    }
 }
 
 async fn sleep_until(at: Option<Instant>) {
@@ -263,14 +251,11 @@ fn execute(
             let (store, shared, done) = (store.clone(), shared.clone(), done.clone());
             tokio::task::spawn_blocking(move || {
                 let (name, version) = (m.name.clone(), m.version);
-                let ev = match load(&store, &m).and_then(|backend| {
-                    let pool = tern_runtime::Pool::new(&m.name, backend.clone(), shared.threads, shared.queue)
-                        .map_err(|e| format!("cannot start worker threads: {e}"))?;
-                    Ok((backend, pool))
-                }) {
-                    Ok((backend, pool)) => {
-                        let served = Arc::new(api::Served::new(m, backend, pool));
-                        // In-flight requests finish on the old version; its workers stop after.
+                let ev = match load(&store, &m) {
+                    Ok(backend) => {
+                        let gate = gate::Gate::new(shared.threads, shared.queue);
+                        let served = Arc::new(api::Served::new(m, backend, gate));
+                        // In-flight requests finish on the old version, which is dropped after.
                         shared.models.write().expect("lock").insert(name.clone(), served);
                         info!(model = %name, version, threads = shared.threads, queue = shared.queue, "serving");
                         Event::Loaded { name, version }

@@ -40,8 +40,8 @@ pub fn lookup(name: &str) -> Option<Profile> {
     PROFILES.iter().find(|(n, _)| *n == name).map(|(_, text)| toml::from_str(text).expect("built-in profiles parse"))
 }
 
-/// Worker threads and queue slots per model: flags first, then the profile,
-/// then one worker per core and 32 slots.
+/// Concurrent runs and queue places per model: flags first, then the
+/// profile, then one run per core and 32 places.
 pub fn budget(profile: Option<&Profile>, threads: Option<usize>, queue: Option<usize>) -> (usize, usize) {
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let from_profile = profile.map(|p| if p.threads_per_model == 0 { cores } else { p.threads_per_model });

@@ -9,14 +9,14 @@
 mod burn_backend;
 #[cfg(feature = "onnx")]
 mod onnx;
-mod pool;
+mod guard;
 mod tract_backend;
 
 #[cfg(feature = "burn")]
 pub use burn_backend::BurnModel;
 #[cfg(feature = "onnx")]
 pub use onnx::onnx_to_nnef;
-pub use pool::{Pool, Reply, SubmitError, Timing};
+pub use guard::run_guarded;
 pub use tern_proto::{Tensor, TensorData};
 pub use tract_backend::TractModel;
 
