@@ -75,6 +75,35 @@ fn time_runs(iters: usize, warmup: usize, mut f: impl FnMut() -> Result<()>) -> 
     Ok(out)
 }
 
+/// The least any out-of-process server can add on this machine: a one-byte
+/// round trip over a Unix socket pair to a thread that busy-works for `work`
+/// before answering (no HTTP, no model), minus `work`. Both ends sleep in the
+/// kernel while the other works, as the client and the agent do.
+fn socket_floor(work: Duration, iters: usize, warmup: usize) -> Result<Vec<f64>> {
+    let (mut client, mut server) = UnixStream::pair()?;
+    let echo = std::thread::spawn(move || {
+        let mut b = [0u8; 1];
+        while server.read_exact(&mut b).is_ok() {
+            let t = Instant::now();
+            while t.elapsed() < work {
+                std::hint::spin_loop();
+            }
+            if server.write_all(&b).is_err() {
+                break;
+            }
+        }
+    });
+    let mut b = [0u8; 1];
+    let ms = time_runs(iters, warmup, || {
+        client.write_all(&b)?;
+        client.read_exact(&mut b)?;
+        Ok(())
+    })?;
+    drop(client);
+    echo.join().map_err(|_| anyhow::anyhow!("echo thread panicked"))?;
+    Ok(ms.into_iter().map(|m| m - work.as_secs_f64() * 1e3).collect())
+}
+
 /// Deterministic input in [0, 1).
 fn input_data(n: usize) -> Vec<f32> {
     let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
@@ -300,6 +329,7 @@ fn main() -> Result<()> {
 
     uds.timings.clear();
     let (mut raw, mut in_process, mut over_uds, mut over_http, mut ort_ms) = (vec![], vec![], vec![], vec![], vec![]);
+    let mut floor = vec![];
     let mut ort = Value::Null;
     for _ in 0..rounds {
         raw.extend(time_runs(per_round, args.warmup, || {
@@ -315,6 +345,8 @@ fn main() -> Result<()> {
         uds.timings.drain(mark..mark + args.warmup);
         over_http.extend(time_runs(per_round, args.warmup, || tcp.post(path, &body).map(drop))?);
         ort_ms.extend(ort_round(&mut ort)?);
+        let work = Duration::from_secs_f64(stats(raw.clone()).p50 / 1e3);
+        floor.extend(socket_floor(work, per_round, args.warmup)?);
     }
     drop(procs);
 
@@ -347,6 +379,15 @@ fn main() -> Result<()> {
          round trip is HTTP and the socket.\n",
         all[2].p50 - handler,
         all[2].p50
+    );
+    let floor = stats(floor);
+    table += &format!(
+        "\nFloor on this machine: a one-byte round trip over a Unix socket pair, to a thread that busy-works \
+         for raw tract's p50 before answering, costs {:.3} ms p50 ({:.3} p99) beyond the work ({:.2}× raw \
+         tract before any HTTP or tensor is handled).\n",
+        floor.p50,
+        floor.p99,
+        (all[0].p50 + floor.p50) / all[0].p50
     );
     table += &format!(
         "\nOutputs agree: agent vs raw tract max |Δ| = {agent_diff:.2e}; onnxruntime vs raw tract max |Δ| = {:.2e}.\n",

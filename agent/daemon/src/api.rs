@@ -1,6 +1,7 @@
 //! The local inference API for apps on the device, on 127.0.0.1 and on a
 //! Unix socket: `GET /v1/models`, `POST /v1/models/NAME:predict`.
 
+use crate::gate::{Gate, Timing};
 use axum::body::Bytes;
 use axum::extract::{DefaultBodyLimit, Path, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
@@ -17,7 +18,6 @@ use tern_proto::{
     DType, DeviceId, ModelManifest, ModelState, ModelStatus, TENSORS_MEDIA_TYPE, TensorSpec, decode_tensors,
     encode_tensors,
 };
-use crate::gate::{Gate, Timing};
 use tern_runtime::{Backend, Tensor, TensorData, check_inputs};
 use tokio::sync::{Notify, watch};
 

@@ -7,16 +7,16 @@
 
 #[cfg(feature = "burn")]
 mod burn_backend;
+mod guard;
 #[cfg(feature = "onnx")]
 mod onnx;
-mod guard;
 mod tract_backend;
 
 #[cfg(feature = "burn")]
 pub use burn_backend::BurnModel;
+pub use guard::run_guarded;
 #[cfg(feature = "onnx")]
 pub use onnx::onnx_to_nnef;
-pub use guard::run_guarded;
 pub use tern_proto::{Tensor, TensorData};
 pub use tract_backend::TractModel;
 
