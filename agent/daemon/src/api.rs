@@ -328,7 +328,7 @@ fn nonfinite(inputs: &[Tensor]) -> u64 {
         .sum()
 }
 
-/// Runs checked inputs on the model's pool; keeps its counters and health.
+/// Runs checked inputs through the model's gate; keeps its counters and health.
 async fn run(shared: &Shared, served: &Arc<Served>, inputs: Vec<Tensor>) -> Result<(Vec<Tensor>, Timing), ApiError> {
     let name = &served.manifest.name;
     let bad_values = nonfinite(&inputs);

@@ -7,8 +7,8 @@
 //!
 //! An HTTP/1.1 connection carries one request at a time, so a run that
 //! blocks its thread blocks no one else; each model's `Gate` bounds how many
-//! run at once. At most `MAX_CONNECTIONS` are open; further clients wait in
-//! the listen backlog.
+//! run at once. At most `MAX_CONNECTIONS` are open per listener; further
+//! clients wait in the listen backlog.
 
 use axum::Router;
 use hyper_util::rt::{TokioIo, TokioTimer};
@@ -19,7 +19,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tracing::{debug, error, warn};
 
-/// Open connections at most (each holds a thread).
+/// Open connections per listener at most (each holds a thread).
 const MAX_CONNECTIONS: usize = 64;
 /// A request's headers must arrive within this, or the connection closes.
 const HEADER_TIMEOUT: Duration = Duration::from_secs(30);
@@ -31,29 +31,33 @@ enum Conn {
     Unix(std::os::unix::net::UnixStream),
 }
 
-/// Accepts on TCP (loopback) until the listener fails.
+/// Accepts on TCP (loopback).
 pub async fn tcp(listener: tokio::net::TcpListener, router: Router) {
-    let limit = Arc::new(Semaphore::new(MAX_CONNECTIONS));
-    loop {
-        let slot = limit.clone().acquire_owned().await.expect("never closed");
-        match listener.accept().await.and_then(|(s, _)| {
-            // Small request/response pairs: Nagle's algorithm would only add latency.
-            s.set_nodelay(true)?;
-            s.into_std()
-        }) {
-            Ok(s) => spawn(Conn::Tcp(s), router.clone(), slot),
-            Err(e) => accept_failed(e).await,
-        }
-    }
+    accept_loop(router, || async {
+        let (s, _) = listener.accept().await?;
+        // Small request/response pairs: Nagle's algorithm would only add latency.
+        s.set_nodelay(true)?;
+        Ok(Conn::Tcp(s.into_std()?))
+    })
+    .await
 }
 
-/// Accepts on the Unix socket until the listener fails.
+/// Accepts on the Unix socket.
 pub async fn unix(listener: tokio::net::UnixListener, router: Router) {
+    accept_loop(router, || async { Ok(Conn::Unix(listener.accept().await?.0.into_std()?)) }).await
+}
+
+/// Hands each accepted connection a thread, at most `MAX_CONNECTIONS` at once.
+async fn accept_loop<F, Fut>(router: Router, mut accept: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = std::io::Result<Conn>>,
+{
     let limit = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     loop {
         let slot = limit.clone().acquire_owned().await.expect("never closed");
-        match listener.accept().await.and_then(|(s, _)| s.into_std()) {
-            Ok(s) => spawn(Conn::Unix(s), router.clone(), slot),
+        match accept().await {
+            Ok(conn) => spawn(conn, router.clone(), slot),
             Err(e) => accept_failed(e).await,
         }
     }
