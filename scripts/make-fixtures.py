@@ -9,6 +9,8 @@ independent of tract) for the end-to-end tests to compare against.
     python3 scripts/make-fixtures.py
 
 The outputs are committed so that the demo and the tests need no Python.
+`python3 scripts/make-fixtures.py recurrent` rebuilds only the recurrent
+models (their bytes are seeded, so they come out the same).
 """
 import json
 import pathlib
@@ -16,11 +18,6 @@ import pathlib
 import numpy as np
 import onnx
 import onnxruntime as ort
-from skl2onnx import to_onnx
-from sklearn.datasets import load_iris
-from sklearn.neural_network import MLPClassifier, MLPRegressor
-from sklearn.pipeline import make_pipeline
-from sklearn.preprocessing import StandardScaler
 
 OUT = pathlib.Path(__file__).resolve().parent.parent / "fixtures"
 
@@ -59,7 +56,88 @@ def small_models() -> None:
     onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), OUT / "slow.onnx")
 
 
+def recurrent_models() -> None:
+    """Models whose operators keep a state inside one run: a GRU and an LSTM
+    over a 5-step sequence, and a Scan that sums its steps into a state that
+    starts from a constant. A runtime that carried that state over into the
+    next run would answer differently from the second request on; onnxruntime
+    (which does not) gives the expected outputs.
+    """
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(14)
+    steps, batch, width, hidden = 5, 1, 3, 4
+    x = rng.standard_normal((steps, batch, width)).astype(np.float32)
+    expected = {"producer": f"onnxruntime {ort.__version__}", "models": {}}
+
+    def rec(op: str, gates: int) -> onnx.ModelProto:
+        w = numpy_helper.from_array(rng.standard_normal((1, gates * hidden, width)).astype(np.float32) * 0.5, "W")
+        r = numpy_helper.from_array(rng.standard_normal((1, gates * hidden, hidden)).astype(np.float32) * 0.5, "R")
+        b = numpy_helper.from_array(rng.standard_normal((1, 2 * gates * hidden)).astype(np.float32) * 0.1, "B")
+        outs = ["Y", "Y_h"] + (["Y_c"] if op == "LSTM" else [])
+        g = helper.make_graph(
+            [helper.make_node(op, ["X", "W", "R", "B"], outs, hidden_size=hidden)],
+            op.lower(),
+            [helper.make_tensor_value_info("X", TensorProto.FLOAT, [steps, batch, width])],
+            [
+                helper.make_tensor_value_info(o, TensorProto.FLOAT, [steps, 1, batch, hidden] if o == "Y" else [1, batch, hidden])
+                for o in outs
+            ],
+            [w, r, b],
+        )
+        return helper.make_model(g, opset_imports=[helper.make_opsetid("", 14)])
+
+    # Scan: state s (initialised from a constant 10) += each step of X; outputs
+    # the final state and every partial sum.
+    body = helper.make_graph(
+        [helper.make_node("Add", ["s_in", "x_t"], ["s_out"]), helper.make_node("Identity", ["s_out"], ["y_t"])],
+        "body",
+        [
+            helper.make_tensor_value_info("s_in", TensorProto.FLOAT, [batch, width]),
+            helper.make_tensor_value_info("x_t", TensorProto.FLOAT, [batch, width]),
+        ],
+        [
+            helper.make_tensor_value_info("s_out", TensorProto.FLOAT, [batch, width]),
+            helper.make_tensor_value_info("y_t", TensorProto.FLOAT, [batch, width]),
+        ],
+    )
+    init = numpy_helper.from_array(np.full((batch, width), 10.0, np.float32), "init")
+    scan = helper.make_graph(
+        [helper.make_node("Scan", ["init", "X"], ["S", "Y"], body=body, num_scan_inputs=1)],
+        "scan",
+        [helper.make_tensor_value_info("X", TensorProto.FLOAT, [steps, batch, width])],
+        [
+            helper.make_tensor_value_info("S", TensorProto.FLOAT, [batch, width]),
+            helper.make_tensor_value_info("Y", TensorProto.FLOAT, [steps, batch, width]),
+        ],
+        [init],
+    )
+    models = {
+        "gru.onnx": rec("GRU", 3),
+        "lstm.onnx": rec("LSTM", 4),
+        "scan.onnx": helper.make_model(scan, opset_imports=[helper.make_opsetid("", 14)]),
+    }
+    for name, model in models.items():
+        onnx.checker.check_model(model)
+        onnx.save(model, OUT / name)
+        sess = ort.InferenceSession(str(OUT / name), providers=["CPUExecutionProvider"])
+        outs = sess.run(None, {"X": x})
+        expected["models"][name] = {
+            o.name: {"shape": list(v.shape), "data": v.flatten().tolist()} for o, v in zip(sess.get_outputs(), outs)
+        }
+    expected["input"] = {"name": "X", "shape": list(x.shape), "data": x.flatten().tolist()}
+    (OUT / "recurrent.expected.json").write_text(json.dumps(expected, indent=1) + "\n")
+    print(f"wrote {', '.join(models)} and recurrent.expected.json")
+
+
 def main() -> None:
+    from skl2onnx import to_onnx
+    from sklearn.datasets import load_iris
+    from sklearn.neural_network import MLPClassifier
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    recurrent_models()
     small_models()
     OUT.mkdir(exist_ok=True)
     x, y = load_iris(return_X_y=True)
@@ -115,6 +193,9 @@ def builtin_models(classifier, x, rows) -> None:
     classifier above as an `Mlp` with a softmax head, and an autoencoder
     trained to reconstruct Iris rows. Expected outputs come from onnxruntime
     running skl2onnx exports of the very same scikit-learn models."""
+    from skl2onnx import to_onnx
+    from sklearn.neural_network import MLPRegressor
+
     mlp = {"Mlp": {"inputs": 4, "hidden": list(classifier.hidden_layer_sizes), "outputs": 3, "head": "Softmax"}}
     (OUT / "iris-mlp.weights.json").write_text(json.dumps(weights_json(mlp, classifier)) + "\n")
     sess = ort.InferenceSession(str(OUT / "iris.onnx"), providers=["CPUExecutionProvider"])
@@ -139,4 +220,6 @@ def builtin_models(classifier, x, rows) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    import sys
+
+    recurrent_models() if sys.argv[1:] == ["recurrent"] else main()

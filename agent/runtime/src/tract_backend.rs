@@ -1,5 +1,5 @@
 use crate::{Backend, RuntimeError, Tensor, TensorData};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use tern_proto::{DType, TensorSpec};
 use tract_nnef::prelude::*;
 
@@ -10,10 +10,6 @@ pub struct TractModel {
     plan: Plan,
     inputs: Vec<TensorSpec>,
     outputs: Vec<TensorSpec>,
-    /// Run states kept between runs, so that a run reuses the buffers of
-    /// the one before instead of allocating (and faulting in) new ones.
-    /// At most one per concurrent run.
-    states: Mutex<Vec<TypedSimpleState>>,
 }
 
 pub(crate) fn load_err(e: impl std::fmt::Display) -> RuntimeError {
@@ -72,7 +68,7 @@ impl TractModel {
             })
             .collect::<Result<Vec<_>, _>>()?;
         let plan = typed.into_runnable().map_err(load_err)?;
-        Ok(Self { plan, inputs, outputs, states: Mutex::new(Vec::new()) })
+        Ok(Self { plan, inputs, outputs })
     }
 }
 
@@ -160,15 +156,12 @@ impl Backend for TractModel {
 
     fn run(&self, inputs: Vec<Tensor>) -> Result<Vec<Tensor>, RuntimeError> {
         let inputs = inputs.into_iter().map(to_tract).collect::<Result<TVec<_>, _>>()?;
-        let run_err = |e: TractError| RuntimeError::Run(format!("{e:#}"));
-        let state = self.states.lock().expect("lock").pop();
-        let mut state = match state {
-            Some(s) => s,
-            None => self.plan.spawn().map_err(run_err)?,
-        };
-        // A failed run drops its state rather than reuse one left half-done.
-        let outputs = state.run(inputs).map_err(run_err)?;
-        self.states.lock().expect("lock").push(state);
+        // A fresh run state every time: operators such as GRU, LSTM and Scan
+        // keep their state from one run into the next within a state, so a
+        // reused one would answer from the second request on as if the
+        // inputs had been concatenated. (Reuse saved under 1 % on the CNN
+        // benchmark; bench/examples/state_reuse.rs.)
+        let outputs = self.plan.run(inputs).map_err(|e| RuntimeError::Run(format!("{e:#}")))?;
         outputs.iter().map(from_tract).collect()
     }
 }
