@@ -42,7 +42,8 @@ fn main() -> Result<()> {
         }
         eprintln!("round {round} done");
     }
-    for (name, t) in ["one state reused", "fresh state per run", "pristine state cloned per run"].iter().zip(&mut times) {
+    for (name, t) in ["one state reused", "fresh state per run", "pristine state cloned per run"].iter().zip(&mut times)
+    {
         t.sort();
         let p = |q: f64| t[((t.len() - 1) as f64 * q) as usize].as_secs_f64() * 1e3;
         println!("{name:32} p50 {:.3} ms  p99 {:.3} ms", p(0.5), p(0.99));

@@ -15,5 +15,5 @@ fuzz_target!(|data: &[u8]| {
     bytes.extend_from_slice(&(header.len() as u32).to_le_bytes());
     bytes.extend_from_slice(&header);
     bytes.extend_from_slice(data);
-    let _ = Artifact::decode(&bytes, &device);
+    let _ = Artifact::decode(bytes, &device);
 });

@@ -291,5 +291,5 @@ fn load(store: &store::Store, m: &ModelManifest) -> Result<Arc<dyn tern_runtime:
         let _ = std::fs::remove_file(&path);
         return Err(format!("stored artifact is corrupt (sha256 {actual}); it will be downloaded again"));
     }
-    Ok(tern_runtime::load(m.format, &bytes).map_err(|e| e.to_string())?.into())
+    Ok(tern_runtime::load(m.format, bytes).map_err(|e| e.to_string())?.into())
 }

@@ -11,8 +11,9 @@ pub struct BurnModel {
 }
 
 impl BurnModel {
-    /// Loads a `.tbm` artifact: family, shape and weights.
-    pub fn load(bytes: &[u8]) -> Result<Self, RuntimeError> {
+    /// Loads a `.tbm` artifact: family, shape and weights. Takes the bytes
+    /// so that their buffer becomes the weights' (see `Artifact::decode`).
+    pub fn load(bytes: Vec<u8>) -> Result<Self, RuntimeError> {
         let device = tern_models::cpu_device();
         let Artifact { family, model } =
             Artifact::decode(bytes, &device).map_err(|e| RuntimeError::Load(e.to_string()))?;

@@ -61,10 +61,12 @@ pub fn sniff_format(bytes: &[u8]) -> ModelFormat {
     }
 }
 
-/// Loads an artifact of any format this build runs.
-pub fn load(format: ModelFormat, bytes: &[u8]) -> Result<Box<dyn Backend>, RuntimeError> {
+/// Loads an artifact of any format this build runs. It takes the bytes: a
+/// built-in model's weights reuse their buffer, and every format frees them
+/// once loaded, so a load holds about one copy of the model at its peak.
+pub fn load(format: ModelFormat, bytes: Vec<u8>) -> Result<Box<dyn Backend>, RuntimeError> {
     match format {
-        ModelFormat::Onnx | ModelFormat::Nnef => Ok(Box::new(TractModel::load(format, bytes)?)),
+        ModelFormat::Onnx | ModelFormat::Nnef => Ok(Box::new(TractModel::load(format, &bytes)?)),
         #[cfg(feature = "burn")]
         ModelFormat::Burn => Ok(Box::new(BurnModel::load(bytes)?)),
         #[cfg(not(feature = "burn"))]

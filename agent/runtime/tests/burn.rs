@@ -22,7 +22,7 @@ fn floats(v: &Value) -> Vec<f32> {
 fn autoencoder_serves_through_the_backend_trait() {
     let bytes = artifact("iris-autoencoder.weights.json");
     assert_eq!(tern_runtime::sniff_format(&bytes), ModelFormat::Burn);
-    let model = tern_runtime::load(ModelFormat::Burn, &bytes).unwrap();
+    let model = tern_runtime::load(ModelFormat::Burn, bytes.clone()).unwrap();
     assert_eq!(model.inputs().len(), 1);
     assert_eq!(model.inputs()[0].to_string(), "input: f32[?,4]");
     let names: Vec<_> = model.outputs().iter().map(|o| o.to_string()).collect();
@@ -41,7 +41,7 @@ fn autoencoder_serves_through_the_backend_trait() {
 
 #[test]
 fn wrong_inputs_are_refused_before_the_model_runs() {
-    let model = tern_runtime::load(ModelFormat::Burn, &artifact("iris-mlp.weights.json")).unwrap();
+    let model = tern_runtime::load(ModelFormat::Burn, artifact("iris-mlp.weights.json")).unwrap();
     let narrow = Tensor { shape: vec![1, 3], data: TensorData::F32(vec![1.0; 3]) };
     let err = check_inputs(model.inputs(), &[narrow]).unwrap_err();
     assert_eq!(
@@ -58,6 +58,6 @@ fn wrong_inputs_are_refused_before_the_model_runs() {
 #[test]
 fn a_corrupt_artifact_is_a_load_error() {
     let bytes = artifact("iris-mlp.weights.json");
-    let err = tern_runtime::load(ModelFormat::Burn, &bytes[..bytes.len() - 10]).err().unwrap();
+    let err = tern_runtime::load(ModelFormat::Burn, bytes[..bytes.len() - 10].to_vec()).err().unwrap();
     assert!(matches!(err, RuntimeError::Load(ref m) if m.contains("bad weights")), "{err}");
 }

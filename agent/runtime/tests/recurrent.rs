@@ -45,9 +45,9 @@ fn check_runs(name: &str, model: &dyn Backend) {
 fn recurrent_models_start_every_run_from_their_initial_state() {
     for name in ["gru.onnx", "lstm.onnx", "scan.onnx"] {
         let bytes = std::fs::read(fixture(name)).unwrap();
-        let onnx = tern_runtime::load(ModelFormat::Onnx, &bytes).unwrap();
+        let onnx = tern_runtime::load(ModelFormat::Onnx, bytes.clone()).unwrap();
         check_runs(name, onnx.as_ref());
-        let nnef = tern_runtime::load(ModelFormat::Nnef, &onnx_to_nnef(&bytes, None).unwrap()).unwrap();
+        let nnef = tern_runtime::load(ModelFormat::Nnef, onnx_to_nnef(&bytes, None).unwrap()).unwrap();
         check_runs(name, nnef.as_ref());
     }
 }

@@ -54,10 +54,14 @@ impl Artifact {
     }
 
     /// Reads the family and weights, checking the shape before allocating
-    /// the model and every weight tensor against it.
-    pub fn decode(bytes: &[u8], device: &Device) -> Result<Self, ArtifactError> {
-        let (family, weights) = split(bytes)?;
-        let record = ModuleRecord::from_bytes(Bytes::from_bytes_vec(weights.to_vec()))
+    /// the model and every weight tensor against it. The artifact's buffer
+    /// becomes the weights' buffer (no copy of it is made), and it is freed
+    /// once the model holds its weights.
+    pub fn decode(bytes: impl Into<Vec<u8>>, device: &Device) -> Result<Self, ArtifactError> {
+        let mut bytes = bytes.into();
+        let (family, header_len) = split(&bytes)?;
+        bytes.drain(..header_len);
+        let record = ModuleRecord::from_bytes(Bytes::from_bytes_vec(bytes))
             .map_err(|e| ArtifactError::Weights(e.to_string()))?;
         if record.len() != family.layers().len() * 2 {
             return Err(ArtifactError::Weights(format!(
@@ -76,8 +80,8 @@ impl Artifact {
     }
 }
 
-/// The checked family, and the weights after it.
-fn split(bytes: &[u8]) -> Result<(Family, &[u8]), ArtifactError> {
+/// The checked family, and where the weights start.
+fn split(bytes: &[u8]) -> Result<(Family, usize), ArtifactError> {
     if !bytes.starts_with(MAGIC) {
         return Err(ArtifactError::Magic);
     }
@@ -93,5 +97,5 @@ fn split(bytes: &[u8]) -> Result<(Family, &[u8]), ArtifactError> {
     }
     let family: Family = postcard::from_bytes(&bytes[8..8 + len]).map_err(|e| ArtifactError::Header(e.to_string()))?;
     family.validate()?;
-    Ok((family, &bytes[8 + len..]))
+    Ok((family, 8 + len))
 }

@@ -22,7 +22,7 @@ pub enum SpecError {
     Layers(usize),
     /// More than [`MAX_PARAMS`] parameters.
     #[error("{0} parameters; at most {MAX_PARAMS}")]
-    Params(usize),
+    Params(u64),
     /// Weights given for a different number of layers than the family has.
     #[error("the family has {expected} layers, the weights {got}")]
     LayerCount {
@@ -108,16 +108,19 @@ impl Family {
         {
             return Err(SpecError::Layers(0));
         }
-        let mut params = 0usize;
+        // u64 and checked: `in * out` of two 65,536-wide layers is 2^32,
+        // which wraps to 0 in a 32-bit usize (armv7) and would pass the limit.
+        let mut params = 0u64;
         for &(i, o) in &layers {
             for w in [i, o] {
                 if !(1..=MAX_WIDTH).contains(&w) {
                     return Err(SpecError::Width(w));
                 }
             }
-            params = params.saturating_add(i * o + o);
+            let layer = (i as u64).checked_mul(o as u64).and_then(|w| w.checked_add(o as u64)).unwrap_or(u64::MAX);
+            params = params.saturating_add(layer);
         }
-        if params > MAX_PARAMS {
+        if params > MAX_PARAMS as u64 {
             return Err(SpecError::Params(params));
         }
         Ok(())

@@ -38,7 +38,7 @@ fn mlp_matches_onnxruntime_through_an_artifact() {
     let weights = load("iris-mlp.weights.json");
     let family = weights.family.clone();
     let bytes = weights.into_artifact(&device).unwrap();
-    let loaded = Artifact::decode(&bytes, &device).unwrap();
+    let loaded = Artifact::decode(bytes.clone(), &device).unwrap();
     assert_eq!(loaded.family, family);
     assert_eq!(BuiltIn::output_names(&family), ["probabilities"]);
     let out = loaded.model.run(input, 8, &device);
@@ -54,7 +54,7 @@ fn autoencoder_matches_onnxruntime() {
     let weights = load("iris-autoencoder.weights.json");
     assert_eq!(weights.family.layers(), [(4, 8), (8, 3), (3, 8), (8, 4)]);
     let bytes = weights.into_artifact(&device).unwrap();
-    let out = Artifact::decode(&bytes, &device).unwrap().model.run(input, 8, &device);
+    let out = Artifact::decode(bytes.clone(), &device).unwrap().model.run(input, 8, &device);
     assert_eq!(out[0].1, [8, 4]);
     assert_eq!(out[1].1, [8]);
     assert_close(&out[0].0, &floats(&e["autoencoder"]["reconstruction"]), 1e-4);
@@ -80,7 +80,7 @@ fn bad_artifacts_get_clear_errors() {
     assert_eq!(Artifact::decode(b"\x1f\x8b not this", &device).unwrap_err(), ArtifactError::Magic);
     let mut v = good.clone();
     v[3] = 9;
-    assert_eq!(Artifact::decode(&v, &device).unwrap_err(), ArtifactError::Version(9));
+    assert_eq!(Artifact::decode(v.clone(), &device).unwrap_err(), ArtifactError::Version(9));
     assert!(matches!(Artifact::decode(&good[..6], &device), Err(ArtifactError::Header(_))));
     for cut in [good.len() / 2, good.len() - 1] {
         assert!(matches!(Artifact::decode(&good[..cut], &device), Err(ArtifactError::Weights(_))), "cut at {cut}");
@@ -95,7 +95,7 @@ fn bad_artifacts_get_clear_errors() {
     v.extend_from_slice(&(header.len() as u32).to_le_bytes());
     v.extend_from_slice(&header);
     v.extend_from_slice(&good[8 + old_len..]);
-    let err = Artifact::decode(&v, &device).unwrap_err();
+    let err = Artifact::decode(v.clone(), &device).unwrap_err();
     assert!(matches!(err, ArtifactError::Weights(_)), "{err}");
 
     // A header that would allocate far too much.
@@ -106,9 +106,18 @@ fn bad_artifacts_get_clear_errors() {
         head: tern_models::Head::Identity,
     });
     assert!(matches!(huge.validate(), Err(SpecError::Params(_))));
+    // 2^16 × 2^16 is 2^32: zero in a 32-bit usize, so a wrapping count
+    // would let it through on armv7.
+    let wraps = Family::Mlp(tern_models::MlpSpec {
+        inputs: tern_models::MAX_WIDTH,
+        hidden: vec![tern_models::MAX_WIDTH],
+        outputs: tern_models::MAX_WIDTH,
+        head: tern_models::Head::Identity,
+    });
+    assert_eq!(wraps.validate(), Err(SpecError::Params(2 * ((1 << 32) + (1 << 16)))));
     let header = postcard::to_allocvec(&huge).unwrap();
     let mut v = b"TBM\x01".to_vec();
     v.extend_from_slice(&(header.len() as u32).to_le_bytes());
     v.extend_from_slice(&header);
-    assert!(matches!(Artifact::decode(&v, &device), Err(ArtifactError::Spec(SpecError::Params(_)))));
+    assert!(matches!(Artifact::decode(v.clone(), &device), Err(ArtifactError::Spec(SpecError::Params(_)))));
 }

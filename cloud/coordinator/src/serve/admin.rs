@@ -146,7 +146,7 @@ async fn register(
     let size = bytes.len() as u64;
     // The same loader as on the device: a model the agents cannot run is refused here.
     let format = sniff_format(&bytes);
-    let model = tokio::task::spawn_blocking(move || tern_runtime::load(format, &bytes))
+    let model = tokio::task::spawn_blocking(move || tern_runtime::load(format, bytes))
         .await
         .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
         .map_err(|e| ApiError(StatusCode::UNPROCESSABLE_ENTITY, format!("model refused ({format}): {e}")))?;
