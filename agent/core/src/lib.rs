@@ -2,8 +2,10 @@
 //! candidate) and the machine that moves a candidate from the desired state
 //! to serving. It does no I/O and reads no clock: the daemon feeds it the
 //! desired state, the results of the work it asked for, and `now`; it answers
-//! with [`Action`]s to perform and a status to report.
+//! with [`Action`]s to perform and a status to report. The daemon serves only
+//! what the core told it to install, and persists what [`Slots::persisted`]
+//! returns, so a restart finds every model the agent knew about.
 
 mod slots;
 
-pub use slots::{Action, Disallowed, Event, Phase, Slot, Slots};
+pub use slots::{Action, Disallowed, Event, MAX_BACKOFF, MIN_BACKOFF, Persisted, PersistedSlot, Phase, Slot, Slots};

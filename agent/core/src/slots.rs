@@ -1,7 +1,7 @@
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::fmt;
 use std::time::{Duration, Instant};
-use tern_proto::{ModelManifest, ModelState, ModelStatus};
+use tern_proto::{ModelFormat, ModelManifest, ModelState, ModelStatus, Refusal, Sha256Digest};
 
 /// First retry delay after a failure; doubles per attempt up to [`MAX_BACKOFF`].
 pub const MIN_BACKOFF: Duration = Duration::from_secs(2);
@@ -22,6 +22,12 @@ pub enum Phase {
         /// When the next attempt starts.
         retry_at: Instant,
     },
+    /// This agent cannot run it (its format); not retried until the
+    /// desired state changes.
+    Refused {
+        /// Why.
+        reason: String,
+    },
 }
 
 impl fmt::Display for Phase {
@@ -30,6 +36,7 @@ impl fmt::Display for Phase {
             Phase::Fetching => f.write_str("fetching"),
             Phase::Loading => f.write_str("loading"),
             Phase::Failed { .. } => f.write_str("failed"),
+            Phase::Refused { .. } => f.write_str("refused"),
         }
     }
 }
@@ -53,7 +60,8 @@ pub enum Event {
         /// Why.
         reason: String,
     },
-    /// The runtime loaded the model and serves it now.
+    /// The runtime loaded the model; the daemon holds it until told to
+    /// [`Action::Install`] it (or drops it if the core does not).
     Loaded {
         /// Model name.
         name: String,
@@ -101,23 +109,35 @@ pub struct Disallowed {
     pub name: String,
     /// Version the event was about.
     pub version: u32,
-    /// The phase it arrived in ("no candidate" when there was none).
+    /// The phase it arrived in ("serving" for the installed version).
     pub state: String,
 }
 
-/// Work for the daemon.
+/// Work for the daemon. The daemon carries out these and nothing else: a
+/// result the core has not turned into an `Install` is never served.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Action {
     /// Download (resuming if possible) and check this artifact, then report
     /// [`Event::Fetched`] or [`Event::FetchFailed`].
     Fetch(ModelManifest),
-    /// Load this verified artifact and swap it in, then report
+    /// Load this verified artifact (without serving it), then report
     /// [`Event::Loaded`] or [`Event::LoadFailed`].
     Load(ModelManifest),
+    /// Serve what was loaded for this manifest in place of whatever serves
+    /// under its name now.
+    Install(ModelManifest),
     /// Stop serving this model: it is no longer desired.
     Unload(String),
-    /// The active set changed: persist [`Slots::active`].
+    /// The persisted state changed: write [`Slots::persisted`].
     Persist,
+}
+
+/// A slot's committed version.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Active {
+    manifest: ModelManifest,
+    /// False from a restart until the daemon has loaded it again.
+    installed: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -127,21 +147,27 @@ struct Candidate {
     attempts: u32,
 }
 
-/// One model name's slot.
+/// One model name's slot: the committed version, the one before it, and
+/// the one on its way in.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Slot {
-    active: Option<ModelManifest>,
+    active: Option<Active>,
     previous: Option<ModelManifest>,
     candidate: Option<Candidate>,
 }
 
 impl Slot {
-    /// The version serving now.
+    /// The committed version (serving, or being loaded again after a restart).
     pub fn active(&self) -> Option<&ModelManifest> {
-        self.active.as_ref()
+        self.active.as_ref().map(|a| &a.manifest)
     }
 
-    /// The version that served before the active one.
+    /// Whether the committed version is loaded and serving.
+    pub fn serving(&self) -> bool {
+        self.active.as_ref().is_some_and(|a| a.installed)
+    }
+
+    /// The version that was committed before the active one.
     pub fn previous(&self) -> Option<&ModelManifest> {
         self.previous.as_ref()
     }
@@ -152,11 +178,36 @@ impl Slot {
     }
 }
 
+/// One slot as persisted: every manifest it holds, so that nothing is lost
+/// whatever was in flight when the agent stopped.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PersistedSlot {
+    /// Model name.
+    pub name: String,
+    /// The committed version.
+    pub active: Option<ModelManifest>,
+    /// The version before it, to fall back on.
+    pub previous: Option<ModelManifest>,
+    /// The desired version not yet committed.
+    pub candidate: Option<ModelManifest>,
+}
+
+/// Everything the agent persists about its models.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Persisted {
+    /// Generation of the last desired state applied.
+    pub generation: u64,
+    /// Every slot.
+    pub slots: Vec<PersistedSlot>,
+}
+
 /// All model slots of one agent, reconciling towards the desired state.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Slots {
     slots: BTreeMap<String, Slot>,
     generation: u64,
+    refused: Option<Refusal>,
+    formats: Vec<ModelFormat>,
     actions: VecDeque<Action>,
 }
 
@@ -165,19 +216,37 @@ fn backoff(attempts: u32) -> Duration {
 }
 
 impl Slots {
-    /// Slots restored from what was active when the agent last persisted.
-    /// Each restored model must be loaded again, so each yields a `Load`.
-    pub fn restore(active: impl IntoIterator<Item = ModelManifest>) -> Self {
-        let mut s = Self::default();
-        for m in active {
-            s.slots.insert(
-                m.name.clone(),
-                Slot {
-                    candidate: Some(Candidate { manifest: m.clone(), phase: Phase::Loading, attempts: 0 }),
-                    ..Slot::default()
-                },
-            );
-            s.actions.push_back(Action::Load(m));
+    /// Empty slots for an agent that runs artifacts of `formats`.
+    pub fn new(formats: &[ModelFormat]) -> Self {
+        Self {
+            slots: BTreeMap::new(),
+            generation: 0,
+            refused: None,
+            formats: formats.to_vec(),
+            actions: VecDeque::new(),
+        }
+    }
+
+    /// Slots restored from what was persisted: each committed version is
+    /// loaded again (`Load`, then `Install` once loaded), each candidate's
+    /// download resumes (`Fetch`), and previous versions stay as fallbacks.
+    pub fn restore(formats: &[ModelFormat], persisted: Persisted) -> Self {
+        let mut s = Self::new(formats);
+        s.generation = persisted.generation;
+        for p in persisted.slots {
+            let mut slot = Slot { previous: p.previous, ..Slot::default() };
+            if let Some(m) = p.active {
+                s.actions.push_back(Action::Load(m.clone()));
+                slot.active = Some(Active { manifest: m, installed: false });
+            }
+            if let Some(m) = p.candidate {
+                let phase = s.refusal_of(&m).map_or(Phase::Fetching, |reason| Phase::Refused { reason });
+                if phase == Phase::Fetching {
+                    s.actions.push_back(Action::Fetch(m.clone()));
+                }
+                slot.candidate = Some(Candidate { manifest: m, phase, attempts: 0 });
+            }
+            s.slots.insert(p.name, slot);
         }
         s
     }
@@ -187,80 +256,165 @@ impl Slots {
         self.generation
     }
 
+    /// The desired state refused as a whole last, if none has been applied since.
+    pub fn refusal(&self) -> Option<&Refusal> {
+        self.refused.as_ref()
+    }
+
     /// One slot.
     pub fn slot(&self, name: &str) -> Option<&Slot> {
         self.slots.get(name)
     }
 
-    /// The manifests serving now, for persisting.
-    pub fn active(&self) -> Vec<ModelManifest> {
-        self.slots.values().filter_map(|s| s.active.clone()).collect()
+    /// What to persist.
+    pub fn persisted(&self) -> Persisted {
+        Persisted {
+            generation: self.generation,
+            slots: self
+                .slots
+                .iter()
+                .map(|(name, s)| PersistedSlot {
+                    name: name.clone(),
+                    active: s.active.as_ref().map(|a| a.manifest.clone()),
+                    previous: s.previous.clone(),
+                    candidate: s
+                        .candidate
+                        .as_ref()
+                        .filter(|c| !matches!(c.phase, Phase::Refused { .. }))
+                        .map(|c| c.manifest.clone()),
+                })
+                .collect(),
+        }
+    }
+
+    /// The artifacts any slot refers to: what must stay on disk.
+    pub fn referenced(&self) -> BTreeSet<Sha256Digest> {
+        let mut out = BTreeSet::new();
+        for s in self.slots.values() {
+            out.extend(s.active.iter().map(|a| a.manifest.sha256));
+            out.extend(s.previous.iter().map(|m| m.sha256));
+            out.extend(s.candidate.iter().map(|c| c.manifest.sha256));
+        }
+        out
+    }
+
+    fn refusal_of(&self, m: &ModelManifest) -> Option<String> {
+        (!self.formats.contains(&m.format)).then(|| {
+            let runs: Vec<String> = self.formats.iter().map(|f| f.to_string()).collect();
+            format!("{}:{} is {}; this agent build runs {}", m.name, m.version, m.format, runs.join(", "))
+        })
     }
 
     /// Applies a desired state (manifests already verified). Older
     /// generations than the last applied are ignored: the stream may replay.
+    /// A manifest this agent cannot run is refused on its own, with the
+    /// reason in its status; the others go ahead.
     pub fn set_desired(&mut self, generation: u64, desired: Vec<ModelManifest>) {
         if generation < self.generation {
             return;
         }
         self.generation = generation;
+        if self.refused.as_ref().is_some_and(|r| r.generation <= generation) {
+            self.refused = None;
+        }
         let wanted: BTreeMap<String, ModelManifest> = desired.into_iter().map(|m| (m.name.clone(), m)).collect();
         let gone: Vec<String> = self.slots.keys().filter(|n| !wanted.contains_key(*n)).cloned().collect();
         for name in gone {
             let slot = self.slots.remove(&name).expect("key from the map");
             if slot.active.is_some() {
                 self.actions.push_back(Action::Unload(name));
-                self.actions.push_back(Action::Persist);
             }
         }
         for (name, manifest) in wanted {
+            let refusal = self.refusal_of(&manifest);
             let slot = self.slots.entry(name).or_default();
-            if slot.active.as_ref() == Some(&manifest) {
+            if slot.active.as_ref().is_some_and(|a| a.manifest == manifest) {
                 slot.candidate = None;
                 continue;
             }
             if slot.candidate.as_ref().is_some_and(|c| c.manifest == manifest) {
                 continue;
             }
-            slot.candidate = Some(Candidate { manifest: manifest.clone(), phase: Phase::Fetching, attempts: 0 });
-            self.actions.push_back(Action::Fetch(manifest));
+            let phase = match refusal {
+                Some(reason) => Phase::Refused { reason },
+                None => {
+                    self.actions.push_back(Action::Fetch(manifest.clone()));
+                    Phase::Fetching
+                }
+            };
+            slot.candidate = Some(Candidate { manifest, phase, attempts: 0 });
         }
+        self.actions.push_back(Action::Persist);
+    }
+
+    /// Records a desired state refused as a whole (a bad signature): the
+    /// slots keep the last good one, and the status says why.
+    pub fn refuse(&mut self, generation: u64, reason: String) {
+        self.refused = Some(Refusal { generation, reason });
     }
 
     /// Feeds back the outcome of an action. Outcomes for a version that is
-    /// no longer the candidate are stale and ignored (`Ok(false)`).
+    /// no longer expected are stale and ignored (`Ok(false)`): a load that
+    /// finishes after a newer one is never installed.
     pub fn handle(&mut self, event: Event, now: Instant) -> Result<bool, Disallowed> {
         let (name, version) = event.target();
         let disallowed = |state: String| Disallowed { event: event.kind(), name: name.to_owned(), version, state };
         let Some(slot) = self.slots.get_mut(name) else {
             return Ok(false);
         };
-        let Some(cand) = slot.candidate.as_mut() else {
-            return if slot.active.as_ref().is_some_and(|a| a.version == version) {
-                Err(disallowed("serving".into()))
-            } else {
-                Ok(false)
-            };
-        };
-        if cand.manifest.version != version {
-            return Ok(false);
+        if let Some(cand) = slot.candidate.as_mut().filter(|c| c.manifest.version == version) {
+            match (&event, &cand.phase) {
+                (Event::Fetched { .. }, Phase::Fetching) => {
+                    cand.phase = Phase::Loading;
+                    self.actions.push_back(Action::Load(cand.manifest.clone()));
+                }
+                (Event::FetchFailed { reason, .. }, Phase::Fetching)
+                | (Event::LoadFailed { reason, .. }, Phase::Loading) => {
+                    cand.attempts += 1;
+                    cand.phase = Phase::Failed { reason: reason.clone(), retry_at: now + backoff(cand.attempts) };
+                }
+                (Event::Loaded { .. }, Phase::Loading) => {
+                    let cand = slot.candidate.take().expect("matched above");
+                    if let Some(old) = slot.active.take() {
+                        slot.previous = Some(old.manifest);
+                    }
+                    slot.active = Some(Active { manifest: cand.manifest.clone(), installed: true });
+                    self.actions.push_back(Action::Install(cand.manifest));
+                    self.actions.push_back(Action::Persist);
+                }
+                (_, phase) => return Err(disallowed(phase.to_string())),
+            }
+            return Ok(true);
         }
-        match (&event, &cand.phase) {
-            (Event::Fetched { .. }, Phase::Fetching) => {
-                cand.phase = Phase::Loading;
-                self.actions.push_back(Action::Load(cand.manifest.clone()));
+        let Some(active) = slot.active.as_mut().filter(|a| a.manifest.version == version) else {
+            return Ok(false);
+        };
+        match (&event, active.installed) {
+            // The committed version, loaded again after a restart.
+            (Event::Loaded { .. }, false) => {
+                active.installed = true;
+                self.actions.push_back(Action::Install(active.manifest.clone()));
             }
-            (Event::FetchFailed { reason, .. }, Phase::Fetching)
-            | (Event::LoadFailed { reason, .. }, Phase::Loading) => {
-                cand.attempts += 1;
-                cand.phase = Phase::Failed { reason: reason.clone(), retry_at: now + backoff(cand.attempts) };
-            }
-            (Event::Loaded { .. }, Phase::Loading) => {
-                let cand = slot.candidate.take().expect("matched above");
-                slot.previous = slot.active.replace(cand.manifest);
+            // It no longer loads (its file is gone or corrupt, or this build
+            // cannot run it): fall back on the previous version, and try
+            // the failed one again as a candidate if nothing newer is on the way.
+            (Event::LoadFailed { reason, .. }, false) => {
+                let failed = slot.active.take().expect("matched above").manifest;
+                if let Some(previous) = slot.previous.take() {
+                    self.actions.push_back(Action::Load(previous.clone()));
+                    slot.active = Some(Active { manifest: previous, installed: false });
+                }
+                if slot.candidate.is_none() {
+                    let retry_at = now + backoff(1);
+                    let phase = Phase::Failed { reason: reason.clone(), retry_at };
+                    slot.candidate = Some(Candidate { manifest: failed, phase, attempts: 1 });
+                } else if slot.previous.is_none() {
+                    slot.previous = Some(failed);
+                }
                 self.actions.push_back(Action::Persist);
             }
-            (_, phase) => return Err(disallowed(phase.to_string())),
+            (_, true) => return Err(disallowed("serving".into())),
+            (_, false) => return Err(disallowed("loading after a restart".into())),
         }
         Ok(true)
     }
@@ -293,24 +447,22 @@ impl Slots {
         self.actions.pop_front()
     }
 
-    /// What to tell the coordinator: serving versions, and candidates with
-    /// their phase.
+    /// What to tell the coordinator: committed versions (serving, or loading
+    /// again after a restart), and candidates with their phase.
     pub fn status(&self) -> Vec<ModelStatus> {
         let mut out = Vec::new();
         for (name, slot) in &self.slots {
             if let Some(a) = &slot.active {
-                out.push(ModelStatus {
-                    name: name.clone(),
-                    version: a.version,
-                    state: ModelState::Serving,
-                    detail: None,
-                });
+                let state = if a.installed { ModelState::Serving } else { ModelState::Loading };
+                out.push(ModelStatus { name: name.clone(), version: a.manifest.version, state, detail: None });
             }
             if let Some(c) = &slot.candidate {
                 let (state, detail) = match &c.phase {
                     Phase::Fetching => (ModelState::Downloading, None),
                     Phase::Loading => (ModelState::Loading, None),
-                    Phase::Failed { reason, .. } => (ModelState::Failed, Some(reason.clone())),
+                    Phase::Failed { reason, .. } | Phase::Refused { reason } => {
+                        (ModelState::Failed, Some(reason.clone()))
+                    }
                 };
                 out.push(ModelStatus { name: name.clone(), version: c.manifest.version, state, detail });
             }
@@ -320,125 +472,5 @@ impl Slots {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use tern_proto::{ModelFormat, Sha256Digest};
-
-    fn m(name: &str, version: u32) -> ModelManifest {
-        ModelManifest {
-            name: name.into(),
-            version,
-            sha256: Sha256Digest::of(format!("{name}{version}").as_bytes()),
-            size: 10,
-            format: ModelFormat::Onnx,
-            inputs: vec![],
-            outputs: vec![],
-            created_at: 0,
-        }
-    }
-
-    fn drain(s: &mut Slots) -> Vec<Action> {
-        std::iter::from_fn(|| s.poll_action()).collect()
-    }
-
-    fn fetched(name: &str, version: u32) -> Event {
-        Event::Fetched { name: name.into(), version }
-    }
-
-    fn loaded(name: &str, version: u32) -> Event {
-        Event::Loaded { name: name.into(), version }
-    }
-
-    #[test]
-    fn desired_model_is_fetched_loaded_and_served() {
-        let t0 = Instant::now();
-        let mut s = Slots::default();
-        s.set_desired(1, vec![m("iris", 1)]);
-        assert_eq!(drain(&mut s), [Action::Fetch(m("iris", 1))]);
-        assert_eq!(s.status()[0].state, ModelState::Downloading);
-        assert!(s.handle(fetched("iris", 1), t0).unwrap());
-        assert_eq!(drain(&mut s), [Action::Load(m("iris", 1))]);
-        assert!(s.handle(loaded("iris", 1), t0).unwrap());
-        assert_eq!(drain(&mut s), [Action::Persist]);
-        assert_eq!(s.active(), [m("iris", 1)]);
-        assert_eq!(s.status()[0].state, ModelState::Serving);
-        // The same desired state again is a no-op.
-        s.set_desired(2, vec![m("iris", 1)]);
-        assert!(drain(&mut s).is_empty());
-    }
-
-    #[test]
-    fn upgrade_keeps_old_version_serving_until_new_one_loads() {
-        let t0 = Instant::now();
-        let mut s = Slots::restore([m("iris", 1)]);
-        assert_eq!(drain(&mut s), [Action::Load(m("iris", 1))]);
-        s.handle(loaded("iris", 1), t0).unwrap();
-        drain(&mut s);
-        s.set_desired(5, vec![m("iris", 2)]);
-        assert_eq!(drain(&mut s), [Action::Fetch(m("iris", 2))]);
-        s.handle(fetched("iris", 2), t0).unwrap();
-        s.handle(Event::LoadFailed { name: "iris".into(), version: 2, reason: "bad".into() }, t0).unwrap();
-        assert_eq!(s.slot("iris").unwrap().active(), Some(&m("iris", 1)));
-        let st = s.status();
-        assert_eq!((st[0].version, st[0].state), (1, ModelState::Serving));
-        assert_eq!((st[1].version, st[1].state, st[1].detail.as_deref()), (2, ModelState::Failed, Some("bad")));
-    }
-
-    #[test]
-    fn failures_back_off_in_virtual_time() {
-        let t0 = Instant::now();
-        let mut s = Slots::default();
-        s.set_desired(1, vec![m("iris", 1)]);
-        drain(&mut s);
-        let fail = || Event::FetchFailed { name: "iris".into(), version: 1, reason: "connection lost".into() };
-        s.handle(fail(), t0).unwrap();
-        assert_eq!(s.poll_timeout(), Some(t0 + Duration::from_secs(2)));
-        s.handle_timeout(t0 + Duration::from_secs(1));
-        assert!(drain(&mut s).is_empty());
-        s.handle_timeout(t0 + Duration::from_secs(2));
-        assert_eq!(drain(&mut s), [Action::Fetch(m("iris", 1))]);
-        let t1 = t0 + Duration::from_secs(2);
-        s.handle(fail(), t1).unwrap();
-        assert_eq!(s.poll_timeout(), Some(t1 + Duration::from_secs(4)));
-        for _ in 0..20 {
-            let t = s.poll_timeout().unwrap();
-            s.handle_timeout(t);
-            drain(&mut s);
-            s.handle(fail(), t).unwrap();
-            assert!(s.poll_timeout().unwrap() - t <= MAX_BACKOFF);
-        }
-    }
-
-    #[test]
-    fn stale_and_disallowed_events() {
-        let t0 = Instant::now();
-        let mut s = Slots::default();
-        s.set_desired(1, vec![m("iris", 1)]);
-        // Loaded before fetched: not allowed.
-        let err = s.handle(loaded("iris", 1), t0).unwrap_err();
-        assert_eq!(err.to_string(), "event loaded for iris:1 is not allowed while fetching");
-        // Desired moves on to v2 while v1 downloads: v1's outcome is stale.
-        s.set_desired(2, vec![m("iris", 2)]);
-        assert!(!s.handle(fetched("iris", 1), t0).unwrap());
-        // An older generation replayed is ignored.
-        s.set_desired(1, vec![m("iris", 1)]);
-        assert_eq!(s.slot("iris").unwrap().candidate().unwrap().0.version, 2);
-        assert!(!s.handle(fetched("other", 1), t0).unwrap());
-    }
-
-    #[test]
-    fn undesired_model_is_unloaded() {
-        let t0 = Instant::now();
-        let mut s = Slots::default();
-        s.set_desired(1, vec![m("iris", 1), m("cnn", 1)]);
-        drain(&mut s);
-        for n in ["iris", "cnn"] {
-            s.handle(fetched(n, 1), t0).unwrap();
-            s.handle(loaded(n, 1), t0).unwrap();
-        }
-        drain(&mut s);
-        s.set_desired(2, vec![m("iris", 1)]);
-        assert_eq!(drain(&mut s), [Action::Unload("cnn".into()), Action::Persist]);
-        assert_eq!(s.active(), [m("iris", 1)]);
-    }
-}
+#[path = "slots_tests.rs"]
+mod tests;

@@ -2,27 +2,30 @@
 //! Unix socket: `GET /v1/models`, `POST /v1/models/NAME:predict`.
 
 use crate::gate::{Gate, Timing};
-use axum::body::Bytes;
-use axum::extract::{DefaultBodyLimit, Path, State};
+use crate::serve::ConnState;
+use axum::body::Body;
+use axum::extract::{Path, Request, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use serde::Deserialize;
+use http_body_util::BodyExt;
 use serde_json::{Value, json};
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 use tern_proto::{
-    DType, DeviceId, ModelManifest, ModelState, ModelStatus, TENSORS_MEDIA_TYPE, TensorSpec, decode_tensors,
+    DeviceId, ModelManifest, ModelState, ModelStatus, StatusReport, TENSORS_MEDIA_TYPE, TensorSpec, decode_tensors,
     encode_tensors,
 };
+use tern_proto::{JsonError, Limits, RequestLimits, decode_json};
 use tern_runtime::{Backend, Tensor, TensorData, check_inputs};
-use tokio::sync::{Notify, watch};
+use tokio::sync::{Notify, Semaphore, SemaphorePermit, watch};
 
-/// Largest request body (a batch of images fits; a runaway client does not).
-const MAX_BODY: usize = 64 << 20;
+/// A request's body must have arrived this long after its headers, or it is
+/// answered 408 and its connection closed.
+pub const BODY_DEADLINE: Duration = Duration::from_secs(10);
 
 /// A model that is answering requests.
 pub struct Served {
@@ -32,6 +35,8 @@ pub struct Served {
     pub backend: Arc<dyn Backend>,
     /// Its run slots and bounded queue.
     pub gate: Gate,
+    /// What one request may carry.
+    pub limits: RequestLimits,
     /// False while its last run failed inside the runtime.
     pub healthy: AtomicBool,
     /// Why the last failed run failed.
@@ -47,11 +52,13 @@ pub struct Served {
 }
 
 impl Served {
-    pub fn new(manifest: ModelManifest, backend: Arc<dyn Backend>, gate: Gate) -> Self {
+    pub fn new(manifest: ModelManifest, backend: Arc<dyn Backend>, gate: Gate, limits: &Limits) -> Self {
+        let limits = RequestLimits::new(backend.inputs(), *limits);
         Self {
             manifest,
             backend,
             gate,
+            limits,
             healthy: AtomicBool::new(true),
             last_error: Mutex::new(None),
             requests: AtomicU64::new(0),
@@ -62,20 +69,84 @@ impl Served {
     }
 }
 
+/// The bytes of request data all connections together may hold at once:
+/// bodies as they arrive, and the inputs decoded from them until their
+/// answer is sent. A request waits for room (within its deadline); one
+/// that could never fit is refused at once.
+pub struct Budget {
+    bytes: Semaphore,
+    total: usize,
+}
+
+impl Budget {
+    /// A budget of `total` bytes.
+    pub fn new(total: usize) -> Self {
+        Self { bytes: Semaphore::new(total.min(Semaphore::MAX_PERMITS)), total }
+    }
+
+    /// Waits for `n` more bytes of room, adding them to `held`.
+    async fn take<'a>(&'a self, held: &mut Option<SemaphorePermit<'a>>, n: usize) -> Result<(), ApiError> {
+        let held_now = held.as_ref().map_or(0, |p| p.num_permits());
+        if held_now + n > self.total {
+            return Err(ApiError(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                format!(
+                    "request needs {} bytes, more than the agent's request memory of {} bytes",
+                    held_now + n,
+                    self.total
+                ),
+            ));
+        }
+        let Ok(n) = u32::try_from(n) else {
+            return Err(ApiError(StatusCode::PAYLOAD_TOO_LARGE, format!("request of {n} bytes is too large")));
+        };
+        let permit = self.bytes.acquire_many(n).await.expect("never closed");
+        match held {
+            Some(p) => p.merge(permit),
+            None => *held = Some(permit),
+        }
+        Ok(())
+    }
+}
+
 /// What the API shares with the agent's main loop.
 pub struct Shared {
     pub device: DeviceId,
     pub models: RwLock<BTreeMap<String, Arc<Served>>>,
-    pub status: watch::Receiver<Vec<ModelStatus>>,
+    pub status: watch::Receiver<StatusReport>,
     /// Signalled when a model's health changes, so the status is re-sent.
     pub health_changed: Notify,
-    /// Worker threads per model.
+    /// Concurrent runs per model.
     pub threads: usize,
     /// Queue slots per model.
     pub queue: usize,
+    /// Batch and element limits of requests.
+    pub limits: Limits,
+    /// Request memory, shared by every connection.
+    pub budget: Budget,
 }
 
 impl Shared {
+    pub fn new(
+        device: DeviceId,
+        status: watch::Receiver<StatusReport>,
+        threads: usize,
+        queue: usize,
+        limits: Limits,
+        budget: usize,
+    ) -> Self {
+        Self {
+            device,
+            models: Default::default(),
+            status,
+            health_changed: Notify::new(),
+            threads,
+            queue,
+            limits,
+            budget: Budget::new(budget),
+        }
+    }
+
     /// The core's status with the health of what is serving folded in.
     pub fn status_with_health(&self, mut status: Vec<ModelStatus>) -> Vec<ModelStatus> {
         let models = self.models.read().expect("lock");
@@ -104,10 +175,14 @@ fn bad(msg: impl Into<String>) -> ApiError {
     ApiError(StatusCode::BAD_REQUEST, msg.into())
 }
 
+fn too_large(msg: impl Into<String>) -> ApiError {
+    ApiError(StatusCode::PAYLOAD_TOO_LARGE, msg.into())
+}
+
 pub fn router(shared: Arc<Shared>) -> Router {
     Router::new()
         .route("/v1/models", get(list))
-        .route("/v1/models/{target}", post(predict).layer(DefaultBodyLimit::max(MAX_BODY)))
+        .route("/v1/models/{target}", post(predict))
         .fallback(|| async {
             ApiError(StatusCode::NOT_FOUND, "no such route; try GET /v1/models or POST /v1/models/NAME:predict".into())
         })
@@ -128,6 +203,7 @@ async fn list(State(shared): State<Arc<Shared>>) -> Json<Value> {
                 "last_error": s.last_error.lock().expect("lock").clone(),
                 "threads": s.gate.threads(),
                 "queue": s.gate.queue(),
+                "max_body": { "json": s.limits.json_body, "binary": s.limits.binary_body },
                 "sha256": s.manifest.sha256,
                 "inputs": s.backend.inputs(),
                 "outputs": s.backend.outputs(),
@@ -139,110 +215,118 @@ async fn list(State(shared): State<Arc<Shared>>) -> Json<Value> {
         })
         .collect();
     // Versions on their way in (or failed) are listed too, so an app can see why.
-    for st in shared.status.borrow().iter().filter(|s| !matches!(s.state, ModelState::Serving | ModelState::Unhealthy))
+    for st in
+        shared.status.borrow().models.iter().filter(|s| !matches!(s.state, ModelState::Serving | ModelState::Unhealthy))
     {
         out.push(json!({ "name": st.name, "version": st.version, "state": st.state, "detail": st.detail }));
     }
     Json(json!({ "device": shared.device, "models": out }))
 }
 
-#[derive(Deserialize)]
-pub struct PredictRequest {
-    inputs: Vec<JsonTensor>,
-}
-
-#[derive(Deserialize)]
-struct JsonTensor {
-    #[serde(default)]
-    name: Option<String>,
-    #[serde(default)]
-    dtype: Option<DType>,
-    shape: Vec<usize>,
-    data: Value,
-}
-
-fn flatten<'a>(v: &'a Value, out: &mut Vec<&'a Value>) {
-    match v {
-        Value::Array(items) => items.iter().for_each(|i| flatten(i, out)),
-        other => out.push(other),
+/// Reads a body of at most `limit` bytes, holding budget for every byte as
+/// it arrives.
+async fn read_body<'a>(
+    body: Body,
+    limit: usize,
+    budget: &'a Budget,
+    held: &mut Option<SemaphorePermit<'a>>,
+) -> Result<Vec<u8>, ApiError> {
+    let mut body = body;
+    let mut out = Vec::new();
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|e| bad(format!("reading the request body: {e}")))?;
+        let Ok(chunk) = frame.into_data() else { continue };
+        if out.len() + chunk.len() > limit {
+            return Err(too_large(format!("request body exceeds the {limit} bytes this model's inputs can take")));
+        }
+        budget.take(held, chunk.len()).await?;
+        out.extend_from_slice(&chunk);
     }
+    Ok(out)
 }
 
-fn convert(input: &str, values: &[&Value], dtype: DType) -> Result<TensorData, ApiError> {
-    fn ints<T: TryFrom<i64> + TryFrom<u64>>(input: &str, values: &[&Value], dtype: DType) -> Result<Vec<T>, ApiError> {
-        values
-            .iter()
-            .enumerate()
-            .map(|(i, v)| {
-                let n = if let Some(n) = v.as_i64() {
-                    T::try_from(n).ok()
-                } else {
-                    v.as_u64().and_then(|n| T::try_from(n).ok())
-                };
-                n.ok_or_else(|| bad(format!("input {input:?}: element {i} ({v}) is not a {dtype}")))
-            })
-            .collect()
-    }
-    let floats = || -> Result<Vec<f64>, ApiError> {
-        values
-            .iter()
-            .enumerate()
-            .map(|(i, v)| v.as_f64().ok_or_else(|| bad(format!("input {input:?}: element {i} ({v}) is not a number"))))
-            .collect()
+async fn predict(
+    State(shared): State<Arc<Shared>>,
+    Path(target): Path<String>,
+    req: Request,
+) -> Result<Response, ApiError> {
+    let Some(name) = target.strip_suffix(":predict") else {
+        return Err(ApiError(
+            StatusCode::NOT_FOUND,
+            format!("unknown action in {target:?}; use POST /v1/models/NAME:predict"),
+        ));
     };
-    Ok(match dtype {
-        DType::F32 => TensorData::F32(floats()?.into_iter().map(|x| x as f32).collect()),
-        DType::F64 => TensorData::F64(floats()?),
-        DType::I8 => TensorData::I8(ints(input, values, dtype)?),
-        DType::I16 => TensorData::I16(ints(input, values, dtype)?),
-        DType::I32 => TensorData::I32(ints(input, values, dtype)?),
-        DType::I64 => TensorData::I64(ints(input, values, dtype)?),
-        DType::U8 => TensorData::U8(ints(input, values, dtype)?),
-        DType::U16 => TensorData::U16(ints(input, values, dtype)?),
-        DType::U32 => TensorData::U32(ints(input, values, dtype)?),
-        DType::U64 => TensorData::U64(ints(input, values, dtype)?),
-        DType::Bool => TensorData::Bool(
-            values
-                .iter()
-                .enumerate()
-                .map(|(i, v)| {
-                    v.as_bool().ok_or_else(|| bad(format!("input {input:?}: element {i} ({v}) is not a bool")))
-                })
-                .collect::<Result<_, _>>()?,
-        ),
+    // One guard: taking the read lock again while it is held can deadlock
+    // behind a waiting writer (a model being swapped in).
+    let served = {
+        let models = shared.models.read().expect("lock");
+        models.get(name).cloned().ok_or_else(|| {
+            let loaded: Vec<&str> = models.keys().map(String::as_str).collect();
+            let loaded = if loaded.is_empty() { "none".into() } else { loaded.join(", ") };
+            ApiError(StatusCode::NOT_FOUND, format!("no model named {name:?} is loaded (loaded: {loaded})"))
+        })?
+    };
+    let (parts, body) = req.into_parts();
+    let binary = is_binary(&parts.headers);
+    let limit = if binary { served.limits.binary_body } else { served.limits.json_body };
+    if let Some(declared) = content_length(&parts.headers)
+        && declared > limit
+    {
+        // At once, unread: the connection closes after this answer.
+        return Err(too_large(format!(
+            "request body of {declared} bytes exceeds the {limit} bytes this model's inputs can take"
+        )));
+    }
+    let mut held = None;
+    let (inputs, start) = tokio::time::timeout(BODY_DEADLINE, async {
+        let body = read_body(body, limit, &shared.budget, &mut held).await?;
+        let received = Instant::now();
+        // Room for the decoded inputs too: binary bodies decode to their own
+        // size; JSON to at most 8 bytes per 2-byte element.
+        let decoded = if binary { body.len() } else { body.len().saturating_mul(4).min(served.limits.decoded) };
+        shared.budget.take(&mut held, decoded).await?;
+        Ok::<_, ApiError>((decode(&served, binary, &body)?, received))
     })
+    .await
+    .map_err(|_| {
+        ApiError(StatusCode::REQUEST_TIMEOUT, format!("request body not received within {} s", BODY_DEADLINE.as_secs()))
+    })??;
+    let _busy = parts.extensions.get::<Arc<ConnState>>().map(|c| c.busy());
+    let (outputs, timing) = run(&shared, &served, inputs).await?;
+    let mut response = if binary {
+        let bytes = encode_tensors(&outputs).map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e))?;
+        ([(header::CONTENT_TYPE, TENSORS_MEDIA_TYPE)], bytes).into_response()
+    } else {
+        let specs = served.backend.outputs();
+        let outputs: Vec<Value> = outputs.iter().enumerate().map(|(i, t)| tensor_json(specs.get(i), t)).collect();
+        Json(json!({ "model": name, "version": served.manifest.version, "outputs": outputs })).into_response()
+    };
+    response.headers_mut().insert("server-timing", server_timing(timing, start.elapsed()));
+    Ok(response)
 }
 
-/// JSON tensors to runtime tensors, in the model's input order. Unnamed
-/// inputs are taken in order; the element type defaults to the model's.
-fn to_tensors(req: PredictRequest, specs: &[TensorSpec]) -> Result<Vec<Tensor>, ApiError> {
-    let named = req.inputs.iter().all(|t| t.name.is_some()) && !req.inputs.is_empty();
-    let mut ordered: Vec<(usize, JsonTensor)> = Vec::with_capacity(req.inputs.len());
-    for (i, t) in req.inputs.into_iter().enumerate() {
-        let ix = if named {
-            let name = t.name.as_deref().expect("checked");
-            specs.iter().position(|s| s.name == name).ok_or_else(|| {
-                let names: Vec<_> = specs.iter().map(|s| s.name.as_str()).collect();
-                bad(format!("model has no input {name:?} (inputs: {})", names.join(", ")))
-            })?
-        } else {
-            i
-        };
-        ordered.push((ix, t));
-    }
-    ordered.sort_by_key(|(ix, _)| *ix);
-    ordered
-        .into_iter()
-        .map(|(ix, t)| {
-            let spec = specs.get(ix);
-            let name = spec.map_or("?", |s| s.name.as_str());
-            let dtype = t.dtype.or(spec.map(|s| s.dtype)).unwrap_or(DType::F32);
-            let mut values = Vec::new();
-            flatten(&t.data, &mut values);
-            let data = convert(name, &values, dtype)?;
-            Tensor::new(t.shape, data).map_err(|e| bad(format!("input {name:?}: {e}")))
-        })
-        .collect()
+fn is_binary(headers: &HeaderMap) -> bool {
+    headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).is_some_and(|v| v.starts_with(TENSORS_MEDIA_TYPE))
+}
+
+fn content_length(headers: &HeaderMap) -> Option<usize> {
+    headers.get(header::CONTENT_LENGTH)?.to_str().ok()?.parse().ok()
+}
+
+/// The body as checked inputs of `served`.
+fn decode(served: &Served, binary: bool, body: &[u8]) -> Result<Vec<Tensor>, ApiError> {
+    let specs: &[TensorSpec] = served.backend.inputs();
+    let inputs = if binary {
+        decode_tensors(body).map_err(|e| bad(format!("bad tensor body: {e}")))?
+    } else {
+        decode_json(body, specs, &served.limits).map_err(|e| match e {
+            JsonError::Bad(m) => bad(m),
+            JsonError::TooLarge(m) => too_large(m),
+        })?
+    };
+    check_inputs(specs, &inputs).map_err(|e| bad(e.to_string()))?;
+    served.limits.check(specs, &inputs).map_err(|e| too_large(e.0))?;
+    Ok(inputs)
 }
 
 fn tensor_json(spec: Option<&TensorSpec>, t: &Tensor) -> Value {
@@ -260,53 +344,6 @@ fn tensor_json(spec: Option<&TensorSpec>, t: &Tensor) -> Value {
         TensorData::Bool(v) => json!(v),
     };
     json!({ "name": spec.map(|s| s.name.as_str()), "dtype": t.dtype(), "shape": t.shape, "data": data })
-}
-
-async fn predict(
-    State(shared): State<Arc<Shared>>,
-    Path(target): Path<String>,
-    headers: HeaderMap,
-    body: Bytes,
-) -> Result<Response, ApiError> {
-    let start = Instant::now();
-    let Some(name) = target.strip_suffix(":predict") else {
-        return Err(ApiError(
-            StatusCode::NOT_FOUND,
-            format!("unknown action in {target:?}; use POST /v1/models/NAME:predict"),
-        ));
-    };
-    // One guard: taking the read lock again while it is held can deadlock
-    // behind a waiting writer (a model being swapped in).
-    let served = {
-        let models = shared.models.read().expect("lock");
-        models.get(name).cloned().ok_or_else(|| {
-            let loaded: Vec<&str> = models.keys().map(String::as_str).collect();
-            let loaded = if loaded.is_empty() { "none".into() } else { loaded.join(", ") };
-            ApiError(StatusCode::NOT_FOUND, format!("no model named {name:?} is loaded (loaded: {loaded})"))
-        })?
-    };
-    let binary = headers
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.starts_with(TENSORS_MEDIA_TYPE));
-    let inputs = if binary {
-        decode_tensors(&body).map_err(|e| bad(format!("bad tensor body: {e}")))?
-    } else {
-        let req: PredictRequest = serde_json::from_slice(&body).map_err(|e| bad(format!("bad JSON body: {e}")))?;
-        to_tensors(req, served.backend.inputs())?
-    };
-    check_inputs(served.backend.inputs(), &inputs).map_err(|e| bad(e.to_string()))?;
-    let (outputs, timing) = run(&shared, &served, inputs).await?;
-    let mut response = if binary {
-        let bytes = encode_tensors(&outputs).map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e))?;
-        ([(header::CONTENT_TYPE, TENSORS_MEDIA_TYPE)], bytes).into_response()
-    } else {
-        let specs = served.backend.outputs();
-        let outputs: Vec<Value> = outputs.iter().enumerate().map(|(i, t)| tensor_json(specs.get(i), t)).collect();
-        Json(json!({ "model": name, "version": served.manifest.version, "outputs": outputs })).into_response()
-    };
-    response.headers_mut().insert("server-timing", server_timing(timing, start.elapsed()));
-    Ok(response)
 }
 
 /// W3C Server-Timing, in milliseconds: waiting for a run slot, the model run,

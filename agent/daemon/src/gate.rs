@@ -102,11 +102,21 @@ mod tests {
     use tern_proto::TensorSpec;
     use tern_runtime::TensorData;
 
-    /// Sleeps, then echoes; counts the runs in flight and the most seen.
+    /// Sleeps, then echoes; counts the runs in flight, the most seen, and
+    /// the runs started (which a test can wait for).
     struct Slow {
         pause: Duration,
         running: AtomicUsize,
         most: AtomicUsize,
+        started: (std::sync::Mutex<usize>, std::sync::Condvar),
+    }
+
+    impl Slow {
+        /// Blocks until `n` runs have started.
+        fn wait_started(&self, n: usize) {
+            let (lock, cv) = &self.started;
+            drop(cv.wait_while(lock.lock().unwrap(), |s| *s < n).unwrap());
+        }
     }
 
     impl Backend for Slow {
@@ -120,6 +130,8 @@ mod tests {
             assert!(!inputs.is_empty(), "no input");
             let now = self.running.fetch_add(1, Ordering::SeqCst) + 1;
             self.most.fetch_max(now, Ordering::SeqCst);
+            *self.started.0.lock().unwrap() += 1;
+            self.started.1.notify_all();
             std::thread::sleep(self.pause);
             self.running.fetch_sub(1, Ordering::SeqCst);
             Ok(inputs)
@@ -127,7 +139,12 @@ mod tests {
     }
 
     fn slow(ms: u64) -> Arc<Slow> {
-        Arc::new(Slow { pause: Duration::from_millis(ms), running: AtomicUsize::new(0), most: AtomicUsize::new(0) })
+        Arc::new(Slow {
+            pause: Duration::from_millis(ms),
+            running: AtomicUsize::new(0),
+            most: AtomicUsize::new(0),
+            started: Default::default(),
+        })
     }
 
     fn t() -> Vec<Tensor> {
@@ -200,7 +217,8 @@ mod tests {
             let (gate, model) = (gate.clone(), model.clone());
             on_own_thread(async move { gate.run(model.as_ref(), t()).await.is_ok() })
         };
-        std::thread::sleep(Duration::from_millis(50));
+        // The first request holds the only slot before the second arrives.
+        model.wait_started(1);
         let (gate2, model2) = (gate.clone(), model.clone());
         let waiter = on_own_thread(async move {
             tokio::time::timeout(Duration::from_millis(50), gate2.run(model2.as_ref(), t())).await.is_err()

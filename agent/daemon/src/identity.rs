@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 use tern_durable::write_atomic;
-use tern_net::{DeviceKey, NetError, read_msg, write_msg};
+use tern_net::{DeviceKey, FrameReader, NetError, write_msg};
 use tern_proto::{DeviceId, EnrollRequest, EnrollTokenText, Message};
 use tern_trust::VerifyingKey;
 
@@ -96,16 +96,20 @@ pub async fn enroll(data_dir: &Path, coordinator: &str, token: &str, device_id: 
         .with_context(|| {
             format!("TLS handshake with {addr} failed (is this the coordinator that issued the token?)")
         })?;
-    let (mut send, mut recv) = conn.open_bi().await.map_err(NetError::from)?;
+    let version = tern_net::wire_version(&conn)?;
+    let (mut send, recv) = conn.open_bi().await.map_err(NetError::from)?;
     let req = EnrollRequest {
         secret: token.secret,
         csr_der: csr,
         requested_id: device_id,
         agent_version: crate::VERSION.into(),
     };
-    write_msg(&mut send, &Message::EnrollRequest(req)).await?;
+    write_msg(&mut send, &Message::EnrollRequest(req), version).await?;
     send.finish().ok();
-    let reply = read_msg(&mut recv).await.context("reading the enrollment answer")?;
+    let reply = tokio::time::timeout(Duration::from_secs(15), FrameReader::new(recv, version).next())
+        .await
+        .with_context(|| format!("no enrollment answer from {addr} within 15 s"))?
+        .context("reading the enrollment answer")?;
     conn.close(0u32.into(), b"enrolled");
     endpoint.wait_idle().await;
     let resp = match reply {

@@ -7,11 +7,17 @@ use crate::store::Store;
 use anyhow::{Context, Result, anyhow, bail};
 use std::sync::Arc;
 use std::time::Duration;
-use tern_net::{NetError, read_msg, write_msg};
-use tern_proto::{FetchArtifact, Hello, Message, ModelManifest, StatusReport};
+use tern_net::{FrameReader, NetError, write_msg};
+use tern_proto::{ErrorCode, FetchArtifact, Hello, Message, ModelManifest, StatusReport, WireVersion};
 use tokio::io::AsyncWriteExt;
 use tokio::sync::{mpsc, watch};
 use tracing::{debug, info, warn};
+
+/// The live session: its connection and the wire version it negotiated.
+pub type Session = Option<(quinn::Connection, WireVersion)>;
+
+/// How long the coordinator has to answer a `Hello` or a download request.
+const ANSWER_WITHIN: Duration = Duration::from_secs(15);
 
 /// What the link tells the main loop.
 pub enum FromLink {
@@ -24,8 +30,8 @@ pub enum FromLink {
 /// `status_rx`; forwards desired states to `to_main`.
 pub async fn run(
     identity: Arc<Identity>,
-    conn_tx: watch::Sender<Option<quinn::Connection>>,
-    mut status_rx: watch::Receiver<Vec<tern_proto::ModelStatus>>,
+    conn_tx: watch::Sender<Session>,
+    mut status_rx: watch::Receiver<StatusReport>,
     to_main: mpsc::Sender<FromLink>,
 ) {
     let mut backoff = Duration::from_millis(250);
@@ -42,8 +48,8 @@ pub async fn run(
 
 async fn session(
     identity: &Identity,
-    conn_tx: &watch::Sender<Option<quinn::Connection>>,
-    status_rx: &mut watch::Receiver<Vec<tern_proto::ModelStatus>>,
+    conn_tx: &watch::Sender<Session>,
+    status_rx: &mut watch::Receiver<StatusReport>,
     to_main: &mpsc::Sender<FromLink>,
 ) -> Result<()> {
     let addr = resolve(&identity.info.coordinator).await?;
@@ -55,21 +61,45 @@ async fn session(
         .await
         .map_err(NetError::from)
         .with_context(|| format!("connecting to {addr}"))?;
-    let (mut send, mut recv) = conn.open_bi().await.map_err(NetError::from)?;
-    let hello = Hello { agent_version: crate::VERSION.into(), models: status_rx.borrow_and_update().clone() };
-    write_msg(&mut send, &Message::Hello(hello)).await?;
-    match read_msg(&mut recv).await? {
-        Some(Message::Welcome(w)) => info!(device = %w.device_id, %addr, "connected to coordinator"),
+    let version = tern_net::wire_version(&conn)?;
+    let (mut send, recv) = conn.open_bi().await.map_err(NetError::from)?;
+    let mut reader = FrameReader::new(recv, version);
+    let hello = Hello {
+        agent_version: crate::VERSION.into(),
+        models: status_rx.borrow_and_update().models.clone(),
+        wire_versions: WireVersion::SUPPORTED.iter().map(|v| v.0).collect(),
+        formats: tern_runtime::formats(),
+        backends: tern_runtime::backends().iter().map(|b| b.to_string()).collect(),
+    };
+    write_msg(&mut send, &Message::Hello(hello), version).await?;
+    let answer = tokio::time::timeout(ANSWER_WITHIN, reader.next())
+        .await
+        .map_err(|_| anyhow!("no Welcome from the coordinator within {} s", ANSWER_WITHIN.as_secs()))??;
+    match answer {
+        Some(Message::Welcome(w)) => {
+            if version >= WireVersion::V2 && w.wire_version != version.0 {
+                bail!("coordinator answered in wire v{} on a {version} connection", w.wire_version);
+            }
+            info!(device = %w.device_id, %addr, wire = %version, "connected to coordinator");
+        }
+        Some(Message::Error(e)) if e.code == ErrorCode::Revoked => {
+            bail!("coordinator refused the session: this device was removed from the fleet ({})", e.message)
+        }
         Some(Message::Error(e)) => bail!("coordinator refused the session: {}", e.message),
         Some(other) => bail!("expected Welcome, got {}", other.kind()),
         None => bail!("coordinator closed the session"),
     }
-    conn_tx.send_replace(Some(conn.clone()));
+    conn_tx.send_replace(Some((conn.clone(), version)));
+    // What the agent applied, at once: a Hello cannot say it.
+    let report = status_rx.borrow_and_update().clone();
+    write_msg(&mut send, &Message::Status(report), version).await?;
     let mut heartbeat = tokio::time::interval(Duration::from_secs(30));
     heartbeat.tick().await;
     loop {
+        // `reader.next()` is cancel-safe: a status tick that wins mid-frame
+        // loses none of the frame's bytes.
         tokio::select! {
-            msg = read_msg(&mut recv) => match msg? {
+            msg = reader.next() => match msg? {
                 Some(Message::Desired(d)) => {
                     debug!(generation = d.generation, models = d.models.len(), "desired state received");
                     to_main.send(FromLink::Desired(d)).await.map_err(|_| anyhow!("agent is stopping"))?;
@@ -80,12 +110,12 @@ async fn session(
             },
             changed = status_rx.changed() => {
                 changed.map_err(|_| anyhow!("agent is stopping"))?;
-                let models = status_rx.borrow_and_update().clone();
-                write_msg(&mut send, &Message::Status(StatusReport { models })).await?;
+                let report = status_rx.borrow_and_update().clone();
+                write_msg(&mut send, &Message::Status(report), version).await?;
             }
             _ = heartbeat.tick() => {
-                let models = status_rx.borrow().clone();
-                write_msg(&mut send, &Message::Status(StatusReport { models })).await?;
+                let report = status_rx.borrow().clone();
+                write_msg(&mut send, &Message::Status(report), version).await?;
             }
         }
     }
@@ -94,25 +124,31 @@ async fn session(
 /// Downloads the artifact of `manifest` into `partial/`, resuming from what
 /// is there, and promotes it to `models/` once its digest matches.
 pub async fn fetch(
-    store: &Store,
-    mut conn_rx: watch::Receiver<Option<quinn::Connection>>,
+    store: Arc<Store>,
+    mut conn_rx: watch::Receiver<Session>,
     manifest: &ModelManifest,
 ) -> Result<(), String> {
     let sha = manifest.sha256;
     if store.model_path(&sha).is_file() {
         return Ok(());
     }
-    let conn = conn_rx
+    let (conn, version) = conn_rx
         .wait_for(Option::is_some)
         .await
         .map_err(|_| "agent is stopping".to_string())?
         .clone()
         .expect("waited for Some");
-    download(store, &conn, manifest).await.map_err(|e| format!("{e:#}"))?;
-    store.promote(&sha)
+    download(&store, &conn, version, manifest).await.map_err(|e| format!("{e:#}"))?;
+    // Hashing the whole file is blocking work: off the runtime.
+    tokio::task::spawn_blocking(move || store.promote(&sha)).await.map_err(|e| e.to_string())?
 }
 
-async fn download(store: &Store, conn: &quinn::Connection, manifest: &ModelManifest) -> Result<()> {
+async fn download(
+    store: &Store,
+    conn: &quinn::Connection,
+    version: WireVersion,
+    manifest: &ModelManifest,
+) -> Result<()> {
     let partial = store.partial_path(&manifest.sha256);
     let offset = match tokio::fs::metadata(&partial).await {
         Ok(m) if m.len() <= manifest.size => m.len(),
@@ -122,10 +158,14 @@ async fn download(store: &Store, conn: &quinn::Connection, manifest: &ModelManif
         }
         Err(_) => 0,
     };
-    let (mut send, mut recv) = conn.open_bi().await.map_err(NetError::from)?;
-    write_msg(&mut send, &Message::FetchArtifact(FetchArtifact { sha256: manifest.sha256, offset })).await?;
+    let (mut send, recv) = conn.open_bi().await.map_err(NetError::from)?;
+    write_msg(&mut send, &Message::FetchArtifact(FetchArtifact { sha256: manifest.sha256, offset }), version).await?;
     send.finish().ok();
-    let header = match read_msg(&mut recv).await? {
+    let mut reader = FrameReader::new(recv, version);
+    let header = tokio::time::timeout(ANSWER_WITHIN, reader.next())
+        .await
+        .map_err(|_| anyhow!("no answer to the download request within {} s", ANSWER_WITHIN.as_secs()))??;
+    let header = match header {
         Some(Message::ArtifactHeader(h)) => h,
         Some(Message::Error(e)) => bail!("coordinator refused the download: {}", e.message),
         Some(other) => bail!("expected ArtifactHeader, got {}", other.kind()),
@@ -139,6 +179,8 @@ async fn download(store: &Store, conn: &quinn::Connection, manifest: &ModelManif
             manifest.size
         );
     }
+    // The frame reader stopped at the header's end: the raw bytes follow.
+    let mut recv = reader.into_stream();
     let mut file = tokio::fs::OpenOptions::new().create(true).append(true).open(&partial).await?;
     let mut got = offset;
     while let Some(chunk) =

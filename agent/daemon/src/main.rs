@@ -8,21 +8,22 @@ mod gate;
 mod identity;
 mod link;
 mod profiles;
+mod runner;
 mod serve;
 mod store;
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
+use std::collections::BTreeSet;
 use std::io::Write;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::sync::Arc;
-use std::time::Instant;
-use tern_agent_core::{Action, Event, Slots};
-use tern_proto::{DeviceId, ModelManifest};
+use std::sync::{Arc, Mutex};
+use tern_agent_core::Slots;
+use tern_proto::{DeviceId, ModelManifest, StatusReport};
 use tokio::sync::{mpsc, watch};
-use tracing::{error, info, warn};
+use tracing::{info, warn};
 
 /// This agent's version, reported to the coordinator.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
@@ -44,7 +45,8 @@ enum Cmd {
         /// The coordinator's QUIC address, HOST:PORT.
         #[arg(long)]
         coordinator: String,
-        /// The token printed by `tern fleet token`.
+        /// The token printed by `tern fleet token` (or TERN_ENROLL_TOKEN, which
+        /// keeps it out of `ps`; it is single-use either way).
         #[arg(long, env = "TERN_ENROLL_TOKEN", hide_env_values = true)]
         token: String,
         /// Ask for this device id (a-z, 0-9, '-', '_'); default: the coordinator picks one.
@@ -67,6 +69,20 @@ enum Cmd {
         /// default: from the device profile, else 32.
         #[arg(long)]
         queue: Option<usize>,
+        /// Largest batch one request may send a model whose first axis is
+        /// dynamic (larger ones get 413); default: from the device profile, else 64.
+        #[arg(long)]
+        max_batch: Option<usize>,
+        /// Most elements one input may have when an axis other than the first is
+        /// dynamic (more get 413); default 4194304.
+        #[arg(long)]
+        max_elements: Option<usize>,
+        /// Request data (bodies as they arrive, decoded inputs until answered) all
+        /// local clients together may make the agent hold, in MiB; a request that
+        /// does not fit waits for room within its 10 s body deadline.
+        /// Default: from the device profile, else 64.
+        #[arg(long)]
+        request_memory_mb: Option<usize>,
     },
 }
 
@@ -103,7 +119,10 @@ fn main() -> ExitCode {
                 );
                 Ok(())
             }
-            Cmd::Run { listen, socket, threads, queue } => run(&cli.data_dir, listen, socket, threads, queue).await,
+            Cmd::Run { listen, socket, threads, queue, max_batch, max_elements, request_memory_mb } => {
+                let asked = profiles::Asked { threads, queue, max_batch, max_elements, request_memory_mb };
+                run(&cli.data_dir, listen, socket, asked).await
+            }
         }
     });
     match result {
@@ -115,13 +134,7 @@ fn main() -> ExitCode {
     }
 }
 
-async fn run(
-    data_dir: &Path,
-    listen: SocketAddr,
-    socket: Option<PathBuf>,
-    threads: Option<usize>,
-    queue: Option<usize>,
-) -> Result<()> {
+async fn run(data_dir: &Path, listen: SocketAddr, socket: Option<PathBuf>, asked: profiles::Asked) -> Result<()> {
     let identity = Arc::new(identity::Identity::load(data_dir)?);
     let profile = profiles::lookup(&identity.info.profile);
     match &profile {
@@ -134,22 +147,22 @@ async fn run(
         }
         None => warn!(profile = %identity.info.profile, "unknown device profile; sizing from this machine"),
     }
-    let (threads, queue) = profiles::budget(profile.as_ref(), threads, queue);
+    let sizing = profiles::sizing(profile.as_ref(), asked);
     let store = Arc::new(store::Store::open(data_dir)?);
-    let mut slots = Slots::restore(store.active()?);
-    let (status_tx, status_rx) = watch::channel(slots.status());
+    let slots = Slots::restore(&tern_runtime::formats(), store.load()?);
+    let report = StatusReport { models: slots.status(), generation: slots.generation(), refused: None };
+    let (status_tx, status_rx) = watch::channel(report);
     let (conn_tx, conn_rx) = watch::channel(None);
-    let (link_tx, mut link_rx) = mpsc::channel(16);
-    let (done_tx, mut done_rx) = mpsc::channel::<Event>(64);
+    let (link_tx, link_rx) = mpsc::channel(16);
 
-    let shared = Arc::new(api::Shared {
-        device: identity.info.device_id.clone(),
-        models: Default::default(),
-        status: status_rx.clone(),
-        health_changed: Default::default(),
-        threads,
-        queue,
-    });
+    let shared = Arc::new(api::Shared::new(
+        identity.info.device_id.clone(),
+        status_rx.clone(),
+        sizing.threads,
+        sizing.queue,
+        sizing.limits,
+        sizing.request_memory,
+    ));
     let socket = socket.unwrap_or_else(|| data_dir.join("agent.sock"));
     let tcp =
         tokio::net::TcpListener::bind(listen).await.with_context(|| format!("binding the local API on {listen}"))?;
@@ -161,135 +174,49 @@ async fn run(
     tokio::spawn(serve::unix(uds, api::router(shared.clone())));
     let api_json = serde_json::json!({ "http": http_addr, "socket": socket, "pid": std::process::id() });
     tern_durable::write_atomic(&data_dir.join("api.json"), &serde_json::to_vec_pretty(&api_json)?, false)?;
-    info!(device = %identity.info.device_id, http = %http_addr, socket = %socket.display(), "agent ready");
+    info!(device = %identity.info.device_id, http = %http_addr, socket = %socket.display(),
+        max_batch = sizing.limits.max_batch, request_memory = sizing.request_memory, "agent ready");
 
+    let live = Arc::new(Mutex::new(BTreeSet::new()));
+    let persister = store::Persister::spawn(store.clone(), live.clone())?;
+    let work = Arc::new(DaemonWork { store: store.clone(), conn_rx });
+    let runner = runner::Runner::new(slots, work, shared, identity.registry_key, persister, live, status_tx);
     tokio::spawn(link::run(identity.clone(), conn_tx, status_rx, link_tx));
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-    loop {
-        while let Some(action) = slots.poll_action() {
-            execute(action, &slots, &store, &shared, &conn_rx, &done_tx);
-        }
-        status_tx.send_if_modified(|s| {
-            let now = shared.status_with_health(slots.status());
-            let changed = *s != now;
-            *s = now;
-            changed
-        });
-        let timeout = slots.poll_timeout();
+    let stop = async move {
         tokio::select! {
-            Some(link::FromLink::Desired(d)) = link_rx.recv() => apply_desired(&mut slots, &identity, d),
-            Some(ev) = done_rx.recv() => {
-                if let Err(e) = slots.handle(ev, Instant::now()) {
-                    error!("{e}");
-                }
-            }
-            _ = sleep_until(timeout) => slots.handle_timeout(Instant::now()),
-            _ = shared.health_changed.notified() => {}
-            _ = tokio::signal::ctrl_c() => break,
-            _ = term.recv() => break,
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
         }
-    }
+    };
+    runner.run(link_rx, stop).await;
     info!("agent stopping");
     let _ = std::fs::remove_file(&socket);
     Ok(())
 }
 
-async fn sleep_until(at: Option<Instant>) {
-    match at {
-        Some(at) => tokio::time::sleep_until(at.into()).await,
-        None => std::future::pending().await,
-    }
+/// Downloads over the coordinator session, loads from `models/`.
+struct DaemonWork {
+    store: Arc<store::Store>,
+    conn_rx: watch::Receiver<link::Session>,
 }
 
-/// Verifies every manifest of a desired state; one bad signature and the
-/// whole state is refused, so a forged state cannot unload a good model.
-fn apply_desired(slots: &mut Slots, identity: &identity::Identity, desired: tern_proto::DesiredState) {
-    let verified: Result<Vec<ModelManifest>, String> = desired
-        .models
-        .iter()
-        .map(|signed| {
-            let m = identity.registry_key.verify(signed).map_err(|e| e.to_string())?;
-            if !tern_runtime::supports(m.format) {
-                return Err(format!("{}:{} is {}, which this agent build cannot run", m.name, m.version, m.format));
-            }
-            Ok(m)
-        })
-        .collect();
-    match verified {
-        Ok(models) => {
-            info!(generation = desired.generation, models = ?models.iter().map(|m| format!("{}:{}", m.name, m.version)).collect::<Vec<_>>(), "desired state");
-            slots.set_desired(desired.generation, models);
-        }
-        Err(e) => error!(generation = desired.generation, "refusing desired state: {e}"),
+impl runner::Work for DaemonWork {
+    fn fetch(&self, m: ModelManifest) -> runner::Fetching {
+        let (store, conn_rx) = (self.store.clone(), self.conn_rx.clone());
+        Box::pin(async move { link::fetch(store, conn_rx, &m).await })
     }
-}
 
-fn execute(
-    action: Action,
-    slots: &Slots,
-    store: &Arc<store::Store>,
-    shared: &Arc<api::Shared>,
-    conn_rx: &watch::Receiver<Option<quinn::Connection>>,
-    done: &mpsc::Sender<Event>,
-) {
-    match action {
-        Action::Fetch(m) => {
-            let (store, conn_rx, done) = (store.clone(), conn_rx.clone(), done.clone());
-            tokio::spawn(async move {
-                let (name, version) = (m.name.clone(), m.version);
-                let ev = match link::fetch(&store, conn_rx, &m).await {
-                    Ok(()) => Event::Fetched { name, version },
-                    Err(reason) => {
-                        warn!(model = %m.name, version, "fetch failed: {reason}");
-                        Event::FetchFailed { name, version, reason }
-                    }
-                };
-                let _ = done.send(ev).await;
-            });
+    /// Reads a verified artifact, checks its digest again (the disk may have
+    /// changed under us), and loads it.
+    fn load(&self, m: &ModelManifest) -> Result<Arc<dyn tern_runtime::Backend>, String> {
+        let path = self.store.model_path(&m.sha256);
+        let bytes = std::fs::read(&path).map_err(|e| format!("reading {}: {e}", path.display()))?;
+        let actual = tern_proto::Sha256Digest::of(&bytes);
+        if actual != m.sha256 {
+            let _ = std::fs::remove_file(&path);
+            return Err(format!("stored artifact is corrupt (sha256 {actual}); it will be downloaded again"));
         }
-        Action::Load(m) => {
-            let (store, shared, done) = (store.clone(), shared.clone(), done.clone());
-            tokio::task::spawn_blocking(move || {
-                let (name, version) = (m.name.clone(), m.version);
-                let ev = match load(&store, &m) {
-                    Ok(backend) => {
-                        let gate = gate::Gate::new(shared.threads, shared.queue);
-                        let served = Arc::new(api::Served::new(m, backend, gate));
-                        // In-flight requests finish on the old version, which is dropped after.
-                        shared.models.write().expect("lock").insert(name.clone(), served);
-                        info!(model = %name, version, threads = shared.threads, queue = shared.queue, "serving");
-                        Event::Loaded { name, version }
-                    }
-                    Err(reason) => {
-                        warn!(model = %name, version, "load failed: {reason}");
-                        Event::LoadFailed { name, version, reason }
-                    }
-                };
-                let _ = done.blocking_send(ev);
-            });
-        }
-        Action::Unload(name) => {
-            shared.models.write().expect("lock").remove(&name);
-            info!(model = %name, "unloaded: no longer desired");
-        }
-        Action::Persist => {
-            if let Err(e) = store.set_active(&slots.active()) {
-                // Serving continues from memory; the next persist retries.
-                error!("cannot persist the active models: {e:#}");
-            }
-        }
+        Ok(tern_runtime::load(m.format, bytes).map_err(|e| e.to_string())?.into())
     }
-}
-
-/// Reads a verified artifact, checks its digest again (the disk may have
-/// changed under us), and loads it.
-fn load(store: &store::Store, m: &ModelManifest) -> Result<Arc<dyn tern_runtime::Backend>, String> {
-    let path = store.model_path(&m.sha256);
-    let bytes = std::fs::read(&path).map_err(|e| format!("reading {}: {e}", path.display()))?;
-    let actual = tern_proto::Sha256Digest::of(&bytes);
-    if actual != m.sha256 {
-        let _ = std::fs::remove_file(&path);
-        return Err(format!("stored artifact is corrupt (sha256 {actual}); it will be downloaded again"));
-    }
-    Ok(tern_runtime::load(m.format, bytes).map_err(|e| e.to_string())?.into())
 }

@@ -25,6 +25,12 @@ pub struct Profile {
     pub threads_per_model: usize,
     /// Queue slots per model.
     pub queue_per_model: usize,
+    /// Largest batch per request for models with a dynamic batch axis.
+    #[serde(default)]
+    pub max_batch: Option<usize>,
+    /// Request memory of the local API, in MiB.
+    #[serde(default)]
+    pub request_memory_mb: Option<usize>,
 }
 
 const PROFILES: &[(&str, &str)] = &[
@@ -40,14 +46,45 @@ pub fn lookup(name: &str) -> Option<Profile> {
     PROFILES.iter().find(|(n, _)| *n == name).map(|(_, text)| toml::from_str(text).expect("built-in profiles parse"))
 }
 
-/// Concurrent runs and queue places per model: flags first, then the
-/// profile, then one run per core and 32 places.
-pub fn budget(profile: Option<&Profile>, threads: Option<usize>, queue: Option<usize>) -> (usize, usize) {
+/// What the flags ask for; `None` takes the profile's value, then the default.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Asked {
+    pub threads: Option<usize>,
+    pub queue: Option<usize>,
+    pub max_batch: Option<usize>,
+    pub max_elements: Option<usize>,
+    pub request_memory_mb: Option<usize>,
+}
+
+/// How the agent sizes itself.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Sizing {
+    /// Concurrent runs per model.
+    pub threads: usize,
+    /// Queue places per model.
+    pub queue: usize,
+    /// Request limits.
+    pub limits: tern_proto::Limits,
+    /// Request memory in bytes.
+    pub request_memory: usize,
+}
+
+/// Flags first, then the profile, then one run per core, 32 places, a
+/// batch of 64, 4 Mi elements per input and 64 MiB of request memory.
+pub fn sizing(profile: Option<&Profile>, asked: Asked) -> Sizing {
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let from_profile = profile.map(|p| if p.threads_per_model == 0 { cores } else { p.threads_per_model });
-    let threads = threads.or(from_profile).unwrap_or(cores).max(1);
-    let queue = queue.or(profile.map(|p| p.queue_per_model)).unwrap_or(32);
-    (threads, queue)
+    let defaults = tern_proto::Limits::default();
+    Sizing {
+        threads: asked.threads.or(from_profile).unwrap_or(cores).max(1),
+        queue: asked.queue.or(profile.map(|p| p.queue_per_model)).unwrap_or(32),
+        limits: tern_proto::Limits {
+            max_batch: asked.max_batch.or(profile.and_then(|p| p.max_batch)).unwrap_or(defaults.max_batch).max(1),
+            max_elements: asked.max_elements.unwrap_or(defaults.max_elements).max(1),
+        },
+        request_memory: asked.request_memory_mb.or(profile.and_then(|p| p.request_memory_mb)).unwrap_or(64).max(1)
+            << 20,
+    }
 }
 
 #[cfg(test)]
@@ -67,10 +104,23 @@ mod tests {
     #[test]
     fn flags_override_the_profile() {
         let rpi4 = lookup("rpi4").unwrap();
-        assert_eq!(budget(Some(&rpi4), None, None), (2, 16));
-        assert_eq!(budget(Some(&rpi4), Some(1), Some(4)), (1, 4));
+        let s = sizing(Some(&rpi4), Asked::default());
+        assert_eq!((s.threads, s.queue, s.limits.max_batch, s.request_memory), (2, 16, 32, 128 << 20));
+        let asked = Asked {
+            threads: Some(1),
+            queue: Some(4),
+            max_batch: Some(2),
+            max_elements: Some(9),
+            request_memory_mb: Some(8),
+        };
+        let s = sizing(Some(&rpi4), asked);
+        assert_eq!(
+            (s.threads, s.queue, s.limits.max_batch, s.limits.max_elements, s.request_memory),
+            (1, 4, 2, 9, 8 << 20)
+        );
         let generic = lookup("generic-linux").unwrap();
-        assert!(budget(Some(&generic), None, None).0 >= 1);
-        assert_eq!(budget(None, None, None).1, 32);
+        assert!(sizing(Some(&generic), Asked::default()).threads >= 1);
+        let none = sizing(None, Asked::default());
+        assert_eq!((none.queue, none.limits, none.request_memory), (32, tern_proto::Limits::default(), 64 << 20));
     }
 }

@@ -1,15 +1,140 @@
-//! What the agent keeps on disk: the slot pointers in sled, and artifacts in
-//! a content-addressed folder (`partial/` while downloading, `models/` once
-//! verified). Only verified artifacts ever appear under `models/`.
+//! What the agent keeps on disk: its model slots in sled (a schema of its
+//! own, versioned and migrated), and artifacts in a content-addressed
+//! folder (`partial/` while downloading, `models/` once verified; only
+//! verified artifacts ever appear under `models/`). Writes to sled happen on
+//! the [`Persister`]'s thread, never on the async runtime, and after each
+//! one it removes the artifacts no slot refers to any more.
 
-use anyhow::{Context, Result};
+use anyhow::{Context, Result, bail};
+use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
+use std::collections::BTreeSet;
 use std::io::Read;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, mpsc};
+use tern_agent_core::{Persisted, PersistedSlot};
 use tern_durable::{sync_dir, sync_sled};
-use tern_proto::{ModelManifest, Sha256Digest};
+use tern_proto::{DType, ModelFormat, ModelManifest, Sha256Digest, TensorSpec};
+use tracing::{error, info, warn};
 
-const ACTIVE: &[u8] = b"slots/active";
+/// Schema 1 (agents up to ae5a7d0): a JSON list of the active manifests.
+const ACTIVE_V1: &[u8] = b"slots/active";
+/// Schema 2: [`StoredSlots`].
+const SLOTS: &[u8] = b"slots/v2";
+/// The schema this build writes.
+const SCHEMA: u32 = 2;
+
+/// The persisted slots, schema 2.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+struct StoredSlots {
+    schema: u32,
+    generation: u64,
+    slots: Vec<StoredSlot>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+struct StoredSlot {
+    name: String,
+    #[serde(default)]
+    active: Option<StoredManifest>,
+    #[serde(default)]
+    previous: Option<StoredManifest>,
+    #[serde(default)]
+    candidate: Option<StoredManifest>,
+}
+
+/// A verified manifest as the agent keeps it: its own type, so that the wire
+/// manifest can grow without changing what is on disk. Unknown fields are
+/// ignored and new ones need a default, so an older or newer agent reads it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+struct StoredManifest {
+    name: String,
+    version: u32,
+    sha256: Sha256Digest,
+    size: u64,
+    format: ModelFormat,
+    inputs: Vec<StoredSpec>,
+    outputs: Vec<StoredSpec>,
+    #[serde(default)]
+    created_at: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+struct StoredSpec {
+    name: String,
+    dtype: DType,
+    shape: Vec<Option<u64>>,
+}
+
+impl From<&ModelManifest> for StoredManifest {
+    fn from(m: &ModelManifest) -> Self {
+        let spec = |s: &TensorSpec| StoredSpec { name: s.name.clone(), dtype: s.dtype, shape: s.shape.clone() };
+        Self {
+            name: m.name.clone(),
+            version: m.version,
+            sha256: m.sha256,
+            size: m.size,
+            format: m.format,
+            inputs: m.inputs.iter().map(spec).collect(),
+            outputs: m.outputs.iter().map(spec).collect(),
+            created_at: m.created_at,
+        }
+    }
+}
+
+impl From<StoredManifest> for ModelManifest {
+    fn from(m: StoredManifest) -> Self {
+        let spec = |s: StoredSpec| TensorSpec { name: s.name, dtype: s.dtype, shape: s.shape };
+        Self {
+            name: m.name,
+            version: m.version,
+            sha256: m.sha256,
+            size: m.size,
+            format: m.format,
+            inputs: m.inputs.into_iter().map(spec).collect(),
+            outputs: m.outputs.into_iter().map(spec).collect(),
+            created_at: m.created_at,
+        }
+    }
+}
+
+impl From<&Persisted> for StoredSlots {
+    fn from(p: &Persisted) -> Self {
+        let m = |m: &Option<ModelManifest>| m.as_ref().map(StoredManifest::from);
+        Self {
+            schema: SCHEMA,
+            generation: p.generation,
+            slots: p
+                .slots
+                .iter()
+                .map(|s| StoredSlot {
+                    name: s.name.clone(),
+                    active: m(&s.active),
+                    previous: m(&s.previous),
+                    candidate: m(&s.candidate),
+                })
+                .collect(),
+        }
+    }
+}
+
+impl From<StoredSlots> for Persisted {
+    fn from(s: StoredSlots) -> Self {
+        Self {
+            generation: s.generation,
+            slots: s
+                .slots
+                .into_iter()
+                .map(|s| PersistedSlot {
+                    name: s.name,
+                    active: s.active.map(Into::into),
+                    previous: s.previous.map(Into::into),
+                    candidate: s.candidate.map(Into::into),
+                })
+                .collect(),
+        }
+    }
+}
 
 /// The agent's durable state.
 pub struct Store {
@@ -18,7 +143,8 @@ pub struct Store {
 }
 
 impl Store {
-    /// Opens (creating) the store under `data_dir`.
+    /// Opens (creating) the store under `data_dir`, migrating the slots
+    /// from an older schema first.
     pub fn open(data_dir: &Path) -> Result<Self> {
         let root = data_dir.to_path_buf();
         for sub in ["models", "partial"] {
@@ -26,27 +152,61 @@ impl Store {
                 .with_context(|| format!("creating {}", root.join(sub).display()))?;
         }
         // A small cache, and no background flusher waking every 500 ms:
-        // every write that must last is flushed and fsynced by `set_active`.
+        // every write that must last is flushed and fsynced by `write`.
         let db = sled::Config::new()
             .path(root.join("state"))
             .cache_capacity(1 << 20)
             .flush_every_ms(None)
             .open()
             .context("opening the agent state (sled)")?;
-        Ok(Self { root, db })
+        let store = Self { root, db };
+        store.migrate()?;
+        Ok(store)
     }
 
-    /// The manifests that were serving when last persisted.
-    pub fn active(&self) -> Result<Vec<ModelManifest>> {
-        match self.db.get(ACTIVE)? {
-            Some(raw) => serde_json::from_slice(&raw).context("agent state: active slots are corrupt"),
-            None => Ok(Vec::new()),
+    fn migrate(&self) -> Result<()> {
+        if self.db.contains_key(SLOTS)? {
+            return Ok(());
         }
+        let Some(raw) = self.db.get(ACTIVE_V1)? else {
+            return Ok(());
+        };
+        let active: Vec<StoredManifest> =
+            serde_json::from_slice(&raw).context("agent state (schema 1): the active slots are corrupt")?;
+        let stored = StoredSlots {
+            schema: SCHEMA,
+            generation: 0,
+            slots: active
+                .into_iter()
+                .map(|m| StoredSlot { name: m.name.clone(), active: Some(m), previous: None, candidate: None })
+                .collect(),
+        };
+        let mut batch = sled::Batch::default();
+        batch.insert(SLOTS, serde_json::to_vec(&stored)?);
+        batch.remove(ACTIVE_V1);
+        self.db.apply_batch(batch)?;
+        sync_sled(&self.db, &self.root.join("state"))?;
+        info!(models = stored.slots.len(), "agent state migrated from schema 1 to {SCHEMA}");
+        Ok(())
     }
 
-    /// Persists the serving manifests, durably (sled's flush does not fsync).
-    pub fn set_active(&self, active: &[ModelManifest]) -> Result<()> {
-        self.db.insert(ACTIVE, serde_json::to_vec(active)?)?;
+    /// The slots as last persisted.
+    pub fn load(&self) -> Result<Persisted> {
+        let Some(raw) = self.db.get(SLOTS)? else {
+            return Ok(Persisted::default());
+        };
+        let stored: StoredSlots = serde_json::from_slice(&raw).context("agent state: the slots are corrupt")?;
+        if stored.schema > SCHEMA {
+            warn!(schema = stored.schema, "agent state was written by a newer agent; reading what this one knows");
+        } else if stored.schema < SCHEMA {
+            bail!("agent state: schema {} under the schema-{SCHEMA} key", stored.schema);
+        }
+        Ok(stored.into())
+    }
+
+    /// Persists the slots, durably (sled's flush does not fsync).
+    pub fn write(&self, p: &Persisted) -> Result<()> {
+        self.db.insert(SLOTS, serde_json::to_vec(&StoredSlots::from(p))?)?;
         sync_sled(&self.db, &self.root.join("state"))?;
         Ok(())
     }
@@ -62,7 +222,8 @@ impl Store {
     }
 
     /// Moves a fully downloaded file into `models/` if its digest matches;
-    /// otherwise deletes it and says what arrived.
+    /// otherwise deletes it and says what arrived. Reads the whole file:
+    /// call it off the async runtime.
     pub fn promote(&self, sha: &Sha256Digest) -> Result<(), String> {
         let partial = self.partial_path(sha);
         let actual = digest_file(&partial).map_err(|e| format!("reading download: {e}"))?;
@@ -74,6 +235,33 @@ impl Store {
         std::fs::rename(&partial, &dest).map_err(|e| format!("storing artifact: {e}"))?;
         sync_dir(dest.parent().expect("has parent")).map_err(|e| format!("storing artifact: {e}"))?;
         Ok(())
+    }
+
+    /// Removes every file in `models/` and `partial/` whose digest is not in
+    /// `keep`. Returns how many it removed.
+    pub fn collect(&self, keep: &BTreeSet<Sha256Digest>) -> usize {
+        let mut removed = 0;
+        for sub in ["models", "partial"] {
+            let dir = self.root.join(sub);
+            let Ok(entries) = std::fs::read_dir(&dir) else { continue };
+            for entry in entries.flatten() {
+                let name = entry.file_name();
+                let kept =
+                    name.to_str().and_then(|n| n.parse::<Sha256Digest>().ok()).is_some_and(|d| keep.contains(&d));
+                if kept || !entry.file_type().is_ok_and(|t| t.is_file()) {
+                    continue;
+                }
+                let size = entry.metadata().map_or(0, |m| m.len());
+                match std::fs::remove_file(entry.path()) {
+                    Ok(()) => {
+                        removed += 1;
+                        info!(file = %entry.path().display(), bytes = size, "removed an artifact no slot refers to");
+                    }
+                    Err(e) => warn!(file = %entry.path().display(), "cannot remove an unreferenced artifact: {e}"),
+                }
+            }
+        }
+        removed
     }
 }
 
@@ -90,4 +278,218 @@ pub fn digest_file(path: &Path) -> std::io::Result<Sha256Digest> {
         h.update(&buf[..n]);
     }
     Ok(Sha256Digest(h.finalize().into()))
+}
+
+/// Where the persister writes: the store, or something else in tests.
+pub trait SlotStore: Send + 'static {
+    /// Writes the slots durably.
+    fn write(&mut self, p: &Persisted) -> Result<()>;
+    /// Removes the artifacts not in `keep`.
+    fn collect(&mut self, keep: &BTreeSet<Sha256Digest>);
+}
+
+impl SlotStore for Arc<Store> {
+    fn write(&mut self, p: &Persisted) -> Result<()> {
+        Store::write(self, p)
+    }
+    fn collect(&mut self, keep: &BTreeSet<Sha256Digest>) {
+        Store::collect(self, keep);
+    }
+}
+
+/// Writes the slots on a thread of its own, latest first: the main loop
+/// hands over a snapshot and goes on; snapshots that pile up while a write
+/// (an fsync on a slow SD card) is under way are skipped for the newest.
+/// After each write it removes artifacts neither the written snapshot nor
+/// the slots as they are now (`live`) refer to: a file is deleted only
+/// once the state on disk no longer names it, and never while a download
+/// or load the main loop started for it may still need it.
+pub struct Persister {
+    tx: mpsc::Sender<Persisted>,
+}
+
+impl Persister {
+    /// Starts the thread.
+    pub fn spawn(mut store: impl SlotStore, live: Arc<Mutex<BTreeSet<Sha256Digest>>>) -> Result<Self> {
+        let (tx, rx) = mpsc::channel::<Persisted>();
+        std::thread::Builder::new()
+            .name("persist".into())
+            .spawn(move || {
+                while let Ok(mut p) = rx.recv() {
+                    while let Ok(newer) = rx.try_recv() {
+                        p = newer;
+                    }
+                    if let Err(e) = store.write(&p) {
+                        // Serving continues from memory; the next persist retries.
+                        error!("cannot persist the agent's slots: {e:#}");
+                        continue;
+                    }
+                    let mut keep = live.lock().expect("lock").clone();
+                    for s in &p.slots {
+                        keep.extend([&s.active, &s.previous, &s.candidate].into_iter().flatten().map(|m| m.sha256));
+                    }
+                    store.collect(&keep);
+                }
+            })
+            .context("starting the persist thread")?;
+        Ok(Self { tx })
+    }
+
+    /// Queues a snapshot to write; returns at once.
+    pub fn persist(&self, p: Persisted) {
+        // The thread only ends with the process.
+        let _ = self.tx.send(p);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Condvar;
+    use std::time::Duration;
+    use tern_agent_core::PersistedSlot;
+
+    fn m(name: &str, version: u32) -> ModelManifest {
+        ModelManifest {
+            name: name.into(),
+            version,
+            sha256: Sha256Digest::of(format!("{name}{version}").as_bytes()),
+            size: 4,
+            format: ModelFormat::Onnx,
+            inputs: vec![TensorSpec { name: "X".into(), dtype: DType::F32, shape: vec![None, Some(4)] }],
+            outputs: vec![],
+            created_at: 1_700_000_000,
+        }
+    }
+
+    fn open(dir: &Path) -> Store {
+        // sled releases its lock from a background thread after the last
+        // handle drops: wait for it when reopening in the same process.
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        loop {
+            match Store::open(dir) {
+                Ok(s) => return s,
+                Err(_) if std::time::Instant::now() < deadline => std::thread::sleep(Duration::from_millis(20)),
+                Err(e) => panic!("{e:#}"),
+            }
+        }
+    }
+
+    #[test]
+    fn schema_1_state_is_migrated_and_nothing_is_lost() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            // Exactly what agents up to ae5a7d0 wrote: `slots/active`, a JSON
+            // list of the serving manifests in the wire manifest's layout.
+            let db = sled::open(dir.path().join("state")).unwrap();
+            let v1 = serde_json::json!([{
+                "name": "iris", "version": 3, "sha256": m("iris", 3).sha256, "size": 4, "format": "onnx",
+                "inputs": [{ "name": "X", "dtype": "f32", "shape": [null, 4] }], "outputs": [],
+                "created_at": 1_700_000_000u64
+            }]);
+            db.insert(ACTIVE_V1, serde_json::to_vec(&v1).unwrap()).unwrap();
+            db.flush().unwrap();
+        }
+        let store = open(dir.path());
+        let p = store.load().unwrap();
+        assert_eq!(p.generation, 0);
+        assert_eq!(
+            p.slots,
+            [PersistedSlot { name: "iris".into(), active: Some(m("iris", 3)), previous: None, candidate: None }]
+        );
+        assert!(!store.db.contains_key(ACTIVE_V1).unwrap());
+        drop(store);
+        // Migrated once: a second open reads schema 2 as it is.
+        assert_eq!(open(dir.path()).load().unwrap(), p);
+    }
+
+    #[test]
+    fn slots_round_trip_and_unknown_fields_are_ignored() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(dir.path());
+        let p = Persisted {
+            generation: 9,
+            slots: vec![PersistedSlot {
+                name: "iris".into(),
+                active: Some(m("iris", 2)),
+                previous: Some(m("iris", 1)),
+                candidate: Some(m("iris", 3)),
+            }],
+        };
+        store.write(&p).unwrap();
+        assert_eq!(store.load().unwrap(), p);
+        // A newer agent's fields do not stop this one from reading the rest.
+        let mut newer: serde_json::Value = serde_json::from_slice(&store.db.get(SLOTS).unwrap().unwrap()).unwrap();
+        newer["schema"] = 3.into();
+        newer["update"] = serde_json::json!({ "state": "probation" });
+        newer["slots"][0]["active"]["golden"] = serde_json::json!([1, 2]);
+        store.db.insert(SLOTS, serde_json::to_vec(&newer).unwrap()).unwrap();
+        assert_eq!(store.load().unwrap(), p);
+    }
+
+    #[test]
+    fn collect_keeps_what_is_referenced_and_removes_the_rest() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(dir.path());
+        let (a, b, c) = (m("a", 1).sha256, m("b", 1).sha256, m("c", 1).sha256);
+        std::fs::write(store.model_path(&a), b"a").unwrap();
+        std::fs::write(store.model_path(&b), b"b").unwrap();
+        std::fs::write(store.partial_path(&c), b"c").unwrap();
+        std::fs::write(store.partial_path(&b), b"b").unwrap();
+        std::fs::write(dir.path().join("models/stray.tmp"), b"x").unwrap();
+        assert_eq!(store.collect(&[a, c].into_iter().collect()), 3);
+        assert!(store.model_path(&a).is_file() && store.partial_path(&c).is_file());
+        assert!(!store.model_path(&b).exists() && !store.partial_path(&b).exists());
+        assert_eq!(std::fs::read_dir(dir.path().join("models")).unwrap().count(), 1);
+    }
+
+    /// A store whose writes wait until the test lets them through.
+    #[derive(Clone, Default)]
+    struct Gated {
+        open: Arc<(Mutex<bool>, Condvar)>,
+        written: Arc<Mutex<Vec<u64>>>,
+        collected: Arc<Mutex<Vec<BTreeSet<Sha256Digest>>>>,
+    }
+
+    impl SlotStore for Gated {
+        fn write(&mut self, p: &Persisted) -> Result<()> {
+            let (lock, cv) = &*self.open;
+            drop(cv.wait_while(lock.lock().unwrap(), |open| !*open).unwrap());
+            self.written.lock().unwrap().push(p.generation);
+            Ok(())
+        }
+        fn collect(&mut self, keep: &BTreeSet<Sha256Digest>) {
+            self.collected.lock().unwrap().push(keep.clone());
+        }
+    }
+
+    #[test]
+    fn persisting_never_waits_for_the_disk_and_the_newest_snapshot_wins() {
+        let store = Gated::default();
+        let live = Arc::new(Mutex::new(BTreeSet::from([m("live", 1).sha256])));
+        let persister = Persister::spawn(store.clone(), live).unwrap();
+        let started = std::time::Instant::now();
+        for generation in 1..=100 {
+            let slot = PersistedSlot { name: "a".into(), active: Some(m("a", 1)), previous: None, candidate: None };
+            persister.persist(Persisted { generation, slots: vec![slot] });
+        }
+        // A hundred persists while the disk is stuck took no time at all.
+        assert!(started.elapsed() < Duration::from_millis(100), "{:?}", started.elapsed());
+        assert!(store.written.lock().unwrap().is_empty());
+        *store.open.0.lock().unwrap() = true;
+        store.open.1.notify_all();
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while store.written.lock().unwrap().last() != Some(&100) {
+            assert!(std::time::Instant::now() < deadline, "{:?}", store.written.lock().unwrap());
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let written = store.written.lock().unwrap().clone();
+        assert!(written.len() <= 2, "snapshots that piled up are skipped: {written:?}");
+        while store.collected.lock().unwrap().len() < written.len() {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        // Collection keeps what the written state and the live slots name.
+        let keep = store.collected.lock().unwrap().last().unwrap().clone();
+        assert_eq!(keep, BTreeSet::from([m("live", 1).sha256, m("a", 1).sha256]));
+    }
 }

@@ -74,6 +74,25 @@ pub fn load(format: ModelFormat, bytes: Vec<u8>) -> Result<Box<dyn Backend>, Run
     }
 }
 
+/// The artifact formats this build runs.
+pub fn formats() -> Vec<ModelFormat> {
+    [ModelFormat::Onnx, ModelFormat::Nnef, ModelFormat::Burn].into_iter().filter(|f| supports(*f)).collect()
+}
+
+/// The inference backends in this build, by name.
+pub fn backends() -> Vec<&'static str> {
+    let mut out = vec!["tract-nnef"];
+    if cfg!(feature = "onnx") {
+        out.push("tract-onnx");
+    }
+    if cfg!(feature = "flex") {
+        out.push("burn-flex");
+    } else if cfg!(feature = "ndarray") {
+        out.push("burn-ndarray");
+    }
+    out
+}
+
 /// Whether this build can run artifacts of `format`.
 pub fn supports(format: ModelFormat) -> bool {
     match format {

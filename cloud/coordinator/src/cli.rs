@@ -47,10 +47,15 @@ pub enum ModelCmd {
         /// NAME:VERSION.
         target: ModelRef,
     },
-    /// Forbid a version from being deployed.
+    /// Forbid a version from being deployed. Refused while devices are
+    /// assigned it, unless --force, which unassigns it from them (they stop
+    /// serving that model).
     Reject {
         /// NAME:VERSION.
         target: ModelRef,
+        /// Unassign it from every device it is assigned to.
+        #[arg(long)]
+        force: bool,
     },
     /// Build a built-in model (.tbm, run by burn on agents) from a family
     /// and weights trained elsewhere, given as JSON:
@@ -106,8 +111,22 @@ pub enum FleetCmd {
     Assign {
         /// Device id.
         device: String,
-        /// NAME:VERSION (must be approved).
+        /// NAME:VERSION (must be approved, in a format the device's agent runs).
         model: ModelRef,
+    },
+    /// Stop a device from serving a model.
+    Unassign {
+        /// Device id.
+        device: String,
+        /// Model name.
+        model: String,
+    },
+    /// Remove a device from the fleet: its certificate is refused from now
+    /// on and its session is closed at once. It may enroll again with a new
+    /// token (and a new key).
+    Remove {
+        /// Device id.
+        device: String,
     },
     /// Enrolled devices with group, profile, last contact and models.
     List,
@@ -128,8 +147,10 @@ pub struct Client {
 }
 
 impl Client {
-    /// Finds the coordinator: explicit flags first, then the data dir.
-    pub fn new(data_dir: &Path, admin: Option<String>, token: Option<String>) -> Result<Self> {
+    /// Finds the coordinator: explicit flags first, then the data dir. The
+    /// token comes from `token_file`, else TERN_ADMIN_TOKEN, else
+    /// `<data_dir>/admin.token`.
+    pub fn new(data_dir: &Path, admin: Option<String>, token_file: Option<&Path>) -> Result<Self> {
         let base = match admin {
             Some(a) => a.trim_end_matches('/').to_owned(),
             None => {
@@ -145,15 +166,21 @@ impl Client {
                 format!("http://{}", e.admin)
             }
         };
-        let token = match token {
-            Some(t) => t,
-            None => {
-                let path = data_dir.join("admin.token");
-                std::fs::read_to_string(&path)
-                    .with_context(|| format!("no admin token: cannot read {} (pass --token)", path.display()))?
-                    .trim()
-                    .to_owned()
-            }
+        let read = |path: &Path| -> Result<String> {
+            Ok(std::fs::read_to_string(path)
+                .with_context(|| {
+                    format!(
+                        "no admin token: cannot read {} (pass --token-file or set TERN_ADMIN_TOKEN)",
+                        path.display()
+                    )
+                })?
+                .trim()
+                .to_owned())
+        };
+        let token = match (token_file, std::env::var("TERN_ADMIN_TOKEN").ok().filter(|t| !t.is_empty())) {
+            (Some(path), _) => read(path)?,
+            (None, Some(t)) => t,
+            (None, None) => read(&data_dir.join("admin.token"))?,
         };
         let agent = ureq::Agent::config_builder()
             .http_status_as_error(false)
@@ -193,6 +220,7 @@ impl Client {
         let auth = format!("Bearer {}", self.token);
         let resp = match method {
             "PUT" => self.agent.put(url).header("authorization", auth).send_json(body),
+            "DELETE" => self.agent.delete(url).header("authorization", auth).call(),
             _ => self.agent.post(url).header("authorization", auth).send_json(body),
         };
         self.finish(path, resp)
@@ -332,21 +360,31 @@ pub fn model(c: &Client, cmd: ModelCmd, json: bool) -> Result<()> {
                 out("");
             }
         }
-        ModelCmd::Approve { target } => decide(c, &target, "approve", json)?,
+        ModelCmd::Approve { target } => decide(c, &target, "approve", false, json)?,
         ModelCmd::Pack { weights, out } => pack(&weights, &out, json)?,
-        ModelCmd::Reject { target } => decide(c, &target, "reject", json)?,
+        ModelCmd::Reject { target, force } => decide(c, &target, "reject", force, json)?,
     }
     Ok(())
 }
 
-fn decide(c: &Client, r: &ModelRef, decision: &str, json: bool) -> Result<()> {
-    let v: ModelVersion =
-        c.send("POST", &format!("/v1/models/{}/versions/{}/{decision}", r.name, r.version), &json!({}))?;
+fn decide(c: &Client, r: &ModelRef, decision: &str, force: bool, json: bool) -> Result<()> {
+    let path = format!("/v1/models/{}/versions/{}/{decision}?force={force}", r.name, r.version);
+    let v: Value = c.send("POST", &path, &json!({}))?;
     if json {
         return print_json(&v);
     }
-    out(format!("{}:{} is now {}", v.name, v.version, v.status));
+    out(format!("{}:{} is now {}", r.name, r.version, v["status"].as_str().unwrap_or("?")));
+    let from: Vec<&str> = v["unassigned_from"].as_array().into_iter().flatten().filter_map(Value::as_str).collect();
+    if !from.is_empty() {
+        out(format!("unassigned from {}", from.join(", ")));
+    }
     Ok(())
+}
+
+/// Device-supplied text, safe to print: control characters (which could
+/// move a terminal's cursor or rewrite the screen) are dropped.
+fn printable(s: &str) -> String {
+    s.chars().filter(|c| !c.is_control()).collect()
 }
 
 pub fn fleet(c: &Client, cmd: FleetCmd, json: bool) -> Result<()> {
@@ -369,6 +407,20 @@ pub fn fleet(c: &Client, cmd: FleetCmd, json: bool) -> Result<()> {
             }
             out(format!("{} should now serve {model} (desired state generation {})", d.id, d.generation));
         }
+        FleetCmd::Unassign { device, model } => {
+            let d: Device = c.send("DELETE", &format!("/v1/devices/{device}/models/{model}"), &json!({}))?;
+            if json {
+                return print_json(&d);
+            }
+            out(format!("{} no longer serves {model} (desired state generation {})", d.id, d.generation));
+        }
+        FleetCmd::Remove { device } => {
+            let d: Device = c.send("DELETE", &format!("/v1/devices/{device}"), &json!({}))?;
+            if json {
+                return print_json(&d);
+            }
+            out(format!("removed {}; its certificate is refused from now on", d.id));
+        }
         FleetCmd::List => {
             let ds: Vec<Device> = c.get("/v1/devices")?;
             if json {
@@ -376,24 +428,41 @@ pub fn fleet(c: &Client, cmd: FleetCmd, json: bool) -> Result<()> {
             }
             let mut t = table(&["device", "group", "profile", "last seen", "serving", "desired", "agent"]);
             for d in &ds {
-                let serving = d
+                let mut serving: Vec<String> = d
                     .reported
                     .iter()
                     .map(|m| match &m.detail {
-                        Some(detail) => format!("{}:{} {} ({detail})", m.name, m.version, m.state),
-                        None => format!("{}:{} {}", m.name, m.version, m.state),
+                        Some(detail) => {
+                            format!("{}:{} {} ({})", printable(&m.name), m.version, m.state, printable(detail))
+                        }
+                        None => format!("{}:{} {}", printable(&m.name), m.version, m.state),
                     })
-                    .collect::<Vec<_>>()
-                    .join("\n");
-                let desired = d.desired.iter().map(|(n, v)| format!("{n}:{v}")).collect::<Vec<_>>().join("\n");
+                    .collect();
+                if let Some(r) = &d.refused {
+                    serving.push(format!("refused desired state {}: {}", r.generation, printable(&r.reason)));
+                }
+                let mut desired: Vec<String> = d.desired.iter().map(|(n, v)| format!("{n}:{v}")).collect();
+                match d.reported_generation {
+                    Some(g) if g >= d.generation => desired.push(format!("(generation {}, applied)", d.generation)),
+                    Some(g) => desired.push(format!("(generation {}, device at {g})", d.generation)),
+                    None => {}
+                }
+                let agent = printable(d.agent_version.as_deref().unwrap_or_default());
+                let agent = match &d.capabilities {
+                    Some(c) => {
+                        let formats: Vec<String> = c.formats.iter().map(|f| f.to_string()).collect();
+                        format!("{agent}\nwire v{}, runs {}", c.wire_version, formats.join(", "))
+                    }
+                    None => agent,
+                };
                 t.add_row(vec![
                     d.id.to_string(),
-                    d.group.clone(),
-                    d.profile.clone(),
+                    printable(&d.group),
+                    printable(&d.profile),
                     ago(d.last_seen),
-                    serving,
-                    desired,
-                    d.agent_version.clone().unwrap_or_default(),
+                    serving.join("\n"),
+                    desired.join("\n"),
+                    agent,
                 ]);
             }
             out(t);

@@ -19,9 +19,11 @@ struct Cli {
     /// Admin API URL; default: read from <data-dir>/serve.json.
     #[arg(long, env = "TERN_ADMIN", global = true)]
     admin: Option<String>,
-    /// Admin token; default: read from <data-dir>/admin.token.
-    #[arg(long, env = "TERN_ADMIN_TOKEN", hide_env_values = true, global = true)]
-    token: Option<String>,
+    /// File holding the admin token; default: <data-dir>/admin.token. (The
+    /// token itself may come from the TERN_ADMIN_TOKEN environment variable;
+    /// there is no flag for it, because command lines show in `ps`.)
+    #[arg(long, env = "TERN_ADMIN_TOKEN_FILE", global = true)]
+    token_file: Option<PathBuf>,
     /// Print JSON instead of tables, for scripts.
     #[arg(long, global = true)]
     json: bool,
@@ -69,11 +71,13 @@ fn main() -> ExitCode {
         }
         Cmd::Model(cmd) => {
             init_logs("warn");
-            cli::Client::new(&cli.data_dir, cli.admin, cli.token).and_then(|c| cli::model(&c, cmd, cli.json))
+            cli::Client::new(&cli.data_dir, cli.admin, cli.token_file.as_deref())
+                .and_then(|c| cli::model(&c, cmd, cli.json))
         }
         Cmd::Fleet(cmd) => {
             init_logs("warn");
-            cli::Client::new(&cli.data_dir, cli.admin, cli.token).and_then(|c| cli::fleet(&c, cmd, cli.json))
+            cli::Client::new(&cli.data_dir, cli.admin, cli.token_file.as_deref())
+                .and_then(|c| cli::fleet(&c, cmd, cli.json))
         }
         Cmd::Demo(args) => {
             init_logs("warn");

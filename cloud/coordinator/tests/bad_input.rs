@@ -76,7 +76,8 @@ fn bad_admin_requests_are_refused_and_nothing_is_lost() {
 
     // Wrong or missing admin token.
     let out = std::process::Command::new(tern_bin())
-        .args(["--admin", &coord.admin, "--token", "wrong", "model", "list"])
+        .args(["--admin", &coord.admin, "model", "list"])
+        .env("TERN_ADMIN_TOKEN", "wrong")
         .output()
         .unwrap();
     assert!(!out.status.success());

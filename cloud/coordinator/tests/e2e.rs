@@ -157,18 +157,34 @@ fn agent_gets_desired_state_when_it_connects_later_and_on_upgrade() {
     agent.wait_serving("iris", 2);
 }
 
+/// Starts `agent` while the coordinator cannot serve `sha`'s artifact, so
+/// that its download fails and stays a candidate on disk; stops it with
+/// SIGKILL, and gives the coordinator its artifact back.
+fn leave_a_download_unfinished(coord: &Coord, agent: &mut Agent, sha: &str) {
+    let artifact = coord.data().join("artifacts/sha256").join(sha);
+    let aside = coord.data().join("aside");
+    std::fs::rename(&artifact, &aside).unwrap();
+    agent.start();
+    wait_for("the download to fail", Duration::from_secs(20), || {
+        agent.models()["models"].as_array()?.iter().any(|m| m["state"] == "failed").then_some(())
+    });
+    agent.proc.as_mut().unwrap().kill9();
+    std::fs::rename(&aside, &artifact).unwrap();
+}
+
 #[test]
 fn interrupted_download_resumes_and_corrupt_download_is_refetched() {
     let coord = Coord::start();
     let bytes = std::fs::read(fixture("iris.onnx")).unwrap();
     let sha = tern_proto::Sha256Digest::of(&bytes).to_hex();
-
-    // Half the artifact is already on disk from an earlier attempt.
-    let mut agent = Agent::enrolled(&coord, "cam-03");
-    std::fs::create_dir_all(agent.data().join("partial")).unwrap();
-    std::fs::write(agent.data().join("partial").join(&sha), &bytes[..bytes.len() / 2]).unwrap();
     coord.register_iris("iris");
+
+    // The agent was killed with half the artifact on disk: after a restart
+    // it resumes from there (the candidate is persisted with its slot).
+    let mut agent = Agent::enrolled(&coord, "cam-03");
     coord.ok(&["fleet", "assign", "cam-03", "iris:1"]);
+    leave_a_download_unfinished(&coord, &mut agent, &sha);
+    std::fs::write(agent.data().join("partial").join(&sha), &bytes[..bytes.len() / 2]).unwrap();
     agent.start();
     agent.wait_serving("iris", 1);
     assert!(agent.logs().contains(&format!("resumed_from={}", bytes.len() / 2)), "{}", agent.logs());
@@ -176,9 +192,9 @@ fn interrupted_download_resumes_and_corrupt_download_is_refetched() {
     // A partial file of the right length but wrong bytes fails the digest
     // check, is thrown away, and the artifact is fetched again.
     let mut agent = Agent::enrolled(&coord, "cam-04");
-    std::fs::create_dir_all(agent.data().join("partial")).unwrap();
-    std::fs::write(agent.data().join("partial").join(&sha), vec![0u8; bytes.len()]).unwrap();
     coord.ok(&["fleet", "assign", "cam-04", "iris:1"]);
+    leave_a_download_unfinished(&coord, &mut agent, &sha);
+    std::fs::write(agent.data().join("partial").join(&sha), vec![0u8; bytes.len()]).unwrap();
     agent.start();
     agent.wait_serving("iris", 1);
     assert!(agent.logs().contains("artifact corrupt: sha256 is"), "{}", agent.logs());

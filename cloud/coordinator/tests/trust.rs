@@ -5,8 +5,8 @@
 mod common;
 
 use common::*;
-use tern_net::{DeviceKey, FleetCa, read_msg, write_msg};
-use tern_proto::{EnrollTokenText, Hello, MAX_FRAME_LEN, Message};
+use tern_net::{DeviceKey, FleetCa, FrameReader, write_msg};
+use tern_proto::{EnrollTokenText, MAX_FRAME_LEN, Message, WireVersion};
 
 fn stderr(out: &std::process::Output) -> String {
     String::from_utf8_lossy(&out.stderr).trim().to_owned()
@@ -68,10 +68,6 @@ fn tokens_are_single_use_expiring_unforgeable_and_pinned() {
     assert!(b.enroll(&other.quic, &other.token(), Some("cam-b")).status.success());
 }
 
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap()
-}
-
 fn quic_addr(coord: &Coord) -> std::net::SocketAddr {
     coord.quic.parse().unwrap()
 }
@@ -94,9 +90,10 @@ fn foreign_certificates_and_missing_certificates_get_nothing() {
             let conn = endpoint.connect_with(config, addr, tern_net::COORDINATOR_NAME)?.await?;
             // TLS 1.3: the client may finish before the server checks its certificate;
             // the first stream then fails.
-            let (mut send, mut recv) = conn.open_bi().await?;
-            write_msg(&mut send, &Message::Hello(Hello { agent_version: "x".into(), models: vec![] })).await?;
-            Ok::<_, anyhow::Error>(read_msg(&mut recv).await?)
+            let v = tern_net::wire_version(&conn)?;
+            let (mut send, recv) = conn.open_bi().await?;
+            write_msg(&mut send, &hello("x"), v).await?;
+            Ok::<_, anyhow::Error>(FrameReader::new(recv, v).next().await?)
         }
         .await;
         let err = format!("{:#}", result.expect_err("a foreign certificate must be refused"));
@@ -109,9 +106,10 @@ fn foreign_certificates_and_missing_certificates_get_nothing() {
             .unwrap()
             .await
             .unwrap();
-        let (mut send, mut recv) = conn.open_bi().await.unwrap();
-        write_msg(&mut send, &Message::Hello(Hello { agent_version: "x".into(), models: vec![] })).await.unwrap();
-        match read_msg(&mut recv).await.unwrap() {
+        let v = tern_net::wire_version(&conn).unwrap();
+        let (mut send, recv) = conn.open_bi().await.unwrap();
+        write_msg(&mut send, &hello("x"), v).await.unwrap();
+        match FrameReader::new(recv, v).next().await.unwrap() {
             Some(Message::Error(e)) => assert_eq!(e.message, "Hello needs a device certificate; enroll first"),
             other => panic!("expected an error, got {other:?}"),
         }
@@ -133,12 +131,14 @@ fn oversize_frame_is_refused_and_the_coordinator_carries_on() {
     runtime().block_on(async {
         let endpoint = tern_net::client_endpoint(addr).unwrap();
         let conn = endpoint.connect_with(config, addr, tern_net::COORDINATOR_NAME).unwrap().await.unwrap();
-        let (mut send, mut recv) = conn.open_bi().await.unwrap();
+        let v = tern_net::wire_version(&conn).unwrap();
+        assert_eq!(v, WireVersion::CURRENT);
+        let (mut send, recv) = conn.open_bi().await.unwrap();
         let mut header = Vec::from(*b"TN");
-        header.extend_from_slice(&1u16.to_le_bytes());
+        header.extend_from_slice(&v.0.to_le_bytes());
         header.extend_from_slice(&(MAX_FRAME_LEN as u32 + 1).to_le_bytes());
         send.write_all(&header).await.unwrap();
-        match read_msg(&mut recv).await.unwrap() {
+        match FrameReader::new(recv, v).next().await.unwrap() {
             Some(Message::Error(e)) => {
                 assert_eq!(
                     e.message,
@@ -148,9 +148,9 @@ fn oversize_frame_is_refused_and_the_coordinator_carries_on() {
             other => panic!("expected an error, got {other:?}"),
         }
         // Garbage that is not a Tern frame at all.
-        let (mut send, mut recv) = conn.open_bi().await.unwrap();
+        let (mut send, recv) = conn.open_bi().await.unwrap();
         send.write_all(b"GET / HTTP/1.1\r\n\r\n").await.unwrap();
-        match read_msg(&mut recv).await.unwrap() {
+        match FrameReader::new(recv, v).next().await.unwrap() {
             Some(Message::Error(e)) => assert!(e.message.starts_with("not a Tern frame"), "{}", e.message),
             other => panic!("expected an error, got {other:?}"),
         }

@@ -9,7 +9,7 @@ mod types;
 
 pub use artifacts::Artifacts;
 pub use store::Registry;
-pub use types::{Approval, Device, EnrollToken, ModelVersion, NewVersion};
+pub use types::{Approval, Capabilities, Device, EnrollToken, ModelVersion, NewVersion, Report};
 
 use tern_proto::Sha256Digest;
 
@@ -44,6 +44,42 @@ pub enum RegistryError {
         version: u32,
         /// Its current status.
         status: Approval,
+    },
+    /// The device does not have that model assigned.
+    #[error("{device} has no version of {model:?} assigned")]
+    NotAssigned {
+        /// Device id.
+        device: String,
+        /// Model name.
+        model: String,
+    },
+    /// The device's agent cannot run the version's format.
+    #[error(
+        "{device}'s agent runs {runs}; {name}:{version} is {format} (register its NNEF form, which every agent runs)"
+    )]
+    Unsupported {
+        /// Device id.
+        device: String,
+        /// Model name.
+        name: String,
+        /// Version.
+        version: u32,
+        /// Its format.
+        format: tern_proto::ModelFormat,
+        /// What the agent runs.
+        runs: String,
+    },
+    /// Rejecting a version that devices are told to serve needs `force`.
+    #[error(
+        "{name}:{version} is assigned to {devices}; unassign it first, or reject with --force to unassign it from them"
+    )]
+    Deployed {
+        /// Model name.
+        name: String,
+        /// Version.
+        version: u32,
+        /// The devices, comma-separated.
+        devices: String,
     },
     /// The token is not one this registry issued.
     #[error("enrollment token not recognised by this coordinator")]

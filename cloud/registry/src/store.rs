@@ -1,4 +1,4 @@
-use crate::types::{Approval, Device, EnrollToken, ModelVersion, NewVersion};
+use crate::types::{Approval, Device, EnrollToken, ModelVersion, NewVersion, Report};
 use crate::{RegistryError, Result};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -7,7 +7,7 @@ use sled::Transactional;
 use sled::transaction::{ConflictableTransactionError, TransactionError};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use tern_proto::{DeviceId, ModelStatus, Sha256Digest};
+use tern_proto::{DeviceId, Sha256Digest};
 
 /// The registry database.
 ///
@@ -20,6 +20,8 @@ pub struct Registry {
     devices: sled::Tree,
     /// Certificate SHA-256 → device id, so a connection finds its device in one lookup.
     certs: sled::Tree,
+    /// Certificate SHA-256 → id of the removed device it belonged to.
+    revoked: sled::Tree,
     tokens: sled::Tree,
 }
 
@@ -67,6 +69,7 @@ impl Registry {
             models: db.open_tree("models")?,
             devices: db.open_tree("devices")?,
             certs: db.open_tree("certs")?,
+            revoked: db.open_tree("revoked")?,
             tokens: db.open_tree("tokens")?,
             db,
             path,
@@ -160,14 +163,66 @@ impl Registry {
             .collect()
     }
 
-    /// Sets the approval status of a version.
-    pub fn set_status(&self, name: &str, version: u32, status: Approval, now: u64) -> Result<ModelVersion> {
-        let mut record = self.version(name, version)?;
-        record.status = status;
-        record.status_changed_at = now;
-        self.models.insert(version_key(name, version), encode(&record))?;
+    /// Sets the approval status of a version. Rejecting a version that
+    /// devices are assigned is refused ([`RegistryError::Deployed`]) unless
+    /// `force`, which also unassigns it from each of them, in the same
+    /// transaction; the devices whose desired state changed are returned.
+    pub fn set_status(
+        &self,
+        name: &str,
+        version: u32,
+        status: Approval,
+        now: u64,
+        force: bool,
+    ) -> Result<(ModelVersion, Vec<Device>)> {
+        let key = version_key(name, version);
+        self.version(name, version)?;
+        // Every device, read again inside the transaction: one assigned in
+        // between is caught there, one enrolled in between had nothing assigned.
+        let ids: Vec<sled::IVec> = self.devices.iter().keys().collect::<Result<_, _>>()?;
+        let result = (&self.models, &self.devices).transaction(|(models, devices)| {
+            let Some(raw) = models.get(&key)? else {
+                return abort(RegistryError::UnknownVersion { name: name.to_owned(), version });
+            };
+            let mut record: ModelVersion = match decode(&key, &raw) {
+                Ok(r) => r,
+                Err(e) => return abort(e),
+            };
+            let mut changed = Vec::new();
+            if status == Approval::Rejected {
+                for k in &ids {
+                    let Some(raw) = devices.get(k)? else { continue };
+                    let mut d: Device = match decode(k, &raw) {
+                        Ok(d) => d,
+                        Err(e) => return abort(e),
+                    };
+                    if d.desired.get(name) == Some(&version) {
+                        d.desired.remove(name);
+                        d.generation += 1;
+                        changed.push(d);
+                    }
+                }
+                if !changed.is_empty() && !force {
+                    let ids: Vec<&str> = changed.iter().map(|d| d.id.as_str()).collect();
+                    return abort(RegistryError::Deployed { name: name.to_owned(), version, devices: ids.join(", ") });
+                }
+                for d in &changed {
+                    devices.insert(d.id.as_str(), encode(d))?;
+                }
+            }
+            record.status = status;
+            record.status_changed_at = now;
+            models.insert(key.as_slice(), encode(&record))?;
+            Ok((record, changed))
+        });
+        let out = unwrap_tx(result)?;
         self.sync()?;
-        Ok(record)
+        Ok(out)
+    }
+
+    /// The devices assigned `name:version`.
+    pub fn assigned(&self, name: &str, version: u32) -> Result<Vec<DeviceId>> {
+        Ok(self.devices()?.into_iter().filter(|d| d.desired.get(name) == Some(&version)).map(|d| d.id).collect())
     }
 
     // ---- enrollment tokens ----
@@ -218,6 +273,9 @@ impl Registry {
                 desired: BTreeMap::new(),
                 generation: 0,
                 reported: Vec::new(),
+                reported_generation: None,
+                refused: None,
+                capabilities: None,
             };
             tokens.insert(&tkey, encode(&token))?;
             devices.insert(id.as_str(), encode(&device))?;
@@ -263,6 +321,31 @@ impl Registry {
         }
     }
 
+    /// The id of the removed device this certificate belonged to, if it did.
+    pub fn revoked(&self, cert_sha256: &Sha256Digest) -> Result<Option<String>> {
+        Ok(self.revoked.get(cert_sha256.0)?.map(|id| String::from_utf8_lossy(&id).into_owned()))
+    }
+
+    /// Removes a device: its record goes, and its certificate is refused from
+    /// now on (the id may enroll again, with a new token and a new key).
+    pub fn remove_device(&self, id: &str) -> Result<Device> {
+        let result = (&self.devices, &self.certs, &self.revoked).transaction(|(devices, certs, revoked)| {
+            let Some(raw) = devices.remove(id)? else {
+                return abort(RegistryError::UnknownDevice(id.to_owned()));
+            };
+            let device: Device = match decode(id.as_bytes(), &raw) {
+                Ok(d) => d,
+                Err(e) => return abort(e),
+            };
+            certs.remove(&device.cert_sha256.0)?;
+            revoked.insert(&device.cert_sha256.0, id)?;
+            Ok(device)
+        });
+        let device = unwrap_tx(result)?;
+        self.sync()?;
+        Ok(device)
+    }
+
     /// All devices, by id.
     pub fn devices(&self) -> Result<Vec<Device>> {
         self.devices
@@ -290,14 +373,36 @@ impl Registry {
     }
 
     /// Sets the version of `name` a device should serve. Only approved
-    /// versions are accepted.
+    /// versions are accepted, and only in a format the device's agent said
+    /// it runs (when it has said).
     pub fn assign(&self, id: &str, name: &str, version: u32) -> Result<Device> {
         let v = self.version(name, version)?;
         if v.status != Approval::Approved {
             return Err(RegistryError::NotApproved { name: name.to_owned(), version, status: v.status });
         }
         self.update_device(id, true, |d| {
+            if let Some(caps) = d.capabilities.as_ref().filter(|c| !c.formats.contains(&v.format)) {
+                let runs: Vec<String> = caps.formats.iter().map(|f| f.to_string()).collect();
+                return Err(RegistryError::Unsupported {
+                    device: id.to_owned(),
+                    name: name.to_owned(),
+                    version,
+                    format: v.format,
+                    runs: if runs.is_empty() { "no format".into() } else { runs.join(", ") },
+                });
+            }
             d.desired.insert(name.to_owned(), version);
+            d.generation += 1;
+            Ok(())
+        })
+    }
+
+    /// Stops a device from serving any version of `name`.
+    pub fn unassign(&self, id: &str, name: &str) -> Result<Device> {
+        self.update_device(id, true, |d| {
+            if d.desired.remove(name).is_none() {
+                return Err(RegistryError::NotAssigned { device: id.to_owned(), model: name.to_owned() });
+            }
             d.generation += 1;
             Ok(())
         })
@@ -305,20 +410,23 @@ impl Registry {
 
     /// Records that a device was heard from, with what it reported. Not
     /// fsynced: losing a heartbeat to a power cut is harmless.
-    pub fn seen(
-        &self,
-        id: &str,
-        now: u64,
-        agent_version: Option<&str>,
-        reported: Option<&[ModelStatus]>,
-    ) -> Result<Device> {
+    pub fn seen(&self, id: &str, now: u64, report: &Report) -> Result<Device> {
         self.update_device(id, false, |d| {
             d.last_seen = Some(now);
-            if let Some(v) = agent_version {
-                d.agent_version = Some(v.to_owned());
+            if let Some(v) = &report.agent_version {
+                d.agent_version = Some(v.clone());
             }
-            if let Some(r) = reported {
-                d.reported = r.to_vec();
+            if let Some(r) = &report.models {
+                d.reported = r.clone();
+            }
+            if let Some(g) = report.generation {
+                d.reported_generation = Some(g);
+            }
+            if let Some(r) = &report.refused {
+                d.refused = r.clone();
+            }
+            if let Some(c) = &report.capabilities {
+                d.capabilities = Some(c.clone());
             }
             Ok(())
         })
@@ -355,7 +463,7 @@ mod tests {
             assert_eq!(r.register("iris", new_version(b"a")).unwrap().version, 1);
             assert_eq!(r.register("iris", new_version(b"b")).unwrap().version, 2);
             assert_eq!(r.register("iris-big", new_version(b"c")).unwrap().version, 1);
-            assert_eq!(r.set_status("iris", 2, Approval::Approved, 5).unwrap().status, Approval::Approved);
+            assert_eq!(r.set_status("iris", 2, Approval::Approved, 5, false).unwrap().0.status, Approval::Approved);
         }
         // sled releases its file lock from a background thread shortly after
         // the last handle drops; wait for it rather than fail.
@@ -417,9 +525,79 @@ mod tests {
         let err = r.assign("cam-1", "iris", 1).unwrap_err();
         assert!(err.to_string().contains("iris:1 is pending, only approved versions can be deployed"), "{err}");
         assert_eq!(r.device("cam-1").unwrap().generation, 0);
-        r.set_status("iris", 1, Approval::Approved, 2).unwrap();
+        r.set_status("iris", 1, Approval::Approved, 2, false).unwrap();
         let d = r.assign("cam-1", "iris", 1).unwrap();
         assert_eq!((d.desired["iris"], d.generation), (1, 1));
         assert!(matches!(r.assign("cam-9", "iris", 1), Err(RegistryError::UnknownDevice(_))));
+    }
+
+    fn approved_and_assigned() -> (tempfile::TempDir, Registry) {
+        let dir = tempfile::tempdir().unwrap();
+        let r = Registry::open(dir.path()).unwrap();
+        for (i, id) in ["cam-1", "cam-2"].iter().enumerate() {
+            r.add_token(&[i as u8; 16], &token(50)).unwrap();
+            r.enroll(&[i as u8; 16], DeviceId::new(*id).unwrap(), Sha256Digest::of(id.as_bytes()), "0.1", 1).unwrap();
+        }
+        r.register("iris", new_version(b"a")).unwrap();
+        r.set_status("iris", 1, Approval::Approved, 2, false).unwrap();
+        r.assign("cam-1", "iris", 1).unwrap();
+        (dir, r)
+    }
+
+    #[test]
+    fn rejecting_a_deployed_version_is_refused_unless_forced_which_unassigns_it() {
+        let (_dir, r) = approved_and_assigned();
+        let err = r.set_status("iris", 1, Approval::Rejected, 3, false).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "iris:1 is assigned to cam-1; unassign it first, or reject with --force to unassign it from them"
+        );
+        assert_eq!(r.version("iris", 1).unwrap().status, Approval::Approved, "nothing changed");
+        assert_eq!(r.device("cam-1").unwrap().desired.len(), 1);
+        let (v, changed) = r.set_status("iris", 1, Approval::Rejected, 3, true).unwrap();
+        assert_eq!(v.status, Approval::Rejected);
+        assert_eq!(changed.iter().map(|d| d.id.as_str()).collect::<Vec<_>>(), ["cam-1"]);
+        let d = r.device("cam-1").unwrap();
+        assert!(d.desired.is_empty());
+        assert_eq!(d.generation, 2);
+        assert!(r.assigned("iris", 1).unwrap().is_empty());
+    }
+
+    #[test]
+    fn unassign_and_remove() {
+        let (_dir, r) = approved_and_assigned();
+        let d = r.unassign("cam-1", "iris").unwrap();
+        assert!(d.desired.is_empty());
+        assert_eq!(d.generation, 2);
+        assert!(matches!(r.unassign("cam-1", "iris"), Err(RegistryError::NotAssigned { .. })));
+        let cert = Sha256Digest::of(b"cam-2");
+        assert!(r.device_by_cert(&cert).unwrap().is_some());
+        r.remove_device("cam-2").unwrap();
+        assert!(r.device_by_cert(&cert).unwrap().is_none());
+        assert_eq!(r.revoked(&cert).unwrap().as_deref(), Some("cam-2"));
+        assert!(matches!(r.device("cam-2"), Err(RegistryError::UnknownDevice(_))));
+        assert!(matches!(r.remove_device("cam-2"), Err(RegistryError::UnknownDevice(_))));
+    }
+
+    #[test]
+    fn a_device_is_assigned_only_formats_its_agent_runs() {
+        let (_dir, r) = approved_and_assigned();
+        let caps = crate::Capabilities { formats: vec![ModelFormat::Nnef], backends: vec![], wire_version: 2 };
+        r.seen("cam-2", 5, &Report { capabilities: Some(caps), generation: Some(0), ..Report::default() }).unwrap();
+        let err = r.assign("cam-2", "iris", 1).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "cam-2's agent runs nnef; iris:1 is onnx (register its NNEF form, which every agent runs)"
+        );
+        assert_eq!(r.device("cam-2").unwrap().reported_generation, Some(0));
+    }
+
+    #[test]
+    fn device_records_of_the_first_release_still_read() {
+        let old = r#"{"id":"cam-1","group":"lab","profile":"rpi4","enrolled_at":1,
+            "cert_sha256":"0000000000000000000000000000000000000000000000000000000000000000",
+            "last_seen":2,"agent_version":"0.1.0","desired":{"iris":1},"generation":1,"reported":[]}"#;
+        let d: Device = serde_json::from_str(old).unwrap();
+        assert_eq!((d.reported_generation, d.capabilities), (None, None));
     }
 }

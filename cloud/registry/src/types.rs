@@ -1,7 +1,7 @@
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::fmt;
-use tern_proto::{DeviceId, ModelFormat, ModelManifest, ModelStatus, Sha256Digest, TensorSpec};
+use tern_proto::{DeviceId, ModelFormat, ModelManifest, ModelStatus, Refusal, Sha256Digest, TensorSpec};
 
 /// Whether a version may be deployed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -91,7 +91,19 @@ impl ModelVersion {
     }
 }
 
-/// An enrolled device.
+/// What a device's agent said it can do, in its last `Hello`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Capabilities {
+    /// Artifact formats its build runs.
+    pub formats: Vec<ModelFormat>,
+    /// Its inference backends.
+    pub backends: Vec<String>,
+    /// The wire version of its session.
+    pub wire_version: u16,
+}
+
+/// An enrolled device. Fields added after the first release have serde
+/// defaults, so records written by an older coordinator still read.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Device {
     /// Its id, also its certificate's common name.
@@ -114,6 +126,32 @@ pub struct Device {
     pub generation: u64,
     /// What the agent last reported.
     pub reported: Vec<ModelStatus>,
+    /// The generation of the desired state the agent last said it applied
+    /// (`None` until it says; agents of wire version 1 never do).
+    #[serde(default)]
+    pub reported_generation: Option<u64>,
+    /// The desired state the agent last refused as a whole, and why.
+    #[serde(default)]
+    pub refused: Option<Refusal>,
+    /// What its agent can run (`None` until an agent of wire version 2 or
+    /// later says).
+    #[serde(default)]
+    pub capabilities: Option<Capabilities>,
+}
+
+/// What a device reported, for [`crate::Registry::seen`].
+#[derive(Debug, Clone, Default)]
+pub struct Report {
+    /// Its agent's version (from a `Hello`).
+    pub agent_version: Option<String>,
+    /// Its models' states.
+    pub models: Option<Vec<ModelStatus>>,
+    /// The generation it applied.
+    pub generation: Option<u64>,
+    /// A desired state it refused (`Some(None)`: none now).
+    pub refused: Option<Option<Refusal>>,
+    /// What it can run (from a `Hello`).
+    pub capabilities: Option<Capabilities>,
 }
 
 /// A one-time enrollment token, stored by the hash of its secret.

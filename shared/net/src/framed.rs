@@ -1,33 +1,58 @@
 use crate::NetError;
-use quinn::{ReadError, ReadExactError, RecvStream, SendStream};
-use tern_proto::{FrameHeader, HEADER_LEN, MAX_FRAME_LEN, Message, decode_payload, encode_frame};
+use quinn::{ReadError, RecvStream, SendStream};
+use tern_proto::{FrameDecoder, MAX_FRAME_LEN, Message, WireVersion, encode_frame};
 
-/// Writes one frame.
-pub async fn write_msg(send: &mut SendStream, msg: &Message) -> Result<(), NetError> {
-    let frame = encode_frame(msg)?;
+/// Writes one frame of wire `version`.
+pub async fn write_msg(send: &mut SendStream, msg: &Message, version: WireVersion) -> Result<(), NetError> {
+    let frame = encode_frame(msg, version)?;
     send.write_all(&frame).await?;
     Ok(())
 }
 
-/// Reads one frame. `Ok(None)` when the peer finished the stream cleanly
-/// between frames. The payload length is checked against the limit before
-/// any payload byte is buffered.
-pub async fn read_msg(recv: &mut RecvStream) -> Result<Option<Message>, NetError> {
-    let mut head = [0u8; HEADER_LEN];
-    match recv.read_exact(&mut head).await {
-        Ok(()) => {}
-        Err(ReadExactError::FinishedEarly(0)) => return Ok(None),
-        Err(ReadExactError::FinishedEarly(_)) => return Err(NetError::Truncated),
-        Err(ReadExactError::ReadError(e)) => return Err(read_error(e)),
+/// Reads frames of one wire version from a stream, as their bytes come.
+///
+/// [`FrameReader::next`] is cancel-safe: the bytes of a frame in progress
+/// live in the reader, not in the future, so a `select!` that drops a
+/// pending read loses nothing. The reader asks the stream for at most the
+/// bytes that complete the current frame, so it holds no more than what
+/// arrived (never the length a header announces), and it never reads past a
+/// frame into the raw bytes that may follow it (an artifact after its header).
+pub struct FrameReader {
+    recv: RecvStream,
+    decoder: FrameDecoder,
+}
+
+impl FrameReader {
+    /// A reader of wire `version` frames of at most [`MAX_FRAME_LEN`] bytes.
+    pub fn new(recv: RecvStream, version: WireVersion) -> Self {
+        Self { recv, decoder: FrameDecoder::new(MAX_FRAME_LEN, version) }
     }
-    let header = FrameHeader::parse(&head, MAX_FRAME_LEN)?;
-    let mut payload = vec![0u8; header.len];
-    match recv.read_exact(&mut payload).await {
-        Ok(()) => {}
-        Err(ReadExactError::FinishedEarly(_)) => return Err(NetError::Truncated),
-        Err(ReadExactError::ReadError(e)) => return Err(read_error(e)),
+
+    /// The next message; `Ok(None)` when the peer finished the stream
+    /// cleanly between frames.
+    pub async fn next(&mut self) -> Result<Option<Message>, NetError> {
+        loop {
+            if let Some(msg) = self.decoder.next_message()? {
+                return Ok(Some(msg));
+            }
+            let want = self.decoder.want();
+            match self.recv.read_chunk(want, true).await.map_err(read_error)? {
+                Some(chunk) => self.decoder.push(&chunk.bytes),
+                None if self.decoder.buffered() == 0 => return Ok(None),
+                None => return Err(NetError::Truncated),
+            }
+        }
     }
-    Ok(Some(decode_payload(&payload)?))
+
+    /// Bytes received but not yet decoded.
+    pub fn buffered(&self) -> usize {
+        self.decoder.buffered()
+    }
+
+    /// The stream, positioned right after the last frame read.
+    pub fn into_stream(self) -> RecvStream {
+        self.recv
+    }
 }
 
 fn read_error(e: ReadError) -> NetError {

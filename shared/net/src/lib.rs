@@ -6,12 +6,14 @@ mod framed;
 mod pki;
 mod tls;
 
-pub use framed::{read_msg, write_msg};
+pub use framed::{FrameReader, write_msg};
 #[cfg(feature = "ca")]
 pub use pki::FleetCa;
 pub use pki::{DeviceKey, ca_fingerprint};
 pub use tls::{
-    COORDINATOR_NAME, client_endpoint, device_client_config, enroll_client_config, peer_cert, server_config,
+    COORDINATOR_NAME, DEVICE_STREAMS, admit_device, client_endpoint, device_client_config,
+    device_client_config_speaking, enroll_client_config, enroll_client_config_speaking, peer_cert, server_config,
+    wire_version,
 };
 
 /// Transport and certificate errors.

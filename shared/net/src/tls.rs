@@ -10,6 +10,7 @@ use rustls::{DigitallySignedStruct, RootCertStore, SignatureScheme};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
+use tern_proto::WireVersion;
 
 /// The name every coordinator certificate carries and every agent checks,
 /// whatever address it dials: devices trust the fleet CA, not DNS.
@@ -19,11 +20,79 @@ fn provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
-fn transport() -> Arc<TransportConfig> {
+/// Idle time after which either side drops a connection.
+const IDLE: u32 = 20_000;
+/// How much a peer may send on one stream before we have read it: control
+/// frames are small, and the coordinator reads each stream as it arrives.
+const SERVER_STREAM_WINDOW: u32 = 64 << 10;
+/// ... and on all streams of a connection it has not yet authenticated.
+const SERVER_ANONYMOUS_WINDOW: u32 = 128 << 10;
+/// Streams an enrolled device may have open at once (control + downloads).
+pub const DEVICE_STREAMS: u32 = 16;
+/// What an enrolled device may have in flight towards the coordinator.
+const DEVICE_WINDOW: u32 = 1 << 20;
+/// What the coordinator may have in flight towards an agent, per download
+/// stream and in all: artifacts stream at this window, and it bounds what
+/// a device buffers.
+const CLIENT_STREAM_WINDOW: u32 = 1 << 20;
+const CLIENT_WINDOW: u32 = 4 << 20;
+
+/// The coordinator's transport: before a connection has shown a device
+/// certificate it may open one bidirectional stream (to enroll), no
+/// unidirectional ones and no datagrams, and have little in flight;
+/// [`admit_device`] raises that for an authenticated device. quinn's
+/// defaults (100 streams each way, ~1.25 MB per stream, an unbounded
+/// connection window) are for peers one trusts.
+fn server_transport() -> Arc<TransportConfig> {
     let mut t = TransportConfig::default();
-    t.keep_alive_interval(Some(Duration::from_secs(5)));
-    t.max_idle_timeout(Some(IdleTimeout::from(VarInt::from_u32(20_000))));
+    t.max_concurrent_uni_streams(VarInt::from_u32(0));
+    t.max_concurrent_bidi_streams(VarInt::from_u32(1));
+    t.stream_receive_window(VarInt::from_u32(SERVER_STREAM_WINDOW));
+    t.receive_window(VarInt::from_u32(SERVER_ANONYMOUS_WINDOW));
+    t.datagram_receive_buffer_size(None);
+    // Agents keep their sessions alive; the coordinator does not keep
+    // anyone's connection alive for them.
+    t.keep_alive_interval(None);
+    t.max_idle_timeout(Some(IdleTimeout::from(VarInt::from_u32(IDLE))));
     Arc::new(t)
+}
+
+/// The agent's transport: it accepts no streams and no datagrams from the
+/// coordinator, and bounds what a download may have in flight.
+fn client_transport() -> Arc<TransportConfig> {
+    let mut t = TransportConfig::default();
+    t.max_concurrent_uni_streams(VarInt::from_u32(0));
+    t.max_concurrent_bidi_streams(VarInt::from_u32(0));
+    t.stream_receive_window(VarInt::from_u32(CLIENT_STREAM_WINDOW));
+    t.receive_window(VarInt::from_u32(CLIENT_WINDOW));
+    t.datagram_receive_buffer_size(None);
+    t.keep_alive_interval(Some(Duration::from_secs(5)));
+    t.max_idle_timeout(Some(IdleTimeout::from(VarInt::from_u32(IDLE))));
+    Arc::new(t)
+}
+
+/// Lifts the anonymous limits on a connection whose peer showed a device
+/// certificate: up to [`DEVICE_STREAMS`] streams and 1 MiB in flight.
+pub fn admit_device(conn: &Connection) {
+    conn.set_max_concurrent_bi_streams(VarInt::from_u32(DEVICE_STREAMS));
+    conn.set_receive_window(VarInt::from_u32(DEVICE_WINDOW));
+}
+
+fn alpn(versions: &[WireVersion]) -> Vec<Vec<u8>> {
+    versions.iter().map(|v| v.alpn()).collect()
+}
+
+/// The wire version the TLS handshake settled on (the application protocol
+/// both sides offered, the server's first choice).
+pub fn wire_version(conn: &Connection) -> Result<WireVersion, NetError> {
+    let data = conn.handshake_data().ok_or_else(|| NetError::Tls("handshake not complete".into()))?;
+    let data = data
+        .downcast::<quinn::crypto::rustls::HandshakeData>()
+        .map_err(|_| NetError::Tls("not a rustls connection".into()))?;
+    let protocol = data.protocol.ok_or_else(|| NetError::Tls("the peer named no application protocol".into()))?;
+    WireVersion::from_alpn(&protocol).filter(|v| v.is_supported()).ok_or_else(|| {
+        NetError::Tls(format!("application protocol {:?} is not one we speak", String::from_utf8_lossy(&protocol)))
+    })
 }
 
 fn roots(ca_der: &[u8]) -> Result<Arc<RootCertStore>, NetError> {
@@ -36,12 +105,18 @@ fn key(der: &[u8]) -> PrivateKeyDer<'static> {
     PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(der.to_vec()))
 }
 
-/// The coordinator's QUIC server configuration.
+/// The coordinator's QUIC server configuration, speaking `versions`
+/// (newest first; the first one a client also offers is used).
 ///
 /// Clients that present a certificate must chain to the fleet CA or the
 /// handshake fails. Clients without one are let through the handshake, and
 /// the coordinator allows them nothing but enrollment.
-pub fn server_config(cert_der: &[u8], key_der: &[u8], ca_der: &[u8]) -> Result<ServerConfig, NetError> {
+pub fn server_config(
+    cert_der: &[u8],
+    key_der: &[u8],
+    ca_der: &[u8],
+    versions: &[WireVersion],
+) -> Result<ServerConfig, NetError> {
     let verifier = WebPkiClientVerifier::builder_with_provider(roots(ca_der)?, provider())
         .allow_unauthenticated()
         .build()
@@ -51,42 +126,59 @@ pub fn server_config(cert_der: &[u8], key_der: &[u8], ca_der: &[u8]) -> Result<S
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_client_cert_verifier(verifier)
         .with_single_cert(chain, key(key_der))?;
-    tls.alpn_protocols = vec![tern_proto::ALPN.to_vec()];
+    tls.alpn_protocols = alpn(versions);
     let quic = QuicServerConfig::try_from(tls).map_err(|e| NetError::Tls(e.to_string()))?;
     let mut config = ServerConfig::with_crypto(Arc::new(quic));
-    config.transport_config(transport());
+    config.transport_config(server_transport());
+    // Handshakes not yet accepted: a few, with little buffered for each.
+    config.max_incoming(1024).incoming_buffer_size(64 << 10).incoming_buffer_size_total(8 << 20);
     Ok(config)
 }
 
-fn client(tls: rustls::ClientConfig) -> Result<ClientConfig, NetError> {
+fn client(tls: rustls::ClientConfig, versions: &[WireVersion]) -> Result<ClientConfig, NetError> {
     let mut tls = tls;
-    tls.alpn_protocols = vec![tern_proto::ALPN.to_vec()];
+    tls.alpn_protocols = alpn(versions);
     let quic = QuicClientConfig::try_from(tls).map_err(|e| NetError::Tls(e.to_string()))?;
     let mut config = ClientConfig::new(Arc::new(quic));
-    config.transport_config(transport());
+    config.transport_config(client_transport());
     Ok(config)
 }
 
-/// An enrolled device's configuration: trusts only the fleet CA and
-/// presents the device certificate.
+/// An enrolled device's configuration: trusts only the fleet CA, presents
+/// the device certificate, and offers every wire version this build speaks.
 pub fn device_client_config(ca_der: &[u8], cert_der: &[u8], key_der: &[u8]) -> Result<ClientConfig, NetError> {
+    device_client_config_speaking(ca_der, cert_der, key_der, WireVersion::SUPPORTED)
+}
+
+/// The same, offering only `versions` (what an older agent would offer).
+pub fn device_client_config_speaking(
+    ca_der: &[u8],
+    cert_der: &[u8],
+    key_der: &[u8],
+    versions: &[WireVersion],
+) -> Result<ClientConfig, NetError> {
     let tls = rustls::ClientConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_root_certificates(roots(ca_der)?)
         .with_client_auth_cert(vec![CertificateDer::from(cert_der.to_vec())], key(key_der))?;
-    client(tls)
+    client(tls, versions)
 }
 
 /// The configuration for enrolling: no client certificate yet, and the
 /// coordinator must present a chain containing the CA whose SHA-256 the
 /// enrollment token pins.
 pub fn enroll_client_config(ca_pin: [u8; 32]) -> Result<ClientConfig, NetError> {
+    enroll_client_config_speaking(ca_pin, WireVersion::SUPPORTED)
+}
+
+/// The same, offering only `versions`.
+pub fn enroll_client_config_speaking(ca_pin: [u8; 32], versions: &[WireVersion]) -> Result<ClientConfig, NetError> {
     let tls = rustls::ClientConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .dangerous()
         .with_custom_certificate_verifier(Arc::new(PinnedCa { pin: ca_pin, provider: provider() }))
         .with_no_client_auth();
-    client(tls)
+    client(tls, versions)
 }
 
 /// Verifies the server's chain against the one CA certificate it presents

@@ -1,36 +1,83 @@
 //! Tern's wire protocol: the messages agents and the coordinator exchange, the
 //! ids and model manifest they carry, and the versioned, length-prefixed frame
 //! codec that encodes them with postcard. Pure data and codecs; no I/O.
+//!
+//! Every wire version this build speaks stays decodable: [`v1`] holds the
+//! message types of version 1 exactly as the first agents encode them, and
+//! the frame codec converts between them and the current [`Message`]s, so a
+//! fleet can run old and new agents side by side.
 
+mod body;
+mod canonical;
 mod frame;
 mod ids;
 mod manifest;
 mod msg;
 mod tensor;
 mod token;
+pub mod v1;
 
+pub use body::{JSON_BYTES_PER_ELEMENT, JsonError, Limits, RequestLimits, TooLarge, decode_json};
+pub use canonical::{CanonicalError, canonical_json};
 pub use frame::{
     FrameDecoder, FrameError, FrameHeader, HEADER_LEN, MAGIC, MAX_FRAME_LEN, decode_frame, decode_payload, encode_frame,
 };
 pub use ids::{DeviceId, IdError, ModelRef, Sha256Digest};
-pub use manifest::{DType, ModelFormat, ModelManifest, SignedManifest, TensorSpec};
+pub use manifest::{DType, ManifestEncoding, ManifestError, ModelFormat, ModelManifest, SignedManifest, TensorSpec};
 pub use msg::{
     ArtifactHeader, DesiredState, EnrollRequest, EnrollResponse, ErrorCode, FetchArtifact, Hello, Message, ModelState,
-    ModelStatus, StatusReport, Welcome, WireError,
+    ModelStatus, Refusal, StatusReport, Welcome, WireError,
 };
 pub use tensor::{TENSORS_MEDIA_TYPE, Tensor, TensorData, decode_tensors, encode_tensors};
 pub use token::{EnrollTokenText, TokenError};
 
-/// The version of the wire protocol, carried in every frame header.
+/// A version of the wire protocol: the encoding of every [`Message`], carried
+/// in every frame header and named in the QUIC application protocol (ALPN,
+/// `tern/N`) so that the TLS handshake settles it before the first frame.
 ///
-/// A peer refuses frames of a version it does not speak; the number changes
-/// whenever the encoding of any [`Message`] changes incompatibly.
+/// A new version is made whenever the encoding of any message changes; each
+/// build speaks every version in [`WireVersion::SUPPORTED`], and a connection
+/// uses the highest one both sides speak.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct WireVersion(pub u16);
 
 impl WireVersion {
-    /// The version this build speaks.
-    pub const CURRENT: WireVersion = WireVersion(1);
+    /// The first version (agents and coordinators up to commit ae5a7d0).
+    pub const V1: WireVersion = WireVersion(1);
+    /// Version 2: capabilities and version lists in `Hello`, the applied
+    /// generation and refusals in `Status`, manifests signed as canonical JSON.
+    pub const V2: WireVersion = WireVersion(2);
+    /// The newest version this build speaks.
+    pub const CURRENT: WireVersion = WireVersion::V2;
+    /// Every version this build speaks, newest first.
+    pub const SUPPORTED: &'static [WireVersion] = &[WireVersion::V2, WireVersion::V1];
+
+    /// The ALPN protocol name of this version.
+    pub fn alpn(self) -> Vec<u8> {
+        format!("tern/{}", self.0).into_bytes()
+    }
+
+    /// The version an ALPN protocol name stands for, if it is one of ours.
+    pub fn from_alpn(alpn: &[u8]) -> Option<WireVersion> {
+        let n: u16 = std::str::from_utf8(alpn).ok()?.strip_prefix("tern/")?.parse().ok()?;
+        Some(WireVersion(n))
+    }
+
+    /// Whether this build can speak it.
+    pub fn is_supported(self) -> bool {
+        Self::SUPPORTED.contains(&self)
+    }
+
+    /// The versions this build speaks up to `max`, newest first: what an
+    /// endpoint offers in ALPN.
+    pub fn up_to(max: WireVersion) -> Vec<WireVersion> {
+        Self::SUPPORTED.iter().copied().filter(|v| *v <= max).collect()
+    }
+
+    /// The newest version in both lists.
+    pub fn highest_shared(ours: &[WireVersion], theirs: &[u16]) -> Option<WireVersion> {
+        ours.iter().copied().filter(|v| theirs.contains(&v.0)).max()
+    }
 }
 
 impl std::fmt::Display for WireVersion {
@@ -39,5 +86,19 @@ impl std::fmt::Display for WireVersion {
     }
 }
 
-/// The QUIC application protocol name (ALPN) of wire version 1.
-pub const ALPN: &[u8] = b"tern/1";
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn alpn_names_and_negotiation() {
+        assert_eq!(WireVersion::V2.alpn(), b"tern/2");
+        assert_eq!(WireVersion::from_alpn(b"tern/1"), Some(WireVersion::V1));
+        assert_eq!(WireVersion::from_alpn(b"h3"), None);
+        assert_eq!(WireVersion::up_to(WireVersion::V1), [WireVersion::V1]);
+        assert_eq!(WireVersion::up_to(WireVersion(9)), WireVersion::SUPPORTED);
+        assert_eq!(WireVersion::highest_shared(WireVersion::SUPPORTED, &[1, 2, 3]), Some(WireVersion::V2));
+        assert_eq!(WireVersion::highest_shared(WireVersion::SUPPORTED, &[1]), Some(WireVersion::V1));
+        assert_eq!(WireVersion::highest_shared(WireVersion::SUPPORTED, &[7]), None);
+    }
+}

@@ -105,6 +105,10 @@ impl fmt::Display for TensorSpec {
 
 /// What the registry vouches for about one model version: the agent checks
 /// the artifact it downloads against this before loading it.
+///
+/// Fields added after wire version 1 must have a serde default: a manifest
+/// is signed as canonical JSON, and decoders ignore fields they do not know,
+/// so new and old agents verify the same signed bytes.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ModelManifest {
     /// Model name.
@@ -125,11 +129,83 @@ pub struct ModelManifest {
     pub created_at: u64,
 }
 
-/// A manifest as signed by the registry key: the exact postcard bytes that
-/// were signed, so verification never depends on re-encoding.
+/// The `_type` of a manifest signed as canonical JSON, so that its signature
+/// cannot be passed off as one over another kind of signed document.
+pub const MANIFEST_TYPE: &str = "tern-model-manifest";
+
+/// How the signed bytes of a manifest are encoded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum ManifestEncoding {
+    /// postcard of [`crate::v1::ModelManifest`]: what wire version 1 signs
+    /// and its agents verify. It has no room for new fields.
+    Postcard,
+    /// Canonical JSON (see [`crate::canonical_json`]) of the manifest with
+    /// `"_type": "tern-model-manifest"`; decoders ignore unknown fields.
+    CanonicalJson,
+}
+
+/// A manifest that cannot be encoded or decoded.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ManifestError {
+    /// The manifest has no form in the requested encoding.
+    #[error("cannot encode manifest: {0}")]
+    Encode(String),
+    /// The signed bytes are not a manifest.
+    #[error("signed manifest body is malformed: {0}")]
+    Malformed(String),
+}
+
+impl ModelManifest {
+    /// The bytes the registry signs, in `encoding`.
+    pub fn signed_bytes(&self, encoding: ManifestEncoding) -> Result<Vec<u8>, ManifestError> {
+        match encoding {
+            ManifestEncoding::Postcard => {
+                let v1 = crate::v1::ModelManifest::try_from(self).map_err(ManifestError::Encode)?;
+                postcard::to_allocvec(&v1).map_err(|e| ManifestError::Encode(e.to_string()))
+            }
+            ManifestEncoding::CanonicalJson => {
+                let mut value = serde_json::to_value(self).map_err(|e| ManifestError::Encode(e.to_string()))?;
+                value
+                    .as_object_mut()
+                    .expect("a manifest is a JSON object")
+                    .insert("_type".into(), MANIFEST_TYPE.into());
+                crate::canonical_json(&value).map_err(|e| ManifestError::Encode(e.to_string()))
+            }
+        }
+    }
+
+    /// Decodes signed bytes (only once their signature has been checked).
+    pub fn from_signed_bytes(bytes: &[u8], encoding: ManifestEncoding) -> Result<Self, ManifestError> {
+        let malformed = |e: String| ManifestError::Malformed(e);
+        match encoding {
+            ManifestEncoding::Postcard => {
+                let (v1, rest) = postcard::take_from_bytes::<crate::v1::ModelManifest>(bytes)
+                    .map_err(|e| malformed(e.to_string()))?;
+                if !rest.is_empty() {
+                    return Err(malformed(format!("{} trailing bytes", rest.len())));
+                }
+                Ok(v1.into())
+            }
+            ManifestEncoding::CanonicalJson => {
+                let mut value: serde_json::Value =
+                    serde_json::from_slice(bytes).map_err(|e| malformed(e.to_string()))?;
+                let kind = value.as_object_mut().and_then(|o| o.remove("_type"));
+                if kind.as_ref().and_then(|k| k.as_str()) != Some(MANIFEST_TYPE) {
+                    return Err(malformed(format!("_type is {kind:?}, not {MANIFEST_TYPE:?}")));
+                }
+                serde_json::from_value(value).map_err(|e| malformed(e.to_string()))
+            }
+        }
+    }
+}
+
+/// A manifest as signed by the registry key: the exact bytes that were
+/// signed, so verification never depends on re-encoding.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SignedManifest {
-    /// postcard encoding of a [`ModelManifest`].
+    /// How `body` is encoded (wire version 1 only carries postcard).
+    pub encoding: ManifestEncoding,
+    /// The encoded [`ModelManifest`].
     pub body: Vec<u8>,
     /// First 8 bytes of the SHA-256 of the signing public key.
     pub key_id: [u8; 8],

@@ -1,10 +1,11 @@
 use crate::ids::{DeviceId, Sha256Digest};
-use crate::manifest::SignedManifest;
+use crate::manifest::{ModelFormat, SignedManifest};
 use serde::{Deserialize, Serialize};
 use std::fmt;
 
-/// Every message of wire version 1. Which ones are allowed depends on the
-/// stream: enrollment, the control stream, or an artifact stream.
+/// Every message of the current wire version ([`crate::WireVersion::CURRENT`]);
+/// [`crate::v1::Message`] is version 1's. Which ones are allowed depends on
+/// the stream: enrollment, the control stream, or an artifact stream.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum Message {
     /// Agent → coordinator, on a connection without a client certificate.
@@ -82,6 +83,13 @@ pub struct Hello {
     pub agent_version: String,
     /// What the agent serves or is working on.
     pub models: Vec<ModelStatus>,
+    /// The wire versions the agent speaks, newest first. (Empty when the
+    /// session speaks version 1, whose `Hello` cannot say.)
+    pub wire_versions: Vec<u16>,
+    /// The artifact formats this agent build can run (empty: unknown).
+    pub formats: Vec<ModelFormat>,
+    /// The inference backends the agent has, e.g. `tract`, `burn-ndarray`.
+    pub backends: Vec<String>,
 }
 
 /// The coordinator's answer to [`Hello`].
@@ -91,6 +99,9 @@ pub struct Welcome {
     pub device_id: DeviceId,
     /// The coordinator's clock (Unix seconds), for the agent's logs.
     pub server_time: u64,
+    /// The wire version of this connection: the newest both sides speak
+    /// (which the TLS handshake's ALPN already picked; the agent checks).
+    pub wire_version: u16,
 }
 
 /// The models a device should serve. The agent reconciles towards the latest
@@ -152,6 +163,20 @@ pub struct ModelStatus {
 pub struct StatusReport {
     /// Every model the agent knows about.
     pub models: Vec<ModelStatus>,
+    /// The generation of the last desired state the agent applied.
+    pub generation: u64,
+    /// Why the agent refused the newest desired state it received, if it did
+    /// (a bad signature: it keeps applying the last good one).
+    pub refused: Option<Refusal>,
+}
+
+/// A desired state the agent refused as a whole.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Refusal {
+    /// The generation it carried.
+    pub generation: u64,
+    /// Why.
+    pub reason: String,
 }
 
 /// Asks for an artifact's bytes from `offset` on (for resuming).
@@ -193,6 +218,13 @@ pub enum ErrorCode {
     NotFound,
     /// The coordinator failed; the request may be retried.
     Internal,
+    /// The device was removed from the fleet; its certificate is refused.
+    Revoked,
+    /// A newer session of the same device replaced this one, or one is open
+    /// on this connection already.
+    SessionConflict,
+    /// The coordinator is at a limit; try again later.
+    Busy,
 }
 
 /// An error reply.

@@ -1,5 +1,6 @@
-//! The frame codec tested three ways: random round-trips, random chunking of
-//! valid streams, and arbitrary bytes (which must never panic).
+//! The frame codec tested three ways, in every wire version: random
+//! round-trips, random chunking of valid streams, and arbitrary bytes (which
+//! must never panic).
 
 use proptest::prelude::*;
 use tern_proto::*;
@@ -44,8 +45,13 @@ fn manifest() -> impl Strategy<Value = ModelManifest> {
 }
 
 fn signed() -> impl Strategy<Value = SignedManifest> {
-    (prop::collection::vec(any::<u8>(), 0..256), any::<[u8; 8]>(), prop::collection::vec(any::<u8>(), 64))
-        .prop_map(|(body, key_id, signature)| SignedManifest { body, key_id, signature })
+    let encoding = prop_oneof![Just(ManifestEncoding::Postcard), Just(ManifestEncoding::CanonicalJson)];
+    (encoding, prop::collection::vec(any::<u8>(), 0..256), any::<[u8; 8]>(), prop::collection::vec(any::<u8>(), 64))
+        .prop_map(|(encoding, body, key_id, signature)| SignedManifest { encoding, body, key_id, signature })
+}
+
+fn format() -> impl Strategy<Value = ModelFormat> {
+    prop_oneof![Just(ModelFormat::Onnx), Just(ModelFormat::Nnef), Just(ModelFormat::Burn)]
 }
 
 fn status() -> impl Strategy<Value = ModelStatus> {
@@ -75,13 +81,32 @@ fn message() -> impl Strategy<Value = Message> {
                 })
             }
         ),
-        (".{0,16}", prop::collection::vec(status(), 0..4))
-            .prop_map(|(agent_version, models)| Message::Hello(Hello { agent_version, models })),
-        (device_id(), any::<u64>())
-            .prop_map(|(device_id, server_time)| Message::Welcome(Welcome { device_id, server_time })),
+        (
+            ".{0,16}",
+            prop::collection::vec(status(), 0..4),
+            prop::collection::vec(any::<u16>(), 0..3),
+            prop::collection::vec(format(), 0..3),
+            prop::collection::vec("[a-z-]{1,12}", 0..3)
+        )
+            .prop_map(|(agent_version, models, wire_versions, formats, backends)| Message::Hello(Hello {
+                agent_version,
+                models,
+                wire_versions,
+                formats,
+                backends
+            })),
+        (device_id(), any::<u64>(), any::<u16>()).prop_map(|(device_id, server_time, wire_version)| Message::Welcome(
+            Welcome { device_id, server_time, wire_version }
+        )),
         (any::<u64>(), prop::collection::vec(signed(), 0..4))
             .prop_map(|(generation, models)| Message::Desired(DesiredState { generation, models })),
-        prop::collection::vec(status(), 0..4).prop_map(|models| Message::Status(StatusReport { models })),
+        (prop::collection::vec(status(), 0..4), any::<u64>(), prop::option::of((any::<u64>(), ".{0,40}"))).prop_map(
+            |(models, generation, refused)| Message::Status(StatusReport {
+                models,
+                generation,
+                refused: refused.map(|(generation, reason)| Refusal { generation, reason })
+            })
+        ),
         (digest(), any::<u64>()).prop_map(|(sha256, offset)| Message::FetchArtifact(FetchArtifact { sha256, offset })),
         (digest(), any::<u64>(), any::<u64>())
             .prop_map(|(sha256, size, offset)| { Message::ArtifactHeader(ArtifactHeader { sha256, size, offset }) }),
@@ -92,29 +117,49 @@ fn message() -> impl Strategy<Value = Message> {
 proptest! {
     #[test]
     fn frame_roundtrip(msg in message()) {
-        let bytes = encode_frame(&msg).unwrap();
-        let (back, used) = decode_frame(&bytes, MAX_FRAME_LEN).unwrap().unwrap();
+        let bytes = encode_frame(&msg, WireVersion::CURRENT).unwrap();
+        let (back, used) = decode_frame(&bytes, MAX_FRAME_LEN, WireVersion::CURRENT).unwrap().unwrap();
         prop_assert_eq!(used, bytes.len());
         prop_assert_eq!(back, msg);
     }
 
     #[test]
+    fn frame_roundtrip_in_version_1(msg in message()) {
+        // Version 1 cannot say everything: what comes back is what it can
+        // say, and that is stable from then on.
+        if let Ok(bytes) = encode_frame(&msg, WireVersion::V1) {
+            let (back, used) = decode_frame(&bytes, MAX_FRAME_LEN, WireVersion::V1).unwrap().unwrap();
+            prop_assert_eq!(used, bytes.len());
+            prop_assert_eq!(encode_frame(&back, WireVersion::V1).unwrap(), bytes);
+        } else {
+            let json_signed = matches!(&msg, Message::Desired(d)
+                if d.models.iter().any(|m| m.encoding == ManifestEncoding::CanonicalJson));
+            prop_assert!(json_signed, "only JSON-signed manifests have no version-1 form");
+        }
+    }
+
+    #[test]
     fn manifest_roundtrip(m in manifest()) {
-        let bytes = postcard::to_allocvec(&m).unwrap();
-        prop_assert_eq!(postcard::from_bytes::<ModelManifest>(&bytes).unwrap(), m.clone());
-        let json = serde_json::to_string(&m).unwrap();
-        prop_assert_eq!(serde_json::from_str::<ModelManifest>(&json).unwrap(), m);
+        for encoding in [ManifestEncoding::Postcard, ManifestEncoding::CanonicalJson] {
+            let bytes = m.signed_bytes(encoding).unwrap();
+            prop_assert_eq!(ModelManifest::from_signed_bytes(&bytes, encoding).unwrap(), m.clone());
+        }
+        let canonical = m.signed_bytes(ManifestEncoding::CanonicalJson).unwrap();
+        let reparsed: serde_json::Value = serde_json::from_slice(&canonical).unwrap();
+        prop_assert_eq!(canonical_json(&reparsed).unwrap(), canonical, "canonical form is a fixed point");
     }
 
     #[test]
     fn stream_in_random_chunks(msgs in prop::collection::vec(message(), 1..6), cuts in prop::collection::vec(1usize..64, 1..40)) {
-        let stream: Vec<u8> = msgs.iter().flat_map(|m| encode_frame(m).unwrap()).collect();
-        let mut dec = FrameDecoder::new(MAX_FRAME_LEN);
+        let stream: Vec<u8> = msgs.iter().flat_map(|m| encode_frame(m, WireVersion::CURRENT).unwrap()).collect();
+        let mut dec = FrameDecoder::new(MAX_FRAME_LEN, WireVersion::CURRENT);
         let mut got = Vec::new();
         let mut pos = 0;
         let mut i = 0;
         while pos < stream.len() {
-            let n = cuts[i % cuts.len()].min(stream.len() - pos);
+            // Never more than the decoder wants: a reader built so never
+            // reads past a frame into the raw bytes that may follow it.
+            let n = cuts[i % cuts.len()].min(stream.len() - pos).min(dec.want().max(1));
             dec.push(&stream[pos..pos + n]);
             pos += n;
             i += 1;
@@ -128,37 +173,42 @@ proptest! {
 
     #[test]
     fn arbitrary_bytes_never_panic(bytes in prop::collection::vec(any::<u8>(), 0..2048)) {
-        let _ = decode_frame(&bytes, MAX_FRAME_LEN);
-        let mut dec = FrameDecoder::new(1024);
-        dec.push(&bytes);
-        let _ = dec.next_message();
+        for v in WireVersion::SUPPORTED {
+            let _ = decode_frame(&bytes, MAX_FRAME_LEN, *v);
+            let mut dec = FrameDecoder::new(1024, *v);
+            dec.push(&bytes);
+            let _ = dec.next_message();
+        }
     }
 
     #[test]
     fn valid_header_with_garbage_payload_is_an_error_not_a_panic(payload in prop::collection::vec(any::<u8>(), 0..512)) {
-        let mut bytes = vec![b'T', b'N', 1, 0];
-        bytes.extend_from_slice(&(payload.len() as u32).to_le_bytes());
-        bytes.extend_from_slice(&payload);
-        match decode_frame(&bytes, MAX_FRAME_LEN) {
-            Ok(Some((msg, used))) => {
-                prop_assert_eq!(used, bytes.len());
-                // Whatever decoded must re-encode to a frame that decodes the same.
-                let again = encode_frame(&msg).unwrap();
-                prop_assert_eq!(decode_frame(&again, MAX_FRAME_LEN).unwrap().unwrap().0, msg);
+        for v in WireVersion::SUPPORTED {
+            let mut bytes = vec![b'T', b'N'];
+            bytes.extend_from_slice(&v.0.to_le_bytes());
+            bytes.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+            bytes.extend_from_slice(&payload);
+            match decode_frame(&bytes, MAX_FRAME_LEN, *v) {
+                Ok(Some((msg, used))) => {
+                    prop_assert_eq!(used, bytes.len());
+                    // Whatever decoded must re-encode to a frame that decodes the same.
+                    let again = encode_frame(&msg, *v).unwrap();
+                    prop_assert_eq!(decode_frame(&again, MAX_FRAME_LEN, *v).unwrap().unwrap().0, msg);
+                }
+                Ok(None) => prop_assert!(false, "complete frame reported as incomplete"),
+                Err(_) => {}
             }
-            Ok(None) => prop_assert!(false, "complete frame reported as incomplete"),
-            Err(_) => {}
         }
     }
 
     #[test]
     fn mutated_frames_never_panic(msg in message(), flips in prop::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 1..8)) {
-        let mut bytes = encode_frame(&msg).unwrap();
+        let mut bytes = encode_frame(&msg, WireVersion::CURRENT).unwrap();
         for (idx, b) in flips {
             let i = idx.index(bytes.len());
             bytes[i] ^= b;
         }
-        let _ = decode_frame(&bytes, MAX_FRAME_LEN);
+        let _ = decode_frame(&bytes, MAX_FRAME_LEN, WireVersion::CURRENT);
     }
 }
 

@@ -5,7 +5,7 @@
 use ring::rand::SystemRandom;
 use ring::signature::{ED25519, Ed25519KeyPair, KeyPair, UnparsedPublicKey};
 use sha2::{Digest, Sha256};
-use tern_proto::{ModelManifest, SignedManifest};
+use tern_proto::{ManifestEncoding, ModelManifest, SignedManifest};
 
 /// Why signing or verification failed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -27,6 +27,9 @@ pub enum TrustError {
     /// The signed bytes are not a manifest.
     #[error("signed manifest body is malformed: {0}")]
     Malformed(String),
+    /// The manifest cannot be encoded for signing in the requested encoding.
+    #[error("cannot sign manifest: {0}")]
+    Encode(String),
     /// The random number generator failed.
     #[error("cannot generate a key: system random source failed")]
     Rng,
@@ -57,11 +60,12 @@ impl SigningKey {
         VerifyingKey(k)
     }
 
-    /// Signs the postcard encoding of `manifest`.
-    pub fn sign(&self, manifest: &ModelManifest) -> SignedManifest {
-        let body = postcard::to_allocvec(manifest).expect("manifest encodes to a Vec");
+    /// Signs `manifest` encoded as `encoding` (postcard for agents that speak
+    /// wire version 1, canonical JSON otherwise).
+    pub fn sign(&self, manifest: &ModelManifest, encoding: ManifestEncoding) -> Result<SignedManifest, TrustError> {
+        let body = manifest.signed_bytes(encoding).map_err(|e| TrustError::Encode(e.to_string()))?;
         let signature = self.pair.sign(&body).as_ref().to_vec();
-        SignedManifest { body, key_id: self.verifying_key().key_id(), signature }
+        Ok(SignedManifest { encoding, body, key_id: self.verifying_key().key_id(), signature })
     }
 }
 
@@ -86,7 +90,8 @@ impl VerifyingKey {
         UnparsedPublicKey::new(&ED25519, &self.0)
             .verify(&signed.body, &signed.signature)
             .map_err(|_| TrustError::BadSignature)?;
-        postcard::from_bytes(&signed.body).map_err(|e| TrustError::Malformed(e.to_string()))
+        ModelManifest::from_signed_bytes(&signed.body, signed.encoding)
+            .map_err(|e| TrustError::Malformed(e.to_string()))
     }
 }
 
@@ -113,20 +118,34 @@ mod tests {
         }
     }
 
+    const BOTH: [ManifestEncoding; 2] = [ManifestEncoding::Postcard, ManifestEncoding::CanonicalJson];
+
     #[test]
     fn sign_then_verify() {
         let (key, pkcs8) = SigningKey::generate().unwrap();
         let again = SigningKey::from_pkcs8(&pkcs8).unwrap();
         assert_eq!(key.verifying_key(), again.verifying_key());
-        let signed = key.sign(&manifest());
-        assert_eq!(again.verifying_key().verify(&signed).unwrap(), manifest());
+        for encoding in BOTH {
+            let signed = key.sign(&manifest(), encoding).unwrap();
+            assert_eq!(again.verifying_key().verify(&signed).unwrap(), manifest());
+        }
+    }
+
+    #[test]
+    fn the_encoding_is_part_of_what_verifies() {
+        // Bytes signed as one encoding and presented as the other do not
+        // decode to a manifest, even though the signature is good.
+        let (key, _) = SigningKey::generate().unwrap();
+        let mut signed = key.sign(&manifest(), ManifestEncoding::CanonicalJson).unwrap();
+        signed.encoding = ManifestEncoding::Postcard;
+        assert!(matches!(key.verifying_key().verify(&signed), Err(TrustError::Malformed(_))));
     }
 
     #[test]
     fn other_key_is_refused() {
         let (a, _) = SigningKey::generate().unwrap();
         let (b, _) = SigningKey::generate().unwrap();
-        let signed = a.sign(&manifest());
+        let signed = a.sign(&manifest(), ManifestEncoding::CanonicalJson).unwrap();
         let err = b.verifying_key().verify(&signed).unwrap_err();
         assert!(matches!(err, TrustError::UnknownKey { .. }), "{err}");
         // Even with the key id forged to match, the signature does not verify.
@@ -142,9 +161,10 @@ mod tests {
 
     proptest! {
         #[test]
-        fn any_tampering_is_detected(idx in any::<prop::sample::Index>(), flip in 1u8..=255) {
+        fn any_tampering_is_detected(idx in any::<prop::sample::Index>(), flip in 1u8..=255, json in any::<bool>()) {
             let (key, _) = SigningKey::generate().unwrap();
-            let mut signed = key.sign(&manifest());
+            let encoding = if json { ManifestEncoding::CanonicalJson } else { ManifestEncoding::Postcard };
+            let mut signed = key.sign(&manifest(), encoding).unwrap();
             let total = signed.body.len() + signed.signature.len();
             let i = idx.index(total);
             if i < signed.body.len() { signed.body[i] ^= flip } else { signed.signature[i - signed.body.len()] ^= flip }

@@ -5,7 +5,7 @@ use super::State;
 use crate::fsutil::unix_now;
 use axum::body::Bytes;
 use axum::extract::rejection::JsonRejection;
-use axum::extract::{DefaultBodyLimit, Path, Request, State as Ext};
+use axum::extract::{DefaultBodyLimit, Path, Query, Request, State as Ext};
 use axum::http::{HeaderMap, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use tern_proto::{EnrollTokenText, ModelRef, Sha256Digest};
+use tern_proto::{DeviceId, EnrollTokenText, ManifestEncoding, ModelRef, Sha256Digest};
 use tern_registry::{Approval, Device, EnrollToken, ModelVersion, NewVersion, RegistryError};
 use tern_runtime::sniff_format;
 use tracing::info;
@@ -38,8 +38,12 @@ impl From<RegistryError> for ApiError {
             RegistryError::UnknownModel(_)
             | RegistryError::UnknownVersion { .. }
             | RegistryError::UnknownDevice(_)
-            | RegistryError::UnknownArtifact(_) => StatusCode::NOT_FOUND,
-            RegistryError::NotApproved { .. } | RegistryError::DeviceExists(_) => StatusCode::CONFLICT,
+            | RegistryError::UnknownArtifact(_)
+            | RegistryError::NotAssigned { .. } => StatusCode::NOT_FOUND,
+            RegistryError::NotApproved { .. }
+            | RegistryError::DeviceExists(_)
+            | RegistryError::Unsupported { .. }
+            | RegistryError::Deployed { .. } => StatusCode::CONFLICT,
             RegistryError::DigestMismatch { .. } => StatusCode::BAD_REQUEST,
             RegistryError::TokenUnknown | RegistryError::TokenUsed(_) | RegistryError::TokenExpired(_) => {
                 StatusCode::BAD_REQUEST
@@ -58,6 +62,18 @@ fn bad(msg: impl Into<String>) -> ApiError {
 
 type ApiResult<T> = Result<T, ApiError>;
 
+/// Runs registry work (sled writes, fsyncs) off the async runtime.
+async fn blocking<T: Send + 'static>(
+    state: &Arc<State>,
+    f: impl FnOnce(&State) -> Result<T, RegistryError> + Send + 'static,
+) -> ApiResult<T> {
+    let state = state.clone();
+    tokio::task::spawn_blocking(move || f(&state))
+        .await
+        .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
+        .map_err(ApiError::from)
+}
+
 pub fn router(state: Arc<State>) -> Router {
     let authed = Router::new()
         .route("/v1/artifacts", post(upload).layer(DefaultBodyLimit::max(MAX_UPLOAD)))
@@ -67,9 +83,10 @@ pub fn router(state: Arc<State>) -> Router {
         .route("/v1/models/{name}/versions/{version}", get(show_version))
         .route("/v1/models/{name}/versions/{version}/{decision}", post(decide))
         .route("/v1/tokens", post(new_token))
+        .route("/v1/status", get(status))
         .route("/v1/devices", get(list_devices))
-        .route("/v1/devices/{id}", get(show_device))
-        .route("/v1/devices/{id}/models/{name}", put(assign))
+        .route("/v1/devices/{id}", get(show_device).delete(remove_device))
+        .route("/v1/devices/{id}/models/{name}", put(assign).delete(unassign))
         .route_layer(middleware::from_fn_with_state(state.clone(), auth));
     Router::new()
         .route("/v1/health", get(|| async { Json(json!({ "ok": true })) }))
@@ -79,14 +96,16 @@ pub fn router(state: Arc<State>) -> Router {
 }
 
 async fn auth(Ext(state): Ext<Arc<State>>, req: Request, next: Next) -> Response {
-    let given = req
-        .headers()
-        .get("authorization")
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .unwrap_or("");
-    // Compare digests so the time taken says nothing about the token.
-    if Sha256Digest::of(given.as_bytes()) != Sha256Digest::of(state.admin_token.as_bytes()) {
+    let given =
+        req.headers().get("authorization").and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));
+    // Compare digests so the time taken says nothing about the token. A
+    // request without one never passes, whatever the token is (and the
+    // coordinator refuses to start with an empty one).
+    let ok = given.is_some_and(|g| {
+        !state.admin_token.is_empty()
+            && Sha256Digest::of(g.as_bytes()) == Sha256Digest::of(state.admin_token.as_bytes())
+    });
+    if !ok {
         return ApiError(StatusCode::UNAUTHORIZED, "missing or wrong admin token".into()).into_response();
     }
     next.run(req).await
@@ -160,7 +179,25 @@ async fn register(
         meta: body.meta,
         now: unix_now(),
     };
-    let v = state.registry.register(&name, new)?;
+    // Every agent must be able to verify its manifest: refuse what has no
+    // canonical form (a control character in a tensor name, say).
+    let probe = tern_proto::ModelManifest {
+        name: name.clone(),
+        version: 1,
+        sha256: new.sha256,
+        size,
+        format,
+        inputs: new.inputs.clone(),
+        outputs: new.outputs.clone(),
+        created_at: new.now,
+    };
+    for encoding in [ManifestEncoding::CanonicalJson, ManifestEncoding::Postcard] {
+        probe.signed_bytes(encoding).map_err(|e| {
+            ApiError(StatusCode::UNPROCESSABLE_ENTITY, format!("model refused ({format}): its manifest {e}"))
+        })?;
+    }
+    let n = name.clone();
+    let v = blocking(&state, move |s| s.registry.register(&n, new)).await?;
     info!(model = %name, version = v.version, sha256 = %v.sha256, "model version registered");
     Ok((StatusCode::CREATED, Json(v)))
 }
@@ -180,10 +217,26 @@ async fn show_version(
     Ok(Json(state.registry.version(&name, version)?))
 }
 
+#[derive(Deserialize)]
+struct DecideQuery {
+    #[serde(default)]
+    force: bool,
+}
+
+/// The answer to approve / reject: the version, and the devices a forced
+/// rejection unassigned it from.
+#[derive(Serialize)]
+struct Decided {
+    #[serde(flatten)]
+    version: ModelVersion,
+    unassigned_from: Vec<DeviceId>,
+}
+
 async fn decide(
     Ext(state): Ext<Arc<State>>,
     Path((name, version, decision)): Path<(String, u32, String)>,
-) -> ApiResult<Json<ModelVersion>> {
+    Query(q): Query<DecideQuery>,
+) -> ApiResult<Json<Decided>> {
     let status = match decision.as_str() {
         "approve" => Approval::Approved,
         "reject" => Approval::Rejected,
@@ -191,9 +244,15 @@ async fn decide(
             return Err(ApiError(StatusCode::NOT_FOUND, format!("unknown decision {other:?}: use approve or reject")));
         }
     };
-    let v = state.registry.set_status(&name, version, status, unix_now())?;
-    info!(model = %name, version, %status, "approval changed");
-    Ok(Json(v))
+    let n = name.clone();
+    let (v, changed) =
+        blocking(&state, move |s| s.registry.set_status(&n, version, status, unix_now(), q.force)).await?;
+    for d in &changed {
+        state.sessions.wake(&d.id);
+    }
+    let unassigned_from: Vec<DeviceId> = changed.into_iter().map(|d| d.id).collect();
+    info!(model = %name, version, %status, unassigned_from = ?unassigned_from, "approval changed");
+    Ok(Json(Decided { version: v, unassigned_from }))
 }
 
 #[derive(Deserialize)]
@@ -214,22 +273,29 @@ async fn new_token(
     let now = unix_now();
     let secret = super::random::<16>();
     let expires_at = now.saturating_add(body.ttl_secs);
-    state.registry.add_token(
-        &secret,
-        &EnrollToken {
-            group: body.group.clone(),
-            profile: body.profile.clone(),
-            created_at: now,
-            expires_at,
-            used_by: None,
-        },
-    )?;
+    let token = EnrollToken {
+        group: body.group.clone(),
+        profile: body.profile.clone(),
+        created_at: now,
+        expires_at,
+        used_by: None,
+    };
+    blocking(&state, move |s| s.registry.add_token(&secret, &token)).await?;
     let text = EnrollTokenText { secret, ca_sha256: tern_net::ca_fingerprint(state.ca.cert_der()), expires_at };
     info!(group = %body.group, profile = %body.profile, expires_at, "enrollment token issued");
     Ok((
         StatusCode::CREATED,
         Json(json!({ "token": text.encode(), "expires_at": expires_at, "group": body.group, "profile": body.profile })),
     ))
+}
+
+/// What the coordinator holds open now.
+async fn status(Ext(state): Ext<Arc<State>>) -> Json<serde_json::Value> {
+    Json(json!({
+        "connections": state.counters.total(),
+        "anonymous": state.counters.anonymous(),
+        "sessions": state.sessions.len(),
+    }))
 }
 
 async fn list_devices(Ext(state): Ext<Arc<State>>) -> ApiResult<Json<Vec<Device>>> {
@@ -251,9 +317,26 @@ async fn assign(
     body: Result<Json<AssignBody>, JsonRejection>,
 ) -> ApiResult<Json<Device>> {
     let body = json_body(body)?;
-    let device = state.registry.assign(&id, &name, body.version)?;
+    let (i, n) = (id.clone(), name.clone());
+    let device = blocking(&state, move |s| s.registry.assign(&i, &n, body.version)).await?;
     info!(device = %id, model = %name, version = body.version, generation = device.generation, "desired state changed");
-    // No receiver just means the device is offline; it gets the state when it connects.
-    let _ = state.changes.send(device.id.clone());
+    // An offline device gets the state when it connects.
+    state.sessions.wake(&device.id);
+    Ok(Json(device))
+}
+
+async fn unassign(Ext(state): Ext<Arc<State>>, Path((id, name)): Path<(String, String)>) -> ApiResult<Json<Device>> {
+    let (i, n) = (id.clone(), name.clone());
+    let device = blocking(&state, move |s| s.registry.unassign(&i, &n)).await?;
+    info!(device = %id, model = %name, generation = device.generation, "model unassigned");
+    state.sessions.wake(&device.id);
+    Ok(Json(device))
+}
+
+async fn remove_device(Ext(state): Ext<Arc<State>>, Path(id): Path<String>) -> ApiResult<Json<Device>> {
+    let i = id.clone();
+    let device = blocking(&state, move |s| s.registry.remove_device(&i)).await?;
+    state.sessions.kick(&device.id, super::sessions::close::REVOKED, "this device was removed from the fleet");
+    info!(device = %id, "device removed; its certificate is refused from now on");
     Ok(Json(device))
 }

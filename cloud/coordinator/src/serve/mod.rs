@@ -4,7 +4,9 @@
 
 mod admin;
 mod keys;
+mod limits;
 mod quic;
+mod sessions;
 
 pub use keys::random;
 
@@ -16,11 +18,10 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use tern_durable::write_atomic;
 use tern_net::FleetCa;
-use tern_proto::{DesiredState, DeviceId};
-use tern_registry::{Artifacts, Registry, RegistryError};
+use tern_proto::{DesiredState, ManifestEncoding, WireVersion};
+use tern_registry::{Approval, Artifacts, Registry};
 use tern_trust::SigningKey;
-use tokio::sync::broadcast;
-use tracing::info;
+use tracing::{info, warn};
 
 /// Where `tern serve` listens and keeps its data.
 #[derive(Debug, Clone, clap::Args)]
@@ -37,6 +38,21 @@ pub struct ServeArgs {
     /// Fleet name, shown in the CA certificate (first start only).
     #[arg(long, default_value = "default")]
     pub fleet: String,
+    /// The newest wire version to speak with agents (1 or 2): older agents
+    /// are always served in theirs; pin 1 to hold a fleet on the old
+    /// protocol while it is upgraded.
+    #[arg(long, default_value_t = WireVersion::CURRENT.0, value_parser = clap::value_parser!(u16).range(1..=2))]
+    pub max_wire_version: u16,
+    /// Connections at most, devices included.
+    #[arg(long, default_value_t = 20_000)]
+    pub max_connections: usize,
+    /// Connections at most that have not shown a device certificate
+    /// (handshaking or enrolling).
+    #[arg(long, default_value_t = 256)]
+    pub max_anonymous: usize,
+    /// ... of those from one source address.
+    #[arg(long, default_value_t = 16)]
+    pub max_anonymous_per_address: usize,
 }
 
 /// What a running coordinator writes to `<data-dir>/serve.json`, so the CLI
@@ -58,19 +74,30 @@ pub struct State {
     pub signer: SigningKey,
     pub ca: FleetCa,
     pub admin_token: String,
-    /// Notifies device sessions that a device's desired state changed.
-    pub changes: broadcast::Sender<DeviceId>,
+    /// Connected devices' control sessions.
+    pub sessions: sessions::Sessions,
+    /// Connection counts and caps.
+    pub counters: Arc<limits::Counters>,
 }
 
 impl State {
-    /// The signed desired state of a device.
-    pub fn desired(&self, id: &str) -> Result<DesiredState, RegistryError> {
+    /// The signed desired state of a device, for a session of wire
+    /// `version`: postcard-signed manifests for version 1, canonical JSON
+    /// after. A version that is not approved is never sent (rejecting an
+    /// assigned version unassigns it, so this only guards against a race).
+    pub fn desired(&self, id: &str, version: WireVersion) -> anyhow::Result<DesiredState> {
         let device = self.registry.device(id)?;
-        let models = device
-            .desired
-            .iter()
-            .map(|(name, version)| Ok(self.signer.sign(&self.registry.version(name, *version)?.manifest())))
-            .collect::<Result<Vec<_>, RegistryError>>()?;
+        let encoding =
+            if version == WireVersion::V1 { ManifestEncoding::Postcard } else { ManifestEncoding::CanonicalJson };
+        let mut models = Vec::new();
+        for (name, v) in &device.desired {
+            let record = self.registry.version(name, *v)?;
+            if record.status != Approval::Approved {
+                warn!(device = %id, model = %name, version = v, status = %record.status, "not sending a version that is not approved");
+                continue;
+            }
+            models.push(self.signer.sign(&record.manifest(), encoding)?);
+        }
         Ok(DesiredState { generation: device.generation, models })
     }
 }
@@ -78,12 +105,17 @@ impl State {
 /// Runs the coordinator until SIGINT or SIGTERM.
 pub async fn run(data_dir: PathBuf, args: ServeArgs) -> Result<()> {
     std::fs::create_dir_all(&data_dir).with_context(|| format!("creating {}", data_dir.display()))?;
-    let keys = keys::Keys::load_or_create(&data_dir, &args.fleet)?;
+    // Keys are made on the first start only: a data dir with a registry
+    // whose CA or signing key went missing must not get new ones, which
+    // would orphan every enrolled device.
+    let first_start = !data_dir.join("registry").exists();
+    let keys = keys::Keys::load_or_create(&data_dir, &args.fleet, first_start)?;
     let registry = Registry::open(data_dir.join("registry")).context("opening the registry")?;
     let artifacts = Artifacts::open(data_dir.join("artifacts")).context("opening the artifact store")?;
 
     let (server_cert, server_key) = keys.ca.issue_server(&args.names)?;
-    let server_config = tern_net::server_config(&server_cert, &server_key, keys.ca.cert_der())?;
+    let versions = WireVersion::up_to(WireVersion(args.max_wire_version));
+    let server_config = tern_net::server_config(&server_cert, &server_key, keys.ca.cert_der(), &versions)?;
     let endpoint = quinn::Endpoint::server(server_config, args.quic_listen)
         .with_context(|| format!("binding QUIC on {}", args.quic_listen))?;
     let admin = tokio::net::TcpListener::bind(args.admin_listen)
@@ -92,7 +124,8 @@ pub async fn run(data_dir: PathBuf, args: ServeArgs) -> Result<()> {
 
     let endpoints = Endpoints { quic: endpoint.local_addr()?, admin: admin.local_addr()?, pid: std::process::id() };
     write_atomic(&data_dir.join("serve.json"), &serde_json::to_vec_pretty(&endpoints)?, false)?;
-    info!(quic = %endpoints.quic, admin = %endpoints.admin, data_dir = %data_dir.display(), "coordinator ready");
+    info!(quic = %endpoints.quic, admin = %endpoints.admin, data_dir = %data_dir.display(),
+        wire = ?versions.iter().map(|v| v.0).collect::<Vec<_>>(), "coordinator ready");
 
     let state = Arc::new(State {
         registry,
@@ -100,7 +133,12 @@ pub async fn run(data_dir: PathBuf, args: ServeArgs) -> Result<()> {
         signer: keys.signer,
         ca: keys.ca,
         admin_token: keys.admin_token,
-        changes: broadcast::channel(1024).0,
+        sessions: sessions::Sessions::default(),
+        counters: limits::Counters::new(limits::Caps {
+            connections: args.max_connections,
+            anonymous: args.max_anonymous,
+            anonymous_per_address: args.max_anonymous_per_address,
+        }),
     });
     tokio::spawn(quic::accept_loop(endpoint.clone(), state.clone()));
     let app = admin::router(state.clone());

@@ -1,97 +1,177 @@
 //! The agent-facing QUIC side: enrollment on connections without a client
 //! certificate; control and artifact streams for enrolled devices.
+//!
+//! Before a peer has shown a device certificate it is held to little: one
+//! stream, small windows (set in `tern-net`), a deadline for the handshake,
+//! for its first frame and for the whole enrollment, and caps on such
+//! connections in all and per address. A device gets up to
+//! `tern_net::DEVICE_STREAMS` streams, each handled on its own task (one
+//! stalled stream blocks no other), each with a deadline for its first
+//! frame, and one control session ([`super::sessions`]).
 
 use super::State;
+use super::limits::{LogLimit, Slot};
+use super::sessions::close;
 use crate::fsutil::unix_now;
 use anyhow::{Context, Result, anyhow};
 use quinn::{Connection, RecvStream, SendStream};
-use std::sync::Arc;
-use tern_net::{read_msg, write_msg};
+use std::sync::{Arc, LazyLock};
+use std::time::{Duration, Instant};
+use tern_net::{FrameReader, write_msg};
 use tern_proto::{
-    ArtifactHeader, DeviceId, EnrollRequest, EnrollResponse, ErrorCode, FetchArtifact, Message, Sha256Digest, Welcome,
-    WireError,
+    ArtifactHeader, DeviceId, EnrollRequest, EnrollResponse, ErrorCode, FetchArtifact, Message, ModelStatus,
+    Sha256Digest, Welcome, WireError, WireVersion,
 };
-use tern_registry::{Device, RegistryError};
+use tern_registry::{Capabilities, Device, RegistryError, Report};
 use tokio::io::{AsyncReadExt, AsyncSeekExt};
-use tracing::{debug, info, warn};
+use tracing::{debug, info};
 
 /// Device certificates are valid this long; renewal is a later step.
 const DEVICE_CERT_DAYS: i64 = 3650;
+/// A handshake must complete within this.
+const HANDSHAKE_WITHIN: Duration = Duration::from_secs(10);
+/// A stream's first frame must arrive within this of the stream opening
+/// (and an enrolling peer's stream within this of its handshake).
+const FIRST_FRAME_WITHIN: Duration = Duration::from_secs(10);
+/// A connection without a certificate is closed this long after its
+/// handshake, whatever it is doing.
+const ANONYMOUS_FOR: Duration = Duration::from_secs(30);
+/// What a device may report about itself is cut to this.
+const MAX_REPORTED_MODELS: usize = 256;
+const MAX_REPORTED_TEXT: usize = 512;
+
+/// Refused peers are logged at most this often (per kind): a peer must not
+/// be able to flood the log.
+static REFUSED_LOG: LazyLock<LogLimit> = LazyLock::new(|| LogLimit::new(20, Duration::from_secs(10)));
+static HANDSHAKE_LOG: LazyLock<LogLimit> = LazyLock::new(|| LogLimit::new(20, Duration::from_secs(10)));
+
+macro_rules! limited {
+    ($limit:expr, $($arg:tt)+) => {
+        if let Some(suppressed) = $limit.allow(Instant::now()) {
+            info!(suppressed, $($arg)+);
+        }
+    };
+}
 
 pub async fn accept_loop(endpoint: quinn::Endpoint, state: Arc<State>) {
     while let Some(incoming) = endpoint.accept().await {
+        let remote = incoming.remote_address();
+        let slot = match state.counters.admit(remote.ip()) {
+            Ok(slot) => slot,
+            Err(why) => {
+                limited!(REFUSED_LOG, %remote, "connection refused: {why}");
+                incoming.refuse();
+                continue;
+            }
+        };
         let state = state.clone();
         tokio::spawn(async move {
-            let remote = incoming.remote_address();
-            match incoming.await {
-                Ok(conn) => {
-                    if let Err(e) = handle_connection(conn, state).await {
-                        debug!(%remote, "connection ended: {e:#}");
-                    }
-                }
-                Err(e) => warn!(%remote, "handshake failed: {e}"),
+            let connecting = match incoming.accept() {
+                Ok(c) => c,
+                Err(e) => return limited!(HANDSHAKE_LOG, %remote, "handshake failed: {e}"),
+            };
+            let conn = match tokio::time::timeout(HANDSHAKE_WITHIN, connecting).await {
+                Ok(Ok(conn)) => conn,
+                Ok(Err(e)) => return limited!(HANDSHAKE_LOG, %remote, "handshake failed: {e}"),
+                Err(_) => return limited!(HANDSHAKE_LOG, %remote, "handshake not done within {HANDSHAKE_WITHIN:?}"),
+            };
+            if let Err(e) = handle_connection(conn, state, slot).await {
+                debug!(%remote, "connection ended: {e:#}");
             }
         });
     }
 }
 
-async fn handle_connection(conn: Connection, state: Arc<State>) -> Result<()> {
+async fn handle_connection(conn: Connection, state: Arc<State>, mut slot: Slot) -> Result<()> {
+    let version = tern_net::wire_version(&conn)?;
     let Some(cert) = tern_net::peer_cert(&conn) else {
-        return enrollment(conn, state).await;
+        let enrolled = tokio::time::timeout(ANONYMOUS_FOR, enrollment(&conn, state, version)).await;
+        conn.close(0u32.into(), b"enrollment over");
+        return enrolled.unwrap_or_else(|_| Err(anyhow!("enrollment not done within {ANONYMOUS_FOR:?}")));
     };
+    let remote = conn.remote_address();
     let fingerprint = Sha256Digest::of(&cert);
     let Some(device) = state.registry.device_by_cert(&fingerprint)? else {
         // Signed by our CA but not (or no longer) a device of this registry.
-        conn.close(1u32.into(), b"unknown device certificate");
-        return Err(anyhow!("certificate {fingerprint} belongs to no enrolled device"));
+        let (code, why) = match state.registry.revoked(&fingerprint)? {
+            Some(id) => (close::REVOKED, format!("the certificate of removed device {id}")),
+            None => (1, format!("certificate {fingerprint}, which belongs to no enrolled device")),
+        };
+        limited!(REFUSED_LOG, %remote, "connection refused: {why}");
+        conn.close(code.into(), b"this certificate is not one of an enrolled device");
+        return Ok(());
     };
+    slot.authenticated();
+    tern_net::admit_device(&conn);
     let id = device.id.clone();
-    info!(device = %id, remote = %conn.remote_address(), "device connected");
+    info!(device = %id, %remote, wire = %version, "device connected");
     loop {
-        let (send, mut recv) = match conn.accept_bi().await {
+        let (send, recv) = match conn.accept_bi().await {
             Ok(s) => s,
             Err(e) => {
                 info!(device = %id, "device disconnected: {e}");
                 return Ok(());
             }
         };
-        let first = read_msg(&mut recv).await;
-        let state = state.clone();
-        let id = id.clone();
+        let (state, id, conn) = (state.clone(), id.clone(), conn.clone());
         tokio::spawn(async move {
-            let result = match first {
-                Ok(Some(Message::Hello(h))) => control(state, &id, h, send, recv).await,
-                Ok(Some(Message::FetchArtifact(f))) => artifact(state, &id, f, send).await,
-                Ok(Some(other)) => {
-                    reject(send, ErrorCode::BadRequest, format!("{} cannot open a stream", other.kind())).await
-                }
-                Ok(None) => Ok(()),
-                Err(e) => reject(send, ErrorCode::BadRequest, e.to_string()).await,
-            };
-            if let Err(e) = result {
+            if let Err(e) = stream(state, &conn, &id, version, send, recv).await {
                 debug!(device = %id, "stream ended: {e:#}");
             }
         });
     }
 }
 
-async fn reject(mut send: SendStream, code: ErrorCode, message: String) -> Result<()> {
-    warn!(?code, "refusing request: {message}");
-    write_msg(&mut send, &Message::Error(WireError::new(code, message))).await?;
+/// One stream of a device: its first frame says what it is for.
+async fn stream(
+    state: Arc<State>,
+    conn: &Connection,
+    id: &DeviceId,
+    version: WireVersion,
+    send: SendStream,
+    recv: RecvStream,
+) -> Result<()> {
+    let mut reader = FrameReader::new(recv, version);
+    let first = match tokio::time::timeout(FIRST_FRAME_WITHIN, reader.next()).await {
+        Ok(first) => first,
+        Err(_) => return reject(send, version, ErrorCode::BadRequest, "no request within 10 s".into()).await,
+    };
+    match first {
+        Ok(Some(Message::Hello(h))) => control(state, conn, id, version, h, send, reader).await,
+        Ok(Some(Message::FetchArtifact(f))) => artifact(state, id, version, f, send).await,
+        Ok(Some(other)) => {
+            reject(send, version, ErrorCode::BadRequest, format!("{} cannot open a stream", other.kind())).await
+        }
+        Ok(None) => Ok(()),
+        Err(e) => reject(send, version, ErrorCode::BadRequest, e.to_string()).await,
+    }
+}
+
+async fn reject(mut send: SendStream, version: WireVersion, code: ErrorCode, message: String) -> Result<()> {
+    limited!(REFUSED_LOG, ?code, "refusing request: {message}");
+    write_msg(&mut send, &Message::Error(WireError::new(code, message)), version).await?;
     send.finish()?;
     Ok(())
 }
 
-async fn enrollment(conn: Connection, state: Arc<State>) -> Result<()> {
-    let (mut send, mut recv) = conn.accept_bi().await?;
-    let reply = match read_msg(&mut recv).await {
-        Ok(Some(Message::EnrollRequest(req))) => match enroll(&state, req) {
-            Ok(resp) => Message::EnrollResponse(resp),
-            Err(e) => {
-                warn!(remote = %conn.remote_address(), "enrollment refused: {}", e.message);
-                Message::Error(e)
+async fn enrollment(conn: &Connection, state: Arc<State>, version: WireVersion) -> Result<()> {
+    let (mut send, recv) = tokio::time::timeout(FIRST_FRAME_WITHIN, conn.accept_bi())
+        .await
+        .map_err(|_| anyhow!("no enrollment stream within {FIRST_FRAME_WITHIN:?}"))??;
+    let first = tokio::time::timeout(FIRST_FRAME_WITHIN, FrameReader::new(recv, version).next())
+        .await
+        .map_err(|_| anyhow!("no enrollment request within {FIRST_FRAME_WITHIN:?}"))?;
+    let reply = match first {
+        Ok(Some(Message::EnrollRequest(req))) => {
+            let st = state.clone();
+            match tokio::task::spawn_blocking(move || enroll(&st, req)).await? {
+                Ok(resp) => Message::EnrollResponse(resp),
+                Err(e) => {
+                    limited!(REFUSED_LOG, remote = %conn.remote_address(), "enrollment refused: {}", e.message);
+                    Message::Error(e)
+                }
             }
-        },
+        }
         Ok(Some(other)) => Message::Error(WireError::new(
             ErrorCode::Unauthorized,
             format!("{} needs a device certificate; enroll first", other.kind()),
@@ -99,11 +179,11 @@ async fn enrollment(conn: Connection, state: Arc<State>) -> Result<()> {
         Ok(None) => return Ok(()),
         Err(e) => Message::Error(WireError::new(ErrorCode::BadRequest, e.to_string())),
     };
-    write_msg(&mut send, &reply).await?;
+    write_msg(&mut send, &reply, version).await?;
     send.finish()?;
     // Dropping the connection now could discard the reply: let the agent
     // read it and close, or give up after a while.
-    let _ = tokio::time::timeout(std::time::Duration::from_secs(5), conn.closed()).await;
+    let _ = tokio::time::timeout(Duration::from_secs(5), conn.closed()).await;
     Ok(())
 }
 
@@ -133,8 +213,8 @@ fn enroll(state: &State, req: EnrollRequest) -> Result<EnrollResponse, WireError
         .ca
         .issue_device(&req.csr_der, id.as_str(), DEVICE_CERT_DAYS)
         .map_err(|e| WireError::new(ErrorCode::BadRequest, format!("certificate request refused: {e}")))?;
-    let device =
-        state.registry.enroll(&req.secret, id, Sha256Digest::of(&cert), &req.agent_version, now).map_err(wire)?;
+    let agent_version = clean(&req.agent_version);
+    let device = state.registry.enroll(&req.secret, id, Sha256Digest::of(&cert), &agent_version, now).map_err(wire)?;
     info!(device = %device.id, group = %token.group, profile = %token.profile, "device enrolled");
     Ok(EnrollResponse {
         device_id: device.id,
@@ -146,65 +226,139 @@ fn enroll(state: &State, req: EnrollRequest) -> Result<EnrollResponse, WireError
     })
 }
 
+/// A device-supplied string as the registry keeps it: no control
+/// characters, at most [`MAX_REPORTED_TEXT`] characters.
+fn clean(s: &str) -> String {
+    s.chars().filter(|c| !c.is_control()).take(MAX_REPORTED_TEXT).collect()
+}
+
+fn clean_models(models: Vec<ModelStatus>) -> Vec<ModelStatus> {
+    models
+        .into_iter()
+        .take(MAX_REPORTED_MODELS)
+        .map(|m| ModelStatus { name: clean(&m.name), detail: m.detail.as_deref().map(clean), ..m })
+        .collect()
+}
+
+/// Records a report off the async runtime (the registry writes to sled).
+async fn seen(state: &Arc<State>, id: &DeviceId, report: Report) -> Result<Device> {
+    let (st, id) = (state.clone(), id.to_string());
+    Ok(tokio::task::spawn_blocking(move || st.registry.seen(&id, unix_now(), &report)).await??)
+}
+
 async fn control(
     state: Arc<State>,
+    conn: &Connection,
     id: &DeviceId,
+    version: WireVersion,
     hello: tern_proto::Hello,
     mut send: SendStream,
-    mut recv: RecvStream,
+    mut reader: FrameReader,
 ) -> Result<()> {
-    let mut changes = state.changes.subscribe();
-    state.registry.seen(id.as_str(), unix_now(), Some(&hello.agent_version), Some(&hello.models))?;
-    write_msg(&mut send, &Message::Welcome(Welcome { device_id: id.clone(), server_time: unix_now() })).await?;
-    write_msg(&mut send, &Message::Desired(state.desired(id.as_str())?)).await?;
+    let Ok(opened) = state.sessions.open(id, conn) else {
+        let m = "a control session is open on this connection already".to_string();
+        return reject(send, version, ErrorCode::SessionConflict, m).await;
+    };
+    let result = session(&state, id, version, hello, &mut send, &mut reader, opened.wake).await;
+    state.sessions.end(id, opened.id);
+    result
+}
+
+async fn session(
+    state: &Arc<State>,
+    id: &DeviceId,
+    version: WireVersion,
+    hello: tern_proto::Hello,
+    send: &mut SendStream,
+    reader: &mut FrameReader,
+    mut wake: tokio::sync::watch::Receiver<u64>,
+) -> Result<()> {
+    let capabilities = (version >= WireVersion::V2).then(|| Capabilities {
+        formats: hello.formats.clone(),
+        backends: hello.backends.iter().take(16).map(|b| clean(b)).collect(),
+        wire_version: version.0,
+    });
+    if version >= WireVersion::V2 && WireVersion::highest_shared(&[version], &hello.wire_versions) != Some(version) {
+        let m = format!("this connection speaks wire {version}, which the agent's Hello does not list");
+        return reject_on(send, version, ErrorCode::BadRequest, m).await;
+    }
+    let report = Report {
+        agent_version: Some(clean(&hello.agent_version)),
+        models: Some(clean_models(hello.models)),
+        capabilities,
+        ..Report::default()
+    };
+    seen(state, id, report).await?;
+    let welcome = Welcome { device_id: id.clone(), server_time: unix_now(), wire_version: version.0 };
+    write_msg(send, &Message::Welcome(welcome), version).await?;
+    write_msg(send, &Message::Desired(state.desired(id.as_str(), version)?), version).await?;
+    wake.mark_unchanged();
     loop {
+        // `reader.next()` is cancel-safe: a wake-up that wins mid-frame
+        // loses none of the frame's bytes.
         tokio::select! {
-            msg = read_msg(&mut recv) => match msg.context("control stream")? {
-                Some(Message::Status(report)) => {
-                    let d: Device = state.registry.seen(id.as_str(), unix_now(), None, Some(&report.models))?;
-                    debug!(device = %d.id, models = ?report.models, "status");
+            msg = reader.next() => match msg.context("control stream")? {
+                Some(Message::Status(r)) => {
+                    let report = Report {
+                        models: Some(clean_models(r.models)),
+                        generation: (version >= WireVersion::V2).then_some(r.generation),
+                        refused: (version >= WireVersion::V2).then(|| {
+                            r.refused.map(|x| tern_proto::Refusal { reason: clean(&x.reason), ..x })
+                        }),
+                        ..Report::default()
+                    };
+                    let d = seen(state, id, report).await?;
+                    debug!(device = %d.id, models = ?d.reported, generation = ?d.reported_generation, "status");
                 }
                 Some(other) => {
                     let m = format!("{} is not allowed on the control stream", other.kind());
-                    write_msg(&mut send, &Message::Error(WireError::new(ErrorCode::BadRequest, m.clone()))).await?;
+                    write_msg(send, &Message::Error(WireError::new(ErrorCode::BadRequest, m.clone())), version).await?;
                     return Err(anyhow!(m));
                 }
                 None => return Ok(()),
             },
-            changed = changes.recv() => {
-                let relevant = match changed {
-                    Ok(dev) => &dev == id,
-                    // Missed notifications: resend to be safe.
-                    Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => true,
-                    Err(tokio::sync::broadcast::error::RecvError::Closed) => return Ok(()),
-                };
-                if relevant {
-                    write_msg(&mut send, &Message::Desired(state.desired(id.as_str())?)).await?;
+            changed = wake.changed() => {
+                if changed.is_err() {
+                    return Ok(());
                 }
+                wake.mark_unchanged();
+                write_msg(send, &Message::Desired(state.desired(id.as_str(), version)?), version).await?;
             }
         }
     }
 }
 
-async fn artifact(state: Arc<State>, id: &DeviceId, req: FetchArtifact, mut send: SendStream) -> Result<()> {
+async fn reject_on(send: &mut SendStream, version: WireVersion, code: ErrorCode, message: String) -> Result<()> {
+    limited!(REFUSED_LOG, ?code, "refusing request: {message}");
+    write_msg(send, &Message::Error(WireError::new(code, message)), version).await?;
+    send.finish()?;
+    Ok(())
+}
+
+async fn artifact(
+    state: Arc<State>,
+    id: &DeviceId,
+    version: WireVersion,
+    req: FetchArtifact,
+    mut send: SendStream,
+) -> Result<()> {
     // A device may fetch only artifacts of versions assigned to it.
     let device = state.registry.device(id.as_str())?;
-    let assigned = device
-        .desired
-        .iter()
-        .any(|(name, version)| state.registry.version(name, *version).is_ok_and(|v| v.sha256 == req.sha256));
+    let assigned =
+        device.desired.iter().any(|(name, v)| state.registry.version(name, *v).is_ok_and(|v| v.sha256 == req.sha256));
     if !assigned {
-        return reject(send, ErrorCode::NotFound, format!("artifact {} is not assigned to {id}", req.sha256)).await;
+        let m = format!("artifact {} is not assigned to {id}", req.sha256);
+        return reject(send, version, ErrorCode::NotFound, m).await;
     }
     let path = state.artifacts.path(&req.sha256);
     let mut file = tokio::fs::File::open(&path).await.with_context(|| format!("opening {}", path.display()))?;
     let size = file.metadata().await?.len();
     if req.offset > size {
-        return reject(send, ErrorCode::BadRequest, format!("offset {} is past the end ({size} bytes)", req.offset))
-            .await;
+        let m = format!("offset {} is past the end ({size} bytes)", req.offset);
+        return reject(send, version, ErrorCode::BadRequest, m).await;
     }
-    write_msg(&mut send, &Message::ArtifactHeader(ArtifactHeader { sha256: req.sha256, size, offset: req.offset }))
-        .await?;
+    let header = ArtifactHeader { sha256: req.sha256, size, offset: req.offset };
+    write_msg(&mut send, &Message::ArtifactHeader(header), version).await?;
     file.seek(std::io::SeekFrom::Start(req.offset)).await?;
     let mut buf = vec![0u8; 64 * 1024];
     loop {

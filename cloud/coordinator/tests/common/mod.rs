@@ -8,7 +8,20 @@ use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
+use tern_net::{FrameReader, write_msg};
+use tern_proto::{Message, WireVersion};
+
+/// Numbers log files, so that two starts of one process never share one.
+static LOGS: AtomicUsize = AtomicUsize::new(0);
+
+/// Resident memory of a process, in KiB.
+pub fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
+    line.split_whitespace().nth(1).unwrap().parse().unwrap()
+}
 
 pub fn fixture(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures").join(name)
@@ -43,6 +56,15 @@ impl Proc {
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
+
+    pub fn pid(&self) -> u32 {
+        self.0.id()
+    }
+
+    /// Whether it has exited, and how.
+    pub fn exited(&mut self) -> Option<std::process::ExitStatus> {
+        self.0.try_wait().unwrap()
+    }
 }
 
 impl Drop for Proc {
@@ -74,38 +96,62 @@ pub struct Coord {
 
 impl Coord {
     pub fn start() -> Self {
-        let dir = tempfile::tempdir().unwrap();
+        Self::start_with(&[])
+    }
+
+    /// A coordinator with extra `tern serve` flags.
+    pub fn start_with(extra: &[&str]) -> Self {
+        Self::start_in(tempfile::tempdir().unwrap(), extra).unwrap_or_else(|log| panic!("coordinator failed: {log}"))
+    }
+
+    /// Starts `tern serve` on `dir` (which may hold the data dir of an earlier
+    /// run); `Err` with its log if it exits instead.
+    pub fn start_in(dir: tempfile::TempDir, extra: &[&str]) -> Result<Self, String> {
         let data = dir.path().join("data");
-        let proc = spawn(
-            &tern_bin(),
-            &[
-                "serve",
-                "--data-dir",
-                data.to_str().unwrap(),
-                "--quic-listen",
-                "127.0.0.1:0",
-                "--admin-listen",
-                "127.0.0.1:0",
-            ],
-            &dir.path().join("coordinator.log"),
-        );
+        let _ = std::fs::remove_file(data.join("serve.json"));
+        let mut args = vec![
+            "serve",
+            "--data-dir",
+            data.to_str().unwrap(),
+            "--quic-listen",
+            "127.0.0.1:0",
+            "--admin-listen",
+            "127.0.0.1:0",
+        ];
+        args.extend_from_slice(extra);
+        let n = LOGS.fetch_add(1, Ordering::Relaxed);
+        let log = dir.path().join(format!("coordinator-{n}.log"));
+        let mut proc = spawn(&tern_bin(), &args, &log);
         let ep: Value = wait_for("coordinator start", Duration::from_secs(20), || {
+            if proc.exited().is_some() {
+                return Some(Value::Null);
+            }
             serde_json::from_slice(&std::fs::read(data.join("serve.json")).ok()?).ok()
         });
-        Self {
+        if ep.is_null() {
+            return Err(std::fs::read_to_string(&log).unwrap_or_default());
+        }
+        Ok(Self {
             quic: ep["quic"].as_str().unwrap().to_owned(),
             admin: format!("http://{}", ep["admin"].as_str().unwrap()),
             dir,
             proc,
-        }
+        })
+    }
+
+    /// Stops it (SIGKILL) and hands back its folder.
+    pub fn stop(mut self) -> tempfile::TempDir {
+        self.proc.kill9();
+        std::mem::replace(&mut self.dir, tempfile::tempdir().unwrap())
     }
 
     pub fn data(&self) -> PathBuf {
         self.dir.path().join("data")
     }
 
+    /// Every log this folder's coordinators wrote.
     pub fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.path().join("coordinator.log")).unwrap_or_default()
+        logs_in(self.dir.path())
     }
 
     pub fn admin_token(&self) -> String {
@@ -171,6 +217,79 @@ impl Coord {
     pub fn device(&self, id: &str) -> Value {
         self.json(&["fleet", "list"]).as_array().unwrap().iter().find(|d| d["id"] == id).cloned().unwrap_or(Value::Null)
     }
+
+    /// `GET /v1/status`: connections, anonymous connections, sessions.
+    pub fn status(&self) -> Value {
+        ureq::get(format!("{}/v1/status", self.admin))
+            .header("authorization", format!("Bearer {}", self.admin_token()))
+            .call()
+            .unwrap()
+            .body_mut()
+            .read_json()
+            .unwrap()
+    }
+}
+
+fn logs_in(dir: &Path) -> String {
+    let mut names: Vec<PathBuf> = std::fs::read_dir(dir)
+        .unwrap()
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "log"))
+        .collect();
+    names.sort();
+    names.iter().map(|p| std::fs::read_to_string(p).unwrap_or_default()).collect()
+}
+
+/// A device's own QUIC client, speaking the protocol by hand with the
+/// identity an agent got at enrollment: for tests that play a device the
+/// agent would never be (an old one, a clone, a hostile one).
+pub struct RawDevice {
+    pub endpoint: quinn::Endpoint,
+    pub conn: quinn::Connection,
+    pub version: WireVersion,
+}
+
+impl RawDevice {
+    /// Connects with `agent`'s certificate, offering `versions`.
+    pub async fn connect(coord: &Coord, agent: &Agent, versions: &[WireVersion]) -> anyhow::Result<Self> {
+        let id = agent.data().join("identity");
+        let read = |n: &str| std::fs::read(id.join(n)).unwrap();
+        let config = tern_net::device_client_config_speaking(
+            &read("ca.crt"),
+            &read("device.crt"),
+            &read("device.key"),
+            versions,
+        )?;
+        let addr: std::net::SocketAddr = coord.quic.parse().unwrap();
+        let endpoint = tern_net::client_endpoint(addr)?;
+        let conn = endpoint.connect_with(config, addr, tern_net::COORDINATOR_NAME)?.await?;
+        let version = tern_net::wire_version(&conn)?;
+        Ok(Self { endpoint, conn, version })
+    }
+
+    /// Opens a stream, sends `msg`, and reads the first answer.
+    pub async fn ask(&self, msg: &Message) -> anyhow::Result<(quinn::SendStream, FrameReader, Option<Message>)> {
+        let (mut send, recv) = self.conn.open_bi().await?;
+        write_msg(&mut send, msg, self.version).await?;
+        let mut reader = FrameReader::new(recv, self.version);
+        let first = tokio::time::timeout(Duration::from_secs(10), reader.next()).await??;
+        Ok((send, reader, first))
+    }
+}
+
+/// A `Hello` as the current agent sends it.
+pub fn hello(agent_version: &str) -> Message {
+    Message::Hello(tern_proto::Hello {
+        agent_version: agent_version.into(),
+        models: vec![],
+        wire_versions: WireVersion::SUPPORTED.iter().map(|v| v.0).collect(),
+        formats: vec![tern_proto::ModelFormat::Onnx, tern_proto::ModelFormat::Nnef],
+        backends: vec!["tract-nnef".into()],
+    })
+}
+
+pub fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap()
 }
 
 /// An agent's data dir and, once started, its process.
@@ -216,11 +335,8 @@ impl Agent {
         let data = self.data();
         let mut args = vec!["run", "--data-dir", data.to_str().unwrap(), "--listen", "127.0.0.1:0"];
         args.extend_from_slice(extra);
-        self.proc = Some(spawn(
-            &agent_bin(),
-            &args,
-            &self.dir.path().join(format!("agent-{}.log", Instant::now().elapsed().as_nanos())),
-        ));
+        let n = LOGS.fetch_add(1, Ordering::Relaxed);
+        self.proc = Some(spawn(&agent_bin(), &args, &self.dir.path().join(format!("agent-{n:03}.log"))));
         let api: Value = wait_for("agent start", Duration::from_secs(20), || {
             serde_json::from_slice(&std::fs::read(self.data().join("api.json")).ok()?).ok()
         });
@@ -228,15 +344,13 @@ impl Agent {
         self.socket = PathBuf::from(api["socket"].as_str().unwrap());
     }
 
+    /// Every log of every start, oldest first.
     pub fn logs(&self) -> String {
-        let mut all = String::new();
-        for e in std::fs::read_dir(self.dir.path()).unwrap() {
-            let p = e.unwrap().path();
-            if p.extension().is_some_and(|x| x == "log") {
-                all += &std::fs::read_to_string(p).unwrap_or_default();
-            }
-        }
-        all
+        logs_in(self.dir.path())
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.proc.as_ref().unwrap().pid()
     }
 
     fn client() -> ureq::Agent {
