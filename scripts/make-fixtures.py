@@ -9,8 +9,8 @@ independent of tract) for the end-to-end tests to compare against.
     python3 scripts/make-fixtures.py
 
 The outputs are committed so that the demo and the tests need no Python.
-`python3 scripts/make-fixtures.py recurrent` rebuilds only the recurrent
-models (their bytes are seeded, so they come out the same).
+`python3 scripts/make-fixtures.py recurrent` (or `wide`) rebuilds only the
+recurrent models (or wide.onnx); their bytes come out the same every time.
 """
 import json
 import pathlib
@@ -54,6 +54,23 @@ def small_models() -> None:
         [shape],
     )
     onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), OUT / "slow.onnx")
+
+
+def wide_model() -> None:
+    """wide.onnx: x f32[N, 65536] -> ReduceSum over axis 1 -> y f32[N]: a
+    quarter of a megabyte per row, to test the agent's request memory."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    axes = numpy_helper.from_array(np.array([1], np.int64), "axes")
+    g = helper.make_graph(
+        [helper.make_node("ReduceSum", ["x", "axes"], ["y"], keepdims=0)],
+        "wide",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 65536])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N"])],
+        [axes],
+    )
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), OUT / "wide.onnx")
+    print("wrote wide.onnx")
 
 
 def recurrent_models() -> None:
@@ -138,6 +155,7 @@ def main() -> None:
     from sklearn.preprocessing import StandardScaler
 
     recurrent_models()
+    wide_model()
     small_models()
     OUT.mkdir(exist_ok=True)
     x, y = load_iris(return_X_y=True)
@@ -222,4 +240,4 @@ def builtin_models(classifier, x, rows) -> None:
 if __name__ == "__main__":
     import sys
 
-    recurrent_models() if sys.argv[1:] == ["recurrent"] else main()
+    {"recurrent": recurrent_models, "wide": wide_model}.get(" ".join(sys.argv[1:]), main)()

@@ -25,7 +25,13 @@ pub struct FrameReader {
 impl FrameReader {
     /// A reader of wire `version` frames of at most [`MAX_FRAME_LEN`] bytes.
     pub fn new(recv: RecvStream, version: WireVersion) -> Self {
-        Self { recv, decoder: FrameDecoder::new(MAX_FRAME_LEN, version) }
+        Self::with_limit(recv, version, MAX_FRAME_LEN)
+    }
+
+    /// A reader that refuses frames above `max` bytes (less than the
+    /// protocol allows, for a peer that has not authenticated).
+    pub fn with_limit(recv: RecvStream, version: WireVersion, max: usize) -> Self {
+        Self { recv, decoder: FrameDecoder::new(max.min(MAX_FRAME_LEN), version) }
     }
 
     /// The next message; `Ok(None)` when the peer finished the stream

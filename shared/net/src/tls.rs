@@ -23,10 +23,14 @@ fn provider() -> Arc<CryptoProvider> {
 /// Idle time after which either side drops a connection.
 const IDLE: u32 = 20_000;
 /// How much a peer may send on one stream before we have read it: control
-/// frames are small, and the coordinator reads each stream as it arrives.
-const SERVER_STREAM_WINDOW: u32 = 64 << 10;
-/// ... and on all streams of a connection it has not yet authenticated.
-const SERVER_ANONYMOUS_WINDOW: u32 = 128 << 10;
+/// frames are small, and the coordinator reads each stream as it arrives
+/// (larger ones flow as it reads). Received data is held in the packets it
+/// came in, a few times its own size: measured, a 64 KiB window cost about
+/// 270 KiB per connection that filled it.
+const SERVER_STREAM_WINDOW: u32 = 16 << 10;
+/// ... and on all streams of a connection it has not yet authenticated
+/// (an enrollment request is about 1 KiB).
+const SERVER_ANONYMOUS_WINDOW: u32 = 16 << 10;
 /// Streams an enrolled device may have open at once (control + downloads).
 pub const DEVICE_STREAMS: u32 = 16;
 /// What an enrolled device may have in flight towards the coordinator.

@@ -98,28 +98,35 @@ impl RequestLimits {
         }
     }
 
+    /// Checks the shape of input `ix` (of `specs`) against the batch and
+    /// element limits, before any of its data is read.
+    pub fn check_shape(&self, specs: &[TensorSpec], ix: usize, shape: &[usize]) -> Result<(), TooLarge> {
+        let Some(spec) = specs.get(ix) else {
+            return Err(TooLarge(format!("the model has {} inputs, this is input {}", specs.len(), ix + 1)));
+        };
+        if spec.shape.first() == Some(&None)
+            && let Some(&batch) = shape.first()
+            && batch > self.limits.max_batch
+        {
+            return Err(TooLarge(format!(
+                "input {:?}: a batch of {batch} exceeds this agent's maximum batch of {} (tern-agent run --max-batch)",
+                spec.name, self.limits.max_batch
+            )));
+        }
+        let max = self.elements[ix];
+        match shape.iter().try_fold(1usize, |a, d| a.checked_mul(*d)) {
+            Some(n) if n <= max => Ok(()),
+            _ => Err(TooLarge(format!(
+                "input {:?}: shape {shape:?} exceeds this model's limit of {max} elements (tern-agent run --max-elements)",
+                spec.name
+            ))),
+        }
+    }
+
     /// Checks decoded inputs (already matched to the signature) against the
     /// batch and element limits.
     pub fn check(&self, specs: &[TensorSpec], inputs: &[Tensor]) -> Result<(), TooLarge> {
-        for ((spec, t), max) in specs.iter().zip(inputs).zip(&self.elements) {
-            if spec.shape.first() == Some(&None)
-                && let Some(&batch) = t.shape.first()
-                && batch > self.limits.max_batch
-            {
-                return Err(TooLarge(format!(
-                    "input {:?}: a batch of {batch} exceeds this agent's maximum batch of {} (tern-agent run --max-batch)",
-                    spec.name, self.limits.max_batch
-                )));
-            }
-            if t.data.len() > *max {
-                return Err(TooLarge(format!(
-                    "input {:?}: {} elements exceed this model's limit of {max} (tern-agent run --max-elements)",
-                    spec.name,
-                    t.data.len()
-                )));
-            }
-        }
-        Ok(())
+        inputs.iter().enumerate().try_for_each(|(ix, t)| self.check_shape(specs, ix, &t.shape))
     }
 }
 
@@ -202,17 +209,10 @@ pub fn decode_json(body: &[u8], specs: &[TensorSpec], limits: &RequestLimits) ->
             let name = spec.map_or("?", |s| s.name.as_str());
             let dtype = t.dtype.or(spec.map(|s| s.dtype)).unwrap_or(DType::F32);
             let shape = t.shape.0;
-            let max = limits.elements.get(ix).copied().unwrap_or(0);
-            let declared = shape.iter().try_fold(1usize, |a, d| a.checked_mul(*d));
-            match declared {
-                Some(n) if n <= max => {}
-                _ => {
-                    return Err(JsonError::TooLarge(format!(
-                        "input {name:?}: shape {shape:?} exceeds this model's limit of {max} elements"
-                    )));
-                }
-            }
-            let data = elements(name, t.data, dtype, max, declared.unwrap_or(0))?;
+            limits.check_shape(specs, ix, &shape).map_err(|e| JsonError::TooLarge(e.0))?;
+            let max = limits.elements[ix];
+            let declared = shape.iter().product();
+            let data = elements(name, t.data, dtype, max, declared)?;
             Tensor::new(shape, data).map_err(|e| JsonError::Bad(format!("input {name:?}: {e}")))
         })
         .collect()

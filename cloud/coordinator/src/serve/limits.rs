@@ -11,22 +11,28 @@ use std::time::{Duration, Instant};
 /// Caps on connections (flags of `tern serve`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Caps {
-    /// All connections at once, devices included.
+    /// All connections at once: handshaking, anonymous and devices.
     pub connections: usize,
-    /// Connections without a device certificate (handshaking or enrolling).
+    /// Handshakes in progress (each lasts a round trip, 10 s at most).
+    pub handshakes: usize,
+    /// Connections past their handshake without a device certificate
+    /// (enrolling), in all.
     pub anonymous: usize,
-    /// ... of those, from one source address.
-    pub anonymous_per_address: usize,
+    /// Handshakes, and anonymous connections, from one source address.
+    pub per_address: usize,
 }
 
-/// Why a connection was refused before its handshake.
+/// Why a connection was refused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Refused {
     /// All connection slots are taken.
     Connections,
-    /// All slots for peers without a certificate are taken.
+    /// As many handshakes are in progress as may be.
+    Handshakes,
+    /// All slots for connections without a certificate are taken.
     Anonymous,
-    /// This address has as many of those as it may.
+    /// This address has as many handshakes, or connections without a
+    /// certificate, as it may.
     PerAddress,
 }
 
@@ -34,56 +40,97 @@ impl std::fmt::Display for Refused {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(match self {
             Refused::Connections => "every connection slot is taken",
+            Refused::Handshakes => "as many handshakes are in progress as may be",
             Refused::Anonymous => "every slot for connections without a certificate is taken",
-            Refused::PerAddress => "this address has as many connections without a certificate as it may",
+            Refused::PerAddress => "this address has as many connections of its kind as it may",
         })
     }
 }
 
+/// Counts of one kind of connection, in all and by address.
 #[derive(Default)]
-struct Anonymous {
+struct Pool {
     total: usize,
     by_address: HashMap<IpAddr, usize>,
+}
+
+impl Pool {
+    fn take(&mut self, ip: IpAddr, cap: usize, per_address: usize, full: Refused) -> Result<(), Refused> {
+        if self.total >= cap {
+            return Err(full);
+        }
+        let here = self.by_address.entry(ip).or_default();
+        if *here >= per_address {
+            return Err(Refused::PerAddress);
+        }
+        *here += 1;
+        self.total += 1;
+        Ok(())
+    }
+
+    fn give_back(&mut self, ip: IpAddr) {
+        self.total -= 1;
+        if let Some(n) = self.by_address.get_mut(&ip) {
+            *n -= 1;
+            if *n == 0 {
+                self.by_address.remove(&ip);
+            }
+        }
+    }
+}
+
+#[derive(Default)]
+struct Pools {
+    handshaking: Pool,
+    anonymous: Pool,
 }
 
 /// Live connection counts.
 pub struct Counters {
     caps: Caps,
     total: AtomicUsize,
-    anonymous: Mutex<Anonymous>,
+    pools: Mutex<Pools>,
 }
 
-/// A connection's place in the counts, given back when dropped. It counts
-/// as anonymous until [`Slot::authenticated`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    Handshaking,
+    Anonymous,
+    Device,
+    /// Refused after its handshake, about to be closed: in no pool.
+    Refused,
+}
+
+/// A connection's place in the counts, given back when dropped: it counts
+/// as handshaking, then as anonymous ([`Slot::anonymous`]) or as a device
+/// ([`Slot::device`]).
 pub struct Slot {
     counters: Arc<Counters>,
-    anonymous: Option<IpAddr>,
+    ip: IpAddr,
+    phase: Phase,
 }
 
 impl Counters {
     /// Counters under `caps`.
     pub fn new(caps: Caps) -> Arc<Self> {
-        Arc::new(Self { caps, total: AtomicUsize::new(0), anonymous: Mutex::new(Anonymous::default()) })
+        Arc::new(Self { caps, total: AtomicUsize::new(0), pools: Mutex::new(Pools::default()) })
     }
 
-    /// A slot for a new connection from `ip`, anonymous until it shows a
-    /// certificate, or why not.
+    /// A slot for a new connection from `ip` to make its handshake in, or why not.
     pub fn admit(self: &Arc<Self>, ip: IpAddr) -> Result<Slot, Refused> {
-        let mut anon = self.anonymous.lock().expect("lock");
+        let mut pools = self.pools.lock().expect("lock");
         if self.total.load(Ordering::Acquire) >= self.caps.connections {
             return Err(Refused::Connections);
         }
-        if anon.total >= self.caps.anonymous {
-            return Err(Refused::Anonymous);
-        }
-        let here = anon.by_address.entry(ip).or_default();
-        if *here >= self.caps.anonymous_per_address {
-            return Err(Refused::PerAddress);
-        }
-        *here += 1;
-        anon.total += 1;
+        pools.handshaking.take(ip, self.caps.handshakes, self.caps.per_address, Refused::Handshakes)?;
         self.total.fetch_add(1, Ordering::AcqRel);
-        Ok(Slot { counters: self.clone(), anonymous: Some(ip) })
+        Ok(Slot { counters: self.clone(), ip, phase: Phase::Handshaking })
+    }
+
+    /// Whether handshakes are getting crowded: then the endpoint asks
+    /// unvalidated addresses to prove they are theirs (a QUIC retry) first.
+    pub fn crowded(&self) -> bool {
+        self.pools.lock().expect("lock").handshaking.total >= self.caps.handshakes / 2
     }
 
     /// Connections open now.
@@ -91,36 +138,56 @@ impl Counters {
         self.total.load(Ordering::Acquire)
     }
 
-    /// Connections without a device certificate open now.
+    /// Connections without a device certificate open now (handshaking or enrolling).
     pub fn anonymous(&self) -> usize {
-        self.anonymous.lock().expect("lock").total
-    }
-
-    fn release_anonymous(&self, ip: IpAddr) {
-        let mut anon = self.anonymous.lock().expect("lock");
-        anon.total -= 1;
-        if let Some(n) = anon.by_address.get_mut(&ip) {
-            *n -= 1;
-            if *n == 0 {
-                anon.by_address.remove(&ip);
-            }
-        }
+        let pools = self.pools.lock().expect("lock");
+        pools.handshaking.total + pools.anonymous.total
     }
 }
 
 impl Slot {
-    /// The peer showed a device certificate: it no longer counts as anonymous.
-    pub fn authenticated(&mut self) {
-        if let Some(ip) = self.anonymous.take() {
-            self.counters.release_anonymous(ip);
+    fn leave(&mut self, pools: &mut Pools) {
+        match self.phase {
+            Phase::Handshaking => pools.handshaking.give_back(self.ip),
+            Phase::Anonymous => pools.anonymous.give_back(self.ip),
+            Phase::Device | Phase::Refused => {}
+        }
+    }
+
+    /// The handshake showed a device certificate.
+    pub fn device(&mut self) {
+        let counters = self.counters.clone();
+        let mut pools = counters.pools.lock().expect("lock");
+        self.leave(&mut pools);
+        self.phase = Phase::Device;
+    }
+
+    /// The handshake showed no certificate: the connection may only enroll,
+    /// and only while there is an anonymous slot for it.
+    pub fn anonymous(&mut self) -> Result<(), Refused> {
+        let counters = self.counters.clone();
+        let mut pools = counters.pools.lock().expect("lock");
+        self.leave(&mut pools);
+        let caps = counters.caps;
+        match pools.anonymous.take(self.ip, caps.anonymous, caps.per_address, Refused::Anonymous) {
+            Ok(()) => {
+                self.phase = Phase::Anonymous;
+                Ok(())
+            }
+            Err(e) => {
+                self.phase = Phase::Refused;
+                Err(e)
+            }
         }
     }
 }
 
 impl Drop for Slot {
     fn drop(&mut self) {
-        self.authenticated();
-        self.counters.total.fetch_sub(1, Ordering::AcqRel);
+        let counters = self.counters.clone();
+        let mut pools = counters.pools.lock().expect("lock");
+        self.leave(&mut pools);
+        counters.total.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
@@ -161,24 +228,34 @@ mod tests {
     use super::*;
 
     #[test]
-    fn anonymous_connections_are_capped_in_all_and_per_address() {
-        let c = Counters::new(Caps { connections: 4, anonymous: 3, anonymous_per_address: 2 });
+    fn handshakes_and_anonymous_connections_are_capped_in_all_and_per_address() {
+        let c = Counters::new(Caps { connections: 6, handshakes: 3, anonymous: 2, per_address: 2 });
         let ip = |s: &str| -> IpAddr { s.parse().unwrap() };
-        let a1 = c.admit(ip("10.0.0.1")).unwrap();
-        let _a2 = c.admit(ip("10.0.0.1")).unwrap();
+        let mut a1 = c.admit(ip("10.0.0.1")).unwrap();
+        let mut a2 = c.admit(ip("10.0.0.1")).unwrap();
         assert_eq!(c.admit(ip("10.0.0.1")).err(), Some(Refused::PerAddress));
         let mut b1 = c.admit(ip("10.0.0.2")).unwrap();
-        assert_eq!(c.admit(ip("10.0.0.2")).err(), Some(Refused::Anonymous));
-        // A device certificate frees its anonymous place, not its connection slot.
-        b1.authenticated();
+        assert_eq!(c.admit(ip("10.0.0.3")).err(), Some(Refused::Handshakes));
+        assert!(c.crowded());
+        // Handshakes done: a device, and two without certificates.
+        a1.device();
+        a2.anonymous().unwrap();
+        assert_eq!(b1.anonymous(), Ok(()));
         assert_eq!((c.anonymous(), c.total()), (2, 3));
-        let _c1 = c.admit(ip("10.0.0.3")).unwrap();
-        assert_eq!(c.admit(ip("10.0.0.4")).err(), Some(Refused::Connections));
-        drop(b1);
-        assert_eq!(c.admit(ip("10.0.0.4")).err(), Some(Refused::Anonymous));
-        drop(a1);
-        assert_eq!((c.anonymous(), c.total()), (2, 2));
-        assert!(c.admit(ip("10.0.0.4")).is_ok());
+        // The anonymous pool is full; a third is refused after its handshake
+        // (and only counts in the total until it is dropped).
+        let mut c1 = c.admit(ip("10.0.0.3")).unwrap();
+        assert_eq!(c1.anonymous(), Err(Refused::Anonymous));
+        drop(c1);
+        // A device's connection takes no anonymous slot.
+        let mut d1 = c.admit(ip("10.0.0.2")).unwrap();
+        d1.device();
+        let _h = (c.admit(ip("10.0.0.4")).unwrap(), c.admit(ip("10.0.0.5")).unwrap());
+        assert_eq!(c.admit(ip("10.0.0.6")).err(), Some(Refused::Connections));
+        drop(a2);
+        assert_eq!((c.anonymous(), c.total()), (3, 5));
+        drop((a1, b1, d1));
+        assert_eq!(c.total(), 2);
     }
 
     #[test]

@@ -46,13 +46,18 @@ pub struct ServeArgs {
     /// Connections at most, devices included.
     #[arg(long, default_value_t = 20_000)]
     pub max_connections: usize,
-    /// Connections at most that have not shown a device certificate
-    /// (handshaking or enrolling).
+    /// Handshakes in progress at most (each takes a round trip; 10 s at most).
+    #[arg(long, default_value_t = 1024)]
+    pub max_handshakes: usize,
+    /// Connections at most that have no device certificate (enrolling);
+    /// each is closed 30 s after its handshake whatever it does.
     #[arg(long, default_value_t = 256)]
     pub max_anonymous: usize,
-    /// ... of those from one source address.
-    #[arg(long, default_value_t = 16)]
-    pub max_anonymous_per_address: usize,
+    /// Handshakes, and connections without a certificate, from one source
+    /// address at most (devices behind one NAT share an address; enrolled
+    /// ones are not limited by it once their handshake is done).
+    #[arg(long, default_value_t = 32)]
+    pub max_per_address: usize,
 }
 
 /// What a running coordinator writes to `<data-dir>/serve.json`, so the CLI
@@ -136,8 +141,9 @@ pub async fn run(data_dir: PathBuf, args: ServeArgs) -> Result<()> {
         sessions: sessions::Sessions::default(),
         counters: limits::Counters::new(limits::Caps {
             connections: args.max_connections,
+            handshakes: args.max_handshakes,
             anonymous: args.max_anonymous,
-            anonymous_per_address: args.max_anonymous_per_address,
+            per_address: args.max_per_address,
         }),
     });
     tokio::spawn(quic::accept_loop(endpoint.clone(), state.clone()));

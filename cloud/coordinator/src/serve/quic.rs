@@ -36,6 +36,9 @@ const FIRST_FRAME_WITHIN: Duration = Duration::from_secs(10);
 /// A connection without a certificate is closed this long after its
 /// handshake, whatever it is doing.
 const ANONYMOUS_FOR: Duration = Duration::from_secs(30);
+/// The largest frame a peer without a certificate may send (an enrollment
+/// request is about 1 KiB): what it can make the coordinator hold.
+const ANONYMOUS_MAX_FRAME: usize = 16 << 10;
 /// What a device may report about itself is cut to this.
 const MAX_REPORTED_MODELS: usize = 256;
 const MAX_REPORTED_TEXT: usize = 512;
@@ -56,6 +59,12 @@ macro_rules! limited {
 pub async fn accept_loop(endpoint: quinn::Endpoint, state: Arc<State>) {
     while let Some(incoming) = endpoint.accept().await {
         let remote = incoming.remote_address();
+        // Under a flood of handshakes, a peer first proves the address is
+        // its own (one more round trip), so spoofed sources cost nothing.
+        if !incoming.remote_address_validated() && incoming.may_retry() && state.counters.crowded() {
+            let _ = incoming.retry();
+            continue;
+        }
         let slot = match state.counters.admit(remote.ip()) {
             Ok(slot) => slot,
             Err(why) => {
@@ -85,6 +94,11 @@ pub async fn accept_loop(endpoint: quinn::Endpoint, state: Arc<State>) {
 async fn handle_connection(conn: Connection, state: Arc<State>, mut slot: Slot) -> Result<()> {
     let version = tern_net::wire_version(&conn)?;
     let Some(cert) = tern_net::peer_cert(&conn) else {
+        if let Err(why) = slot.anonymous() {
+            limited!(REFUSED_LOG, remote = %conn.remote_address(), "connection without a certificate closed: {why}");
+            conn.close(close::BUSY.into(), b"busy: too many connections without a certificate; try again later");
+            return Ok(());
+        }
         let enrolled = tokio::time::timeout(ANONYMOUS_FOR, enrollment(&conn, state, version)).await;
         conn.close(0u32.into(), b"enrollment over");
         return enrolled.unwrap_or_else(|_| Err(anyhow!("enrollment not done within {ANONYMOUS_FOR:?}")));
@@ -101,7 +115,7 @@ async fn handle_connection(conn: Connection, state: Arc<State>, mut slot: Slot) 
         conn.close(code.into(), b"this certificate is not one of an enrolled device");
         return Ok(());
     };
-    slot.authenticated();
+    slot.device();
     tern_net::admit_device(&conn);
     let id = device.id.clone();
     info!(device = %id, %remote, wire = %version, "device connected");
@@ -158,7 +172,8 @@ async fn enrollment(conn: &Connection, state: Arc<State>, version: WireVersion) 
     let (mut send, recv) = tokio::time::timeout(FIRST_FRAME_WITHIN, conn.accept_bi())
         .await
         .map_err(|_| anyhow!("no enrollment stream within {FIRST_FRAME_WITHIN:?}"))??;
-    let first = tokio::time::timeout(FIRST_FRAME_WITHIN, FrameReader::new(recv, version).next())
+    let mut reader = FrameReader::with_limit(recv, version, ANONYMOUS_MAX_FRAME);
+    let first = tokio::time::timeout(FIRST_FRAME_WITHIN, reader.next())
         .await
         .map_err(|_| anyhow!("no enrollment request within {FIRST_FRAME_WITHIN:?}"))?;
     let reply = match first {

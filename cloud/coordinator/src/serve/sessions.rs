@@ -16,6 +16,8 @@ pub mod close {
     pub const REPLACED: u32 = 2;
     /// The device was removed from the fleet.
     pub const REVOKED: u32 = 3;
+    /// Too many connections without a certificate; try again later.
+    pub const BUSY: u32 = 4;
 }
 
 struct Session {

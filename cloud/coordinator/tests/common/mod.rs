@@ -3,6 +3,8 @@
 
 #![allow(dead_code)]
 
+pub mod attack;
+
 use serde_json::Value;
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
@@ -27,12 +29,21 @@ pub fn fixture(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures").join(name)
 }
 
+/// `TERN_TEST_BIN_DIR` runs the tests against other builds of `tern` and
+/// `tern-agent` (an older release, say, to see which tests it fails).
+fn bin_dir() -> PathBuf {
+    match std::env::var_os("TERN_TEST_BIN_DIR") {
+        Some(d) => PathBuf::from(d),
+        None => PathBuf::from(env!("CARGO_BIN_EXE_tern")).parent().unwrap().to_path_buf(),
+    }
+}
+
 pub fn tern_bin() -> PathBuf {
-    PathBuf::from(env!("CARGO_BIN_EXE_tern"))
+    bin_dir().join("tern")
 }
 
 pub fn agent_bin() -> PathBuf {
-    let p = tern_bin().with_file_name("tern-agent");
+    let p = bin_dir().join("tern-agent");
     assert!(p.is_file(), "{} is missing: build it first (cargo build -p tern-agent, or scripts/test)", p.display());
     p
 }
@@ -109,15 +120,10 @@ impl Coord {
     pub fn start_in(dir: tempfile::TempDir, extra: &[&str]) -> Result<Self, String> {
         let data = dir.path().join("data");
         let _ = std::fs::remove_file(data.join("serve.json"));
-        let mut args = vec![
-            "serve",
-            "--data-dir",
-            data.to_str().unwrap(),
-            "--quic-listen",
-            "127.0.0.1:0",
-            "--admin-listen",
-            "127.0.0.1:0",
-        ];
+        let mut args = vec!["serve", "--data-dir", data.to_str().unwrap(), "--admin-listen", "127.0.0.1:0"];
+        if !extra.contains(&"--quic-listen") {
+            args.extend(["--quic-listen", "127.0.0.1:0"]);
+        }
         args.extend_from_slice(extra);
         let n = LOGS.fetch_add(1, Ordering::Relaxed);
         let log = dir.path().join(format!("coordinator-{n}.log"));
@@ -354,7 +360,11 @@ impl Agent {
     }
 
     fn client() -> ureq::Agent {
-        ureq::Agent::config_builder().http_status_as_error(false).build().new_agent()
+        ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .timeout_global(Some(Duration::from_secs(30)))
+            .build()
+            .new_agent()
     }
 
     pub fn models(&self) -> Value {

@@ -1,0 +1,129 @@
+//! The coordinator against hostile QUIC peers, with real certificates: one
+//! address gets a bounded share of the connections without a certificate,
+//! which get no unidirectional streams (tests/flood.rs measures a flood of
+//! them); a device's certificate carries one control session; refusals are
+//! logged with the peer's address, at a bounded rate.
+
+mod common;
+
+use common::*;
+use common::attack::{attack, still_open};
+use std::net::SocketAddr;
+use std::time::Duration;
+use tern_proto::{ErrorCode, Message};
+
+#[test]
+fn one_address_gets_a_bounded_share_and_unidirectional_streams_get_nothing() {
+    let coord = Coord::start_with(&["--max-per-address", "8"]);
+    let rt = runtime();
+    let held = rt.block_on(attack(&coord, 40, 1, 1024));
+    std::thread::sleep(Duration::from_millis(500));
+    let open = rt.block_on(async {
+        let mut n = 0;
+        for c in &held {
+            if still_open(c, Duration::from_millis(10)).await {
+                n += 1;
+            }
+        }
+        n
+    });
+    assert!(open <= 8, "{open} connections from one address stayed open");
+    assert!(coord.status()["anonymous"].as_u64().unwrap() <= 8);
+
+    // No credit for a unidirectional stream, ever.
+    let pin = tern_net::ca_fingerprint(&std::fs::read(coord.data().join("ca.crt")).unwrap());
+    let addr: SocketAddr = coord.quic.parse().unwrap();
+    rt.block_on(async {
+        let endpoint = tern_net::client_endpoint(addr).unwrap();
+        let conn = endpoint
+            .connect_with(tern_net::enroll_client_config(pin).unwrap(), addr, tern_net::COORDINATOR_NAME)
+            .unwrap()
+            .await
+            .unwrap();
+        assert!(tokio::time::timeout(Duration::from_secs(1), conn.open_uni()).await.is_err());
+    });
+}
+
+#[test]
+fn a_second_session_with_one_devices_certificate_replaces_the_first() {
+    let coord = Coord::start();
+    let mut agent = Agent::enrolled(&coord, "cam-02");
+    coord.register_iris("iris");
+    coord.ok(&["fleet", "assign", "cam-02", "iris:1"]);
+    let rt = runtime();
+
+    // One connection, many control streams: only the first is a session.
+    rt.block_on(async {
+        let dev = RawDevice::connect(&coord, &agent, tern_proto::WireVersion::SUPPORTED).await.unwrap();
+        let (_send, mut reader, first) = dev.ask(&hello("raw")).await.unwrap();
+        assert!(matches!(first, Some(Message::Welcome(_))), "{first:?}");
+        assert!(matches!(reader.next().await.unwrap(), Some(Message::Desired(_))));
+        for _ in 0..20 {
+            let (_s, _r, answer) = dev.ask(&hello("raw")).await.unwrap();
+            match answer {
+                Some(Message::Error(e)) => assert_eq!(e.code, ErrorCode::SessionConflict, "{}", e.message),
+                other => panic!("a second control stream got {other:?}"),
+            }
+        }
+    });
+
+    // The real agent, then a clone of it (its key and certificate): the
+    // clone's session replaces the agent's, whose connection is closed; the
+    // agent reconnects, which closes the clone's in turn.
+    agent.start();
+    agent.wait_serving("iris", 1);
+    rt.block_on(async {
+        let clone = RawDevice::connect(&coord, &agent, tern_proto::WireVersion::SUPPORTED).await.unwrap();
+        let (_send, _reader, first) = clone.ask(&hello("clone")).await.unwrap();
+        assert!(matches!(first, Some(Message::Welcome(_))), "{first:?}");
+        tokio::time::timeout(Duration::from_secs(20), clone.conn.closed()).await.expect("the clone's session stays open");
+    });
+    let log = coord.log();
+    assert!(log.contains("a second session for this device's certificate: closing the older one"), "{log}");
+    assert!(log.contains("old=127.0.0.1:") && log.contains("new=127.0.0.1:"), "both addresses are named: {log}");
+    assert!(agent.logs().contains("replaced by a newer session"), "{}", agent.logs());
+    wait_for("cam-02's own report", Duration::from_secs(20), || {
+        let d = coord.device("cam-02");
+        (d["agent_version"] == tern_version()).then_some(())
+    });
+}
+
+fn tern_version() -> &'static str {
+    env!("CARGO_PKG_VERSION")
+}
+
+#[test]
+fn refused_peers_are_logged_with_their_address_at_a_bounded_rate() {
+    let coord = Coord::start();
+    let gone = Agent::enrolled(&coord, "cam-03");
+    coord.ok(&["fleet", "remove", "cam-03"]);
+    let rt = runtime();
+    rt.block_on(async {
+        // A certificate of our CA for a removed device: refused, named, logged.
+        let err = match RawDevice::connect(&coord, &gone, tern_proto::WireVersion::SUPPORTED).await {
+            Ok(d) => d.ask(&hello("x")).await.err().map(|e| e.to_string()).unwrap_or_default(),
+            Err(e) => e.to_string(),
+        };
+        assert!(err.contains("not one of an enrolled device") || err.contains("closed"), "{err}");
+        // 200 handshakes with a certificate from another CA.
+        let addr: SocketAddr = coord.quic.parse().unwrap();
+        let fleet_ca = std::fs::read(coord.data().join("ca.crt")).unwrap();
+        let (foreign, _) = tern_net::FleetCa::generate("intruder").unwrap();
+        let key = tern_net::DeviceKey::generate().unwrap();
+        let cert = foreign.issue_device(&key.csr("x").unwrap(), "x", 1).unwrap();
+        let config = tern_net::device_client_config(&fleet_ca, &cert, &key.pkcs8_der()).unwrap();
+        let endpoint = tern_net::client_endpoint(addr).unwrap();
+        for _ in 0..200 {
+            if let Ok(c) = endpoint.connect_with(config.clone(), addr, tern_net::COORDINATOR_NAME) {
+                let _ = tokio::time::timeout(Duration::from_secs(2), c).await;
+            }
+        }
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    let log = coord.log();
+    let refused = log.lines().filter(|l| l.contains("certificate of removed device cam-03")).count();
+    assert!(refused >= 1 && log.contains("remote=127.0.0.1:"), "{log}");
+    let lines = log.lines().filter(|l| l.contains("handshake failed")).count();
+    assert!((1..=40).contains(&lines), "{lines} handshake failures logged for 200");
+    assert!(!log.lines().any(|l| l.contains("handshake failed") && l.contains("WARN")), "refusals are not warnings");
+}
