@@ -84,8 +84,14 @@ impl Budget {
         Self { bytes: Semaphore::new(total.min(Semaphore::MAX_PERMITS)), total }
     }
 
-    /// Waits for `n` more bytes of room, adding them to `held`.
-    async fn take<'a>(&'a self, held: &mut Option<SemaphorePermit<'a>>, n: usize) -> Result<(), ApiError> {
+    /// Waits for `n` more bytes of room, adding them to `held`; `waiting` is
+    /// set while it waits.
+    async fn take<'a>(
+        &'a self,
+        held: &mut Option<SemaphorePermit<'a>>,
+        n: usize,
+        waiting: &AtomicBool,
+    ) -> Result<(), ApiError> {
         let held_now = held.as_ref().map_or(0, |p| p.num_permits());
         if held_now + n > self.total {
             return Err(ApiError(
@@ -100,7 +106,9 @@ impl Budget {
         let Ok(n) = u32::try_from(n) else {
             return Err(ApiError(StatusCode::PAYLOAD_TOO_LARGE, format!("request of {n} bytes is too large")));
         };
+        waiting.store(true, Ordering::Relaxed);
         let permit = self.bytes.acquire_many(n).await.expect("never closed");
+        waiting.store(false, Ordering::Relaxed);
         match held {
             Some(p) => p.merge(permit),
             None => *held = Some(permit),
@@ -230,6 +238,7 @@ async fn read_body<'a>(
     limit: usize,
     budget: &'a Budget,
     held: &mut Option<SemaphorePermit<'a>>,
+    waiting: &AtomicBool,
 ) -> Result<Vec<u8>, ApiError> {
     let mut body = body;
     let mut out = Vec::new();
@@ -239,7 +248,7 @@ async fn read_body<'a>(
         if out.len() + chunk.len() > limit {
             return Err(too_large(format!("request body exceeds the {limit} bytes this model's inputs can take")));
         }
-        budget.take(held, chunk.len()).await?;
+        budget.take(held, chunk.len(), waiting).await?;
         out.extend_from_slice(&chunk);
     }
     Ok(out)
@@ -278,18 +287,26 @@ async fn predict(
         )));
     }
     let mut held = None;
+    let waiting = AtomicBool::new(false);
     let (inputs, start) = tokio::time::timeout(BODY_DEADLINE, async {
-        let body = read_body(body, limit, &shared.budget, &mut held).await?;
+        let body = read_body(body, limit, &shared.budget, &mut held, &waiting).await?;
         let received = Instant::now();
         // Room for the decoded inputs too: binary bodies decode to their own
         // size; JSON to at most 8 bytes per 2-byte element.
         let decoded = if binary { body.len() } else { body.len().saturating_mul(4).min(served.limits.decoded) };
-        shared.budget.take(&mut held, decoded).await?;
+        shared.budget.take(&mut held, decoded, &waiting).await?;
         Ok::<_, ApiError>((decode(&served, binary, &body)?, received))
     })
     .await
     .map_err(|_| {
-        ApiError(StatusCode::REQUEST_TIMEOUT, format!("request body not received within {} s", BODY_DEADLINE.as_secs()))
+        if waiting.load(Ordering::Relaxed) {
+            // Other requests held the memory all along.
+            let m = format!("the agent's request memory stayed in use for {} s; retry later", BODY_DEADLINE.as_secs());
+            ApiError(StatusCode::SERVICE_UNAVAILABLE, m)
+        } else {
+            let m = format!("request body not received within {} s", BODY_DEADLINE.as_secs());
+            ApiError(StatusCode::REQUEST_TIMEOUT, m)
+        }
     })??;
     let _busy = parts.extensions.get::<Arc<ConnState>>().map(|c| c.busy());
     let (outputs, timing) = run(&shared, &served, inputs).await?;

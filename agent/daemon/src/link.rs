@@ -8,7 +8,7 @@ use anyhow::{Context, Result, anyhow, bail};
 use std::sync::Arc;
 use std::time::Duration;
 use tern_net::{FrameReader, NetError, write_msg};
-use tern_proto::{ErrorCode, FetchArtifact, Hello, Message, ModelManifest, StatusReport, WireVersion};
+use tern_proto::{ErrorCode, FetchArtifact, Hello, Message, ModelFormat, ModelManifest, StatusReport, WireVersion};
 use tokio::io::AsyncWriteExt;
 use tokio::sync::{mpsc, watch};
 use tracing::{debug, info, warn};
@@ -30,13 +30,14 @@ pub enum FromLink {
 /// `status_rx`; forwards desired states to `to_main`.
 pub async fn run(
     identity: Arc<Identity>,
+    formats: Vec<ModelFormat>,
     conn_tx: watch::Sender<Session>,
     mut status_rx: watch::Receiver<StatusReport>,
     to_main: mpsc::Sender<FromLink>,
 ) {
     let mut backoff = Duration::from_millis(250);
     loop {
-        match session(&identity, &conn_tx, &mut status_rx, &to_main).await {
+        match session(&identity, &formats, &conn_tx, &mut status_rx, &to_main).await {
             Ok(()) => backoff = Duration::from_millis(250),
             Err(e) => warn!("coordinator session: {e:#}; retrying in {backoff:?}"),
         }
@@ -48,6 +49,7 @@ pub async fn run(
 
 async fn session(
     identity: &Identity,
+    formats: &[ModelFormat],
     conn_tx: &watch::Sender<Session>,
     status_rx: &mut watch::Receiver<StatusReport>,
     to_main: &mpsc::Sender<FromLink>,
@@ -68,7 +70,7 @@ async fn session(
         agent_version: crate::VERSION.into(),
         models: status_rx.borrow_and_update().models.clone(),
         wire_versions: WireVersion::SUPPORTED.iter().map(|v| v.0).collect(),
-        formats: tern_runtime::formats(),
+        formats: formats.to_vec(),
         backends: tern_runtime::backends().iter().map(|b| b.to_string()).collect(),
     };
     write_msg(&mut send, &Message::Hello(hello), version).await?;

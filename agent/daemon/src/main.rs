@@ -21,7 +21,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::{Arc, Mutex};
 use tern_agent_core::Slots;
-use tern_proto::{DeviceId, ModelManifest, StatusReport};
+use tern_proto::{DeviceId, ModelFormat, ModelManifest, StatusReport};
 use tokio::sync::{mpsc, watch};
 use tracing::{info, warn};
 
@@ -83,6 +83,12 @@ enum Cmd {
         /// Default: from the device profile, else 64.
         #[arg(long)]
         request_memory_mb: Option<usize>,
+        /// Accept only these artifact formats (comma-separated: onnx, nnef,
+        /// burn), e.g. `nnef,burn` to take compiled models only; others are
+        /// refused per model, and the coordinator is told up front. Default:
+        /// every format this build runs.
+        #[arg(long, value_delimiter = ',')]
+        formats: Vec<ModelFormat>,
     },
 }
 
@@ -119,9 +125,9 @@ fn main() -> ExitCode {
                 );
                 Ok(())
             }
-            Cmd::Run { listen, socket, threads, queue, max_batch, max_elements, request_memory_mb } => {
+            Cmd::Run { listen, socket, threads, queue, max_batch, max_elements, request_memory_mb, formats } => {
                 let asked = profiles::Asked { threads, queue, max_batch, max_elements, request_memory_mb };
-                run(&cli.data_dir, listen, socket, asked).await
+                run(&cli.data_dir, listen, socket, asked, formats).await
             }
         }
     });
@@ -134,7 +140,17 @@ fn main() -> ExitCode {
     }
 }
 
-async fn run(data_dir: &Path, listen: SocketAddr, socket: Option<PathBuf>, asked: profiles::Asked) -> Result<()> {
+async fn run(
+    data_dir: &Path,
+    listen: SocketAddr,
+    socket: Option<PathBuf>,
+    asked: profiles::Asked,
+    formats: Vec<ModelFormat>,
+) -> Result<()> {
+    let formats = if formats.is_empty() { tern_runtime::formats() } else { formats };
+    if let Some(f) = formats.iter().find(|f| !tern_runtime::supports(**f)) {
+        anyhow::bail!("--formats: this agent build cannot run {f} artifacts");
+    }
     let identity = Arc::new(identity::Identity::load(data_dir)?);
     let profile = profiles::lookup(&identity.info.profile);
     match &profile {
@@ -149,7 +165,7 @@ async fn run(data_dir: &Path, listen: SocketAddr, socket: Option<PathBuf>, asked
     }
     let sizing = profiles::sizing(profile.as_ref(), asked);
     let store = Arc::new(store::Store::open(data_dir)?);
-    let slots = Slots::restore(&tern_runtime::formats(), store.load()?);
+    let slots = Slots::restore(&formats, store.load()?);
     let report = StatusReport { models: slots.status(), generation: slots.generation(), refused: None };
     let (status_tx, status_rx) = watch::channel(report);
     let (conn_tx, conn_rx) = watch::channel(None);
@@ -181,7 +197,7 @@ async fn run(data_dir: &Path, listen: SocketAddr, socket: Option<PathBuf>, asked
     let persister = store::Persister::spawn(store.clone(), live.clone())?;
     let work = Arc::new(DaemonWork { store: store.clone(), conn_rx });
     let runner = runner::Runner::new(slots, work, shared, identity.registry_key, persister, live, status_tx);
-    tokio::spawn(link::run(identity.clone(), conn_tx, status_rx, link_tx));
+    tokio::spawn(link::run(identity.clone(), formats, conn_tx, status_rx, link_tx));
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let stop = async move {
         tokio::select! {

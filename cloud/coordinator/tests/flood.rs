@@ -67,4 +67,3 @@ fn five_hundred_anonymous_connections_holding_half_frames_cost_little_and_are_cl
     });
     eprintln!("coordinator RSS after they were closed: {} MiB", rss_kib(coord.proc.pid()) >> 10);
 }
-

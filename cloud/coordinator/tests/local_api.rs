@@ -99,14 +99,16 @@ fn a_request_that_would_need_gigabytes_gets_413_and_the_agent_stays_small() {
     assert_eq!(status, 413, "{e}");
     // A batch over the maximum, however it is sent.
     let rows = vec!["[1,2,3,4]"; 65].join(",");
-    let (status, e) = agent.post("/v1/models/iris:predict", &format!(r#"{{"inputs":[{{"shape":[65,4],"data":[{rows}]}}]}}"#));
+    let (status, e) =
+        agent.post("/v1/models/iris:predict", &format!(r#"{{"inputs":[{{"shape":[65,4],"data":[{rows}]}}]}}"#));
     assert_eq!(status, 413, "{e}");
     assert!(e["error"].as_str().unwrap().contains("a batch of 65 exceeds this agent's maximum batch of 64"), "{e}");
     let x = tern_proto::Tensor::new(vec![65, 4], tern_proto::TensorData::F32(vec![1.0; 260])).unwrap();
     assert_eq!(agent.post_tensors("/v1/models/iris:predict", &[x]).0, 413);
     // The largest batch it takes still works.
     let rows = vec!["[1,2,3,4]"; 64].join(",");
-    let (status, a) = agent.post("/v1/models/iris:predict", &format!(r#"{{"inputs":[{{"shape":[64,4],"data":[{rows}]}}]}}"#));
+    let (status, a) =
+        agent.post("/v1/models/iris:predict", &format!(r#"{{"inputs":[{{"shape":[64,4],"data":[{rows}]}}]}}"#));
     assert_eq!((status, a["outputs"][0]["shape"][0].as_u64()), (200, Some(64)), "{a}");
 
     // (The first release took a 60 MiB body like this one and peaked at 1.4 GB.)
@@ -118,7 +120,8 @@ fn a_request_that_would_need_gigabytes_gets_413_and_the_agent_stays_small() {
 fn request_memory_is_shared_and_bounded() {
     // wide.onnx takes rows of 65,536 floats (256 KiB each).
     let (_coord, agent) = served(&["--request-memory-mb", "1"], "wide.onnx", "wide");
-    let rows = |n: usize| tern_proto::Tensor::new(vec![n, 65536], tern_proto::TensorData::F32(vec![0.5; n * 65536])).unwrap();
+    let rows =
+        |n: usize| tern_proto::Tensor::new(vec![n, 65536], tern_proto::TensorData::F32(vec![0.5; n * 65536])).unwrap();
     let (status, _, body) = agent.post_tensors("/v1/models/wide:predict", &[rows(1)]);
     assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
     // Four rows: 1 MiB of body and 1 MiB decoded, more than the agent may hold.

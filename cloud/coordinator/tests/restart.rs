@@ -63,7 +63,7 @@ fn a_restart_where_one_of_three_models_fails_to_load_keeps_all_three() {
     wait_for("fragile to be listed", Duration::from_secs(20), || model_entry(&agent, "fragile"));
 
     // The coordinator is back: the damaged model comes again and serves.
-    let coord = Coord::start_in(coord_dir, &["--quic-listen", &quic]).unwrap();
+    let coord = Coord::start_in(coord_dir, &["--quic-listen", &quic]).map_err(|(_, log)| log).unwrap();
     agent.wait_serving("fragile", 1);
     let (status, _) = agent.post("/v1/models/fragile:predict", r#"{"inputs":[{"shape":[1],"data":[2]}]}"#);
     assert_eq!(status, 200);
@@ -131,10 +131,8 @@ fn files_no_slot_refers_to_are_removed() {
     settle();
     let data = agent.data();
     let on_disk = |sub: &str| -> Vec<String> {
-        let mut v: Vec<String> = std::fs::read_dir(data.join(sub))
-            .unwrap()
-            .map(|e| e.unwrap().file_name().into_string().unwrap())
-            .collect();
+        let mut v: Vec<String> =
+            std::fs::read_dir(data.join(sub)).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
         v.sort();
         v
     };

@@ -47,6 +47,11 @@ fn runtime_failure_marks_the_model_unhealthy_and_the_agent_stays_up() {
     });
 }
 
+fn peak_rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status.lines().find(|l| l.starts_with("VmHWM:")).unwrap().split_whitespace().nth(1).unwrap().parse().unwrap()
+}
+
 #[test]
 fn a_full_queue_answers_429_and_memory_stays_bounded() {
     let coord = Coord::start();
@@ -58,6 +63,7 @@ fn a_full_queue_answers_429_and_memory_stays_bounded() {
     let m = &agent.models()["models"][0];
     assert_eq!((m["threads"].as_u64(), m["queue"].as_u64()), (Some(1), Some(1)));
 
+    let before = peak_rss_kib(agent.pid());
     let agent = std::sync::Arc::new(agent);
     let handles: Vec<_> = (0..12)
         .map(|_| {
@@ -82,6 +88,10 @@ fn a_full_queue_answers_429_and_memory_stays_bounded() {
     let m = &agent.models()["models"][0];
     assert_eq!(m["busy"].as_u64(), Some(busy.len() as u64));
     assert_eq!(m["requests"].as_u64(), Some(ok as u64));
+    // Each run of this model expands to 16 MiB; one runs at a time, so
+    // twelve requests at once cost about one run, not twelve (192 MiB).
+    let grew = peak_rss_kib(agent.pid()) - before;
+    assert!(grew < 48 << 10, "twelve requests raised the agent's peak RSS by {} MiB", grew >> 10);
 }
 
 #[test]

@@ -414,7 +414,10 @@ impl Registry {
         self.update_device(id, false, |d| {
             d.last_seen = Some(now);
             if let Some(v) = &report.agent_version {
+                // A Hello: it says what the agent can do now (nothing, from an
+                // agent of wire version 1), whatever an earlier one said.
                 d.agent_version = Some(v.clone());
+                d.capabilities = report.capabilities.clone();
             }
             if let Some(r) = &report.models {
                 d.reported = r.clone();
@@ -424,9 +427,6 @@ impl Registry {
             }
             if let Some(r) = &report.refused {
                 d.refused = r.clone();
-            }
-            if let Some(c) = &report.capabilities {
-                d.capabilities = Some(c.clone());
             }
             Ok(())
         })
@@ -583,7 +583,9 @@ mod tests {
     fn a_device_is_assigned_only_formats_its_agent_runs() {
         let (_dir, r) = approved_and_assigned();
         let caps = crate::Capabilities { formats: vec![ModelFormat::Nnef], backends: vec![], wire_version: 2 };
-        r.seen("cam-2", 5, &Report { capabilities: Some(caps), generation: Some(0), ..Report::default() }).unwrap();
+        let hello = Report { agent_version: Some("0.2".into()), capabilities: Some(caps), ..Report::default() };
+        r.seen("cam-2", 5, &hello).unwrap();
+        r.seen("cam-2", 6, &Report { generation: Some(0), ..Report::default() }).unwrap();
         let err = r.assign("cam-2", "iris", 1).unwrap_err();
         assert_eq!(
             err.to_string(),

@@ -150,7 +150,8 @@ pub struct Report {
     pub generation: Option<u64>,
     /// A desired state it refused (`Some(None)`: none now).
     pub refused: Option<Option<Refusal>>,
-    /// What it can run (from a `Hello`).
+    /// What it can run; taken, `None` included, whenever `agent_version`
+    /// is (both come with a `Hello`).
     pub capabilities: Option<Capabilities>,
 }
 

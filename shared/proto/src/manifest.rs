@@ -24,6 +24,18 @@ impl fmt::Display for ModelFormat {
     }
 }
 
+impl std::str::FromStr for ModelFormat {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "onnx" => Ok(ModelFormat::Onnx),
+            "nnef" => Ok(ModelFormat::Nnef),
+            "burn" => Ok(ModelFormat::Burn),
+            other => Err(format!("unknown model format {other:?} (onnx, nnef or burn)")),
+        }
+    }
+}
+
 /// The element type of a tensor.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]

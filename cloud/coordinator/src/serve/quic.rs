@@ -47,6 +47,7 @@ const MAX_REPORTED_TEXT: usize = 512;
 /// be able to flood the log.
 static REFUSED_LOG: LazyLock<LogLimit> = LazyLock::new(|| LogLimit::new(20, Duration::from_secs(10)));
 static HANDSHAKE_LOG: LazyLock<LogLimit> = LazyLock::new(|| LogLimit::new(20, Duration::from_secs(10)));
+static RETRY_LOG: LazyLock<LogLimit> = LazyLock::new(|| LogLimit::new(5, Duration::from_secs(10)));
 
 macro_rules! limited {
     ($limit:expr, $($arg:tt)+) => {
@@ -62,6 +63,9 @@ pub async fn accept_loop(endpoint: quinn::Endpoint, state: Arc<State>) {
         // Under a flood of handshakes, a peer first proves the address is
         // its own (one more round trip), so spoofed sources cost nothing.
         if !incoming.remote_address_validated() && incoming.may_retry() && state.counters.crowded() {
+            if let Some(suppressed) = RETRY_LOG.allow(Instant::now()) {
+                debug!(suppressed, %remote, "handshakes crowded: asking for address validation");
+            }
             let _ = incoming.retry();
             continue;
         }

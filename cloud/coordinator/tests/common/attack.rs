@@ -66,4 +66,3 @@ pub async fn attack(coord: &Coord, n: usize, addresses: u8, frame: usize) -> Vec
 pub async fn still_open(conn: &quinn::Connection, wait: Duration) -> bool {
     tokio::time::timeout(wait, conn.closed()).await.is_err()
 }
-

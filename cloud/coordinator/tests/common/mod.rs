@@ -112,12 +112,13 @@ impl Coord {
 
     /// A coordinator with extra `tern serve` flags.
     pub fn start_with(extra: &[&str]) -> Self {
-        Self::start_in(tempfile::tempdir().unwrap(), extra).unwrap_or_else(|log| panic!("coordinator failed: {log}"))
+        Self::start_in(tempfile::tempdir().unwrap(), extra)
+            .unwrap_or_else(|(_, log)| panic!("coordinator failed: {log}"))
     }
 
     /// Starts `tern serve` on `dir` (which may hold the data dir of an earlier
-    /// run); `Err` with its log if it exits instead.
-    pub fn start_in(dir: tempfile::TempDir, extra: &[&str]) -> Result<Self, String> {
+    /// run); `Err` with the folder and its log if it exits instead.
+    pub fn start_in(dir: tempfile::TempDir, extra: &[&str]) -> Result<Self, (tempfile::TempDir, String)> {
         let data = dir.path().join("data");
         let _ = std::fs::remove_file(data.join("serve.json"));
         let mut args = vec!["serve", "--data-dir", data.to_str().unwrap(), "--admin-listen", "127.0.0.1:0"];
@@ -135,7 +136,8 @@ impl Coord {
             serde_json::from_slice(&std::fs::read(data.join("serve.json")).ok()?).ok()
         });
         if ep.is_null() {
-            return Err(std::fs::read_to_string(&log).unwrap_or_default());
+            let log = std::fs::read_to_string(&log).unwrap_or_default();
+            return Err((dir, log));
         }
         Ok(Self {
             quic: ep["quic"].as_str().unwrap().to_owned(),
