@@ -58,7 +58,8 @@ def small_models() -> None:
 
 def wide_model() -> None:
     """wide.onnx: x f32[N, 65536] -> ReduceSum over axis 1 -> y f32[N]: a
-    quarter of a megabyte per row, to test the agent's request memory."""
+    quarter of a megabyte per row, to test the agent's request memory; and
+    echo.onnx, which answers with its input."""
     from onnx import TensorProto, helper, numpy_helper
 
     axes = numpy_helper.from_array(np.array([1], np.int64), "axes")
@@ -70,7 +71,15 @@ def wide_model() -> None:
         [axes],
     )
     onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), OUT / "wide.onnx")
-    print("wrote wide.onnx")
+    # echo.onnx: the same rows back, for answers as large as the request.
+    g = helper.make_graph(
+        [helper.make_node("Identity", ["x"], ["y"])],
+        "echo",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 65536])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 65536])],
+    )
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), OUT / "echo.onnx")
+    print("wrote wide.onnx and echo.onnx")
 
 
 def recurrent_models() -> None:

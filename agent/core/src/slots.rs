@@ -234,10 +234,20 @@ impl Slots {
         let mut s = Self::new(formats);
         s.generation = persisted.generation;
         for p in persisted.slots {
-            let mut slot = Slot { previous: p.previous, ..Slot::default() };
+            // What this agent no longer runs (it was started with fewer
+            // formats) is neither loaded nor kept to fall back on.
+            let mut slot = Slot { previous: p.previous.filter(|m| s.refusal_of(m).is_none()), ..Slot::default() };
             if let Some(m) = p.active {
-                s.actions.push_back(Action::Load(m.clone()));
-                slot.active = Some(Active { manifest: m, installed: false });
+                match s.refusal_of(&m) {
+                    None => {
+                        s.actions.push_back(Action::Load(m.clone()));
+                        slot.active = Some(Active { manifest: m, installed: false });
+                    }
+                    Some(reason) if p.candidate.is_none() => {
+                        slot.candidate = Some(Candidate { manifest: m, phase: Phase::Refused { reason }, attempts: 0 });
+                    }
+                    Some(_) => {}
+                }
             }
             if let Some(m) = p.candidate {
                 let phase = s.refusal_of(&m).map_or(Phase::Fetching, |reason| Phase::Refused { reason });

@@ -335,3 +335,26 @@ fn referenced_artifacts_are_every_manifest_in_every_slot() {
     let want: BTreeSet<_> = [3, 2, 4].iter().map(|v| m("iris", *v).sha256).collect();
     assert_eq!(s.referenced(), want, "active 3, previous 2, candidate 4; 1 is gone");
 }
+
+#[test]
+fn a_restart_with_fewer_formats_loads_nothing_it_no_longer_runs() {
+    let t0 = Instant::now();
+    let mut s = serving(&[m("iris", 1)]);
+    let mut nnef = m("iris", 2);
+    nnef.format = ModelFormat::Nnef;
+    s.set_desired(2, vec![nnef.clone()]);
+    s.handle(fetched("iris", 2), t0).unwrap();
+    s.handle(loaded("iris", 2), t0).unwrap();
+    s.set_desired(3, vec![nnef.clone(), m("cnn", 1)]);
+    s.handle(fetched("cnn", 1), t0).unwrap();
+    s.handle(loaded("cnn", 1), t0).unwrap();
+    let persisted = s.persisted();
+    // Restarted taking NNEF only: iris:2 loads, its ONNX previous is dropped;
+    // cnn (ONNX) is not loaded and says why.
+    let mut s = Slots::restore(&[ModelFormat::Nnef], persisted);
+    assert_eq!(drain(&mut s), [Action::Load(nnef)]);
+    assert!(s.slot("iris").unwrap().previous().is_none());
+    let c = s.status().into_iter().find(|x| x.name == "cnn").unwrap();
+    assert_eq!((c.state, c.detail.as_deref()), (ModelState::Failed, Some("cnn:1 is onnx; this agent build runs nnef")));
+    assert!(s.referenced().contains(&m("iris", 2).sha256));
+}

@@ -3,25 +3,26 @@
 
 use crate::gate::{Gate, Timing};
 use crate::serve::ConnState;
-use axum::body::Body;
+use axum::body::{Body, Bytes};
 use axum::extract::{Path, Request, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use http_body_util::BodyExt;
+use serde::Serialize;
 use serde_json::{Value, json};
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 use tern_proto::{
-    DeviceId, ModelManifest, ModelState, ModelStatus, StatusReport, TENSORS_MEDIA_TYPE, TensorSpec, decode_tensors,
-    encode_tensors,
+    DType, DeviceId, ModelManifest, ModelState, ModelStatus, StatusReport, TENSORS_MEDIA_TYPE, TensorSpec,
+    decode_tensors, encode_tensors,
 };
 use tern_proto::{JsonError, Limits, RequestLimits, decode_json};
 use tern_runtime::{Backend, Tensor, TensorData, check_inputs};
-use tokio::sync::{Notify, Semaphore, SemaphorePermit, watch};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, watch};
 
 /// A request's body must have arrived this long after its headers, or it is
 /// answered 408 and its connection closed.
@@ -70,50 +71,81 @@ impl Served {
 }
 
 /// The bytes of request data all connections together may hold at once:
-/// bodies as they arrive, and the inputs decoded from them until their
-/// answer is sent. A request waits for room (within its deadline); one
-/// that could never fit is refused at once.
+/// bodies as they arrive, the inputs decoded from them, and the answers
+/// until they have been sent. Room is never waited for: a request that
+/// finds none answers 503 at once (so no two requests can each hold part of
+/// what they need and wait for the rest), and one that could never fit 413.
 pub struct Budget {
-    bytes: Semaphore,
+    bytes: Arc<Semaphore>,
     total: usize,
 }
 
 impl Budget {
     /// A budget of `total` bytes.
     pub fn new(total: usize) -> Self {
-        Self { bytes: Semaphore::new(total.min(Semaphore::MAX_PERMITS)), total }
+        Self { bytes: Arc::new(Semaphore::new(total.min(Semaphore::MAX_PERMITS))), total }
     }
 
-    /// Waits for `n` more bytes of room, adding them to `held`; `waiting` is
-    /// set while it waits.
-    async fn take<'a>(
-        &'a self,
-        held: &mut Option<SemaphorePermit<'a>>,
-        n: usize,
-        waiting: &AtomicBool,
-    ) -> Result<(), ApiError> {
+    /// Takes `n` more bytes of room, adding them to `held`.
+    fn take(&self, held: &mut Option<OwnedSemaphorePermit>, n: usize) -> Result<(), ApiError> {
         let held_now = held.as_ref().map_or(0, |p| p.num_permits());
-        if held_now + n > self.total {
-            return Err(ApiError(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                format!(
-                    "request needs {} bytes, more than the agent's request memory of {} bytes",
-                    held_now + n,
-                    self.total
-                ),
-            ));
+        if held_now.saturating_add(n) > self.total {
+            let m = format!(
+                "request needs {} bytes, more than the agent's request memory of {} bytes",
+                held_now.saturating_add(n),
+                self.total
+            );
+            return Err(too_large(m));
         }
-        let Ok(n) = u32::try_from(n) else {
-            return Err(ApiError(StatusCode::PAYLOAD_TOO_LARGE, format!("request of {n} bytes is too large")));
-        };
-        waiting.store(true, Ordering::Relaxed);
-        let permit = self.bytes.acquire_many(n).await.expect("never closed");
-        waiting.store(false, Ordering::Relaxed);
+        let permit =
+            u32::try_from(n).ok().and_then(|n| self.bytes.clone().try_acquire_many_owned(n).ok()).ok_or_else(|| {
+                let m = format!(
+                    "the agent's request memory ({} bytes) is in use by other requests; retry later",
+                    self.total
+                );
+                ApiError(StatusCode::SERVICE_UNAVAILABLE, m)
+            })?;
         match held {
             Some(p) => p.merge(permit),
             None => *held = Some(permit),
         }
         Ok(())
+    }
+}
+
+/// An answer's bytes, with the request memory they take: handed to hyper a
+/// piece at a time (it asks for the next only when it has room to write
+/// it), so that the memory is given back only once the answer is nearly
+/// all sent, or the connection has gone.
+struct Held {
+    bytes: Bytes,
+    _room: Option<OwnedSemaphorePermit>,
+}
+
+/// The pieces an answer is handed over in.
+const PIECE: usize = 64 << 10;
+
+impl http_body::Body for Held {
+    type Data = Bytes;
+    type Error = std::convert::Infallible;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        _cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, Self::Error>>> {
+        if self.bytes.is_empty() {
+            return std::task::Poll::Ready(None);
+        }
+        let n = self.bytes.len().min(PIECE);
+        std::task::Poll::Ready(Some(Ok(http_body::Frame::data(self.bytes.split_to(n)))))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.bytes.is_empty()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        http_body::SizeHint::with_exact(self.bytes.len() as u64)
     }
 }
 
@@ -231,14 +263,13 @@ async fn list(State(shared): State<Arc<Shared>>) -> Json<Value> {
     Json(json!({ "device": shared.device, "models": out }))
 }
 
-/// Reads a body of at most `limit` bytes, holding budget for every byte as
+/// Reads a body of at most `limit` bytes, taking budget for every byte as
 /// it arrives.
-async fn read_body<'a>(
+async fn read_body(
     body: Body,
     limit: usize,
-    budget: &'a Budget,
-    held: &mut Option<SemaphorePermit<'a>>,
-    waiting: &AtomicBool,
+    budget: &Budget,
+    held: &mut Option<OwnedSemaphorePermit>,
 ) -> Result<Vec<u8>, ApiError> {
     let mut body = body;
     let mut out = Vec::new();
@@ -248,7 +279,7 @@ async fn read_body<'a>(
         if out.len() + chunk.len() > limit {
             return Err(too_large(format!("request body exceeds the {limit} bytes this model's inputs can take")));
         }
-        budget.take(held, chunk.len(), waiting).await?;
+        budget.take(held, chunk.len())?;
         out.extend_from_slice(&chunk);
     }
     Ok(out)
@@ -287,39 +318,99 @@ async fn predict(
         )));
     }
     let mut held = None;
-    let waiting = AtomicBool::new(false);
     let (inputs, start) = tokio::time::timeout(BODY_DEADLINE, async {
-        let body = read_body(body, limit, &shared.budget, &mut held, &waiting).await?;
+        let body = read_body(body, limit, &shared.budget, &mut held).await?;
         let received = Instant::now();
         // Room for the decoded inputs too: binary bodies decode to their own
         // size; JSON to at most 8 bytes per 2-byte element.
         let decoded = if binary { body.len() } else { body.len().saturating_mul(4).min(served.limits.decoded) };
-        shared.budget.take(&mut held, decoded, &waiting).await?;
+        shared.budget.take(&mut held, decoded)?;
         Ok::<_, ApiError>((decode(&served, binary, &body)?, received))
     })
     .await
     .map_err(|_| {
-        if waiting.load(Ordering::Relaxed) {
-            // Other requests held the memory all along.
-            let m = format!("the agent's request memory stayed in use for {} s; retry later", BODY_DEADLINE.as_secs());
-            ApiError(StatusCode::SERVICE_UNAVAILABLE, m)
-        } else {
-            let m = format!("request body not received within {} s", BODY_DEADLINE.as_secs());
-            ApiError(StatusCode::REQUEST_TIMEOUT, m)
-        }
+        ApiError(StatusCode::REQUEST_TIMEOUT, format!("request body not received within {} s", BODY_DEADLINE.as_secs()))
     })??;
-    let _busy = parts.extensions.get::<Arc<ConnState>>().map(|c| c.busy());
+    let busy = parts.extensions.get::<Arc<ConnState>>().map(|c| c.busy());
     let (outputs, timing) = run(&shared, &served, inputs).await?;
-    let mut response = if binary {
-        let bytes = encode_tensors(&outputs).map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e))?;
-        ([(header::CONTENT_TYPE, TENSORS_MEDIA_TYPE)], bytes).into_response()
+    drop(busy);
+    let (content_type, bytes) = if binary {
+        (TENSORS_MEDIA_TYPE, encode_tensors(&outputs).map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e))?)
     } else {
-        let specs = served.backend.outputs();
-        let outputs: Vec<Value> = outputs.iter().enumerate().map(|(i, t)| tensor_json(specs.get(i), t)).collect();
-        Json(json!({ "model": name, "version": served.manifest.version, "outputs": outputs })).into_response()
+        let answer = Answer {
+            model: name,
+            version: served.manifest.version,
+            outputs: outputs.iter().enumerate().map(|(i, t)| Output::of(served.backend.outputs().get(i), t)).collect(),
+        };
+        let bytes =
+            serde_json::to_vec(&answer).map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+        ("application/json", bytes)
     };
-    response.headers_mut().insert("server-timing", server_timing(timing, start.elapsed()));
+    drop(outputs);
+    // The answer takes room until it is sent; the inputs' room goes back.
+    let mut room = None;
+    if shared.budget.take(&mut room, bytes.len()).is_err() {
+        held = None;
+        shared.budget.take(&mut room, bytes.len())?;
+    }
+    drop(held);
+    let timing = server_timing(timing, start.elapsed());
+    let body = Body::new(Held { bytes: Bytes::from(bytes), _room: room });
+    let mut response = Response::new(body);
+    response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+    response.headers_mut().insert("server-timing", timing);
     Ok(response)
+}
+
+/// A predict answer in JSON, written straight from the output tensors.
+#[derive(Serialize)]
+struct Answer<'a> {
+    model: &'a str,
+    version: u32,
+    outputs: Vec<Output<'a>>,
+}
+
+#[derive(Serialize)]
+struct Output<'a> {
+    name: Option<&'a str>,
+    dtype: DType,
+    shape: &'a [usize],
+    data: Data<'a>,
+}
+
+#[derive(Serialize)]
+#[serde(untagged)]
+enum Data<'a> {
+    F32(&'a [f32]),
+    F64(&'a [f64]),
+    I8(&'a [i8]),
+    I16(&'a [i16]),
+    I32(&'a [i32]),
+    I64(&'a [i64]),
+    U8(&'a [u8]),
+    U16(&'a [u16]),
+    U32(&'a [u32]),
+    U64(&'a [u64]),
+    Bool(&'a [bool]),
+}
+
+impl<'a> Output<'a> {
+    fn of(spec: Option<&'a TensorSpec>, t: &'a Tensor) -> Self {
+        let data = match &t.data {
+            TensorData::F32(v) => Data::F32(v),
+            TensorData::F64(v) => Data::F64(v),
+            TensorData::I8(v) => Data::I8(v),
+            TensorData::I16(v) => Data::I16(v),
+            TensorData::I32(v) => Data::I32(v),
+            TensorData::I64(v) => Data::I64(v),
+            TensorData::U8(v) => Data::U8(v),
+            TensorData::U16(v) => Data::U16(v),
+            TensorData::U32(v) => Data::U32(v),
+            TensorData::U64(v) => Data::U64(v),
+            TensorData::Bool(v) => Data::Bool(v),
+        };
+        Self { name: spec.map(|s| s.name.as_str()), dtype: t.dtype(), shape: &t.shape, data }
+    }
 }
 
 fn is_binary(headers: &HeaderMap) -> bool {
@@ -344,23 +435,6 @@ fn decode(served: &Served, binary: bool, body: &[u8]) -> Result<Vec<Tensor>, Api
     check_inputs(specs, &inputs).map_err(|e| bad(e.to_string()))?;
     served.limits.check(specs, &inputs).map_err(|e| too_large(e.0))?;
     Ok(inputs)
-}
-
-fn tensor_json(spec: Option<&TensorSpec>, t: &Tensor) -> Value {
-    let data = match &t.data {
-        TensorData::F32(v) => json!(v),
-        TensorData::F64(v) => json!(v),
-        TensorData::I8(v) => json!(v),
-        TensorData::I16(v) => json!(v),
-        TensorData::I32(v) => json!(v),
-        TensorData::I64(v) => json!(v),
-        TensorData::U8(v) => json!(v),
-        TensorData::U16(v) => json!(v),
-        TensorData::U32(v) => json!(v),
-        TensorData::U64(v) => json!(v),
-        TensorData::Bool(v) => json!(v),
-    };
-    json!({ "name": spec.map(|s| s.name.as_str()), "dtype": t.dtype(), "shape": t.shape, "data": data })
 }
 
 /// W3C Server-Timing, in milliseconds: waiting for a run slot, the model run,

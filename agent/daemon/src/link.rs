@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 use tern_net::{FrameReader, NetError, write_msg};
 use tern_proto::{ErrorCode, FetchArtifact, Hello, Message, ModelFormat, ModelManifest, StatusReport, WireVersion};
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncSeekExt, AsyncWriteExt};
 use tokio::sync::{mpsc, watch};
 use tracing::{debug, info, warn};
 
@@ -183,7 +183,11 @@ async fn download(
     }
     // The frame reader stopped at the header's end: the raw bytes follow.
     let mut recv = reader.into_stream();
-    let mut file = tokio::fs::OpenOptions::new().create(true).append(true).open(&partial).await?;
+    // Written at the offset asked for, not appended: bytes of the file past
+    // it (from an attempt that died mid-write) are overwritten.
+    let mut file = tokio::fs::OpenOptions::new().create(true).write(true).truncate(false).open(&partial).await?;
+    file.set_len(offset).await?;
+    file.seek(std::io::SeekFrom::Start(offset)).await?;
     let mut got = offset;
     while let Some(chunk) =
         recv.read_chunk(256 * 1024, true).await.map_err(|e| anyhow!("download interrupted at byte {got}: {e}"))?

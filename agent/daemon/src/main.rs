@@ -20,10 +20,10 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::{Arc, Mutex};
-use tern_agent_core::Slots;
+use tern_agent_core::{Persisted, Slots};
 use tern_proto::{DeviceId, ModelFormat, ModelManifest, StatusReport};
 use tokio::sync::{mpsc, watch};
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
 /// This agent's version, reported to the coordinator.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
@@ -165,7 +165,17 @@ async fn run(
     }
     let sizing = profiles::sizing(profile.as_ref(), asked);
     let store = Arc::new(store::Store::open(data_dir)?);
-    let slots = Slots::restore(&formats, store.load()?);
+    let (persisted, complete) = match store.load() {
+        Ok(p) => (p, true),
+        Err(e) => {
+            // Better to start, connect and take the models again than to
+            // stop here and be unreachable: the files in models/ stay.
+            error!("{e:#}: set aside; starting with no models until the coordinator sends them");
+            store.set_aside()?;
+            (Persisted::default(), false)
+        }
+    };
+    let slots = Slots::restore(&formats, persisted);
     let report = StatusReport { models: slots.status(), generation: slots.generation(), refused: None };
     let (status_tx, status_rx) = watch::channel(report);
     let (conn_tx, conn_rx) = watch::channel(None);
@@ -196,7 +206,7 @@ async fn run(
     let live = Arc::new(Mutex::new(BTreeSet::new()));
     let persister = store::Persister::spawn(store.clone(), live.clone())?;
     let work = Arc::new(DaemonWork { store: store.clone(), conn_rx });
-    let runner = runner::Runner::new(slots, work, shared, identity.registry_key, persister, live, status_tx);
+    let runner = runner::Runner::new(slots, complete, work, shared, identity.registry_key, persister, live, status_tx);
     tokio::spawn(link::run(identity.clone(), formats, conn_tx, status_rx, link_tx));
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let stop = async move {

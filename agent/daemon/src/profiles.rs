@@ -82,8 +82,12 @@ pub fn sizing(profile: Option<&Profile>, asked: Asked) -> Sizing {
             max_batch: asked.max_batch.or(profile.and_then(|p| p.max_batch)).unwrap_or(defaults.max_batch).max(1),
             max_elements: asked.max_elements.unwrap_or(defaults.max_elements).max(1),
         },
-        request_memory: asked.request_memory_mb.or(profile.and_then(|p| p.request_memory_mb)).unwrap_or(64).max(1)
-            << 20,
+        request_memory: asked
+            .request_memory_mb
+            .or(profile.and_then(|p| p.request_memory_mb))
+            .unwrap_or(64)
+            .clamp(1, usize::MAX >> 20)
+            .saturating_mul(1 << 20),
     }
 }
 

@@ -34,7 +34,7 @@ pub trait Work: Send + Sync + 'static {
 
 /// The result of a piece of work, back on the main loop.
 enum Done {
-    Fetched(Event),
+    Fetched(Sha256Digest, Result<(), String>),
     Loaded(Event, Option<Arc<dyn Backend>>),
 }
 
@@ -51,13 +51,20 @@ pub struct Runner<W: Work> {
     done_rx: mpsc::Receiver<Done>,
     /// Models loaded and not yet installed, by (name, version).
     loaded: HashMap<(String, u32), Arc<dyn Backend>>,
+    /// Downloads in flight, by digest, with the versions waiting for each:
+    /// one download per artifact, however many slots want it.
+    fetching: HashMap<Sha256Digest, Vec<(String, u32)>>,
 }
 
 impl<W: Work> Runner<W> {
     /// A runner over restored `slots`. `live` is shared with the persister:
     /// what the slots refer to now, so it never removes a file in use.
+    /// `complete`: the slots are all the agent had (false after its state
+    /// could not be read: then nothing on disk is removed at start).
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         slots: Slots,
+        complete: bool,
         work: Arc<W>,
         shared: Arc<Shared>,
         registry_key: VerifyingKey,
@@ -77,11 +84,16 @@ impl<W: Work> Runner<W> {
             done_tx,
             done_rx,
             loaded: HashMap::new(),
+            fetching: HashMap::new(),
         };
         // What was restored is written back (finishing a migration) and
         // whatever no slot names is removed, before any download starts.
         *runner.live.lock().expect("lock") = runner.slots.referenced();
-        runner.persister.persist(runner.slots.persisted());
+        if complete {
+            runner.persister.persist(runner.slots.persisted());
+        } else {
+            runner.persister.persist_only(runner.slots.persisted());
+        }
         runner
     }
 
@@ -127,7 +139,18 @@ impl<W: Work> Runner<W> {
     fn done(&mut self, done: Done) {
         let now = Instant::now();
         match done {
-            Done::Fetched(ev) => self.handle(ev, now),
+            Done::Fetched(sha, result) => {
+                for (name, version) in self.fetching.remove(&sha).unwrap_or_default() {
+                    let ev = match &result {
+                        Ok(()) => Event::Fetched { name, version },
+                        Err(reason) => {
+                            warn!(model = %name, version, "fetch failed: {reason}");
+                            Event::FetchFailed { name, version, reason: reason.clone() }
+                        }
+                    };
+                    self.handle(ev, now);
+                }
+            }
             Done::Loaded(ev, backend) => {
                 let (Event::Loaded { name, version } | Event::LoadFailed { name, version, .. }) = &ev else {
                     unreachable!("loads report Loaded or LoadFailed")
@@ -161,17 +184,16 @@ impl<W: Work> Runner<W> {
         while let Some(action) = self.slots.poll_action() {
             match action {
                 Action::Fetch(m) => {
+                    let waiting = self.fetching.entry(m.sha256).or_default();
+                    waiting.push((m.name.clone(), m.version));
+                    if waiting.len() > 1 {
+                        continue; // that artifact is on its way already
+                    }
                     let (work, done) = (self.work.clone(), self.done_tx.clone());
                     tokio::spawn(async move {
-                        let (name, version) = (m.name.clone(), m.version);
-                        let ev = match work.fetch(m).await {
-                            Ok(()) => Event::Fetched { name, version },
-                            Err(reason) => {
-                                warn!(model = %name, version, "fetch failed: {reason}");
-                                Event::FetchFailed { name, version, reason }
-                            }
-                        };
-                        let _ = done.send(Done::Fetched(ev)).await;
+                        let sha = m.sha256;
+                        let result = work.fetch(m).await;
+                        let _ = done.send(Done::Fetched(sha, result)).await;
                     });
                 }
                 Action::Load(m) => {
@@ -209,16 +231,36 @@ impl<W: Work> Runner<W> {
                 Action::Persist => self.persister.persist(self.slots.persisted()),
             }
         }
-        let report = StatusReport {
+        let mut report = StatusReport {
             models: self.shared.status_with_health(self.slots.status()),
             generation: self.slots.generation(),
             refused: self.slots.refusal().cloned(),
         };
+        // Reasons can be long (a runtime's error chain); a report stays well
+        // within what the coordinator takes in one frame.
+        for m in &mut report.models {
+            if let Some(d) = &mut m.detail {
+                shorten(d);
+            }
+        }
+        if let Some(r) = &mut report.refused {
+            shorten(&mut r.reason);
+        }
         self.status.send_if_modified(|s| {
             let changed = *s != report;
             *s = report;
             changed
         });
+    }
+}
+
+/// What a status says about one model at most, in characters.
+const DETAIL_CHARS: usize = 300;
+
+fn shorten(s: &mut String) {
+    if let Some((cut, _)) = s.char_indices().nth(DETAIL_CHARS) {
+        s.truncate(cut);
+        s.push('…');
     }
 }
 
@@ -310,6 +352,7 @@ mod tests {
         let slots = Slots::new(&[ModelFormat::Onnx]);
         let runner = Runner::new(
             slots,
+            true,
             Arc::new(SlowFirstLoad),
             shared.clone(),
             key.verifying_key(),

@@ -9,21 +9,25 @@
 //! blocks its thread blocks no one else; each model's `Gate` bounds how many
 //! run at once. At most `MAX_CONNECTIONS` are open per listener. A client
 //! must send a request's headers within `HEADER_TIMEOUT` of connecting or of
-//! its previous answer (so idle keep-alive connections close too), and its
-//! body within the API's body deadline. When every connection slot is taken
-//! a new client still gets in: the oldest connection not running a model
-//! (reading a request, idle, or stuck writing an answer) is closed for it.
-//! Only connections whose request is running a model are never closed, so
-//! slow or hostile local clients cannot lock out the others.
+//! its previous answer (so idle keep-alive connections close too), its
+//! body within the API's body deadline, and take its answer: a write that
+//! cannot proceed for `WRITE_TIMEOUT` ends the connection. When every
+//! connection slot is taken a new client still gets in: the oldest
+//! connection not running a model (reading a request, idle, waiting in a
+//! model's queue, or stuck writing an answer) is cancelled for it — its
+//! request is dropped where it stands, with the memory it held, and its
+//! thread ends. Only connections whose request is running a model are never
+//! cancelled, so slow or hostile local clients cannot lock out the others.
 
 use axum::Router;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
-use std::net::Shutdown;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
 use std::time::Duration;
-use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::Notify;
 use tracing::{debug, error, info, warn};
 
@@ -32,6 +36,9 @@ pub const MAX_CONNECTIONS: usize = 64;
 /// A request's headers must arrive within this of the connection opening or
 /// of the previous answer, or the connection closes.
 pub const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+/// A write to a client that stays blocked this long (it does not read its
+/// answer) ends the connection.
+pub const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Stack of a connection thread; models run on it.
 const STACK: usize = 2 << 20;
 
@@ -64,26 +71,11 @@ enum Conn {
     Unix(std::os::unix::net::UnixStream),
 }
 
-impl Conn {
-    /// A handle that closes the connection from another thread.
-    fn closer(&self) -> std::io::Result<Box<dyn Fn() + Send>> {
-        Ok(match self {
-            Conn::Tcp(s) => {
-                let s = s.try_clone()?;
-                Box::new(move || drop(s.shutdown(Shutdown::Both)))
-            }
-            Conn::Unix(s) => {
-                let s = s.try_clone()?;
-                Box::new(move || drop(s.shutdown(Shutdown::Both)))
-            }
-        })
-    }
-}
-
 struct Entry {
     id: u64,
     state: Arc<ConnState>,
-    close: Box<dyn Fn() + Send>,
+    /// Wakes the connection's thread to cancel it.
+    cancel: Arc<Notify>,
 }
 
 /// The open connections of one listener, oldest first.
@@ -104,8 +96,8 @@ impl Table {
                 return false;
             };
             let victim = open.remove(victim);
-            (victim.close)();
-            info!(connection = victim.id, "local API: every connection slot in use; closed the oldest idle one");
+            victim.cancel.notify_one();
+            info!(connection = victim.id, "local API: every connection slot in use; cancelled the oldest idle one");
         }
         open.push(entry.take().expect("admitted once"));
         true
@@ -148,20 +140,14 @@ where
                 continue;
             }
         };
-        let close = match conn.closer() {
-            Ok(c) => c,
-            Err(e) => {
-                accept_failed(e).await;
-                continue;
-            }
-        };
         let id = table.next.fetch_add(1, Ordering::Relaxed);
         let state = Arc::new(ConnState::default());
-        let mut entry = Some(Entry { id, state: state.clone(), close });
+        let cancel = Arc::new(Notify::new());
+        let mut entry = Some(Entry { id, state: state.clone(), cancel: cancel.clone() });
         while !table.admit(&mut entry) {
             table.freed.notified().await;
         }
-        spawn(conn, router.clone(), id, state, table.clone());
+        spawn(conn, router.clone(), id, state, cancel, table.clone());
     }
 }
 
@@ -171,7 +157,7 @@ async fn accept_failed(e: std::io::Error) {
     tokio::time::sleep(Duration::from_millis(100)).await;
 }
 
-fn spawn(conn: Conn, router: Router, id: u64, state: Arc<ConnState>, table: Arc<Table>) {
+fn spawn(conn: Conn, router: Router, id: u64, state: Arc<ConnState>, cancel: Arc<Notify>, table: Arc<Table>) {
     let done = table.clone();
     let started = std::thread::Builder::new().name("api-conn".into()).stack_size(STACK).spawn(move || {
         let rt = match tokio::runtime::Builder::new_current_thread().enable_io().enable_time().build() {
@@ -179,9 +165,17 @@ fn spawn(conn: Conn, router: Router, id: u64, state: Arc<ConnState>, table: Arc<
             Err(e) => return error!("local API: cannot start a connection runtime: {e}"),
         };
         rt.block_on(async move {
-            match conn {
-                Conn::Tcp(s) => serve(tokio::net::TcpStream::from_std(s), router, state).await,
-                Conn::Unix(s) => serve(tokio::net::UnixStream::from_std(s), router, state).await,
+            let served = async {
+                match conn {
+                    Conn::Tcp(s) => serve(tokio::net::TcpStream::from_std(s), router, state).await,
+                    Conn::Unix(s) => serve(tokio::net::UnixStream::from_std(s), router, state).await,
+                }
+            };
+            // Cancelled: dropping the connection's future drops its request
+            // wherever it waits (body, queue, write), and the socket with it.
+            tokio::select! {
+                _ = served => {}
+                _ = cancel.notified() => debug!(connection = id, "local API connection cancelled"),
             }
         });
         done.remove(id);
@@ -207,9 +201,77 @@ async fn serve<S: AsyncRead + AsyncWrite + Send + Unpin + 'static>(
     let served = hyper::server::conn::http1::Builder::new()
         .timer(TokioTimer::new())
         .header_read_timeout(HEADER_TIMEOUT)
-        .serve_connection(TokioIo::new(io), TowerToHyperService::new(router))
+        .serve_connection(TokioIo::new(WriteDeadline::new(io)), TowerToHyperService::new(router))
         .await;
     if let Err(e) = served {
         debug!("local API connection ended: {e}");
+    }
+}
+
+/// A stream whose writes fail once one has been blocked for `WRITE_TIMEOUT`
+/// (hyper has no write timeout of its own).
+struct WriteDeadline<S> {
+    io: S,
+    blocked: Option<Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl<S> WriteDeadline<S> {
+    fn new(io: S) -> Self {
+        Self { io, blocked: None }
+    }
+
+    /// Maps a write's outcome through the deadline.
+    fn watch<T>(&mut self, cx: &mut Context<'_>, poll: Poll<std::io::Result<T>>) -> Poll<std::io::Result<T>> {
+        match poll {
+            Poll::Pending => {
+                let deadline = self.blocked.get_or_insert_with(|| Box::pin(tokio::time::sleep(WRITE_TIMEOUT)));
+                match deadline.as_mut().poll(cx) {
+                    Poll::Ready(()) => Poll::Ready(Err(std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        "the client did not take its answer",
+                    ))),
+                    Poll::Pending => Poll::Pending,
+                }
+            }
+            ready => {
+                self.blocked = None;
+                ready
+            }
+        }
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for WriteDeadline<S> {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_read(cx, buf)
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for WriteDeadline<S> {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+        let poll = Pin::new(&mut self.io).poll_write(cx, buf);
+        self.watch(cx, poll)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        let poll = Pin::new(&mut self.io).poll_write_vectored(cx, bufs);
+        self.watch(cx, poll)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        let poll = Pin::new(&mut self.io).poll_flush(cx);
+        self.watch(cx, poll)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
     }
 }

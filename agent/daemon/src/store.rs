@@ -45,7 +45,8 @@ struct StoredSlot {
 
 /// A verified manifest as the agent keeps it: its own type, so that the wire
 /// manifest can grow without changing what is on disk. Unknown fields are
-/// ignored and new ones need a default, so an older or newer agent reads it.
+/// ignored and new ones need a default, so an older or newer agent reads it
+/// (and writes back, in its own schema, what it knows of it).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 struct StoredManifest {
     name: String,
@@ -204,6 +205,19 @@ impl Store {
         Ok(stored.into())
     }
 
+    /// Sets unreadable slots aside (under `slots/corrupt`, for a person to
+    /// look at), so that the agent can start without them.
+    pub fn set_aside(&self) -> Result<()> {
+        if let Some(raw) = self.db.get(SLOTS)? {
+            let mut batch = sled::Batch::default();
+            batch.insert(b"slots/corrupt".as_slice(), raw);
+            batch.remove(SLOTS);
+            self.db.apply_batch(batch)?;
+            sync_sled(&self.db, &self.root.join("state"))?;
+        }
+        Ok(())
+    }
+
     /// Persists the slots, durably (sled's flush does not fsync).
     pub fn write(&self, p: &Persisted) -> Result<()> {
         self.db.insert(SLOTS, serde_json::to_vec(&StoredSlots::from(p))?)?;
@@ -297,48 +311,72 @@ impl SlotStore for Arc<Store> {
     }
 }
 
+/// A snapshot to write, and whether to remove unreferenced artifacts after.
+struct Job {
+    slots: Persisted,
+    collect: bool,
+}
+
 /// Writes the slots on a thread of its own, latest first: the main loop
 /// hands over a snapshot and goes on; snapshots that pile up while a write
 /// (an fsync on a slow SD card) is under way are skipped for the newest.
 /// After each write it removes artifacts neither the written snapshot nor
-/// the slots as they are now (`live`) refer to: a file is deleted only
-/// once the state on disk no longer names it, and never while a download
-/// or load the main loop started for it may still need it.
+/// the slots as they are now (`live`, locked while it removes) refer to: a
+/// file is deleted only once the state on disk no longer names it, and
+/// never while a download or load the main loop started for it may still
+/// need it.
 pub struct Persister {
-    tx: mpsc::Sender<Persisted>,
+    tx: mpsc::Sender<Job>,
 }
 
 impl Persister {
     /// Starts the thread.
     pub fn spawn(mut store: impl SlotStore, live: Arc<Mutex<BTreeSet<Sha256Digest>>>) -> Result<Self> {
-        let (tx, rx) = mpsc::channel::<Persisted>();
+        let (tx, rx) = mpsc::channel::<Job>();
         std::thread::Builder::new()
             .name("persist".into())
             .spawn(move || {
-                while let Ok(mut p) = rx.recv() {
+                while let Ok(mut job) = rx.recv() {
                     while let Ok(newer) = rx.try_recv() {
-                        p = newer;
+                        job = Job { collect: job.collect || newer.collect, ..newer };
                     }
+                    let p = job.slots;
                     if let Err(e) = store.write(&p) {
                         // Serving continues from memory; the next persist retries.
                         error!("cannot persist the agent's slots: {e:#}");
                         continue;
                     }
-                    let mut keep = live.lock().expect("lock").clone();
+                    if !job.collect {
+                        continue;
+                    }
+                    // The live set stays locked while files are removed: the
+                    // main loop names a file in it before any work uses it,
+                    // so nothing it starts meanwhile can find a file that is
+                    // about to go.
+                    let live = live.lock().expect("lock");
+                    let mut keep = live.clone();
                     for s in &p.slots {
                         keep.extend([&s.active, &s.previous, &s.candidate].into_iter().flatten().map(|m| m.sha256));
                     }
                     store.collect(&keep);
+                    drop(live);
                 }
             })
             .context("starting the persist thread")?;
         Ok(Self { tx })
     }
 
-    /// Queues a snapshot to write; returns at once.
+    /// Queues a snapshot to write, after which unreferenced artifacts are
+    /// removed; returns at once.
     pub fn persist(&self, p: Persisted) {
         // The thread only ends with the process.
-        let _ = self.tx.send(p);
+        let _ = self.tx.send(Job { slots: p, collect: true });
+    }
+
+    /// The same, removing nothing: for slots that may not name every
+    /// artifact worth keeping (after a state that could not be read).
+    pub fn persist_only(&self, p: Persisted) {
+        let _ = self.tx.send(Job { slots: p, collect: false });
     }
 }
 

@@ -382,9 +382,13 @@ fn decide(c: &Client, r: &ModelRef, decision: &str, force: bool, json: bool) -> 
 }
 
 /// Device-supplied text, safe to print: control characters (which could
-/// move a terminal's cursor or rewrite the screen) are dropped.
+/// move a terminal's cursor or rewrite the screen) and the invisible ones
+/// that reorder or hide text (bidirectional overrides, zero-width marks)
+/// are dropped.
 fn printable(s: &str) -> String {
-    s.chars().filter(|c| !c.is_control()).collect()
+    let invisible =
+        |c: char| matches!(c, '\u{200B}'..='\u{200F}' | '\u{202A}'..='\u{202E}' | '\u{2060}'..='\u{2069}' | '\u{FEFF}');
+    s.chars().filter(|c| !c.is_control() && !invisible(*c)).collect()
 }
 
 pub fn fleet(c: &Client, cmd: FleetCmd, json: bool) -> Result<()> {
@@ -443,7 +447,9 @@ pub fn fleet(c: &Client, cmd: FleetCmd, json: bool) -> Result<()> {
                 }
                 let mut desired: Vec<String> = d.desired.iter().map(|(n, v)| format!("{n}:{v}")).collect();
                 match d.reported_generation {
-                    Some(g) if g >= d.generation => desired.push(format!("(generation {}, applied)", d.generation)),
+                    Some(g) if g == d.generation => desired.push(format!("(generation {g}, applied)")),
+                    Some(g) if g > d.generation => desired
+                        .push(format!("(generation {}, device ahead at {g}: it ignores older states)", d.generation)),
                     Some(g) => desired.push(format!("(generation {}, device at {g})", d.generation)),
                     None => {}
                 }

@@ -200,3 +200,18 @@ fn interrupted_download_resumes_and_corrupt_download_is_refetched() {
     assert!(agent.logs().contains("artifact corrupt: sha256 is"), "{}", agent.logs());
     assert_eq!(std::fs::read(agent.data().join("models").join(&sha)).unwrap(), bytes);
 }
+
+#[test]
+fn two_models_of_one_artifact_download_it_once() {
+    let coord = Coord::start();
+    let mut agent = Agent::enrolled(&coord, "cam-05");
+    coord.register_iris("iris-a");
+    coord.register_iris("iris-b");
+    coord.ok(&["fleet", "assign", "cam-05", "iris-a:1"]);
+    coord.ok(&["fleet", "assign", "cam-05", "iris-b:1"]);
+    agent.start();
+    agent.wait_serving("iris-a", 1);
+    agent.wait_serving("iris-b", 1);
+    let downloads = agent.logs().matches("artifact downloaded").count();
+    assert_eq!(downloads, 1, "{}", agent.logs());
+}

@@ -12,11 +12,15 @@ use std::net::SocketAddr;
 use std::time::Duration;
 use tern_proto::{ErrorCode, Message};
 
+fn ca(coord: &Coord) -> Vec<u8> {
+    std::fs::read(coord.data().join("ca.crt")).unwrap()
+}
+
 #[test]
 fn one_address_gets_a_bounded_share_and_unidirectional_streams_get_nothing() {
     let coord = Coord::start_with(&["--max-per-address", "8"]);
     let rt = runtime();
-    let held = rt.block_on(attack(&coord, 40, 1, 1024));
+    let held = rt.block_on(attack(&coord.quic, &ca(&coord), 40, 1, 1024));
     std::thread::sleep(Duration::from_millis(500));
     let open = rt.block_on(async {
         let mut n = 0;
@@ -48,7 +52,7 @@ fn one_address_gets_a_bounded_share_and_unidirectional_streams_get_nothing() {
 fn a_crowd_of_handshakes_is_asked_to_prove_its_addresses() {
     let coord = Coord::start_with(&["--max-handshakes", "4"]);
     let rt = runtime();
-    let held = rt.block_on(attack(&coord, 40, 20, 1024));
+    let held = rt.block_on(attack(&coord.quic, &ca(&coord), 40, 20, 1024));
     // Four handshakes at a time: the rest are refused, not queued.
     assert!(!held.is_empty(), "none of 40 got through");
     assert!(coord.log().contains("handshakes crowded: asking for address validation"), "{}", coord.log());
@@ -151,4 +155,79 @@ fn refused_peers_are_logged_with_their_address_at_a_bounded_rate() {
     let lines = log.lines().filter(|l| l.contains("handshake failed")).count();
     assert!((1..=40).contains(&lines), "{lines} handshake failures logged for 200");
     assert!(!log.lines().any(|l| l.contains("handshake failed") && l.contains("WARN")), "refusals are not warnings");
+}
+
+#[test]
+fn a_device_gets_a_few_connections_each_of_which_must_open_its_session() {
+    let coord = Coord::start();
+    let agent = Agent::enrolled(&coord, "cam-05");
+    let rt = runtime();
+    rt.block_on(async {
+        // Six connections with one certificate: the two oldest are closed.
+        let mut conns = Vec::new();
+        for _ in 0..6 {
+            conns.push(RawDevice::connect(&coord, &agent, tern_proto::WireVersion::SUPPORTED).await.unwrap());
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let mut open = 0;
+        for (i, c) in conns.iter().enumerate() {
+            let alive = still_open(&c.conn, Duration::from_millis(10)).await;
+            assert_eq!(alive, i >= 2, "connection {i}");
+            open += usize::from(alive);
+        }
+        assert_eq!(open, 4);
+        // One opens its session; the others, which open none, are closed
+        // after 10 s (a session that goes quiet for 90 s would be too).
+        let (_send, _reader, first) = conns[5].ask(&hello("raw")).await.unwrap();
+        assert!(matches!(first, Some(Message::Welcome(_))));
+        tokio::time::timeout(Duration::from_secs(15), conns[2].conn.closed())
+            .await
+            .expect("a sessionless connection stayed");
+        assert!(still_open(&conns[5].conn, Duration::from_millis(10)).await);
+    });
+}
+
+#[test]
+fn removing_a_device_closes_all_its_connections_and_a_stale_one_cannot_act_for_its_successor() {
+    let coord = Coord::start();
+    let agent = Agent::enrolled(&coord, "cam-06");
+    coord.register_iris("iris");
+    let rt = runtime();
+    rt.block_on(async {
+        let session = RawDevice::connect(&coord, &agent, tern_proto::WireVersion::SUPPORTED).await.unwrap();
+        let (_send, _reader, first) = session.ask(&hello("raw")).await.unwrap();
+        assert!(matches!(first, Some(Message::Welcome(_))));
+        let spare = RawDevice::connect(&coord, &agent, tern_proto::WireVersion::SUPPORTED).await.unwrap();
+        coord.ok(&["fleet", "remove", "cam-06"]);
+        for c in [&session, &spare] {
+            tokio::time::timeout(Duration::from_secs(2), c.conn.closed())
+                .await
+                .expect("a connection of a removed device stayed");
+        }
+        // The id enrolls again, and is served; the old certificate is not.
+        let successor = Agent::enrolled(&coord, "cam-06");
+        coord.ok(&["fleet", "assign", "cam-06", "iris:1"]);
+        let old = RawDevice::connect(&coord, &agent, tern_proto::WireVersion::SUPPORTED).await;
+        if let Ok(old) = old {
+            assert!(old.ask(&hello("stale")).await.is_err(), "the removed certificate got a session");
+        }
+        let new = RawDevice::connect(&coord, &successor, tern_proto::WireVersion::SUPPORTED).await.unwrap();
+        let (_s, mut reader, first) = new.ask(&hello("new")).await.unwrap();
+        assert!(matches!(first, Some(Message::Welcome(_))));
+        assert!(matches!(reader.next().await.unwrap(), Some(Message::Desired(d)) if d.models.len() == 1));
+    });
+}
+
+#[test]
+fn a_control_session_that_goes_quiet_is_closed() {
+    let coord = Coord::start_with(&["--session-quiet-secs", "2"]);
+    let agent = Agent::enrolled(&coord, "cam-07");
+    runtime().block_on(async {
+        let dev = RawDevice::connect(&coord, &agent, tern_proto::WireVersion::SUPPORTED).await.unwrap();
+        let (mut send, _reader, first) = dev.ask(&hello("raw")).await.unwrap();
+        assert!(matches!(first, Some(Message::Welcome(_))));
+        // Half a frame, then nothing.
+        send.write_all(b"TN\x02\x00\x10\x00\x00\x00abc").await.unwrap();
+        tokio::time::timeout(Duration::from_secs(6), dev.conn.closed()).await.expect("a quiet session stayed open");
+    });
 }

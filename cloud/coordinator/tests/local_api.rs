@@ -116,12 +116,30 @@ fn a_request_that_would_need_gigabytes_gets_413_and_the_agent_stays_small() {
     assert!(grew < 16 << 10, "the agent's peak RSS grew by {} MiB", grew >> 10);
 }
 
+fn rows(n: usize) -> tern_proto::Tensor {
+    tern_proto::Tensor::new(vec![n, 65536], tern_proto::TensorData::F32(vec![0.5; n * 65536])).unwrap()
+}
+
+/// Starts a binary predict request of `rows(n)` and sends `sent` bytes of
+/// its body; returns the connection (the rest never comes).
+fn hold_part_of(agent: &Agent, model: &str, n: usize, sent: usize) -> TcpStream {
+    let body = tern_proto::encode_tensors(&[rows(n)]).unwrap();
+    let mut s = connect(agent);
+    write!(
+        s,
+        "POST /v1/models/{model}:predict HTTP/1.1\r\nHost: a\r\nContent-Type: {}\r\nContent-Length: {}\r\n\r\n",
+        tern_proto::TENSORS_MEDIA_TYPE,
+        body.len()
+    )
+    .unwrap();
+    s.write_all(&body[..sent]).unwrap();
+    s
+}
+
 #[test]
-fn request_memory_is_shared_and_bounded() {
+fn request_memory_is_shared_and_bounded_and_never_waited_for() {
     // wide.onnx takes rows of 65,536 floats (256 KiB each).
     let (_coord, agent) = served(&["--request-memory-mb", "1"], "wide.onnx", "wide");
-    let rows =
-        |n: usize| tern_proto::Tensor::new(vec![n, 65536], tern_proto::TensorData::F32(vec![0.5; n * 65536])).unwrap();
     let (status, _, body) = agent.post_tensors("/v1/models/wide:predict", &[rows(1)]);
     assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
     // Four rows: 1 MiB of body and 1 MiB decoded, more than the agent may hold.
@@ -129,6 +147,75 @@ fn request_memory_is_shared_and_bounded() {
     let err: serde_json::Value = serde_json::from_slice(&body).unwrap();
     assert_eq!(status, 413, "{err}");
     assert!(err["error"].as_str().unwrap().contains("more than the agent's request memory of 1048576 bytes"), "{err}");
+
+    // A client holds 700 KiB of a body it never finishes: a one-row request
+    // (512 KiB with its decoded inputs) does not fit beside it, and is told
+    // so at once instead of waiting (two such requests could otherwise
+    // each hold half and wait for each other).
+    let holder = hold_part_of(&agent, "wide", 3, 700 << 10);
+    std::thread::sleep(Duration::from_millis(300));
+    let t = Instant::now();
+    let (status, _, body) = agent.post_tensors("/v1/models/wide:predict", &[rows(1)]);
+    assert_eq!(status, 503, "{}", String::from_utf8_lossy(&body));
+    assert!(t.elapsed() < Duration::from_secs(2), "{:?}", t.elapsed());
+    // Once it gives up, the memory is back.
+    drop(holder);
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(agent.post_tensors("/v1/models/wide:predict", &[rows(1)]).0, 200);
+}
+
+#[test]
+fn an_answer_nobody_reads_holds_its_memory_for_10_s_at_most() {
+    // echo.onnx answers with its input: 64 rows are 16 MiB in and 16 MiB
+    // out. Over the Unix socket (whose buffers hold a few hundred KiB,
+    // where loopback TCP may grow to 32 MiB) the answer cannot all be sent
+    // while its client does not read.
+    let (_coord, agent) = served(&["--request-memory-mb", "40", "--max-batch", "64"], "echo.onnx", "echo");
+    let body = tern_proto::encode_tensors(&[rows(64)]).unwrap();
+    let mut reader_that_never_reads = std::os::unix::net::UnixStream::connect(&agent.socket).unwrap();
+    write!(
+        reader_that_never_reads,
+        "POST /v1/models/echo:predict HTTP/1.1\r\nHost: a\r\nContent-Type: {}\r\nContent-Length: {}\r\n\r\n",
+        tern_proto::TENSORS_MEDIA_TYPE,
+        body.len()
+    )
+    .unwrap();
+    reader_that_never_reads.write_all(&body).unwrap();
+    // Until it has run and its answer is being written.
+    std::thread::sleep(Duration::from_secs(3));
+    // Its answer holds 16 MiB until sent; another 64 rows (32 MiB with the
+    // decoded inputs) do not fit beside it in 40...
+    let started = Instant::now();
+    let second = agent.post_tensors("/v1/models/echo:predict", &[rows(64)]).0;
+    assert_eq!(second, 503, "{}", agent.logs().lines().rev().take(15).collect::<Vec<_>>().join("\n"));
+    // ...until the stuck write is given up (10 s), and the room comes back.
+    let ok = wait_for("the stuck answer's memory", Duration::from_secs(20), || {
+        (agent.post_tensors("/v1/models/echo:predict", &[rows(64)]).0 == 200).then_some(started.elapsed())
+    });
+    assert!(ok >= Duration::from_secs(5), "the room came back after {ok:?}, before the write deadline");
+    drop(reader_that_never_reads);
+}
+
+#[test]
+fn connection_churn_does_not_pile_up_threads() {
+    let (_coord, agent) = served(&[], "iris.onnx", "iris");
+    let threads = || -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", agent.pid())).unwrap();
+        status.lines().find(|l| l.starts_with("Threads:")).unwrap().split_whitespace().nth(1).unwrap().parse().unwrap()
+    };
+    let before = threads();
+    // 400 clients, one after another, each leaving a half-sent request.
+    let mut held = Vec::new();
+    for _ in 0..400 {
+        let mut s = head(&agent, "iris", 100);
+        s.write_all(b"{").unwrap();
+        held.push(s);
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    let most = threads();
+    assert!(most <= before + 64 + 8, "{before} threads before, {most} with 400 half-sent requests");
+    let (status, _) = agent.post("/v1/models/iris:predict", r#"{"inputs":[{"shape":[1,4],"data":[5.1,3.5,1.4,0.2]}]}"#);
+    assert_eq!(status, 200);
 }
 
 #[test]

@@ -376,14 +376,31 @@ impl Registry {
     /// versions are accepted, and only in a format the device's agent said
     /// it runs (when it has said).
     pub fn assign(&self, id: &str, name: &str, version: u32) -> Result<Device> {
-        let v = self.version(name, version)?;
-        if v.status != Approval::Approved {
-            return Err(RegistryError::NotApproved { name: name.to_owned(), version, status: v.status });
-        }
-        self.update_device(id, true, |d| {
+        // Version and device in one transaction: a rejection that commits
+        // first is seen here, and one that commits after sees this device.
+        self.version(name, version)?;
+        let key = version_key(name, version);
+        let result = (&self.models, &self.devices).transaction(|(models, devices)| {
+            let Some(raw) = models.get(&key)? else {
+                return abort(RegistryError::UnknownVersion { name: name.to_owned(), version });
+            };
+            let v: ModelVersion = match decode(&key, &raw) {
+                Ok(v) => v,
+                Err(e) => return abort(e),
+            };
+            if v.status != Approval::Approved {
+                return abort(RegistryError::NotApproved { name: name.to_owned(), version, status: v.status });
+            }
+            let Some(raw) = devices.get(id)? else {
+                return abort(RegistryError::UnknownDevice(id.to_owned()));
+            };
+            let mut d: Device = match decode(id.as_bytes(), &raw) {
+                Ok(d) => d,
+                Err(e) => return abort(e),
+            };
             if let Some(caps) = d.capabilities.as_ref().filter(|c| !c.formats.contains(&v.format)) {
                 let runs: Vec<String> = caps.formats.iter().map(|f| f.to_string()).collect();
-                return Err(RegistryError::Unsupported {
+                return abort(RegistryError::Unsupported {
                     device: id.to_owned(),
                     name: name.to_owned(),
                     version,
@@ -393,8 +410,12 @@ impl Registry {
             }
             d.desired.insert(name.to_owned(), version);
             d.generation += 1;
-            Ok(())
-        })
+            devices.insert(id, encode(&d))?;
+            Ok(d)
+        });
+        let device = unwrap_tx(result)?;
+        self.sync()?;
+        Ok(device)
     }
 
     /// Stops a device from serving any version of `name`.

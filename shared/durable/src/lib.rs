@@ -36,13 +36,21 @@ pub fn sync_dir(dir: &Path) -> io::Result<()> {
 }
 
 /// Makes everything written to `db` (stored in `dir`) durable: sled's
-/// flush, then an fsync of each of its files and of the folder.
+/// flush, then an fsync of each of its files and folders (its `blobs/`
+/// too), each folder after what is in it.
 pub fn sync_sled(db: &sled::Db, dir: &Path) -> io::Result<()> {
     db.flush().map_err(io::Error::other)?;
+    sync_tree(dir)
+}
+
+fn sync_tree(dir: &Path) -> io::Result<()> {
     for entry in fs::read_dir(dir)? {
         let entry = entry?;
-        if entry.file_type()?.is_file() {
+        let kind = entry.file_type()?;
+        if kind.is_file() {
             File::open(entry.path())?.sync_all()?;
+        } else if kind.is_dir() {
+            sync_tree(&entry.path())?;
         }
     }
     sync_dir(dir)

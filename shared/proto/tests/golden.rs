@@ -2,7 +2,8 @@
 //! coordinators (commit ae5a7d0) put on the wire: these frames were encoded
 //! by that code. Each decodes to the expected current message, and the
 //! current message encodes back to exactly these bytes when the connection
-//! negotiated version 1.
+//! negotiated version 1. Version 2 is held to the bytes it was released with
+//! the same way.
 
 use tern_proto::*;
 
@@ -22,6 +23,32 @@ const GOLDEN: &[(&str, &str)] = &[
     ("FetchArtifact", "544e01002200000006c7c5c1d70c5dec4416ab6158afd0b223ef40c29b1dc1f97ed9428b94d4cadb1c64"),
     ("ArtifactHeader", "544e01002400000007c7c5c1d70c5dec4416ab6158afd0b223ef40c29b1dc1f97ed9428b94d4cadb1c850d64"),
     ("Error", "544e01000700000008030475736564"),
+];
+
+/// Version 2 as this release encodes it, frozen from now on: a change to any
+/// of these bytes is a new wire version, not an edit to version 2.
+const GOLDEN_V2: &[(&str, &str)] = &[
+    ("EnrollRequest", "544e020023000000000707070707070707070707070707070703010203010663616d2d303105302e312e30"),
+    (
+        "EnrollResponse",
+        "544e020036000000010663616d2d303102040501060808080808080808080808080808080808080808080808080808080808080808036c61620472706934",
+    ),
+    (
+        "Hello",
+        "544e02003a0000000205302e312e3002046972697303030003636e6e01050103626164020201020102020a74726163742d6e6e65660c6275726e2d6e646172726179",
+    ),
+    ("Welcome", "544e02000e000000030663616d2d3031fbe2cfaa0602"),
+    (
+        "Desired",
+        "544e02007901000004050101aa027b225f74797065223a227465726e2d6d6f64656c2d6d616e6966657374222c22637265617465645f6174223a313730303030303030302c22666f726d6174223a226f6e6e78222c22696e70757473223a5b7b226474797065223a22663332222c226e616d65223a2258222c227368617065223a5b6e756c6c2c345d7d5d2c226e616d65223a2269726973222c226f757470757473223a5b7b226474797065223a22693634222c226e616d65223a226c6162656c222c227368617065223a5b6e756c6c5d7d5d2c22736861323536223a2263376335633164373063356465633434313661623631353861666430623232336566343063323962316463316639376564393432386239346434636164623163222c2273697a65223a313636392c2276657273696f6e223a337d01020304050607084009090909090909090909090909090909090909090909090909090909090909090909090909090909090909090909090909090909090909090909090909090909",
+    ),
+    (
+        "Status",
+        "544e0200360000000502046972697303030003636e6e010501036261640501061d6d616e6966657374207369676e617475726520697320696e76616c6964",
+    ),
+    ("FetchArtifact", "544e02002200000006c7c5c1d70c5dec4416ab6158afd0b223ef40c29b1dc1f97ed9428b94d4cadb1c64"),
+    ("ArtifactHeader", "544e02002400000007c7c5c1d70c5dec4416ab6158afd0b223ef40c29b1dc1f97ed9428b94d4cadb1c850d64"),
+    ("Error", "544e02000a00000008080772656d6f766564"),
 ];
 
 /// The postcard manifest body version-1 agents verify, as that code encoded it.
@@ -92,6 +119,35 @@ fn expected(kind: &str) -> Message {
     }
 }
 
+/// The same messages with what version 2 adds filled in.
+fn v2_expected(kind: &str) -> Message {
+    match (kind, expected(kind)) {
+        ("Hello", Message::Hello(h)) => Message::Hello(Hello {
+            wire_versions: vec![2, 1],
+            formats: vec![ModelFormat::Nnef, ModelFormat::Burn],
+            backends: vec!["tract-nnef".into(), "burn-ndarray".into()],
+            ..h
+        }),
+        ("Welcome", Message::Welcome(w)) => Message::Welcome(Welcome { wire_version: 2, ..w }),
+        ("Desired", _) => Message::Desired(DesiredState {
+            generation: 5,
+            models: vec![SignedManifest {
+                encoding: ManifestEncoding::CanonicalJson,
+                body: manifest().signed_bytes(ManifestEncoding::CanonicalJson).unwrap(),
+                key_id: [1, 2, 3, 4, 5, 6, 7, 8],
+                signature: vec![9; 64],
+            }],
+        }),
+        ("Status", Message::Status(st)) => Message::Status(StatusReport {
+            generation: 5,
+            refused: Some(Refusal { generation: 6, reason: "manifest signature is invalid".into() }),
+            ..st
+        }),
+        ("Error", _) => Message::Error(WireError::new(ErrorCode::Revoked, "removed")),
+        (_, m) => m,
+    }
+}
+
 #[test]
 fn version_1_frames_decode_and_encode_byte_for_byte() {
     for (kind, hex) in GOLDEN {
@@ -103,6 +159,17 @@ fn version_1_frames_decode_and_encode_byte_for_byte() {
         // The same message travels in version 2 as well (and decodes the same).
         let v2 = encode_frame(&msg, WireVersion::V2).unwrap();
         assert_eq!(decode_frame(&v2, MAX_FRAME_LEN, WireVersion::V2).unwrap().unwrap().0, msg, "{kind} in v2");
+    }
+}
+
+#[test]
+fn version_2_frames_stay_as_released() {
+    for (kind, hex) in GOLDEN_V2 {
+        let bytes = hex::decode(hex).unwrap();
+        let (msg, used) = decode_frame(&bytes, MAX_FRAME_LEN, WireVersion::V2).unwrap().unwrap();
+        assert_eq!(used, bytes.len(), "{kind}");
+        assert_eq!(msg, v2_expected(kind), "{kind}");
+        assert_eq!(encode_frame(&msg, WireVersion::V2).unwrap(), bytes, "{kind} re-encoded differently");
     }
 }
 

@@ -293,6 +293,7 @@ async fn new_token(
 async fn status(Ext(state): Ext<Arc<State>>) -> Json<serde_json::Value> {
     Json(json!({
         "connections": state.counters.total(),
+        "handshaking": state.counters.handshaking(),
         "anonymous": state.counters.anonymous(),
         "sessions": state.sessions.len(),
     }))

@@ -1,6 +1,10 @@
 //! What one coordinator lets the network make it hold: connections in all,
-//! connections that have not shown a device certificate (in all and per
-//! source address), and log lines about refused peers.
+//! handshakes and connections that have not shown a device certificate (in
+//! all and per source address), and log lines about refused peers.
+//! Addresses count by /64 for IPv6 (one host holds a whole /64) and as they
+//! are for IPv4. Addresses that recently presented a device certificate
+//! have a handshake pool of their own, so a flood of anonymous handshakes
+//! cannot keep the fleet from reconnecting.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -82,7 +86,31 @@ impl Pool {
 #[derive(Default)]
 struct Pools {
     handshaking: Pool,
+    /// Handshakes from addresses devices were seen at.
+    returning: Pool,
     anonymous: Pool,
+    /// Where devices connected from lately, and when.
+    devices_at: HashMap<IpAddr, Instant>,
+}
+
+/// How long an address counts as one devices connect from.
+const DEVICE_ADDRESS_FOR: Duration = Duration::from_secs(24 * 3600);
+/// Addresses remembered at most.
+const DEVICE_ADDRESSES: usize = 100_000;
+
+/// The address as the caps count it: IPv6 by its /64, IPv4 (also mapped
+/// into IPv6) as it is.
+pub fn bucket(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => {
+                let s = v6.segments();
+                IpAddr::V6(std::net::Ipv6Addr::new(s[0], s[1], s[2], s[3], 0, 0, 0, 0))
+            }
+        },
+        v4 => v4,
+    }
 }
 
 /// Live connection counts.
@@ -95,6 +123,7 @@ pub struct Counters {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Phase {
     Handshaking,
+    Returning,
     Anonymous,
     Device,
     /// Refused after its handshake, about to be closed: in no pool.
@@ -116,15 +145,29 @@ impl Counters {
         Arc::new(Self { caps, total: AtomicUsize::new(0), pools: Mutex::new(Pools::default()) })
     }
 
-    /// A slot for a new connection from `ip` to make its handshake in, or why not.
-    pub fn admit(self: &Arc<Self>, ip: IpAddr) -> Result<Slot, Refused> {
+    /// A slot for a new connection from `ip` to make its handshake in, or
+    /// why not. An address devices connected from in the last day gets a
+    /// place in the returning pool when the general one is full.
+    pub fn admit(self: &Arc<Self>, ip: IpAddr, now: Instant) -> Result<Slot, Refused> {
+        let ip = bucket(ip);
         let mut pools = self.pools.lock().expect("lock");
         if self.total.load(Ordering::Acquire) >= self.caps.connections {
             return Err(Refused::Connections);
         }
-        pools.handshaking.take(ip, self.caps.handshakes, self.caps.per_address, Refused::Handshakes)?;
+        let phase = match pools.handshaking.take(ip, self.caps.handshakes, self.caps.per_address, Refused::Handshakes) {
+            Ok(()) => Phase::Handshaking,
+            Err(e) => {
+                let known = pools.devices_at.get(&ip).is_some_and(|t| now.duration_since(*t) < DEVICE_ADDRESS_FOR);
+                if !known {
+                    return Err(e);
+                }
+                // Devices behind one NAT share an address: no per-address cap here.
+                pools.returning.take(ip, self.caps.handshakes, usize::MAX, Refused::Handshakes)?;
+                Phase::Returning
+            }
+        };
         self.total.fetch_add(1, Ordering::AcqRel);
-        Ok(Slot { counters: self.clone(), ip, phase: Phase::Handshaking })
+        Ok(Slot { counters: self.clone(), ip, phase })
     }
 
     /// Whether handshakes are getting crowded: then the endpoint asks
@@ -138,10 +181,15 @@ impl Counters {
         self.total.load(Ordering::Acquire)
     }
 
-    /// Connections without a device certificate open now (handshaking or enrolling).
+    /// Connections past their handshake without a device certificate.
     pub fn anonymous(&self) -> usize {
+        self.pools.lock().expect("lock").anonymous.total
+    }
+
+    /// Handshakes in progress.
+    pub fn handshaking(&self) -> usize {
         let pools = self.pools.lock().expect("lock");
-        pools.handshaking.total + pools.anonymous.total
+        pools.handshaking.total + pools.returning.total
     }
 }
 
@@ -149,17 +197,26 @@ impl Slot {
     fn leave(&mut self, pools: &mut Pools) {
         match self.phase {
             Phase::Handshaking => pools.handshaking.give_back(self.ip),
+            Phase::Returning => pools.returning.give_back(self.ip),
             Phase::Anonymous => pools.anonymous.give_back(self.ip),
             Phase::Device | Phase::Refused => {}
         }
     }
 
-    /// The handshake showed a device certificate.
-    pub fn device(&mut self) {
+    /// The handshake showed the certificate of an enrolled device: its
+    /// address is remembered as one devices connect from.
+    pub fn device(&mut self, now: Instant) {
         let counters = self.counters.clone();
         let mut pools = counters.pools.lock().expect("lock");
         self.leave(&mut pools);
         self.phase = Phase::Device;
+        if pools.devices_at.len() >= DEVICE_ADDRESSES {
+            pools.devices_at.retain(|_, t| now.duration_since(*t) < DEVICE_ADDRESS_FOR);
+            if pools.devices_at.len() >= DEVICE_ADDRESSES {
+                pools.devices_at.clear();
+            }
+        }
+        pools.devices_at.insert(self.ip, now);
     }
 
     /// The handshake showed no certificate: the connection may only enroll,
@@ -231,31 +288,62 @@ mod tests {
     fn handshakes_and_anonymous_connections_are_capped_in_all_and_per_address() {
         let c = Counters::new(Caps { connections: 6, handshakes: 3, anonymous: 2, per_address: 2 });
         let ip = |s: &str| -> IpAddr { s.parse().unwrap() };
-        let mut a1 = c.admit(ip("10.0.0.1")).unwrap();
-        let mut a2 = c.admit(ip("10.0.0.1")).unwrap();
-        assert_eq!(c.admit(ip("10.0.0.1")).err(), Some(Refused::PerAddress));
-        let mut b1 = c.admit(ip("10.0.0.2")).unwrap();
-        assert_eq!(c.admit(ip("10.0.0.3")).err(), Some(Refused::Handshakes));
+        let now = Instant::now();
+        let mut a1 = c.admit(ip("10.0.0.1"), now).unwrap();
+        let mut a2 = c.admit(ip("10.0.0.1"), now).unwrap();
+        assert_eq!(c.admit(ip("10.0.0.1"), now).err(), Some(Refused::PerAddress));
+        let mut b1 = c.admit(ip("10.0.0.2"), now).unwrap();
+        assert_eq!(c.admit(ip("10.0.0.3"), now).err(), Some(Refused::Handshakes));
         assert!(c.crowded());
         // Handshakes done: a device, and two without certificates.
-        a1.device();
+        a1.device(now);
         a2.anonymous().unwrap();
         assert_eq!(b1.anonymous(), Ok(()));
-        assert_eq!((c.anonymous(), c.total()), (2, 3));
+        assert_eq!((c.anonymous(), c.handshaking(), c.total()), (2, 0, 3));
         // The anonymous pool is full; a third is refused after its handshake
         // (and only counts in the total until it is dropped).
-        let mut c1 = c.admit(ip("10.0.0.3")).unwrap();
+        let mut c1 = c.admit(ip("10.0.0.3"), now).unwrap();
         assert_eq!(c1.anonymous(), Err(Refused::Anonymous));
         drop(c1);
         // A device's connection takes no anonymous slot.
-        let mut d1 = c.admit(ip("10.0.0.2")).unwrap();
-        d1.device();
-        let _h = (c.admit(ip("10.0.0.4")).unwrap(), c.admit(ip("10.0.0.5")).unwrap());
-        assert_eq!(c.admit(ip("10.0.0.6")).err(), Some(Refused::Connections));
+        let mut d1 = c.admit(ip("10.0.0.2"), now).unwrap();
+        d1.device(now);
+        let _h = (c.admit(ip("10.0.0.4"), now).unwrap(), c.admit(ip("10.0.0.5"), now).unwrap());
+        assert_eq!(c.admit(ip("10.0.0.6"), now).err(), Some(Refused::Connections));
         drop(a2);
-        assert_eq!((c.anonymous(), c.total()), (3, 5));
+        assert_eq!((c.anonymous(), c.handshaking(), c.total()), (1, 2, 5));
         drop((a1, b1, d1));
         assert_eq!(c.total(), 2);
+    }
+
+    #[test]
+    fn addresses_devices_came_from_get_handshakes_when_a_flood_holds_the_rest() {
+        let c = Counters::new(Caps { connections: 100, handshakes: 4, anonymous: 10, per_address: 2 });
+        let now = Instant::now();
+        let device_ip: IpAddr = "10.0.0.9".parse().unwrap();
+        c.admit(device_ip, now).unwrap().device(now);
+        let _flood: Vec<Slot> = ["10.0.0.1", "10.0.0.1", "10.0.0.2", "10.0.0.2"]
+            .iter()
+            .map(|a| c.admit(a.parse().unwrap(), now).unwrap())
+            .collect();
+        assert_eq!(c.admit("10.0.0.3".parse().unwrap(), now).err(), Some(Refused::Handshakes));
+        // The device's address gets in anyway, and more than two of it (a NAT).
+        let back: Vec<Slot> = (0..3).map(|_| c.admit(device_ip, now).unwrap()).collect();
+        assert_eq!(back.len(), 3);
+        // A day later it is a stranger again.
+        let later = now + DEVICE_ADDRESS_FOR;
+        assert!(c.admit(device_ip, later).is_err());
+    }
+
+    #[test]
+    fn ipv6_addresses_count_by_their_64() {
+        assert_eq!(bucket("2001:db8:1:2:aaaa::1".parse().unwrap()), "2001:db8:1:2::".parse::<IpAddr>().unwrap());
+        assert_eq!(bucket("::ffff:10.1.2.3".parse().unwrap()), "10.1.2.3".parse::<IpAddr>().unwrap());
+        let c = Counters::new(Caps { connections: 100, handshakes: 100, anonymous: 10, per_address: 2 });
+        let now = Instant::now();
+        let _a = c.admit("2001:db8::1".parse().unwrap(), now).unwrap();
+        let _b = c.admit("2001:db8::2".parse().unwrap(), now).unwrap();
+        assert_eq!(c.admit("2001:db8::3".parse().unwrap(), now).err(), Some(Refused::PerAddress));
     }
 
     #[test]

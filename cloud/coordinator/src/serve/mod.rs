@@ -58,6 +58,10 @@ pub struct ServeArgs {
     /// ones are not limited by it once their handshake is done).
     #[arg(long, default_value_t = 32)]
     pub max_per_address: usize,
+    /// Close a device's control session after this many seconds without a
+    /// frame from it (agents report every 30 s).
+    #[arg(long, default_value_t = 90, value_parser = clap::value_parser!(u64).range(1..))]
+    pub session_quiet_secs: u64,
 }
 
 /// What a running coordinator writes to `<data-dir>/serve.json`, so the CLI
@@ -83,6 +87,8 @@ pub struct State {
     pub sessions: sessions::Sessions,
     /// Connection counts and caps.
     pub counters: Arc<limits::Counters>,
+    /// How long a control session may go without a frame.
+    pub session_quiet: std::time::Duration,
 }
 
 impl State {
@@ -145,6 +151,7 @@ pub async fn run(data_dir: PathBuf, args: ServeArgs) -> Result<()> {
             anonymous: args.max_anonymous,
             per_address: args.max_per_address,
         }),
+        session_quiet: std::time::Duration::from_secs(args.session_quiet_secs),
     });
     tokio::spawn(quic::accept_loop(endpoint.clone(), state.clone()));
     let app = admin::router(state.clone());

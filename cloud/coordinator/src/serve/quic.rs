@@ -4,10 +4,12 @@
 //! Before a peer has shown a device certificate it is held to little: one
 //! stream, small windows (set in `tern-net`), a deadline for the handshake,
 //! for its first frame and for the whole enrollment, and caps on such
-//! connections in all and per address. A device gets up to
-//! `tern_net::DEVICE_STREAMS` streams, each handled on its own task (one
-//! stalled stream blocks no other), each with a deadline for its first
-//! frame, and one control session ([`super::sessions`]).
+//! connections in all and per address. A device gets a few connections
+//! ([`super::sessions::PER_DEVICE`]), each of which must open its control
+//! session within 10 s; up to `tern_net::DEVICE_STREAMS` streams each, every
+//! one handled on its own task (one stalled stream blocks no other) with a
+//! deadline for its first frame and its certificate checked again; frames of
+//! at most 128 KiB; and one control session, closed when it goes quiet.
 
 use super::State;
 use super::limits::{LogLimit, Slot};
@@ -15,21 +17,28 @@ use super::sessions::close;
 use crate::fsutil::unix_now;
 use anyhow::{Context, Result, anyhow};
 use quinn::{Connection, RecvStream, SendStream};
+use std::net::SocketAddr;
 use std::sync::{Arc, LazyLock};
 use std::time::{Duration, Instant};
 use tern_net::{FrameReader, write_msg};
+use tern_proto::ModelFormat;
 use tern_proto::{
     ArtifactHeader, DeviceId, EnrollRequest, EnrollResponse, ErrorCode, FetchArtifact, Message, ModelStatus,
     Sha256Digest, Welcome, WireError, WireVersion,
 };
 use tern_registry::{Capabilities, Device, RegistryError, Report};
 use tokio::io::{AsyncReadExt, AsyncSeekExt};
-use tracing::{debug, info};
+use tracing::{debug, info, warn};
 
 /// Device certificates are valid this long; renewal is a later step.
 const DEVICE_CERT_DAYS: i64 = 3650;
 /// A handshake must complete within this.
-const HANDSHAKE_WITHIN: Duration = Duration::from_secs(10);
+const HANDSHAKE_WITHIN: Duration = Duration::from_secs(5);
+/// A device's connection must open its control session within this.
+const SESSION_WITHIN: Duration = Duration::from_secs(10);
+/// The largest frame a device may send (a `Hello` or `Status` of a few
+/// hundred models).
+const DEVICE_MAX_FRAME: usize = 128 << 10;
 /// A stream's first frame must arrive within this of the stream opening
 /// (and an enrolling peer's stream within this of its handshake).
 const FIRST_FRAME_WITHIN: Duration = Duration::from_secs(10);
@@ -43,10 +52,14 @@ const ANONYMOUS_MAX_FRAME: usize = 16 << 10;
 const MAX_REPORTED_MODELS: usize = 256;
 const MAX_REPORTED_TEXT: usize = 512;
 
-/// Refused peers are logged at most this often (per kind): a peer must not
-/// be able to flood the log.
-static REFUSED_LOG: LazyLock<LogLimit> = LazyLock::new(|| LogLimit::new(20, Duration::from_secs(10)));
+/// Refused peers are logged at most this often, each kind on its own
+/// budget: a peer must not be able to flood the log, nor hide one kind of
+/// refusal behind a flood of another.
+static CONNECTION_LOG: LazyLock<LogLimit> = LazyLock::new(|| LogLimit::new(20, Duration::from_secs(10)));
 static HANDSHAKE_LOG: LazyLock<LogLimit> = LazyLock::new(|| LogLimit::new(20, Duration::from_secs(10)));
+static CERTIFICATE_LOG: LazyLock<LogLimit> = LazyLock::new(|| LogLimit::new(20, Duration::from_secs(10)));
+static ENROLLMENT_LOG: LazyLock<LogLimit> = LazyLock::new(|| LogLimit::new(20, Duration::from_secs(10)));
+static REQUEST_LOG: LazyLock<LogLimit> = LazyLock::new(|| LogLimit::new(20, Duration::from_secs(10)));
 static RETRY_LOG: LazyLock<LogLimit> = LazyLock::new(|| LogLimit::new(5, Duration::from_secs(10)));
 
 macro_rules! limited {
@@ -69,10 +82,10 @@ pub async fn accept_loop(endpoint: quinn::Endpoint, state: Arc<State>) {
             let _ = incoming.retry();
             continue;
         }
-        let slot = match state.counters.admit(remote.ip()) {
+        let slot = match state.counters.admit(remote.ip(), Instant::now()) {
             Ok(slot) => slot,
             Err(why) => {
-                limited!(REFUSED_LOG, %remote, "connection refused: {why}");
+                limited!(CONNECTION_LOG, %remote, "connection refused: {why}");
                 incoming.refuse();
                 continue;
             }
@@ -99,7 +112,7 @@ async fn handle_connection(conn: Connection, state: Arc<State>, mut slot: Slot) 
     let version = tern_net::wire_version(&conn)?;
     let Some(cert) = tern_net::peer_cert(&conn) else {
         if let Err(why) = slot.anonymous() {
-            limited!(REFUSED_LOG, remote = %conn.remote_address(), "connection without a certificate closed: {why}");
+            limited!(CONNECTION_LOG, remote = %conn.remote_address(), "connection without a certificate closed: {why}");
             conn.close(close::BUSY.into(), b"busy: too many connections without a certificate; try again later");
             return Ok(());
         }
@@ -109,28 +122,68 @@ async fn handle_connection(conn: Connection, state: Arc<State>, mut slot: Slot) 
     };
     let remote = conn.remote_address();
     let fingerprint = Sha256Digest::of(&cert);
-    let Some(device) = state.registry.device_by_cert(&fingerprint)? else {
-        // Signed by our CA but not (or no longer) a device of this registry.
-        let (code, why) = match state.registry.revoked(&fingerprint)? {
-            Some(id) => (close::REVOKED, format!("the certificate of removed device {id}")),
-            None => (1, format!("certificate {fingerprint}, which belongs to no enrolled device")),
-        };
-        limited!(REFUSED_LOG, %remote, "connection refused: {why}");
-        conn.close(code.into(), b"this certificate is not one of an enrolled device");
+    let Some(id) = device_of(&state, &conn, &fingerprint)? else {
         return Ok(());
     };
-    slot.device();
+    slot.device(Instant::now());
     tern_net::admit_device(&conn);
-    let id = device.id.clone();
+    state.sessions.connected(&id, &conn);
     info!(device = %id, %remote, wire = %version, "device connected");
+    let ended = device_streams(&state, &conn, &id, version, fingerprint).await;
+    state.sessions.disconnected(&id, conn.stable_id());
+    info!(device = %id, %remote, "device disconnected: {ended}");
+    Ok(())
+}
+
+/// The enrolled device a certificate belongs to now; otherwise the
+/// connection is closed (with the reason logged) and `None`.
+fn device_of(state: &State, conn: &Connection, fingerprint: &Sha256Digest) -> Result<Option<DeviceId>> {
+    if let Some(device) = state.registry.device_by_cert(fingerprint)? {
+        return Ok(Some(device.id));
+    }
+    // Signed by our CA but not (or no longer) a device of this registry.
+    let (code, why) = match state.registry.revoked(fingerprint)? {
+        Some(id) => (close::REVOKED, format!("the certificate of removed device {id}")),
+        None => (1, format!("certificate {fingerprint}, which belongs to no enrolled device")),
+    };
+    limited!(CERTIFICATE_LOG, remote = %conn.remote_address(), "connection refused: {why}");
+    conn.close(code.into(), b"this certificate is not one of an enrolled device");
+    Ok(None)
+}
+
+/// Serves a device connection's streams until it ends; says why it ended.
+async fn device_streams(
+    state: &Arc<State>,
+    conn: &Connection,
+    id: &DeviceId,
+    version: WireVersion,
+    fingerprint: Sha256Digest,
+) -> String {
+    let session_due = tokio::time::sleep(SESSION_WITHIN);
+    tokio::pin!(session_due);
+    let mut session_checked = false;
     loop {
-        let (send, recv) = match conn.accept_bi().await {
-            Ok(s) => s,
-            Err(e) => {
-                info!(device = %id, "device disconnected: {e}");
-                return Ok(());
+        let (send, recv) = tokio::select! {
+            s = conn.accept_bi() => match s {
+                Ok(s) => s,
+                Err(e) => return e.to_string(),
+            },
+            _ = &mut session_due, if !session_checked => {
+                session_checked = true;
+                if !state.sessions.has_session(id, conn.stable_id()) {
+                    conn.close(close::IDLE.into(), b"no control session opened within 10 s");
+                    return "no control session within 10 s".into();
+                }
+                continue;
             }
         };
+        // Removed (or re-enrolled under a new certificate) since it connected:
+        // nothing more on this connection.
+        match device_of(state, conn, &fingerprint) {
+            Ok(Some(now)) if &now == id => {}
+            Ok(_) => return "its certificate is no longer the device's".into(),
+            Err(e) => return format!("registry: {e:#}"),
+        }
         let (state, id, conn) = (state.clone(), id.clone(), conn.clone());
         tokio::spawn(async move {
             if let Err(e) = stream(state, &conn, &id, version, send, recv).await {
@@ -149,27 +202,32 @@ async fn stream(
     send: SendStream,
     recv: RecvStream,
 ) -> Result<()> {
-    let mut reader = FrameReader::new(recv, version);
+    let mut reader = FrameReader::with_limit(recv, version, DEVICE_MAX_FRAME);
+    let remote = conn.remote_address();
     let first = match tokio::time::timeout(FIRST_FRAME_WITHIN, reader.next()).await {
         Ok(first) => first,
-        Err(_) => return reject(send, version, ErrorCode::BadRequest, "no request within 10 s".into()).await,
+        Err(_) => return reject(send, remote, version, ErrorCode::BadRequest, "no request within 10 s".into()).await,
     };
     match first {
         Ok(Some(Message::Hello(h))) => control(state, conn, id, version, h, send, reader).await,
-        Ok(Some(Message::FetchArtifact(f))) => artifact(state, id, version, f, send).await,
+        Ok(Some(Message::FetchArtifact(f))) => artifact(state, id, remote, version, f, send).await,
         Ok(Some(other)) => {
-            reject(send, version, ErrorCode::BadRequest, format!("{} cannot open a stream", other.kind())).await
+            let m = format!("{} cannot open a stream", other.kind());
+            reject(send, remote, version, ErrorCode::BadRequest, m).await
         }
         Ok(None) => Ok(()),
-        Err(e) => reject(send, version, ErrorCode::BadRequest, e.to_string()).await,
+        Err(e) => reject(send, remote, version, ErrorCode::BadRequest, e.to_string()).await,
     }
 }
 
-async fn reject(mut send: SendStream, version: WireVersion, code: ErrorCode, message: String) -> Result<()> {
-    limited!(REFUSED_LOG, ?code, "refusing request: {message}");
-    write_msg(&mut send, &Message::Error(WireError::new(code, message)), version).await?;
-    send.finish()?;
-    Ok(())
+async fn reject(
+    mut send: SendStream,
+    remote: SocketAddr,
+    version: WireVersion,
+    code: ErrorCode,
+    message: String,
+) -> Result<()> {
+    reject_on(&mut send, remote, version, code, message).await
 }
 
 async fn enrollment(conn: &Connection, state: Arc<State>, version: WireVersion) -> Result<()> {
@@ -186,7 +244,7 @@ async fn enrollment(conn: &Connection, state: Arc<State>, version: WireVersion) 
             match tokio::task::spawn_blocking(move || enroll(&st, req)).await? {
                 Ok(resp) => Message::EnrollResponse(resp),
                 Err(e) => {
-                    limited!(REFUSED_LOG, remote = %conn.remote_address(), "enrollment refused: {}", e.message);
+                    limited!(ENROLLMENT_LOG, remote = %conn.remote_address(), "enrollment refused: {}", e.message);
                     Message::Error(e)
                 }
             }
@@ -276,15 +334,18 @@ async fn control(
 ) -> Result<()> {
     let Ok(opened) = state.sessions.open(id, conn) else {
         let m = "a control session is open on this connection already".to_string();
-        return reject(send, version, ErrorCode::SessionConflict, m).await;
+        return reject(send, conn.remote_address(), version, ErrorCode::SessionConflict, m).await;
     };
-    let result = session(&state, id, version, hello, &mut send, &mut reader, opened.wake).await;
-    state.sessions.end(id, opened.id);
+    let result = session(&state, conn, id, version, hello, &mut send, &mut reader, opened.wake).await;
+    // The connection goes with its session: the device reconnects for a new one.
+    conn.close(close::IDLE.into(), b"control session ended");
     result
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn session(
     state: &Arc<State>,
+    conn: &Connection,
     id: &DeviceId,
     version: WireVersion,
     hello: tern_proto::Hello,
@@ -292,14 +353,20 @@ async fn session(
     reader: &mut FrameReader,
     mut wake: tokio::sync::watch::Receiver<u64>,
 ) -> Result<()> {
+    let mut formats: Vec<ModelFormat> = Vec::new();
+    for f in hello.formats.iter().take(16) {
+        if !formats.contains(f) {
+            formats.push(*f);
+        }
+    }
     let capabilities = (version >= WireVersion::V2).then(|| Capabilities {
-        formats: hello.formats.clone(),
+        formats,
         backends: hello.backends.iter().take(16).map(|b| clean(b)).collect(),
         wire_version: version.0,
     });
     if version >= WireVersion::V2 && WireVersion::highest_shared(&[version], &hello.wire_versions) != Some(version) {
         let m = format!("this connection speaks wire {version}, which the agent's Hello does not list");
-        return reject_on(send, version, ErrorCode::BadRequest, m).await;
+        return reject_on(send, conn.remote_address(), version, ErrorCode::BadRequest, m).await;
     }
     let report = Report {
         agent_version: Some(clean(&hello.agent_version)),
@@ -310,12 +377,19 @@ async fn session(
     seen(state, id, report).await?;
     let welcome = Welcome { device_id: id.clone(), server_time: unix_now(), wire_version: version.0 };
     write_msg(send, &Message::Welcome(welcome), version).await?;
-    write_msg(send, &Message::Desired(state.desired(id.as_str(), version)?), version).await?;
+    // Marked before the state is read: a change in between wakes us again.
     wake.mark_unchanged();
+    write_msg(send, &Message::Desired(state.desired(id.as_str(), version)?), version).await?;
+    let quiet = tokio::time::sleep(state.session_quiet);
+    tokio::pin!(quiet);
     loop {
         // `reader.next()` is cancel-safe: a wake-up that wins mid-frame
         // loses none of the frame's bytes.
         tokio::select! {
+            _ = &mut quiet => {
+                conn.close(close::IDLE.into(), b"no frame on the control session for too long");
+                return Err(anyhow!("no frame from the device for {:?}", state.session_quiet));
+            }
             msg = reader.next() => match msg.context("control stream")? {
                 Some(Message::Status(r)) => {
                     let report = Report {
@@ -327,7 +401,12 @@ async fn session(
                         ..Report::default()
                     };
                     let d = seen(state, id, report).await?;
+                    quiet.as_mut().reset(tokio::time::Instant::now() + state.session_quiet);
                     debug!(device = %d.id, models = ?d.reported, generation = ?d.reported_generation, "status");
+                    if d.reported_generation.is_some_and(|g| g > d.generation) {
+                        warn!(device = %d.id, applied = ?d.reported_generation, desired = d.generation,
+                            "the device applied a newer desired state than the registry holds (restored from a backup?); it will ignore older ones");
+                    }
                 }
                 Some(other) => {
                     let m = format!("{} is not allowed on the control stream", other.kind());
@@ -347,8 +426,14 @@ async fn session(
     }
 }
 
-async fn reject_on(send: &mut SendStream, version: WireVersion, code: ErrorCode, message: String) -> Result<()> {
-    limited!(REFUSED_LOG, ?code, "refusing request: {message}");
+async fn reject_on(
+    send: &mut SendStream,
+    remote: SocketAddr,
+    version: WireVersion,
+    code: ErrorCode,
+    message: String,
+) -> Result<()> {
+    limited!(REQUEST_LOG, %remote, ?code, "refusing request: {message}");
     write_msg(send, &Message::Error(WireError::new(code, message)), version).await?;
     send.finish()?;
     Ok(())
@@ -357,6 +442,7 @@ async fn reject_on(send: &mut SendStream, version: WireVersion, code: ErrorCode,
 async fn artifact(
     state: Arc<State>,
     id: &DeviceId,
+    remote: SocketAddr,
     version: WireVersion,
     req: FetchArtifact,
     mut send: SendStream,
@@ -367,14 +453,14 @@ async fn artifact(
         device.desired.iter().any(|(name, v)| state.registry.version(name, *v).is_ok_and(|v| v.sha256 == req.sha256));
     if !assigned {
         let m = format!("artifact {} is not assigned to {id}", req.sha256);
-        return reject(send, version, ErrorCode::NotFound, m).await;
+        return reject(send, remote, version, ErrorCode::NotFound, m).await;
     }
     let path = state.artifacts.path(&req.sha256);
     let mut file = tokio::fs::File::open(&path).await.with_context(|| format!("opening {}", path.display()))?;
     let size = file.metadata().await?.len();
     if req.offset > size {
         let m = format!("offset {} is past the end ({size} bytes)", req.offset);
-        return reject(send, version, ErrorCode::BadRequest, m).await;
+        return reject(send, remote, version, ErrorCode::BadRequest, m).await;
     }
     let header = ArtifactHeader { sha256: req.sha256, size, offset: req.offset };
     write_msg(&mut send, &Message::ArtifactHeader(header), version).await?;

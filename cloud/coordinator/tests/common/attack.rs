@@ -1,6 +1,5 @@
 //! Anonymous QUIC peers that hold half-sent frames, for the flood tests.
 
-use super::Coord;
 use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
@@ -44,9 +43,9 @@ async fn hold_half_frames(
 /// `n` anonymous attackers spread over `addresses` loopback addresses
 /// (127.0.0.2 and up), each holding half of a `frame`-byte frame; returns
 /// the connections the coordinator let in.
-pub async fn attack(coord: &Coord, n: usize, addresses: u8, frame: usize) -> Vec<quinn::Connection> {
-    let addr: SocketAddr = coord.quic.parse().unwrap();
-    let pin = tern_net::ca_fingerprint(&std::fs::read(coord.data().join("ca.crt")).unwrap());
+pub async fn attack(quic: &str, ca: &[u8], n: usize, addresses: u8, frame: usize) -> Vec<quinn::Connection> {
+    let addr: SocketAddr = quic.parse().unwrap();
+    let pin = tern_net::ca_fingerprint(ca);
     let endpoints: Vec<quinn::Endpoint> = (0..addresses)
         .map(|i| quinn::Endpoint::client(SocketAddr::new(IpAddr::from([127, 0, 0, 2 + i]), 0)).unwrap())
         .collect();

@@ -409,7 +409,7 @@ impl Agent {
             .unwrap();
         let header = |name: &str| resp.headers().get(name).map(|v| v.to_str().unwrap().to_owned()).unwrap_or_default();
         let (ct, timing) = (header("content-type"), header("server-timing"));
-        (resp.status().as_u16(), ct, resp.body_mut().read_to_vec().unwrap(), timing)
+        (resp.status().as_u16(), ct, resp.body_mut().with_config().limit(1 << 30).read_to_vec().unwrap(), timing)
     }
 
     /// The same over the Unix socket, speaking HTTP/1.1 by hand.
