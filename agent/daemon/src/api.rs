@@ -115,37 +115,57 @@ impl Budget {
 
 /// An answer's bytes, with the request memory they take: handed to hyper a
 /// piece at a time (it asks for the next only when it has room to write
-/// it), so that the memory is given back only once the answer is nearly
-/// all sent, or the connection has gone.
+/// it), each piece a copy, so that once the last is handed over (and the
+/// memory given back) at most hyper's write queue of pieces is left in the
+/// heap. A client must take the whole answer within `ANSWER_WITHIN`
+/// of its first piece, or the connection ends: a slow reader cannot hold
+/// the memory for long.
 struct Held {
-    bytes: Bytes,
+    bytes: Vec<u8>,
+    sent: usize,
+    started: Option<Instant>,
     _room: Option<OwnedSemaphorePermit>,
 }
 
 /// The pieces an answer is handed over in.
 const PIECE: usize = 64 << 10;
+/// How long a client may take to read a whole answer.
+pub const ANSWER_WITHIN: Duration = Duration::from_secs(10);
 
 impl http_body::Body for Held {
     type Data = Bytes;
-    type Error = std::convert::Infallible;
+    type Error = std::io::Error;
 
     fn poll_frame(
         mut self: std::pin::Pin<&mut Self>,
         _cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, Self::Error>>> {
-        if self.bytes.is_empty() {
+        let started = *self.started.get_or_insert_with(Instant::now);
+        if self.sent == self.bytes.len() {
             return std::task::Poll::Ready(None);
         }
-        let n = self.bytes.len().min(PIECE);
-        std::task::Poll::Ready(Some(Ok(http_body::Frame::data(self.bytes.split_to(n)))))
+        if started.elapsed() > ANSWER_WITHIN {
+            let e = std::io::Error::new(std::io::ErrorKind::TimedOut, "the client did not take its answer in time");
+            return std::task::Poll::Ready(Some(Err(e)));
+        }
+        let end = self.bytes.len().min(self.sent + PIECE);
+        let piece = Bytes::copy_from_slice(&self.bytes[self.sent..end]);
+        self.sent = end;
+        if self.sent == self.bytes.len() {
+            // Handed over in full: the answer and its room go now.
+            self.bytes = Vec::new();
+            self.sent = 0;
+            self._room = None;
+        }
+        std::task::Poll::Ready(Some(Ok(http_body::Frame::data(piece))))
     }
 
     fn is_end_stream(&self) -> bool {
-        self.bytes.is_empty()
+        self.sent == self.bytes.len()
     }
 
     fn size_hint(&self) -> http_body::SizeHint {
-        http_body::SizeHint::with_exact(self.bytes.len() as u64)
+        http_body::SizeHint::with_exact((self.bytes.len() - self.sent) as u64)
     }
 }
 
@@ -331,9 +351,20 @@ async fn predict(
     .map_err(|_| {
         ApiError(StatusCode::REQUEST_TIMEOUT, format!("request body not received within {} s", BODY_DEADLINE.as_secs()))
     })??;
-    let busy = parts.extensions.get::<Arc<ConnState>>().map(|c| c.busy());
-    let (outputs, timing) = run(&shared, &served, inputs).await?;
-    drop(busy);
+    let conn = parts.extensions.get::<Arc<ConnState>>().cloned();
+    let (outputs, timing) = run(&shared, &served, inputs, conn.as_ref()).await?;
+    // Room for the answer before it is made (binary: exact; JSON: at most
+    // 26 bytes an element), taken beside the inputs' or, failing that, in
+    // their place; what the answer turns out not to need goes back.
+    let elements: usize = outputs.iter().map(|t| t.data.len() + t.shape.len()).sum();
+    let estimate =
+        if binary { elements * 8 + 64 * outputs.len() + 4 } else { elements * 26 + 256 * outputs.len() + 128 };
+    let mut room = None;
+    if shared.budget.take(&mut room, estimate).is_err() {
+        held = None;
+        shared.budget.take(&mut room, estimate)?;
+    }
+    drop(held);
     let (content_type, bytes) = if binary {
         (TENSORS_MEDIA_TYPE, encode_tensors(&outputs).map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e))?)
     } else {
@@ -347,15 +378,13 @@ async fn predict(
         ("application/json", bytes)
     };
     drop(outputs);
-    // The answer takes room until it is sent; the inputs' room goes back.
-    let mut room = None;
-    if shared.budget.take(&mut room, bytes.len()).is_err() {
-        held = None;
-        shared.budget.take(&mut room, bytes.len())?;
+    if let Some(r) = room.as_mut()
+        && bytes.len() < r.num_permits()
+    {
+        drop(r.split(r.num_permits() - bytes.len()));
     }
-    drop(held);
     let timing = server_timing(timing, start.elapsed());
-    let body = Body::new(Held { bytes: Bytes::from(bytes), _room: room });
+    let body = Body::new(Held { bytes, sent: 0, started: None, _room: room });
     let mut response = Response::new(body);
     response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
     response.headers_mut().insert("server-timing", timing);
@@ -456,17 +485,25 @@ fn nonfinite(inputs: &[Tensor]) -> u64 {
         .sum()
 }
 
-/// Runs checked inputs through the model's gate; keeps its counters and health.
-async fn run(shared: &Shared, served: &Arc<Served>, inputs: Vec<Tensor>) -> Result<(Vec<Tensor>, Timing), ApiError> {
+/// Runs checked inputs through the model's gate; keeps its counters and
+/// health. While the run holds a slot, its connection counts as running a
+/// model (and is never evicted).
+async fn run(
+    shared: &Shared,
+    served: &Arc<Served>,
+    inputs: Vec<Tensor>,
+    conn: Option<&Arc<ConnState>>,
+) -> Result<(Vec<Tensor>, Timing), ApiError> {
     let name = &served.manifest.name;
     let bad_values = nonfinite(&inputs);
     if bad_values > 0 {
         served.nonfinite_inputs.fetch_add(bad_values, Ordering::Relaxed);
     }
-    let (result, timing) = served.gate.run(served.backend.as_ref(), inputs).await.map_err(|e| {
-        served.busy.fetch_add(1, Ordering::Relaxed);
-        ApiError(StatusCode::TOO_MANY_REQUESTS, format!("model {name:?} is {e}; retry later"))
-    })?;
+    let (result, timing) =
+        served.gate.run(served.backend.as_ref(), inputs, || conn.map(|c| c.busy())).await.map_err(|e| {
+            served.busy.fetch_add(1, Ordering::Relaxed);
+            ApiError(StatusCode::TOO_MANY_REQUESTS, format!("model {name:?} is {e}; retry later"))
+        })?;
     served.requests.fetch_add(1, Ordering::Relaxed);
     match result {
         Ok(outputs) => {

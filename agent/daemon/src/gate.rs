@@ -56,16 +56,19 @@ impl Gate {
         Self { slots: Semaphore::new(threads), waiting: AtomicUsize::new(0), threads, queue }
     }
 
-    /// Runs `inputs` on `backend` when a slot is free. The run blocks this
-    /// thread: call it from a thread of its own (a connection's), never from
-    /// a runtime others share.
-    pub async fn run(
+    /// Runs `inputs` on `backend` when a slot is free, holding what
+    /// `running` returns while it runs. The run blocks this thread: call it
+    /// from a thread of its own (a connection's), never from a runtime
+    /// others share.
+    pub async fn run<G>(
         &self,
         backend: &dyn Backend,
         inputs: Vec<Tensor>,
+        running: impl FnOnce() -> G,
     ) -> Result<(Result<Vec<Tensor>, RuntimeError>, Timing), Busy> {
         let arrived = Instant::now();
         let _slot = self.admit().await?;
+        let _running = running();
         let started = Instant::now();
         let result = run_guarded(backend, inputs);
         Ok((result, Timing { queued: started - arrived, ran: started.elapsed() }))
@@ -166,7 +169,7 @@ mod tests {
         let threads: Vec<_> = (0..n)
             .map(|_| {
                 let (gate, model) = (gate.clone(), model.clone());
-                on_own_thread(async move { gate.run(model.as_ref(), t()).await.map(|(r, _)| r.is_ok()) })
+                on_own_thread(async move { gate.run(model.as_ref(), t(), || ()).await.map(|(r, _)| r.is_ok()) })
             })
             .collect();
         let (mut ran, mut busy) = (0, 0);
@@ -196,7 +199,11 @@ mod tests {
         assert_eq!(model.most.load(Ordering::SeqCst), 1);
         // Places come back: a later request is admitted.
         let (gate2, model2) = (gate.clone(), model.clone());
-        assert!(on_own_thread(async move { gate2.run(model2.as_ref(), t()).await.unwrap().0.is_ok() }).join().unwrap());
+        assert!(
+            on_own_thread(async move { gate2.run(model2.as_ref(), t(), || ()).await.unwrap().0.is_ok() })
+                .join()
+                .unwrap()
+        );
         assert_eq!(gate.waiting.load(Ordering::SeqCst), 0);
     }
 
@@ -215,13 +222,13 @@ mod tests {
         let model = slow(300);
         let running = {
             let (gate, model) = (gate.clone(), model.clone());
-            on_own_thread(async move { gate.run(model.as_ref(), t()).await.is_ok() })
+            on_own_thread(async move { gate.run(model.as_ref(), t(), || ()).await.is_ok() })
         };
         // The first request holds the only slot before the second arrives.
         model.wait_started(1);
         let (gate2, model2) = (gate.clone(), model.clone());
         let waiter = on_own_thread(async move {
-            tokio::time::timeout(Duration::from_millis(50), gate2.run(model2.as_ref(), t())).await.is_err()
+            tokio::time::timeout(Duration::from_millis(50), gate2.run(model2.as_ref(), t(), || ())).await.is_err()
         });
         assert!(waiter.join().unwrap(), "the waiter should still have been waiting");
         assert_eq!(gate.waiting.load(Ordering::SeqCst), 0);
@@ -233,8 +240,10 @@ mod tests {
         let gate = Arc::new(Gate::new(1, 1));
         let model = slow(0);
         let (g, m) = (gate.clone(), model.clone());
-        let (result, _) = on_own_thread(async move { g.run(m.as_ref(), vec![]).await.unwrap() }).join().unwrap();
+        let (result, _) = on_own_thread(async move { g.run(m.as_ref(), vec![], || ()).await.unwrap() }).join().unwrap();
         assert!(result.unwrap_err().to_string().contains("runtime panicked: no input"));
-        assert!(on_own_thread(async move { gate.run(model.as_ref(), t()).await.unwrap().0.is_ok() }).join().unwrap());
+        assert!(
+            on_own_thread(async move { gate.run(model.as_ref(), t(), || ()).await.unwrap().0.is_ok() }).join().unwrap()
+        );
     }
 }

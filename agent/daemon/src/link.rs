@@ -18,6 +18,24 @@ pub type Session = Option<(quinn::Connection, WireVersion)>;
 
 /// How long the coordinator has to answer a `Hello` or a download request.
 const ANSWER_WITHIN: Duration = Duration::from_secs(15);
+/// What a report may take on the wire: the coordinator refuses a device's
+/// frames above 128 KiB.
+const REPORT_BYTES: usize = 120 << 10;
+
+/// A report that fits in [`REPORT_BYTES`]: the details go first, then the
+/// models past what fits (the coordinator keeps a few hundred at most anyway).
+fn fitted(mut report: StatusReport, version: WireVersion) -> StatusReport {
+    let size = |r: &StatusReport| {
+        tern_proto::encode_frame(&Message::Status(r.clone()), version).map_or(usize::MAX, |f| f.len())
+    };
+    if size(&report) > REPORT_BYTES {
+        report.models.iter_mut().for_each(|m| m.detail = None);
+    }
+    while size(&report) > REPORT_BYTES && !report.models.is_empty() {
+        report.models.truncate(report.models.len() / 2);
+    }
+    report
+}
 
 /// What the link tells the main loop.
 pub enum FromLink {
@@ -68,7 +86,7 @@ async fn session(
     let mut reader = FrameReader::new(recv, version);
     let hello = Hello {
         agent_version: crate::VERSION.into(),
-        models: status_rx.borrow_and_update().models.clone(),
+        models: fitted(status_rx.borrow_and_update().clone(), version).models,
         wire_versions: WireVersion::SUPPORTED.iter().map(|v| v.0).collect(),
         formats: formats.to_vec(),
         backends: tern_runtime::backends().iter().map(|b| b.to_string()).collect(),
@@ -94,7 +112,7 @@ async fn session(
     conn_tx.send_replace(Some((conn.clone(), version)));
     // What the agent applied, at once: a Hello cannot say it.
     let report = status_rx.borrow_and_update().clone();
-    write_msg(&mut send, &Message::Status(report), version).await?;
+    write_msg(&mut send, &Message::Status(fitted(report, version)), version).await?;
     let mut heartbeat = tokio::time::interval(Duration::from_secs(30));
     heartbeat.tick().await;
     loop {
@@ -113,11 +131,11 @@ async fn session(
             changed = status_rx.changed() => {
                 changed.map_err(|_| anyhow!("agent is stopping"))?;
                 let report = status_rx.borrow_and_update().clone();
-                write_msg(&mut send, &Message::Status(report), version).await?;
+                write_msg(&mut send, &Message::Status(fitted(report, version)), version).await?;
             }
             _ = heartbeat.tick() => {
                 let report = status_rx.borrow().clone();
-                write_msg(&mut send, &Message::Status(report), version).await?;
+                write_msg(&mut send, &Message::Status(fitted(report, version)), version).await?;
             }
         }
     }

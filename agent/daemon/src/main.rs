@@ -166,12 +166,13 @@ async fn run(
     let sizing = profiles::sizing(profile.as_ref(), asked);
     let store = Arc::new(store::Store::open(data_dir)?);
     let (persisted, complete) = match store.load() {
-        Ok(p) => (p, true),
+        Ok(loaded) => loaded,
         Err(e) => {
             // Better to start, connect and take the models again than to
             // stop here and be unreachable: the files in models/ stay.
             error!("{e:#}: set aside; starting with no models until the coordinator sends them");
-            store.set_aside()?;
+            let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+            store.set_aside(now)?;
             (Persisted::default(), false)
         }
     };

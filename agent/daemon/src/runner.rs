@@ -185,8 +185,11 @@ impl<W: Work> Runner<W> {
             match action {
                 Action::Fetch(m) => {
                     let waiting = self.fetching.entry(m.sha256).or_default();
-                    waiting.push((m.name.clone(), m.version));
-                    if waiting.len() > 1 {
+                    let first = waiting.is_empty();
+                    if !waiting.iter().any(|(n, v)| *n == m.name && *v == m.version) {
+                        waiting.push((m.name.clone(), m.version));
+                    }
+                    if !first {
                         continue; // that artifact is on its way already
                     }
                     let (work, done) = (self.work.clone(), self.done_tx.clone());
@@ -315,10 +318,10 @@ mod tests {
     struct Discard;
 
     impl SlotStore for Discard {
-        fn write(&mut self, _p: &Persisted) -> anyhow::Result<()> {
+        fn write(&mut self, _p: &Persisted, _complete: bool) -> anyhow::Result<()> {
             Ok(())
         }
-        fn collect(&mut self, _keep: &BTreeSet<Sha256Digest>) {}
+        fn collect(&mut self, _keep: &BTreeSet<Sha256Digest>, _live: &Mutex<BTreeSet<Sha256Digest>>) {}
     }
 
     fn manifest(version: u32) -> ModelManifest {

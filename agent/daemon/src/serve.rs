@@ -11,10 +11,11 @@
 //! must send a request's headers within `HEADER_TIMEOUT` of connecting or of
 //! its previous answer (so idle keep-alive connections close too), its
 //! body within the API's body deadline, and take its answer: a write that
-//! cannot proceed for `WRITE_TIMEOUT` ends the connection. When every
+//! cannot proceed for `WRITE_TIMEOUT`, or an answer not all taken within
+//! the API's answer deadline, ends the connection. When every
 //! connection slot is taken a new client still gets in: the oldest
 //! connection not running a model (reading a request, idle, waiting in a
-//! model's queue, or stuck writing an answer) is cancelled for it — its
+//! model's queue, or writing an answer) is cancelled for it — its
 //! request is dropped where it stands, with the memory it held, and its
 //! thread ends. Only connections whose request is running a model are never
 //! cancelled, so slow or hostile local clients cannot lock out the others.
@@ -44,9 +45,11 @@ const STACK: usize = 2 << 20;
 
 /// One connection, as its requests see it: whether one of them is running a
 /// model now (which makes the connection one that is never evicted).
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct ConnState {
     running: AtomicUsize,
+    /// The listener's: told when this connection may be evicted again.
+    freed: Arc<Notify>,
 }
 
 /// Marks a connection as running a model until dropped.
@@ -54,7 +57,10 @@ pub struct Running(Arc<ConnState>);
 
 impl Drop for Running {
     fn drop(&mut self) {
-        self.0.running.fetch_sub(1, Ordering::AcqRel);
+        if self.0.running.fetch_sub(1, Ordering::AcqRel) == 1 {
+            // A client waiting for a slot may now evict this connection.
+            self.0.freed.notify_one();
+        }
     }
 }
 
@@ -81,7 +87,8 @@ struct Entry {
 /// The open connections of one listener, oldest first.
 struct Table {
     open: Mutex<Vec<Entry>>,
-    freed: Notify,
+    /// Told when a connection ends or stops running a model.
+    freed: Arc<Notify>,
     next: AtomicU64,
 }
 
@@ -131,7 +138,8 @@ where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = std::io::Result<Conn>>,
 {
-    let table = Arc::new(Table { open: Mutex::new(Vec::new()), freed: Notify::new(), next: AtomicU64::new(0) });
+    let table =
+        Arc::new(Table { open: Mutex::new(Vec::new()), freed: Arc::new(Notify::new()), next: AtomicU64::new(0) });
     loop {
         let conn = match accept().await {
             Ok(conn) => conn,
@@ -141,7 +149,7 @@ where
             }
         };
         let id = table.next.fetch_add(1, Ordering::Relaxed);
-        let state = Arc::new(ConnState::default());
+        let state = Arc::new(ConnState { running: AtomicUsize::new(0), freed: table.freed.clone() });
         let cancel = Arc::new(Notify::new());
         let mut entry = Some(Entry { id, state: state.clone(), cancel: cancel.clone() });
         while !table.admit(&mut entry) {

@@ -21,6 +21,10 @@ use tracing::{error, info, warn};
 const ACTIVE_V1: &[u8] = b"slots/active";
 /// Schema 2: [`StoredSlots`].
 const SLOTS: &[u8] = b"slots/v2";
+/// Present while the slots may not name every artifact worth keeping (they
+/// were set aside as unreadable, and no desired state has been applied
+/// since): nothing is removed from disk meanwhile.
+const INCOMPLETE: &[u8] = b"slots/incomplete";
 /// The schema this build writes.
 const SCHEMA: u32 = 2;
 
@@ -148,10 +152,12 @@ impl Store {
     /// from an older schema first.
     pub fn open(data_dir: &Path) -> Result<Self> {
         let root = data_dir.to_path_buf();
-        for sub in ["models", "partial"] {
+        for sub in ["models", "partial", "trash"] {
             std::fs::create_dir_all(root.join(sub))
                 .with_context(|| format!("creating {}", root.join(sub).display()))?;
         }
+        // What a removal was in the middle of when the agent stopped.
+        empty_trash(&root.join("trash"));
         // A small cache, and no background flusher waking every 500 ms:
         // every write that must last is flushed and fsynced by `write`.
         let db = sled::Config::new()
@@ -191,10 +197,12 @@ impl Store {
         Ok(())
     }
 
-    /// The slots as last persisted.
-    pub fn load(&self) -> Result<Persisted> {
+    /// The slots as last persisted, and whether they are complete (see
+    /// [`INCOMPLETE`]).
+    pub fn load(&self) -> Result<(Persisted, bool)> {
+        let complete = !self.db.contains_key(INCOMPLETE)?;
         let Some(raw) = self.db.get(SLOTS)? else {
-            return Ok(Persisted::default());
+            return Ok((Persisted::default(), complete));
         };
         let stored: StoredSlots = serde_json::from_slice(&raw).context("agent state: the slots are corrupt")?;
         if stored.schema > SCHEMA {
@@ -202,25 +210,34 @@ impl Store {
         } else if stored.schema < SCHEMA {
             bail!("agent state: schema {} under the schema-{SCHEMA} key", stored.schema);
         }
-        Ok(stored.into())
+        Ok((stored.into(), complete))
     }
 
-    /// Sets unreadable slots aside (under `slots/corrupt`, for a person to
-    /// look at), so that the agent can start without them.
-    pub fn set_aside(&self) -> Result<()> {
+    /// Sets unreadable slots aside (under `slots/corrupt/<unix time>`, for a
+    /// person to look at), and marks the state incomplete until a desired
+    /// state is applied, so that the agent can start without them and
+    /// removes no file meanwhile.
+    pub fn set_aside(&self, now_unix: u64) -> Result<()> {
+        let mut batch = sled::Batch::default();
         if let Some(raw) = self.db.get(SLOTS)? {
-            let mut batch = sled::Batch::default();
-            batch.insert(b"slots/corrupt".as_slice(), raw);
+            batch.insert(format!("slots/corrupt/{now_unix}").as_bytes(), raw);
             batch.remove(SLOTS);
-            self.db.apply_batch(batch)?;
-            sync_sled(&self.db, &self.root.join("state"))?;
         }
+        batch.insert(INCOMPLETE, b"1".as_slice());
+        self.db.apply_batch(batch)?;
+        sync_sled(&self.db, &self.root.join("state"))?;
         Ok(())
     }
 
-    /// Persists the slots, durably (sled's flush does not fsync).
-    pub fn write(&self, p: &Persisted) -> Result<()> {
-        self.db.insert(SLOTS, serde_json::to_vec(&StoredSlots::from(p))?)?;
+    /// Persists the slots, durably (sled's flush does not fsync); `complete`
+    /// clears the incomplete mark.
+    pub fn write(&self, p: &Persisted, complete: bool) -> Result<()> {
+        let mut batch = sled::Batch::default();
+        batch.insert(SLOTS, serde_json::to_vec(&StoredSlots::from(p))?);
+        if complete {
+            batch.remove(INCOMPLETE);
+        }
+        self.db.apply_batch(batch)?;
         sync_sled(&self.db, &self.root.join("state"))?;
         Ok(())
     }
@@ -251,32 +268,51 @@ impl Store {
         Ok(())
     }
 
-    /// Removes every file in `models/` and `partial/` whose digest is not in
-    /// `keep`. Returns how many it removed.
-    pub fn collect(&self, keep: &BTreeSet<Sha256Digest>) -> usize {
-        let mut removed = 0;
+    /// Removes every file in `models/` and `partial/` whose digest neither
+    /// `keep` nor `live` holds. Each file is checked with `live` locked and,
+    /// if it goes, moved into `trash/` before the lock is let go (a rename:
+    /// the main loop never waits for more than that); the trash is emptied
+    /// after. Returns how many files it removed.
+    pub fn collect(&self, keep: &BTreeSet<Sha256Digest>, live: &Mutex<BTreeSet<Sha256Digest>>) -> usize {
+        let trash = self.root.join("trash");
         for sub in ["models", "partial"] {
             let dir = self.root.join(sub);
             let Ok(entries) = std::fs::read_dir(&dir) else { continue };
             for entry in entries.flatten() {
-                let name = entry.file_name();
-                let kept =
-                    name.to_str().and_then(|n| n.parse::<Sha256Digest>().ok()).is_some_and(|d| keep.contains(&d));
-                if kept || !entry.file_type().is_ok_and(|t| t.is_file()) {
+                if !entry.file_type().is_ok_and(|t| t.is_file()) {
                     continue;
                 }
-                let size = entry.metadata().map_or(0, |m| m.len());
-                match std::fs::remove_file(entry.path()) {
-                    Ok(()) => {
-                        removed += 1;
-                        info!(file = %entry.path().display(), bytes = size, "removed an artifact no slot refers to");
-                    }
-                    Err(e) => warn!(file = %entry.path().display(), "cannot remove an unreferenced artifact: {e}"),
+                let name = entry.file_name();
+                let digest = name.to_str().and_then(|n| n.parse::<Sha256Digest>().ok());
+                let live = live.lock().expect("lock");
+                if digest.is_some_and(|d| keep.contains(&d) || live.contains(&d)) {
+                    continue;
+                }
+                let to = trash.join(format!("{sub}-{}", name.to_string_lossy()));
+                if let Err(e) = std::fs::rename(entry.path(), &to) {
+                    warn!(file = %entry.path().display(), "cannot remove an unreferenced artifact: {e}");
                 }
             }
         }
-        removed
+        empty_trash(&trash)
     }
+}
+
+/// Deletes what is in `trash/`, logging each file; returns how many.
+fn empty_trash(trash: &Path) -> usize {
+    let mut removed = 0;
+    let Ok(entries) = std::fs::read_dir(trash) else { return 0 };
+    for entry in entries.flatten() {
+        let size = entry.metadata().map_or(0, |m| m.len());
+        match std::fs::remove_file(entry.path()) {
+            Ok(()) => {
+                removed += 1;
+                info!(file = %entry.file_name().to_string_lossy(), bytes = size, "removed an artifact no slot refers to");
+            }
+            Err(e) => warn!(file = %entry.path().display(), "cannot remove an unreferenced artifact: {e}"),
+        }
+    }
+    removed
 }
 
 /// SHA-256 of a file, streamed.
@@ -296,18 +332,19 @@ pub fn digest_file(path: &Path) -> std::io::Result<Sha256Digest> {
 
 /// Where the persister writes: the store, or something else in tests.
 pub trait SlotStore: Send + 'static {
-    /// Writes the slots durably.
-    fn write(&mut self, p: &Persisted) -> Result<()>;
-    /// Removes the artifacts not in `keep`.
-    fn collect(&mut self, keep: &BTreeSet<Sha256Digest>);
+    /// Writes the slots durably; `complete`: they name every artifact worth
+    /// keeping.
+    fn write(&mut self, p: &Persisted, complete: bool) -> Result<()>;
+    /// Removes the artifacts neither `keep` nor `live` names.
+    fn collect(&mut self, keep: &BTreeSet<Sha256Digest>, live: &Mutex<BTreeSet<Sha256Digest>>);
 }
 
 impl SlotStore for Arc<Store> {
-    fn write(&mut self, p: &Persisted) -> Result<()> {
-        Store::write(self, p)
+    fn write(&mut self, p: &Persisted, complete: bool) -> Result<()> {
+        Store::write(self, p, complete)
     }
-    fn collect(&mut self, keep: &BTreeSet<Sha256Digest>) {
-        Store::collect(self, keep);
+    fn collect(&mut self, keep: &BTreeSet<Sha256Digest>, live: &Mutex<BTreeSet<Sha256Digest>>) {
+        Store::collect(self, keep, live);
     }
 }
 
@@ -321,10 +358,9 @@ struct Job {
 /// hands over a snapshot and goes on; snapshots that pile up while a write
 /// (an fsync on a slow SD card) is under way are skipped for the newest.
 /// After each write it removes artifacts neither the written snapshot nor
-/// the slots as they are now (`live`, locked while it removes) refer to: a
-/// file is deleted only once the state on disk no longer names it, and
-/// never while a download or load the main loop started for it may still
-/// need it.
+/// the slots as they are now (`live`) refer to: a file is deleted only once
+/// the state on disk no longer names it, and never while a download or load
+/// the main loop started for it may still need it.
 pub struct Persister {
     tx: mpsc::Sender<Job>,
 }
@@ -341,7 +377,7 @@ impl Persister {
                         job = Job { collect: job.collect || newer.collect, ..newer };
                     }
                     let p = job.slots;
-                    if let Err(e) = store.write(&p) {
+                    if let Err(e) = store.write(&p, job.collect) {
                         // Serving continues from memory; the next persist retries.
                         error!("cannot persist the agent's slots: {e:#}");
                         continue;
@@ -349,17 +385,15 @@ impl Persister {
                     if !job.collect {
                         continue;
                     }
-                    // The live set stays locked while files are removed: the
-                    // main loop names a file in it before any work uses it,
-                    // so nothing it starts meanwhile can find a file that is
-                    // about to go.
-                    let live = live.lock().expect("lock");
-                    let mut keep = live.clone();
+                    // The main loop names a file in `live` before any work
+                    // uses it, and each file is checked against `live` with
+                    // it locked: nothing the loop starts can find a file
+                    // that is about to go.
+                    let mut keep = BTreeSet::new();
                     for s in &p.slots {
                         keep.extend([&s.active, &s.previous, &s.candidate].into_iter().flatten().map(|m| m.sha256));
                     }
-                    store.collect(&keep);
-                    drop(live);
+                    store.collect(&keep, &live);
                 }
             })
             .context("starting the persist thread")?;
@@ -429,7 +463,8 @@ mod tests {
             db.flush().unwrap();
         }
         let store = open(dir.path());
-        let p = store.load().unwrap();
+        let (p, complete) = store.load().unwrap();
+        assert!(complete);
         assert_eq!(p.generation, 0);
         assert_eq!(
             p.slots,
@@ -438,7 +473,7 @@ mod tests {
         assert!(!store.db.contains_key(ACTIVE_V1).unwrap());
         drop(store);
         // Migrated once: a second open reads schema 2 as it is.
-        assert_eq!(open(dir.path()).load().unwrap(), p);
+        assert_eq!(open(dir.path()).load().unwrap().0, p);
     }
 
     #[test]
@@ -454,15 +489,31 @@ mod tests {
                 candidate: Some(m("iris", 3)),
             }],
         };
-        store.write(&p).unwrap();
-        assert_eq!(store.load().unwrap(), p);
+        store.write(&p, true).unwrap();
+        assert_eq!(store.load().unwrap(), (p.clone(), true));
         // A newer agent's fields do not stop this one from reading the rest.
         let mut newer: serde_json::Value = serde_json::from_slice(&store.db.get(SLOTS).unwrap().unwrap()).unwrap();
         newer["schema"] = 3.into();
         newer["update"] = serde_json::json!({ "state": "probation" });
         newer["slots"][0]["active"]["golden"] = serde_json::json!([1, 2]);
         store.db.insert(SLOTS, serde_json::to_vec(&newer).unwrap()).unwrap();
-        assert_eq!(store.load().unwrap(), p);
+        assert_eq!(store.load().unwrap().0, p);
+    }
+
+    #[test]
+    fn unreadable_slots_are_set_aside_and_nothing_is_removed_until_a_complete_write() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(dir.path());
+        store.db.insert(SLOTS, b"{not json".as_slice()).unwrap();
+        assert!(store.load().is_err());
+        store.set_aside(1_700_000_000).unwrap();
+        assert_eq!(store.load().unwrap(), (Persisted::default(), false));
+        assert!(store.db.get(b"slots/corrupt/1700000000").unwrap().is_some());
+        // Still incomplete after a restart, however the (empty) slots were written.
+        store.write(&Persisted::default(), false).unwrap();
+        assert!(!store.load().unwrap().1);
+        store.write(&Persisted::default(), true).unwrap();
+        assert!(store.load().unwrap().1);
     }
 
     #[test]
@@ -475,10 +526,12 @@ mod tests {
         std::fs::write(store.partial_path(&c), b"c").unwrap();
         std::fs::write(store.partial_path(&b), b"b").unwrap();
         std::fs::write(dir.path().join("models/stray.tmp"), b"x").unwrap();
-        assert_eq!(store.collect(&[a, c].into_iter().collect()), 3);
+        let live = Mutex::new(BTreeSet::from([c]));
+        assert_eq!(store.collect(&[a].into_iter().collect(), &live), 3);
         assert!(store.model_path(&a).is_file() && store.partial_path(&c).is_file());
         assert!(!store.model_path(&b).exists() && !store.partial_path(&b).exists());
         assert_eq!(std::fs::read_dir(dir.path().join("models")).unwrap().count(), 1);
+        assert_eq!(std::fs::read_dir(dir.path().join("trash")).unwrap().count(), 0);
     }
 
     /// A store whose writes wait until the test lets them through.
@@ -490,14 +543,16 @@ mod tests {
     }
 
     impl SlotStore for Gated {
-        fn write(&mut self, p: &Persisted) -> Result<()> {
+        fn write(&mut self, p: &Persisted, _complete: bool) -> Result<()> {
             let (lock, cv) = &*self.open;
             drop(cv.wait_while(lock.lock().unwrap(), |open| !*open).unwrap());
             self.written.lock().unwrap().push(p.generation);
             Ok(())
         }
-        fn collect(&mut self, keep: &BTreeSet<Sha256Digest>) {
-            self.collected.lock().unwrap().push(keep.clone());
+        fn collect(&mut self, keep: &BTreeSet<Sha256Digest>, live: &Mutex<BTreeSet<Sha256Digest>>) {
+            let mut all = keep.clone();
+            all.extend(live.lock().unwrap().iter().copied());
+            self.collected.lock().unwrap().push(all);
         }
     }
 

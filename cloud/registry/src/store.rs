@@ -175,10 +175,40 @@ impl Registry {
         now: u64,
         force: bool,
     ) -> Result<(ModelVersion, Vec<Device>)> {
+        let before = self.version(name, version)?;
+        let mut changed = Vec::new();
+        loop {
+            let (record, more) = self.set_status_once(name, version, status, now, force)?;
+            changed.extend(more);
+            // A device enrolled and assigned this version after the devices
+            // were listed slipped past the transaction: go again (a forced
+            // rejection unassigns it too; otherwise the rejection is undone).
+            let late = if status == Approval::Rejected { self.assigned(name, version)? } else { Vec::new() };
+            if late.is_empty() {
+                self.sync()?;
+                return Ok((record, changed));
+            }
+            if !force {
+                self.set_status_once(name, version, before.status, before.status_changed_at, false)?;
+                self.sync()?;
+                let ids: Vec<&str> = late.iter().map(DeviceId::as_str).collect();
+                return Err(RegistryError::Deployed { name: name.to_owned(), version, devices: ids.join(", ") });
+            }
+        }
+    }
+
+    /// One pass of [`Registry::set_status`] over the devices there are now.
+    fn set_status_once(
+        &self,
+        name: &str,
+        version: u32,
+        status: Approval,
+        now: u64,
+        force: bool,
+    ) -> Result<(ModelVersion, Vec<Device>)> {
         let key = version_key(name, version);
-        self.version(name, version)?;
-        // Every device, read again inside the transaction: one assigned in
-        // between is caught there, one enrolled in between had nothing assigned.
+        // Every device listed now is read again inside the transaction, so
+        // an assignment to one of them cannot slip past it.
         let ids: Vec<sled::IVec> = self.devices.iter().keys().collect::<Result<_, _>>()?;
         let result = (&self.models, &self.devices).transaction(|(models, devices)| {
             let Some(raw) = models.get(&key)? else {
@@ -215,9 +245,7 @@ impl Registry {
             models.insert(key.as_slice(), encode(&record))?;
             Ok((record, changed))
         });
-        let out = unwrap_tx(result)?;
-        self.sync()?;
-        Ok(out)
+        unwrap_tx(result)
     }
 
     /// The devices assigned `name:version`.

@@ -338,6 +338,7 @@ async fn remove_device(Ext(state): Ext<Arc<State>>, Path(id): Path<String>) -> A
     let i = id.clone();
     let device = blocking(&state, move |s| s.registry.remove_device(&i)).await?;
     state.sessions.kick(&device.id, super::sessions::close::REVOKED, "this device was removed from the fleet");
+    super::limits::Slot::forget_device(&state.counters, device.id.as_str());
     info!(device = %id, "device removed; its certificate is refused from now on");
     Ok(Json(device))
 }

@@ -2,9 +2,10 @@
 //! handshakes and connections that have not shown a device certificate (in
 //! all and per source address), and log lines about refused peers.
 //! Addresses count by /64 for IPv6 (one host holds a whole /64) and as they
-//! are for IPv4. Addresses that recently presented a device certificate
-//! have a handshake pool of their own, so a flood of anonymous handshakes
-//! cannot keep the fleet from reconnecting.
+//! are for IPv4. Addresses enrolled devices recently connected from have a
+//! handshake pool of their own, with room at each address for twice the
+//! devices seen there, so a flood of anonymous handshakes cannot keep the
+//! fleet from reconnecting.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -17,7 +18,7 @@ use std::time::{Duration, Instant};
 pub struct Caps {
     /// All connections at once: handshaking, anonymous and devices.
     pub connections: usize,
-    /// Handshakes in progress (each lasts a round trip, 10 s at most).
+    /// Handshakes in progress (each lasts a round trip, 5 s at most).
     pub handshakes: usize,
     /// Connections past their handshake without a device certificate
     /// (enrolling), in all.
@@ -89,14 +90,12 @@ struct Pools {
     /// Handshakes from addresses devices were seen at.
     returning: Pool,
     anonymous: Pool,
-    /// Where devices connected from lately, and when.
-    devices_at: HashMap<IpAddr, Instant>,
+    /// Where each device last connected from: one entry per enrolled
+    /// device that connected, so no more than the fleet has.
+    device_at: HashMap<String, IpAddr>,
+    /// How many devices each address holds (from `device_at`).
+    devices_per_address: HashMap<IpAddr, usize>,
 }
-
-/// How long an address counts as one devices connect from.
-const DEVICE_ADDRESS_FOR: Duration = Duration::from_secs(24 * 3600);
-/// Addresses remembered at most.
-const DEVICE_ADDRESSES: usize = 100_000;
 
 /// The address as the caps count it: IPv6 by its /64, IPv4 (also mapped
 /// into IPv6) as it is.
@@ -146,9 +145,9 @@ impl Counters {
     }
 
     /// A slot for a new connection from `ip` to make its handshake in, or
-    /// why not. An address devices connected from in the last day gets a
-    /// place in the returning pool when the general one is full.
-    pub fn admit(self: &Arc<Self>, ip: IpAddr, now: Instant) -> Result<Slot, Refused> {
+    /// why not. An address devices connect from gets a place in the
+    /// returning pool when the general one is full.
+    pub fn admit(self: &Arc<Self>, ip: IpAddr) -> Result<Slot, Refused> {
         let ip = bucket(ip);
         let mut pools = self.pools.lock().expect("lock");
         if self.total.load(Ordering::Acquire) >= self.caps.connections {
@@ -157,12 +156,13 @@ impl Counters {
         let phase = match pools.handshaking.take(ip, self.caps.handshakes, self.caps.per_address, Refused::Handshakes) {
             Ok(()) => Phase::Handshaking,
             Err(e) => {
-                let known = pools.devices_at.get(&ip).is_some_and(|t| now.duration_since(*t) < DEVICE_ADDRESS_FOR);
-                if !known {
+                // Devices behind one NAT share an address: room for twice
+                // the devices seen there lately, no more.
+                let devices = pools.devices_per_address.get(&ip).copied().unwrap_or(0);
+                if devices == 0 {
                     return Err(e);
                 }
-                // Devices behind one NAT share an address: no per-address cap here.
-                pools.returning.take(ip, self.caps.handshakes, usize::MAX, Refused::Handshakes)?;
+                pools.returning.take(ip, self.caps.handshakes, devices.saturating_mul(2), Refused::Handshakes)?;
                 Phase::Returning
             }
         };
@@ -203,20 +203,27 @@ impl Slot {
         }
     }
 
-    /// The handshake showed the certificate of an enrolled device: its
-    /// address is remembered as one devices connect from.
-    pub fn device(&mut self, now: Instant) {
+    /// The handshake showed the certificate of enrolled device `id`: its
+    /// address is remembered as the one it connects from.
+    pub fn device(&mut self, id: &str) {
         let counters = self.counters.clone();
         let mut pools = counters.pools.lock().expect("lock");
         self.leave(&mut pools);
         self.phase = Phase::Device;
-        if pools.devices_at.len() >= DEVICE_ADDRESSES {
-            pools.devices_at.retain(|_, t| now.duration_since(*t) < DEVICE_ADDRESS_FOR);
-            if pools.devices_at.len() >= DEVICE_ADDRESSES {
-                pools.devices_at.clear();
-            }
+        let Pools { device_at, devices_per_address, .. } = &mut *pools;
+        if let Some(old) = device_at.insert(id.to_owned(), self.ip) {
+            forget(devices_per_address, old);
         }
-        pools.devices_at.insert(self.ip, now);
+        *devices_per_address.entry(self.ip).or_default() += 1;
+    }
+
+    /// The device was removed: its address no longer counts for it.
+    pub fn forget_device(counters: &Counters, id: &str) {
+        let mut pools = counters.pools.lock().expect("lock");
+        let Pools { device_at, devices_per_address, .. } = &mut *pools;
+        if let Some(ip) = device_at.remove(id) {
+            forget(devices_per_address, ip);
+        }
     }
 
     /// The handshake showed no certificate: the connection may only enroll,
@@ -235,6 +242,15 @@ impl Slot {
                 self.phase = Phase::Refused;
                 Err(e)
             }
+        }
+    }
+}
+
+fn forget(per_address: &mut HashMap<IpAddr, usize>, ip: IpAddr) {
+    if let Some(n) = per_address.get_mut(&ip) {
+        *n -= 1;
+        if *n == 0 {
+            per_address.remove(&ip);
         }
     }
 }
@@ -288,28 +304,27 @@ mod tests {
     fn handshakes_and_anonymous_connections_are_capped_in_all_and_per_address() {
         let c = Counters::new(Caps { connections: 6, handshakes: 3, anonymous: 2, per_address: 2 });
         let ip = |s: &str| -> IpAddr { s.parse().unwrap() };
-        let now = Instant::now();
-        let mut a1 = c.admit(ip("10.0.0.1"), now).unwrap();
-        let mut a2 = c.admit(ip("10.0.0.1"), now).unwrap();
-        assert_eq!(c.admit(ip("10.0.0.1"), now).err(), Some(Refused::PerAddress));
-        let mut b1 = c.admit(ip("10.0.0.2"), now).unwrap();
-        assert_eq!(c.admit(ip("10.0.0.3"), now).err(), Some(Refused::Handshakes));
+        let mut a1 = c.admit(ip("10.0.0.1")).unwrap();
+        let mut a2 = c.admit(ip("10.0.0.1")).unwrap();
+        assert_eq!(c.admit(ip("10.0.0.1")).err(), Some(Refused::PerAddress));
+        let mut b1 = c.admit(ip("10.0.0.2")).unwrap();
+        assert_eq!(c.admit(ip("10.0.0.3")).err(), Some(Refused::Handshakes));
         assert!(c.crowded());
         // Handshakes done: a device, and two without certificates.
-        a1.device(now);
+        a1.device("a1");
         a2.anonymous().unwrap();
         assert_eq!(b1.anonymous(), Ok(()));
         assert_eq!((c.anonymous(), c.handshaking(), c.total()), (2, 0, 3));
         // The anonymous pool is full; a third is refused after its handshake
         // (and only counts in the total until it is dropped).
-        let mut c1 = c.admit(ip("10.0.0.3"), now).unwrap();
+        let mut c1 = c.admit(ip("10.0.0.3")).unwrap();
         assert_eq!(c1.anonymous(), Err(Refused::Anonymous));
         drop(c1);
         // A device's connection takes no anonymous slot.
-        let mut d1 = c.admit(ip("10.0.0.2"), now).unwrap();
-        d1.device(now);
-        let _h = (c.admit(ip("10.0.0.4"), now).unwrap(), c.admit(ip("10.0.0.5"), now).unwrap());
-        assert_eq!(c.admit(ip("10.0.0.6"), now).err(), Some(Refused::Connections));
+        let mut d1 = c.admit(ip("10.0.0.2")).unwrap();
+        d1.device("d1");
+        let _h = (c.admit(ip("10.0.0.4")).unwrap(), c.admit(ip("10.0.0.5")).unwrap());
+        assert_eq!(c.admit(ip("10.0.0.6")).err(), Some(Refused::Connections));
         drop(a2);
         assert_eq!((c.anonymous(), c.handshaking(), c.total()), (1, 2, 5));
         drop((a1, b1, d1));
@@ -319,20 +334,24 @@ mod tests {
     #[test]
     fn addresses_devices_came_from_get_handshakes_when_a_flood_holds_the_rest() {
         let c = Counters::new(Caps { connections: 100, handshakes: 4, anonymous: 10, per_address: 2 });
-        let now = Instant::now();
-        let device_ip: IpAddr = "10.0.0.9".parse().unwrap();
-        c.admit(device_ip, now).unwrap().device(now);
+        let nat: IpAddr = "10.0.0.9".parse().unwrap();
+        for id in ["cam-1", "cam-2"] {
+            c.admit(nat).unwrap().device(id);
+        }
         let _flood: Vec<Slot> = ["10.0.0.1", "10.0.0.1", "10.0.0.2", "10.0.0.2"]
             .iter()
-            .map(|a| c.admit(a.parse().unwrap(), now).unwrap())
+            .map(|a| c.admit(a.parse().unwrap()).unwrap())
             .collect();
-        assert_eq!(c.admit("10.0.0.3".parse().unwrap(), now).err(), Some(Refused::Handshakes));
-        // The device's address gets in anyway, and more than two of it (a NAT).
-        let back: Vec<Slot> = (0..3).map(|_| c.admit(device_ip, now).unwrap()).collect();
-        assert_eq!(back.len(), 3);
-        // A day later it is a stranger again.
-        let later = now + DEVICE_ADDRESS_FOR;
-        assert!(c.admit(device_ip, later).is_err());
+        assert_eq!(c.admit("10.0.0.3".parse().unwrap()).err(), Some(Refused::Handshakes));
+        // The NAT with two devices gets handshakes anyway: twice as many as
+        // its devices, more than the per-address cap, but not without end.
+        let back: Vec<Slot> = (0..4).map(|_| c.admit(nat).unwrap()).collect();
+        assert!(c.admit(nat).is_err(), "no more than twice its devices");
+        drop(back);
+        // Removed devices take their share with them.
+        Slot::forget_device(&c, "cam-1");
+        Slot::forget_device(&c, "cam-2");
+        assert_eq!(c.admit(nat).err(), Some(Refused::Handshakes), "no devices there any more");
     }
 
     #[test]
@@ -340,10 +359,9 @@ mod tests {
         assert_eq!(bucket("2001:db8:1:2:aaaa::1".parse().unwrap()), "2001:db8:1:2::".parse::<IpAddr>().unwrap());
         assert_eq!(bucket("::ffff:10.1.2.3".parse().unwrap()), "10.1.2.3".parse::<IpAddr>().unwrap());
         let c = Counters::new(Caps { connections: 100, handshakes: 100, anonymous: 10, per_address: 2 });
-        let now = Instant::now();
-        let _a = c.admit("2001:db8::1".parse().unwrap(), now).unwrap();
-        let _b = c.admit("2001:db8::2".parse().unwrap(), now).unwrap();
-        assert_eq!(c.admit("2001:db8::3".parse().unwrap(), now).err(), Some(Refused::PerAddress));
+        let _a = c.admit("2001:db8::1".parse().unwrap()).unwrap();
+        let _b = c.admit("2001:db8::2".parse().unwrap()).unwrap();
+        assert_eq!(c.admit("2001:db8::3".parse().unwrap()).err(), Some(Refused::PerAddress));
     }
 
     #[test]

@@ -46,7 +46,7 @@ pub struct ServeArgs {
     /// Connections at most, devices included.
     #[arg(long, default_value_t = 20_000)]
     pub max_connections: usize,
-    /// Handshakes in progress at most (each takes a round trip; 10 s at most).
+    /// Handshakes in progress at most (each takes a round trip; 5 s at most).
     #[arg(long, default_value_t = 1024)]
     pub max_handshakes: usize,
     /// Connections at most that have no device certificate (enrolling);
@@ -60,7 +60,7 @@ pub struct ServeArgs {
     pub max_per_address: usize,
     /// Close a device's control session after this many seconds without a
     /// frame from it (agents report every 30 s).
-    #[arg(long, default_value_t = 90, value_parser = clap::value_parser!(u64).range(1..))]
+    #[arg(long, default_value_t = 90, value_parser = clap::value_parser!(u64).range(1..=86_400))]
     pub session_quiet_secs: u64,
 }
 

@@ -82,7 +82,7 @@ pub async fn accept_loop(endpoint: quinn::Endpoint, state: Arc<State>) {
             let _ = incoming.retry();
             continue;
         }
-        let slot = match state.counters.admit(remote.ip(), Instant::now()) {
+        let slot = match state.counters.admit(remote.ip()) {
             Ok(slot) => slot,
             Err(why) => {
                 limited!(CONNECTION_LOG, %remote, "connection refused: {why}");
@@ -125,7 +125,7 @@ async fn handle_connection(conn: Connection, state: Arc<State>, mut slot: Slot) 
     let Some(id) = device_of(&state, &conn, &fingerprint)? else {
         return Ok(());
     };
-    slot.device(Instant::now());
+    slot.device(id.as_str());
     tern_net::admit_device(&conn);
     state.sessions.connected(&id, &conn);
     info!(device = %id, %remote, wire = %version, "device connected");
@@ -181,8 +181,14 @@ async fn device_streams(
         // nothing more on this connection.
         match device_of(state, conn, &fingerprint) {
             Ok(Some(now)) if &now == id => {}
-            Ok(_) => return "its certificate is no longer the device's".into(),
-            Err(e) => return format!("registry: {e:#}"),
+            Ok(_) => {
+                conn.close(close::REVOKED.into(), b"this certificate is no longer the device's");
+                return "its certificate is no longer the device's".into();
+            }
+            Err(e) => {
+                conn.close(1u32.into(), b"coordinator error");
+                return format!("registry: {e:#}");
+            }
         }
         let (state, id, conn) = (state.clone(), id.clone(), conn.clone());
         tokio::spawn(async move {
@@ -332,9 +338,16 @@ async fn control(
     mut send: SendStream,
     mut reader: FrameReader,
 ) -> Result<()> {
-    let Ok(opened) = state.sessions.open(id, conn) else {
-        let m = "a control session is open on this connection already".to_string();
-        return reject(send, conn.remote_address(), version, ErrorCode::SessionConflict, m).await;
+    let opened = match state.sessions.open(id, conn) {
+        Ok(opened) => opened,
+        Err(super::sessions::NotOpened::AlreadyOpen) => {
+            let m = "a control session is open on this connection already".to_string();
+            return reject(send, conn.remote_address(), version, ErrorCode::SessionConflict, m).await;
+        }
+        Err(super::sessions::NotOpened::Gone) => {
+            conn.close(close::REPLACED.into(), b"this connection is no longer the device's");
+            return Ok(());
+        }
     };
     let result = session(&state, conn, id, version, hello, &mut send, &mut reader, opened.wake).await;
     // The connection goes with its session: the device reconnects for a new one.
@@ -375,11 +388,20 @@ async fn session(
         ..Report::default()
     };
     seen(state, id, report).await?;
+    // Writes have the quiet deadline too: a device that stops taking them
+    // (a window kept shut) is no better than one that stops talking.
+    let quiet_for = state.session_quiet;
+    let write = async |send: &mut SendStream, msg: Message| -> Result<()> {
+        tokio::time::timeout(quiet_for, write_msg(send, &msg, version))
+            .await
+            .map_err(|_| anyhow!("the device took no frame for {quiet_for:?}"))??;
+        Ok(())
+    };
     let welcome = Welcome { device_id: id.clone(), server_time: unix_now(), wire_version: version.0 };
-    write_msg(send, &Message::Welcome(welcome), version).await?;
+    write(send, Message::Welcome(welcome)).await?;
     // Marked before the state is read: a change in between wakes us again.
     wake.mark_unchanged();
-    write_msg(send, &Message::Desired(state.desired(id.as_str(), version)?), version).await?;
+    write(send, Message::Desired(state.desired(id.as_str(), version)?)).await?;
     let quiet = tokio::time::sleep(state.session_quiet);
     tokio::pin!(quiet);
     loop {
@@ -410,7 +432,7 @@ async fn session(
                 }
                 Some(other) => {
                     let m = format!("{} is not allowed on the control stream", other.kind());
-                    write_msg(send, &Message::Error(WireError::new(ErrorCode::BadRequest, m.clone())), version).await?;
+                    write(send, Message::Error(WireError::new(ErrorCode::BadRequest, m.clone()))).await?;
                     return Err(anyhow!(m));
                 }
                 None => return Ok(()),
@@ -420,7 +442,7 @@ async fn session(
                     return Ok(());
                 }
                 wake.mark_unchanged();
-                write_msg(send, &Message::Desired(state.desired(id.as_str(), version)?), version).await?;
+                write(send, Message::Desired(state.desired(id.as_str(), version)?)).await?;
             }
         }
     }

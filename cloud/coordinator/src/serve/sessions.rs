@@ -49,9 +49,15 @@ pub struct Opened {
     pub wake: watch::Receiver<u64>,
 }
 
-/// This connection already carries the device's control session.
-#[derive(Debug)]
-pub struct AlreadyOpen;
+/// Why a session was not opened.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NotOpened {
+    /// This connection carries the device's control session already.
+    AlreadyOpen,
+    /// The connection is no longer one of the device's (it ended, was
+    /// replaced, or the device was removed).
+    Gone,
+}
 
 /// Every connected device.
 #[derive(Default)]
@@ -92,13 +98,15 @@ impl Sessions {
     /// another connection is closed with that connection and replaced
     /// (logged with both addresses); one on this connection already is an
     /// error.
-    pub fn open(&self, device: &DeviceId, conn: &quinn::Connection) -> Result<Opened, AlreadyOpen> {
+    pub fn open(&self, device: &DeviceId, conn: &quinn::Connection) -> Result<Opened, NotOpened> {
         let mut devices = self.devices.lock().expect("lock");
-        let d = devices.entry(device.clone()).or_default();
         let conn_id = conn.stable_id();
+        let Some(d) = devices.get_mut(device).filter(|d| d.conns.iter().any(|c| c.id == conn_id)) else {
+            return Err(NotOpened::Gone);
+        };
         if let Some((old, _)) = &d.session {
             if *old == conn_id {
-                return Err(AlreadyOpen);
+                return Err(NotOpened::AlreadyOpen);
             }
             if let Some(i) = d.conns.iter().position(|c| c.id == *old) {
                 let old = d.conns.remove(i);
