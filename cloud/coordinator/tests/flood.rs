@@ -11,12 +11,7 @@ use std::time::{Duration, Instant};
 
 #[test]
 fn five_hundred_anonymous_connections_holding_half_frames_cost_little_and_are_closed() {
-    let coord = Coord::start();
-    let mut agent = Agent::enrolled(&coord, "cam-01");
-    coord.register_iris("iris");
-    coord.ok(&["fleet", "assign", "cam-01", "iris:1"]);
-    agent.start();
-    agent.wait_serving("iris", 1);
+    let (coord, mut agent) = serving(&[], "iris.onnx", "iris");
     std::thread::sleep(Duration::from_secs(1));
     let before = rss_kib(coord.proc.pid());
 

@@ -10,16 +10,6 @@ use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
-fn served(extra: &[&str], fixture_name: &str, name: &str) -> (Coord, Agent) {
-    let coord = Coord::start();
-    let mut agent = Agent::enrolled(&coord, "cam-01");
-    coord.register_fixture(name, fixture_name);
-    coord.ok(&["fleet", "assign", "cam-01", &format!("{name}:1")]);
-    agent.start_with(extra);
-    agent.wait_serving(name, 1);
-    (coord, agent)
-}
-
 fn connect(agent: &Agent) -> TcpStream {
     let s = TcpStream::connect(agent.http.trim_start_matches("http://")).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
@@ -47,15 +37,9 @@ fn status_of(s: &mut TcpStream) -> (u16, String) {
     (status, text)
 }
 
-fn peak_rss_kib(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    let line = status.lines().find(|l| l.starts_with("VmHWM:")).unwrap();
-    line.split_whitespace().nth(1).unwrap().parse().unwrap()
-}
-
 #[test]
 fn a_request_that_would_need_gigabytes_gets_413_and_the_agent_stays_small() {
-    let (_coord, agent) = served(&["--max-batch", "64"], "iris.onnx", "iris");
+    let (_coord, agent) = serving(&["--max-batch", "64"], "iris.onnx", "iris");
     let before = peak_rss_kib(agent.pid());
 
     // 60 MiB declared for a model that takes 64 rows of 4 floats: refused
@@ -139,7 +123,7 @@ fn hold_part_of(agent: &Agent, model: &str, n: usize, sent: usize) -> TcpStream 
 #[test]
 fn request_memory_is_shared_and_bounded_and_never_waited_for() {
     // wide.onnx takes rows of 65,536 floats (256 KiB each).
-    let (_coord, agent) = served(&["--request-memory-mb", "1"], "wide.onnx", "wide");
+    let (_coord, agent) = serving(&["--request-memory-mb", "1"], "wide.onnx", "wide");
     let (status, _, body) = agent.post_tensors("/v1/models/wide:predict", &[rows(1)]);
     assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
     // Four rows: 1 MiB of body and 1 MiB decoded, more than the agent may hold.
@@ -170,7 +154,7 @@ fn an_answer_nobody_reads_holds_its_memory_for_10_s_at_most() {
     // out. Over the Unix socket (whose buffers hold a few hundred KiB,
     // where loopback TCP may grow to 32 MiB) the answer cannot all be sent
     // while its client does not read.
-    let (_coord, agent) = served(&["--request-memory-mb", "40", "--max-batch", "64"], "echo.onnx", "echo");
+    let (_coord, agent) = serving(&["--request-memory-mb", "40", "--max-batch", "64"], "echo.onnx", "echo");
     let body = tern_proto::encode_tensors(&[rows(64)]).unwrap();
     let mut reader_that_never_reads = std::os::unix::net::UnixStream::connect(&agent.socket).unwrap();
     write!(
@@ -198,11 +182,8 @@ fn an_answer_nobody_reads_holds_its_memory_for_10_s_at_most() {
 
 #[test]
 fn connection_churn_does_not_pile_up_threads() {
-    let (_coord, agent) = served(&[], "iris.onnx", "iris");
-    let threads = || -> u64 {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", agent.pid())).unwrap();
-        status.lines().find(|l| l.starts_with("Threads:")).unwrap().split_whitespace().nth(1).unwrap().parse().unwrap()
-    };
+    let (_coord, agent) = serving(&[], "iris.onnx", "iris");
+    let threads = || proc_status(agent.pid(), "Threads");
     let before = threads();
     // 400 clients, one after another, each leaving a half-sent request.
     let mut held = Vec::new();
@@ -220,7 +201,7 @@ fn connection_churn_does_not_pile_up_threads() {
 
 #[test]
 fn slow_clients_cannot_lock_out_other_apps() {
-    let (_coord, agent) = served(&[], "iris.onnx", "iris");
+    let (_coord, agent) = serving(&[], "iris.onnx", "iris");
     let body = r#"{"inputs":[{"name":"X","shape":[1,4],"data":[5.1,3.5,1.4,0.2]}]}"#;
 
     // A keep-alive client that goes idle after one answer.

@@ -47,11 +47,6 @@ fn runtime_failure_marks_the_model_unhealthy_and_the_agent_stays_up() {
     });
 }
 
-fn peak_rss_kib(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    status.lines().find(|l| l.starts_with("VmHWM:")).unwrap().split_whitespace().nth(1).unwrap().parse().unwrap()
-}
-
 #[test]
 fn a_full_queue_answers_429_and_memory_stays_bounded() {
     let coord = Coord::start();

@@ -18,11 +18,33 @@ use tern_proto::{Message, WireVersion};
 /// Numbers log files, so that two starts of one process never share one.
 static LOGS: AtomicUsize = AtomicUsize::new(0);
 
+/// A figure of `/proc/PID/status` (`VmRSS`, `VmHWM`, `Threads`...).
+pub fn proc_status(pid: u32, field: &str) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = status.lines().find(|l| l.starts_with(&format!("{field}:"))).unwrap();
+    line.split_whitespace().nth(1).unwrap().parse().unwrap()
+}
+
 /// Resident memory of a process, in KiB.
 pub fn rss_kib(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
-    line.split_whitespace().nth(1).unwrap().parse().unwrap()
+    proc_status(pid, "VmRSS")
+}
+
+/// The most resident memory a process has had, in KiB.
+pub fn peak_rss_kib(pid: u32) -> u64 {
+    proc_status(pid, "VmHWM")
+}
+
+/// A coordinator, and an agent `cam-01` started with `extra` flags and
+/// serving `fixture_name` as `name:1`.
+pub fn serving(extra: &[&str], fixture_name: &str, name: &str) -> (Coord, Agent) {
+    let coord = Coord::start();
+    let mut agent = Agent::enrolled(&coord, "cam-01");
+    coord.register_fixture(name, fixture_name);
+    coord.ok(&["fleet", "assign", "cam-01", &format!("{name}:1")]);
+    agent.start_with(extra);
+    agent.wait_serving(name, 1);
+    (coord, agent)
 }
 
 pub fn fixture(name: &str) -> PathBuf {
