@@ -323,6 +323,7 @@ impl Slots {
         if generation < self.generation {
             return;
         }
+        let before = self.persisted();
         self.generation = generation;
         if self.refused.as_ref().is_some_and(|r| r.generation <= generation) {
             self.refused = None;
@@ -354,7 +355,11 @@ impl Slots {
             };
             slot.candidate = Some(Candidate { manifest, phase, attempts: 0 });
         }
-        self.actions.push_back(Action::Persist);
+        // Written only when it changed: an agent told the same again (as at
+        // every reconnect) does not touch its disk.
+        if self.persisted() != before {
+            self.actions.push_back(Action::Persist);
+        }
     }
 
     /// Records a desired state refused as a whole (a bad signature): the

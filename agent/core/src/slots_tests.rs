@@ -79,6 +79,9 @@ fn desired_model_is_fetched_loaded_installed_and_served() {
     s.set_desired(2, vec![m("iris", 1)]);
     assert_eq!(drain(&mut s), [Action::Persist]);
     assert_eq!(s.generation(), 2);
+    // And the same generation again nothing at all (every reconnect).
+    s.set_desired(2, vec![m("iris", 1)]);
+    assert!(drain(&mut s).is_empty());
 }
 
 #[test]

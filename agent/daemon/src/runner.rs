@@ -86,13 +86,12 @@ impl<W: Work> Runner<W> {
             loaded: HashMap::new(),
             fetching: HashMap::new(),
         };
-        // What was restored is written back (finishing a migration) and
-        // whatever no slot names is removed, before any download starts.
+        // Whatever no restored slot names is removed before any download
+        // starts, unless the slots were lost (then nothing is, until a
+        // desired state says what to keep).
         *runner.live.lock().expect("lock") = runner.slots.referenced();
         if complete {
-            runner.persister.persist(runner.slots.persisted());
-        } else {
-            runner.persister.persist_only(runner.slots.persisted());
+            runner.persister.collect(runner.slots.persisted());
         }
         runner
     }

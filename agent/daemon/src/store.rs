@@ -348,9 +348,11 @@ impl SlotStore for Arc<Store> {
     }
 }
 
-/// A snapshot to write, and whether to remove unreferenced artifacts after.
+/// A snapshot to write (unless it is on disk already), and whether to
+/// remove unreferenced artifacts after.
 struct Job {
     slots: Persisted,
+    write: bool,
     collect: bool,
 }
 
@@ -374,10 +376,12 @@ impl Persister {
             .spawn(move || {
                 while let Ok(mut job) = rx.recv() {
                     while let Ok(newer) = rx.try_recv() {
-                        job = Job { collect: job.collect || newer.collect, ..newer };
+                        job = Job { write: job.write || newer.write, collect: job.collect || newer.collect, ..newer };
                     }
                     let p = job.slots;
-                    if let Err(e) = store.write(&p, job.collect) {
+                    if job.write
+                        && let Err(e) = store.write(&p, job.collect)
+                    {
                         // Serving continues from memory; the next persist retries.
                         error!("cannot persist the agent's slots: {e:#}");
                         continue;
@@ -404,13 +408,13 @@ impl Persister {
     /// removed; returns at once.
     pub fn persist(&self, p: Persisted) {
         // The thread only ends with the process.
-        let _ = self.tx.send(Job { slots: p, collect: true });
+        let _ = self.tx.send(Job { slots: p, write: true, collect: true });
     }
 
-    /// The same, removing nothing: for slots that may not name every
-    /// artifact worth keeping (after a state that could not be read).
-    pub fn persist_only(&self, p: Persisted) {
-        let _ = self.tx.send(Job { slots: p, collect: false });
+    /// Removes the artifacts slots read from disk (`p`) do not name, without
+    /// writing them again: what the agent does at start.
+    pub fn collect(&self, p: Persisted) {
+        let _ = self.tx.send(Job { slots: p, write: false, collect: true });
     }
 }
 
