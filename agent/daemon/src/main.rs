@@ -77,10 +77,10 @@ enum Cmd {
         /// dynamic (more get 413); default 4194304.
         #[arg(long)]
         max_elements: Option<usize>,
-        /// Request data (bodies as they arrive, decoded inputs until answered) all
-        /// local clients together may make the agent hold, in MiB; a request that
-        /// does not fit waits for room within its 10 s body deadline.
-        /// Default: from the device profile, else 64.
+        /// Request data (bodies as they arrive, decoded inputs, answers until
+        /// sent) all local clients together may make the agent hold, in MiB; a
+        /// request that finds no room gets 503 at once, one that could never
+        /// fit 413. Default: from the device profile, else 64.
         #[arg(long)]
         request_memory_mb: Option<usize>,
         /// Accept only these artifact formats (comma-separated: onnx, nnef,
