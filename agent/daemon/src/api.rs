@@ -357,8 +357,8 @@ async fn predict(
     // 26 bytes an element), taken beside the inputs' or, failing that, in
     // their place; what the answer turns out not to need goes back.
     let elements: usize = outputs.iter().map(|t| t.data.len() + t.shape.len()).sum();
-    let estimate =
-        if binary { elements * 8 + 64 * outputs.len() + 4 } else { elements * 26 + 256 * outputs.len() + 128 };
+    let (per_element, per_tensor) = if binary { (8, 64) } else { (26, 256) };
+    let estimate = elements.saturating_mul(per_element).saturating_add(per_tensor * outputs.len() + 128);
     let mut room = None;
     if shared.budget.take(&mut room, estimate).is_err() {
         held = None;
