@@ -1,6 +1,7 @@
 //! The agent's sans-IO core: one slot per model name (active, previous,
-//! candidate) and the machine that moves a candidate from the desired state
-//! to serving. It does no I/O and reads no clock: the daemon feeds it the
+//! candidate) and the staged-update machine that moves a candidate from the
+//! desired state through download, verification, self-test, shadow and
+//! probation to committed, or rolls it back. It does no I/O and reads no clock: the daemon feeds it the
 //! desired state, the results of the work it asked for, and `now`; it answers
 //! with [`Action`]s to perform and a status to report. The daemon serves only
 //! what the core told it to install, and persists what [`Slots::persisted`]
@@ -8,4 +9,7 @@
 
 mod slots;
 
-pub use slots::{Action, Disallowed, Event, MAX_BACKOFF, MIN_BACKOFF, Persisted, PersistedSlot, Phase, Slot, Slots};
+pub use slots::{
+    Action, Disallowed, Event, HEALTH_EVERY, HEALTH_GRACE, Health, MAX_BACKOFF, MIN_BACKOFF, Persisted, PersistedSlot,
+    Phase, ShadowReport, Slot, Slots, Stage,
+};

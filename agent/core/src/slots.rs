@@ -7,51 +7,130 @@ use tern_proto::{ModelFormat, ModelManifest, ModelState, ModelStatus, Refusal, S
 pub const MIN_BACKOFF: Duration = Duration::from_secs(2);
 /// Longest delay between retries.
 pub const MAX_BACKOFF: Duration = Duration::from_secs(300);
+/// How often a version on probation has its health checked.
+pub const HEALTH_EVERY: Duration = Duration::from_secs(1);
+/// How long past the end of probation the last health report may take
+/// before the update counts as failed.
+pub const HEALTH_GRACE: Duration = Duration::from_secs(30);
 
-/// Where a candidate version is on its way to serving.
+/// Where a candidate version is on its way to being committed. Every
+/// non-terminal phase has a deadline (from the manifest's
+/// [`tern_proto::UpdatePolicy`]); past it the update fails and the
+/// committed version keeps (or goes back to) serving.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Phase {
-    /// The daemon is downloading and checking the artifact.
+    /// The daemon is downloading the artifact and its golden vectors.
     Fetching,
-    /// The daemon is loading the verified artifact into the runtime.
-    Loading,
-    /// The last attempt failed; retried at `retry_at`.
-    Failed {
+    /// The daemon is checking their digests on disk.
+    Verifying,
+    /// Verified on disk; the daemon is loading it into the runtime (not
+    /// serving). From here on the agent is running the candidate's code, so
+    /// this is persisted before the load starts: a crash from here on is the
+    /// candidate's fault until shown otherwise.
+    Staged,
+    /// Loaded; the daemon is running the golden vectors on it.
+    SelfTest,
+    /// Running beside the serving version on live requests, whose answers
+    /// still come from the serving version.
+    Shadow,
+    /// Serving, on probation until `until`: healthy throughout, it commits.
+    Probation {
+        /// End of the window.
+        until: Instant,
+        /// When its health is next checked.
+        check_at: Instant,
+    },
+    /// A step failed in a way that may pass (a cut link, a full disk);
+    /// fetched again at `retry_at`, within the download's deadline.
+    Retrying {
         /// Why.
         reason: String,
         /// When the next attempt starts.
         retry_at: Instant,
     },
+    /// Terminal: given up before it served; not tried again until the
+    /// desired state names another version.
+    Failed {
+        /// Why.
+        reason: String,
+    },
+    /// Terminal: it served on probation and broke a limit; the committed
+    /// version serves again. Not tried again until the desired state changes.
+    RolledBack {
+        /// Why.
+        reason: String,
+    },
     /// This agent cannot run it (its format); not retried until the
-    /// desired state changes.
+    /// desired state changes, and not persisted.
     Refused {
         /// Why.
         reason: String,
     },
 }
 
-impl fmt::Display for Phase {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+impl Phase {
+    fn name(&self) -> &'static str {
         match self {
-            Phase::Fetching => f.write_str("fetching"),
-            Phase::Loading => f.write_str("loading"),
-            Phase::Failed { .. } => f.write_str("failed"),
-            Phase::Refused { .. } => f.write_str("refused"),
+            Phase::Fetching => "fetching",
+            Phase::Verifying => "verifying",
+            Phase::Staged => "staged",
+            Phase::SelfTest => "self-test",
+            Phase::Shadow => "shadow",
+            Phase::Probation { .. } => "probation",
+            Phase::Retrying { .. } => "retrying",
+            Phase::Failed { .. } => "failed",
+            Phase::RolledBack { .. } => "rolled back",
+            Phase::Refused { .. } => "refused",
         }
     }
+
+    fn terminal(&self) -> bool {
+        matches!(self, Phase::Failed { .. } | Phase::RolledBack { .. } | Phase::Refused { .. })
+    }
+
+    /// Whether the agent has started running the candidate's code.
+    fn trying(&self) -> bool {
+        matches!(self, Phase::Staged | Phase::SelfTest | Phase::Shadow | Phase::Probation { .. })
+    }
+}
+
+impl fmt::Display for Phase {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// What a version did on probation so far (since it was installed).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Health {
+    /// Requests answered or failed.
+    pub requests: u64,
+    /// Requests the runtime failed.
+    pub errors: u64,
+    /// 99th percentile of run time, in microseconds (0 without requests).
+    pub p99_us: u64,
+}
+
+/// What shadowing showed so far.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct ShadowReport {
+    /// Live requests run on both versions.
+    pub compared: u64,
+    /// Of those, where the candidate agreed with the serving version.
+    pub agreed: u64,
 }
 
 /// What the daemon reports back about work it was asked to do.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Event {
-    /// The artifact is on disk and matches the manifest's digest.
+    /// The artifact (and golden vectors) are downloaded.
     Fetched {
         /// Model name.
         name: String,
         /// Version fetched.
         version: u32,
     },
-    /// Download or verification failed.
+    /// Download failed.
     FetchFailed {
         /// Model name.
         name: String,
@@ -60,15 +139,32 @@ pub enum Event {
         /// Why.
         reason: String,
     },
+    /// The files on disk match the manifest's digests.
+    Verified {
+        /// Model name.
+        name: String,
+        /// Version verified.
+        version: u32,
+    },
+    /// They do not (or cannot be read).
+    VerifyFailed {
+        /// Model name.
+        name: String,
+        /// Version checked.
+        version: u32,
+        /// Why.
+        reason: String,
+    },
     /// The runtime loaded the model; the daemon holds it until told to
-    /// [`Action::Install`] it (or drops it if the core does not).
+    /// [`Action::Install`] it (or drops it once [`Slots::holding`] no
+    /// longer names it).
     Loaded {
         /// Model name.
         name: String,
         /// Version loaded.
         version: u32,
     },
-    /// The runtime refused the model; the previous version keeps serving.
+    /// The runtime refused the model; what serves keeps serving.
     LoadFailed {
         /// Model name.
         name: String,
@@ -77,6 +173,41 @@ pub enum Event {
         /// Why.
         reason: String,
     },
+    /// Every golden vector gave its outputs within tolerance.
+    SelfTestPassed {
+        /// Model name.
+        name: String,
+        /// Version tested.
+        version: u32,
+    },
+    /// One did not, or a run failed.
+    SelfTestFailed {
+        /// Model name.
+        name: String,
+        /// Version tested.
+        version: u32,
+        /// Which vector and output, and by how much.
+        reason: String,
+    },
+    /// Shadowing so far.
+    Shadowed {
+        /// Model name.
+        name: String,
+        /// Version shadowing.
+        version: u32,
+        /// The comparison.
+        report: ShadowReport,
+    },
+    /// Health of the version on probation, asked for with
+    /// [`Action::CheckHealth`].
+    Health {
+        /// Model name.
+        name: String,
+        /// Version on probation.
+        version: u32,
+        /// Its numbers since it was installed.
+        health: Health,
+    },
 }
 
 impl Event {
@@ -84,8 +215,14 @@ impl Event {
         match self {
             Event::Fetched { name, version }
             | Event::FetchFailed { name, version, .. }
+            | Event::Verified { name, version }
+            | Event::VerifyFailed { name, version, .. }
             | Event::Loaded { name, version }
-            | Event::LoadFailed { name, version, .. } => (name, *version),
+            | Event::LoadFailed { name, version, .. }
+            | Event::SelfTestPassed { name, version }
+            | Event::SelfTestFailed { name, version, .. }
+            | Event::Shadowed { name, version, .. }
+            | Event::Health { name, version, .. } => (name, *version),
         }
     }
 
@@ -93,8 +230,14 @@ impl Event {
         match self {
             Event::Fetched { .. } => "fetched",
             Event::FetchFailed { .. } => "fetch-failed",
+            Event::Verified { .. } => "verified",
+            Event::VerifyFailed { .. } => "verify-failed",
             Event::Loaded { .. } => "loaded",
             Event::LoadFailed { .. } => "load-failed",
+            Event::SelfTestPassed { .. } => "self-test-passed",
+            Event::SelfTestFailed { .. } => "self-test-failed",
+            Event::Shadowed { .. } => "shadowed",
+            Event::Health { .. } => "health",
         }
     }
 }
@@ -109,7 +252,7 @@ pub struct Disallowed {
     pub name: String,
     /// Version the event was about.
     pub version: u32,
-    /// The phase it arrived in ("serving" for the installed version).
+    /// The phase it arrived in ("serving" for the committed version).
     pub state: String,
 }
 
@@ -117,16 +260,28 @@ pub struct Disallowed {
 /// result the core has not turned into an `Install` is never served.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Action {
-    /// Download (resuming if possible) and check this artifact, then report
-    /// [`Event::Fetched`] or [`Event::FetchFailed`].
+    /// Download (resuming if possible) the artifact and its golden vectors,
+    /// then report [`Event::Fetched`] or [`Event::FetchFailed`].
     Fetch(ModelManifest),
+    /// Check both files on disk against the manifest, then report
+    /// [`Event::Verified`] or [`Event::VerifyFailed`].
+    Verify(ModelManifest),
     /// Load this verified artifact (without serving it), then report
-    /// [`Event::Loaded`] or [`Event::LoadFailed`].
+    /// [`Event::Loaded`] or [`Event::LoadFailed`]. Starts only once every
+    /// [`Action::Persist`] emitted before it is durable.
     Load(ModelManifest),
+    /// Run the golden vectors on what was loaded, then report
+    /// [`Event::SelfTestPassed`] or [`Event::SelfTestFailed`].
+    SelfTest(ModelManifest),
+    /// Run what was loaded beside the serving version on live requests;
+    /// report [`Event::Shadowed`] as comparisons come in.
+    Shadow(ModelManifest),
     /// Serve what was loaded for this manifest in place of whatever serves
-    /// under its name now.
+    /// under its name now (and stop any shadow of it).
     Install(ModelManifest),
-    /// Stop serving this model: it is no longer desired.
+    /// Report [`Event::Health`] for the version serving under this manifest.
+    CheckHealth(ModelManifest),
+    /// Stop serving this model: nothing under its name may serve.
     Unload(String),
     /// The persisted state changed: write [`Slots::persisted`].
     Persist,
@@ -136,7 +291,8 @@ pub enum Action {
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct Active {
     manifest: ModelManifest,
-    /// False from a restart until the daemon has loaded it again.
+    /// Whether the daemon serves it now: false from a restart until it is
+    /// loaded again, and while a candidate is on probation.
     installed: bool,
 }
 
@@ -145,6 +301,37 @@ struct Candidate {
     manifest: ModelManifest,
     phase: Phase,
     attempts: u32,
+    /// When the current phase must be left by (for `Fetching` and
+    /// `Retrying`: the whole download, retries included).
+    deadline: Option<Instant>,
+    /// The download's deadline, kept across retries.
+    fetch_deadline: Instant,
+}
+
+impl Candidate {
+    fn new(manifest: ModelManifest, phase: Phase, now: Instant) -> Self {
+        let fetch_deadline = now + secs(manifest.policy().fetch_secs);
+        let deadline = (!phase.terminal()).then_some(fetch_deadline);
+        Self { manifest, phase, attempts: 0, deadline, fetch_deadline }
+    }
+
+    fn enter(&mut self, phase: Phase, now: Instant) {
+        let p = self.manifest.policy();
+        self.deadline = match &phase {
+            Phase::Fetching | Phase::Retrying { .. } => Some(self.fetch_deadline),
+            Phase::Verifying => Some(now + secs(p.verify_secs)),
+            Phase::Staged => Some(now + secs(p.load_secs)),
+            Phase::SelfTest => Some(now + secs(p.selftest_secs)),
+            Phase::Shadow => Some(now + secs(p.shadow_secs)),
+            Phase::Probation { until, .. } => Some(*until + HEALTH_GRACE),
+            Phase::Failed { .. } | Phase::RolledBack { .. } | Phase::Refused { .. } => None,
+        };
+        self.phase = phase;
+    }
+}
+
+fn secs(s: u64) -> Duration {
+    Duration::from_secs(s)
 }
 
 /// One model name's slot: the committed version, the one before it, and
@@ -157,7 +344,8 @@ pub struct Slot {
 }
 
 impl Slot {
-    /// The committed version (serving, or being loaded again after a restart).
+    /// The committed version (serving, standing by during a probation, or
+    /// being loaded again).
     pub fn active(&self) -> Option<&ModelManifest> {
         self.active.as_ref().map(|a| &a.manifest)
     }
@@ -176,6 +364,35 @@ impl Slot {
     pub fn candidate(&self) -> Option<(&ModelManifest, &Phase)> {
         self.candidate.as_ref().map(|c| (&c.manifest, &c.phase))
     }
+
+    /// The version the daemon serves under this name, if any.
+    pub fn served(&self) -> Option<&ModelManifest> {
+        match &self.candidate {
+            Some(Candidate { manifest, phase: Phase::Probation { .. }, .. }) => Some(manifest),
+            _ => self.active.as_ref().filter(|a| a.installed).map(|a| &a.manifest),
+        }
+    }
+}
+
+/// How far a persisted candidate had got.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum Stage {
+    /// Not yet running its code (downloading or verifying): resumed.
+    #[default]
+    Pending,
+    /// Being loaded, tested or on probation: found after a restart, the
+    /// agent stopped while running it, and does not run it again.
+    Trying {
+        /// The phase's name.
+        phase: String,
+    },
+    /// Given up (failed, or rolled back when `rolled_back`).
+    GaveUp {
+        /// Why.
+        reason: String,
+        /// Whether it had served on probation.
+        rolled_back: bool,
+    },
 }
 
 /// One slot as persisted: every manifest it holds, so that nothing is lost
@@ -190,6 +407,8 @@ pub struct PersistedSlot {
     pub previous: Option<ModelManifest>,
     /// The desired version not yet committed.
     pub candidate: Option<ModelManifest>,
+    /// How far the candidate had got.
+    pub stage: Stage,
 }
 
 /// Everything the agent persists about its models.
@@ -228,9 +447,11 @@ impl Slots {
     }
 
     /// Slots restored from what was persisted: each committed version is
-    /// loaded again (`Load`, then `Install` once loaded), each candidate's
-    /// download resumes (`Fetch`), and previous versions stay as fallbacks.
-    pub fn restore(formats: &[ModelFormat], persisted: Persisted) -> Self {
+    /// loaded again (`Load`, then `Install` once loaded), each pending
+    /// candidate's download resumes (`Fetch`), a candidate the agent was
+    /// running when it stopped is given up (its code may be what stopped
+    /// it), and previous versions stay as fallbacks.
+    pub fn restore(formats: &[ModelFormat], persisted: Persisted, now: Instant) -> Self {
         let mut s = Self::new(formats);
         s.generation = persisted.generation;
         for p in persisted.slots {
@@ -244,17 +465,27 @@ impl Slots {
                         slot.active = Some(Active { manifest: m, installed: false });
                     }
                     Some(reason) if p.candidate.is_none() => {
-                        slot.candidate = Some(Candidate { manifest: m, phase: Phase::Refused { reason }, attempts: 0 });
+                        slot.candidate = Some(Candidate::new(m, Phase::Refused { reason }, now));
                     }
                     Some(_) => {}
                 }
             }
             if let Some(m) = p.candidate {
-                let phase = s.refusal_of(&m).map_or(Phase::Fetching, |reason| Phase::Refused { reason });
-                if phase == Phase::Fetching {
-                    s.actions.push_back(Action::Fetch(m.clone()));
-                }
-                slot.candidate = Some(Candidate { manifest: m, phase, attempts: 0 });
+                let phase = match (s.refusal_of(&m), p.stage) {
+                    (Some(reason), _) => Phase::Refused { reason },
+                    (None, Stage::Pending) => {
+                        s.actions.push_back(Action::Fetch(m.clone()));
+                        Phase::Fetching
+                    }
+                    (None, Stage::Trying { phase }) => Phase::Failed {
+                        reason: format!(
+                            "interrupted in {phase}: the agent stopped (a crash or a power cut) while it was running this version; not tried again until the desired state changes"
+                        ),
+                    },
+                    (None, Stage::GaveUp { reason, rolled_back: false }) => Phase::Failed { reason },
+                    (None, Stage::GaveUp { reason, rolled_back: true }) => Phase::RolledBack { reason },
+                };
+                slot.candidate = Some(Candidate::new(m, phase, now));
             }
             s.slots.insert(p.name, slot);
         }
@@ -283,29 +514,52 @@ impl Slots {
             slots: self
                 .slots
                 .iter()
-                .map(|(name, s)| PersistedSlot {
-                    name: name.clone(),
-                    active: s.active.as_ref().map(|a| a.manifest.clone()),
-                    previous: s.previous.clone(),
-                    candidate: s
-                        .candidate
-                        .as_ref()
-                        .filter(|c| !matches!(c.phase, Phase::Refused { .. }))
-                        .map(|c| c.manifest.clone()),
+                .map(|(name, s)| {
+                    let cand = s.candidate.as_ref().filter(|c| !matches!(c.phase, Phase::Refused { .. }));
+                    let stage = match cand.map(|c| &c.phase) {
+                        Some(p) if p.trying() => Stage::Trying { phase: p.name().into() },
+                        Some(Phase::Failed { reason }) => Stage::GaveUp { reason: reason.clone(), rolled_back: false },
+                        Some(Phase::RolledBack { reason }) => {
+                            Stage::GaveUp { reason: reason.clone(), rolled_back: true }
+                        }
+                        _ => Stage::Pending,
+                    };
+                    PersistedSlot {
+                        name: name.clone(),
+                        active: s.active.as_ref().map(|a| a.manifest.clone()),
+                        previous: s.previous.clone(),
+                        candidate: cand.map(|c| c.manifest.clone()),
+                        stage,
+                    }
                 })
                 .collect(),
         }
     }
 
-    /// The artifacts any slot refers to: what must stay on disk.
+    /// The files any slot refers to (artifacts and golden vectors): what
+    /// must stay on disk.
     pub fn referenced(&self) -> BTreeSet<Sha256Digest> {
         let mut out = BTreeSet::new();
         for s in self.slots.values() {
-            out.extend(s.active.iter().map(|a| a.manifest.sha256));
-            out.extend(s.previous.iter().map(|m| m.sha256));
-            out.extend(s.candidate.iter().map(|c| c.manifest.sha256));
+            let ms =
+                s.active.iter().map(|a| &a.manifest).chain(&s.previous).chain(s.candidate.iter().map(|c| &c.manifest));
+            for m in ms {
+                out.insert(m.sha256);
+                out.extend(m.selftest.map(|t| t.sha256));
+            }
         }
         out
+    }
+
+    /// The loaded, not yet installed versions the daemon must keep: those
+    /// being tested or shadowing.
+    pub fn holding(&self) -> BTreeSet<(String, u32)> {
+        self.slots
+            .iter()
+            .filter_map(|(name, s)| s.candidate.as_ref().map(|c| (name, c)))
+            .filter(|(_, c)| matches!(c.phase, Phase::SelfTest | Phase::Shadow))
+            .map(|(name, c)| (name.clone(), c.manifest.version))
+            .collect()
     }
 
     fn refusal_of(&self, m: &ModelManifest) -> Option<String> {
@@ -318,8 +572,10 @@ impl Slots {
     /// Applies a desired state (manifests already verified). Older
     /// generations than the last applied are ignored: the stream may replay.
     /// A manifest this agent cannot run is refused on its own, with the
-    /// reason in its status; the others go ahead.
-    pub fn set_desired(&mut self, generation: u64, desired: Vec<ModelManifest>) {
+    /// reason in its status; the others go ahead. A candidate the new state
+    /// no longer names is abandoned; if it was on probation, the committed
+    /// version is loaded to serve again.
+    pub fn set_desired(&mut self, generation: u64, desired: Vec<ModelManifest>, now: Instant) {
         if generation < self.generation {
             return;
         }
@@ -332,18 +588,20 @@ impl Slots {
         let gone: Vec<String> = self.slots.keys().filter(|n| !wanted.contains_key(*n)).cloned().collect();
         for name in gone {
             let slot = self.slots.remove(&name).expect("key from the map");
-            if slot.active.is_some() {
+            if slot.served().is_some() || slot.active.is_some() {
                 self.actions.push_back(Action::Unload(name));
             }
         }
         for (name, manifest) in wanted {
             let refusal = self.refusal_of(&manifest);
             let slot = self.slots.entry(name).or_default();
-            if slot.active.as_ref().is_some_and(|a| a.manifest == manifest) {
-                slot.candidate = None;
+            if slot.active.as_ref().is_some_and(|a| a.manifest.same_version(&manifest)) {
+                if let Some(old) = slot.candidate.take() {
+                    abandon(slot, old, &mut self.actions);
+                }
                 continue;
             }
-            if slot.candidate.as_ref().is_some_and(|c| c.manifest == manifest) {
+            if slot.candidate.as_ref().is_some_and(|c| c.manifest.same_version(&manifest)) {
                 continue;
             }
             let phase = match refusal {
@@ -353,7 +611,9 @@ impl Slots {
                     Phase::Fetching
                 }
             };
-            slot.candidate = Some(Candidate { manifest, phase, attempts: 0 });
+            if let Some(old) = slot.candidate.replace(Candidate::new(manifest, phase, now)) {
+                abandon(slot, old, &mut self.actions);
+            }
         }
         // Written only when it changed: an agent told the same again (as at
         // every reconnect) does not touch its disk.
@@ -369,8 +629,9 @@ impl Slots {
     }
 
     /// Feeds back the outcome of an action. Outcomes for a version that is
-    /// no longer expected are stale and ignored (`Ok(false)`): a load that
-    /// finishes after a newer one is never installed.
+    /// no longer expected (superseded, or its update already ended) are
+    /// stale and ignored (`Ok(false)`): a load that finishes after a newer
+    /// one is never installed.
     pub fn handle(&mut self, event: Event, now: Instant) -> Result<bool, Disallowed> {
         let (name, version) = event.target();
         let disallowed = |state: String| Disallowed { event: event.kind(), name: name.to_owned(), version, state };
@@ -378,24 +639,72 @@ impl Slots {
             return Ok(false);
         };
         if let Some(cand) = slot.candidate.as_mut().filter(|c| c.manifest.version == version) {
+            if matches!(cand.phase, Phase::Failed { .. } | Phase::RolledBack { .. }) {
+                return Ok(false); // work that was in flight when the update ended
+            }
+            let m = cand.manifest.clone();
+            let policy = m.policy();
+            let actions = &mut self.actions;
             match (&event, &cand.phase) {
                 (Event::Fetched { .. }, Phase::Fetching) => {
-                    cand.phase = Phase::Loading;
-                    self.actions.push_back(Action::Load(cand.manifest.clone()));
+                    cand.enter(Phase::Verifying, now);
+                    actions.push_back(Action::Verify(m));
+                }
+                (Event::Verified { .. }, Phase::Verifying) => {
+                    // Durable before the load starts: see `Phase::Staged`.
+                    cand.enter(Phase::Staged, now);
+                    actions.push_back(Action::Persist);
+                    actions.push_back(Action::Load(m));
                 }
                 (Event::FetchFailed { reason, .. }, Phase::Fetching)
-                | (Event::LoadFailed { reason, .. }, Phase::Loading) => {
+                | (Event::VerifyFailed { reason, .. }, Phase::Verifying)
+                | (Event::LoadFailed { reason, .. }, Phase::Staged) => {
                     cand.attempts += 1;
-                    cand.phase = Phase::Failed { reason: reason.clone(), retry_at: now + backoff(cand.attempts) };
-                }
-                (Event::Loaded { .. }, Phase::Loading) => {
-                    let cand = slot.candidate.take().expect("matched above");
-                    if let Some(old) = slot.active.take() {
-                        slot.previous = Some(old.manifest);
+                    let retry_at = now + backoff(cand.attempts);
+                    let was_staged = cand.phase == Phase::Staged;
+                    cand.enter(Phase::Retrying { reason: reason.clone(), retry_at }, now);
+                    if was_staged {
+                        actions.push_back(Action::Persist);
                     }
-                    slot.active = Some(Active { manifest: cand.manifest.clone(), installed: true });
-                    self.actions.push_back(Action::Install(cand.manifest));
-                    self.actions.push_back(Action::Persist);
+                }
+                (Event::Loaded { .. }, Phase::Staged) => {
+                    cand.enter(Phase::SelfTest, now);
+                    actions.push_back(Action::SelfTest(m));
+                }
+                (Event::SelfTestPassed { .. }, Phase::SelfTest) => {
+                    // Shadowing needs a serving version to compare with.
+                    if policy.shadow_requests > 0 && slot.active.as_ref().is_some_and(|a| a.installed) {
+                        cand.enter(Phase::Shadow, now);
+                        actions.push_back(Action::Shadow(m));
+                    } else {
+                        start_probation(slot, now, actions);
+                    }
+                }
+                (Event::SelfTestFailed { reason, .. }, Phase::SelfTest) => {
+                    cand.enter(Phase::Failed { reason: format!("self-test failed: {reason}") }, now);
+                    actions.push_back(Action::Persist);
+                }
+                (Event::Shadowed { report, .. }, Phase::Shadow) => {
+                    if report.compared >= u64::from(policy.shadow_requests) {
+                        let permille = report.agreed.saturating_mul(1000) / report.compared.max(1);
+                        if permille >= u64::from(policy.shadow_min_agreement_permille) {
+                            start_probation(slot, now, actions);
+                        } else {
+                            let reason = format!(
+                                "shadow: agreed with the serving version on {} of {} requests ({permille}‰, at least {}‰ needed)",
+                                report.agreed, report.compared, policy.shadow_min_agreement_permille
+                            );
+                            cand.enter(Phase::Failed { reason }, now);
+                            actions.push_back(Action::Persist);
+                        }
+                    }
+                }
+                (Event::Health { health, .. }, Phase::Probation { until, .. }) => {
+                    if let Some(reason) = breach(&policy, health) {
+                        roll_back(slot, reason, now, actions);
+                    } else if now >= *until {
+                        commit(slot, actions);
+                    }
                 }
                 (_, phase) => return Err(disallowed(phase.to_string())),
             }
@@ -405,43 +714,68 @@ impl Slots {
             return Ok(false);
         };
         match (&event, active.installed) {
-            // The committed version, loaded again after a restart.
+            // The committed version, loaded again after a restart or a rollback.
             (Event::Loaded { .. }, false) => {
                 active.installed = true;
                 self.actions.push_back(Action::Install(active.manifest.clone()));
             }
             // It no longer loads (its file is gone or corrupt, or this build
             // cannot run it): fall back on the previous version, and try
-            // the failed one again as a candidate if nothing newer is on the way.
+            // the failed one again as a candidate if nothing else is on the way.
             (Event::LoadFailed { reason, .. }, false) => {
                 let failed = slot.active.take().expect("matched above").manifest;
                 if let Some(previous) = slot.previous.take() {
                     self.actions.push_back(Action::Load(previous.clone()));
                     slot.active = Some(Active { manifest: previous, installed: false });
+                } else if slot.served().is_none() {
+                    self.actions.push_back(Action::Unload(name.to_owned()));
                 }
                 if slot.candidate.is_none() {
-                    let retry_at = now + backoff(1);
-                    let phase = Phase::Failed { reason: reason.clone(), retry_at };
-                    slot.candidate = Some(Candidate { manifest: failed, phase, attempts: 1 });
+                    let mut c = Candidate::new(failed, Phase::Fetching, now);
+                    c.attempts = 1;
+                    c.enter(Phase::Retrying { reason: reason.clone(), retry_at: now + backoff(1) }, now);
+                    slot.candidate = Some(c);
                 } else if slot.previous.is_none() {
                     slot.previous = Some(failed);
                 }
                 self.actions.push_back(Action::Persist);
             }
             (_, true) => return Err(disallowed("serving".into())),
-            (_, false) => return Err(disallowed("loading after a restart".into())),
+            (_, false) => return Err(disallowed("loading again".into())),
         }
         Ok(true)
     }
 
-    /// Restarts failed candidates whose retry time has come.
+    /// Restarts failed downloads whose retry time has come, asks for the
+    /// health of versions on probation, and fails updates past a deadline.
     pub fn handle_timeout(&mut self, now: Instant) {
         for slot in self.slots.values_mut() {
-            if let Some(c) = slot.candidate.as_mut()
-                && matches!(c.phase, Phase::Failed { retry_at, .. } if retry_at <= now)
-            {
-                c.phase = Phase::Fetching;
-                self.actions.push_back(Action::Fetch(c.manifest.clone()));
+            let Some(c) = slot.candidate.as_mut() else { continue };
+            if c.deadline.is_some_and(|d| d <= now) {
+                let phase = c.phase.name();
+                let reason = format!("{phase} passed its deadline");
+                if matches!(c.phase, Phase::Probation { .. }) {
+                    roll_back(slot, format!("{reason} (no health report)"), now, &mut self.actions);
+                } else {
+                    let reason = match &c.phase {
+                        Phase::Retrying { reason: last, .. } => format!("{reason}; last error: {last}"),
+                        _ => reason,
+                    };
+                    c.enter(Phase::Failed { reason }, now);
+                    self.actions.push_back(Action::Persist);
+                }
+                continue;
+            }
+            match &mut c.phase {
+                Phase::Retrying { retry_at, .. } if *retry_at <= now => {
+                    c.enter(Phase::Fetching, now);
+                    self.actions.push_back(Action::Fetch(c.manifest.clone()));
+                }
+                Phase::Probation { check_at, .. } if *check_at <= now => {
+                    *check_at = now + HEALTH_EVERY;
+                    self.actions.push_back(Action::CheckHealth(c.manifest.clone()));
+                }
+                _ => {}
             }
         }
     }
@@ -450,10 +784,16 @@ impl Slots {
     pub fn poll_timeout(&self) -> Option<Instant> {
         self.slots
             .values()
-            .filter_map(|s| match &s.candidate {
-                Some(Candidate { phase: Phase::Failed { retry_at, .. }, .. }) => Some(*retry_at),
-                _ => None,
+            .filter_map(|s| s.candidate.as_ref())
+            .flat_map(|c| {
+                let step = match &c.phase {
+                    Phase::Retrying { retry_at, .. } => Some(*retry_at),
+                    Phase::Probation { check_at, .. } => Some(*check_at),
+                    _ => None,
+                };
+                [step, c.deadline]
             })
+            .flatten()
             .min()
     }
 
@@ -463,26 +803,122 @@ impl Slots {
     }
 
     /// What to tell the coordinator: committed versions (serving, or loading
-    /// again after a restart), and candidates with their phase.
+    /// again), and candidates with their phase. The wire's states predate
+    /// the update phases: tests report as `verifying`, probation as
+    /// `serving`, each with the phase in `detail`.
     pub fn status(&self) -> Vec<ModelStatus> {
         let mut out = Vec::new();
         for (name, slot) in &self.slots {
-            if let Some(a) = &slot.active {
+            let probation = matches!(slot.candidate.as_ref().map(|c| &c.phase), Some(Phase::Probation { .. }));
+            if let Some(a) = &slot.active
+                && (!probation || a.installed)
+            {
                 let state = if a.installed { ModelState::Serving } else { ModelState::Loading };
                 out.push(ModelStatus { name: name.clone(), version: a.manifest.version, state, detail: None });
             }
             if let Some(c) = &slot.candidate {
+                let standby = slot.active.as_ref().map(|a| a.manifest.version);
                 let (state, detail) = match &c.phase {
                     Phase::Fetching => (ModelState::Downloading, None),
-                    Phase::Loading => (ModelState::Loading, None),
-                    Phase::Failed { reason, .. } | Phase::Refused { reason } => {
-                        (ModelState::Failed, Some(reason.clone()))
-                    }
+                    Phase::Verifying => (ModelState::Verifying, None),
+                    Phase::Staged => (ModelState::Loading, None),
+                    Phase::SelfTest => (ModelState::Verifying, Some("self-test".to_string())),
+                    Phase::Shadow => (ModelState::Verifying, Some("shadow".to_string())),
+                    Phase::Probation { .. } => (
+                        ModelState::Serving,
+                        Some(match standby {
+                            Some(v) => format!("probation; version {v} stands by"),
+                            None => "probation".to_string(),
+                        }),
+                    ),
+                    Phase::Retrying { reason, .. } => (ModelState::Failed, Some(format!("{reason} (will retry)"))),
+                    Phase::Failed { reason } | Phase::Refused { reason } => (ModelState::Failed, Some(reason.clone())),
+                    Phase::RolledBack { reason } => (ModelState::Failed, Some(format!("rolled back: {reason}"))),
                 };
                 out.push(ModelStatus { name: name.clone(), version: c.manifest.version, state, detail });
             }
         }
         out
+    }
+}
+
+/// Why `health` breaks `policy`'s probation limits, if it does.
+fn breach(policy: &tern_proto::UpdatePolicy, health: &Health) -> Option<String> {
+    if health.requests < u64::from(policy.probation_min_requests.max(1)) {
+        return None;
+    }
+    let permille = health.errors.saturating_mul(1000) / health.requests;
+    if permille > u64::from(policy.probation_max_error_permille) {
+        return Some(format!(
+            "probation: {} of {} requests failed ({permille}‰, at most {}‰ allowed)",
+            health.errors, health.requests, policy.probation_max_error_permille
+        ));
+    }
+    let max_us = u64::from(policy.probation_max_p99_ms) * 1000;
+    if max_us > 0 && health.p99_us > max_us {
+        return Some(format!(
+            "probation: p99 latency {:.1} ms over {} requests (at most {} ms allowed)",
+            health.p99_us as f64 / 1000.0,
+            health.requests,
+            policy.probation_max_p99_ms
+        ));
+    }
+    None
+}
+
+/// The candidate starts serving, on probation; the committed version stands by.
+fn start_probation(slot: &mut Slot, now: Instant, actions: &mut VecDeque<Action>) {
+    let cand = slot.candidate.as_mut().expect("a candidate");
+    let until = now + secs(cand.manifest.policy().probation_secs);
+    cand.enter(Phase::Probation { until, check_at: now + HEALTH_EVERY.min(until - now) }, now);
+    actions.push_back(Action::Install(cand.manifest.clone()));
+    if let Some(a) = slot.active.as_mut() {
+        a.installed = false;
+    }
+}
+
+/// Probation passed: the candidate is the committed version.
+fn commit(slot: &mut Slot, actions: &mut VecDeque<Action>) {
+    let cand = slot.candidate.take().expect("a candidate");
+    if let Some(old) = slot.active.take() {
+        slot.previous = Some(old.manifest);
+    }
+    slot.active = Some(Active { manifest: cand.manifest, installed: true });
+    actions.push_back(Action::Persist);
+}
+
+/// Probation failed: the committed version is loaded to serve again (or, if
+/// there is none, nothing serves under the name).
+fn roll_back(slot: &mut Slot, reason: String, now: Instant, actions: &mut VecDeque<Action>) {
+    let cand = slot.candidate.as_mut().expect("a candidate");
+    cand.enter(Phase::RolledBack { reason }, now);
+    restore_committed(slot, actions);
+    actions.push_back(Action::Persist);
+}
+
+/// A candidate the desired state no longer names: if it served (on
+/// probation), the committed version takes over again; if there is none, it
+/// is committed as it stands (it has served within its limits so far), so
+/// that the device keeps a model while the next one comes.
+fn abandon(slot: &mut Slot, old: Candidate, actions: &mut VecDeque<Action>) {
+    if !matches!(old.phase, Phase::Probation { .. }) {
+        return;
+    }
+    if slot.active.is_none() {
+        slot.active = Some(Active { manifest: old.manifest, installed: true });
+    } else {
+        restore_committed(slot, actions);
+    }
+}
+
+fn restore_committed(slot: &mut Slot, actions: &mut VecDeque<Action>) {
+    match slot.active.as_ref() {
+        Some(a) if !a.installed => actions.push_back(Action::Load(a.manifest.clone())),
+        Some(_) => {}
+        None => {
+            let name = slot.candidate.as_ref().map(|c| c.manifest.name.clone());
+            actions.extend(name.map(Action::Unload));
+        }
     }
 }
 

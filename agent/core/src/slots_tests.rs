@@ -1,7 +1,25 @@
 use super::*;
-use tern_proto::{ModelFormat, Sha256Digest};
+use tern_proto::{ModelFormat, SelfTestRef, Sha256Digest, UpdatePolicy};
 
 const ALL: &[ModelFormat] = &[ModelFormat::Onnx, ModelFormat::Nnef, ModelFormat::Burn];
+
+/// The policy of the test manifests: three shadow comparisons, 10 s of
+/// probation, short deadlines.
+fn policy() -> UpdatePolicy {
+    UpdatePolicy {
+        fetch_secs: 100,
+        verify_secs: 10,
+        load_secs: 20,
+        selftest_secs: 30,
+        shadow_requests: 3,
+        shadow_secs: 40,
+        shadow_min_agreement_permille: 900,
+        probation_secs: 10,
+        probation_min_requests: 5,
+        probation_max_error_permille: 100,
+        probation_max_p99_ms: 50,
+    }
+}
 
 fn m(name: &str, version: u32) -> ModelManifest {
     ModelManifest {
@@ -13,6 +31,12 @@ fn m(name: &str, version: u32) -> ModelManifest {
         inputs: vec![],
         outputs: vec![],
         created_at: 0,
+        selftest: Some(SelfTestRef {
+            sha256: Sha256Digest::of(format!("golden {name}{version}").as_bytes()),
+            size: 5,
+            tolerance_ppm: 100,
+        }),
+        update: Some(policy()),
     }
 }
 
@@ -20,30 +44,62 @@ fn drain(s: &mut Slots) -> Vec<Action> {
     std::iter::from_fn(|| s.poll_action()).collect()
 }
 
-fn fetched(name: &str, version: u32) -> Event {
-    Event::Fetched { name: name.into(), version }
+fn ev(kind: &str, name: &str, version: u32) -> Event {
+    let (name, reason) = (name.to_string(), format!("{kind} went wrong"));
+    match kind {
+        "fetched" => Event::Fetched { name, version },
+        "fetch-failed" => Event::FetchFailed { name, version, reason },
+        "verified" => Event::Verified { name, version },
+        "verify-failed" => Event::VerifyFailed { name, version, reason },
+        "loaded" => Event::Loaded { name, version },
+        "load-failed" => Event::LoadFailed { name, version, reason },
+        "self-test-passed" => Event::SelfTestPassed { name, version },
+        "self-test-failed" => Event::SelfTestFailed { name, version, reason },
+        "shadowed" => Event::Shadowed { name, version, report: ShadowReport { compared: 3, agreed: 3 } },
+        "health" => Event::Health { name, version, health: Health { requests: 10, errors: 0, p99_us: 1000 } },
+        other => unreachable!("{other}"),
+    }
 }
 
-fn fetch_failed(name: &str, version: u32) -> Event {
-    Event::FetchFailed { name: name.into(), version, reason: "connection lost".into() }
+const EVENTS: &[&str] = &[
+    "fetched",
+    "fetch-failed",
+    "verified",
+    "verify-failed",
+    "loaded",
+    "load-failed",
+    "self-test-passed",
+    "self-test-failed",
+    "shadowed",
+    "health",
+];
+
+fn ok(s: &mut Slots, kind: &str, name: &str, version: u32, now: Instant) {
+    assert_eq!(s.handle(ev(kind, name, version), now), Ok(true), "{kind} for {name}:{version}");
 }
 
-fn loaded(name: &str, version: u32) -> Event {
-    Event::Loaded { name: name.into(), version }
+/// Takes a fresh candidate to just before probation (no shadow: nothing serves).
+fn to_probation(s: &mut Slots, name: &str, version: u32, now: Instant) {
+    for kind in ["fetched", "verified", "loaded", "self-test-passed"] {
+        ok(s, kind, name, version, now);
+    }
 }
 
-fn load_failed(name: &str, version: u32) -> Event {
-    Event::LoadFailed { name: name.into(), version, reason: "bad".into() }
+fn healthy(name: &str, version: u32) -> Event {
+    Event::Health { name: name.into(), version, health: Health { requests: 100, errors: 0, p99_us: 2000 } }
 }
 
-/// Slots serving `models`, with the actions that got them there drained.
-fn serving(models: &[ModelManifest]) -> Slots {
-    let t0 = Instant::now();
+/// Slots serving (committed) `models`, with the actions that got them there drained.
+fn serving(models: &[ModelManifest], t0: Instant) -> Slots {
     let mut s = Slots::new(ALL);
-    s.set_desired(1, models.to_vec());
+    s.set_desired(1, models.to_vec(), t0);
     for x in models {
-        s.handle(fetched(&x.name, x.version), t0).unwrap();
-        s.handle(loaded(&x.name, x.version), t0).unwrap();
+        to_probation(&mut s, &x.name, x.version, t0);
+    }
+    let end = t0 + Duration::from_secs(10);
+    for x in models {
+        s.handle(healthy(&x.name, x.version), end).unwrap();
+        assert!(s.slot(&x.name).unwrap().candidate().is_none(), "committed");
     }
     drain(&mut s);
     s
@@ -62,215 +118,477 @@ fn persisted_names(p: &Persisted) -> Vec<Versions> {
         .collect()
 }
 
-#[test]
-fn desired_model_is_fetched_loaded_installed_and_served() {
-    let t0 = Instant::now();
-    let mut s = Slots::new(ALL);
-    s.set_desired(1, vec![m("iris", 1)]);
-    assert_eq!(drain(&mut s), [Action::Fetch(m("iris", 1)), Action::Persist]);
-    assert_eq!(s.status()[0].state, ModelState::Downloading);
-    assert!(s.handle(fetched("iris", 1), t0).unwrap());
-    assert_eq!(drain(&mut s), [Action::Load(m("iris", 1))]);
-    assert!(s.handle(loaded("iris", 1), t0).unwrap());
-    assert_eq!(drain(&mut s), [Action::Install(m("iris", 1)), Action::Persist]);
-    assert!(s.slot("iris").unwrap().serving());
-    assert_eq!(s.status()[0].state, ModelState::Serving);
-    // The same desired state again changes nothing but the generation.
-    s.set_desired(2, vec![m("iris", 1)]);
-    assert_eq!(drain(&mut s), [Action::Persist]);
-    assert_eq!(s.generation(), 2);
-    // And the same generation again nothing at all (every reconnect).
-    s.set_desired(2, vec![m("iris", 1)]);
-    assert!(drain(&mut s).is_empty());
+fn phase_of(s: &Slots, name: &str) -> String {
+    s.slot(name).unwrap().candidate().map_or("none".into(), |(_, p)| p.to_string())
+}
+
+fn status_of(s: &Slots, name: &str, version: u32) -> (ModelState, Option<String>) {
+    let st = s.status().into_iter().find(|x| x.name == name && x.version == version).expect("reported");
+    (st.state, st.detail)
 }
 
 #[test]
-fn upgrade_keeps_old_version_serving_until_new_one_loads() {
+fn an_update_goes_through_every_stage_and_commits_after_probation() {
     let t0 = Instant::now();
-    let mut s = serving(&[m("iris", 1)]);
-    s.set_desired(5, vec![m("iris", 2)]);
+    let mut s = serving(&[m("iris", 1)], t0);
+    s.set_desired(2, vec![m("iris", 2)], t0);
     assert_eq!(drain(&mut s), [Action::Fetch(m("iris", 2)), Action::Persist]);
-    s.handle(fetched("iris", 2), t0).unwrap();
-    s.handle(load_failed("iris", 2), t0).unwrap();
-    assert_eq!(drain(&mut s), [Action::Load(m("iris", 2))], "no install of a failed load");
-    assert_eq!(s.slot("iris").unwrap().active(), Some(&m("iris", 1)));
-    let st = s.status();
-    assert_eq!((st[0].version, st[0].state), (1, ModelState::Serving));
-    assert_eq!((st[1].version, st[1].state, st[1].detail.as_deref()), (2, ModelState::Failed, Some("bad")));
-    // Retried later, it loads and the old version becomes the previous one.
-    s.handle_timeout(t0 + MIN_BACKOFF);
-    s.handle(fetched("iris", 2), t0).unwrap();
-    s.handle(loaded("iris", 2), t0).unwrap();
+    assert_eq!(status_of(&s, "iris", 2).0, ModelState::Downloading);
+    ok(&mut s, "fetched", "iris", 2, t0);
+    assert_eq!(drain(&mut s), [Action::Verify(m("iris", 2))]);
+    ok(&mut s, "verified", "iris", 2, t0);
+    // Persisted as being tried before any of its code runs.
+    assert_eq!(drain(&mut s), [Action::Persist, Action::Load(m("iris", 2))]);
+    assert_eq!(s.persisted().slots[0].stage, Stage::Trying { phase: "staged".into() });
+    ok(&mut s, "loaded", "iris", 2, t0);
+    assert_eq!(drain(&mut s), [Action::SelfTest(m("iris", 2))]);
+    assert_eq!(s.holding(), [("iris".to_string(), 2)].into());
+    ok(&mut s, "self-test-passed", "iris", 2, t0);
+    assert_eq!(drain(&mut s), [Action::Shadow(m("iris", 2))]);
+    assert_eq!(status_of(&s, "iris", 2), (ModelState::Verifying, Some("shadow".into())));
+    assert_eq!(s.slot("iris").unwrap().served(), Some(&m("iris", 1)), "v1 answers while v2 shadows");
+    let partial = ShadowReport { compared: 2, agreed: 2 };
+    s.handle(Event::Shadowed { name: "iris".into(), version: 2, report: partial }, t0).unwrap();
+    assert_eq!(phase_of(&s, "iris"), "shadow", "not enough comparisons yet");
+    ok(&mut s, "shadowed", "iris", 2, t0);
+    assert_eq!(drain(&mut s), [Action::Install(m("iris", 2))]);
+    assert!(s.holding().is_empty());
+    assert_eq!(s.slot("iris").unwrap().served(), Some(&m("iris", 2)));
+    assert_eq!(status_of(&s, "iris", 2), (ModelState::Serving, Some("probation; version 1 stands by".into())));
+    assert_eq!(s.status().len(), 1, "the standby version is not reported as serving");
+    // Health is asked for every second; healthy before the end, it stays on probation.
+    assert_eq!(s.poll_timeout(), Some(t0 + HEALTH_EVERY));
+    s.handle_timeout(t0 + HEALTH_EVERY);
+    assert_eq!(drain(&mut s), [Action::CheckHealth(m("iris", 2))]);
+    s.handle(healthy("iris", 2), t0 + HEALTH_EVERY).unwrap();
+    assert_eq!(phase_of(&s, "iris"), "probation");
+    // At the end of the window it commits, with v1 as the previous version.
+    s.handle(healthy("iris", 2), t0 + Duration::from_secs(10)).unwrap();
+    assert_eq!(drain(&mut s), [Action::Persist]);
     let slot = s.slot("iris").unwrap();
-    assert_eq!((slot.active(), slot.previous()), (Some(&m("iris", 2)), Some(&m("iris", 1))));
+    assert_eq!((slot.active(), slot.previous(), slot.serving()), (Some(&m("iris", 2)), Some(&m("iris", 1)), true));
+    assert_eq!(persisted_names(&s.persisted()), [("iris".into(), Some(2), Some(1), None)]);
+    assert_eq!(s.poll_timeout(), None, "nothing left to time");
+}
+
+/// Slots serving iris:1 with iris:2 in `phase`.
+fn to_phase(phase: &str, t0: Instant) -> Slots {
+    if phase == "refused" {
+        let mut s = Slots::new(&[ModelFormat::Nnef]);
+        s.set_desired(1, vec![m("iris", 2)], t0);
+        return s;
+    }
+    let mut s = serving(&[m("iris", 1)], t0);
+    s.set_desired(2, vec![m("iris", 2)], t0);
+    let steps: &[&str] = match phase {
+        "fetching" => &[],
+        "retrying" => &["fetch-failed"],
+        "verifying" => &["fetched"],
+        "staged" => &["fetched", "verified"],
+        "self-test" => &["fetched", "verified", "loaded"],
+        "shadow" => &["fetched", "verified", "loaded", "self-test-passed"],
+        "probation" => &["fetched", "verified", "loaded", "self-test-passed", "shadowed"],
+        "failed" => &["fetched", "verified", "loaded", "self-test-failed"],
+        "rolled back" => &["fetched", "verified", "loaded", "self-test-passed", "shadowed"],
+        other => unreachable!("{other}"),
+    };
+    for kind in steps {
+        ok(&mut s, kind, "iris", 2, t0);
+    }
+    if phase == "rolled back" {
+        let bad = Health { requests: 10, errors: 10, p99_us: 0 };
+        s.handle(Event::Health { name: "iris".into(), version: 2, health: bad }, t0).unwrap();
+    }
+    assert_eq!(phase_of(&s, "iris"), phase);
+    drain(&mut s);
+    s
+}
+
+#[test]
+fn every_event_in_every_phase() {
+    let t0 = Instant::now();
+    let allowed: &[(&str, &[&str])] = &[
+        ("fetching", &["fetched", "fetch-failed"]),
+        ("verifying", &["verified", "verify-failed"]),
+        ("staged", &["loaded", "load-failed"]),
+        ("self-test", &["self-test-passed", "self-test-failed"]),
+        ("shadow", &["shadowed"]),
+        ("probation", &["health"]),
+        ("retrying", &[]),
+        ("refused", &[]),
+    ];
+    for (phase, ok_events) in allowed {
+        for kind in EVENTS {
+            let mut s = to_phase(phase, t0);
+            let got = s.handle(ev(kind, "iris", 2), t0);
+            if ok_events.contains(kind) {
+                assert_eq!(got, Ok(true), "{kind} while {phase}");
+            } else {
+                let e = got.expect_err(&format!("{kind} while {phase} must be disallowed"));
+                assert_eq!((e.event, e.state.as_str()), (*kind, *phase));
+                assert!(e.to_string().ends_with(&format!("is not allowed while {phase}")), "{e}");
+            }
+        }
+    }
+    // An update that ended ignores the results of work still in flight.
+    for phase in ["failed", "rolled back"] {
+        for kind in EVENTS {
+            let mut s = to_phase(phase, t0);
+            assert_eq!(s.handle(ev(kind, "iris", 2), t0), Ok(false), "{kind} while {phase}");
+            assert_eq!(phase_of(&s, "iris"), phase);
+        }
+    }
+    // The committed version, serving: no event is expected for it.
+    for kind in EVENTS {
+        let mut s = serving(&[m("iris", 1)], t0);
+        assert_eq!(s.handle(ev(kind, "iris", 1), t0).unwrap_err().state, "serving", "{kind}");
+    }
+    // Loading again after a restart: only the load's outcome is.
+    for kind in EVENTS {
+        let mut s = Slots::restore(ALL, serving(&[m("iris", 1)], t0).persisted(), t0);
+        let got = s.handle(ev(kind, "iris", 1), t0);
+        if matches!(*kind, "loaded" | "load-failed") {
+            assert_eq!(got, Ok(true), "{kind}");
+        } else {
+            assert_eq!(got.unwrap_err().state, "loading again", "{kind}");
+        }
+    }
+    // Events for versions or names nobody waits for are stale, not errors.
+    let mut s = to_phase("staged", t0);
+    assert_eq!(s.handle(ev("loaded", "iris", 7), t0), Ok(false));
+    assert_eq!(s.handle(ev("fetched", "other", 1), t0), Ok(false));
+}
+
+#[test]
+fn every_deadline_fails_its_update_and_the_committed_version_keeps_serving() {
+    let t0 = Instant::now();
+    // (phase, seconds after entering it that it may last, the phase it is
+    // in then: a retry that came due went back to fetching)
+    for (phase, secs, at_deadline) in [
+        ("fetching", 100, "fetching"),
+        ("retrying", 100, "fetching"),
+        ("verifying", 10, "verifying"),
+        ("staged", 20, "staged"),
+        ("self-test", 30, "self-test"),
+        ("shadow", 40, "shadow"),
+    ] {
+        let mut s = to_phase(phase, t0);
+        let deadline = t0 + Duration::from_secs(secs);
+        s.handle_timeout(deadline - Duration::from_millis(1));
+        assert_ne!(phase_of(&s, "iris"), "failed", "{phase} before its deadline");
+        drain(&mut s);
+        s.handle_timeout(deadline);
+        assert_eq!(phase_of(&s, "iris"), "failed", "{phase}");
+        let (state, detail) = status_of(&s, "iris", 2);
+        assert_eq!(state, ModelState::Failed);
+        assert!(detail.as_deref().unwrap().starts_with(&format!("{at_deadline} passed its deadline")), "{detail:?}");
+        assert_eq!(drain(&mut s), [Action::Persist], "{phase}");
+        assert_eq!(s.slot("iris").unwrap().served(), Some(&m("iris", 1)), "{phase}");
+        assert!(s.holding().is_empty());
+        // Not tried again: nothing is timed any more, a replay changes nothing.
+        assert_eq!(s.poll_timeout(), None, "{phase}");
+        s.set_desired(3, vec![m("iris", 2)], deadline);
+        assert_eq!(drain(&mut s), [Action::Persist], "{phase}: the generation only");
+        assert_eq!(phase_of(&s, "iris"), "failed");
+    }
+    // Probation whose health never comes: rolled back at the end of the grace.
+    let mut s = to_phase("probation", t0);
+    let end = t0 + Duration::from_secs(10) + HEALTH_GRACE;
+    s.handle_timeout(end);
+    assert_eq!(phase_of(&s, "iris"), "rolled back");
+    assert!(status_of(&s, "iris", 2).1.unwrap().contains("probation passed its deadline (no health report)"));
+    assert_eq!(drain(&mut s), [Action::Load(m("iris", 1)), Action::Persist]);
+}
+
+#[test]
+fn a_candidate_that_fails_self_test_never_serves_and_is_not_tried_again() {
+    let t0 = Instant::now();
+    let mut s = serving(&[m("iris", 1)], t0);
+    s.set_desired(2, vec![m("iris", 2)], t0);
+    for kind in ["fetched", "verified", "loaded"] {
+        ok(&mut s, kind, "iris", 2, t0);
+    }
+    drain(&mut s);
+    let reason = "case 0, output 0, element 3: 0.9, golden 0.1".to_string();
+    s.handle(Event::SelfTestFailed { name: "iris".into(), version: 2, reason }, t0).unwrap();
+    assert_eq!(drain(&mut s), [Action::Persist], "no install");
+    assert!(s.holding().is_empty(), "the loaded candidate is dropped");
+    let detail = status_of(&s, "iris", 2).1.unwrap();
+    assert_eq!(detail, "self-test failed: case 0, output 0, element 3: 0.9, golden 0.1");
+    assert_eq!(status_of(&s, "iris", 1).0, ModelState::Serving);
+    // A restart keeps the verdict.
+    let mut s = Slots::restore(ALL, s.persisted(), t0);
+    assert_eq!(drain(&mut s), [Action::Load(m("iris", 1))]);
+    assert_eq!(status_of(&s, "iris", 2).1.unwrap(), detail);
+}
+
+#[test]
+fn shadow_disagreement_fails_the_update() {
+    let t0 = Instant::now();
+    let mut s = to_phase("shadow", t0);
+    let report = ShadowReport { compared: 10, agreed: 8 };
+    s.handle(Event::Shadowed { name: "iris".into(), version: 2, report }, t0).unwrap();
+    assert_eq!(drain(&mut s), [Action::Persist]);
+    let detail = status_of(&s, "iris", 2).1.unwrap();
+    assert_eq!(detail, "shadow: agreed with the serving version on 8 of 10 requests (800‰, at least 900‰ needed)");
+    assert_eq!(s.slot("iris").unwrap().served(), Some(&m("iris", 1)));
+}
+
+#[test]
+fn no_shadow_without_a_serving_version_to_compare_with() {
+    let t0 = Instant::now();
+    let mut s = Slots::new(ALL);
+    s.set_desired(1, vec![m("iris", 1)], t0);
+    to_probation(&mut s, "iris", 1, t0);
+    assert_eq!(phase_of(&s, "iris"), "probation");
+}
+
+#[test]
+fn a_probation_breach_rolls_back_to_the_committed_version() {
+    let t0 = Instant::now();
+    let cases = [
+        (
+            Health { requests: 20, errors: 3, p99_us: 1000 },
+            "probation: 3 of 20 requests failed (150‰, at most 100‰ allowed)",
+        ),
+        (
+            Health { requests: 20, errors: 0, p99_us: 80_500 },
+            "probation: p99 latency 80.5 ms over 20 requests (at most 50 ms allowed)",
+        ),
+    ];
+    for (health, why) in cases {
+        let mut s = to_phase("probation", t0);
+        let t = t0 + Duration::from_secs(3);
+        s.handle(Event::Health { name: "iris".into(), version: 2, health }, t).unwrap();
+        assert_eq!(drain(&mut s), [Action::Load(m("iris", 1)), Action::Persist]);
+        assert_eq!(status_of(&s, "iris", 2), (ModelState::Failed, Some(format!("rolled back: {why}"))));
+        // v2 answers until v1 is loaded again, then v1 does.
+        assert_eq!(s.slot("iris").unwrap().served(), None);
+        ok(&mut s, "loaded", "iris", 1, t);
+        assert_eq!(drain(&mut s), [Action::Install(m("iris", 1))]);
+        assert_eq!(s.slot("iris").unwrap().served(), Some(&m("iris", 1)));
+        let p = s.persisted();
+        assert_eq!(persisted_names(&p), [("iris".into(), Some(1), None, Some(2))]);
+        assert_eq!(p.slots[0].stage, Stage::GaveUp { reason: why.into(), rolled_back: true });
+    }
+    // Below the minimum number of requests, errors do not count yet.
+    let mut s = to_phase("probation", t0);
+    let few = Health { requests: 4, errors: 4, p99_us: 0 };
+    s.handle(Event::Health { name: "iris".into(), version: 2, health: few }, t0).unwrap();
+    assert_eq!(phase_of(&s, "iris"), "probation");
+}
+
+#[test]
+fn a_first_version_that_breaks_probation_leaves_nothing_serving() {
+    let t0 = Instant::now();
+    let mut s = Slots::new(ALL);
+    s.set_desired(1, vec![m("iris", 1)], t0);
+    to_probation(&mut s, "iris", 1, t0);
+    drain(&mut s);
+    let bad = Health { requests: 10, errors: 10, p99_us: 0 };
+    s.handle(Event::Health { name: "iris".into(), version: 1, health: bad }, t0).unwrap();
+    assert_eq!(drain(&mut s), [Action::Unload("iris".into()), Action::Persist]);
+    assert_eq!(s.slot("iris").unwrap().served(), None);
+}
+
+#[test]
+fn a_restart_while_the_candidate_runs_gives_it_up_and_serves_the_committed_version() {
+    let t0 = Instant::now();
+    for phase in ["staged", "self-test", "shadow", "probation"] {
+        let s = to_phase(phase, t0);
+        let p = s.persisted();
+        assert_eq!(p.slots[0].stage, Stage::Trying { phase: phase.into() });
+        let mut s = Slots::restore(ALL, p, t0);
+        assert_eq!(drain(&mut s), [Action::Load(m("iris", 1))], "{phase}: only the committed version loads");
+        let detail = status_of(&s, "iris", 2).1.unwrap();
+        assert!(detail.starts_with(&format!("interrupted in {phase}: the agent stopped")), "{detail}");
+        ok(&mut s, "loaded", "iris", 1, t0);
+        assert_eq!(drain(&mut s), [Action::Install(m("iris", 1))]);
+        assert_eq!(s.poll_timeout(), None, "{phase}: not retried");
+    }
+    // Before its code ran, an update resumes.
+    for phase in ["fetching", "verifying", "retrying"] {
+        let mut s = Slots::restore(ALL, to_phase(phase, t0).persisted(), t0);
+        assert_eq!(drain(&mut s), [Action::Load(m("iris", 1)), Action::Fetch(m("iris", 2))], "{phase}");
+    }
+}
+
+#[test]
+fn a_new_desired_state_during_probation_brings_the_committed_version_back() {
+    let t0 = Instant::now();
+    // Back to the committed version: the candidate is abandoned.
+    let mut s = to_phase("probation", t0);
+    s.set_desired(3, vec![m("iris", 1)], t0);
+    assert_eq!(drain(&mut s), [Action::Load(m("iris", 1)), Action::Persist]);
+    assert!(s.slot("iris").unwrap().candidate().is_none());
+    // On to another version: the committed one serves while it comes.
+    let mut s = to_phase("probation", t0);
+    s.set_desired(3, vec![m("iris", 3)], t0);
+    assert_eq!(drain(&mut s), [Action::Fetch(m("iris", 3)), Action::Load(m("iris", 1)), Action::Persist]);
+    assert_eq!(s.handle(healthy("iris", 2), t0), Ok(false), "v2's health is stale now");
+    // The model no longer desired at all: unloaded.
+    let mut s = to_phase("probation", t0);
+    s.set_desired(3, vec![], t0);
+    assert_eq!(drain(&mut s), [Action::Unload("iris".into()), Action::Persist]);
+    // With nothing committed, the version on probation is committed as it
+    // stands and serves while the next one comes.
+    let mut s = Slots::new(ALL);
+    s.set_desired(1, vec![m("iris", 1)], t0);
+    to_probation(&mut s, "iris", 1, t0);
+    drain(&mut s);
+    s.set_desired(2, vec![m("iris", 2)], t0);
+    assert_eq!(drain(&mut s), [Action::Fetch(m("iris", 2)), Action::Persist]);
+    let slot = s.slot("iris").unwrap();
+    assert_eq!((slot.active(), slot.served()), (Some(&m("iris", 1)), Some(&m("iris", 1))));
+}
+
+#[test]
+fn a_new_policy_for_the_same_version_is_not_a_new_update() {
+    let t0 = Instant::now();
+    let mut s = serving(&[m("iris", 1)], t0);
+    let mut again = m("iris", 1);
+    again.update = Some(UpdatePolicy { probation_secs: 99, ..policy() });
+    s.set_desired(2, vec![again], t0);
+    assert_eq!(drain(&mut s), [Action::Persist], "only the generation changed");
+    let mut s = to_phase("self-test", t0);
+    let mut again = m("iris", 2);
+    again.update = None;
+    s.set_desired(3, vec![again], t0);
+    assert_eq!(phase_of(&s, "iris"), "self-test");
+}
+
+#[test]
+fn failures_before_the_candidate_runs_are_retried_with_backoff_until_the_download_deadline() {
+    let t0 = Instant::now();
+    let mut s = Slots::new(ALL);
+    s.set_desired(1, vec![m("iris", 1)], t0);
+    drain(&mut s);
+    ok(&mut s, "fetch-failed", "iris", 1, t0);
+    assert_eq!(s.poll_timeout(), Some(t0 + Duration::from_secs(2)));
+    assert_eq!(status_of(&s, "iris", 1), (ModelState::Failed, Some("fetch-failed went wrong (will retry)".into())));
+    s.handle_timeout(t0 + Duration::from_secs(1));
+    assert!(drain(&mut s).is_empty());
+    s.handle_timeout(t0 + Duration::from_secs(2));
+    assert_eq!(drain(&mut s), [Action::Fetch(m("iris", 1))]);
+    // A digest mismatch and a load failure are retried from the download too.
+    let t1 = t0 + Duration::from_secs(2);
+    ok(&mut s, "fetched", "iris", 1, t1);
+    ok(&mut s, "verify-failed", "iris", 1, t1);
+    assert_eq!(s.poll_timeout(), Some(t1 + Duration::from_secs(4)));
+    let t2 = t1 + Duration::from_secs(4);
+    s.handle_timeout(t2);
+    for kind in ["fetched", "verified", "load-failed"] {
+        ok(&mut s, kind, "iris", 1, t2);
+    }
+    assert_eq!(drain(&mut s).last(), Some(&Action::Persist), "no longer being tried: written");
+    assert_eq!(s.persisted().slots[0].stage, Stage::Pending);
+    // Backoff is capped; the download's deadline (100 s) ends it.
+    while phase_of(&s, "iris") != "failed" {
+        let t = s.poll_timeout().unwrap();
+        assert!(t <= t0 + Duration::from_secs(100));
+        s.handle_timeout(t);
+        if phase_of(&s, "iris") == "fetching" {
+            ok(&mut s, "fetch-failed", "iris", 1, t);
+        }
+    }
+    assert!(status_of(&s, "iris", 1).1.unwrap().starts_with("retrying passed its deadline; last error: "));
 }
 
 #[test]
 fn a_load_that_finishes_after_a_newer_one_is_never_installed() {
     let t0 = Instant::now();
     let mut s = Slots::new(ALL);
-    s.set_desired(1, vec![m("iris", 1)]);
-    s.handle(fetched("iris", 1), t0).unwrap();
+    s.set_desired(1, vec![m("iris", 1)], t0);
+    ok(&mut s, "fetched", "iris", 1, t0);
+    ok(&mut s, "verified", "iris", 1, t0);
     drain(&mut s); // Load(v1) is now running, slowly.
-    s.set_desired(2, vec![m("iris", 2)]);
-    s.handle(fetched("iris", 2), t0).unwrap();
-    s.handle(loaded("iris", 2), t0).unwrap();
+    s.set_desired(2, vec![m("iris", 2)], t0);
+    to_probation(&mut s, "iris", 2, t0);
     assert!(drain(&mut s).contains(&Action::Install(m("iris", 2))));
     // v1's load completes last: stale, nothing to install.
-    assert!(!s.handle(loaded("iris", 1), t0).unwrap());
+    assert_eq!(s.handle(ev("loaded", "iris", 1), t0), Ok(false));
     assert!(drain(&mut s).is_empty());
-    assert_eq!(s.slot("iris").unwrap().active(), Some(&m("iris", 2)));
-}
-
-#[test]
-fn failures_back_off_in_virtual_time() {
-    let t0 = Instant::now();
-    let mut s = Slots::new(ALL);
-    s.set_desired(1, vec![m("iris", 1)]);
-    drain(&mut s);
-    s.handle(fetch_failed("iris", 1), t0).unwrap();
-    assert_eq!(s.poll_timeout(), Some(t0 + Duration::from_secs(2)));
-    s.handle_timeout(t0 + Duration::from_secs(1));
-    assert!(drain(&mut s).is_empty());
-    s.handle_timeout(t0 + Duration::from_secs(2));
-    assert_eq!(drain(&mut s), [Action::Fetch(m("iris", 1))]);
-    let t1 = t0 + Duration::from_secs(2);
-    s.handle(fetch_failed("iris", 1), t1).unwrap();
-    assert_eq!(s.poll_timeout(), Some(t1 + Duration::from_secs(4)));
-    for _ in 0..20 {
-        let t = s.poll_timeout().unwrap();
-        s.handle_timeout(t);
-        drain(&mut s);
-        s.handle(fetch_failed("iris", 1), t).unwrap();
-        assert!(s.poll_timeout().unwrap() - t <= MAX_BACKOFF);
-    }
-}
-
-#[test]
-fn every_event_in_every_candidate_phase() {
-    // (phase reached by these steps, event, allowed?)
-    let t0 = Instant::now();
-    let to_phase = |phase: &str| {
-        let mut s = Slots::new(ALL);
-        s.set_desired(1, vec![m("iris", 1)]);
-        match phase {
-            "fetching" => {}
-            "loading" => {
-                s.handle(fetched("iris", 1), t0).unwrap();
-            }
-            "failed" => {
-                s.handle(fetch_failed("iris", 1), t0).unwrap();
-            }
-            _ => unreachable!(),
-        }
-        drain(&mut s);
-        s
-    };
-    let table: &[(&str, Event, Result<(), &str>)] = &[
-        ("fetching", fetched("iris", 1), Ok(())),
-        ("fetching", fetch_failed("iris", 1), Ok(())),
-        ("fetching", loaded("iris", 1), Err("fetching")),
-        ("fetching", load_failed("iris", 1), Err("fetching")),
-        ("loading", fetched("iris", 1), Err("loading")),
-        ("loading", fetch_failed("iris", 1), Err("loading")),
-        ("loading", loaded("iris", 1), Ok(())),
-        ("loading", load_failed("iris", 1), Ok(())),
-        ("failed", fetched("iris", 1), Err("failed")),
-        ("failed", fetch_failed("iris", 1), Err("failed")),
-        ("failed", loaded("iris", 1), Err("failed")),
-        ("failed", load_failed("iris", 1), Err("failed")),
-    ];
-    for (phase, event, want) in table {
-        let mut s = to_phase(phase);
-        let got = s.handle(event.clone(), t0);
-        match want {
-            Ok(()) => assert_eq!(got, Ok(true), "{event:?} while {phase}"),
-            Err(state) => {
-                let e = got.unwrap_err();
-                assert_eq!(e.state, *state, "{event:?} while {phase}");
-                assert!(e.to_string().ends_with(&format!("is not allowed while {state}")), "{e}");
-            }
-        }
-    }
-    // Refused: a format this agent does not run; every event is disallowed.
-    for event in [fetched("iris", 1), fetch_failed("iris", 1), loaded("iris", 1), load_failed("iris", 1)] {
-        let mut s = Slots::new(&[ModelFormat::Nnef]);
-        s.set_desired(1, vec![m("iris", 1)]);
-        assert_eq!(s.handle(event, t0).unwrap_err().state, "refused");
-    }
-    // The serving version: no event is expected for it.
-    for event in [fetched("iris", 1), fetch_failed("iris", 1), loaded("iris", 1), load_failed("iris", 1)] {
-        let mut s = serving(&[m("iris", 1)]);
-        assert_eq!(s.handle(event, t0).unwrap_err().state, "serving");
-    }
-    // Events for versions or names nobody waits for are stale, not errors.
-    let mut s = to_phase("loading");
-    assert_eq!(s.handle(loaded("iris", 7), t0), Ok(false));
-    assert_eq!(s.handle(fetched("other", 1), t0), Ok(false));
+    assert_eq!(s.slot("iris").unwrap().served(), Some(&m("iris", 2)));
 }
 
 #[test]
 fn older_generations_are_ignored_even_after_a_restart() {
+    let t0 = Instant::now();
     let mut s = Slots::new(ALL);
-    s.set_desired(2, vec![m("iris", 2)]);
+    s.set_desired(2, vec![m("iris", 2)], t0);
     drain(&mut s);
-    s.set_desired(1, vec![m("iris", 1)]);
+    s.set_desired(1, vec![m("iris", 1)], t0);
     assert!(drain(&mut s).is_empty());
     assert_eq!(s.slot("iris").unwrap().candidate().unwrap().0.version, 2);
-    let mut s = Slots::restore(ALL, s.persisted());
+    let mut s = Slots::restore(ALL, s.persisted(), t0);
     drain(&mut s);
-    s.set_desired(1, vec![]);
+    s.set_desired(1, vec![], t0);
     assert!(drain(&mut s).is_empty(), "a replayed older state must not unload anything");
     assert_eq!(s.generation(), 2);
 }
 
 #[test]
+fn the_same_state_again_touches_nothing() {
+    let t0 = Instant::now();
+    let mut s = serving(&[m("iris", 1)], t0);
+    s.set_desired(2, vec![m("iris", 1)], t0);
+    assert_eq!(drain(&mut s), [Action::Persist]);
+    s.set_desired(2, vec![m("iris", 1)], t0);
+    assert!(drain(&mut s).is_empty(), "every reconnect sends it again");
+}
+
+#[test]
 fn undesired_model_is_unloaded() {
-    let mut s = serving(&[m("iris", 1), m("cnn", 1)]);
-    s.set_desired(2, vec![m("iris", 1)]);
+    let t0 = Instant::now();
+    let mut s = serving(&[m("iris", 1), m("cnn", 1)], t0);
+    s.set_desired(2, vec![m("iris", 1)], t0);
     assert_eq!(drain(&mut s), [Action::Unload("cnn".into()), Action::Persist]);
     assert_eq!(persisted_names(&s.persisted()), [("iris".into(), Some(1), None, None)]);
 }
 
 #[test]
 fn a_format_this_agent_cannot_run_is_refused_alone() {
+    let t0 = Instant::now();
     let mut s = Slots::new(&[ModelFormat::Nnef, ModelFormat::Burn]);
     let mut nnef = m("cnn", 1);
     nnef.format = ModelFormat::Nnef;
-    s.set_desired(1, vec![m("iris", 1), nnef.clone()]);
+    s.set_desired(1, vec![m("iris", 1), nnef.clone()], t0);
     assert_eq!(drain(&mut s), [Action::Fetch(nnef), Action::Persist]);
-    let iris = s.status().into_iter().find(|x| x.name == "iris").unwrap();
-    assert_eq!(iris.state, ModelState::Failed);
-    assert_eq!(iris.detail.as_deref(), Some("iris:1 is onnx; this agent build runs nnef, burn"));
-    assert!(s.poll_timeout().is_none(), "a refusal is not retried");
+    let (state, detail) = status_of(&s, "iris", 1);
+    assert_eq!(
+        (state, detail.as_deref()),
+        (ModelState::Failed, Some("iris:1 is onnx; this agent build runs nnef, burn"))
+    );
+    assert!(s.poll_timeout().unwrap() >= t0 + Duration::from_secs(100), "only cnn's deadline is timed");
     // Not persisted as a candidate: a restart does not try it again.
     assert_eq!(persisted_names(&s.persisted())[1], ("iris".into(), None, None, None));
 }
 
 #[test]
 fn a_refused_state_is_reported_until_a_newer_one_applies() {
-    let mut s = serving(&[m("iris", 1)]);
+    let t0 = Instant::now();
+    let mut s = serving(&[m("iris", 1)], t0);
     s.refuse(2, "manifest signature is invalid".into());
     assert_eq!(s.refusal().unwrap().generation, 2);
     assert!(s.slot("iris").unwrap().serving());
-    s.set_desired(3, vec![m("iris", 1)]);
+    s.set_desired(3, vec![m("iris", 1)], t0);
     assert!(s.refusal().is_none());
 }
 
 #[test]
 fn restart_with_three_models_where_one_fails_to_load_keeps_all_three() {
     let t0 = Instant::now();
-    let before = serving(&[m("a", 1), m("b", 1), m("c", 1)]).persisted();
-    let mut s = Slots::restore(ALL, before.clone());
+    let before = serving(&[m("a", 1), m("b", 1), m("c", 1)], t0).persisted();
+    let mut s = Slots::restore(ALL, before.clone(), t0);
     assert_eq!(s.generation(), 1);
     assert_eq!(drain(&mut s), [Action::Load(m("a", 1)), Action::Load(m("b", 1)), Action::Load(m("c", 1))]);
     assert!(s.status().iter().all(|x| x.state == ModelState::Loading));
-    s.handle(loaded("a", 1), t0).unwrap();
-    s.handle(load_failed("b", 1), t0).unwrap();
-    s.handle(loaded("c", 1), t0).unwrap();
+    ok(&mut s, "loaded", "a", 1, t0);
+    ok(&mut s, "load-failed", "b", 1, t0);
+    ok(&mut s, "loaded", "c", 1, t0);
     assert_eq!(
         drain(&mut s),
-        [Action::Install(m("a", 1)), Action::Persist, Action::Install(m("c", 1))],
+        [Action::Install(m("a", 1)), Action::Unload("b".into()), Action::Persist, Action::Install(m("c", 1))],
         "b is not installed"
     );
     // b stays, as a candidate to fetch again; nothing is dropped from disk.
@@ -279,85 +597,82 @@ fn restart_with_three_models_where_one_fails_to_load_keeps_all_three() {
         persisted_names(&after),
         [("a".into(), Some(1), None, None), ("b".into(), None, None, Some(1)), ("c".into(), Some(1), None, None)]
     );
-    let b = s.status().into_iter().find(|x| x.name == "b").unwrap();
-    assert_eq!((b.state, b.detail.as_deref()), (ModelState::Failed, Some("bad")));
+    assert_eq!(status_of(&s, "b", 1), (ModelState::Failed, Some("load-failed went wrong (will retry)".into())));
     s.handle_timeout(t0 + MIN_BACKOFF);
     assert_eq!(drain(&mut s), [Action::Fetch(m("b", 1))]);
     // And a restart in the middle of that loses nothing either.
-    let mut again = Slots::restore(ALL, after);
+    let mut again = Slots::restore(ALL, after, t0);
     assert_eq!(drain(&mut again).len(), 3);
 }
 
 #[test]
 fn after_a_restart_a_version_that_no_longer_loads_falls_back_on_the_previous_one() {
     let t0 = Instant::now();
-    let mut s = serving(&[m("iris", 1)]);
-    s.set_desired(2, vec![m("iris", 2)]);
-    s.handle(fetched("iris", 2), t0).unwrap();
-    s.handle(loaded("iris", 2), t0).unwrap();
+    let mut s = serving(&[m("iris", 1)], t0);
+    s.set_desired(2, vec![m("iris", 2)], t0);
+    for kind in ["fetched", "verified", "loaded", "self-test-passed", "shadowed"] {
+        ok(&mut s, kind, "iris", 2, t0);
+    }
+    s.handle(healthy("iris", 2), t0 + Duration::from_secs(10)).unwrap();
     let persisted = s.persisted();
     assert_eq!(persisted_names(&persisted), [("iris".into(), Some(2), Some(1), None)]);
 
-    let mut s = Slots::restore(ALL, persisted);
+    let mut s = Slots::restore(ALL, persisted, t0);
     assert_eq!(drain(&mut s), [Action::Load(m("iris", 2))]);
-    s.handle(load_failed("iris", 2), t0).unwrap();
+    ok(&mut s, "load-failed", "iris", 2, t0);
     assert_eq!(drain(&mut s), [Action::Load(m("iris", 1)), Action::Persist]);
-    s.handle(loaded("iris", 1), t0).unwrap();
+    ok(&mut s, "loaded", "iris", 1, t0);
     assert_eq!(drain(&mut s), [Action::Install(m("iris", 1))]);
-    let st = s.status();
-    assert_eq!((st[0].version, st[0].state), (1, ModelState::Serving));
-    assert_eq!((st[1].version, st[1].state), (2, ModelState::Failed));
-    // v2 is fetched again, and once it loads it serves with v1 behind it.
+    assert_eq!(status_of(&s, "iris", 1).0, ModelState::Serving);
+    assert_eq!(status_of(&s, "iris", 2).0, ModelState::Failed);
+    // v2 is fetched again and goes through the stages like any update.
     s.handle_timeout(t0 + MIN_BACKOFF);
-    s.handle(fetched("iris", 2), t0).unwrap();
-    s.handle(loaded("iris", 2), t0).unwrap();
-    let slot = s.slot("iris").unwrap();
-    assert_eq!((slot.active(), slot.previous()), (Some(&m("iris", 2)), Some(&m("iris", 1))));
+    assert_eq!(drain(&mut s), [Action::Fetch(m("iris", 2))]);
+    to_probation(&mut s, "iris", 2, t0);
+    assert_eq!(phase_of(&s, "iris"), "shadow");
 }
 
 #[test]
-fn a_download_in_progress_resumes_after_a_restart() {
-    let mut s = serving(&[m("iris", 1)]);
-    s.set_desired(2, vec![m("iris", 2)]);
-    drain(&mut s);
-    let mut s = Slots::restore(ALL, s.persisted());
-    assert_eq!(drain(&mut s), [Action::Load(m("iris", 1)), Action::Fetch(m("iris", 2))]);
-    assert_eq!(s.referenced().len(), 2);
-}
-
-#[test]
-fn referenced_artifacts_are_every_manifest_in_every_slot() {
+fn referenced_files_are_every_artifact_and_golden_file_in_every_slot() {
     let t0 = Instant::now();
-    let mut s = serving(&[m("iris", 1)]);
+    let mut s = serving(&[m("iris", 1)], t0);
     for v in 2..=3 {
-        s.set_desired(v as u64, vec![m("iris", v)]);
-        s.handle(fetched("iris", v), t0).unwrap();
-        s.handle(loaded("iris", v), t0).unwrap();
+        s.set_desired(v as u64, vec![m("iris", v)], t0);
+        for kind in ["fetched", "verified", "loaded", "self-test-passed", "shadowed"] {
+            ok(&mut s, kind, "iris", v, t0);
+        }
+        s.handle(healthy("iris", v), t0 + Duration::from_secs(10)).unwrap();
     }
-    s.set_desired(9, vec![m("iris", 4)]);
-    let want: BTreeSet<_> = [3, 2, 4].iter().map(|v| m("iris", *v).sha256).collect();
+    s.set_desired(9, vec![m("iris", 4)], t0);
+    let want: BTreeSet<_> =
+        [3, 2, 4].iter().flat_map(|v| [m("iris", *v).sha256, m("iris", *v).selftest.unwrap().sha256]).collect();
     assert_eq!(s.referenced(), want, "active 3, previous 2, candidate 4; 1 is gone");
 }
 
 #[test]
 fn a_restart_with_fewer_formats_loads_nothing_it_no_longer_runs() {
     let t0 = Instant::now();
-    let mut s = serving(&[m("iris", 1)]);
     let mut nnef = m("iris", 2);
     nnef.format = ModelFormat::Nnef;
-    s.set_desired(2, vec![nnef.clone()]);
-    s.handle(fetched("iris", 2), t0).unwrap();
-    s.handle(loaded("iris", 2), t0).unwrap();
-    s.set_desired(3, vec![nnef.clone(), m("cnn", 1)]);
-    s.handle(fetched("cnn", 1), t0).unwrap();
-    s.handle(loaded("cnn", 1), t0).unwrap();
+    let mut s = Slots::new(ALL);
+    s.set_desired(1, vec![m("iris", 1)], t0);
+    to_probation(&mut s, "iris", 1, t0);
+    s.handle(healthy("iris", 1), t0 + Duration::from_secs(10)).unwrap();
+    s.set_desired(2, vec![nnef.clone()], t0);
+    for kind in ["fetched", "verified", "loaded", "self-test-passed", "shadowed"] {
+        ok(&mut s, kind, "iris", 2, t0);
+    }
+    s.handle(healthy("iris", 2), t0 + Duration::from_secs(10)).unwrap();
+    s.set_desired(3, vec![nnef.clone(), m("cnn", 1)], t0);
+    to_probation(&mut s, "cnn", 1, t0);
+    s.handle(healthy("cnn", 1), t0 + Duration::from_secs(10)).unwrap();
     let persisted = s.persisted();
     // Restarted taking NNEF only: iris:2 loads, its ONNX previous is dropped;
     // cnn (ONNX) is not loaded and says why.
-    let mut s = Slots::restore(&[ModelFormat::Nnef], persisted);
+    let mut s = Slots::restore(&[ModelFormat::Nnef], persisted, t0);
     assert_eq!(drain(&mut s), [Action::Load(nnef)]);
     assert!(s.slot("iris").unwrap().previous().is_none());
-    let c = s.status().into_iter().find(|x| x.name == "cnn").unwrap();
-    assert_eq!((c.state, c.detail.as_deref()), (ModelState::Failed, Some("cnn:1 is onnx; this agent build runs nnef")));
+    let (state, detail) = status_of(&s, "cnn", 1);
+    assert_eq!((state, detail.as_deref()), (ModelState::Failed, Some("cnn:1 is onnx; this agent build runs nnef")));
     assert!(s.referenced().contains(&m("iris", 2).sha256));
 }

@@ -3,6 +3,7 @@
 
 use crate::gate::{Gate, Timing};
 use crate::serve::ConnState;
+use crate::update::{Latency, Shadow};
 use axum::body::{Body, Bytes};
 use axum::extract::{Path, Request, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
@@ -50,6 +51,10 @@ pub struct Served {
     pub busy: AtomicU64,
     /// NaN or infinite input elements seen (they are passed on, and counted).
     pub nonfinite_inputs: AtomicU64,
+    /// Run times, for the p99 probation is judged on.
+    pub latency: Latency,
+    /// Serving on probation, not yet committed.
+    pub probation: AtomicBool,
 }
 
 impl Served {
@@ -66,6 +71,8 @@ impl Served {
             errors: AtomicU64::new(0),
             busy: AtomicU64::new(0),
             nonfinite_inputs: AtomicU64::new(0),
+            latency: Latency::default(),
+            probation: AtomicBool::new(false),
         }
     }
 }
@@ -184,6 +191,8 @@ pub struct Shared {
     pub limits: Limits,
     /// Request memory, shared by every connection.
     pub budget: Budget,
+    /// Candidates running beside the serving version, by model name.
+    pub shadows: RwLock<BTreeMap<String, Arc<Shadow>>>,
 }
 
 impl Shared {
@@ -204,6 +213,7 @@ impl Shared {
             queue,
             limits,
             budget: Budget::new(budget),
+            shadows: Default::default(),
         }
     }
 
@@ -259,6 +269,7 @@ async fn list(State(shared): State<Arc<Shared>>) -> Json<Value> {
                 "version": s.manifest.version,
                 "format": s.manifest.format,
                 "state": if s.healthy.load(Ordering::Relaxed) { ModelState::Serving } else { ModelState::Unhealthy },
+                "update": if s.probation.load(Ordering::Relaxed) { "probation" } else { "committed" },
                 "healthy": s.healthy.load(Ordering::Relaxed),
                 "last_error": s.last_error.lock().expect("lock").clone(),
                 "threads": s.gate.threads(),
@@ -352,7 +363,14 @@ async fn predict(
         ApiError(StatusCode::REQUEST_TIMEOUT, format!("request body not received within {} s", BODY_DEADLINE.as_secs()))
     })??;
     let conn = parts.extensions.get::<Arc<ConnState>>().cloned();
+    // A candidate in shadow gets a copy of the inputs when it is idle; it
+    // runs on its own thread, and this request never waits for it.
+    let shadow = shared.shadows.read().expect("lock").get(name).filter(|s| s.idle()).cloned();
+    let copy = shadow.as_ref().map(|_| inputs.clone());
     let (outputs, timing) = run(&shared, &served, inputs, conn.as_ref()).await?;
+    if let (Some(shadow), Some(copy)) = (shadow, copy) {
+        shadow.offer(copy, outputs.clone());
+    }
     // Room for the answer before it is made (binary: exact; JSON: at most
     // 26 bytes an element), taken beside the inputs' or, failing that, in
     // their place; what the answer turns out not to need goes back.
@@ -505,6 +523,7 @@ async fn run(
             ApiError(StatusCode::TOO_MANY_REQUESTS, format!("model {name:?} is {e}; retry later"))
         })?;
     served.requests.fetch_add(1, Ordering::Relaxed);
+    served.latency.record(timing.ran);
     match result {
         Ok(outputs) => {
             if !served.healthy.swap(true, Ordering::Relaxed) {

@@ -8,7 +8,7 @@ use anyhow::{Context, Result, anyhow, bail};
 use std::sync::Arc;
 use std::time::Duration;
 use tern_net::{FrameReader, NetError, write_msg};
-use tern_proto::{ErrorCode, FetchArtifact, Hello, Message, ModelFormat, ModelManifest, StatusReport, WireVersion};
+use tern_proto::{ErrorCode, FetchArtifact, Hello, Message, ModelFormat, Sha256Digest, StatusReport, WireVersion};
 use tokio::io::{AsyncSeekExt, AsyncWriteExt};
 use tokio::sync::{mpsc, watch};
 use tracing::{debug, info, warn};
@@ -141,14 +141,21 @@ async fn session(
     }
 }
 
-/// Downloads the artifact of `manifest` into `partial/`, resuming from what
+/// One file to download: an artifact or its golden vectors.
+#[derive(Debug, Clone, Copy)]
+pub struct Wanted<'a> {
+    /// Its digest, by which the coordinator serves it.
+    pub sha256: Sha256Digest,
+    /// Its size, as the signed manifest says.
+    pub size: u64,
+    /// What it is, for the log.
+    pub what: &'a str,
+}
+
+/// Downloads a file the manifest names into `partial/`, resuming from what
 /// is there, and promotes it to `models/` once its digest matches.
-pub async fn fetch(
-    store: Arc<Store>,
-    mut conn_rx: watch::Receiver<Session>,
-    manifest: &ModelManifest,
-) -> Result<(), String> {
-    let sha = manifest.sha256;
+pub async fn fetch(store: Arc<Store>, mut conn_rx: watch::Receiver<Session>, file: Wanted<'_>) -> Result<(), String> {
+    let sha = file.sha256;
     if store.model_path(&sha).is_file() {
         return Ok(());
     }
@@ -158,20 +165,15 @@ pub async fn fetch(
         .map_err(|_| "agent is stopping".to_string())?
         .clone()
         .expect("waited for Some");
-    download(&store, &conn, version, manifest).await.map_err(|e| format!("{e:#}"))?;
+    download(&store, &conn, version, file).await.map_err(|e| format!("{}: {e:#}", file.what))?;
     // Hashing the whole file is blocking work: off the runtime.
     tokio::task::spawn_blocking(move || store.promote(&sha)).await.map_err(|e| e.to_string())?
 }
 
-async fn download(
-    store: &Store,
-    conn: &quinn::Connection,
-    version: WireVersion,
-    manifest: &ModelManifest,
-) -> Result<()> {
-    let partial = store.partial_path(&manifest.sha256);
+async fn download(store: &Store, conn: &quinn::Connection, version: WireVersion, want: Wanted<'_>) -> Result<()> {
+    let partial = store.partial_path(&want.sha256);
     let offset = match tokio::fs::metadata(&partial).await {
-        Ok(m) if m.len() <= manifest.size => m.len(),
+        Ok(m) if m.len() <= want.size => m.len(),
         Ok(_) => {
             tokio::fs::remove_file(&partial).await?;
             0
@@ -179,7 +181,7 @@ async fn download(
         Err(_) => 0,
     };
     let (mut send, recv) = conn.open_bi().await.map_err(NetError::from)?;
-    write_msg(&mut send, &Message::FetchArtifact(FetchArtifact { sha256: manifest.sha256, offset }), version).await?;
+    write_msg(&mut send, &Message::FetchArtifact(FetchArtifact { sha256: want.sha256, offset }), version).await?;
     send.finish().ok();
     let mut reader = FrameReader::new(recv, version);
     let header = tokio::time::timeout(ANSWER_WITHIN, reader.next())
@@ -191,12 +193,12 @@ async fn download(
         Some(other) => bail!("expected ArtifactHeader, got {}", other.kind()),
         None => bail!("coordinator closed the download stream"),
     };
-    if header.size != manifest.size || header.offset != offset || header.sha256 != manifest.sha256 {
+    if header.size != want.size || header.offset != offset || header.sha256 != want.sha256 {
         bail!(
             "coordinator offered {} bytes from {}, the manifest says {} bytes",
             header.size,
             header.offset,
-            manifest.size
+            want.size
         );
     }
     // The frame reader stopped at the header's end: the raw bytes follow.
@@ -211,15 +213,15 @@ async fn download(
         recv.read_chunk(256 * 1024, true).await.map_err(|e| anyhow!("download interrupted at byte {got}: {e}"))?
     {
         got += chunk.bytes.len() as u64;
-        if got > manifest.size {
-            bail!("coordinator sent more than the {} bytes of the manifest", manifest.size);
+        if got > want.size {
+            bail!("coordinator sent more than the {} bytes of the manifest", want.size);
         }
         file.write_all(&chunk.bytes).await?;
     }
     file.sync_all().await?;
-    if got != manifest.size {
-        bail!("download ended at byte {got} of {}; will resume", manifest.size);
+    if got != want.size {
+        bail!("download ended at byte {got} of {}; will resume", want.size);
     }
-    info!(model = %manifest.name, version = manifest.version, bytes = got - offset, resumed_from = offset, "artifact downloaded");
+    info!(bytes = got - offset, resumed_from = offset, "{} downloaded", want.what);
     Ok(())
 }

@@ -11,6 +11,7 @@ mod profiles;
 mod runner;
 mod serve;
 mod store;
+mod update;
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
@@ -176,7 +177,7 @@ async fn run(
             (Persisted::default(), false)
         }
     };
-    let slots = Slots::restore(&formats, persisted);
+    let slots = Slots::restore(&formats, persisted, std::time::Instant::now());
     let report = StatusReport { models: slots.status(), generation: slots.generation(), refused: None };
     let (status_tx, status_rx) = watch::channel(report);
     let (conn_tx, conn_rx) = watch::channel(None);
@@ -231,19 +232,56 @@ struct DaemonWork {
 impl runner::Work for DaemonWork {
     fn fetch(&self, m: ModelManifest) -> runner::Fetching {
         let (store, conn_rx) = (self.store.clone(), self.conn_rx.clone());
-        Box::pin(async move { link::fetch(store, conn_rx, &m).await })
+        Box::pin(async move {
+            let artifact = link::Wanted { sha256: m.sha256, size: m.size, what: "artifact" };
+            link::fetch(store.clone(), conn_rx.clone(), artifact).await?;
+            if let Some(t) = m.selftest {
+                let golden = link::Wanted { sha256: t.sha256, size: t.size, what: "golden vectors" };
+                link::fetch(store, conn_rx, golden).await?;
+            }
+            Ok(())
+        })
+    }
+
+    /// Hashes both files again: what is on disk now is what was signed.
+    fn verify(&self, m: &ModelManifest) -> Result<(), String> {
+        let files = std::iter::once(("artifact", m.sha256, m.size))
+            .chain(m.selftest.map(|t| ("golden vectors", t.sha256, t.size)));
+        for (what, sha, size) in files {
+            let path = self.store.model_path(&sha);
+            let len = std::fs::metadata(&path).map_err(|e| format!("{what}: {}: {e}", path.display()))?.len();
+            let actual = store::digest_file(&path).map_err(|e| format!("{what}: reading {}: {e}", path.display()))?;
+            if actual != sha || len != size {
+                let _ = std::fs::remove_file(&path);
+                return Err(format!(
+                    "{what} on disk is corrupt ({len} bytes, sha256 {actual}); it will be downloaded again"
+                ));
+            }
+        }
+        Ok(())
     }
 
     /// Reads a verified artifact, checks its digest again (the disk may have
     /// changed under us), and loads it.
     fn load(&self, m: &ModelManifest) -> Result<Arc<dyn tern_runtime::Backend>, String> {
-        let path = self.store.model_path(&m.sha256);
+        let bytes = self.read_verified(m.sha256, "artifact")?;
+        Ok(tern_runtime::load(m.format, bytes).map_err(|e| e.to_string())?.into())
+    }
+
+    fn golden(&self, m: &ModelManifest) -> Result<Option<Vec<u8>>, String> {
+        m.selftest.map(|t| self.read_verified(t.sha256, "golden vectors")).transpose()
+    }
+}
+
+impl DaemonWork {
+    fn read_verified(&self, sha: tern_proto::Sha256Digest, what: &str) -> Result<Vec<u8>, String> {
+        let path = self.store.model_path(&sha);
         let bytes = std::fs::read(&path).map_err(|e| format!("reading {}: {e}", path.display()))?;
         let actual = tern_proto::Sha256Digest::of(&bytes);
-        if actual != m.sha256 {
+        if actual != sha {
             let _ = std::fs::remove_file(&path);
-            return Err(format!("stored artifact is corrupt (sha256 {actual}); it will be downloaded again"));
+            return Err(format!("stored {what} is corrupt (sha256 {actual}); it will be downloaded again"));
         }
-        Ok(tern_runtime::load(m.format, bytes).map_err(|e| e.to_string())?.into())
+        Ok(bytes)
     }
 }

@@ -8,12 +8,14 @@ use crate::api::{Served, Shared};
 use crate::gate::Gate;
 use crate::link::FromLink;
 use crate::store::Persister;
+use crate::update;
 use std::collections::{BTreeSet, HashMap};
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
-use tern_agent_core::{Action, Event, Slots};
+use tern_agent_core::{Action, Event, Health, Phase, Slots};
 use tern_proto::{DesiredState, ModelManifest, Sha256Digest, StatusReport};
 use tern_runtime::Backend;
 use tern_trust::VerifyingKey;
@@ -24,17 +26,23 @@ use tracing::{error, info, warn};
 pub type Fetching = Pin<Box<dyn Future<Output = Result<(), String>> + Send>>;
 
 /// The work the core asks for, done for real by the daemon (downloads over
-/// QUIC, loads from `models/`) and by a stand-in in tests.
+/// QUIC, files in `models/`) and by a stand-in in tests.
 pub trait Work: Send + Sync + 'static {
-    /// Downloads and verifies the artifact of `m` into `models/`.
+    /// Downloads the artifact of `m` and its golden vectors into `models/`.
     fn fetch(&self, m: ModelManifest) -> Fetching;
+    /// Checks both files on disk against `m`'s digests. Blocks: run off the runtime.
+    fn verify(&self, m: &ModelManifest) -> Result<(), String>;
     /// Loads the verified artifact of `m`. Blocks: run off the runtime.
     fn load(&self, m: &ModelManifest) -> Result<Arc<dyn Backend>, String>;
+    /// The verified golden vectors of `m`, if it has any. Blocks.
+    fn golden(&self, m: &ModelManifest) -> Result<Option<Vec<u8>>, String>;
 }
 
 /// The result of a piece of work, back on the main loop.
 enum Done {
     Fetched(Sha256Digest, Result<(), String>),
+    /// An event with nothing attached (verify, self-test and shadow outcomes).
+    Event(Event),
     Loaded(Event, Option<Arc<dyn Backend>>),
 }
 
@@ -49,7 +57,8 @@ pub struct Runner<W: Work> {
     status: watch::Sender<StatusReport>,
     done_tx: mpsc::Sender<Done>,
     done_rx: mpsc::Receiver<Done>,
-    /// Models loaded and not yet installed, by (name, version).
+    /// Models loaded and not yet installed, by (name, version): kept while
+    /// the core holds them (self-test, shadow) and until it installs them.
     loaded: HashMap<(String, u32), Arc<dyn Backend>>,
     /// Downloads in flight, by digest, with the versions waiting for each:
     /// one download per artifact, however many slots want it.
@@ -126,7 +135,7 @@ impl<W: Work> Runner<W> {
             Ok(models) => {
                 let names: Vec<String> = models.iter().map(|m| format!("{}:{}", m.name, m.version)).collect();
                 info!(generation = desired.generation, models = ?names, "desired state");
-                self.slots.set_desired(desired.generation, models);
+                self.slots.set_desired(desired.generation, models, Instant::now());
             }
             Err(e) => {
                 error!(generation = desired.generation, "refusing desired state: {e}");
@@ -150,29 +159,64 @@ impl<W: Work> Runner<W> {
                     self.handle(ev, now);
                 }
             }
+            Done::Event(ev) => self.handle(ev, now),
             Done::Loaded(ev, backend) => {
                 let (Event::Loaded { name, version } | Event::LoadFailed { name, version, .. }) = &ev else {
                     unreachable!("loads report Loaded or LoadFailed")
                 };
-                let key = (name.clone(), *version);
                 if let Some(b) = backend {
-                    self.loaded.insert(key.clone(), b);
+                    self.loaded.insert((name.clone(), *version), b);
                 }
                 self.handle(ev, now);
-                self.execute();
-                // Not installed: the core did not accept it (a newer version
-                // won, or the model is no longer desired). Dropped here.
-                if self.loaded.remove(&key).is_some() {
-                    info!(model = %key.0, version = key.1, "dropped a load the agent no longer wants");
-                }
             }
         }
     }
 
     fn handle(&mut self, ev: Event, now: Instant) {
+        let (name, version) = match &ev {
+            Event::Fetched { name, version }
+            | Event::FetchFailed { name, version, .. }
+            | Event::Verified { name, version }
+            | Event::VerifyFailed { name, version, .. }
+            | Event::Loaded { name, version }
+            | Event::LoadFailed { name, version, .. }
+            | Event::SelfTestPassed { name, version }
+            | Event::SelfTestFailed { name, version, .. }
+            | Event::Shadowed { name, version, .. }
+            | Event::Health { name, version, .. } => (name.clone(), *version),
+        };
+        let before = self.phase_of(&name, version);
         if let Err(e) = self.slots.handle(ev, now) {
             error!("{e}");
         }
+        let after = self.phase_of(&name, version);
+        if after != before {
+            match after {
+                Some(phase) => info!(model = %name, version, from = ?before, "update: {phase}"),
+                None if self.slots.slot(&name).and_then(|s| s.active()).is_some_and(|a| a.version == version) => {
+                    info!(model = %name, version, "update: committed")
+                }
+                None => {}
+            }
+        }
+    }
+
+    /// The phase of `name:version` if it is the candidate, for the log.
+    fn phase_of(&self, name: &str, version: u32) -> Option<String> {
+        let (m, phase) = self.slots.slot(name)?.candidate()?;
+        (m.version == version).then(|| match phase {
+            Phase::Retrying { reason, .. } | Phase::Failed { reason } | Phase::RolledBack { reason } => {
+                format!("{phase}: {reason}")
+            }
+            other => other.to_string(),
+        })
+    }
+
+    fn spawn_blocking_event(&self, f: impl FnOnce() -> Event + Send + 'static) {
+        let done = self.done_tx.clone();
+        tokio::task::spawn_blocking(move || {
+            let _ = done.blocking_send(Done::Event(f()));
+        });
     }
 
     /// Carries out what the core asked for, then publishes the status.
@@ -198,11 +242,26 @@ impl<W: Work> Runner<W> {
                         let _ = done.send(Done::Fetched(sha, result)).await;
                     });
                 }
+                Action::Verify(m) => {
+                    let work = self.work.clone();
+                    self.spawn_blocking_event(move || {
+                        let (name, version) = (m.name.clone(), m.version);
+                        match work.verify(&m) {
+                            Ok(()) => Event::Verified { name, version },
+                            Err(reason) => {
+                                warn!(model = %name, version, "verification failed: {reason}");
+                                Event::VerifyFailed { name, version, reason }
+                            }
+                        }
+                    });
+                }
                 Action::Load(m) => {
+                    // Not before the slots that say it is being tried are on disk.
+                    let durable = self.persister.durable();
                     let (work, done) = (self.work.clone(), self.done_tx.clone());
                     tokio::task::spawn_blocking(move || {
                         let (name, version) = (m.name.clone(), m.version);
-                        let result = match work.load(&m) {
+                        let result = match durable.wait().and_then(|()| work.load(&m)) {
                             Ok(backend) => Done::Loaded(Event::Loaded { name, version }, Some(backend)),
                             Err(reason) => {
                                 warn!(model = %name, version, "load failed: {reason}");
@@ -212,11 +271,52 @@ impl<W: Work> Runner<W> {
                         let _ = done.blocking_send(result);
                     });
                 }
+                Action::SelfTest(m) => {
+                    let Some(backend) = self.loaded.get(&(m.name.clone(), m.version)).cloned() else {
+                        error!(model = %m.name, version = m.version, "asked to self-test a model that is not loaded");
+                        continue;
+                    };
+                    let work = self.work.clone();
+                    self.spawn_blocking_event(move || {
+                        let (name, version) = (m.name.clone(), m.version);
+                        let result = work.golden(&m).and_then(|g| update::selftest(&m, backend.as_ref(), g.as_deref()));
+                        match result {
+                            Ok(()) => {
+                                info!(model = %name, version, "self-test passed");
+                                Event::SelfTestPassed { name, version }
+                            }
+                            Err(reason) => {
+                                warn!(model = %name, version, "self-test failed: {reason}");
+                                Event::SelfTestFailed { name, version, reason }
+                            }
+                        }
+                    });
+                }
+                Action::Shadow(m) => {
+                    let Some(backend) = self.loaded.get(&(m.name.clone(), m.version)).cloned() else {
+                        error!(model = %m.name, version = m.version, "asked to shadow a model that is not loaded");
+                        continue;
+                    };
+                    let done = self.done_tx.clone();
+                    let (name, version) = (m.name.clone(), m.version);
+                    let report = move |report| {
+                        let ev = Event::Shadowed { name: name.clone(), version, report };
+                        let _ = done.blocking_send(Done::Event(ev));
+                    };
+                    match update::Shadow::start(m.clone(), backend, report) {
+                        Ok(shadow) => {
+                            info!(model = %m.name, version = m.version, "shadowing the serving version");
+                            self.shared.shadows.write().expect("lock").insert(m.name.clone(), Arc::new(shadow));
+                        }
+                        Err(e) => error!(model = %m.name, "cannot start the shadow thread: {e}"),
+                    }
+                }
                 Action::Install(m) => match self.loaded.remove(&(m.name.clone(), m.version)) {
                     Some(backend) => {
                         let (name, version) = (m.name.clone(), m.version);
                         let gate = Gate::new(self.shared.threads, self.shared.queue);
                         let served = Arc::new(Served::new(m, backend, gate, &self.shared.limits));
+                        self.shared.shadows.write().expect("lock").remove(&name);
                         // In-flight requests finish on the old version, which is dropped after.
                         self.shared.models.write().expect("lock").insert(name.clone(), served);
                         info!(model = %name, version, threads = self.shared.threads, queue = self.shared.queue, "serving");
@@ -225,13 +325,52 @@ impl<W: Work> Runner<W> {
                         error!(model = %m.name, version = m.version, "asked to install a model that was not loaded")
                     }
                 },
-                Action::Unload(name) => {
-                    if self.shared.models.write().expect("lock").remove(&name).is_some() {
-                        info!(model = %name, "unloaded: no longer desired");
+                Action::CheckHealth(m) => {
+                    let served = self.shared.models.read().expect("lock").get(&m.name).cloned();
+                    if let Some(s) = served.filter(|s| s.manifest.same_version(&m)) {
+                        let health = Health {
+                            requests: s.requests.load(Ordering::Relaxed),
+                            errors: s.errors.load(Ordering::Relaxed),
+                            p99_us: s.latency.p99_us(),
+                        };
+                        self.handle(Event::Health { name: m.name, version: m.version, health }, Instant::now());
                     }
                 }
-                Action::Persist => self.persister.persist(self.slots.persisted()),
+                Action::Unload(name) => {
+                    self.shared.shadows.write().expect("lock").remove(&name);
+                    if self.shared.models.write().expect("lock").remove(&name).is_some() {
+                        info!(model = %name, "unloaded");
+                    }
+                }
+                Action::Persist => {
+                    // What was let go of since the start of this round (a
+                    // commit here drops the version before last) may go now.
+                    *self.live.lock().expect("lock") = self.slots.referenced();
+                    self.persister.persist(self.slots.persisted());
+                }
             }
+        }
+        // What the core no longer holds is dropped: a stale load, a
+        // candidate that failed its self-test, a shadow whose update ended.
+        let holding = self.slots.holding();
+        self.loaded.retain(|key, _| {
+            let keep = holding.contains(key);
+            if !keep {
+                info!(model = %key.0, version = key.1, "dropped a loaded version the agent no longer wants");
+            }
+            keep
+        });
+        self.shared
+            .shadows
+            .write()
+            .expect("lock")
+            .retain(|name, s| holding.contains(&(name.clone(), s.manifest.version)));
+        for (name, served) in self.shared.models.read().expect("lock").iter() {
+            let probation =
+                self.slots.slot(name).and_then(|s| s.candidate()).is_some_and(|(m, phase)| {
+                    matches!(phase, Phase::Probation { .. }) && m.same_version(&served.manifest)
+                });
+            served.probation.store(probation, Ordering::Relaxed);
         }
         let mut report = StatusReport {
             models: self.shared.status_with_health(self.slots.status()),
@@ -280,37 +419,60 @@ mod tests {
     use std::time::Duration;
     use tern_agent_core::Persisted;
     use tern_proto::Limits;
-    use tern_proto::{DType, DeviceId, ManifestEncoding, ModelFormat, TensorSpec};
-    use tern_runtime::{RuntimeError, Tensor};
+    use tern_proto::{
+        DType, DeviceId, GoldenCase, ManifestEncoding, ModelFormat, SelfTestRef, TensorSpec, encode_golden,
+    };
+    use tern_runtime::{RuntimeError, Tensor, TensorData};
     use tern_trust::SigningKey;
 
-    /// A backend that only says which version it is.
-    struct Tagged(Vec<TensorSpec>);
+    fn spec() -> Vec<TensorSpec> {
+        vec![TensorSpec { name: "X".into(), dtype: DType::F32, shape: vec![None, Some(4)] }]
+    }
 
-    impl Backend for Tagged {
+    /// A backend that multiplies its input by a factor.
+    struct Scale(f32, Vec<TensorSpec>);
+
+    impl Backend for Scale {
         fn inputs(&self) -> &[TensorSpec] {
-            &self.0
+            &self.1
         }
         fn outputs(&self) -> &[TensorSpec] {
-            &self.0
+            &self.1
         }
         fn run(&self, inputs: Vec<Tensor>) -> Result<Vec<Tensor>, RuntimeError> {
-            Ok(inputs)
+            let TensorData::F32(v) = &inputs[0].data else { unreachable!() };
+            let data = TensorData::F32(v.iter().map(|x| x * self.0).collect());
+            Ok(vec![Tensor::new(inputs[0].shape.clone(), data).unwrap()])
         }
     }
 
-    /// Downloads succeed at once; loading version 1 is slow.
-    struct SlowFirstLoad;
+    /// Downloads succeed at once; loading `slow` takes 600 ms; each version
+    /// loads as `Scale(factor[version])`; golden vectors say `Scale(1.0)`.
+    struct Stand {
+        slow: Option<u32>,
+        factor: fn(u32) -> f32,
+    }
 
-    impl Work for SlowFirstLoad {
+    fn golden() -> Vec<u8> {
+        let x = Tensor::new(vec![1, 4], TensorData::F32(vec![1.0, 2.0, 3.0, 4.0])).unwrap();
+        encode_golden(&[GoldenCase { inputs: vec![x.clone()], outputs: vec![x] }]).unwrap()
+    }
+
+    impl Work for Stand {
         fn fetch(&self, _m: ModelManifest) -> Fetching {
             Box::pin(async { Ok(()) })
         }
+        fn verify(&self, _m: &ModelManifest) -> Result<(), String> {
+            Ok(())
+        }
         fn load(&self, m: &ModelManifest) -> Result<Arc<dyn Backend>, String> {
-            if m.version == 1 {
+            if self.slow == Some(m.version) {
                 std::thread::sleep(Duration::from_millis(600));
             }
-            Ok(Arc::new(Tagged(vec![])))
+            Ok(Arc::new(Scale((self.factor)(m.version), spec())))
+        }
+        fn golden(&self, m: &ModelManifest) -> Result<Option<Vec<u8>>, String> {
+            Ok(m.selftest.map(|_| golden()))
         }
     }
 
@@ -324,65 +486,108 @@ mod tests {
     }
 
     fn manifest(version: u32) -> ModelManifest {
+        let g = golden();
         ModelManifest {
             name: "iris".into(),
             version,
             sha256: Sha256Digest::of(&version.to_le_bytes()),
             size: 1,
             format: ModelFormat::Onnx,
-            inputs: vec![TensorSpec { name: "X".into(), dtype: DType::F32, shape: vec![None, Some(4)] }],
-            outputs: vec![],
+            inputs: spec(),
+            outputs: spec(),
             created_at: 0,
+            selftest: Some(SelfTestRef { sha256: Sha256Digest::of(&g), size: g.len() as u64, tolerance_ppm: 100 }),
+            update: None,
+        }
+    }
+
+    struct Agent {
+        shared: Arc<Shared>,
+        status: watch::Receiver<StatusReport>,
+        link: mpsc::Sender<FromLink>,
+        key: SigningKey,
+        task: tokio::task::JoinHandle<()>,
+    }
+
+    impl Agent {
+        fn start(work: Stand) -> Self {
+            let (key, _) = SigningKey::generate().unwrap();
+            let report = StatusReport { models: vec![], generation: 0, refused: None };
+            let (status_tx, status) = watch::channel(report);
+            let limits = Limits::default();
+            let shared = Arc::new(Shared::new(DeviceId::new("cam-01").unwrap(), status.clone(), 1, 1, limits, 1 << 20));
+            let live = Arc::new(Mutex::new(BTreeSet::new()));
+            let persister = Persister::spawn(Discard, live.clone()).unwrap();
+            let slots = Slots::new(&[ModelFormat::Onnx]);
+            let runner = Runner::new(
+                slots,
+                true,
+                Arc::new(work),
+                shared.clone(),
+                key.verifying_key(),
+                persister,
+                live,
+                status_tx,
+            );
+            let (link, link_rx) = mpsc::channel(4);
+            let task = tokio::spawn(runner.run(link_rx, std::future::pending()));
+            Self { shared, status, link, key, task }
+        }
+
+        async fn desire(&self, generation: u64, m: ModelManifest) {
+            let signed = self.key.sign(&m, ManifestEncoding::CanonicalJson).unwrap();
+            self.link.send(FromLink::Desired(DesiredState { generation, models: vec![signed] })).await.unwrap();
+        }
+
+        fn served(&self) -> Option<u32> {
+            self.shared.models.read().unwrap().get("iris").map(|s| s.manifest.version)
+        }
+
+        async fn until(&self, what: &str, mut f: impl FnMut(&Self) -> bool) {
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while !f(self) {
+                assert!(Instant::now() < deadline, "{what}: {:?}", self.status.borrow());
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
         }
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_slow_load_of_an_older_version_never_replaces_a_newer_one() {
-        let (key, _) = SigningKey::generate().unwrap();
-        let report = StatusReport { models: vec![], generation: 0, refused: None };
-        let (status_tx, status_rx) = watch::channel(report);
-        let shared = Arc::new(Shared::new(
-            DeviceId::new("cam-01").unwrap(),
-            status_rx.clone(),
-            1,
-            1,
-            Limits::default(),
-            1 << 20,
-        ));
-        let live = Arc::new(Mutex::new(BTreeSet::new()));
-        let persister = Persister::spawn(Discard, live.clone()).unwrap();
-        let slots = Slots::new(&[ModelFormat::Onnx]);
-        let runner = Runner::new(
-            slots,
-            true,
-            Arc::new(SlowFirstLoad),
-            shared.clone(),
-            key.verifying_key(),
-            persister,
-            live,
-            status_tx,
-        );
-        let (link_tx, link_rx) = mpsc::channel(4);
-        let loop_task = tokio::spawn(runner.run(link_rx, std::future::pending()));
-        let desired = |generation, version| {
-            let signed = key.sign(&manifest(version), ManifestEncoding::CanonicalJson).unwrap();
-            FromLink::Desired(DesiredState { generation, models: vec![signed] })
-        };
-        link_tx.send(desired(1, 1)).await.unwrap();
+        let agent = Agent::start(Stand { slow: Some(1), factor: |_| 1.0 });
+        agent.desire(1, manifest(1)).await;
         // v1 is loading (slowly) when v2 is asked for; v2 loads at once.
         tokio::time::sleep(Duration::from_millis(150)).await;
-        link_tx.send(desired(2, 2)).await.unwrap();
-        let served = || shared.models.read().unwrap().get("iris").map(|s| s.manifest.version);
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while served() != Some(2) {
-            assert!(Instant::now() < deadline, "v2 never served");
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+        agent.desire(2, manifest(2)).await;
+        agent.until("v2 serves", |a| a.served() == Some(2)).await;
         // Past the end of v1's slow load: v2 still serves, and says so.
         tokio::time::sleep(Duration::from_millis(900)).await;
-        assert_eq!(served(), Some(2), "the stale v1 load replaced v2");
-        let st = status_rx.borrow().clone();
+        assert_eq!(agent.served(), Some(2), "the stale v1 load replaced v2");
+        let st = agent.status.borrow().clone();
         assert_eq!((st.generation, st.models.len(), st.models[0].version), (2, 1, 2), "{st:?}");
-        loop_task.abort();
+        agent.task.abort();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_candidate_that_answers_other_than_its_golden_vectors_never_serves() {
+        // v1 computes what its golden vectors say; v2 doubles everything.
+        let agent = Agent::start(Stand { slow: None, factor: |v| v as f32 });
+        agent.desire(1, manifest(1)).await;
+        agent.until("v1 serves", |a| a.served() == Some(1)).await;
+        agent.desire(2, manifest(2)).await;
+        let failed = |a: &Agent| {
+            a.status.borrow().models.iter().any(|m| m.version == 2 && m.state == tern_proto::ModelState::Failed)
+        };
+        agent.until("v2 fails", failed).await;
+        let st = agent.status.borrow().clone();
+        let v2 = st.models.iter().find(|m| m.version == 2).unwrap();
+        assert_eq!(
+            v2.detail.as_deref(),
+            Some("self-test failed: case 0, output 0, element 0: 2, golden 1 (tolerance 100 ppm)"),
+            "{st:?}"
+        );
+        assert_eq!(agent.served(), Some(1), "v1 keeps serving");
+        assert!(agent.shared.shadows.read().unwrap().is_empty());
+        agent.task.abort();
     }
 }

@@ -11,10 +11,10 @@ use sha2::{Digest, Sha256};
 use std::collections::BTreeSet;
 use std::io::Read;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, mpsc};
-use tern_agent_core::{Persisted, PersistedSlot};
+use std::sync::{Arc, Condvar, Mutex, mpsc};
+use tern_agent_core::{Persisted, PersistedSlot, Stage};
 use tern_durable::{sync_dir, sync_sled};
-use tern_proto::{DType, ModelFormat, ModelManifest, Sha256Digest, TensorSpec};
+use tern_proto::{DType, ModelFormat, ModelManifest, SelfTestRef, Sha256Digest, TensorSpec, UpdatePolicy};
 use tracing::{error, info, warn};
 
 /// Schema 1 (agents up to ae5a7d0): a JSON list of the active manifests.
@@ -45,6 +45,47 @@ struct StoredSlot {
     previous: Option<StoredManifest>,
     #[serde(default)]
     candidate: Option<StoredManifest>,
+    /// How far the candidate had got (absent, from agents before staged
+    /// updates: pending, so it is fetched and tested again).
+    #[serde(default)]
+    stage: StoredStage,
+}
+
+/// [`Stage`], as stored.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+enum StoredStage {
+    #[default]
+    Pending,
+    Trying {
+        phase: String,
+    },
+    GaveUp {
+        reason: String,
+        rolled_back: bool,
+    },
+}
+
+impl From<&Stage> for StoredStage {
+    fn from(s: &Stage) -> Self {
+        match s {
+            Stage::Pending => StoredStage::Pending,
+            Stage::Trying { phase } => StoredStage::Trying { phase: phase.clone() },
+            Stage::GaveUp { reason, rolled_back } => {
+                StoredStage::GaveUp { reason: reason.clone(), rolled_back: *rolled_back }
+            }
+        }
+    }
+}
+
+impl From<StoredStage> for Stage {
+    fn from(s: StoredStage) -> Self {
+        match s {
+            StoredStage::Pending => Stage::Pending,
+            StoredStage::Trying { phase } => Stage::Trying { phase },
+            StoredStage::GaveUp { reason, rolled_back } => Stage::GaveUp { reason, rolled_back },
+        }
+    }
 }
 
 /// A verified manifest as the agent keeps it: its own type, so that the wire
@@ -62,6 +103,10 @@ struct StoredManifest {
     outputs: Vec<StoredSpec>,
     #[serde(default)]
     created_at: u64,
+    #[serde(default)]
+    selftest: Option<SelfTestRef>,
+    #[serde(default)]
+    update: Option<UpdatePolicy>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -83,6 +128,8 @@ impl From<&ModelManifest> for StoredManifest {
             inputs: m.inputs.iter().map(spec).collect(),
             outputs: m.outputs.iter().map(spec).collect(),
             created_at: m.created_at,
+            selftest: m.selftest,
+            update: m.update,
         }
     }
 }
@@ -99,6 +146,8 @@ impl From<StoredManifest> for ModelManifest {
             inputs: m.inputs.into_iter().map(spec).collect(),
             outputs: m.outputs.into_iter().map(spec).collect(),
             created_at: m.created_at,
+            selftest: m.selftest,
+            update: m.update,
         }
     }
 }
@@ -117,6 +166,7 @@ impl From<&Persisted> for StoredSlots {
                     active: m(&s.active),
                     previous: m(&s.previous),
                     candidate: m(&s.candidate),
+                    stage: (&s.stage).into(),
                 })
                 .collect(),
         }
@@ -135,6 +185,7 @@ impl From<StoredSlots> for Persisted {
                     active: s.active.map(Into::into),
                     previous: s.previous.map(Into::into),
                     candidate: s.candidate.map(Into::into),
+                    stage: s.stage.into(),
                 })
                 .collect(),
         }
@@ -185,7 +236,13 @@ impl Store {
             generation: 0,
             slots: active
                 .into_iter()
-                .map(|m| StoredSlot { name: m.name.clone(), active: Some(m), previous: None, candidate: None })
+                .map(|m| StoredSlot {
+                    name: m.name.clone(),
+                    active: Some(m),
+                    previous: None,
+                    candidate: None,
+                    stage: StoredStage::Pending,
+                })
                 .collect(),
         };
         let mut batch = sled::Batch::default();
@@ -354,6 +411,16 @@ struct Job {
     slots: Persisted,
     write: bool,
     collect: bool,
+    /// Its place in the order snapshots were handed over.
+    seq: u64,
+}
+
+/// How far writing has got: the newest snapshot written, and the newest
+/// whose write failed (with why).
+#[derive(Default)]
+struct Written {
+    ok: u64,
+    failed: Option<(u64, String)>,
 }
 
 /// Writes the slots on a thread of its own, latest first: the main loop
@@ -362,29 +429,72 @@ struct Job {
 /// After each write it removes artifacts neither the written snapshot nor
 /// the slots as they are now (`live`) refer to: a file is deleted only once
 /// the state on disk no longer names it, and never while a download or load
-/// the main loop started for it may still need it.
+/// the main loop started for it may still need it. Work that must not start
+/// before a snapshot is on disk waits for it with [`Durable::wait`].
 pub struct Persister {
     tx: mpsc::Sender<Job>,
+    seq: u64,
+    written: Arc<(Mutex<Written>, Condvar)>,
+}
+
+/// A handle to wait until a snapshot is on disk.
+#[derive(Clone)]
+pub struct Durable {
+    seq: u64,
+    written: Arc<(Mutex<Written>, Condvar)>,
+}
+
+impl Durable {
+    /// Blocks until the snapshot (or a newer one) is written; an error if
+    /// its write failed and none after it has succeeded.
+    pub fn wait(&self) -> Result<(), String> {
+        let (lock, cond) = &*self.written;
+        let mut w = lock.lock().expect("lock");
+        loop {
+            if w.ok >= self.seq {
+                return Ok(());
+            }
+            if let Some((at, why)) = &w.failed
+                && *at >= self.seq
+            {
+                return Err(format!("cannot record the update on disk: {why}"));
+            }
+            w = cond.wait(w).expect("lock");
+        }
+    }
 }
 
 impl Persister {
     /// Starts the thread.
     pub fn spawn(mut store: impl SlotStore, live: Arc<Mutex<BTreeSet<Sha256Digest>>>) -> Result<Self> {
         let (tx, rx) = mpsc::channel::<Job>();
+        let written = Arc::new((Mutex::new(Written::default()), Condvar::new()));
+        let report = written.clone();
         std::thread::Builder::new()
             .name("persist".into())
             .spawn(move || {
+                let done = |seq: u64, result: Result<(), String>| {
+                    let (lock, cond) = &*report;
+                    let mut w = lock.lock().expect("lock");
+                    match result {
+                        Ok(()) => w.ok = w.ok.max(seq),
+                        Err(e) => w.failed = Some((seq, e)),
+                    }
+                    cond.notify_all();
+                };
                 while let Ok(mut job) = rx.recv() {
                     while let Ok(newer) = rx.try_recv() {
                         job = Job { write: job.write || newer.write, collect: job.collect || newer.collect, ..newer };
                     }
                     let p = job.slots;
-                    if job.write
-                        && let Err(e) = store.write(&p, job.collect)
-                    {
-                        // Serving continues from memory; the next persist retries.
-                        error!("cannot persist the agent's slots: {e:#}");
-                        continue;
+                    if job.write {
+                        if let Err(e) = store.write(&p, job.collect) {
+                            // Serving continues from memory; the next persist retries.
+                            error!("cannot persist the agent's slots: {e:#}");
+                            done(job.seq, Err(format!("{e:#}")));
+                            continue;
+                        }
+                        done(job.seq, Ok(()));
                     }
                     if !job.collect {
                         continue;
@@ -395,26 +505,35 @@ impl Persister {
                     // that is about to go.
                     let mut keep = BTreeSet::new();
                     for s in &p.slots {
-                        keep.extend([&s.active, &s.previous, &s.candidate].into_iter().flatten().map(|m| m.sha256));
+                        for m in [&s.active, &s.previous, &s.candidate].into_iter().flatten() {
+                            keep.insert(m.sha256);
+                            keep.extend(m.selftest.map(|t| t.sha256));
+                        }
                     }
                     store.collect(&keep, &live);
                 }
             })
             .context("starting the persist thread")?;
-        Ok(Self { tx })
+        Ok(Self { tx, seq: 0, written })
     }
 
     /// Queues a snapshot to write, after which unreferenced artifacts are
     /// removed; returns at once.
-    pub fn persist(&self, p: Persisted) {
+    pub fn persist(&mut self, p: Persisted) {
+        self.seq += 1;
         // The thread only ends with the process.
-        let _ = self.tx.send(Job { slots: p, write: true, collect: true });
+        let _ = self.tx.send(Job { slots: p, write: true, collect: true, seq: self.seq });
+    }
+
+    /// What to wait on for every snapshot queued so far to be on disk.
+    pub fn durable(&self) -> Durable {
+        Durable { seq: self.seq, written: self.written.clone() }
     }
 
     /// Removes the artifacts slots read from disk (`p`) do not name, without
     /// writing them again: what the agent does at start.
     pub fn collect(&self, p: Persisted) {
-        let _ = self.tx.send(Job { slots: p, write: false, collect: true });
+        let _ = self.tx.send(Job { slots: p, write: false, collect: true, seq: self.seq });
     }
 }
 
@@ -435,6 +554,8 @@ mod tests {
             inputs: vec![TensorSpec { name: "X".into(), dtype: DType::F32, shape: vec![None, Some(4)] }],
             outputs: vec![],
             created_at: 1_700_000_000,
+            selftest: None,
+            update: None,
         }
     }
 
@@ -472,7 +593,13 @@ mod tests {
         assert_eq!(p.generation, 0);
         assert_eq!(
             p.slots,
-            [PersistedSlot { name: "iris".into(), active: Some(m("iris", 3)), previous: None, candidate: None }]
+            [PersistedSlot {
+                name: "iris".into(),
+                active: Some(m("iris", 3)),
+                previous: None,
+                candidate: None,
+                stage: Stage::Pending
+            }]
         );
         assert!(!store.db.contains_key(ACTIVE_V1).unwrap());
         drop(store);
@@ -490,7 +617,12 @@ mod tests {
                 name: "iris".into(),
                 active: Some(m("iris", 2)),
                 previous: Some(m("iris", 1)),
-                candidate: Some(m("iris", 3)),
+                candidate: Some(ModelManifest {
+                    selftest: Some(SelfTestRef { sha256: Sha256Digest::of(b"golden"), size: 9, tolerance_ppm: 100 }),
+                    update: Some(UpdatePolicy { probation_secs: 7, ..UpdatePolicy::default() }),
+                    ..m("iris", 3)
+                }),
+                stage: Stage::GaveUp { reason: "self-test failed".into(), rolled_back: false },
             }],
         };
         store.write(&p, true).unwrap();
@@ -564,10 +696,16 @@ mod tests {
     fn persisting_never_waits_for_the_disk_and_the_newest_snapshot_wins() {
         let store = Gated::default();
         let live = Arc::new(Mutex::new(BTreeSet::from([m("live", 1).sha256])));
-        let persister = Persister::spawn(store.clone(), live).unwrap();
+        let mut persister = Persister::spawn(store.clone(), live).unwrap();
         let started = std::time::Instant::now();
         for generation in 1..=100 {
-            let slot = PersistedSlot { name: "a".into(), active: Some(m("a", 1)), previous: None, candidate: None };
+            let slot = PersistedSlot {
+                name: "a".into(),
+                active: Some(m("a", 1)),
+                previous: None,
+                candidate: None,
+                stage: Stage::Pending,
+            };
             persister.persist(Persisted { generation, slots: vec![slot] });
         }
         // A hundred persists while the disk is stuck took no time at all.

@@ -34,6 +34,16 @@ pub enum ModelCmd {
         /// Metadata, repeatable: --meta owner=vision --meta dataset=iris.
         #[arg(long = "meta", value_parser = parse_kv)]
         meta: Vec<(String, String)>,
+        /// Reference inputs for the golden vectors agents self-test the
+        /// version on, repeatable: a file of one input set in the binary
+        /// tensor encoding (application/x-tern-tensors). Without: four
+        /// seeded random input sets that fit the signature.
+        #[arg(long = "reference")]
+        references: Vec<PathBuf>,
+        /// How far an agent's outputs may be from the golden ones, in
+        /// millionths of 1 + |golden| (integer outputs match exactly).
+        #[arg(long, default_value_t = 100)]
+        tolerance_ppm: u32,
     },
     /// All models and versions.
     List,
@@ -293,6 +303,15 @@ fn show_version(v: &ModelVersion) {
     out(format!("  inputs   {}", signature(&v.inputs)));
     out(format!("  outputs  {}", signature(&v.outputs)));
     out(format!("  created  {} ({})", v.created_at, ago(Some(v.created_at))));
+    match &v.selftest {
+        Some(t) => out(format!(
+            "  golden   {} ({} bytes, tolerance {} ppm)",
+            &t.sha256.to_hex()[..12],
+            t.size,
+            t.tolerance_ppm
+        )),
+        None => out("  golden   none (agents run it once on zeros)"),
+    }
     for (k, val) in &v.meta {
         out(format!("  meta     {k}={val}"));
     }
@@ -303,18 +322,24 @@ fn show_version(v: &ModelVersion) {
 
 pub fn model(c: &Client, cmd: ModelCmd, json: bool) -> Result<()> {
     match cmd {
-        ModelCmd::Register { name, file, card, meta } => {
+        ModelCmd::Register { name, file, card, meta, references, tolerance_ppm } => {
             ModelRef::check_name(&name)?;
             let bytes = std::fs::read(&file).with_context(|| format!("reading {}", file.display()))?;
             let card = card
                 .map(|p| std::fs::read_to_string(&p).with_context(|| format!("reading {}", p.display())))
                 .transpose()?;
+            let mut refs = Vec::new();
+            for p in &references {
+                let r = std::fs::read(p).with_context(|| format!("reading {}", p.display()))?;
+                tern_proto::decode_tensors(&r).map_err(|e| anyhow::anyhow!("{}: {e}", p.display()))?;
+                refs.push(c.upload(r)?);
+            }
             let sha256 = c.upload(bytes)?;
             let meta: BTreeMap<String, String> = meta.into_iter().collect();
             let v: ModelVersion = c.send(
                 "POST",
                 &format!("/v1/models/{name}/versions"),
-                &json!({ "sha256": sha256, "card": card, "meta": meta }),
+                &json!({ "sha256": sha256, "card": card, "meta": meta, "references": refs, "tolerance_ppm": tolerance_ppm }),
             )?;
             if json {
                 return print_json(&v);

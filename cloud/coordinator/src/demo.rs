@@ -125,6 +125,8 @@ pub fn run(args: DemoArgs) -> Result<()> {
             file: model_path,
             card: Some(card),
             meta: vec![("dataset".into(), "iris".into())],
+            references: vec![],
+            tolerance_ppm: 100,
         },
         false,
     )?;

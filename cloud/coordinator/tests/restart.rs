@@ -19,6 +19,12 @@ fn sha_of(coord: &Coord, name: &str, version: u64) -> String {
     coord.json(&["model", "show", &format!("{name}:{version}")])["sha256"].as_str().unwrap().to_owned()
 }
 
+/// The digests of a version's artifact and golden vectors.
+fn files_of(coord: &Coord, name: &str, version: u64) -> [String; 2] {
+    let v = coord.json(&["model", "show", &format!("{name}:{version}")]);
+    [v["sha256"].as_str().unwrap().to_owned(), v["selftest"]["sha256"].as_str().unwrap().to_owned()]
+}
+
 /// Waits until the agent has persisted (and collected) after its last change.
 fn settle() {
     std::thread::sleep(Duration::from_millis(500));
@@ -136,7 +142,7 @@ fn files_no_slot_refers_to_are_removed() {
         v.sort();
         v
     };
-    let mut want = vec![sha_of(&coord, "iris", 3), sha_of(&coord, "iris", 2)];
+    let mut want: Vec<String> = [files_of(&coord, "iris", 3), files_of(&coord, "iris", 2)].concat();
     want.sort();
     assert_eq!(on_disk("models"), want, "v1 is neither active nor previous: its file goes");
 

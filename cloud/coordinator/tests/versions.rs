@@ -84,7 +84,9 @@ fn the_new_agent_works_with_a_coordinator_held_to_version_1_and_both_serve_side_
     coord.register_iris("iris");
     coord.ok(&["fleet", "assign", "cam-01", "iris:1"]);
     agent.start();
-    agent.wait_serving("iris", 1);
+    // Version 1's manifests carry no update policy: the default minute of
+    // probation applies, and the model answers meanwhile.
+    agent.wait_answering("iris", 1);
     assert!(agent.logs().contains("wire=v1"), "{}", agent.logs());
     let d = coord.device("cam-01");
     assert!(d["capabilities"].is_null(), "a v1 session carries no capabilities: {d}");

@@ -100,6 +100,7 @@ impl Registry {
                 created_at: new.now,
                 status: Approval::Pending,
                 status_changed_at: new.now,
+                selftest: new.selftest,
             };
             let key = version_key(name, version);
             // A concurrent registration that took this number makes us retry with the next.
@@ -496,6 +497,7 @@ mod tests {
             outputs: vec![],
             card: Some("# card".into()),
             meta: BTreeMap::from([("owner".into(), "ml-team".into())]),
+            selftest: None,
             now: 100,
         }
     }

@@ -1,7 +1,7 @@
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::fmt;
-use tern_proto::{DeviceId, ModelFormat, ModelManifest, ModelStatus, Refusal, Sha256Digest, TensorSpec};
+use tern_proto::{DeviceId, ModelFormat, ModelManifest, ModelStatus, Refusal, SelfTestRef, Sha256Digest, TensorSpec};
 
 /// Whether a version may be deployed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -42,6 +42,8 @@ pub struct NewVersion {
     pub card: Option<String>,
     /// Free-form metadata.
     pub meta: BTreeMap<String, String>,
+    /// Its golden vectors, in the artifact store.
+    pub selftest: Option<SelfTestRef>,
     /// Registration time (Unix seconds).
     pub now: u64,
 }
@@ -73,10 +75,15 @@ pub struct ModelVersion {
     pub status: Approval,
     /// When the status last changed (Unix seconds).
     pub status_changed_at: u64,
+    /// Golden vectors the agent checks the version against before serving
+    /// it (absent for versions registered before there were any).
+    #[serde(default)]
+    pub selftest: Option<SelfTestRef>,
 }
 
 impl ModelVersion {
-    /// The manifest the registry signs for devices.
+    /// The manifest the registry signs for devices (without an update
+    /// policy: the coordinator adds its own).
     pub fn manifest(&self) -> ModelManifest {
         ModelManifest {
             name: self.name.clone(),
@@ -87,6 +94,8 @@ impl ModelVersion {
             inputs: self.inputs.clone(),
             outputs: self.outputs.clone(),
             created_at: self.created_at,
+            selftest: self.selftest,
+            update: None,
         }
     }
 }

@@ -10,6 +10,7 @@
 mod body;
 mod canonical;
 mod frame;
+mod golden;
 mod ids;
 mod manifest;
 mod msg;
@@ -22,8 +23,12 @@ pub use canonical::{CanonicalError, canonical_json};
 pub use frame::{
     FrameDecoder, FrameError, FrameHeader, HEADER_LEN, MAGIC, MAX_FRAME_LEN, decode_frame, decode_payload, encode_frame,
 };
+pub use golden::{GoldenCase, MAX_GOLDEN_CASES, compare_outputs, decode_golden, encode_golden};
 pub use ids::{DeviceId, IdError, ModelRef, Sha256Digest};
-pub use manifest::{DType, ManifestEncoding, ManifestError, ModelFormat, ModelManifest, SignedManifest, TensorSpec};
+pub use manifest::{
+    DType, ManifestEncoding, ManifestError, ModelFormat, ModelManifest, SelfTestRef, SignedManifest, TensorSpec,
+    UpdatePolicy,
+};
 pub use msg::{
     ArtifactHeader, DesiredState, EnrollRequest, EnrollResponse, ErrorCode, FetchArtifact, Hello, Message, ModelState,
     ModelStatus, Refusal, StatusReport, Welcome, WireError,

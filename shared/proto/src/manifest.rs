@@ -139,6 +139,89 @@ pub struct ModelManifest {
     pub outputs: Vec<TensorSpec>,
     /// When the version was registered (Unix seconds).
     pub created_at: u64,
+    /// The golden vectors the agent checks the loaded candidate against
+    /// before it serves (absent: a run on zeros that must match the
+    /// signature).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub selftest: Option<SelfTestRef>,
+    /// How the agent takes this version in: deadlines and health limits
+    /// (absent: [`UpdatePolicy::default`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub update: Option<UpdatePolicy>,
+}
+
+impl ModelManifest {
+    /// The update policy in force for this version.
+    pub fn policy(&self) -> UpdatePolicy {
+        self.update.unwrap_or_default()
+    }
+
+    /// Whether `other` is the same artifact of the same version (policies
+    /// may differ: a new policy is no new update).
+    pub fn same_version(&self, other: &ModelManifest) -> bool {
+        self.name == other.name && self.version == other.version && self.sha256 == other.sha256
+    }
+}
+
+/// A file of golden vectors (see [`crate::encode_golden`]), fetched like an
+/// artifact and checked against this digest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct SelfTestRef {
+    /// Digest of the file.
+    pub sha256: Sha256Digest,
+    /// Its size in bytes.
+    pub size: u64,
+    /// How far an output element may be from the golden one, in millionths:
+    /// `|got - want| <= tol * (1 + |want|)` (integers and booleans match exactly).
+    pub tolerance_ppm: u32,
+}
+
+/// Deadlines and health limits of one update, signed with its manifest.
+/// Times are seconds; limits of 0 are off. Canonical JSON has no floats, so
+/// shares are per mille.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(default)]
+pub struct UpdatePolicy {
+    /// Downloading, retries included.
+    pub fetch_secs: u64,
+    /// Checking the digests on disk.
+    pub verify_secs: u64,
+    /// Loading into the runtime.
+    pub load_secs: u64,
+    /// Running the golden vectors.
+    pub selftest_secs: u64,
+    /// Requests to compare in shadow before activating (0: no shadow).
+    pub shadow_requests: u32,
+    /// How long shadow may take to see them.
+    pub shadow_secs: u64,
+    /// Fewest agreeing answers in shadow, per mille.
+    pub shadow_min_agreement_permille: u32,
+    /// Probation window after activation: healthy throughout, it commits.
+    pub probation_secs: u64,
+    /// Fewest requests on probation before the error rate and p99 count.
+    pub probation_min_requests: u32,
+    /// Most failed requests on probation, per mille.
+    pub probation_max_error_permille: u32,
+    /// Highest p99 latency on probation, in milliseconds (0: off).
+    pub probation_max_p99_ms: u32,
+}
+
+impl Default for UpdatePolicy {
+    fn default() -> Self {
+        Self {
+            fetch_secs: 24 * 3600,
+            verify_secs: 600,
+            load_secs: 600,
+            selftest_secs: 600,
+            shadow_requests: 0,
+            shadow_secs: 3600,
+            shadow_min_agreement_permille: 990,
+            probation_secs: 60,
+            probation_min_requests: 20,
+            probation_max_error_permille: 50,
+            probation_max_p99_ms: 0,
+        }
+    }
 }
 
 /// The `_type` of a manifest signed as canonical JSON, so that its signature

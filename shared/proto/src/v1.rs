@@ -306,6 +306,8 @@ impl From<ModelManifest> for cur_m::ModelManifest {
             inputs: m.inputs.into_iter().map(Into::into).collect(),
             outputs: m.outputs.into_iter().map(Into::into).collect(),
             created_at: m.created_at,
+            selftest: None,
+            update: None,
         }
     }
 }

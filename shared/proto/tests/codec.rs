@@ -41,6 +41,8 @@ fn manifest() -> impl Strategy<Value = ModelManifest> {
             inputs,
             outputs,
             created_at,
+            selftest: None,
+            update: None,
         })
 }
 

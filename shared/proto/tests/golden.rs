@@ -64,6 +64,8 @@ fn manifest() -> ModelManifest {
         inputs: vec![TensorSpec { name: "X".into(), dtype: DType::F32, shape: vec![None, Some(4)] }],
         outputs: vec![TensorSpec { name: "label".into(), dtype: DType::I64, shape: vec![None] }],
         created_at: 1_700_000_000,
+        selftest: None,
+        update: None,
     }
 }
 

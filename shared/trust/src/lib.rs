@@ -115,6 +115,8 @@ mod tests {
             inputs: vec![TensorSpec { name: "X".into(), dtype: DType::F32, shape: vec![None, Some(4)] }],
             outputs: vec![],
             created_at: 1_700_000_000,
+            selftest: None,
+            update: None,
         }
     }
 

@@ -1,7 +1,7 @@
 //! The admin API (HTTP/JSON) the CLI talks to. Every route but `/v1/health`
 //! needs `Authorization: Bearer <admin token>`.
 
-use super::State;
+use super::{State, golden};
 use crate::fsutil::unix_now;
 use axum::body::Bytes;
 use axum::extract::rejection::JsonRejection;
@@ -15,7 +15,9 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use tern_proto::{DeviceId, EnrollTokenText, ManifestEncoding, ModelRef, Sha256Digest};
+use tern_proto::{
+    DeviceId, EnrollTokenText, ManifestEncoding, ModelRef, SelfTestRef, Sha256Digest, decode_tensors, encode_golden,
+};
 use tern_registry::{Approval, Device, EnrollToken, ModelVersion, NewVersion, RegistryError};
 use tern_runtime::sniff_format;
 use tracing::info;
@@ -149,6 +151,13 @@ struct RegisterBody {
     card: Option<String>,
     #[serde(default)]
     meta: BTreeMap<String, String>,
+    /// Uploaded files of reference inputs (binary tensor encoding), one
+    /// golden case each; none: seeded random inputs.
+    #[serde(default)]
+    references: Vec<Sha256Digest>,
+    /// Golden output tolerance in millionths.
+    #[serde(default)]
+    tolerance_ppm: Option<u32>,
 }
 
 async fn register(
@@ -163,12 +172,42 @@ async fn register(
         ApiError(StatusCode::NOT_FOUND, format!("no artifact with sha256 {}; upload it first", body.sha256))
     })?;
     let size = bytes.len() as u64;
-    // The same loader as on the device: a model the agents cannot run is refused here.
+    let mut references = Vec::new();
+    for sha in &body.references {
+        let path = state.artifacts.path(sha);
+        let bytes = tokio::fs::read(&path).await.map_err(|_| {
+            ApiError(StatusCode::NOT_FOUND, format!("no reference inputs with sha256 {sha}; upload them first"))
+        })?;
+        references.push(decode_tensors(&bytes).map_err(|e| bad(format!("reference inputs {sha}: {e}")))?);
+    }
+    // The same loader as on the device: a model the agents cannot run is
+    // refused here. Its answers on the golden inputs are what agents check.
     let format = sniff_format(&bytes);
-    let model = tokio::task::spawn_blocking(move || tern_runtime::load(format, bytes))
+    let sha = body.sha256;
+    let (model, golden) = tokio::task::spawn_blocking(move || {
+        let model = tern_runtime::load(format, bytes)
+            .map_err(|e| ApiError(StatusCode::UNPROCESSABLE_ENTITY, format!("model refused ({format}): {e}")))?;
+        let random = references.is_empty();
+        let cases = golden::compute(model.as_ref(), &sha, references).map_err(|e| {
+            let hint = if random { "; give inputs it can run with --reference FILE" } else { "" };
+            let what = if random { "seeded random inputs that fit its signature" } else { "its reference inputs" };
+            ApiError(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                format!("model refused ({format}): it failed on {what}: {e}{hint}"),
+            )
+        })?;
+        let golden = encode_golden(&cases).map_err(|e| ApiError(StatusCode::UNPROCESSABLE_ENTITY, e))?;
+        Ok::<_, ApiError>((model, golden))
+    })
+    .await
+    .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))??;
+    let golden_size = golden.len() as u64;
+    let st = state.clone();
+    let golden_sha = tokio::task::spawn_blocking(move || st.artifacts.put(&golden, None))
         .await
-        .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
-        .map_err(|e| ApiError(StatusCode::UNPROCESSABLE_ENTITY, format!("model refused ({format}): {e}")))?;
+        .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))??;
+    let tolerance_ppm = body.tolerance_ppm.unwrap_or(golden::DEFAULT_TOLERANCE_PPM);
+    let selftest = Some(SelfTestRef { sha256: golden_sha, size: golden_size, tolerance_ppm });
     let new = NewVersion {
         sha256: body.sha256,
         size,
@@ -177,6 +216,7 @@ async fn register(
         outputs: model.outputs().to_vec(),
         card: body.card,
         meta: body.meta,
+        selftest,
         now: unix_now(),
     };
     // Every agent must be able to verify its manifest: refuse what has no
@@ -190,6 +230,8 @@ async fn register(
         inputs: new.inputs.clone(),
         outputs: new.outputs.clone(),
         created_at: new.now,
+        selftest: new.selftest,
+        update: Some(state.policy),
     };
     for encoding in [ManifestEncoding::CanonicalJson, ManifestEncoding::Postcard] {
         probe.signed_bytes(encoding).map_err(|e| {

@@ -3,6 +3,7 @@
 //! endpoint serves agents and an HTTP admin API on loopback serves the CLI.
 
 mod admin;
+mod golden;
 mod keys;
 mod limits;
 mod quic;
@@ -18,7 +19,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use tern_durable::write_atomic;
 use tern_net::FleetCa;
-use tern_proto::{DesiredState, ManifestEncoding, WireVersion};
+use tern_proto::{DesiredState, ManifestEncoding, ModelManifest, UpdatePolicy, WireVersion};
 use tern_registry::{Approval, Artifacts, Registry};
 use tern_trust::SigningKey;
 use tracing::{info, warn};
@@ -62,6 +63,11 @@ pub struct ServeArgs {
     /// frame from it (agents report every 30 s).
     #[arg(long, default_value_t = 90, value_parser = clap::value_parser!(u64).range(1..=86_400))]
     pub session_quiet_secs: u64,
+    /// How agents take updates (TOML: deadlines in seconds per stage,
+    /// shadow and probation limits; see docs/updates.md); fields left out
+    /// keep their defaults. Signed into every manifest sent to agents.
+    #[arg(long)]
+    pub update_policy: Option<PathBuf>,
 }
 
 /// What a running coordinator writes to `<data-dir>/serve.json`, so the CLI
@@ -89,6 +95,8 @@ pub struct State {
     pub counters: Arc<limits::Counters>,
     /// How long a control session may go without a frame.
     pub session_quiet: std::time::Duration,
+    /// How agents take updates: signed into every manifest sent.
+    pub policy: UpdatePolicy,
 }
 
 impl State {
@@ -107,7 +115,8 @@ impl State {
                 warn!(device = %id, model = %name, version = v, status = %record.status, "not sending a version that is not approved");
                 continue;
             }
-            models.push(self.signer.sign(&record.manifest(), encoding)?);
+            let manifest = ModelManifest { update: Some(self.policy), ..record.manifest() };
+            models.push(self.signer.sign(&manifest, encoding)?);
         }
         Ok(DesiredState { generation: device.generation, models })
     }
@@ -120,6 +129,13 @@ pub async fn run(data_dir: PathBuf, args: ServeArgs) -> Result<()> {
     // whose CA or signing key went missing must not get new ones, which
     // would orphan every enrolled device.
     let first_start = !data_dir.join("registry").exists();
+    let policy = match &args.update_policy {
+        Some(path) => {
+            let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+            parse_policy(&text).with_context(|| format!("{}: not an update policy", path.display()))?
+        }
+        None => UpdatePolicy::default(),
+    };
     let keys = keys::Keys::load_or_create(&data_dir, &args.fleet, first_start)?;
     let registry = Registry::open(data_dir.join("registry")).context("opening the registry")?;
     let artifacts = Artifacts::open(data_dir.join("artifacts")).context("opening the artifact store")?;
@@ -152,6 +168,7 @@ pub async fn run(data_dir: PathBuf, args: ServeArgs) -> Result<()> {
             per_address: args.max_per_address,
         }),
         session_quiet: std::time::Duration::from_secs(args.session_quiet_secs),
+        policy,
     });
     tokio::spawn(quic::accept_loop(endpoint.clone(), state.clone()));
     let app = admin::router(state.clone());
@@ -162,10 +179,36 @@ pub async fn run(data_dir: PathBuf, args: ServeArgs) -> Result<()> {
     Ok(())
 }
 
+/// An update policy from TOML; a key it does not know is an error (a typo
+/// would otherwise leave a limit at its default unnoticed).
+fn parse_policy(text: &str) -> Result<UpdatePolicy> {
+    let table: toml::Table = toml::from_str(text)?;
+    let known = toml::Table::try_from(UpdatePolicy::default())?;
+    if let Some(k) = table.keys().find(|k| !known.contains_key(*k)) {
+        let names: Vec<&str> = known.keys().map(String::as_str).collect();
+        anyhow::bail!("unknown key {k:?} (known: {})", names.join(", "));
+    }
+    Ok(table.try_into()?)
+}
+
 async fn shutdown() {
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
     tokio::select! {
         _ = tokio::signal::ctrl_c() => {}
         _ = term.recv() => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_policy_file_sets_what_it_names_and_refuses_typos() {
+        let p = parse_policy("probation_secs = 5\nshadow_requests = 20\n").unwrap();
+        assert_eq!((p.probation_secs, p.shadow_requests, p.fetch_secs), (5, 20, UpdatePolicy::default().fetch_secs));
+        let e = parse_policy("probation_sec = 5\n").unwrap_err().to_string();
+        assert!(e.starts_with("unknown key \"probation_sec\" (known: "), "{e}");
+        assert!(parse_policy("probation_secs = -1\n").is_err());
     }
 }

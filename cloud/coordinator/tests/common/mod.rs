@@ -147,6 +147,15 @@ impl Coord {
         if !extra.contains(&"--quic-listen") {
             args.extend(["--quic-listen", "127.0.0.1:0"]);
         }
+        // Probation of 1 s (not the default minute), so that a test can wait
+        // for each update to commit; builds from before staged updates lack
+        // the flag.
+        let policy = dir.path().join("update-policy.toml");
+        let policy_arg = policy.to_str().unwrap().to_owned();
+        if !extra.contains(&"--update-policy") && std::env::var_os("TERN_TEST_BIN_DIR").is_none() {
+            std::fs::write(&policy, "probation_secs = 1\n").unwrap();
+            args.extend(["--update-policy", &policy_arg]);
+        }
         args.extend_from_slice(extra);
         let n = LOGS.fetch_add(1, Ordering::Relaxed);
         let log = dir.path().join(format!("coordinator-{n}.log"));
@@ -395,12 +404,30 @@ impl Agent {
         Self::client().get(format!("{}/v1/models", self.http)).call().unwrap().body_mut().read_json().unwrap()
     }
 
+    /// Waits until `name:version` answers requests, committed or on probation.
+    pub fn wait_answering(&self, name: &str, version: u64) {
+        wait_for(&format!("{name}:{version} answering"), Duration::from_secs(30), || {
+            self.models()["models"]
+                .as_array()?
+                .iter()
+                .any(|m| m["name"] == name && m["version"] == version && m["state"] == "serving")
+                .then_some(())
+        })
+    }
+
+    /// Waits until `name:version` serves, committed (past probation; an
+    /// agent from before staged updates does not say, and counts).
     pub fn wait_serving(&self, name: &str, version: u64) {
         wait_for(&format!("{name}:{version} serving"), Duration::from_secs(30), || {
             self.models()["models"]
                 .as_array()?
                 .iter()
-                .any(|m| m["name"] == name && m["version"] == version && m["state"] == "serving")
+                .any(|m| {
+                    m["name"] == name
+                        && m["version"] == version
+                        && m["state"] == "serving"
+                        && m.get("update").is_none_or(|u| u == "committed")
+                })
                 .then_some(())
         })
     }
