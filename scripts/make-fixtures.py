@@ -9,8 +9,9 @@ independent of tract) for the end-to-end tests to compare against.
     python3 scripts/make-fixtures.py
 
 The outputs are committed so that the demo and the tests need no Python.
-`python3 scripts/make-fixtures.py recurrent` (or `wide`) rebuilds only the
-recurrent models (or wide.onnx); their bytes come out the same every time.
+`python3 scripts/make-fixtures.py recurrent` (or `wide`, or `staged`)
+rebuilds only the recurrent models (or wide.onnx, or the scorer-*.onnx
+versions); their bytes come out the same every time.
 """
 import json
 import pathlib
@@ -156,6 +157,85 @@ def recurrent_models() -> None:
     print(f"wrote {', '.join(models)} and recurrent.expected.json")
 
 
+def staged_models() -> None:
+    """Versions of one "scorer" (x f32[N, 4] -> scores f32[N, 3] = x @ W)
+    for the staged-update tests; each passes the registry's load and its
+    own golden vectors unless said otherwise.
+
+    scorer-a.onnx: W picks x[:, 0..3]; the class is the largest of those.
+    scorer-a2.onnx: 2 W: other scores, the same class (agrees in shadow).
+    scorer-b.onnx: W reversed: another class (disagrees in shadow).
+    scorer-noisy.onnx: adds RandomUniform noise (no seed): its answers
+      change every run, so it fails the agent's self-test.
+    scorer-fragile.onnx: also gathers table[int(x[0, 3])] (a table of 2):
+      golden inputs lie in [0, 1) and pass; a live x[0, 3] of 5 fails
+      inside the runtime (errors on probation).
+    scorer-slow.onnx: also sums a 2048 x 2048 expansion of x: tens of
+      milliseconds a run (p99 on probation).
+    """
+    from onnx import TensorProto, helper, numpy_helper
+
+    def save(name, nodes, inits):
+        g = helper.make_graph(
+            nodes,
+            name,
+            [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])],
+            [helper.make_tensor_value_info("scores", TensorProto.FLOAT, ["N", 3])],
+            inits,
+        )
+        onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), OUT / f"{name}.onnx")
+
+    w = np.array([[1, 0, 0], [0, 1, 0], [0, 0, 1], [0, 0, 0]], np.float32)
+    mm = lambda out: helper.make_node("MatMul", ["x", "w"], [out])  # noqa: E731
+    save("scorer-a", [mm("scores")], [numpy_helper.from_array(w, "w")])
+    save("scorer-a2", [mm("scores")], [numpy_helper.from_array(2 * w, "w")])
+    save("scorer-b", [mm("scores")], [numpy_helper.from_array(w[:, ::-1].copy(), "w")])
+    save(
+        "scorer-noisy",
+        [
+            mm("s"),
+            helper.make_node("RandomUniform", [], ["noise"], shape=[1, 3]),
+            helper.make_node("Add", ["s", "noise"], ["scores"]),
+        ],
+        [numpy_helper.from_array(w, "w")],
+    )
+    consts = [
+        numpy_helper.from_array(w, "w"),
+        numpy_helper.from_array(np.array([0.0, 0.0], np.float32), "table"),
+        numpy_helper.from_array(np.array([0, 3], np.int64), "at"),
+        numpy_helper.from_array(np.array([2048, 2048], np.int64), "big"),
+    ]
+    save(
+        "scorer-fragile",
+        [
+            mm("s"),
+            helper.make_node("GatherND", ["x", "at2"], ["x03"]),
+            helper.make_node("Cast", ["x03"], ["i"], to=TensorProto.INT64),
+            helper.make_node("Gather", ["table", "i"], ["zero"], axis=0),
+            helper.make_node("Add", ["s", "zero"], ["scores"]),
+        ],
+        consts[:2] + [numpy_helper.from_array(np.array([[0, 3]], np.int64), "at2")],
+    )
+    save(
+        "scorer-slow",
+        [
+            mm("s"),
+            helper.make_node("ReduceSum", ["x"], ["total"], keepdims=1),
+            helper.make_node("Expand", ["total", "big"], ["wide"]),
+            helper.make_node("ReduceSum", ["wide"], ["sum"], keepdims=0),
+            helper.make_node("Mul", ["sum", "zero"], ["nothing"]),
+            helper.make_node("Add", ["s", "nothing"], ["scores"]),
+        ],
+        # Times 1e-30: far below a float's resolution at these scores, so
+        # the answers are scorer-a's, but not a zero tract could fold away.
+        [consts[0], consts[3], numpy_helper.from_array(np.array(1e-30, np.float32), "zero")],
+    )
+    for name in ["scorer-a", "scorer-a2", "scorer-b", "scorer-fragile", "scorer-slow"]:
+        sess = ort.InferenceSession(str(OUT / f"{name}.onnx"), providers=["CPUExecutionProvider"])
+        out = sess.run(None, {"x": np.array([[0.1, 0.7, 0.2, 0.5]], np.float32)})[0]
+        print(f"{name}: {out.tolist()}")
+
+
 def main() -> None:
     from skl2onnx import to_onnx
     from sklearn.datasets import load_iris
@@ -166,6 +246,7 @@ def main() -> None:
     recurrent_models()
     wide_model()
     small_models()
+    staged_models()
     OUT.mkdir(exist_ok=True)
     x, y = load_iris(return_X_y=True)
     x = x.astype(np.float32)
@@ -249,4 +330,4 @@ def builtin_models(classifier, x, rows) -> None:
 if __name__ == "__main__":
     import sys
 
-    {"recurrent": recurrent_models, "wide": wide_model}.get(" ".join(sys.argv[1:]), main)()
+    {"recurrent": recurrent_models, "wide": wide_model, "staged": staged_models}.get(" ".join(sys.argv[1:]), main)()

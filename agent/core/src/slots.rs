@@ -669,12 +669,14 @@ impl Slots {
                 }
                 (Event::Loaded { .. }, Phase::Staged) => {
                     cand.enter(Phase::SelfTest, now);
+                    actions.push_back(Action::Persist);
                     actions.push_back(Action::SelfTest(m));
                 }
                 (Event::SelfTestPassed { .. }, Phase::SelfTest) => {
                     // Shadowing needs a serving version to compare with.
                     if policy.shadow_requests > 0 && slot.active.as_ref().is_some_and(|a| a.installed) {
                         cand.enter(Phase::Shadow, now);
+                        actions.push_back(Action::Persist);
                         actions.push_back(Action::Shadow(m));
                     } else {
                         start_probation(slot, now, actions);
@@ -871,6 +873,7 @@ fn start_probation(slot: &mut Slot, now: Instant, actions: &mut VecDeque<Action>
     let cand = slot.candidate.as_mut().expect("a candidate");
     let until = now + secs(cand.manifest.policy().probation_secs);
     cand.enter(Phase::Probation { until, check_at: now + HEALTH_EVERY.min(until - now) }, now);
+    actions.push_back(Action::Persist);
     actions.push_back(Action::Install(cand.manifest.clone()));
     if let Some(a) = slot.active.as_mut() {
         a.installed = false;

@@ -140,18 +140,20 @@ fn an_update_goes_through_every_stage_and_commits_after_probation() {
     // Persisted as being tried before any of its code runs.
     assert_eq!(drain(&mut s), [Action::Persist, Action::Load(m("iris", 2))]);
     assert_eq!(s.persisted().slots[0].stage, Stage::Trying { phase: "staged".into() });
+    // Each stage that runs its code is written down as it starts, so that
+    // a restart says where it stopped.
     ok(&mut s, "loaded", "iris", 2, t0);
-    assert_eq!(drain(&mut s), [Action::SelfTest(m("iris", 2))]);
+    assert_eq!(drain(&mut s), [Action::Persist, Action::SelfTest(m("iris", 2))]);
     assert_eq!(s.holding(), [("iris".to_string(), 2)].into());
     ok(&mut s, "self-test-passed", "iris", 2, t0);
-    assert_eq!(drain(&mut s), [Action::Shadow(m("iris", 2))]);
+    assert_eq!(drain(&mut s), [Action::Persist, Action::Shadow(m("iris", 2))]);
     assert_eq!(status_of(&s, "iris", 2), (ModelState::Verifying, Some("shadow".into())));
     assert_eq!(s.slot("iris").unwrap().served(), Some(&m("iris", 1)), "v1 answers while v2 shadows");
     let partial = ShadowReport { compared: 2, agreed: 2 };
     s.handle(Event::Shadowed { name: "iris".into(), version: 2, report: partial }, t0).unwrap();
     assert_eq!(phase_of(&s, "iris"), "shadow", "not enough comparisons yet");
     ok(&mut s, "shadowed", "iris", 2, t0);
-    assert_eq!(drain(&mut s), [Action::Install(m("iris", 2))]);
+    assert_eq!(drain(&mut s), [Action::Persist, Action::Install(m("iris", 2))]);
     assert!(s.holding().is_empty());
     assert_eq!(s.slot("iris").unwrap().served(), Some(&m("iris", 2)));
     assert_eq!(status_of(&s, "iris", 2), (ModelState::Serving, Some("probation; version 1 stands by".into())));
