@@ -76,12 +76,11 @@ fn an_update_is_self_tested_shadowed_served_on_probation_then_committed() {
     wait_for("v2 in shadow", Duration::from_secs(30), || reported(&coord, 2).filter(|m| m["detail"] == "shadow"));
     // In shadow, every answer still comes from v1; v2 agrees on the class.
     let mut answered = Vec::new();
-    let promoted = wait_for("v2 out of shadow", Duration::from_secs(30), || {
+    wait_for("v2 out of shadow", Duration::from_secs(30), || {
         answered.push(answer(&agent, [0.1, 0.7, 0.2, 0.0]).unwrap());
         std::thread::sleep(Duration::from_millis(20));
         (answered.last() == Some(&2)).then_some(())
     });
-    let _: () = promoted;
     let from_v1 = answered.iter().take_while(|v| **v == 1).count();
     assert!(from_v1 >= 5, "v1 answered while v2 was compared on 5 requests: {answered:?}");
     // On probation, then committed: v1 is the previous version now.
