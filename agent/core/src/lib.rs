@@ -10,6 +10,6 @@
 mod slots;
 
 pub use slots::{
-    Action, Disallowed, Event, HEALTH_EVERY, HEALTH_GRACE, Health, MAX_BACKOFF, MIN_BACKOFF, Persisted, PersistedSlot,
-    Phase, ShadowReport, Slot, Slots, Stage,
+    Action, Disallowed, Event, HEALTH_EVERY, HEALTH_GRACE, Health, MAX_BACKOFF, MAX_TRANSITIONS, MIN_BACKOFF,
+    Persisted, PersistedSlot, Phase, ShadowReport, Slot, Slots, Stage, Transition,
 };

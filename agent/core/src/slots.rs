@@ -428,6 +428,39 @@ pub struct Slots {
     refused: Option<Refusal>,
     formats: Vec<ModelFormat>,
     actions: VecDeque<Action>,
+    transitions: VecDeque<Transition>,
+}
+
+/// A candidate's (version, phase, reason), and the committed version.
+type Snapshot = (Option<(u32, &'static str, Option<String>)>, Option<u32>);
+
+fn reason_of(p: &Phase) -> Option<String> {
+    match p {
+        Phase::Retrying { reason, .. }
+        | Phase::Failed { reason }
+        | Phase::RolledBack { reason }
+        | Phase::Refused { reason } => Some(reason.clone()),
+        _ => None,
+    }
+}
+
+/// Transitions kept until the daemon takes them.
+pub const MAX_TRANSITIONS: usize = 256;
+
+/// One step of an update, for the device's history: the phase a version
+/// entered (or `committed`, or `abandoned` when the desired state moved on).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Transition {
+    /// Model name.
+    pub name: String,
+    /// Version.
+    pub version: u32,
+    /// The phase entered.
+    pub phase: String,
+    /// Why, for failures, retries, refusals and rollbacks.
+    pub reason: Option<String>,
+    /// When.
+    pub at: Instant,
 }
 
 fn backoff(attempts: u32) -> Duration {
@@ -443,6 +476,7 @@ impl Slots {
             refused: None,
             formats: formats.to_vec(),
             actions: VecDeque::new(),
+            transitions: VecDeque::new(),
         }
     }
 
@@ -485,6 +519,18 @@ impl Slots {
                     (None, Stage::GaveUp { reason, rolled_back: false }) => Phase::Failed { reason },
                     (None, Stage::GaveUp { reason, rolled_back: true }) => Phase::RolledBack { reason },
                 };
+                if let Phase::Failed { reason } = &phase
+                    && reason.starts_with("interrupted")
+                {
+                    let t = Transition {
+                        name: p.name.clone(),
+                        version: m.version,
+                        phase: phase.name().into(),
+                        reason: Some(reason.clone()),
+                        at: now,
+                    };
+                    s.transitions.push_back(t);
+                }
                 slot.candidate = Some(Candidate::new(m, phase, now));
             }
             s.slots.insert(p.name, slot);
@@ -569,13 +615,7 @@ impl Slots {
         })
     }
 
-    /// Applies a desired state (manifests already verified). Older
-    /// generations than the last applied are ignored: the stream may replay.
-    /// A manifest this agent cannot run is refused on its own, with the
-    /// reason in its status; the others go ahead. A candidate the new state
-    /// no longer names is abandoned; if it was on probation, the committed
-    /// version is loaded to serve again.
-    pub fn set_desired(&mut self, generation: u64, desired: Vec<ModelManifest>, now: Instant) {
+    fn set_desired_inner(&mut self, generation: u64, desired: Vec<ModelManifest>, now: Instant) {
         if generation < self.generation {
             return;
         }
@@ -628,11 +668,7 @@ impl Slots {
         self.refused = Some(Refusal { generation, reason });
     }
 
-    /// Feeds back the outcome of an action. Outcomes for a version that is
-    /// no longer expected (superseded, or its update already ended) are
-    /// stale and ignored (`Ok(false)`): a load that finishes after a newer
-    /// one is never installed.
-    pub fn handle(&mut self, event: Event, now: Instant) -> Result<bool, Disallowed> {
+    fn handle_inner(&mut self, event: Event, now: Instant) -> Result<bool, Disallowed> {
         let (name, version) = event.target();
         let disallowed = |state: String| Disallowed { event: event.kind(), name: name.to_owned(), version, state };
         let Some(slot) = self.slots.get_mut(name) else {
@@ -748,9 +784,7 @@ impl Slots {
         Ok(true)
     }
 
-    /// Restarts failed downloads whose retry time has come, asks for the
-    /// health of versions on probation, and fails updates past a deadline.
-    pub fn handle_timeout(&mut self, now: Instant) {
+    fn handle_timeout_inner(&mut self, now: Instant) {
         for slot in self.slots.values_mut() {
             let Some(c) = slot.candidate.as_mut() else { continue };
             if c.deadline.is_some_and(|d| d <= now) {
@@ -780,6 +814,89 @@ impl Slots {
                 _ => {}
             }
         }
+    }
+
+    /// Applies a desired state (manifests already verified). Older
+    /// generations than the last applied are ignored: the stream may replay.
+    /// A manifest this agent cannot run is refused on its own, with the
+    /// reason in its status; the others go ahead. A candidate the new state
+    /// no longer names is abandoned; if it was on probation, the committed
+    /// version is loaded to serve again.
+    pub fn set_desired(&mut self, generation: u64, desired: Vec<ModelManifest>, now: Instant) {
+        let before = self.phases();
+        self.set_desired_inner(generation, desired, now);
+        self.record(before, now);
+    }
+
+    /// Feeds back the outcome of an action. Outcomes for a version that is
+    /// no longer expected (superseded, or its update already ended) are
+    /// stale and ignored (`Ok(false)`): a load that finishes after a newer
+    /// one is never installed.
+    pub fn handle(&mut self, event: Event, now: Instant) -> Result<bool, Disallowed> {
+        let before = self.phases();
+        let r = self.handle_inner(event, now);
+        self.record(before, now);
+        r
+    }
+
+    /// Restarts failed downloads whose retry time has come, asks for the
+    /// health of versions on probation, and fails updates past a deadline.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        let before = self.phases();
+        self.handle_timeout_inner(now);
+        self.record(before, now);
+    }
+
+    /// Each slot's candidate (version, phase, reason) and committed version.
+    fn phases(&self) -> BTreeMap<String, Snapshot> {
+        self.slots
+            .iter()
+            .map(|(name, s)| {
+                let cand = s.candidate.as_ref().map(|c| (c.manifest.version, c.phase.name(), reason_of(&c.phase)));
+                (name.clone(), (cand, s.active.as_ref().map(|a| a.manifest.version)))
+            })
+            .collect()
+    }
+
+    /// Queues a [`Transition`] for every candidate whose phase changed since
+    /// `before` (at most [`MAX_TRANSITIONS`] kept; the oldest go first).
+    fn record(&mut self, before: BTreeMap<String, Snapshot>, now: Instant) {
+        let after = self.phases();
+        let mut push = |name: &str, version: u32, phase: &str, reason: Option<String>| {
+            if self.transitions.len() == MAX_TRANSITIONS {
+                self.transitions.pop_front();
+            }
+            self.transitions.push_back(Transition { name: name.into(), version, phase: phase.into(), reason, at: now });
+        };
+        for (name, (cand, active)) in &after {
+            let (old_cand, _) = before.get(name).cloned().unwrap_or((None, None));
+            if cand.as_ref().map(|c| (c.0, c.1)) != old_cand.as_ref().map(|c| (c.0, c.1))
+                && let Some((v, phase, reason)) = cand
+            {
+                push(name, *v, phase, reason.clone());
+            }
+            if let Some((v, _, _)) = old_cand
+                && cand.as_ref().is_none_or(|c| c.0 != v)
+            {
+                if *active == Some(v) {
+                    push(name, v, "committed", None);
+                } else {
+                    push(name, v, "abandoned", Some("the desired state names another version".into()));
+                }
+            }
+        }
+        for (name, (old_cand, _)) in &before {
+            if !after.contains_key(name)
+                && let Some((v, _, _)) = old_cand
+            {
+                push(name, *v, "abandoned", Some("the model is no longer desired".into()));
+            }
+        }
+    }
+
+    /// The next recorded transition, oldest first.
+    pub fn poll_transition(&mut self) -> Option<Transition> {
+        self.transitions.pop_front()
     }
 
     /// When [`Slots::handle_timeout`] next has something to do.

@@ -678,3 +678,51 @@ fn a_restart_with_fewer_formats_loads_nothing_it_no_longer_runs() {
     assert_eq!((state, detail.as_deref()), (ModelState::Failed, Some("cnn:1 is onnx; this agent build runs nnef")));
     assert!(s.referenced().contains(&m("iris", 2).sha256));
 }
+
+fn transitions(s: &mut Slots) -> Vec<(u32, String, Option<String>)> {
+    std::iter::from_fn(|| s.poll_transition()).map(|t| (t.version, t.phase, t.reason)).collect()
+}
+
+#[test]
+fn every_step_of_an_update_is_recorded_for_the_history() {
+    let t0 = Instant::now();
+    let mut s = serving(&[m("iris", 1)], t0);
+    transitions(&mut s);
+    s.set_desired(2, vec![m("iris", 2)], t0);
+    ok(&mut s, "fetch-failed", "iris", 2, t0);
+    s.handle_timeout(t0 + MIN_BACKOFF);
+    for kind in ["fetched", "verified", "loaded", "self-test-passed", "shadowed"] {
+        ok(&mut s, kind, "iris", 2, t0);
+    }
+    s.handle(healthy("iris", 2), t0 + Duration::from_secs(10)).unwrap();
+    let phases: Vec<(u32, String, Option<String>)> = transitions(&mut s);
+    let names: Vec<&str> = phases.iter().map(|(_, p, _)| p.as_str()).collect();
+    assert_eq!(
+        names,
+        ["fetching", "retrying", "fetching", "verifying", "staged", "self-test", "shadow", "probation", "committed"]
+    );
+    assert_eq!(phases[1].2.as_deref(), Some("fetch-failed went wrong"));
+    // A rollback, and a candidate the desired state moves away from.
+    let mut s = to_phase("probation", t0);
+    transitions(&mut s);
+    let bad = Health { requests: 10, errors: 10, p99_us: 0 };
+    s.handle(Event::Health { name: "iris".into(), version: 2, health: bad }, t0).unwrap();
+    let t = transitions(&mut s);
+    assert_eq!(
+        (t[0].1.as_str(), t[0].2.as_deref()),
+        ("rolled back", Some("probation: 10 of 10 requests failed (1000‰, at most 100‰ allowed)"))
+    );
+    let mut s = to_phase("self-test", t0);
+    transitions(&mut s);
+    s.set_desired(3, vec![m("iris", 3)], t0);
+    let t = transitions(&mut s);
+    assert_eq!(
+        t,
+        [(3, "fetching".into(), None), (2, "abandoned".into(), Some("the desired state names another version".into()))]
+    );
+    // A restart that finds a candidate being tried records why it gave up.
+    let mut s = Slots::restore(ALL, to_phase("self-test", t0).persisted(), t0);
+    let t = transitions(&mut s);
+    assert_eq!(t.len(), 1);
+    assert!(t[0].2.as_deref().unwrap().starts_with("interrupted in self-test"));
+}

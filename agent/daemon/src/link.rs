@@ -8,7 +8,10 @@ use anyhow::{Context, Result, anyhow, bail};
 use std::sync::Arc;
 use std::time::Duration;
 use tern_net::{FrameReader, NetError, write_msg};
-use tern_proto::{ErrorCode, FetchArtifact, Hello, Message, ModelFormat, Sha256Digest, StatusReport, WireVersion};
+use tern_proto::{
+    ErrorCode, FetchArtifact, Hello, Message, ModelFormat, Sha256Digest, StatusReport, UpdateEvent, UpdateHistory,
+    WireVersion,
+};
 use tokio::io::{AsyncSeekExt, AsyncWriteExt};
 use tokio::sync::{mpsc, watch};
 use tracing::{debug, info, warn};
@@ -43,19 +46,28 @@ pub enum FromLink {
     Desired(tern_proto::DesiredState),
 }
 
+/// What the agent reports, as the main loop publishes it.
+pub struct Reports {
+    /// The status: on every change and every 30 s.
+    pub status: watch::Receiver<StatusReport>,
+    /// The recent update steps: on every change, on sessions of wire
+    /// version 3 on (older coordinators cannot take them).
+    pub history: watch::Receiver<Vec<UpdateEvent>>,
+}
+
 /// Keeps a session with the coordinator up, forever. Publishes the live
-/// connection (for downloads) on `conn_tx`; sends status reports it gets on
-/// `status_rx`; forwards desired states to `to_main`.
+/// connection (for downloads) on `conn_tx`; sends the reports; forwards
+/// desired states to `to_main`.
 pub async fn run(
     identity: Arc<Identity>,
     formats: Vec<ModelFormat>,
     conn_tx: watch::Sender<Session>,
-    mut status_rx: watch::Receiver<StatusReport>,
+    mut reports: Reports,
     to_main: mpsc::Sender<FromLink>,
 ) {
     let mut backoff = Duration::from_millis(250);
     loop {
-        match session(&identity, &formats, &conn_tx, &mut status_rx, &to_main).await {
+        match session(&identity, &formats, &conn_tx, &mut reports, &to_main).await {
             Ok(()) => backoff = Duration::from_millis(250),
             Err(e) => warn!("coordinator session: {e:#}; retrying in {backoff:?}"),
         }
@@ -69,9 +81,10 @@ async fn session(
     identity: &Identity,
     formats: &[ModelFormat],
     conn_tx: &watch::Sender<Session>,
-    status_rx: &mut watch::Receiver<StatusReport>,
+    reports: &mut Reports,
     to_main: &mpsc::Sender<FromLink>,
 ) -> Result<()> {
+    let Reports { status: status_rx, history: history_rx } = reports;
     let addr = resolve(&identity.info.coordinator).await?;
     let config = tern_net::device_client_config(&identity.ca_der, &identity.cert_der, &identity.key_der)?;
     let endpoint = tern_net::client_endpoint(addr)?;
@@ -113,6 +126,11 @@ async fn session(
     // What the agent applied, at once: a Hello cannot say it.
     let report = status_rx.borrow_and_update().clone();
     write_msg(&mut send, &Message::Status(fitted(report, version)), version).await?;
+    let history = version >= WireVersion::V3;
+    let steps = history_rx.borrow_and_update().clone();
+    if history && !steps.is_empty() {
+        write_msg(&mut send, &Message::History(UpdateHistory { events: steps }), version).await?;
+    }
     let mut heartbeat = tokio::time::interval(Duration::from_secs(30));
     heartbeat.tick().await;
     loop {
@@ -132,6 +150,11 @@ async fn session(
                 changed.map_err(|_| anyhow!("agent is stopping"))?;
                 let report = status_rx.borrow_and_update().clone();
                 write_msg(&mut send, &Message::Status(fitted(report, version)), version).await?;
+            }
+            changed = history_rx.changed(), if history => {
+                changed.map_err(|_| anyhow!("agent is stopping"))?;
+                let events = history_rx.borrow_and_update().clone();
+                write_msg(&mut send, &Message::History(UpdateHistory { events }), version).await?;
             }
             _ = heartbeat.tick() => {
                 let report = status_rx.borrow().clone();

@@ -208,8 +208,25 @@ async fn run(
     let live = Arc::new(Mutex::new(BTreeSet::new()));
     let persister = store::Persister::spawn(store.clone(), live.clone())?;
     let work = Arc::new(DaemonWork { store: store.clone(), conn_rx });
-    let runner = runner::Runner::new(slots, complete, work, shared, identity.registry_key, persister, live, status_tx);
-    tokio::spawn(link::run(identity.clone(), formats, conn_tx, status_rx, link_tx));
+    let (history_tx, history_rx) = watch::channel(Vec::new());
+    let runner = runner::Runner::new(
+        slots,
+        complete,
+        work,
+        shared,
+        identity.registry_key,
+        persister,
+        live,
+        status_tx,
+        history_tx,
+    );
+    tokio::spawn(link::run(
+        identity.clone(),
+        formats,
+        conn_tx,
+        link::Reports { status: status_rx, history: history_rx },
+        link_tx,
+    ));
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let stop = async move {
         tokio::select! {

@@ -16,7 +16,7 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 use tern_agent_core::{Action, Event, Health, Phase, Slots};
-use tern_proto::{DesiredState, ModelManifest, Sha256Digest, StatusReport};
+use tern_proto::{DesiredState, MAX_HISTORY, ModelManifest, Sha256Digest, StatusReport, UpdateEvent};
 use tern_runtime::Backend;
 use tern_trust::VerifyingKey;
 use tokio::sync::{mpsc, watch};
@@ -55,6 +55,8 @@ pub struct Runner<W: Work> {
     persister: Persister,
     live: Arc<Mutex<BTreeSet<Sha256Digest>>>,
     status: watch::Sender<StatusReport>,
+    /// The most recent update steps, for the coordinator (wire v3 on).
+    history: watch::Sender<Vec<UpdateEvent>>,
     done_tx: mpsc::Sender<Done>,
     done_rx: mpsc::Receiver<Done>,
     /// Models loaded and not yet installed, by (name, version): kept while
@@ -80,6 +82,7 @@ impl<W: Work> Runner<W> {
         persister: Persister,
         live: Arc<Mutex<BTreeSet<Sha256Digest>>>,
         status: watch::Sender<StatusReport>,
+        history: watch::Sender<Vec<UpdateEvent>>,
     ) -> Self {
         let (done_tx, done_rx) = mpsc::channel(64);
         let runner = Self {
@@ -90,6 +93,7 @@ impl<W: Work> Runner<W> {
             persister,
             live,
             status,
+            history,
             done_tx,
             done_rx,
             loaded: HashMap::new(),
@@ -173,43 +177,36 @@ impl<W: Work> Runner<W> {
     }
 
     fn handle(&mut self, ev: Event, now: Instant) {
-        let (name, version) = match &ev {
-            Event::Fetched { name, version }
-            | Event::FetchFailed { name, version, .. }
-            | Event::Verified { name, version }
-            | Event::VerifyFailed { name, version, .. }
-            | Event::Loaded { name, version }
-            | Event::LoadFailed { name, version, .. }
-            | Event::SelfTestPassed { name, version }
-            | Event::SelfTestFailed { name, version, .. }
-            | Event::Shadowed { name, version, .. }
-            | Event::Health { name, version, .. } => (name.clone(), *version),
-        };
-        let before = self.phase_of(&name, version);
         if let Err(e) = self.slots.handle(ev, now) {
             error!("{e}");
         }
-        let after = self.phase_of(&name, version);
-        if after != before {
-            match after {
-                Some(phase) => info!(model = %name, version, from = ?before, "update: {phase}"),
-                None if self.slots.slot(&name).and_then(|s| s.active()).is_some_and(|a| a.version == version) => {
-                    info!(model = %name, version, "update: committed")
-                }
-                None => {}
-            }
-        }
     }
 
-    /// The phase of `name:version` if it is the candidate, for the log.
-    fn phase_of(&self, name: &str, version: u32) -> Option<String> {
-        let (m, phase) = self.slots.slot(name)?.candidate()?;
-        (m.version == version).then(|| match phase {
-            Phase::Retrying { reason, .. } | Phase::Failed { reason } | Phase::RolledBack { reason } => {
-                format!("{phase}: {reason}")
+    /// Logs the core's recorded update steps and adds them to the history
+    /// sent to the coordinator, stamped with the wall clock.
+    fn record_history(&mut self) {
+        let (wall, mono) = (std::time::SystemTime::now(), Instant::now());
+        let mut added = Vec::new();
+        while let Some(t) = self.slots.poll_transition() {
+            let at = wall - mono.saturating_duration_since(t.at);
+            let at_ms = at.duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
+            match &t.reason {
+                Some(reason) => info!(model = %t.name, version = t.version, "update: {}: {reason}", t.phase),
+                None => info!(model = %t.name, version = t.version, "update: {}", t.phase),
             }
-            other => other.to_string(),
-        })
+            let mut reason = t.reason;
+            if let Some(r) = &mut reason {
+                shorten(r);
+            }
+            added.push(UpdateEvent { at_ms, name: t.name, version: t.version, phase: t.phase, reason });
+        }
+        if !added.is_empty() {
+            self.history.send_modify(|h| {
+                h.extend(added);
+                let excess = h.len().saturating_sub(MAX_HISTORY);
+                h.drain(..excess);
+            });
+        }
     }
 
     fn spawn_blocking_event(&self, f: impl FnOnce() -> Event + Send + 'static) {
@@ -372,6 +369,7 @@ impl<W: Work> Runner<W> {
                 });
             served.probation.store(probation, Ordering::Relaxed);
         }
+        self.record_history();
         let mut report = StatusReport {
             models: self.shared.status_with_health(self.slots.status()),
             generation: self.slots.generation(),
@@ -519,6 +517,7 @@ mod tests {
             let live = Arc::new(Mutex::new(BTreeSet::new()));
             let persister = Persister::spawn(Discard, live.clone()).unwrap();
             let slots = Slots::new(&[ModelFormat::Onnx]);
+            let (history, _) = watch::channel(Vec::new());
             let runner = Runner::new(
                 slots,
                 true,
@@ -528,6 +527,7 @@ mod tests {
                 persister,
                 live,
                 status_tx,
+                history,
             );
             let (link, link_rx) = mpsc::channel(4);
             let task = tokio::spawn(runner.run(link_rx, std::future::pending()));

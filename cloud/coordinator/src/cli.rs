@@ -140,6 +140,19 @@ pub enum FleetCmd {
     },
     /// Enrolled devices with group, profile, last contact and models.
     List,
+    /// One device: what it serves, what it should, and its update history
+    /// (each step with its reason and the device's time; agents of wire
+    /// version 3 on report it).
+    Show {
+        /// Device id.
+        device: String,
+    },
+}
+
+/// A Unix time in milliseconds as RFC 3339 UTC, to the second.
+fn utc(ms: u64) -> String {
+    let at = time::OffsetDateTime::from_unix_timestamp((ms / 1000) as i64).unwrap_or(time::OffsetDateTime::UNIX_EPOCH);
+    at.format(&time::format_description::well_known::Rfc3339).unwrap_or_else(|_| ms.to_string())
 }
 
 fn parse_kv(s: &str) -> Result<(String, String), String> {
@@ -449,6 +462,35 @@ pub fn fleet(c: &Client, cmd: FleetCmd, json: bool) -> Result<()> {
                 return print_json(&d);
             }
             out(format!("removed {}; its certificate is refused from now on", d.id));
+        }
+        FleetCmd::Show { device } => {
+            let d: Device = c.get(&format!("/v1/devices/{device}"))?;
+            if json {
+                return print_json(&d);
+            }
+            out(format!("{}  (group {}, profile {})", d.id, printable(&d.group), printable(&d.profile)));
+            out(format!("  last seen  {}", ago(d.last_seen)));
+            let desired: Vec<String> = d.desired.iter().map(|(n, v)| format!("{n}:{v}")).collect();
+            out(format!("  desired    {} (generation {})", desired.join(", "), d.generation));
+            for m in &d.reported {
+                let detail = m.detail.as_deref().map(|x| format!(" ({})", printable(x))).unwrap_or_default();
+                out(format!("  reported   {}:{} {}{detail}", printable(&m.name), m.version, m.state));
+            }
+            if d.history.is_empty() {
+                out("  no update history (the agent reports it on wire version 3 on)");
+                return Ok(());
+            }
+            let mut t = table(&["device time (UTC)", "model", "step", "reason"]);
+            for h in &d.history {
+                let e = &h.event;
+                t.add_row(vec![
+                    utc(e.at_ms),
+                    format!("{}:{}", printable(&e.name), e.version),
+                    printable(&e.phase),
+                    e.reason.as_deref().map(printable).unwrap_or_default(),
+                ]);
+            }
+            out(t);
         }
         FleetCmd::List => {
             let ds: Vec<Device> = c.get("/v1/devices")?;

@@ -153,6 +153,11 @@ fn errors_on_probation_roll_back_to_the_committed_version() {
     assert!(detail.contains("requests failed"), "{m}");
     agent.wait_serving("scorer", 1);
     assert_eq!(answer(&agent, [0.1, 0.7, 0.2, 5.0]), Ok(1), "v1 answers what v2 could not");
+    let shown = wait_for("the rollback in the history", Duration::from_secs(10), || {
+        let out = coord.ok(&["fleet", "show", "cam-01"]);
+        out.contains("rolled back").then_some(out)
+    });
+    assert!(shown.contains("requests failed"), "{shown}");
 }
 
 #[test]

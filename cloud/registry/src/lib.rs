@@ -9,7 +9,9 @@ mod types;
 
 pub use artifacts::Artifacts;
 pub use store::Registry;
-pub use types::{Approval, Capabilities, Device, EnrollToken, ModelVersion, NewVersion, Report};
+pub use types::{
+    Approval, Capabilities, Device, EnrollToken, HistoryEntry, MAX_DEVICE_HISTORY, ModelVersion, NewVersion, Report,
+};
 
 use tern_proto::Sha256Digest;
 

@@ -1,4 +1,4 @@
-use crate::types::{Approval, Device, EnrollToken, ModelVersion, NewVersion, Report};
+use crate::types::{Approval, Device, EnrollToken, HistoryEntry, MAX_DEVICE_HISTORY, ModelVersion, NewVersion, Report};
 use crate::{RegistryError, Result};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -305,6 +305,7 @@ impl Registry {
                 reported_generation: None,
                 refused: None,
                 capabilities: None,
+                history: Vec::new(),
             };
             tokens.insert(&tkey, encode(&token))?;
             devices.insert(id.as_str(), encode(&device))?;
@@ -478,6 +479,14 @@ impl Registry {
             if let Some(r) = &report.refused {
                 d.refused = r.clone();
             }
+            // The agent sends its recent steps whole each time: each is kept once.
+            for e in report.history.iter().flatten() {
+                if !d.history.iter().rev().any(|h| h.event == *e) {
+                    d.history.push(HistoryEntry { event: e.clone(), received_at: now });
+                }
+            }
+            let excess = d.history.len().saturating_sub(MAX_DEVICE_HISTORY);
+            d.history.drain(..excess);
             Ok(())
         })
     }

@@ -1,7 +1,9 @@
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::fmt;
-use tern_proto::{DeviceId, ModelFormat, ModelManifest, ModelStatus, Refusal, SelfTestRef, Sha256Digest, TensorSpec};
+use tern_proto::{
+    DeviceId, ModelFormat, ModelManifest, ModelStatus, Refusal, SelfTestRef, Sha256Digest, TensorSpec, UpdateEvent,
+};
 
 /// Whether a version may be deployed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -146,6 +148,23 @@ pub struct Device {
     /// later says).
     #[serde(default)]
     pub capabilities: Option<Capabilities>,
+    /// Its most recent update steps, oldest first (at most
+    /// [`MAX_DEVICE_HISTORY`]; agents of wire version 3 on report them).
+    #[serde(default)]
+    pub history: Vec<HistoryEntry>,
+}
+
+/// Update steps kept per device.
+pub const MAX_DEVICE_HISTORY: usize = 200;
+
+/// One update step a device reported, and when it arrived.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HistoryEntry {
+    /// The step, as the device reported it (its `at_ms` by its own clock).
+    #[serde(flatten)]
+    pub event: UpdateEvent,
+    /// When the coordinator received it (Unix seconds).
+    pub received_at: u64,
 }
 
 /// What a device reported, for [`crate::Registry::seen`].
@@ -162,6 +181,8 @@ pub struct Report {
     /// What it can run; taken, `None` included, whenever `agent_version`
     /// is (both come with a `Hello`).
     pub capabilities: Option<Capabilities>,
+    /// Its recent update steps; those already kept are not kept twice.
+    pub history: Option<Vec<UpdateEvent>>,
 }
 
 /// A one-time enrollment token, stored by the hash of its secret.

@@ -30,8 +30,8 @@ pub use manifest::{
     UpdatePolicy,
 };
 pub use msg::{
-    ArtifactHeader, DesiredState, EnrollRequest, EnrollResponse, ErrorCode, FetchArtifact, Hello, Message, ModelState,
-    ModelStatus, Refusal, StatusReport, Welcome, WireError,
+    ArtifactHeader, DesiredState, EnrollRequest, EnrollResponse, ErrorCode, FetchArtifact, Hello, MAX_HISTORY, Message,
+    ModelState, ModelStatus, Refusal, StatusReport, UpdateEvent, UpdateHistory, Welcome, WireError,
 };
 pub use tensor::{TENSORS_MEDIA_TYPE, Tensor, TensorData, decode_tensors, encode_tensors};
 pub use token::{EnrollTokenText, TokenError};
@@ -52,10 +52,13 @@ impl WireVersion {
     /// Version 2: capabilities and version lists in `Hello`, the applied
     /// generation and refusals in `Status`, manifests signed as canonical JSON.
     pub const V2: WireVersion = WireVersion(2);
+    /// Version 3: version 2 and the agent's update history
+    /// ([`Message::History`]); every other message encodes as in version 2.
+    pub const V3: WireVersion = WireVersion(3);
     /// The newest version this build speaks.
-    pub const CURRENT: WireVersion = WireVersion::V2;
+    pub const CURRENT: WireVersion = WireVersion::V3;
     /// Every version this build speaks, newest first.
-    pub const SUPPORTED: &'static [WireVersion] = &[WireVersion::V2, WireVersion::V1];
+    pub const SUPPORTED: &'static [WireVersion] = &[WireVersion::V3, WireVersion::V2, WireVersion::V1];
 
     /// The ALPN protocol name of this version.
     pub fn alpn(self) -> Vec<u8> {
@@ -98,11 +101,13 @@ mod tests {
     #[test]
     fn alpn_names_and_negotiation() {
         assert_eq!(WireVersion::V2.alpn(), b"tern/2");
+        assert_eq!(WireVersion::V3.alpn(), b"tern/3");
         assert_eq!(WireVersion::from_alpn(b"tern/1"), Some(WireVersion::V1));
         assert_eq!(WireVersion::from_alpn(b"h3"), None);
         assert_eq!(WireVersion::up_to(WireVersion::V1), [WireVersion::V1]);
         assert_eq!(WireVersion::up_to(WireVersion(9)), WireVersion::SUPPORTED);
-        assert_eq!(WireVersion::highest_shared(WireVersion::SUPPORTED, &[1, 2, 3]), Some(WireVersion::V2));
+        assert_eq!(WireVersion::highest_shared(WireVersion::SUPPORTED, &[1, 2, 3, 4]), Some(WireVersion::V3));
+        assert_eq!(WireVersion::highest_shared(WireVersion::SUPPORTED, &[1, 2]), Some(WireVersion::V2));
         assert_eq!(WireVersion::highest_shared(WireVersion::SUPPORTED, &[1]), Some(WireVersion::V1));
         assert_eq!(WireVersion::highest_shared(WireVersion::SUPPORTED, &[7]), None);
     }

@@ -26,6 +26,9 @@ pub enum Message {
     ArtifactHeader(ArtifactHeader),
     /// Either way: a request failed.
     Error(WireError),
+    /// Agent → coordinator (wire version 3 on): its recent update steps.
+    /// New variants go last, so that the older ones encode as before.
+    History(UpdateHistory),
 }
 
 impl Message {
@@ -41,8 +44,45 @@ impl Message {
             Message::FetchArtifact(_) => "FetchArtifact",
             Message::ArtifactHeader(_) => "ArtifactHeader",
             Message::Error(_) => "Error",
+            Message::History(_) => "History",
         }
     }
+
+    /// The first wire version that has this message.
+    pub fn since(&self) -> crate::WireVersion {
+        match self {
+            Message::History(_) => crate::WireVersion::V3,
+            _ => crate::WireVersion::V1,
+        }
+    }
+}
+
+/// The agent's most recent update steps, oldest first. It sends them all
+/// each time (at most [`MAX_HISTORY`]); the coordinator keeps each once.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UpdateHistory {
+    /// The steps.
+    pub events: Vec<UpdateEvent>,
+}
+
+/// Most events one [`UpdateHistory`] carries.
+pub const MAX_HISTORY: usize = 64;
+
+/// One step of a staged update on a device.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct UpdateEvent {
+    /// When, by the device's clock (Unix milliseconds).
+    pub at_ms: u64,
+    /// Model name.
+    pub name: String,
+    /// Version.
+    pub version: u32,
+    /// The phase entered: `fetching`, `verifying`, `staged`, `self-test`,
+    /// `shadow`, `probation`, `committed`, `retrying`, `failed`,
+    /// `rolled back`, `refused` or `abandoned`.
+    pub phase: String,
+    /// Why, for failures, retries, refusals and rollbacks.
+    pub reason: Option<String>,
 }
 
 /// Enrollment: a one-time token and a certificate signing request made from a

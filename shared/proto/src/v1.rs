@@ -384,6 +384,7 @@ impl TryFrom<&cur::Message> for Message {
                 Message::ArtifactHeader(ArtifactHeader { sha256: h.sha256, size: h.size, offset: h.offset })
             }
             cur::Message::Error(e) => Message::Error(WireError { code: e.code.into(), message: e.message.clone() }),
+            cur::Message::History(_) => return Err("History is not in wire v1".into()),
         })
     }
 }

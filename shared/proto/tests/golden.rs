@@ -231,3 +231,42 @@ fn canonical_json_manifests_have_room_for_new_fields() {
     let err = ModelManifest::from_signed_bytes(&canonical_json(&other).unwrap(), ManifestEncoding::CanonicalJson);
     assert!(matches!(err, Err(ManifestError::Malformed(_))), "{err:?}");
 }
+
+fn history() -> Message {
+    Message::History(UpdateHistory {
+        events: vec![UpdateEvent {
+            at_ms: 1_700_000_000_123,
+            name: "iris".into(),
+            version: 2,
+            phase: "rolled back".into(),
+            reason: Some("probation: 3 of 20 requests failed".into()),
+        }],
+    })
+}
+
+/// Version 3 frozen the same way: the `History` frame as released.
+const GOLDEN_V3_HISTORY: &str = "544e03003e0000000901fbd095ffbc310469726973020b726f6c6c6564206261636b012270726f626174696f6e3a2033206f66203230207265717565737473206661696c6564";
+
+#[test]
+fn version_3_is_version_2_and_the_history_which_older_versions_refuse() {
+    // Every version-2 message encodes the same in version 3, but for the
+    // version in the header.
+    for (kind, hex) in GOLDEN_V2 {
+        let mut bytes = hex::decode(hex).unwrap();
+        bytes[2] = 3;
+        let (msg, _) = decode_frame(&bytes, MAX_FRAME_LEN, WireVersion::V3).unwrap().unwrap();
+        assert_eq!(msg, v2_expected(kind), "{kind}");
+        assert_eq!(encode_frame(&msg, WireVersion::V3).unwrap(), bytes, "{kind}");
+    }
+    let frame = encode_frame(&history(), WireVersion::V3).unwrap();
+    assert_eq!(hex::encode(&frame), GOLDEN_V3_HISTORY);
+    assert_eq!(decode_frame(&frame, MAX_FRAME_LEN, WireVersion::V3).unwrap().unwrap().0, history());
+    // Neither sent nor taken on an older session.
+    for v in [WireVersion::V2, WireVersion::V1] {
+        assert!(encode_frame(&history(), v).is_err(), "{v}");
+    }
+    let mut as_v2 = frame.clone();
+    as_v2[2] = 2;
+    let e = decode_frame(&as_v2, MAX_FRAME_LEN, WireVersion::V2).unwrap_err();
+    assert!(e.to_string().contains("History is not in wire v2"), "{e}");
+}

@@ -42,7 +42,7 @@ pub struct ServeArgs {
     /// The newest wire version to speak with agents (1 or 2): older agents
     /// are always served in theirs; pin 1 to hold a fleet on the old
     /// protocol while it is upgraded.
-    #[arg(long, default_value_t = WireVersion::CURRENT.0, value_parser = clap::value_parser!(u16).range(1..=2))]
+    #[arg(long, default_value_t = WireVersion::CURRENT.0, value_parser = clap::value_parser!(u16).range(1..=3))]
     pub max_wire_version: u16,
     /// Connections at most, devices included.
     #[arg(long, default_value_t = 20_000)]

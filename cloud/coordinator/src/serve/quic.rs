@@ -430,6 +430,22 @@ async fn session(
                             "the device applied a newer desired state than the registry holds (restored from a backup?); it will ignore older ones");
                     }
                 }
+                Some(Message::History(h)) => {
+                    let events = h
+                        .events
+                        .into_iter()
+                        .take(tern_proto::MAX_HISTORY)
+                        .map(|e| tern_proto::UpdateEvent {
+                            name: clean(&e.name),
+                            phase: clean(&e.phase),
+                            reason: e.reason.as_deref().map(clean),
+                            ..e
+                        })
+                        .collect();
+                    let d = seen(state, id, Report { history: Some(events), ..Report::default() }).await?;
+                    quiet.as_mut().reset(tokio::time::Instant::now() + state.session_quiet);
+                    debug!(device = %d.id, steps = d.history.len(), "update history");
+                }
                 Some(other) => {
                     let m = format!("{} is not allowed on the control stream", other.kind());
                     write(send, Message::Error(WireError::new(ErrorCode::BadRequest, m.clone()))).await?;
