@@ -164,7 +164,7 @@ async fn run(
         }
         None => warn!(profile = %identity.info.profile, "unknown device profile; sizing from this machine"),
     }
-    let sizing = profiles::sizing(profile.as_ref(), asked);
+    let sizing = profiles::sizing(profile, asked);
     let store = Arc::new(store::Store::open(data_dir)?);
     let (persisted, complete) = match store.load() {
         Ok(loaded) => loaded,

@@ -1,49 +1,37 @@
 //! Device profiles (`firmware-targets/profiles/*.toml`), built into the
-//! agent: the hardware class a device enrolled as decides its defaults.
-
-use serde::Deserialize;
+//! agent (turned into constants by `build.rs`): the hardware class a device
+//! enrolled as decides its defaults.
 
 /// One hardware class.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone)]
 pub struct Profile {
     /// Format version of the file.
     pub version: u32,
     /// CPU architecture the profile is for.
-    pub arch: String,
+    pub arch: &'static str,
     /// What the hardware is.
-    pub description: String,
+    pub description: &'static str,
     /// CPU cores, when the class fixes them.
-    #[serde(default)]
     pub cores: Option<usize>,
     /// Memory, when the class fixes it.
-    #[serde(default)]
     pub memory_mb: Option<u64>,
     /// Accelerators present (informational for now).
-    #[serde(default)]
-    pub accelerators: Vec<String>,
+    pub accelerators: &'static [&'static str],
     /// Worker threads per model; 0 means one per core.
     pub threads_per_model: usize,
     /// Queue slots per model.
     pub queue_per_model: usize,
     /// Largest batch per request for models with a dynamic batch axis.
-    #[serde(default)]
     pub max_batch: Option<usize>,
     /// Request memory of the local API, in MiB.
-    #[serde(default)]
     pub request_memory_mb: Option<usize>,
 }
 
-const PROFILES: &[(&str, &str)] = &[
-    ("generic-linux", include_str!("../../../firmware-targets/profiles/generic-linux.toml")),
-    ("rpi3-armv7", include_str!("../../../firmware-targets/profiles/rpi3-armv7.toml")),
-    ("rpi4", include_str!("../../../firmware-targets/profiles/rpi4.toml")),
-    ("rpi5", include_str!("../../../firmware-targets/profiles/rpi5.toml")),
-    ("jetson-orin-nano", include_str!("../../../firmware-targets/profiles/jetson-orin-nano.toml")),
-];
+include!(concat!(env!("OUT_DIR"), "/profiles.rs"));
 
 /// The built-in profile of that name.
-pub fn lookup(name: &str) -> Option<Profile> {
-    PROFILES.iter().find(|(n, _)| *n == name).map(|(_, text)| toml::from_str(text).expect("built-in profiles parse"))
+pub fn lookup(name: &str) -> Option<&'static Profile> {
+    PROFILES.iter().find(|(n, _)| *n == name).map(|(_, p)| p)
 }
 
 /// What the flags ask for; `None` takes the profile's value, then the default.
@@ -97,18 +85,21 @@ mod tests {
 
     #[test]
     fn every_built_in_profile_parses() {
+        let names: Vec<&str> = PROFILES.iter().map(|(n, _)| *n).collect();
+        assert_eq!(names, ["generic-linux", "jetson-orin-nano", "rpi3-armv7", "rpi4", "rpi5"]);
         for (name, _) in PROFILES {
             let p = lookup(name).unwrap();
             assert_eq!(p.version, 1, "{name}");
             assert!(!p.description.is_empty());
         }
+        assert_eq!(lookup("rpi4").unwrap().arch, "aarch64");
         assert!(lookup("toaster").is_none());
     }
 
     #[test]
     fn flags_override_the_profile() {
         let rpi4 = lookup("rpi4").unwrap();
-        let s = sizing(Some(&rpi4), Asked::default());
+        let s = sizing(Some(rpi4), Asked::default());
         assert_eq!((s.threads, s.queue, s.limits.max_batch, s.request_memory), (2, 16, 32, 128 << 20));
         let asked = Asked {
             threads: Some(1),
@@ -117,13 +108,13 @@ mod tests {
             max_elements: Some(9),
             request_memory_mb: Some(8),
         };
-        let s = sizing(Some(&rpi4), asked);
+        let s = sizing(Some(rpi4), asked);
         assert_eq!(
             (s.threads, s.queue, s.limits.max_batch, s.limits.max_elements, s.request_memory),
             (1, 4, 2, 9, 8 << 20)
         );
         let generic = lookup("generic-linux").unwrap();
-        assert!(sizing(Some(&generic), Asked::default()).threads >= 1);
+        assert!(sizing(Some(generic), Asked::default()).threads >= 1);
         let none = sizing(None, Asked::default());
         assert_eq!((none.queue, none.limits, none.request_memory), (32, tern_proto::Limits::default(), 64 << 20));
     }
