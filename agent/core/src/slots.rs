@@ -1,7 +1,7 @@
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::fmt;
 use std::time::{Duration, Instant};
-use tern_proto::{ModelFormat, ModelManifest, ModelState, ModelStatus, Refusal, Sha256Digest};
+use tern_proto::{MAX_GOLDEN_BYTES, ModelFormat, ModelManifest, ModelState, ModelStatus, Refusal, Sha256Digest};
 
 /// First retry delay after a failure; doubles per attempt up to [`MAX_BACKOFF`].
 pub const MIN_BACKOFF: Duration = Duration::from_secs(2);
@@ -304,25 +304,29 @@ struct Candidate {
     /// When the current phase must be left by (for `Fetching` and
     /// `Retrying`: the whole download, retries included).
     deadline: Option<Instant>,
-    /// The download's deadline, kept across retries.
-    fetch_deadline: Instant,
+    /// The download's deadline, kept across retries; none for the committed
+    /// version fetched again (its file was lost): that is never given up.
+    fetch_deadline: Option<Instant>,
+    /// It failed at the download's deadline: the next desired state (each
+    /// connection brings one) starts the download again.
+    rearm: bool,
 }
 
 impl Candidate {
     fn new(manifest: ModelManifest, phase: Phase, now: Instant) -> Self {
-        let fetch_deadline = now + secs(manifest.policy().fetch_secs);
-        let deadline = (!phase.terminal()).then_some(fetch_deadline);
-        Self { manifest, phase, attempts: 0, deadline, fetch_deadline }
+        let fetch_deadline = Some(after(now, manifest.policy().fetch_secs));
+        let deadline = if phase.terminal() { None } else { fetch_deadline };
+        Self { manifest, phase, attempts: 0, deadline, fetch_deadline, rearm: false }
     }
 
     fn enter(&mut self, phase: Phase, now: Instant) {
         let p = self.manifest.policy();
         self.deadline = match &phase {
-            Phase::Fetching | Phase::Retrying { .. } => Some(self.fetch_deadline),
-            Phase::Verifying => Some(now + secs(p.verify_secs)),
-            Phase::Staged => Some(now + secs(p.load_secs)),
-            Phase::SelfTest => Some(now + secs(p.selftest_secs)),
-            Phase::Shadow => Some(now + secs(p.shadow_secs)),
+            Phase::Fetching | Phase::Retrying { .. } => self.fetch_deadline,
+            Phase::Verifying => Some(after(now, p.verify_secs)),
+            Phase::Staged => Some(after(now, p.load_secs)),
+            Phase::SelfTest => Some(after(now, p.selftest_secs)),
+            Phase::Shadow => Some(after(now, p.shadow_secs)),
             Phase::Probation { until, .. } => Some(*until + HEALTH_GRACE),
             Phase::Failed { .. } | Phase::RolledBack { .. } | Phase::Refused { .. } => None,
         };
@@ -330,8 +334,16 @@ impl Candidate {
     }
 }
 
+/// The longest any policy time counts: ten years (a larger one in a signed
+/// policy must not overflow the clock).
+const MAX_POLICY_SECS: u64 = 10 * 365 * 24 * 3600;
+
 fn secs(s: u64) -> Duration {
-    Duration::from_secs(s)
+    Duration::from_secs(s.min(MAX_POLICY_SECS))
+}
+
+fn after(now: Instant, s: u64) -> Instant {
+    now + secs(s)
 }
 
 /// One model name's slot: the committed version, the one before it, and
@@ -429,6 +441,8 @@ pub struct Slots {
     formats: Vec<ModelFormat>,
     actions: VecDeque<Action>,
     transitions: VecDeque<Transition>,
+    /// Reasons to attach to the next recorded commits.
+    notes: Vec<(String, u32, String)>,
 }
 
 /// A candidate's (version, phase, reason), and the committed version.
@@ -477,6 +491,7 @@ impl Slots {
             formats: formats.to_vec(),
             actions: VecDeque::new(),
             transitions: VecDeque::new(),
+            notes: Vec::new(),
         }
     }
 
@@ -582,6 +597,19 @@ impl Slots {
         }
     }
 
+    /// What to persist when the agent stops on purpose: a candidate being
+    /// tried is written back as pending, so that a clean restart tries it
+    /// again instead of taking the stop for a crash.
+    pub fn persisted_for_stop(&self) -> Persisted {
+        let mut p = self.persisted();
+        for s in &mut p.slots {
+            if matches!(s.stage, Stage::Trying { .. }) {
+                s.stage = Stage::Pending;
+            }
+        }
+        p
+    }
+
     /// The files any slot refers to (artifacts and golden vectors): what
     /// must stay on disk.
     pub fn referenced(&self) -> BTreeSet<Sha256Digest> {
@@ -609,6 +637,12 @@ impl Slots {
     }
 
     fn refusal_of(&self, m: &ModelManifest) -> Option<String> {
+        if let Some(t) = m.selftest.filter(|t| t.size > MAX_GOLDEN_BYTES) {
+            return Some(format!(
+                "{}:{} has {} bytes of golden vectors; this agent takes at most {MAX_GOLDEN_BYTES}",
+                m.name, m.version, t.size
+            ));
+        }
         (!self.formats.contains(&m.format)).then(|| {
             let runs: Vec<String> = self.formats.iter().map(|f| f.to_string()).collect();
             format!("{}:{} is {}; this agent build runs {}", m.name, m.version, m.format, runs.join(", "))
@@ -641,7 +675,13 @@ impl Slots {
                 }
                 continue;
             }
-            if slot.candidate.as_ref().is_some_and(|c| c.manifest.same_version(&manifest)) {
+            if let Some(c) = slot.candidate.as_mut().filter(|c| c.manifest.same_version(&manifest)) {
+                // A download that ran out of time while the device was cut
+                // off starts again once the coordinator is back.
+                if c.rearm && refusal.is_none() {
+                    *c = Candidate::new(manifest.clone(), Phase::Fetching, now);
+                    self.actions.push_back(Action::Fetch(manifest));
+                }
                 continue;
             }
             let phase = match refusal {
@@ -741,6 +781,16 @@ impl Slots {
                     if let Some(reason) = breach(&policy, health) {
                         roll_back(slot, reason, now, actions);
                     } else if now >= *until {
+                        // Too little traffic to judge by is no reason to
+                        // hold a version back for ever; the history says so.
+                        let min = u64::from(policy.probation_min_requests);
+                        if health.requests < min {
+                            let note = format!(
+                                "on {} requests, fewer than the {min} its error and p99 limits need",
+                                health.requests
+                            );
+                            self.notes.push((name.to_owned(), version, note));
+                        }
                         commit(slot, actions);
                     }
                 }
@@ -768,8 +818,12 @@ impl Slots {
                 } else if slot.served().is_none() {
                     self.actions.push_back(Action::Unload(name.to_owned()));
                 }
-                if slot.candidate.is_none() {
+                // Fetched again, without a deadline, unless another version
+                // is on its way: a candidate whose update ended is no such
+                // thing, and gives way.
+                if slot.candidate.as_ref().is_none_or(|c| c.phase.terminal()) {
                     let mut c = Candidate::new(failed, Phase::Fetching, now);
+                    c.fetch_deadline = None;
                     c.attempts = 1;
                     c.enter(Phase::Retrying { reason: reason.clone(), retry_at: now + backoff(1) }, now);
                     slot.candidate = Some(c);
@@ -797,6 +851,7 @@ impl Slots {
                         Phase::Retrying { reason: last, .. } => format!("{reason}; last error: {last}"),
                         _ => reason,
                     };
+                    c.rearm = matches!(c.phase, Phase::Fetching | Phase::Retrying { .. });
                     c.enter(Phase::Failed { reason }, now);
                     self.actions.push_back(Action::Persist);
                 }
@@ -862,6 +917,7 @@ impl Slots {
     /// `before` (at most [`MAX_TRANSITIONS`] kept; the oldest go first).
     fn record(&mut self, before: BTreeMap<String, Snapshot>, now: Instant) {
         let after = self.phases();
+        let notes = std::mem::take(&mut self.notes);
         let mut push = |name: &str, version: u32, phase: &str, reason: Option<String>| {
             if self.transitions.len() == MAX_TRANSITIONS {
                 self.transitions.pop_front();
@@ -879,7 +935,8 @@ impl Slots {
                 && cand.as_ref().is_none_or(|c| c.0 != v)
             {
                 if *active == Some(v) {
-                    push(name, v, "committed", None);
+                    let note = notes.iter().find(|(n, nv, _)| n == name && *nv == v).map(|(_, _, r)| r.clone());
+                    push(name, v, "committed", note);
                 } else {
                     push(name, v, "abandoned", Some("the desired state names another version".into()));
                 }

@@ -290,8 +290,15 @@ fn every_deadline_fails_its_update_and_the_committed_version_keeps_serving() {
         // Not tried again: nothing is timed any more, a replay changes nothing.
         assert_eq!(s.poll_timeout(), None, "{phase}");
         s.set_desired(3, vec![m("iris", 2)], deadline);
-        assert_eq!(drain(&mut s), [Action::Persist], "{phase}: the generation only");
-        assert_eq!(phase_of(&s, "iris"), "failed");
+        if at_deadline == "fetching" {
+            // A download out of time (the device was cut off, say) starts
+            // again with the next desired state: each connection brings one.
+            assert_eq!(drain(&mut s), [Action::Fetch(m("iris", 2)), Action::Persist], "{phase}");
+            assert_eq!(phase_of(&s, "iris"), "fetching");
+        } else {
+            assert_eq!(drain(&mut s), [Action::Persist], "{phase}: the generation only");
+            assert_eq!(phase_of(&s, "iris"), "failed");
+        }
     }
     // Probation whose health never comes: rolled back at the end of the grace.
     let mut s = to_phase("probation", t0);
@@ -725,4 +732,61 @@ fn every_step_of_an_update_is_recorded_for_the_history() {
     let t = transitions(&mut s);
     assert_eq!(t.len(), 1);
     assert!(t[0].2.as_deref().unwrap().starts_with("interrupted in self-test"));
+}
+
+#[test]
+fn a_committed_version_that_cannot_be_loaded_again_is_fetched_again_without_a_deadline() {
+    let t0 = Instant::now();
+    // v2 broke probation; v1, the committed version, fails to load again.
+    let mut s = to_phase("rolled back", t0);
+    assert_eq!(s.slot("iris").unwrap().served(), None);
+    ok(&mut s, "load-failed", "iris", 1, t0);
+    let (m1, phase) = s.slot("iris").unwrap().candidate().unwrap();
+    assert_eq!((m1.version, phase.to_string()), (1, "retrying".to_string()), "v1 replaces the ended update");
+    // It keeps trying, however long it takes.
+    let mut t = t0;
+    for _ in 0..2000 {
+        t = s.poll_timeout().expect("a retry is always timed");
+        s.handle_timeout(t);
+        ok(&mut s, "fetch-failed", "iris", 1, t);
+    }
+    assert!(t > t0 + Duration::from_secs(5 * 24 * 3600), "days past the download deadline of 100 s");
+    assert_eq!(phase_of(&s, "iris"), "retrying");
+    let t = s.poll_timeout().unwrap();
+    s.handle_timeout(t);
+    for kind in ["fetched", "verified", "loaded", "self-test-passed"] {
+        ok(&mut s, kind, "iris", 1, t);
+    }
+    assert_eq!(s.slot("iris").unwrap().served(), Some(&m("iris", 1)));
+}
+
+#[test]
+fn a_commit_on_too_little_traffic_says_so() {
+    let t0 = Instant::now();
+    let mut s = to_phase("probation", t0);
+    transitions(&mut s);
+    let quiet = Health { requests: 2, errors: 0, p99_us: 0 };
+    s.handle(Event::Health { name: "iris".into(), version: 2, health: quiet }, t0 + Duration::from_secs(10)).unwrap();
+    let t = transitions(&mut s);
+    assert_eq!(t[0].1, "committed");
+    assert_eq!(t[0].2.as_deref(), Some("on 2 requests, fewer than the 5 its error and p99 limits need"));
+}
+
+#[test]
+fn policy_times_beyond_any_clock_do_not_overflow() {
+    let t0 = Instant::now();
+    let mut huge = m("iris", 1);
+    huge.update = Some(UpdatePolicy {
+        fetch_secs: u64::MAX,
+        verify_secs: u64::MAX,
+        load_secs: u64::MAX,
+        selftest_secs: u64::MAX,
+        probation_secs: u64::MAX,
+        ..policy()
+    });
+    let mut s = Slots::new(ALL);
+    s.set_desired(1, vec![huge], t0);
+    to_probation(&mut s, "iris", 1, t0);
+    assert_eq!(phase_of(&s, "iris"), "probation");
+    assert!(s.poll_timeout().is_some());
 }

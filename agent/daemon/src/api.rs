@@ -14,7 +14,7 @@ use http_body_util::BodyExt;
 use serde::Serialize;
 use serde_json::{Value, json};
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 use tern_proto::{
@@ -53,9 +53,18 @@ pub struct Served {
     pub nonfinite_inputs: AtomicU64,
     /// Run times, for the p99 probation is judged on.
     pub latency: Latency,
-    /// Serving on probation, not yet committed.
-    pub probation: AtomicBool,
+    /// Where its update stands: [`COMMITTED`], [`ON_PROBATION`] or
+    /// [`ROLLING_BACK`].
+    pub update: AtomicU8,
 }
+
+/// The committed version.
+pub const COMMITTED: u8 = 0;
+/// Serving on probation, not yet committed.
+pub const ON_PROBATION: u8 = 1;
+/// Still answering after it broke its probation (or was replaced on it),
+/// until the committed version is loaded again.
+pub const ROLLING_BACK: u8 = 2;
 
 impl Served {
     pub fn new(manifest: ModelManifest, backend: Arc<dyn Backend>, gate: Gate, limits: &Limits) -> Self {
@@ -72,7 +81,7 @@ impl Served {
             busy: AtomicU64::new(0),
             nonfinite_inputs: AtomicU64::new(0),
             latency: Latency::default(),
-            probation: AtomicBool::new(false),
+            update: AtomicU8::new(COMMITTED),
         }
     }
 }
@@ -269,7 +278,11 @@ async fn list(State(shared): State<Arc<Shared>>) -> Json<Value> {
                 "version": s.manifest.version,
                 "format": s.manifest.format,
                 "state": if s.healthy.load(Ordering::Relaxed) { ModelState::Serving } else { ModelState::Unhealthy },
-                "update": if s.probation.load(Ordering::Relaxed) { "probation" } else { "committed" },
+                "update": match s.update.load(Ordering::Relaxed) {
+                    ON_PROBATION => "probation",
+                    ROLLING_BACK => "rolling back",
+                    _ => "committed",
+                },
                 "healthy": s.healthy.load(Ordering::Relaxed),
                 "last_error": s.last_error.lock().expect("lock").clone(),
                 "threads": s.gate.threads(),
@@ -365,11 +378,12 @@ async fn predict(
     let conn = parts.extensions.get::<Arc<ConnState>>().cloned();
     // A candidate in shadow gets a copy of the inputs when it is idle; it
     // runs on its own thread, and this request never waits for it.
-    let shadow = shared.shadows.read().expect("lock").get(name).filter(|s| s.idle()).cloned();
-    let copy = shadow.as_ref().map(|_| inputs.clone());
+    let shadow = shared.shadows.read().expect("lock").get(name).cloned();
+    let claim = shadow.as_ref().and_then(|s| s.claim());
+    let copy = claim.as_ref().map(|_| inputs.clone());
     let (outputs, timing) = run(&shared, &served, inputs, conn.as_ref()).await?;
-    if let (Some(shadow), Some(copy)) = (shadow, copy) {
-        shadow.offer(copy, outputs.clone());
+    if let (Some(claim), Some(copy)) = (claim, copy) {
+        claim.send(copy, outputs.clone());
     }
     // Room for the answer before it is made (binary: exact; JSON: at most
     // 26 bytes an element), taken beside the inputs' or, failing that, in

@@ -4,7 +4,7 @@
 //! and nothing else: a model is served only when the core says `Install`,
 //! so a load that finishes after a newer one is dropped, never installed.
 
-use crate::api::{Served, Shared};
+use crate::api::{self, Served, Shared};
 use crate::gate::Gate;
 use crate::link::FromLink;
 use crate::store::Persister;
@@ -15,7 +15,7 @@ use std::pin::Pin;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
-use tern_agent_core::{Action, Event, Health, Phase, Slots};
+use tern_agent_core::{Action, Event, Health, Slots};
 use tern_proto::{DesiredState, MAX_HISTORY, ModelManifest, Sha256Digest, StatusReport, UpdateEvent};
 use tern_runtime::Backend;
 use tern_trust::VerifyingKey;
@@ -85,7 +85,11 @@ impl ModelsThread {
             .name("models".into())
             .spawn(move || {
                 while let Ok(job) = rx.recv() {
-                    job();
+                    // A job that panics (where panics unwind) must not take
+                    // the thread, and every later load, with it.
+                    if std::panic::catch_unwind(std::panic::AssertUnwindSafe(job)).is_err() {
+                        error!("a model job panicked");
+                    }
                 }
             })
             .expect("starting the models thread");
@@ -96,6 +100,15 @@ impl ModelsThread {
         // The thread ends only with the process.
         let _ = self.tx.send(Box::new(job));
     }
+}
+
+/// Runs `f`, turning a panic (where panics unwind) into an error: a panic
+/// in the runtime while loading or testing a candidate fails that step.
+fn guarded<T>(f: impl FnOnce() -> Result<T, String>) -> Result<T, String> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).unwrap_or_else(|p| {
+        let what = p.downcast_ref::<&str>().map(|s| s.to_string()).or_else(|| p.downcast_ref::<String>().cloned());
+        Err(format!("the runtime panicked: {}", what.unwrap_or_default()))
+    })
 }
 
 /// Gives the heap's free memory back to the system (after a swap has freed
@@ -174,8 +187,26 @@ impl<W: Work> Runner<W> {
                 Some(done) = self.done_rx.recv() => self.done(done),
                 _ = sleep_until(timeout) => self.slots.handle_timeout(Instant::now()),
                 _ = self.shared.health_changed.notified() => {}
-                _ = &mut stop => break,
+                _ = &mut stop => {
+                    self.stop_cleanly().await;
+                    break;
+                }
             }
+        }
+    }
+
+    /// On a stop asked for (SIGTERM, Ctrl-C): what is being tried is written
+    /// back as pending, so that the restart tries it again rather than take
+    /// the stop for a crash, and the last state is on disk before the
+    /// process ends (waited for at most 10 s).
+    async fn stop_cleanly(&mut self) {
+        self.persister.persist(self.slots.persisted_for_stop());
+        let durable = self.persister.durable();
+        let wait = tokio::task::spawn_blocking(move || durable.wait());
+        match tokio::time::timeout(std::time::Duration::from_secs(10), wait).await {
+            Ok(Ok(Ok(()))) => {}
+            Ok(Ok(Err(e))) => error!("stopping: {e}"),
+            _ => error!("stopping: the agent's state was not written within 10 s"),
         }
     }
 
@@ -294,7 +325,7 @@ impl<W: Work> Runner<W> {
                     let work = self.work.clone();
                     self.spawn_blocking_event(move || {
                         let (name, version) = (m.name.clone(), m.version);
-                        match work.verify(&m) {
+                        match guarded(|| work.verify(&m)) {
                             Ok(()) => Event::Verified { name, version },
                             Err(reason) => {
                                 warn!(model = %name, version, "verification failed: {reason}");
@@ -309,7 +340,7 @@ impl<W: Work> Runner<W> {
                     let (work, done) = (self.work.clone(), self.done_tx.clone());
                     self.models_thread.run(move || {
                         let (name, version) = (m.name.clone(), m.version);
-                        let result = match durable.wait().and_then(|()| work.load(&m)) {
+                        let result = match durable.wait().and_then(|()| guarded(|| work.load(&m))) {
                             Ok(backend) => Done::Loaded(Event::Loaded { name, version }, Some(backend)),
                             Err(reason) => {
                                 warn!(model = %name, version, "load failed: {reason}");
@@ -327,7 +358,9 @@ impl<W: Work> Runner<W> {
                     let work = self.work.clone();
                     self.spawn_blocking_event(move || {
                         let (name, version) = (m.name.clone(), m.version);
-                        let result = work.golden(&m).and_then(|g| update::selftest(&m, backend.as_ref(), g.as_deref()));
+                        let result = guarded(|| {
+                            work.golden(&m).and_then(|g| update::selftest(&m, backend.as_ref(), g.as_deref()))
+                        });
                         match result {
                             Ok(()) => {
                                 info!(model = %name, version, "self-test passed");
@@ -416,11 +449,13 @@ impl<W: Work> Runner<W> {
             .expect("lock")
             .retain(|name, s| holding.contains(&(name.clone(), s.manifest.version)));
         for (name, served) in self.shared.models.read().expect("lock").iter() {
-            let probation =
-                self.slots.slot(name).and_then(|s| s.candidate()).is_some_and(|(m, phase)| {
-                    matches!(phase, Phase::Probation { .. }) && m.same_version(&served.manifest)
-                });
-            served.probation.store(probation, Ordering::Relaxed);
+            let slot = self.slots.slot(name);
+            let update = match slot.and_then(|s| s.served()) {
+                Some(m) if m.same_version(&served.manifest) && slot.is_some_and(|s| s.serving()) => api::COMMITTED,
+                Some(m) if m.same_version(&served.manifest) => api::ON_PROBATION,
+                _ => api::ROLLING_BACK,
+            };
+            served.update.store(update, Ordering::Relaxed);
         }
         self.record_history();
         let mut report = StatusReport {

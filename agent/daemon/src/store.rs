@@ -728,3 +728,45 @@ mod tests {
         assert_eq!(keep, BTreeSet::from([m("live", 1).sha256, m("a", 1).sha256]));
     }
 }
+
+#[cfg(test)]
+mod durable_tests {
+    use super::*;
+    use std::time::Duration;
+
+    /// A store that fails its first `fails` writes (a full disk), and whose
+    /// writes take 200 ms.
+    struct Slow {
+        fails: usize,
+    }
+
+    impl SlotStore for Slow {
+        fn write(&mut self, _p: &Persisted, _complete: bool) -> Result<()> {
+            std::thread::sleep(Duration::from_millis(200));
+            if self.fails > 0 {
+                self.fails -= 1;
+                bail!("No space left on device (os error 28)");
+            }
+            Ok(())
+        }
+        fn collect(&mut self, _keep: &BTreeSet<Sha256Digest>, _live: &Mutex<BTreeSet<Sha256Digest>>) {}
+    }
+
+    #[test]
+    fn work_that_waits_for_a_snapshot_starts_only_once_it_is_on_disk_or_fails_with_why() {
+        let mut persister = Persister::spawn(Slow { fails: 1 }, Arc::default()).unwrap();
+        // Nothing queued: nothing to wait for.
+        persister.durable().wait().unwrap();
+        // The first write fails: the waiter is told, with the reason.
+        persister.persist(Persisted::default());
+        let started = std::time::Instant::now();
+        let e = persister.durable().wait().unwrap_err();
+        assert!(started.elapsed() >= Duration::from_millis(150), "it waited for the write");
+        assert_eq!(e, "cannot record the update on disk: No space left on device (os error 28)");
+        // The next one succeeds: waiting for it (or anything before it) passes.
+        persister.persist(Persisted { generation: 2, slots: vec![] });
+        let started = std::time::Instant::now();
+        persister.durable().wait().unwrap();
+        assert!(started.elapsed() >= Duration::from_millis(150), "it waited for the write");
+    }
+}

@@ -186,16 +186,31 @@ impl Shadow {
         Ok(Self { manifest, idle, tx })
     }
 
-    /// Whether it would take a sample now: check before copying inputs.
-    pub fn idle(&self) -> bool {
-        self.idle.load(Ordering::Acquire)
+    /// Takes the shadow for one sample if it is idle: only then may a
+    /// request copy its inputs, so at most one sample (one request's inputs
+    /// and answer, outside the request memory) is ever held for it.
+    pub fn claim(&self) -> Option<Claim<'_>> {
+        self.idle.swap(false, Ordering::AcqRel).then_some(Claim { shadow: self, sent: false })
     }
+}
 
-    /// Hands over one request's inputs and the serving version's answer;
-    /// dropped if a sample is already running.
-    pub fn offer(&self, inputs: Vec<Tensor>, serving: Vec<Tensor>) {
-        if self.idle.swap(false, Ordering::AcqRel) && self.tx.try_send((inputs, serving)).is_err() {
-            self.idle.store(true, Ordering::Release);
+/// The right to hand the shadow one sample; given back if dropped unsent.
+pub struct Claim<'a> {
+    shadow: &'a Shadow,
+    sent: bool,
+}
+
+impl Claim<'_> {
+    /// Hands over one request's inputs and the serving version's answer.
+    pub fn send(mut self, inputs: Vec<Tensor>, serving: Vec<Tensor>) {
+        self.sent = self.shadow.tx.try_send((inputs, serving)).is_ok();
+    }
+}
+
+impl Drop for Claim<'_> {
+    fn drop(&mut self) {
+        if !self.sent {
+            self.shadow.idle.store(true, Ordering::Release);
         }
     }
 }

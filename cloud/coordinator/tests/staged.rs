@@ -104,7 +104,10 @@ fn an_update_is_self_tested_shadowed_served_on_probation_then_committed() {
 fn a_version_that_fails_its_self_test_never_serves() {
     let (coord, _dir, agent) = serving_v1("probation_secs = 1\n");
     assign_v2(&coord, "scorer-noisy.onnx");
-    let m = wait_reported(&coord, 2, "v2 failed", |m| m["state"] == "failed");
+    let m = wait_for("v2 failed", Duration::from_secs(30), || {
+        assert_eq!(answer(&agent, [0.1, 0.7, 0.2, 0.0]), Ok(1), "only v1 answers meanwhile");
+        reported(&coord, 2).filter(|m| m["state"] == "failed")
+    });
     let detail = m["detail"].as_str().unwrap();
     assert!(detail.starts_with("self-test failed: case 0, output 0, element "), "{m}");
     assert_eq!(answer(&agent, [0.1, 0.7, 0.2, 0.0]), Ok(1), "v1 keeps answering");
@@ -187,4 +190,21 @@ fn an_agent_killed_during_probation_comes_back_on_the_committed_version() {
     let m = wait_reported(&coord, 2, "v2 given up", |m| m["state"] == "failed");
     assert!(m["detail"].as_str().unwrap().starts_with("interrupted in probation: the agent stopped"), "{m}");
     assert_eq!(answer(&agent, [0.1, 0.7, 0.2, 0.0]), Ok(1));
+}
+
+#[test]
+fn a_clean_stop_during_probation_is_not_taken_for_a_crash() {
+    let (coord, _dir, mut agent) = serving_v1("probation_secs = 300\n");
+    assign_v2(&coord, "scorer-a2.onnx");
+    agent.wait_answering("scorer", 2);
+    let pid = agent.pid().to_string();
+    assert!(std::process::Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
+    wait_for("the agent to stop", Duration::from_secs(15), || agent.proc.as_mut().unwrap().exited());
+    assert!(agent.logs().contains("agent stopping"), "{}", agent.logs());
+    agent.start();
+    // Tried again from the start, not given up: on probation once more.
+    agent.wait_answering("scorer", 2);
+    let m = reported(&coord, 2).unwrap();
+    assert_eq!(m["state"], "serving", "{m}");
+    assert!(!agent.logs().contains("interrupted in"), "{}", agent.logs());
 }

@@ -8,6 +8,8 @@ const GOLDEN_MAGIC: [u8; 2] = *b"TG";
 const GOLDEN_VERSION: u8 = 1;
 /// Most cases one file may hold.
 pub const MAX_GOLDEN_CASES: usize = 64;
+/// Largest golden file: what a registration may make and an agent takes.
+pub const MAX_GOLDEN_BYTES: u64 = 16 << 20;
 
 /// One input set and the outputs it must give.
 #[derive(Debug, Clone, PartialEq)]
@@ -24,6 +26,16 @@ pub struct GoldenCase {
 pub fn encode_golden(cases: &[GoldenCase]) -> Result<Vec<u8>, String> {
     if cases.len() > MAX_GOLDEN_CASES {
         return Err(format!("at most {MAX_GOLDEN_CASES} golden cases"));
+    }
+    let size: usize = cases
+        .iter()
+        .flat_map(|c| c.inputs.iter().chain(&c.outputs))
+        .map(|t| 16 + 4 * t.shape.len() + 8 * t.data.len())
+        .sum();
+    if size as u64 > MAX_GOLDEN_BYTES {
+        return Err(format!(
+            "golden vectors of about {size} bytes; at most {MAX_GOLDEN_BYTES} (use fewer or smaller reference sets)"
+        ));
     }
     let mut out = Vec::new();
     out.extend_from_slice(&GOLDEN_MAGIC);
@@ -43,6 +55,9 @@ pub fn encode_golden(cases: &[GoldenCase]) -> Result<Vec<u8>, String> {
 /// Decodes [`encode_golden`]'s format; sizes are checked against the bytes
 /// present before anything is allocated.
 pub fn decode_golden(bytes: &[u8]) -> Result<Vec<GoldenCase>, String> {
+    if bytes.len() as u64 > MAX_GOLDEN_BYTES {
+        return Err(format!("golden file of {} bytes; at most {MAX_GOLDEN_BYTES}", bytes.len()));
+    }
     let mut rest = bytes;
     let mut take = |n: usize, what: &str| -> Result<&[u8], String> {
         if rest.len() < n {
@@ -80,8 +95,9 @@ pub fn decode_golden(bytes: &[u8]) -> Result<Vec<GoldenCase>, String> {
     Ok(cases)
 }
 
-/// Checks `got` against `want`: same count, shapes and types; floats within
-/// `tolerance_ppm` millionths of `1 + |want|`, everything else exact. The
+/// Checks `got` against `want`: same count, shapes and types; finite floats
+/// within `tolerance_ppm` millionths of `1 + |want|` (infinities equal, NaN
+/// where NaN), everything else exact. The
 /// error names the first output and element that differ.
 pub fn compare_outputs(got: &[Tensor], want: &[Tensor], tolerance_ppm: u32) -> Result<(), String> {
     if got.len() != want.len() {
@@ -93,7 +109,10 @@ pub fn compare_outputs(got: &[Tensor], want: &[Tensor], tolerance_ppm: u32) -> R
             return Err(format!("output {i}: shape {:?}, golden {:?}", g.shape, w.shape));
         }
         let first_far = |a: &mut dyn Iterator<Item = (f64, f64)>| {
-            a.enumerate().find(|(_, (g, w))| !((g - w).abs() <= tol * (1.0 + w.abs()) || (g.is_nan() && w.is_nan())))
+            a.enumerate().find(|(_, (g, w))| {
+                let near = g.is_finite() && w.is_finite() && (g - w).abs() <= tol * (1.0 + w.abs());
+                !(g == w || near || (g.is_nan() && w.is_nan()))
+            })
         };
         let far = match (&g.data, &w.data) {
             (TensorData::F32(a), TensorData::F32(b)) => {
@@ -146,5 +165,7 @@ mod tests {
         assert!(compare_outputs(&[ints(3)], &[ints(3)], 0).is_ok());
         assert!(compare_outputs(&[ints(3)], &[ints(4)], 1_000_000).is_err());
         assert!(compare_outputs(&[t(vec![f32::NAN])], &[t(vec![f32::NAN])], 0).is_ok());
+        assert!(compare_outputs(&[t(vec![f32::INFINITY])], &[t(vec![f32::INFINITY])], 0).is_ok());
+        assert!(compare_outputs(&[t(vec![f32::INFINITY])], &[t(vec![-f32::INFINITY])], 100).is_err());
     }
 }

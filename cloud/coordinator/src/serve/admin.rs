@@ -16,7 +16,8 @@ use serde_json::json;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use tern_proto::{
-    DeviceId, EnrollTokenText, ManifestEncoding, ModelRef, SelfTestRef, Sha256Digest, decode_tensors, encode_golden,
+    DeviceId, EnrollTokenText, MAX_GOLDEN_BYTES, MAX_GOLDEN_CASES, ManifestEncoding, ModelRef, SelfTestRef,
+    Sha256Digest, decode_tensors, encode_golden,
 };
 use tern_registry::{Approval, Device, EnrollToken, ModelVersion, NewVersion, RegistryError};
 use tern_runtime::sniff_format;
@@ -173,8 +174,18 @@ async fn register(
     })?;
     let size = bytes.len() as u64;
     let mut references = Vec::new();
+    if body.references.len() > MAX_GOLDEN_CASES {
+        return Err(bad(format!("at most {MAX_GOLDEN_CASES} reference input sets")));
+    }
+    let mut total = 0u64;
     for sha in &body.references {
         let path = state.artifacts.path(sha);
+        total += tokio::fs::metadata(&path).await.map_or(0, |m| m.len());
+        if total > MAX_GOLDEN_BYTES {
+            return Err(bad(format!(
+                "reference inputs over {MAX_GOLDEN_BYTES} bytes in all; use fewer or smaller ones"
+            )));
+        }
         let bytes = tokio::fs::read(&path).await.map_err(|_| {
             ApiError(StatusCode::NOT_FOUND, format!("no reference inputs with sha256 {sha}; upload them first"))
         })?;
@@ -341,8 +352,11 @@ async fn status(Ext(state): Ext<Arc<State>>) -> Json<serde_json::Value> {
     }))
 }
 
+/// Every device, without its update history (`GET /v1/devices/{id}` has it).
 async fn list_devices(Ext(state): Ext<Arc<State>>) -> ApiResult<Json<Vec<Device>>> {
-    Ok(Json(state.registry.devices()?))
+    let mut ds = state.registry.devices()?;
+    ds.iter_mut().for_each(|d| d.history.clear());
+    Ok(Json(ds))
 }
 
 async fn show_device(Ext(state): Ext<Arc<State>>, Path(id): Path<String>) -> ApiResult<Json<Device>> {

@@ -39,9 +39,10 @@ pub struct ServeArgs {
     /// Fleet name, shown in the CA certificate (first start only).
     #[arg(long, default_value = "default")]
     pub fleet: String,
-    /// The newest wire version to speak with agents (1 or 2): older agents
-    /// are always served in theirs; pin 1 to hold a fleet on the old
-    /// protocol while it is upgraded.
+    /// The newest wire version to speak with agents (1 to 3): older agents
+    /// are always served in theirs; pin a lower one to hold a fleet on an
+    /// older protocol while it is upgraded (below 3, agents keep their
+    /// update history to themselves).
     #[arg(long, default_value_t = WireVersion::CURRENT.0, value_parser = clap::value_parser!(u16).range(1..=3))]
     pub max_wire_version: u16,
     /// Connections at most, devices included.
@@ -64,8 +65,9 @@ pub struct ServeArgs {
     #[arg(long, default_value_t = 90, value_parser = clap::value_parser!(u64).range(1..=86_400))]
     pub session_quiet_secs: u64,
     /// How agents take updates (TOML: deadlines in seconds per stage,
-    /// shadow and probation limits; see docs/updates.md); fields left out
-    /// keep their defaults. Signed into every manifest sent to agents.
+    /// shadow and probation limits; keys as in README's "Staged updates");
+    /// keys left out keep their defaults, unknown keys and out-of-range
+    /// values are refused. Signed into every manifest sent to agents.
     #[arg(long)]
     pub update_policy: Option<PathBuf>,
 }
@@ -188,7 +190,27 @@ fn parse_policy(text: &str) -> Result<UpdatePolicy> {
         let names: Vec<&str> = known.keys().map(String::as_str).collect();
         anyhow::bail!("unknown key {k:?} (known: {})", names.join(", "));
     }
-    Ok(table.try_into()?)
+    let p: UpdatePolicy = table.try_into()?;
+    // Every agent takes this policy as signed: nonsense here would fail
+    // every update of the fleet.
+    const MONTH: u64 = 31 * 24 * 3600;
+    for (key, v) in [
+        ("fetch_secs", p.fetch_secs),
+        ("verify_secs", p.verify_secs),
+        ("load_secs", p.load_secs),
+        ("selftest_secs", p.selftest_secs),
+        ("shadow_secs", p.shadow_secs),
+    ] {
+        anyhow::ensure!((1..=MONTH).contains(&v), "{key} must be 1 to {MONTH} seconds, not {v}");
+    }
+    anyhow::ensure!(p.probation_secs <= MONTH, "probation_secs must be at most {MONTH} seconds");
+    for (key, v) in [
+        ("shadow_min_agreement_permille", p.shadow_min_agreement_permille),
+        ("probation_max_error_permille", p.probation_max_error_permille),
+    ] {
+        anyhow::ensure!(v <= 1000, "{key} is per mille: at most 1000, not {v}");
+    }
+    Ok(p)
 }
 
 async fn shutdown() {
@@ -210,5 +232,10 @@ mod tests {
         let e = parse_policy("probation_sec = 5\n").unwrap_err().to_string();
         assert!(e.starts_with("unknown key \"probation_sec\" (known: "), "{e}");
         assert!(parse_policy("probation_secs = -1\n").is_err());
+        let e = parse_policy("fetch_secs = 0\n").unwrap_err().to_string();
+        assert_eq!(e, "fetch_secs must be 1 to 2678400 seconds, not 0");
+        assert!(parse_policy("probation_secs = 99999999999\n").is_err());
+        assert!(parse_policy("probation_max_error_permille = 1001\n").is_err());
+        assert_eq!(parse_policy("probation_secs = 0\n").unwrap().probation_secs, 0, "commit at the first check");
     }
 }

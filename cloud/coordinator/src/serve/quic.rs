@@ -48,6 +48,21 @@ const ANONYMOUS_FOR: Duration = Duration::from_secs(30);
 /// The largest frame a peer without a certificate may send (an enrollment
 /// request is about 1 KiB): what it can make the coordinator hold.
 const ANONYMOUS_MAX_FRAME: usize = 16 << 10;
+/// The steps a device's update history may name.
+const UPDATE_PHASES: &[&str] = &[
+    "fetching",
+    "verifying",
+    "staged",
+    "self-test",
+    "shadow",
+    "probation",
+    "committed",
+    "retrying",
+    "failed",
+    "rolled back",
+    "refused",
+    "abandoned",
+];
 /// What a device may report about itself is cut to this.
 const MAX_REPORTED_MODELS: usize = 256;
 const MAX_REPORTED_TEXT: usize = 512;
@@ -431,10 +446,13 @@ async fn session(
                     }
                 }
                 Some(Message::History(h)) => {
+                    // Only steps of the machine: a device cannot fill its
+                    // record with text of its own choosing beyond reasons.
                     let events = h
                         .events
                         .into_iter()
                         .take(tern_proto::MAX_HISTORY)
+                        .filter(|e| UPDATE_PHASES.contains(&e.phase.as_str()))
                         .map(|e| tern_proto::UpdateEvent {
                             name: clean(&e.name),
                             phase: clean(&e.phase),
