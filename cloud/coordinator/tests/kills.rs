@@ -1,0 +1,88 @@
+//! The agent SIGKILLed at seeded random instants while it takes updates:
+//! after every restart it serves a version it verified (answering as that
+//! version does, never from a partial file), the generation it applied
+//! never goes backwards, and `models/` holds only files whose digest is
+//! their name. `TERN_SOAK_KILLS=200` for the long run (CI: 16).
+
+mod common;
+
+use common::*;
+use serde_json::Value;
+use std::time::Duration;
+
+/// xorshift64*: the kill instants, the same for a seed every run.
+struct Rng(u64);
+
+impl Rng {
+    fn below(&mut self, n: u64) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d) % n
+    }
+}
+
+/// The version that answered and its scores for x = [0.1, 0.7, 0.2, 0]:
+/// scorer-a gives x[0..3], scorer-a2 twice that.
+fn answer(agent: &Agent) -> Option<(u64, Vec<f64>)> {
+    let (status, v) = agent.post("/v1/models/scorer:predict", r#"{"inputs":[{"shape":[1,4],"data":[0.1,0.7,0.2,0]}]}"#);
+    (status == 200).then(|| {
+        let scores = v["outputs"][0]["data"].as_array().unwrap().iter().map(|x| x.as_f64().unwrap()).collect();
+        (v["version"].as_u64().unwrap(), scores)
+    })
+}
+
+#[test]
+fn sigkill_at_random_instants_of_updates_never_leaves_a_partial_or_older_state() {
+    let kills: u64 = std::env::var("TERN_SOAK_KILLS").ok().and_then(|s| s.parse().ok()).unwrap_or(16);
+    let coord = Coord::start();
+    let mut agent = Agent::enrolled(&coord, "cam-01");
+    assert_eq!(coord.register_fixture("scorer", "scorer-a.onnx"), 1);
+    assert_eq!(coord.register_fixture("scorer", "scorer-a2.onnx"), 2);
+    coord.ok(&["fleet", "assign", "cam-01", "scorer:1"]);
+    agent.start();
+    agent.wait_serving("scorer", 1);
+    let mut rng = Rng(0x7e57_5eed);
+    let mut applied = 0u64;
+    let mut outcomes = std::collections::BTreeMap::<String, u32>::new();
+    for i in 0..kills {
+        let next = if i % 2 == 0 { 2 } else { 1 };
+        coord.ok(&["fleet", "assign", "cam-01", &format!("scorer:{next}")]);
+        std::thread::sleep(Duration::from_millis(rng.below(600)));
+        agent.proc.as_mut().unwrap().kill9();
+        agent.start();
+        // It serves again, a version it verified, answering as that version.
+        let (version, scores) = wait_for("an answer after the restart", Duration::from_secs(30), || answer(&agent));
+        let want: Vec<f64> = [0.1, 0.7, 0.2].iter().map(|x| x * version as f64).collect();
+        assert!(scores.iter().zip(&want).all(|(a, b)| (a - b).abs() < 1e-6), "v{version} answered {scores:?}");
+        // The generation it applied never goes back.
+        let d: Value = wait_for("a status", Duration::from_secs(30), || {
+            Some(coord.device("cam-01")).filter(|d| d["reported_generation"].as_u64().is_some())
+        });
+        let g = d["reported_generation"].as_u64().unwrap();
+        assert!(g >= applied, "generation went back from {applied} to {g}");
+        applied = g;
+        // Only verified files in models/.
+        for e in std::fs::read_dir(agent.data().join("models")).unwrap() {
+            let e = e.unwrap();
+            let name = e.file_name().into_string().unwrap();
+            let digest = tern_proto::Sha256Digest::of(&std::fs::read(e.path()).unwrap()).to_hex();
+            assert_eq!(name, digest, "a file in models/ that is not what its name says");
+        }
+        let m = agent.models();
+        let state = m["models"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|m| m["name"] == "scorer" && m["version"] == next)
+            .map_or("not yet".to_string(), |m| m["update"].as_str().or(m["state"].as_str()).unwrap_or("?").to_string());
+        *outcomes.entry(format!("v{next} {state}")).or_default() += 1;
+    }
+    // And it still takes updates: both versions commit once left alone.
+    for v in [1, 2] {
+        coord.ok(&["fleet", "unassign", "cam-01", "scorer"]);
+        coord.ok(&["fleet", "assign", "cam-01", &format!("scorer:{v}")]);
+        agent.wait_serving("scorer", v);
+    }
+    eprintln!("{kills} kills; the new version right after each restart: {outcomes:?}");
+}
