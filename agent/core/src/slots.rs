@@ -310,13 +310,21 @@ struct Candidate {
     /// It failed at the download's deadline: the next desired state (each
     /// connection brings one) starts the download again.
     rearm: bool,
+    /// The last failure was the download's (not a digest or a load).
+    last_fetch: bool,
+    /// Digest and load failures so far: after [`MAX_BAD_ATTEMPTS`] it is
+    /// given up (a download may fail for as long as its deadline allows).
+    bad: u32,
 }
+
+/// Digest or load failures after which an update is given up.
+pub const MAX_BAD_ATTEMPTS: u32 = 5;
 
 impl Candidate {
     fn new(manifest: ModelManifest, phase: Phase, now: Instant) -> Self {
         let fetch_deadline = Some(after(now, manifest.policy().fetch_secs));
         let deadline = if phase.terminal() { None } else { fetch_deadline };
-        Self { manifest, phase, attempts: 0, deadline, fetch_deadline, rearm: false }
+        Self { manifest, phase, attempts: 0, deadline, fetch_deadline, rearm: false, last_fetch: false, bad: 0 }
     }
 
     fn enter(&mut self, phase: Phase, now: Instant) {
@@ -353,6 +361,10 @@ pub struct Slot {
     active: Option<Active>,
     previous: Option<ModelManifest>,
     candidate: Option<Candidate>,
+    /// An update that ended (failed or rolled back) whose place as the
+    /// candidate went to the committed version being fetched again: kept so
+    /// that the same desired state does not start it again.
+    given_up: Option<(ModelManifest, Phase)>,
 }
 
 impl Slot {
@@ -421,6 +433,9 @@ pub struct PersistedSlot {
     pub candidate: Option<ModelManifest>,
     /// How far the candidate had got.
     pub stage: Stage,
+    /// An ended update kept aside (see [`Slot`]), with its verdict (a
+    /// [`Stage::GaveUp`]).
+    pub given_up: Option<(ModelManifest, Stage)>,
 }
 
 /// Everything the agent persists about its models.
@@ -507,6 +522,14 @@ impl Slots {
             // What this agent no longer runs (it was started with fewer
             // formats) is neither loaded nor kept to fall back on.
             let mut slot = Slot { previous: p.previous.filter(|m| s.refusal_of(m).is_none()), ..Slot::default() };
+            slot.given_up = p.given_up.map(|(m, stage)| {
+                let phase = match stage {
+                    Stage::GaveUp { reason, rolled_back: true } => Phase::RolledBack { reason },
+                    Stage::GaveUp { reason, .. } => Phase::Failed { reason },
+                    other => Phase::Failed { reason: format!("{other:?}") },
+                };
+                (m, phase)
+            });
             if let Some(m) = p.active {
                 match s.refusal_of(&m) {
                     None => {
@@ -522,6 +545,9 @@ impl Slots {
             if let Some(m) = p.candidate {
                 let phase = match (s.refusal_of(&m), p.stage) {
                     (Some(reason), _) => Phase::Refused { reason },
+                    (None, Stage::Pending) if golden_too_large(&m).is_some() => {
+                        Phase::Refused { reason: golden_too_large(&m).expect("checked") }
+                    }
                     (None, Stage::Pending) => {
                         s.actions.push_back(Action::Fetch(m.clone()));
                         Phase::Fetching
@@ -577,13 +603,12 @@ impl Slots {
                 .iter()
                 .map(|(name, s)| {
                     let cand = s.candidate.as_ref().filter(|c| !matches!(c.phase, Phase::Refused { .. }));
-                    let stage = match cand.map(|c| &c.phase) {
-                        Some(p) if p.trying() => Stage::Trying { phase: p.name().into() },
-                        Some(Phase::Failed { reason }) => Stage::GaveUp { reason: reason.clone(), rolled_back: false },
-                        Some(Phase::RolledBack { reason }) => {
-                            Stage::GaveUp { reason: reason.clone(), rolled_back: true }
-                        }
-                        _ => Stage::Pending,
+                    let stage = match cand.map(|c| (&c.phase, c.rearm)) {
+                        Some((p, _)) if p.trying() => Stage::Trying { phase: p.name().into() },
+                        // A download out of time is resumed by the next start.
+                        Some((Phase::Failed { .. }, true)) => Stage::Pending,
+                        Some((p, _)) => gave_up(p),
+                        None => Stage::Pending,
                     };
                     PersistedSlot {
                         name: name.clone(),
@@ -591,19 +616,23 @@ impl Slots {
                         previous: s.previous.clone(),
                         candidate: cand.map(|c| c.manifest.clone()),
                         stage,
+                        given_up: s.given_up.as_ref().map(|(m, p)| (m.clone(), gave_up(p))),
                     }
                 })
                 .collect(),
         }
     }
 
-    /// What to persist when the agent stops on purpose: a candidate being
-    /// tried is written back as pending, so that a clean restart tries it
-    /// again instead of taking the stop for a crash.
+    /// What to persist when the agent stops on purpose: a candidate in
+    /// shadow or on probation (long phases, which a reboot may well fall
+    /// into) is written back as pending, so that a clean restart tries it
+    /// again instead of taking the stop for a crash. One being loaded or
+    /// self-tested stays "trying": a stop then (a watchdog's, say) may be
+    /// its doing, and it must not be tried on every boot.
     pub fn persisted_for_stop(&self) -> Persisted {
         let mut p = self.persisted();
         for s in &mut p.slots {
-            if matches!(s.stage, Stage::Trying { .. }) {
+            if matches!(&s.stage, Stage::Trying { phase } if phase == "shadow" || phase == "probation") {
                 s.stage = Stage::Pending;
             }
         }
@@ -637,12 +666,6 @@ impl Slots {
     }
 
     fn refusal_of(&self, m: &ModelManifest) -> Option<String> {
-        if let Some(t) = m.selftest.filter(|t| t.size > MAX_GOLDEN_BYTES) {
-            return Some(format!(
-                "{}:{} has {} bytes of golden vectors; this agent takes at most {MAX_GOLDEN_BYTES}",
-                m.name, m.version, t.size
-            ));
-        }
         (!self.formats.contains(&m.format)).then(|| {
             let runs: Vec<String> = self.formats.iter().map(|f| f.to_string()).collect();
             format!("{}:{} is {}; this agent build runs {}", m.name, m.version, m.format, runs.join(", "))
@@ -669,6 +692,10 @@ impl Slots {
         for (name, manifest) in wanted {
             let refusal = self.refusal_of(&manifest);
             let slot = self.slots.entry(name).or_default();
+            if slot.given_up.as_ref().is_some_and(|(m, _)| m.same_version(&manifest)) {
+                continue; // ended already; the committed version is on its way back
+            }
+            slot.given_up = None;
             if slot.active.as_ref().is_some_and(|a| a.manifest.same_version(&manifest)) {
                 if let Some(old) = slot.candidate.take() {
                     abandon(slot, old, &mut self.actions);
@@ -684,7 +711,7 @@ impl Slots {
                 }
                 continue;
             }
-            let phase = match refusal {
+            let phase = match refusal.or_else(|| golden_too_large(&manifest)) {
                 Some(reason) => Phase::Refused { reason },
                 None => {
                     self.actions.push_back(Action::Fetch(manifest.clone()));
@@ -736,11 +763,19 @@ impl Slots {
                 | (Event::VerifyFailed { reason, .. }, Phase::Verifying)
                 | (Event::LoadFailed { reason, .. }, Phase::Staged) => {
                     cand.attempts += 1;
-                    let retry_at = now + backoff(cand.attempts);
+                    cand.last_fetch = matches!(event, Event::FetchFailed { .. });
+                    cand.bad += u32::from(!cand.last_fetch);
                     let was_staged = cand.phase == Phase::Staged;
-                    cand.enter(Phase::Retrying { reason: reason.clone(), retry_at }, now);
-                    if was_staged {
+                    if cand.bad >= MAX_BAD_ATTEMPTS {
+                        let reason = format!("gave up after {} failed checks or loads; last: {reason}", cand.bad);
+                        cand.enter(Phase::Failed { reason }, now);
                         actions.push_back(Action::Persist);
+                    } else {
+                        let retry_at = now + backoff(cand.attempts);
+                        cand.enter(Phase::Retrying { reason: reason.clone(), retry_at }, now);
+                        if was_staged {
+                            actions.push_back(Action::Persist);
+                        }
                     }
                 }
                 (Event::Loaded { .. }, Phase::Staged) => {
@@ -822,6 +857,9 @@ impl Slots {
                 // is on its way: a candidate whose update ended is no such
                 // thing, and gives way.
                 if slot.candidate.as_ref().is_none_or(|c| c.phase.terminal()) {
+                    if let Some(ended) = slot.candidate.take().filter(|c| !matches!(c.phase, Phase::Refused { .. })) {
+                        slot.given_up = Some((ended.manifest, ended.phase));
+                    }
                     let mut c = Candidate::new(failed, Phase::Fetching, now);
                     c.fetch_deadline = None;
                     c.attempts = 1;
@@ -851,7 +889,8 @@ impl Slots {
                         Phase::Retrying { reason: last, .. } => format!("{reason}; last error: {last}"),
                         _ => reason,
                     };
-                    c.rearm = matches!(c.phase, Phase::Fetching | Phase::Retrying { .. });
+                    c.rearm =
+                        matches!(c.phase, Phase::Fetching) || matches!(c.phase, Phase::Retrying { .. }) && c.last_fetch;
                     c.enter(Phase::Failed { reason }, now);
                     self.actions.push_back(Action::Persist);
                 }
@@ -992,6 +1031,18 @@ impl Slots {
                 let state = if a.installed { ModelState::Serving } else { ModelState::Loading };
                 out.push(ModelStatus { name: name.clone(), version: a.manifest.version, state, detail: None });
             }
+            if let Some((m, phase)) = &slot.given_up {
+                let detail = match phase {
+                    Phase::RolledBack { reason } => format!("rolled back: {reason}"),
+                    other => reason_of(other).unwrap_or_default(),
+                };
+                out.push(ModelStatus {
+                    name: name.clone(),
+                    version: m.version,
+                    state: ModelState::Failed,
+                    detail: Some(detail),
+                });
+            }
             if let Some(c) = &slot.candidate {
                 let standby = slot.active.as_ref().map(|a| a.manifest.version);
                 let (state, detail) = match &c.phase {
@@ -1015,6 +1066,26 @@ impl Slots {
             }
         }
         out
+    }
+}
+
+/// Why a new candidate's golden vectors are refused before download, if
+/// they are (a committed version never runs them again, and is not refused).
+fn golden_too_large(m: &ModelManifest) -> Option<String> {
+    m.selftest.filter(|t| t.size > MAX_GOLDEN_BYTES).map(|t| {
+        format!(
+            "{}:{} has {} bytes of golden vectors; this agent takes at most {MAX_GOLDEN_BYTES}",
+            m.name, m.version, t.size
+        )
+    })
+}
+
+/// How a phase is persisted once its update ended.
+fn gave_up(p: &Phase) -> Stage {
+    match p {
+        Phase::Failed { reason } => Stage::GaveUp { reason: reason.clone(), rolled_back: false },
+        Phase::RolledBack { reason } => Stage::GaveUp { reason: reason.clone(), rolled_back: true },
+        _ => Stage::Pending,
     }
 }
 

@@ -790,3 +790,94 @@ fn policy_times_beyond_any_clock_do_not_overflow() {
     assert_eq!(phase_of(&s, "iris"), "probation");
     assert!(s.poll_timeout().is_some());
 }
+
+#[test]
+fn the_same_desired_state_does_not_start_again_an_update_that_ended_while_the_committed_version_comes_back() {
+    let t0 = Instant::now();
+    // v2 broke probation; v1 (committed) fails to load again.
+    let mut s = to_phase("rolled back", t0);
+    ok(&mut s, "load-failed", "iris", 1, t0);
+    drain(&mut s);
+    // Every reconnect replays the desired state, which still names v2.
+    s.set_desired(2, vec![m("iris", 2)], t0);
+    assert!(drain(&mut s).iter().all(|a| !matches!(a, Action::Fetch(m) if m.version == 2)), "v2 is not tried again");
+    assert_eq!(s.slot("iris").unwrap().candidate().unwrap().0.version, 1, "v1 is still on its way back");
+    assert!(status_of(&s, "iris", 2).1.unwrap().starts_with("rolled back: probation:"));
+    // And after a restart too.
+    let mut s = Slots::restore(ALL, s.persisted(), t0);
+    drain(&mut s);
+    s.set_desired(2, vec![m("iris", 2)], t0);
+    assert!(drain(&mut s).iter().all(|a| !matches!(a, Action::Fetch(m) if m.version == 2)));
+    // Another version assigned: that one goes ahead.
+    s.set_desired(3, vec![m("iris", 3)], t0);
+    assert!(drain(&mut s).contains(&Action::Fetch(m("iris", 3))));
+}
+
+#[test]
+fn digest_and_load_failures_give_up_after_a_few_and_are_not_re_armed() {
+    let t0 = Instant::now();
+    let mut s = serving(&[m("iris", 1)], t0);
+    s.set_desired(2, vec![m("iris", 2)], t0);
+    let mut t = t0;
+    for i in 0..MAX_BAD_ATTEMPTS {
+        ok(&mut s, "fetched", "iris", 2, t);
+        ok(&mut s, "verify-failed", "iris", 2, t);
+        if i + 1 < MAX_BAD_ATTEMPTS {
+            t = s.poll_timeout().unwrap();
+            s.handle_timeout(t);
+        }
+    }
+    assert_eq!(phase_of(&s, "iris"), "failed");
+    assert!(status_of(&s, "iris", 2).1.unwrap().starts_with("gave up after 5 failed checks or loads; last: "));
+    drain(&mut s);
+    s.set_desired(3, vec![m("iris", 2)], t);
+    assert!(!drain(&mut s).iter().any(|a| matches!(a, Action::Fetch(_))), "not re-armed");
+}
+
+#[test]
+fn a_download_out_of_time_is_resumed_after_a_restart() {
+    let t0 = Instant::now();
+    let mut s = to_phase("fetching", t0);
+    s.handle_timeout(t0 + Duration::from_secs(100));
+    assert_eq!(phase_of(&s, "iris"), "failed");
+    let p = s.persisted();
+    assert_eq!(p.slots[0].stage, Stage::Pending);
+    let mut s = Slots::restore(ALL, p, t0);
+    assert!(drain(&mut s).contains(&Action::Fetch(m("iris", 2))));
+}
+
+#[test]
+fn a_clean_stop_resumes_shadow_and_probation_but_not_a_load_or_self_test() {
+    let t0 = Instant::now();
+    for (phase, resumed) in [("staged", false), ("self-test", false), ("shadow", true), ("probation", true)] {
+        let p = to_phase(phase, t0).persisted_for_stop();
+        let want = if resumed { Stage::Pending } else { Stage::Trying { phase: phase.into() } };
+        assert_eq!(p.slots[0].stage, want, "{phase}");
+    }
+}
+
+#[test]
+fn oversized_golden_vectors_refuse_a_new_version_but_not_the_committed_one() {
+    let t0 = Instant::now();
+    let big = |v| {
+        let mut x = m("iris", v);
+        x.selftest = Some(SelfTestRef {
+            sha256: Sha256Digest::of(b"g"),
+            size: tern_proto::MAX_GOLDEN_BYTES + 1,
+            tolerance_ppm: 1,
+        });
+        x
+    };
+    let mut s = serving(&[m("iris", 1)], t0);
+    s.set_desired(2, vec![big(2)], t0);
+    assert!(status_of(&s, "iris", 2).1.unwrap().contains("bytes of golden vectors; this agent takes at most"));
+    // Committed under an older agent with a larger file: still loaded.
+    let mut s = Slots::new(ALL);
+    s.set_desired(1, vec![m("iris", 1)], t0);
+    to_probation(&mut s, "iris", 1, t0);
+    s.handle(healthy("iris", 1), t0 + Duration::from_secs(10)).unwrap();
+    let mut p = s.persisted();
+    p.slots[0].active = Some(big(1));
+    let mut s = Slots::restore(ALL, p, t0);
+    assert_eq!(drain(&mut s), [Action::Load(big(1))]);
+}

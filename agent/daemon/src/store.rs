@@ -49,6 +49,9 @@ struct StoredSlot {
     /// updates: pending, so it is fetched and tested again).
     #[serde(default)]
     stage: StoredStage,
+    /// An ended update kept aside, with its verdict.
+    #[serde(default)]
+    given_up: Option<(StoredManifest, StoredStage)>,
 }
 
 /// [`Stage`], as stored.
@@ -167,6 +170,7 @@ impl From<&Persisted> for StoredSlots {
                     previous: m(&s.previous),
                     candidate: m(&s.candidate),
                     stage: (&s.stage).into(),
+                    given_up: s.given_up.as_ref().map(|(g, st)| (StoredManifest::from(g), st.into())),
                 })
                 .collect(),
         }
@@ -186,6 +190,7 @@ impl From<StoredSlots> for Persisted {
                     previous: s.previous.map(Into::into),
                     candidate: s.candidate.map(Into::into),
                     stage: s.stage.into(),
+                    given_up: s.given_up.map(|(g, st)| (g.into(), st.into())),
                 })
                 .collect(),
         }
@@ -242,6 +247,7 @@ impl Store {
                     previous: None,
                     candidate: None,
                     stage: StoredStage::Pending,
+                    given_up: None,
                 })
                 .collect(),
         };
@@ -598,7 +604,8 @@ mod tests {
                 active: Some(m("iris", 3)),
                 previous: None,
                 candidate: None,
-                stage: Stage::Pending
+                stage: Stage::Pending,
+                given_up: None,
             }]
         );
         assert!(!store.db.contains_key(ACTIVE_V1).unwrap());
@@ -623,6 +630,7 @@ mod tests {
                     ..m("iris", 3)
                 }),
                 stage: Stage::GaveUp { reason: "self-test failed".into(), rolled_back: false },
+                given_up: Some((m("iris", 4), Stage::GaveUp { reason: "probation: slow".into(), rolled_back: true })),
             }],
         };
         store.write(&p, true).unwrap();
@@ -705,6 +713,7 @@ mod tests {
                 previous: None,
                 candidate: None,
                 stage: Stage::Pending,
+                given_up: None,
             };
             persister.persist(Persisted { generation, slots: vec![slot] });
         }
