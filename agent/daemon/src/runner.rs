@@ -291,7 +291,8 @@ impl<W: Work> Runner<W> {
         }
     }
 
-    fn spawn_blocking_event(&self, f: impl FnOnce() -> Event + Send + 'static) {
+    /// Runs `f` on the models thread and feeds the event it makes back to the loop.
+    fn on_models_thread(&self, f: impl FnOnce() -> Event + Send + 'static) {
         let done = self.done_tx.clone();
         self.models_thread.run(move || {
             let _ = done.blocking_send(Done::Event(f()));
@@ -323,7 +324,7 @@ impl<W: Work> Runner<W> {
                 }
                 Action::Verify(m) => {
                     let work = self.work.clone();
-                    self.spawn_blocking_event(move || {
+                    self.on_models_thread(move || {
                         let (name, version) = (m.name.clone(), m.version);
                         match guarded(|| work.verify(&m)) {
                             Ok(()) => Event::Verified { name, version },
@@ -356,7 +357,7 @@ impl<W: Work> Runner<W> {
                         continue;
                     };
                     let work = self.work.clone();
-                    self.spawn_blocking_event(move || {
+                    self.on_models_thread(move || {
                         let (name, version) = (m.name.clone(), m.version);
                         let result = guarded(|| {
                             work.golden(&m).and_then(|g| update::selftest(&m, backend.as_ref(), g.as_deref()))
