@@ -1,7 +1,10 @@
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::fmt;
 use std::time::{Duration, Instant};
-use tern_proto::{MAX_GOLDEN_BYTES, ModelFormat, ModelManifest, ModelState, ModelStatus, Refusal, Sha256Digest};
+use tern_proto::{
+    LocalTime, MAX_GOLDEN_BYTES, MINUTES_PER_DAY, ModelFormat, ModelManifest, ModelState, ModelStatus, Refusal,
+    Sha256Digest, UpdatePolicy,
+};
 
 /// First retry delay after a failure; doubles per attempt up to [`MAX_BACKOFF`].
 pub const MIN_BACKOFF: Duration = Duration::from_secs(2);
@@ -12,6 +15,13 @@ pub const HEALTH_EVERY: Duration = Duration::from_secs(1);
 /// How long past the end of probation the last health report may take
 /// before the update counts as failed.
 pub const HEALTH_GRACE: Duration = Duration::from_secs(30);
+/// How often a version waiting to activate looks again (the daemon gives
+/// the local time anew each time).
+pub const READY_EVERY: Duration = Duration::from_secs(60);
+/// How long a version may wait to activate besides its defer allowance: a
+/// maintenance window opens within a week, so this only ends a wait on a
+/// device whose local time is unknown or a window that never opens.
+pub const READY_LIMIT: Duration = Duration::from_secs(8 * 24 * 3600);
 
 /// Where a candidate version is on its way to being committed. Every
 /// non-terminal phase has a deadline (from the manifest's
@@ -33,6 +43,16 @@ pub enum Phase {
     /// Running beside the serving version on live requests, whose answers
     /// still come from the serving version.
     Shadow,
+    /// Tested (and shadowed), loaded, not serving: waits for the maintenance
+    /// window to open or an app's defer lease to end.
+    Ready {
+        /// What it waits for.
+        reason: String,
+        /// When it got here (defer leases count from then).
+        since: Instant,
+        /// When it looks again.
+        check_at: Instant,
+    },
     /// Serving, on probation until `until`: healthy throughout, it commits.
     Probation {
         /// End of the window.
@@ -76,6 +96,7 @@ impl Phase {
             Phase::Staged => "staged",
             Phase::SelfTest => "self-test",
             Phase::Shadow => "shadow",
+            Phase::Ready { .. } => "ready",
             Phase::Probation { .. } => "probation",
             Phase::Retrying { .. } => "retrying",
             Phase::Failed { .. } => "failed",
@@ -101,7 +122,7 @@ impl fmt::Display for Phase {
 }
 
 /// What a version did on probation so far (since it was installed).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Health {
     /// Requests answered or failed.
     pub requests: u64,
@@ -109,6 +130,23 @@ pub struct Health {
     pub errors: u64,
     /// 99th percentile of run time, in microseconds (0 without requests).
     pub p99_us: u64,
+    /// What the app's health hook said.
+    pub hook: HookVerdict,
+}
+
+/// What an app's health hook said of a version on probation since it was
+/// installed.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum HookVerdict {
+    /// No hook is set for the model.
+    #[default]
+    Unset,
+    /// Set, and no answer yet: the version does not commit before one.
+    Pending,
+    /// Every answer so far said healthy.
+    Passed,
+    /// An answer said unhealthy, or none came in time: why.
+    Failed(String),
 }
 
 /// What shadowing showed so far.
@@ -256,6 +294,17 @@ pub struct Disallowed {
     pub state: String,
 }
 
+/// A defer lease that cannot be granted.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DeferError {
+    /// The desired state names no such model.
+    #[error("no model named {0:?} on this device")]
+    NoSuchModel(String),
+    /// Its update policy lets no app defer (`max_defer_secs` is 0).
+    #[error("the update policy of {0:?} lets no app defer its updates (max_defer_secs is 0)")]
+    NotAllowed(String),
+}
+
 /// Work for the daemon. The daemon carries out these and nothing else: a
 /// result the core has not turned into an `Install` is never served.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -335,6 +384,7 @@ impl Candidate {
             Phase::Staged => Some(after(now, p.load_secs)),
             Phase::SelfTest => Some(after(now, p.selftest_secs)),
             Phase::Shadow => Some(after(now, p.shadow_secs)),
+            Phase::Ready { since, .. } => Some(*since + READY_LIMIT + secs(p.max_defer_secs)),
             Phase::Probation { until, .. } => Some(*until + HEALTH_GRACE),
             Phase::Failed { .. } | Phase::RolledBack { .. } | Phase::Refused { .. } => None,
         };
@@ -365,6 +415,9 @@ pub struct Slot {
     /// candidate went to the committed version being fetched again: kept so
     /// that the same desired state does not start it again.
     given_up: Option<(ModelManifest, Phase)>,
+    /// Until when an app on the device holds activation back (not
+    /// persisted: a lease does not outlive the agent process).
+    lease: Option<Instant>,
 }
 
 impl Slot {
@@ -458,6 +511,8 @@ pub struct Slots {
     transitions: VecDeque<Transition>,
     /// Reasons to attach to the next recorded commits.
     notes: Vec<(String, u32, String)>,
+    /// The device's local time when last given, and the instant it was read.
+    clock: Option<(Instant, LocalTime)>,
 }
 
 /// A candidate's (version, phase, reason), and the committed version.
@@ -468,7 +523,8 @@ fn reason_of(p: &Phase) -> Option<String> {
         Phase::Retrying { reason, .. }
         | Phase::Failed { reason }
         | Phase::RolledBack { reason }
-        | Phase::Refused { reason } => Some(reason.clone()),
+        | Phase::Refused { reason }
+        | Phase::Ready { reason, .. } => Some(reason.clone()),
         _ => None,
     }
 }
@@ -507,6 +563,7 @@ impl Slots {
             actions: VecDeque::new(),
             transitions: VecDeque::new(),
             notes: Vec::new(),
+            clock: None,
         }
     }
 
@@ -655,12 +712,12 @@ impl Slots {
     }
 
     /// The loaded, not yet installed versions the daemon must keep: those
-    /// being tested or shadowing.
+    /// being tested, shadowing or waiting to activate.
     pub fn holding(&self) -> BTreeSet<(String, u32)> {
         self.slots
             .iter()
             .filter_map(|(name, s)| s.candidate.as_ref().map(|c| (name, c)))
-            .filter(|(_, c)| matches!(c.phase, Phase::SelfTest | Phase::Shadow))
+            .filter(|(_, c)| matches!(c.phase, Phase::SelfTest | Phase::Shadow | Phase::Ready { .. }))
             .map(|(name, c)| (name.clone(), c.manifest.version))
             .collect()
     }
@@ -790,7 +847,7 @@ impl Slots {
                         actions.push_back(Action::Persist);
                         actions.push_back(Action::Shadow(m));
                     } else {
-                        start_probation(slot, now, actions);
+                        activate_or_wait(slot, self.clock, now, actions);
                     }
                 }
                 (Event::SelfTestFailed { reason, .. }, Phase::SelfTest) => {
@@ -801,7 +858,7 @@ impl Slots {
                     if report.compared >= u64::from(policy.shadow_requests) {
                         let permille = report.agreed.saturating_mul(1000) / report.compared.max(1);
                         if permille >= u64::from(policy.shadow_min_agreement_permille) {
-                            start_probation(slot, now, actions);
+                            activate_or_wait(slot, self.clock, now, actions);
                         } else {
                             let reason = format!(
                                 "shadow: agreed with the serving version on {} of {} requests ({permille}‰, at least {}‰ needed)",
@@ -815,7 +872,7 @@ impl Slots {
                 (Event::Health { health, .. }, Phase::Probation { until, .. }) => {
                     if let Some(reason) = breach(&policy, health) {
                         roll_back(slot, reason, now, actions);
-                    } else if now >= *until {
+                    } else if now >= *until && health.hook != HookVerdict::Pending {
                         // Too little traffic to judge by is no reason to
                         // hold a version back for ever; the history says so.
                         let min = u64::from(policy.probation_min_requests);
@@ -905,6 +962,9 @@ impl Slots {
                     *check_at = now + HEALTH_EVERY;
                     self.actions.push_back(Action::CheckHealth(c.manifest.clone()));
                 }
+                Phase::Ready { check_at, .. } if *check_at <= now => {
+                    activate_or_wait(slot, self.clock, now, &mut self.actions);
+                }
                 _ => {}
             }
         }
@@ -990,6 +1050,47 @@ impl Slots {
         }
     }
 
+    /// Gives the device's local time, read at `now`, against which
+    /// maintenance windows are checked (until the next reading, it is
+    /// counted on from this one).
+    pub fn set_local_time(&mut self, now: Instant, local: LocalTime) {
+        self.clock = Some((now, local));
+    }
+
+    /// An app on the device holds activation of `name` back for `wanted`
+    /// seconds from `now`, at most the policy's `max_defer_secs` (which also
+    /// caps the whole wait of one version, renewals included). Returns the
+    /// seconds granted. A version already serving is not taken back.
+    pub fn defer(&mut self, name: &str, wanted: u64, now: Instant) -> Result<u64, DeferError> {
+        let slot = self.slots.get_mut(name).ok_or_else(|| DeferError::NoSuchModel(name.into()))?;
+        let policy = slot
+            .candidate
+            .as_ref()
+            .map(|c| c.manifest.policy())
+            .or_else(|| slot.active.as_ref().map(|a| a.manifest.policy()))
+            .ok_or_else(|| DeferError::NoSuchModel(name.into()))?;
+        if policy.max_defer_secs == 0 {
+            return Err(DeferError::NotAllowed(name.into()));
+        }
+        let granted = wanted.min(policy.max_defer_secs).min(MAX_POLICY_SECS);
+        slot.lease = Some(now + Duration::from_secs(granted));
+        Ok(granted)
+    }
+
+    /// Ends an app's defer lease on `name`; a version waiting only for it
+    /// activates now. Returns whether a lease was held.
+    pub fn release(&mut self, name: &str, now: Instant) -> bool {
+        let Some(slot) = self.slots.get_mut(name) else { return false };
+        let held = slot.lease.take().is_some_and(|until| until > now);
+        if slot.candidate.as_ref().is_some_and(|c| matches!(c.phase, Phase::Ready { .. })) {
+            let before = self.phases();
+            let slot = self.slots.get_mut(name).expect("looked up above");
+            activate_or_wait(slot, self.clock, now, &mut self.actions);
+            self.record(before, now);
+        }
+        held
+    }
+
     /// The next recorded transition, oldest first.
     pub fn poll_transition(&mut self) -> Option<Transition> {
         self.transitions.pop_front()
@@ -1003,7 +1104,7 @@ impl Slots {
             .flat_map(|c| {
                 let step = match &c.phase {
                     Phase::Retrying { retry_at, .. } => Some(*retry_at),
-                    Phase::Probation { check_at, .. } => Some(*check_at),
+                    Phase::Probation { check_at, .. } | Phase::Ready { check_at, .. } => Some(*check_at),
                     _ => None,
                 };
                 [step, c.deadline]
@@ -1051,6 +1152,7 @@ impl Slots {
                     Phase::Staged => (ModelState::Loading, None),
                     Phase::SelfTest => (ModelState::Verifying, Some("self-test".to_string())),
                     Phase::Shadow => (ModelState::Verifying, Some("shadow".to_string())),
+                    Phase::Ready { reason, .. } => (ModelState::Verifying, Some(format!("ready: {reason}"))),
                     Phase::Probation { .. } => (
                         ModelState::Serving,
                         Some(match standby {
@@ -1091,6 +1193,9 @@ fn gave_up(p: &Phase) -> Stage {
 
 /// Why `health` breaks `policy`'s probation limits, if it does.
 fn breach(policy: &tern_proto::UpdatePolicy, health: &Health) -> Option<String> {
+    if let HookVerdict::Failed(reason) = &health.hook {
+        return Some(format!("probation: the app's health hook failed: {reason}"));
+    }
     if health.requests < u64::from(policy.probation_min_requests.max(1)) {
         return None;
     }
@@ -1111,6 +1216,70 @@ fn breach(policy: &tern_proto::UpdatePolicy, health: &Health) -> Option<String> 
         ));
     }
     None
+}
+
+/// The device's local time at `now`, from the last reading.
+fn local_at((read, local): (Instant, LocalTime), now: Instant) -> LocalTime {
+    let minutes = now.saturating_duration_since(read).as_secs() / 60;
+    let of_day = (u64::from(local.minute) + minutes) % u64::from(MINUTES_PER_DAY);
+    let days = (u64::from(local.minute) + minutes) / u64::from(MINUTES_PER_DAY);
+    LocalTime { weekday: ((u64::from(local.weekday) + days) % 7) as u8, minute: of_day as u16 }
+}
+
+/// What keeps a tested candidate from activating at `now`, if anything, and
+/// when to look again.
+fn hold(
+    policy: &UpdatePolicy,
+    lease: Option<Instant>,
+    since: Instant,
+    clock: Option<(Instant, LocalTime)>,
+    now: Instant,
+) -> Option<(String, Instant)> {
+    if let Some(w) = policy.window {
+        let opens = clock.map(|c| w.opens_in(local_at(c, now)));
+        let reason = match opens {
+            Some(Some(0)) => None,
+            Some(Some(m)) => Some(format!("outside the maintenance window (opens in {} h {:02} min)", m / 60, m % 60)),
+            Some(None) => Some("the maintenance window never opens".to_string()),
+            None => Some("outside the maintenance window (the device's local time is unknown)".to_string()),
+        };
+        if let Some(reason) = reason {
+            return Some((reason, now + READY_EVERY));
+        }
+    }
+    let limit = since + secs(policy.max_defer_secs);
+    match lease {
+        Some(until) if until > now && now < limit => {
+            Some(("deferred by an app on the device".to_string(), until.min(limit).min(now + READY_EVERY)))
+        }
+        _ => None,
+    }
+}
+
+/// A candidate that passed its tests activates, or waits in
+/// [`Phase::Ready`] for the window or a lease.
+fn activate_or_wait(
+    slot: &mut Slot,
+    clock: Option<(Instant, LocalTime)>,
+    now: Instant,
+    actions: &mut VecDeque<Action>,
+) {
+    let lease = slot.lease;
+    let cand = slot.candidate.as_mut().expect("a candidate");
+    let since = match &cand.phase {
+        Phase::Ready { since, .. } => *since,
+        _ => now,
+    };
+    match hold(&cand.manifest.policy(), lease, since, clock, now) {
+        None => start_probation(slot, now, actions),
+        Some((reason, check_at)) => match &mut cand.phase {
+            Phase::Ready { reason: r, check_at: c, .. } => (*r, *c) = (reason, check_at),
+            _ => {
+                cand.enter(Phase::Ready { reason, since, check_at }, now);
+                actions.push_back(Action::Persist);
+            }
+        },
+    }
 }
 
 /// The candidate starts serving, on probation; the committed version stands by.

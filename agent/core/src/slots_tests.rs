@@ -1,10 +1,10 @@
 use super::*;
-use tern_proto::{ModelFormat, SelfTestRef, Sha256Digest, UpdatePolicy};
+use tern_proto::{LocalTime, MaintenanceWindow, ModelFormat, SelfTestRef, Sha256Digest, UpdatePolicy};
 
 const ALL: &[ModelFormat] = &[ModelFormat::Onnx, ModelFormat::Nnef, ModelFormat::Burn];
 
 /// The policy of the test manifests: three shadow comparisons, 10 s of
-/// probation, short deadlines.
+/// probation, short deadlines, apps may defer for 50 s.
 fn policy() -> UpdatePolicy {
     UpdatePolicy {
         fetch_secs: 100,
@@ -18,6 +18,8 @@ fn policy() -> UpdatePolicy {
         probation_min_requests: 5,
         probation_max_error_permille: 100,
         probation_max_p99_ms: 50,
+        window: None,
+        max_defer_secs: 50,
     }
 }
 
@@ -56,7 +58,11 @@ fn ev(kind: &str, name: &str, version: u32) -> Event {
         "self-test-passed" => Event::SelfTestPassed { name, version },
         "self-test-failed" => Event::SelfTestFailed { name, version, reason },
         "shadowed" => Event::Shadowed { name, version, report: ShadowReport { compared: 3, agreed: 3 } },
-        "health" => Event::Health { name, version, health: Health { requests: 10, errors: 0, p99_us: 1000 } },
+        "health" => Event::Health {
+            name,
+            version,
+            health: Health { requests: 10, errors: 0, p99_us: 1000, ..Health::default() },
+        },
         other => unreachable!("{other}"),
     }
 }
@@ -86,7 +92,11 @@ fn to_probation(s: &mut Slots, name: &str, version: u32, now: Instant) {
 }
 
 fn healthy(name: &str, version: u32) -> Event {
-    Event::Health { name: name.into(), version, health: Health { requests: 100, errors: 0, p99_us: 2000 } }
+    Event::Health {
+        name: name.into(),
+        version,
+        health: Health { requests: 100, errors: 0, p99_us: 2000, ..Health::default() },
+    }
 }
 
 /// Slots serving (committed) `models`, with the actions that got them there drained.
@@ -189,16 +199,19 @@ fn to_phase(phase: &str, t0: Instant) -> Slots {
         "staged" => &["fetched", "verified"],
         "self-test" => &["fetched", "verified", "loaded"],
         "shadow" => &["fetched", "verified", "loaded", "self-test-passed"],
-        "probation" => &["fetched", "verified", "loaded", "self-test-passed", "shadowed"],
+        "probation" | "ready" => &["fetched", "verified", "loaded", "self-test-passed", "shadowed"],
         "failed" => &["fetched", "verified", "loaded", "self-test-failed"],
         "rolled back" => &["fetched", "verified", "loaded", "self-test-passed", "shadowed"],
         other => unreachable!("{other}"),
     };
+    if phase == "ready" {
+        s.defer("iris", 1000, t0).unwrap();
+    }
     for kind in steps {
         ok(&mut s, kind, "iris", 2, t0);
     }
     if phase == "rolled back" {
-        let bad = Health { requests: 10, errors: 10, p99_us: 0 };
+        let bad = Health { requests: 10, errors: 10, p99_us: 0, ..Health::default() };
         s.handle(Event::Health { name: "iris".into(), version: 2, health: bad }, t0).unwrap();
     }
     assert_eq!(phase_of(&s, "iris"), phase);
@@ -216,6 +229,7 @@ fn every_event_in_every_phase() {
         ("self-test", &["self-test-passed", "self-test-failed"]),
         ("shadow", &["shadowed"]),
         ("probation", &["health"]),
+        ("ready", &[]),
         ("retrying", &[]),
         ("refused", &[]),
     ];
@@ -300,6 +314,18 @@ fn every_deadline_fails_its_update_and_the_committed_version_keeps_serving() {
             assert_eq!(phase_of(&s, "iris"), "failed");
         }
     }
+    // A wait to activate ends at the latest after READY_LIMIT and the defer
+    // allowance: a window that never opens, a local time never given.
+    let window = MaintenanceWindow { from_minute: 0, to_minute: 60, days: 1 };
+    let mut s = tested_with_window(window, t0, None);
+    drain(&mut s);
+    s.handle_timeout(t0 + READY_LIMIT + Duration::from_secs(49));
+    assert_eq!(phase_of(&s, "iris"), "ready", "the local time is unknown");
+    s.handle_timeout(t0 + READY_LIMIT + Duration::from_secs(50));
+    assert_eq!(phase_of(&s, "iris"), "failed");
+    assert!(status_of(&s, "iris", 2).1.unwrap().starts_with("ready passed its deadline"));
+    assert_eq!(drain(&mut s), [Action::Persist]);
+    assert_eq!(s.slot("iris").unwrap().served(), Some(&m("iris", 1)));
     // Probation whose health never comes: rolled back at the end of the grace.
     let mut s = to_phase("probation", t0);
     let end = t0 + Duration::from_secs(10) + HEALTH_GRACE;
@@ -357,11 +383,11 @@ fn a_probation_breach_rolls_back_to_the_committed_version() {
     let t0 = Instant::now();
     let cases = [
         (
-            Health { requests: 20, errors: 3, p99_us: 1000 },
+            Health { requests: 20, errors: 3, p99_us: 1000, ..Health::default() },
             "probation: 3 of 20 requests failed (150‰, at most 100‰ allowed)",
         ),
         (
-            Health { requests: 20, errors: 0, p99_us: 80_500 },
+            Health { requests: 20, errors: 0, p99_us: 80_500, ..Health::default() },
             "probation: p99 latency 80.5 ms over 20 requests (at most 50 ms allowed)",
         ),
     ];
@@ -382,7 +408,7 @@ fn a_probation_breach_rolls_back_to_the_committed_version() {
     }
     // Below the minimum number of requests, errors do not count yet.
     let mut s = to_phase("probation", t0);
-    let few = Health { requests: 4, errors: 4, p99_us: 0 };
+    let few = Health { requests: 4, errors: 4, p99_us: 0, ..Health::default() };
     s.handle(Event::Health { name: "iris".into(), version: 2, health: few }, t0).unwrap();
     assert_eq!(phase_of(&s, "iris"), "probation");
 }
@@ -394,7 +420,7 @@ fn a_first_version_that_breaks_probation_leaves_nothing_serving() {
     s.set_desired(1, vec![m("iris", 1)], t0);
     to_probation(&mut s, "iris", 1, t0);
     drain(&mut s);
-    let bad = Health { requests: 10, errors: 10, p99_us: 0 };
+    let bad = Health { requests: 10, errors: 10, p99_us: 0, ..Health::default() };
     s.handle(Event::Health { name: "iris".into(), version: 1, health: bad }, t0).unwrap();
     assert_eq!(drain(&mut s), [Action::Unload("iris".into()), Action::Persist]);
     assert_eq!(s.slot("iris").unwrap().served(), None);
@@ -712,7 +738,7 @@ fn every_step_of_an_update_is_recorded_for_the_history() {
     // A rollback, and a candidate the desired state moves away from.
     let mut s = to_phase("probation", t0);
     transitions(&mut s);
-    let bad = Health { requests: 10, errors: 10, p99_us: 0 };
+    let bad = Health { requests: 10, errors: 10, p99_us: 0, ..Health::default() };
     s.handle(Event::Health { name: "iris".into(), version: 2, health: bad }, t0).unwrap();
     let t = transitions(&mut s);
     assert_eq!(
@@ -765,7 +791,7 @@ fn a_commit_on_too_little_traffic_says_so() {
     let t0 = Instant::now();
     let mut s = to_phase("probation", t0);
     transitions(&mut s);
-    let quiet = Health { requests: 2, errors: 0, p99_us: 0 };
+    let quiet = Health { requests: 2, errors: 0, p99_us: 0, ..Health::default() };
     s.handle(Event::Health { name: "iris".into(), version: 2, health: quiet }, t0 + Duration::from_secs(10)).unwrap();
     let t = transitions(&mut s);
     assert_eq!(t[0].1, "committed");
@@ -880,4 +906,162 @@ fn oversized_golden_vectors_refuse_a_new_version_but_not_the_committed_one() {
     p.slots[0].active = Some(big(1));
     let mut s = Slots::restore(ALL, p, t0);
     assert_eq!(drain(&mut s), [Action::Load(big(1))]);
+}
+
+/// iris:1 serving, iris:2 with `window` tested and about to activate.
+fn tested_with_window(window: MaintenanceWindow, t0: Instant, local: Option<LocalTime>) -> Slots {
+    let mut s = serving(&[m("iris", 1)], t0);
+    if let Some(local) = local {
+        s.set_local_time(t0, local);
+    }
+    let v2 = ModelManifest {
+        update: Some(UpdatePolicy { window: Some(window), shadow_requests: 0, ..policy() }),
+        ..m("iris", 2)
+    };
+    s.set_desired(2, vec![v2], t0);
+    for kind in ["fetched", "verified", "loaded"] {
+        ok(&mut s, kind, "iris", 2, t0);
+    }
+    drain(&mut s);
+    ok(&mut s, "self-test-passed", "iris", 2, t0);
+    s
+}
+
+#[test]
+fn outside_the_maintenance_window_a_tested_version_waits_loaded_and_activates_when_it_opens() {
+    let t0 = Instant::now();
+    // 02:00 to 04:00 on weekdays; it is Saturday 01:30.
+    let window = MaintenanceWindow { from_minute: 120, to_minute: 240, days: 0b1_1111 };
+    let mut s = tested_with_window(window, t0, Some(LocalTime { weekday: 5, minute: 90 }));
+    assert_eq!(phase_of(&s, "iris"), "ready");
+    let actions = drain(&mut s);
+    assert_eq!(actions, [Action::Persist], "downloaded and tested, not installed");
+    assert_eq!(s.slot("iris").unwrap().served().map(|m| m.version), Some(1));
+    assert_eq!(s.holding(), [("iris".to_string(), 2)].into(), "kept loaded while it waits");
+    assert_eq!(
+        status_of(&s, "iris", 2).1.as_deref(),
+        Some("ready: outside the maintenance window (opens in 48 h 30 min)"),
+        "Monday 02:00"
+    );
+    // Persisted as pending: a restart takes it through its checks again
+    // rather than giving it up, since waiting runs none of its code.
+    assert_eq!(s.persisted().slots[0].stage, Stage::Pending);
+    // It looks again every minute, counting the local time on.
+    assert_eq!(s.poll_timeout(), Some(t0 + READY_EVERY));
+    let monday = t0 + Duration::from_secs((48 * 60 + 29) * 60);
+    s.handle_timeout(monday);
+    assert_eq!(phase_of(&s, "iris"), "ready", "Monday 01:59");
+    // The daemon reads the local time again: a clock step is taken as read.
+    s.set_local_time(monday, LocalTime { weekday: 0, minute: 120 });
+    assert_eq!(s.poll_timeout(), Some(monday + READY_EVERY));
+    s.handle_timeout(monday + READY_EVERY);
+    assert_eq!(phase_of(&s, "iris"), "probation");
+    let v2 = s.slot("iris").unwrap().served().unwrap().clone();
+    assert_eq!(drain(&mut s), [Action::Persist, Action::Install(v2)]);
+    let t = transitions(&mut s);
+    assert!(t.iter().any(|(v, p, r)| (*v, p.as_str()) == (2, "ready") && r.as_deref().unwrap().starts_with("outside")));
+}
+
+#[test]
+fn inside_the_window_or_without_one_a_tested_version_activates_at_once() {
+    let t0 = Instant::now();
+    let window = MaintenanceWindow { from_minute: 23 * 60, to_minute: 60, days: 1 };
+    // Tuesday 00:30 is in Monday's window, which runs past midnight.
+    let s = tested_with_window(window, t0, Some(LocalTime { weekday: 1, minute: 30 }));
+    assert_eq!(phase_of(&s, "iris"), "probation");
+    let s = tested_with_window(window, t0, None);
+    assert_eq!(
+        status_of(&s, "iris", 2).1.as_deref(),
+        Some("ready: outside the maintenance window (the device's local time is unknown)")
+    );
+}
+
+#[test]
+fn a_defer_lease_holds_activation_until_released_or_its_maximum() {
+    let t0 = Instant::now();
+    let mut s = serving(&[m("iris", 1)], t0);
+    assert_eq!(s.defer("nope", 10, t0), Err(DeferError::NoSuchModel("nope".into())));
+    // Asked for an hour, granted the policy's 50 s.
+    assert_eq!(s.defer("iris", 3600, t0), Ok(50));
+    s.set_desired(2, vec![m("iris", 2)], t0);
+    to_phase_steps(&mut s, t0);
+    assert_eq!(phase_of(&s, "iris"), "ready");
+    assert_eq!(status_of(&s, "iris", 2).1.as_deref(), Some("ready: deferred by an app on the device"));
+    drain(&mut s);
+    // Released: it activates at once.
+    assert!(s.release("iris", t0 + Duration::from_secs(5)));
+    assert_eq!(phase_of(&s, "iris"), "probation");
+    assert!(!s.release("iris", t0 + Duration::from_secs(5)), "nothing held any more");
+
+    // Renewed for ever, it still activates max_defer_secs after it was ready.
+    let mut s = serving(&[m("iris", 1)], t0);
+    s.set_desired(2, vec![m("iris", 2)], t0);
+    let ready_at = t0 + Duration::from_secs(7);
+    to_phase_steps(&mut s, ready_at);
+    assert_eq!(phase_of(&s, "iris"), "probation", "no lease yet");
+    let mut s = serving(&[m("iris", 1)], t0);
+    s.set_desired(2, vec![m("iris", 2)], t0);
+    s.defer("iris", 50, t0).unwrap();
+    to_phase_steps(&mut s, ready_at);
+    let mut now = ready_at;
+    while phase_of(&s, "iris") == "ready" {
+        assert!(now < ready_at + Duration::from_secs(50), "held past the maximum");
+        s.defer("iris", 50, now).unwrap();
+        now = s.poll_timeout().unwrap().max(now + Duration::from_secs(1));
+        s.handle_timeout(now);
+    }
+    assert_eq!(now, ready_at + Duration::from_secs(50));
+    assert_eq!(phase_of(&s, "iris"), "probation");
+
+    // A policy that allows no deferral refuses the lease.
+    let strict = ModelManifest { update: Some(UpdatePolicy { max_defer_secs: 0, ..policy() }), ..m("iris", 1) };
+    let mut s = serving(&[strict], t0);
+    assert_eq!(s.defer("iris", 10, t0), Err(DeferError::NotAllowed("iris".into())));
+}
+
+fn to_phase_steps(s: &mut Slots, now: Instant) {
+    for kind in ["fetched", "verified", "loaded", "self-test-passed", "shadowed"] {
+        ok(s, kind, "iris", 2, now);
+    }
+}
+
+#[test]
+fn a_version_waiting_to_activate_is_taken_through_its_checks_again_after_a_restart() {
+    let t0 = Instant::now();
+    let s = to_phase("ready", t0);
+    let mut r = Slots::restore(ALL, s.persisted(), t0);
+    assert_eq!(phase_of(&r, "iris"), "fetching");
+    assert!(drain(&mut r).contains(&Action::Fetch(m("iris", 2))));
+}
+
+#[test]
+fn an_app_health_hook_that_fails_rolls_back_and_one_not_yet_answered_holds_the_commit() {
+    let t0 = Instant::now();
+    let health = |hook| Event::Health {
+        name: "iris".into(),
+        version: 2,
+        health: Health { requests: 100, errors: 0, p99_us: 1000, hook },
+    };
+    let end = t0 + Duration::from_secs(10);
+    // Not answered by the end of the window: it waits for the answer.
+    let mut s = to_phase("probation", t0);
+    s.handle(health(HookVerdict::Pending), end).unwrap();
+    assert_eq!(phase_of(&s, "iris"), "probation");
+    s.handle(health(HookVerdict::Passed), end + Duration::from_secs(1)).unwrap();
+    assert_eq!(s.slot("iris").unwrap().active().map(|m| m.version), Some(2), "committed once it said healthy");
+    // Failed: rolled back, whatever the traffic, with the hook's reason.
+    let mut s = to_phase("probation", t0);
+    let few = Health { requests: 0, errors: 0, p99_us: 0, hook: HookVerdict::Failed("HTTP 503".into()) };
+    s.handle(Event::Health { name: "iris".into(), version: 2, health: few }, t0).unwrap();
+    assert_eq!(phase_of(&s, "iris"), "rolled back");
+    assert_eq!(
+        status_of(&s, "iris", 2).1.as_deref(),
+        Some("rolled back: probation: the app's health hook failed: HTTP 503")
+    );
+    assert_eq!(drain(&mut s), [Action::Load(m("iris", 1)), Action::Persist]);
+    // Never answered: the probation deadline rolls it back.
+    let mut s = to_phase("probation", t0);
+    s.handle(health(HookVerdict::Pending), end).unwrap();
+    s.handle_timeout(end + HEALTH_GRACE);
+    assert_eq!(phase_of(&s, "iris"), "rolled back");
 }

@@ -1,7 +1,9 @@
 //! The local inference API for apps on the device, on 127.0.0.1 and on a
-//! Unix socket: `GET /v1/models`, `POST /v1/models/NAME:predict`.
+//! Unix socket: `GET /v1/models`, `POST /v1/models/NAME:predict`, and
+//! `POST /v1/models/NAME:defer` / `NAME:release` for an app's defer lease.
 
 use crate::gate::{Gate, Timing};
+use crate::runner::{LeaseOp, LeaseRequest};
 use crate::serve::ConnState;
 use crate::update::{Latency, Shadow};
 use axum::body::{Body, Bytes};
@@ -202,6 +204,8 @@ pub struct Shared {
     pub budget: Budget,
     /// Candidates running beside the serving version, by model name.
     pub shadows: RwLock<BTreeMap<String, Arc<Shadow>>>,
+    /// Where defer lease requests go (the main loop, once it runs).
+    pub leases: std::sync::OnceLock<tokio::sync::mpsc::Sender<LeaseRequest>>,
 }
 
 impl Shared {
@@ -223,6 +227,7 @@ impl Shared {
             limits,
             budget: Budget::new(budget),
             shadows: Default::default(),
+            leases: Default::default(),
         }
     }
 
@@ -307,6 +312,42 @@ async fn list(State(shared): State<Arc<Shared>>) -> Json<Value> {
     Json(json!({ "device": shared.device, "models": out }))
 }
 
+/// Largest body of a lease request.
+const LEASE_BODY: usize = 1024;
+
+/// `NAME:defer` with `{"seconds": N}`: activation of a new version of the
+/// model is held back for up to N seconds (at most what the update policy
+/// allows); `NAME:release` ends the lease.
+async fn lease(shared: &Shared, name: &str, req: Request, defer: bool) -> Result<Response, ApiError> {
+    let op = if defer {
+        let mut held = None;
+        let body = read_body(req.into_body(), LEASE_BODY, &shared.budget, &mut held).await?;
+        #[derive(serde::Deserialize)]
+        #[serde(deny_unknown_fields)]
+        struct Ask {
+            seconds: u64,
+        }
+        let ask: Ask = serde_json::from_slice(&body).map_err(|e| bad(format!("expected {{\"seconds\": N}}: {e}")))?;
+        LeaseOp::Defer(ask.seconds)
+    } else {
+        LeaseOp::Release
+    };
+    let unavailable = || ApiError(StatusCode::SERVICE_UNAVAILABLE, "the agent is starting; try again".into());
+    let tx = shared.leases.get().ok_or_else(unavailable)?;
+    let (reply, answer) = tokio::sync::oneshot::channel();
+    tx.send((name.to_owned(), op, reply)).await.map_err(|_| unavailable())?;
+    let answer = answer.await.map_err(|_| unavailable())?;
+    let body = match answer {
+        Ok(secs) if defer => json!({ "model": name, "granted_seconds": secs }),
+        Ok(held) => json!({ "model": name, "released": held == 1 }),
+        Err(e @ tern_agent_core::DeferError::NoSuchModel(_)) => {
+            return Err(ApiError(StatusCode::NOT_FOUND, e.to_string()));
+        }
+        Err(e) => return Err(ApiError(StatusCode::CONFLICT, e.to_string())),
+    };
+    Ok(Json(body).into_response())
+}
+
 /// Reads a body of at most `limit` bytes, taking budget for every byte as
 /// it arrives.
 async fn read_body(
@@ -335,9 +376,15 @@ async fn predict(
     req: Request,
 ) -> Result<Response, ApiError> {
     let Some(name) = target.strip_suffix(":predict") else {
+        if let Some(name) = target.strip_suffix(":defer") {
+            return lease(&shared, name, req, true).await;
+        }
+        if let Some(name) = target.strip_suffix(":release") {
+            return lease(&shared, name, req, false).await;
+        }
         return Err(ApiError(
             StatusCode::NOT_FOUND,
-            format!("unknown action in {target:?}; use POST /v1/models/NAME:predict"),
+            format!("unknown action in {target:?}; use POST /v1/models/NAME:predict, NAME:defer or NAME:release"),
         ));
     };
     // One guard: taking the read lock again while it is held can deadlock

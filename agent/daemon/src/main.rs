@@ -5,6 +5,7 @@
 
 mod api;
 mod gate;
+mod hook;
 mod identity;
 mod link;
 mod profiles;
@@ -90,6 +91,17 @@ enum Cmd {
         /// every format this build runs.
         #[arg(long, value_delimiter = ',')]
         formats: Vec<ModelFormat>,
+        /// An app's health check of a model's new version while it is on
+        /// probation: MODEL=http://HOST:PORT/PATH (healthy on a 2xx answer)
+        /// or MODEL=exec:COMMAND (run by /bin/sh with TERN_MODEL and
+        /// TERN_VERSION set; healthy on exit status 0). Asked every 2 s; one
+        /// failure rolls the version back, and it commits only after an
+        /// answer. Repeat for more models.
+        #[arg(long, value_parser = hook::parse)]
+        health_hook: Vec<(String, hook::Hook)>,
+        /// How long one health hook check may take before it counts as failed.
+        #[arg(long, default_value_t = 2000, value_parser = clap::value_parser!(u64).range(1..=600_000))]
+        health_hook_timeout_ms: u64,
     },
 }
 
@@ -126,9 +138,24 @@ fn main() -> ExitCode {
                 );
                 Ok(())
             }
-            Cmd::Run { listen, socket, threads, queue, max_batch, max_elements, request_memory_mb, formats } => {
+            Cmd::Run {
+                listen,
+                socket,
+                threads,
+                queue,
+                max_batch,
+                max_elements,
+                request_memory_mb,
+                formats,
+                health_hook,
+                health_hook_timeout_ms,
+            } => {
                 let asked = profiles::Asked { threads, queue, max_batch, max_elements, request_memory_mb };
-                run(&cli.data_dir, listen, socket, asked, formats).await
+                let hooks = runner::Hooks {
+                    by_model: health_hook.into_iter().collect(),
+                    timeout: std::time::Duration::from_millis(health_hook_timeout_ms),
+                };
+                run(&cli.data_dir, listen, socket, asked, formats, hooks).await
             }
         }
     });
@@ -147,6 +174,7 @@ async fn run(
     socket: Option<PathBuf>,
     asked: profiles::Asked,
     formats: Vec<ModelFormat>,
+    hooks: runner::Hooks,
 ) -> Result<()> {
     let formats = if formats.is_empty() { tern_runtime::formats() } else { formats };
     if let Some(f) = formats.iter().find(|f| !tern_runtime::supports(**f)) {
@@ -219,6 +247,7 @@ async fn run(
         live,
         status_tx,
         history_tx,
+        hooks,
     );
     tokio::spawn(link::run(
         identity.clone(),

@@ -6,6 +6,7 @@
 
 use crate::api::{self, Served, Shared};
 use crate::gate::Gate;
+use crate::hook::Hook;
 use crate::link::FromLink;
 use crate::store::Persister;
 use crate::update;
@@ -15,8 +16,8 @@ use std::pin::Pin;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
-use tern_agent_core::{Action, Event, Health, Slots};
-use tern_proto::{DesiredState, MAX_HISTORY, ModelManifest, Sha256Digest, StatusReport, UpdateEvent};
+use tern_agent_core::{Action, DeferError, Event, Health, HookVerdict, Phase, Slots};
+use tern_proto::{DesiredState, LocalTime, MAX_HISTORY, ModelManifest, Sha256Digest, StatusReport, UpdateEvent};
 use tern_runtime::Backend;
 use tern_trust::VerifyingKey;
 use tokio::sync::{mpsc, watch};
@@ -44,6 +45,8 @@ enum Done {
     /// An event with nothing attached (verify, self-test and shadow outcomes).
     Event(Event),
     Loaded(Event, Option<Arc<dyn Backend>>),
+    /// An app health hook answered for (name, version).
+    Hook(String, u32, Result<(), String>),
 }
 
 /// The main loop's state.
@@ -67,6 +70,11 @@ pub struct Runner<W: Work> {
     fetching: HashMap<Sha256Digest, Vec<(String, u32)>>,
     /// Where verifying, loading and self-testing run, one at a time.
     models_thread: ModelsThread,
+    hooks: Hooks,
+    hook_runs: HashMap<String, HookRun>,
+    leases: mpsc::Receiver<LeaseRequest>,
+    /// When the local time was last given to the core.
+    clock_read: Option<Instant>,
 }
 
 /// One thread for the blocking work on models (hashing, loading,
@@ -130,6 +138,70 @@ fn trim_heap() {
 #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
 fn trim_heap() {}
 
+/// The local time of the week, from the C library (TZ, else
+/// /etc/localtime, read again each call so that a changed zone is seen);
+/// none if it cannot tell.
+#[allow(unsafe_code)]
+pub fn local_time() -> Option<LocalTime> {
+    unsafe extern "C" {
+        fn tzset();
+    }
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).ok()?.as_secs();
+    let t = libc::time_t::try_from(now).ok()?;
+    // SAFETY: `tm` is plain data that localtime_r fills in; both pointers
+    // are valid for the call, and localtime_r (unlike localtime) keeps no
+    // pointer to them. tzset only reads the environment and zone files.
+    let tm = unsafe {
+        tzset();
+        let mut tm: libc::tm = std::mem::zeroed();
+        if libc::localtime_r(&t, &mut tm).is_null() {
+            return None;
+        }
+        tm
+    };
+    // tm_wday counts from Sunday.
+    let weekday = u8::try_from((tm.tm_wday + 6) % 7).ok()?;
+    let minute = u16::try_from(tm.tm_hour * 60 + tm.tm_min).ok()?;
+    Some(LocalTime { weekday, minute })
+}
+
+/// How often the local time is read again (the core counts on from the
+/// last reading in between).
+const LOCAL_TIME_EVERY: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// How often an app's health hook is asked about a version on probation.
+pub const HOOK_EVERY: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// The app health hooks of the models that have one.
+#[derive(Debug, Clone, Default)]
+pub struct Hooks {
+    /// By model name.
+    pub by_model: HashMap<String, Hook>,
+    /// How long one check may take.
+    pub timeout: std::time::Duration,
+}
+
+/// One model's hook checks for its version on probation.
+struct HookRun {
+    version: u32,
+    running: bool,
+    verdict: HookVerdict,
+    next_at: Instant,
+}
+
+/// What an app asks of a model's defer lease through the local API.
+#[derive(Debug)]
+pub enum LeaseOp {
+    /// Hold activation back for this many seconds.
+    Defer(u64),
+    /// End the lease.
+    Release,
+}
+
+/// A lease request with where its answer goes: the seconds granted (or, for
+/// a release, 1 if a lease was held and 0 if not).
+pub type LeaseRequest = (String, LeaseOp, tokio::sync::oneshot::Sender<Result<u64, DeferError>>);
+
 impl<W: Work> Runner<W> {
     /// A runner over restored `slots`. `live` is shared with the persister:
     /// what the slots refer to now, so it never removes a file in use.
@@ -146,8 +218,11 @@ impl<W: Work> Runner<W> {
         live: Arc<Mutex<BTreeSet<Sha256Digest>>>,
         status: watch::Sender<StatusReport>,
         history: watch::Sender<Vec<UpdateEvent>>,
+        hooks: Hooks,
     ) -> Self {
         let (done_tx, done_rx) = mpsc::channel(64);
+        let (lease_tx, leases) = mpsc::channel(16);
+        let _ = shared.leases.set(lease_tx);
         let runner = Self {
             slots,
             work,
@@ -162,6 +237,10 @@ impl<W: Work> Runner<W> {
             loaded: HashMap::new(),
             fetching: HashMap::new(),
             models_thread: ModelsThread::spawn(),
+            hooks,
+            hook_runs: HashMap::new(),
+            leases,
+            clock_read: None,
         };
         // Whatever no restored slot names is removed before any download
         // starts, unless the slots were lost (then nothing is, until a
@@ -178,6 +257,13 @@ impl<W: Work> Runner<W> {
         let mut stop = std::pin::pin!(stop);
         loop {
             self.execute();
+            let now = Instant::now();
+            if self.clock_read.is_none_or(|at| now.duration_since(at) >= LOCAL_TIME_EVERY) {
+                if let Some(local) = local_time() {
+                    self.slots.set_local_time(now, local);
+                }
+                self.clock_read = Some(now);
+            }
             let timeout = self.slots.poll_timeout();
             tokio::select! {
                 msg = link.recv() => match msg {
@@ -187,6 +273,18 @@ impl<W: Work> Runner<W> {
                 Some(done) = self.done_rx.recv() => self.done(done),
                 _ = sleep_until(timeout) => self.slots.handle_timeout(Instant::now()),
                 _ = self.shared.health_changed.notified() => {}
+                Some((name, op, reply)) = self.leases.recv() => {
+                    let now = Instant::now();
+                    let answer = match op {
+                        LeaseOp::Defer(secs) => self.slots.defer(&name, secs, now),
+                        LeaseOp::Release => Ok(u64::from(self.slots.release(&name, now))),
+                    };
+                    match &answer {
+                        Ok(secs) => info!(model = %name, ?op, granted = secs, "defer lease"),
+                        Err(e) => warn!(model = %name, ?op, "defer lease refused: {e}"),
+                    }
+                    let _ = reply.send(answer);
+                }
                 _ = &mut stop => {
                     self.stop_cleanly().await;
                     break;
@@ -246,6 +344,20 @@ impl<W: Work> Runner<W> {
                 }
             }
             Done::Event(ev) => self.handle(ev, now),
+            Done::Hook(name, version, result) => {
+                if let Some(run) = self.hook_runs.get_mut(&name).filter(|r| r.version == version) {
+                    run.running = false;
+                    run.next_at = now + HOOK_EVERY;
+                    match result {
+                        Ok(()) if run.verdict == HookVerdict::Pending => run.verdict = HookVerdict::Passed,
+                        Ok(()) => {}
+                        Err(reason) => {
+                            warn!(model = %name, version, "health hook: {reason}");
+                            run.verdict = HookVerdict::Failed(reason);
+                        }
+                    }
+                }
+            }
             Done::Loaded(ev, backend) => {
                 let (Event::Loaded { name, version } | Event::LoadFailed { name, version, .. }) = &ev else {
                     unreachable!("loads report Loaded or LoadFailed")
@@ -289,6 +401,32 @@ impl<W: Work> Runner<W> {
                 h.drain(..excess);
             });
         }
+    }
+
+    /// What `m`'s hook said so far on this probation, starting a check if
+    /// one is due.
+    fn ask_hook(&mut self, m: &ModelManifest) -> HookVerdict {
+        let Some(hook) = self.hooks.by_model.get(&m.name).cloned() else { return HookVerdict::Unset };
+        let now = Instant::now();
+        let run = self.hook_runs.entry(m.name.clone()).or_insert(HookRun {
+            version: m.version,
+            running: false,
+            verdict: HookVerdict::Pending,
+            next_at: now,
+        });
+        if run.version != m.version {
+            *run = HookRun { version: m.version, running: false, verdict: HookVerdict::Pending, next_at: now };
+        }
+        if !run.running && run.next_at <= now && !matches!(run.verdict, HookVerdict::Failed(_)) {
+            run.running = true;
+            let (done, timeout) = (self.done_tx.clone(), self.hooks.timeout);
+            let (name, version) = (m.name.clone(), m.version);
+            tokio::spawn(async move {
+                let result = crate::hook::check(&hook, &name, version, timeout).await;
+                let _ = done.send(Done::Hook(name, version, result)).await;
+            });
+        }
+        run.verdict.clone()
     }
 
     /// Runs `f` on the models thread and feeds the event it makes back to the loop.
@@ -416,6 +554,7 @@ impl<W: Work> Runner<W> {
                             requests: s.requests.load(Ordering::Relaxed),
                             errors: s.errors.load(Ordering::Relaxed),
                             p99_us: s.latency.p99_us(),
+                            hook: self.ask_hook(&m),
                         };
                         self.handle(Event::Health { name: m.name, version: m.version, health }, Instant::now());
                     }
@@ -444,11 +583,12 @@ impl<W: Work> Runner<W> {
             }
             keep
         });
-        self.shared
-            .shadows
-            .write()
-            .expect("lock")
-            .retain(|name, s| holding.contains(&(name.clone(), s.manifest.version)));
+        // A shadow runs only while its version is in shadow (not once it waits to activate).
+        let slots = &self.slots;
+        self.shared.shadows.write().expect("lock").retain(|name, s| {
+            let candidate = slots.slot(name).and_then(|slot| slot.candidate());
+            candidate.is_some_and(|(m, phase)| m.version == s.manifest.version && *phase == Phase::Shadow)
+        });
         for (name, served) in self.shared.models.read().expect("lock").iter() {
             let slot = self.slots.slot(name);
             let update = match slot.and_then(|s| s.served()) {
@@ -617,6 +757,7 @@ mod tests {
                 live,
                 status_tx,
                 history,
+                Hooks::default(),
             );
             let (link, link_rx) = mpsc::channel(4);
             let task = tokio::spawn(runner.run(link_rx, std::future::pending()));

@@ -47,11 +47,17 @@ fn wait_reported(coord: &Coord, version: u64, what: &str, f: impl Fn(&Value) -> 
 /// second; then the coordinator is restarted to send `policy` with the
 /// next version.
 fn serving_v1(policy: &str) -> (Coord, tempfile::TempDir, Agent) {
+    serving_v1_with(policy, &[], &[])
+}
+
+/// The same, with the agent started with `args` and `env`.
+fn serving_v1_with(policy: &str, args: &[&str], env: &[(&str, &str)]) -> (Coord, tempfile::TempDir, Agent) {
     let (coord, dir) = coordinator("probation_secs = 1\n");
     let mut agent = Agent::enrolled(&coord, "cam-01");
+    agent.env = env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
     coord.register_fixture("scorer", "scorer-a.onnx");
     coord.ok(&["fleet", "assign", "cam-01", "scorer:1"]);
-    agent.start();
+    agent.start_with(args);
     agent.wait_serving("scorer", 1);
     let path = dir.path().join("policy.toml");
     std::fs::write(&path, policy).unwrap();
@@ -207,4 +213,92 @@ fn a_clean_stop_during_probation_is_not_taken_for_a_crash() {
     let m = reported(&coord, 2).unwrap();
     assert_eq!(m["state"], "serving", "{m}");
     assert!(!agent.logs().contains("interrupted in"), "{}", agent.logs());
+}
+
+/// "HH:MM" of the UTC time `ahead` from now, and the minute of the day.
+fn utc_in(ahead: Duration) -> (String, u64) {
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap() + ahead;
+    let minute = now.as_secs() / 60 % 1440;
+    (format!("{:02}:{:02}", minute / 60, minute % 60), minute)
+}
+
+#[test]
+fn outside_its_maintenance_window_a_tested_version_waits_and_activates_inside_it() {
+    // A window opening three hours from now (UTC), an hour long, every day.
+    let (from, _) = utc_in(Duration::from_secs(3 * 3600));
+    let (to, _) = utc_in(Duration::from_secs(4 * 3600));
+    let policy = format!("probation_secs = 1\n[window]\nfrom = \"{from}\"\nto = \"{to}\"\n");
+    let (coord, _dir, mut agent) = serving_v1_with(&policy, &[], &[("TZ", "UTC")]);
+    assign_v2(&coord, "scorer-a2.onnx");
+    let m = wait_reported(&coord, 2, "v2 waiting for its window", |m| {
+        m["detail"].as_str().is_some_and(|d| d.starts_with("ready: "))
+    });
+    let detail = m["detail"].as_str().unwrap();
+    assert!(
+        detail.starts_with("ready: outside the maintenance window (opens in 2 h 5")
+            || detail.starts_with("ready: outside the maintenance window (opens in 3 h 00"),
+        "{m}"
+    );
+    // Tested and waiting: v1 answers all the while.
+    for _ in 0..20 {
+        assert_eq!(answer(&agent, [0.1, 0.7, 0.2, 0.0]), Ok(1));
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // The same device in a zone 3 h 30 min east of UTC is inside the window.
+    // Killed while it waits: waiting ran none of v2's code, so the restart
+    // takes it through its checks again instead of giving it up.
+    agent.proc.as_mut().unwrap().kill9();
+    agent.env = vec![("TZ".into(), "XYZ-3:30".into())];
+    agent.start();
+    agent.wait_serving("scorer", 2);
+    let shown = coord.ok(&["fleet", "show", "cam-01"]);
+    assert!(shown.contains("outside the maintenance window"), "{shown}");
+    assert!(!agent.logs().contains("interrupted in"), "{}", agent.logs());
+}
+
+#[test]
+fn an_app_defers_activation_with_a_lease_and_releases_it() {
+    let (coord, _dir, agent) = serving_v1("shadow_requests = 3\nprobation_secs = 1\nmax_defer_secs = 60\n");
+    // v1 was signed under a policy that lets no app defer.
+    let (status, v) = agent.post("/v1/models/scorer:defer", r#"{"seconds": 600}"#);
+    assert_eq!(status, 409, "{v}");
+    assert!(v["error"].as_str().unwrap().contains("max_defer_secs is 0"), "{v}");
+    assert_eq!(agent.post("/v1/models/nope:defer", r#"{"seconds": 5}"#).0, 404);
+    assert_eq!(agent.post("/v1/models/scorer:defer", r#"{"secs": 5}"#).0, 400);
+    assign_v2(&coord, "scorer-a2.onnx");
+    // In shadow until it has seen three requests: the lease is taken then,
+    // under v2's policy, and asked for longer than it allows.
+    wait_reported(&coord, 2, "v2 in shadow", |m| m["detail"] == "shadow");
+    let (status, v) = agent.post("/v1/models/scorer:defer", r#"{"seconds": 600}"#);
+    assert_eq!((status, v["granted_seconds"].as_u64()), (200, Some(60)), "{v}");
+    let m = wait_for("v2 deferred", Duration::from_secs(30), || {
+        assert_eq!(answer(&agent, [0.1, 0.7, 0.2, 0.0]), Ok(1));
+        std::thread::sleep(Duration::from_millis(20));
+        reported(&coord, 2).filter(|m| m["detail"].as_str().is_some_and(|d| d.starts_with("ready")))
+    });
+    assert_eq!(m["detail"], "ready: deferred by an app on the device");
+    for _ in 0..10 {
+        assert_eq!(answer(&agent, [0.1, 0.7, 0.2, 0.0]), Ok(1), "held back while the lease runs");
+    }
+    let (status, v) = agent.post("/v1/models/scorer:release", "");
+    assert_eq!((status, v["released"].as_bool()), (200, Some(true)), "{v}");
+    agent.wait_serving("scorer", 2);
+}
+
+#[test]
+fn a_version_its_app_health_hook_fails_is_rolled_back_with_the_hook_s_reason() {
+    // The app is happy with v1 and finds v2 sees nothing.
+    let hook = r#"scorer=exec:test "$TERN_VERSION" != 2 || { echo no detections in 60 frames >&2; exit 1; }"#;
+    let (coord, _dir, agent) = serving_v1_with("probation_secs = 30\n", &["--health-hook", hook], &[]);
+    assign_v2(&coord, "scorer-a2.onnx");
+    let m = wait_reported(&coord, 2, "v2 rolled back", |m| m["state"] == "failed");
+    let detail = m["detail"].as_str().unwrap();
+    assert!(detail.starts_with("rolled back: probation: the app's health hook failed: "), "{m}");
+    assert!(detail.ends_with("exited with 1: no detections in 60 frames"), "{m}");
+    agent.wait_serving("scorer", 1);
+    let shown = wait_for("the rollback in the history", Duration::from_secs(10), || {
+        let out = coord.ok(&["fleet", "show", "cam-01"]);
+        out.contains("health hook failed").then_some(out)
+    });
+    assert!(shown.contains("rolled back"), "{shown}");
 }

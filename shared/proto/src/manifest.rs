@@ -204,6 +204,85 @@ pub struct UpdatePolicy {
     pub probation_max_error_permille: u32,
     /// Highest p99 latency on probation, in milliseconds (0: off).
     pub probation_max_p99_ms: u32,
+    /// When the agent may activate (absent: any time). Outside it, the
+    /// version is downloaded, self-tested and shadowed, then waits.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub window: Option<MaintenanceWindow>,
+    /// Longest an app on the device may hold activation back with a defer
+    /// lease, counted from when the version was ready (0: apps cannot).
+    #[serde(skip_serializing_if = "is_zero")]
+    pub max_defer_secs: u64,
+}
+
+fn is_zero(v: &u64) -> bool {
+    *v == 0
+}
+
+/// Minutes in a day.
+pub const MINUTES_PER_DAY: u16 = 24 * 60;
+
+/// When updates may activate, in the device's local time: from `from_minute`
+/// to `to_minute` after midnight, on the days in `days`. A window whose end
+/// is not after its start runs past midnight into the next day (equal: 24
+/// hours); `days` names the day it opens on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct MaintenanceWindow {
+    /// Opens this many minutes after local midnight (0 to 1439).
+    pub from_minute: u16,
+    /// Closes this many minutes after local midnight (0 to 1439).
+    pub to_minute: u16,
+    /// The days it opens on: bit 0 is Monday, bit 6 Sunday.
+    pub days: u8,
+}
+
+/// A local time of the week, to the minute.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct LocalTime {
+    /// Day of the week, 0 for Monday to 6 for Sunday.
+    pub weekday: u8,
+    /// Minutes after midnight (0 to 1439).
+    pub minute: u16,
+}
+
+impl LocalTime {
+    /// Minutes since Monday 00:00.
+    fn of_week(self) -> u32 {
+        u32::from(self.weekday % 7) * u32::from(MINUTES_PER_DAY) + u32::from(self.minute % MINUTES_PER_DAY)
+    }
+}
+
+const MINUTES_PER_WEEK: u32 = 7 * MINUTES_PER_DAY as u32;
+
+impl MaintenanceWindow {
+    /// Whether it is a window at all: minutes within a day, some day set.
+    pub fn is_valid(&self) -> bool {
+        self.from_minute < MINUTES_PER_DAY && self.to_minute < MINUTES_PER_DAY && self.days & 0x7f != 0
+    }
+
+    fn len(&self) -> u32 {
+        let (from, to) = (u32::from(self.from_minute), u32::from(self.to_minute));
+        if to > from { to - from } else { to + u32::from(MINUTES_PER_DAY) - from }
+    }
+
+    /// Minutes from `at` until the window is next open: 0 while it is. None
+    /// for a window that never opens (see [`MaintenanceWindow::is_valid`]).
+    pub fn opens_in(&self, at: LocalTime) -> Option<u32> {
+        if !self.is_valid() {
+            return None;
+        }
+        let now = at.of_week();
+        (0..7u32)
+            .filter_map(|day| {
+                if self.days & (1 << day) == 0 {
+                    return None;
+                }
+                let start = (day * u32::from(MINUTES_PER_DAY) + u32::from(self.from_minute)) % MINUTES_PER_WEEK;
+                // Minutes since its last opening, a week ago at most.
+                let since = (now + MINUTES_PER_WEEK - start) % MINUTES_PER_WEEK;
+                Some(if since < self.len() { 0 } else { MINUTES_PER_WEEK - since })
+            })
+            .min()
+    }
 }
 
 impl Default for UpdatePolicy {
@@ -220,6 +299,8 @@ impl Default for UpdatePolicy {
             probation_min_requests: 20,
             probation_max_error_permille: 50,
             probation_max_p99_ms: 0,
+            window: None,
+            max_defer_secs: 0,
         }
     }
 }
@@ -306,4 +387,61 @@ pub struct SignedManifest {
     pub key_id: [u8; 8],
     /// Ed25519 signature over `body`.
     pub signature: Vec<u8>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn at(weekday: u8, h: u16, m: u16) -> LocalTime {
+        LocalTime { weekday, minute: h * 60 + m }
+    }
+
+    #[test]
+    fn a_window_opens_on_its_days_and_runs_past_midnight() {
+        // Monday 23:00 to 01:00.
+        let w = MaintenanceWindow { from_minute: 23 * 60, to_minute: 60, days: 1 };
+        assert_eq!(w.opens_in(at(0, 23, 0)), Some(0));
+        assert_eq!(w.opens_in(at(1, 0, 59)), Some(0), "Tuesday early is Monday's window");
+        assert_eq!(w.opens_in(at(1, 1, 0)), Some(7 * 1440 - 120));
+        assert_eq!(w.opens_in(at(0, 22, 0)), Some(60));
+        assert_eq!(w.opens_in(at(6, 23, 30)), Some(1410));
+        assert_eq!(w.opens_in(at(0, 0, 30)), Some(22 * 60 + 30), "Sunday's is not set");
+        let all_day = MaintenanceWindow { from_minute: 0, to_minute: 0, days: 0x7f };
+        assert_eq!(all_day.opens_in(at(3, 12, 0)), Some(0));
+        assert_eq!(MaintenanceWindow { days: 0, ..all_day }.opens_in(at(3, 12, 0)), None);
+        assert_eq!(MaintenanceWindow { from_minute: 1440, ..all_day }.opens_in(at(3, 12, 0)), None);
+    }
+
+    #[test]
+    fn a_policy_without_window_or_defer_encodes_as_before() {
+        let json = serde_json::to_value(UpdatePolicy::default()).unwrap();
+        assert!(json.get("window").is_none() && json.get("max_defer_secs").is_none(), "{json}");
+        let back: UpdatePolicy = serde_json::from_value(json).unwrap();
+        assert_eq!(back, UpdatePolicy::default());
+    }
+
+    proptest! {
+        /// The answer matches walking the week a minute at a time.
+        #[test]
+        fn opens_in_matches_a_minute_by_minute_walk(
+            from in 0u16..1440, to in 0u16..1440, days in 1u8..128, weekday in 0u8..7, minute in 0u16..1440,
+        ) {
+            let w = MaintenanceWindow { from_minute: from, to_minute: to, days };
+            let open_at = |t: u32| {
+                let (day, min) = ((t / 1440) % 7, t % 1440);
+                let yesterday = (day + 6) % 7;
+                let (f, e) = (u32::from(from), u32::from(to));
+                if e > f {
+                    days & (1 << day) != 0 && (f..e).contains(&min)
+                } else {
+                    days & (1 << day) != 0 && min >= f || days & (1 << yesterday) != 0 && min < e
+                }
+            };
+            let start = u32::from(weekday) * 1440 + u32::from(minute);
+            let walked = (0..=7 * 1440).find(|d| open_at(start + d));
+            prop_assert_eq!(w.opens_in(LocalTime { weekday, minute }), walked);
+        }
+    }
 }

@@ -184,13 +184,16 @@ pub async fn run(data_dir: PathBuf, args: ServeArgs) -> Result<()> {
 /// An update policy from TOML; a key it does not know is an error (a typo
 /// would otherwise leave a limit at its default unnoticed).
 fn parse_policy(text: &str) -> Result<UpdatePolicy> {
-    let table: toml::Table = toml::from_str(text)?;
-    let known = toml::Table::try_from(UpdatePolicy::default())?;
+    let mut table: toml::Table = toml::from_str(text)?;
+    let mut known = toml::Table::try_from(UpdatePolicy { max_defer_secs: 1, ..UpdatePolicy::default() })?;
+    known.insert("window".into(), toml::Value::Boolean(true));
     if let Some(k) = table.keys().find(|k| !known.contains_key(*k)) {
         let names: Vec<&str> = known.keys().map(String::as_str).collect();
         anyhow::bail!("unknown key {k:?} (known: {})", names.join(", "));
     }
-    let p: UpdatePolicy = table.try_into()?;
+    let window = table.remove("window").map(parse_window).transpose().context("[window]")?;
+    let mut p: UpdatePolicy = table.try_into()?;
+    p.window = window;
     // Every agent takes this policy as signed: nonsense here would fail
     // every update of the fleet.
     const MONTH: u64 = 31 * 24 * 3600;
@@ -204,6 +207,7 @@ fn parse_policy(text: &str) -> Result<UpdatePolicy> {
         anyhow::ensure!((1..=MONTH).contains(&v), "{key} must be 1 to {MONTH} seconds, not {v}");
     }
     anyhow::ensure!(p.probation_secs <= MONTH, "probation_secs must be at most {MONTH} seconds");
+    anyhow::ensure!(p.max_defer_secs <= MONTH, "max_defer_secs must be at most {MONTH} seconds");
     for (key, v) in [
         ("shadow_min_agreement_permille", p.shadow_min_agreement_permille),
         ("probation_max_error_permille", p.probation_max_error_permille),
@@ -211,6 +215,41 @@ fn parse_policy(text: &str) -> Result<UpdatePolicy> {
         anyhow::ensure!(v <= 1000, "{key} is per mille: at most 1000, not {v}");
     }
     Ok(p)
+}
+
+/// `[window]` with `from = "HH:MM"`, `to = "HH:MM"` (device local time; a
+/// `to` not after `from` runs past midnight) and optionally `days`
+/// (`["mon", …, "sun"]`, the days it opens on; default every day).
+fn parse_window(v: toml::Value) -> Result<tern_proto::MaintenanceWindow> {
+    #[derive(serde::Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Window {
+        from: String,
+        to: String,
+        days: Option<Vec<String>>,
+    }
+    let w: Window = v.try_into()?;
+    let minute = |s: &str| -> Result<u16> {
+        let (h, m) = s.split_once(':').with_context(|| format!("{s:?} is not HH:MM"))?;
+        let (h, m): (u16, u16) = (h.parse()?, m.parse()?);
+        anyhow::ensure!(h < 24 && m < 60 && s.len() == 5, "{s:?} is not a time of day as HH:MM");
+        Ok(h * 60 + m)
+    };
+    const DAYS: [&str; 7] = ["mon", "tue", "wed", "thu", "fri", "sat", "sun"];
+    let days = match &w.days {
+        None => 0x7f,
+        Some(list) => {
+            let mut bits = 0u8;
+            for d in list {
+                let i = DAYS.iter().position(|x| x.eq_ignore_ascii_case(d));
+                let i = i.with_context(|| format!("{d:?} is not a day (mon, tue, wed, thu, fri, sat, sun)"))?;
+                bits |= 1 << i;
+            }
+            anyhow::ensure!(bits != 0, "days is empty: the window would never open");
+            bits
+        }
+    };
+    Ok(tern_proto::MaintenanceWindow { from_minute: minute(&w.from)?, to_minute: minute(&w.to)?, days })
 }
 
 async fn shutdown() {
@@ -237,5 +276,31 @@ mod tests {
         assert!(parse_policy("probation_secs = 99999999999\n").is_err());
         assert!(parse_policy("probation_max_error_permille = 1001\n").is_err());
         assert_eq!(parse_policy("probation_secs = 0\n").unwrap().probation_secs, 0, "commit at the first check");
+    }
+
+    #[test]
+    fn a_policy_file_sets_a_maintenance_window_and_a_defer_allowance() {
+        let p = parse_policy(
+            "max_defer_secs = 600\n[window]\nfrom = \"23:30\"\nto = \"04:00\"\ndays = [\"sat\", \"Sun\"]\n",
+        )
+        .unwrap();
+        assert_eq!(p.max_defer_secs, 600);
+        assert_eq!(
+            p.window,
+            Some(tern_proto::MaintenanceWindow { from_minute: 23 * 60 + 30, to_minute: 240, days: 0b110_0000 })
+        );
+        let every_day = parse_policy("[window]\nfrom = \"02:00\"\nto = \"03:00\"\n").unwrap();
+        assert_eq!(every_day.window.unwrap().days, 0x7f);
+        for bad in [
+            "[window]\nfrom = \"2:00\"\nto = \"03:00\"\n",
+            "[window]\nfrom = \"24:00\"\nto = \"03:00\"\n",
+            "[window]\nfrom = \"02:00\"\nto = \"03:00\"\ndays = []\n",
+            "[window]\nfrom = \"02:00\"\nto = \"03:00\"\ndays = [\"monday\"]\n",
+            "[window]\nfrom = \"02:00\"\n",
+            "[window]\nfrom = \"02:00\"\nto = \"03:00\"\nzone = \"UTC\"\n",
+            "max_defer_secs = 99999999\n",
+        ] {
+            assert!(parse_policy(bad).is_err(), "{bad}");
+        }
     }
 }

@@ -55,6 +55,7 @@ const UPDATE_PHASES: &[&str] = &[
     "staged",
     "self-test",
     "shadow",
+    "ready",
     "probation",
     "committed",
     "retrying",

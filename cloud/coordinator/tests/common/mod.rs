@@ -107,9 +107,14 @@ impl Drop for Proc {
 }
 
 fn spawn(bin: &Path, args: &[&str], log: &Path) -> Proc {
+    spawn_env(bin, args, log, &[])
+}
+
+fn spawn_env(bin: &Path, args: &[&str], log: &Path, env: &[(String, String)]) -> Proc {
     let log = std::fs::File::create(log).unwrap();
     let child = Command::new(bin)
         .args(args)
+        .envs(env.iter().map(|(k, v)| (k, v)))
         .env("RUST_LOG", "debug,quinn=warn,quinn_proto=warn,rustls=warn,sled=warn,tract=warn,tract_core=warn,tract_hir=warn,tract_onnx=warn,hyper=warn")
         .stdout(log.try_clone().unwrap())
         .stderr(log)
@@ -337,11 +342,19 @@ pub struct Agent {
     pub proc: Option<Proc>,
     pub http: String,
     pub socket: PathBuf,
+    /// Environment the next start adds (TZ, say).
+    pub env: Vec<(String, String)>,
 }
 
 impl Agent {
     pub fn new() -> Self {
-        Self { dir: tempfile::tempdir().unwrap(), proc: None, http: String::new(), socket: PathBuf::new() }
+        Self {
+            dir: tempfile::tempdir().unwrap(),
+            proc: None,
+            http: String::new(),
+            socket: PathBuf::new(),
+            env: Vec::new(),
+        }
     }
 
     pub fn data(&self) -> PathBuf {
@@ -375,7 +388,8 @@ impl Agent {
         let mut args = vec!["run", "--data-dir", data.to_str().unwrap(), "--listen", "127.0.0.1:0"];
         args.extend_from_slice(extra);
         let n = LOGS.fetch_add(1, Ordering::Relaxed);
-        self.proc = Some(spawn(&agent_bin(), &args, &self.dir.path().join(format!("agent-{n:03}.log"))));
+        let log = self.dir.path().join(format!("agent-{n:03}.log"));
+        self.proc = Some(spawn_env(&agent_bin(), &args, &log, &self.env));
         let api: Value = wait_for("agent start", Duration::from_secs(20), || {
             serde_json::from_slice(&std::fs::read(self.data().join("api.json")).ok()?).ok()
         });
