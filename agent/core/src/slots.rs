@@ -48,8 +48,11 @@ pub enum Phase {
     Ready {
         /// What it waits for.
         reason: String,
-        /// When it got here (defer leases count from then).
+        /// When it got here.
         since: Instant,
+        /// Since when an app's lease has held it, if one has: the policy's
+        /// `max_defer_secs` counts from then.
+        deferred: Option<Instant>,
         /// When it looks again.
         check_at: Instant,
     },
@@ -303,6 +306,14 @@ pub enum DeferError {
     /// Its update policy lets no app defer (`max_defer_secs` is 0).
     #[error("the update policy of {0:?} lets no app defer its updates (max_defer_secs is 0)")]
     NotAllowed(String),
+    /// The version waiting has been held back for all its policy allows.
+    #[error("the version of {name:?} waiting to activate has been deferred for the {max} s its policy allows")]
+    Exhausted {
+        /// Model name.
+        name: String,
+        /// The policy's `max_defer_secs`.
+        max: u64,
+    },
 }
 
 /// Work for the daemon. The daemon carries out these and nothing else: a
@@ -1072,15 +1083,27 @@ impl Slots {
         if policy.max_defer_secs == 0 {
             return Err(DeferError::NotAllowed(name.into()));
         }
-        let granted = wanted.min(policy.max_defer_secs).min(MAX_POLICY_SECS);
-        slot.lease = Some(now + Duration::from_secs(granted));
-        Ok(granted)
+        // A version already held by a lease has only what is left of its allowance.
+        let left = match slot.candidate.as_ref().map(|c| &c.phase) {
+            Some(Phase::Ready { deferred: Some(d), .. }) => {
+                (*d + secs(policy.max_defer_secs)).saturating_duration_since(now).as_secs()
+            }
+            _ => policy.max_defer_secs,
+        };
+        if left == 0 {
+            return Err(DeferError::Exhausted { name: name.into(), max: policy.max_defer_secs });
+        }
+        let granted = wanted.min(left).min(MAX_POLICY_SECS);
+        // Leases of several apps: the longest holds.
+        let until = now + Duration::from_secs(granted);
+        slot.lease = Some(slot.lease.map_or(until, |l| l.max(until)));
+        Ok(slot.lease.map_or(0, |l| l.saturating_duration_since(now).as_secs()))
     }
 
     /// Ends an app's defer lease on `name`; a version waiting only for it
     /// activates now. Returns whether a lease was held.
-    pub fn release(&mut self, name: &str, now: Instant) -> bool {
-        let Some(slot) = self.slots.get_mut(name) else { return false };
+    pub fn release(&mut self, name: &str, now: Instant) -> Result<bool, DeferError> {
+        let slot = self.slots.get_mut(name).ok_or_else(|| DeferError::NoSuchModel(name.into()))?;
         let held = slot.lease.take().is_some_and(|until| until > now);
         if slot.candidate.as_ref().is_some_and(|c| matches!(c.phase, Phase::Ready { .. })) {
             let before = self.phases();
@@ -1088,7 +1111,7 @@ impl Slots {
             activate_or_wait(slot, self.clock, now, &mut self.actions);
             self.record(before, now);
         }
-        held
+        Ok(held)
     }
 
     /// The next recorded transition, oldest first.
@@ -1226,31 +1249,44 @@ fn local_at((read, local): (Instant, LocalTime), now: Instant) -> LocalTime {
     LocalTime { weekday: ((u64::from(local.weekday) + days) % 7) as u8, minute: of_day as u16 }
 }
 
-/// What keeps a tested candidate from activating at `now`, if anything, and
-/// when to look again.
+const WEEKDAYS: [&str; 7] = ["Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun"];
+
+/// What keeps a tested candidate from activating at `now`, if anything:
+/// why, when to look again, and whether it is an app's lease (counted
+/// against `max_defer_secs` from `deferred`, or from now if it starts now).
 fn hold(
     policy: &UpdatePolicy,
     lease: Option<Instant>,
-    since: Instant,
+    deferred: Option<Instant>,
     clock: Option<(Instant, LocalTime)>,
     now: Instant,
-) -> Option<(String, Instant)> {
+) -> Option<(String, Instant, bool)> {
     if let Some(w) = policy.window {
-        let opens = clock.map(|c| w.opens_in(local_at(c, now)));
-        let reason = match opens {
-            Some(Some(0)) => None,
-            Some(Some(m)) => Some(format!("outside the maintenance window (opens in {} h {:02} min)", m / 60, m % 60)),
-            Some(None) => Some("the maintenance window never opens".to_string()),
+        let local = clock.map(|c| local_at(c, now));
+        let reason = match local.map(|l| (l, w.opens_in(l))) {
+            Some((_, Some(0))) => None,
+            // The opening as a local time (not a countdown): the status
+            // does not change every minute of a long wait.
+            Some((l, Some(m))) => {
+                let at = local_at((now, l), now + Duration::from_secs(u64::from(m) * 60));
+                let day = WEEKDAYS[usize::from(at.weekday % 7)];
+                Some(format!(
+                    "outside the maintenance window (opens {day} {:02}:{:02})",
+                    at.minute / 60,
+                    at.minute % 60
+                ))
+            }
+            Some((_, None)) => Some("the maintenance window never opens".to_string()),
             None => Some("outside the maintenance window (the device's local time is unknown)".to_string()),
         };
         if let Some(reason) = reason {
-            return Some((reason, now + READY_EVERY));
+            return Some((reason, now + READY_EVERY, false));
         }
     }
-    let limit = since + secs(policy.max_defer_secs);
+    let limit = deferred.unwrap_or(now) + secs(policy.max_defer_secs);
     match lease {
         Some(until) if until > now && now < limit => {
-            Some(("deferred by an app on the device".to_string(), until.min(limit).min(now + READY_EVERY)))
+            Some(("deferred by an app on the device".to_string(), until.min(limit).min(now + READY_EVERY), true))
         }
         _ => None,
     }
@@ -1264,21 +1300,29 @@ fn activate_or_wait(
     now: Instant,
     actions: &mut VecDeque<Action>,
 ) {
+    // With nothing serving under the name (a first install, or the
+    // committed version fetched again) there is nothing to disrupt.
+    if slot.served().is_none() {
+        return start_probation(slot, now, actions);
+    }
     let lease = slot.lease;
     let cand = slot.candidate.as_mut().expect("a candidate");
-    let since = match &cand.phase {
-        Phase::Ready { since, .. } => *since,
-        _ => now,
+    let deferred = match &cand.phase {
+        Phase::Ready { deferred, .. } => *deferred,
+        _ => None,
     };
-    match hold(&cand.manifest.policy(), lease, since, clock, now) {
+    match hold(&cand.manifest.policy(), lease, deferred, clock, now) {
         None => start_probation(slot, now, actions),
-        Some((reason, check_at)) => match &mut cand.phase {
-            Phase::Ready { reason: r, check_at: c, .. } => (*r, *c) = (reason, check_at),
-            _ => {
-                cand.enter(Phase::Ready { reason, since, check_at }, now);
-                actions.push_back(Action::Persist);
+        Some((reason, check_at, by_lease)) => {
+            let deferred = if by_lease { deferred.or(Some(now)) } else { deferred };
+            match &mut cand.phase {
+                Phase::Ready { reason: r, check_at: c, deferred: d, .. } => (*r, *c, *d) = (reason, check_at, deferred),
+                _ => {
+                    cand.enter(Phase::Ready { reason, since: now, deferred, check_at }, now);
+                    actions.push_back(Action::Persist);
+                }
             }
-        },
+        }
     }
 }
 

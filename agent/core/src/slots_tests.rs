@@ -938,11 +938,7 @@ fn outside_the_maintenance_window_a_tested_version_waits_loaded_and_activates_wh
     assert_eq!(actions, [Action::Persist], "downloaded and tested, not installed");
     assert_eq!(s.slot("iris").unwrap().served().map(|m| m.version), Some(1));
     assert_eq!(s.holding(), [("iris".to_string(), 2)].into(), "kept loaded while it waits");
-    assert_eq!(
-        status_of(&s, "iris", 2).1.as_deref(),
-        Some("ready: outside the maintenance window (opens in 48 h 30 min)"),
-        "Monday 02:00"
-    );
+    assert_eq!(status_of(&s, "iris", 2).1.as_deref(), Some("ready: outside the maintenance window (opens Mon 02:00)"),);
     // Persisted as pending: a restart takes it through its checks again
     // rather than giving it up, since waiting runs none of its code.
     assert_eq!(s.persisted().slots[0].stage, Stage::Pending);
@@ -989,9 +985,10 @@ fn a_defer_lease_holds_activation_until_released_or_its_maximum() {
     assert_eq!(status_of(&s, "iris", 2).1.as_deref(), Some("ready: deferred by an app on the device"));
     drain(&mut s);
     // Released: it activates at once.
-    assert!(s.release("iris", t0 + Duration::from_secs(5)));
+    assert_eq!(s.release("iris", t0 + Duration::from_secs(5)), Ok(true));
     assert_eq!(phase_of(&s, "iris"), "probation");
-    assert!(!s.release("iris", t0 + Duration::from_secs(5)), "nothing held any more");
+    assert_eq!(s.release("iris", t0 + Duration::from_secs(5)), Ok(false), "nothing held any more");
+    assert_eq!(s.release("nope", t0), Err(DeferError::NoSuchModel("nope".into())));
 
     // Renewed for ever, it still activates max_defer_secs after it was ready.
     let mut s = serving(&[m("iris", 1)], t0);
@@ -1064,4 +1061,39 @@ fn an_app_health_hook_that_fails_rolls_back_and_one_not_yet_answered_holds_the_c
     s.handle(health(HookVerdict::Pending), end).unwrap();
     s.handle_timeout(end + HEALTH_GRACE);
     assert_eq!(phase_of(&s, "iris"), "rolled back");
+}
+
+#[test]
+fn the_defer_allowance_counts_from_when_a_lease_first_holds_the_version() {
+    // Ready at t0 outside its window; the window opens an hour later, and
+    // only then does an app take a lease: it gets its full 50 s.
+    let t0 = Instant::now();
+    let window = MaintenanceWindow { from_minute: 61, to_minute: 180, days: 0x7f };
+    let mut s = tested_with_window(window, t0, Some(LocalTime { weekday: 0, minute: 1 }));
+    assert_eq!(status_of(&s, "iris", 2).1.as_deref(), Some("ready: outside the maintenance window (opens Mon 01:01)"));
+    let open = t0 + Duration::from_secs(3600);
+    assert_eq!(s.defer("iris", 3600, open), Ok(50));
+    s.handle_timeout(open);
+    assert_eq!(status_of(&s, "iris", 2).1.as_deref(), Some("ready: deferred by an app on the device"));
+    s.handle_timeout(open + Duration::from_secs(49));
+    assert_eq!(phase_of(&s, "iris"), "ready");
+    assert_eq!(s.defer("iris", 3600, open + Duration::from_secs(40)), Ok(10), "what is left of the allowance");
+    // Held for all it may be, a new lease is refused rather than granted and ignored.
+    let end = open + Duration::from_secs(50);
+    assert_eq!(s.defer("iris", 5, end), Err(DeferError::Exhausted { name: "iris".into(), max: 50 }));
+    s.handle_timeout(end);
+    assert_eq!(phase_of(&s, "iris"), "probation");
+}
+
+#[test]
+fn with_nothing_serving_a_tested_version_activates_whatever_the_window() {
+    // A first install: nothing to disrupt.
+    let t0 = Instant::now();
+    let closed = MaintenanceWindow { from_minute: 0, to_minute: 1, days: 1 };
+    let v1 = ModelManifest { update: Some(UpdatePolicy { window: Some(closed), ..policy() }), ..m("iris", 1) };
+    let mut s = Slots::new(ALL);
+    s.set_local_time(t0, LocalTime { weekday: 3, minute: 600 });
+    s.set_desired(1, vec![v1], t0);
+    to_probation(&mut s, "iris", 1, t0);
+    assert_eq!(phase_of(&s, "iris"), "probation");
 }

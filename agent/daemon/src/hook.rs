@@ -4,6 +4,7 @@
 //! the agent's command line, and has a timeout.
 
 use std::io::Read as _;
+use std::os::unix::process::CommandExt as _;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
@@ -96,9 +97,12 @@ async fn get(authority: &str, path: &str, model: &str, version: u32) -> Result<(
 }
 
 fn run(cmd: &str, model: &str, version: u32, timeout: Duration) -> Result<(), String> {
+    // In a process group of its own: whatever it started in the background
+    // is killed with it once it exits or times out.
     let mut child = Command::new("/bin/sh")
         .arg("-c")
         .arg(cmd)
+        .process_group(0)
         .env("TERN_MODEL", model)
         .env("TERN_VERSION", version.to_string())
         .stdin(Stdio::null())
@@ -107,17 +111,23 @@ fn run(cmd: &str, model: &str, version: u32, timeout: Duration) -> Result<(), St
         .spawn()
         .map_err(|e| format!("cannot start {cmd:?}: {e}"))?;
     let deadline = Instant::now() + timeout;
+    let group = rustix::process::Pid::from_child(&child);
+    let kill_group = || {
+        let _ = rustix::process::kill_process_group(group, rustix::process::Signal::KILL);
+    };
     let status = loop {
         match child.try_wait().map_err(|e| format!("{cmd:?}: {e}"))? {
             Some(status) => break status,
             None if Instant::now() >= deadline => {
-                let _ = child.kill();
+                kill_group();
                 let _ = child.wait();
                 return Err(format!("{cmd:?} did not finish within {} ms", timeout.as_millis()));
             }
             None => std::thread::sleep(Duration::from_millis(10)),
         }
     };
+    // Nothing it left behind holds its stderr open past here.
+    kill_group();
     if status.success() {
         return Ok(());
     }
@@ -158,6 +168,11 @@ mod tests {
         );
         let said = Hook::Command("echo lens covered >&2; exit 3".into());
         assert!(check(&said, "cam", 1, t).await.unwrap_err().ends_with("exited with 3: lens covered"));
+        // A background child holding stderr open does not hang the check.
+        let left = Hook::Command("sleep 30 & echo bye >&2; exit 2".into());
+        let started = Instant::now();
+        assert!(check(&left, "cam", 1, t).await.unwrap_err().ends_with("exited with 2: bye"));
+        assert!(started.elapsed() < Duration::from_secs(3), "{:?}", started.elapsed());
         let slow = Hook::Command("sleep 5".into());
         let started = Instant::now();
         let e = check(&slow, "cam", 1, Duration::from_millis(100)).await.unwrap_err();

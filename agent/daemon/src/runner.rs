@@ -21,7 +21,7 @@ use tern_proto::{DesiredState, LocalTime, MAX_HISTORY, ModelManifest, Sha256Dige
 use tern_runtime::Backend;
 use tern_trust::VerifyingKey;
 use tokio::sync::{mpsc, watch};
-use tracing::{error, info, warn};
+use tracing::{debug, error, info, warn};
 
 /// A download in flight.
 pub type Fetching = Pin<Box<dyn Future<Output = Result<(), String>> + Send>>;
@@ -45,8 +45,8 @@ enum Done {
     /// An event with nothing attached (verify, self-test and shadow outcomes).
     Event(Event),
     Loaded(Event, Option<Arc<dyn Backend>>),
-    /// An app health hook answered for (name, version).
-    Hook(String, u32, Result<(), String>),
+    /// An app health hook answered for (name, hook run id).
+    Hook(String, u64, Result<(), String>),
 }
 
 /// The main loop's state.
@@ -72,6 +72,7 @@ pub struct Runner<W: Work> {
     models_thread: ModelsThread,
     hooks: Hooks,
     hook_runs: HashMap<String, HookRun>,
+    next_hook_run: u64,
     leases: mpsc::Receiver<LeaseRequest>,
     /// When the local time was last given to the core.
     clock_read: Option<Instant>,
@@ -181,8 +182,10 @@ pub struct Hooks {
     pub timeout: std::time::Duration,
 }
 
-/// One model's hook checks for its version on probation.
+/// One model's hook checks for its version on one probation.
 struct HookRun {
+    /// Tells this probation's answers from those of an earlier one.
+    id: u64,
     version: u32,
     running: bool,
     verdict: HookVerdict,
@@ -239,6 +242,7 @@ impl<W: Work> Runner<W> {
             models_thread: ModelsThread::spawn(),
             hooks,
             hook_runs: HashMap::new(),
+            next_hook_run: 0,
             leases,
             clock_read: None,
         };
@@ -257,13 +261,7 @@ impl<W: Work> Runner<W> {
         let mut stop = std::pin::pin!(stop);
         loop {
             self.execute();
-            let now = Instant::now();
-            if self.clock_read.is_none_or(|at| now.duration_since(at) >= LOCAL_TIME_EVERY) {
-                if let Some(local) = local_time() {
-                    self.slots.set_local_time(now, local);
-                }
-                self.clock_read = Some(now);
-            }
+            self.read_clock(false);
             let timeout = self.slots.poll_timeout();
             tokio::select! {
                 msg = link.recv() => match msg {
@@ -271,17 +269,23 @@ impl<W: Work> Runner<W> {
                     None => break,
                 },
                 Some(done) = self.done_rx.recv() => self.done(done),
-                _ = sleep_until(timeout) => self.slots.handle_timeout(Instant::now()),
+                _ = sleep_until(timeout) => {
+                    // Read again: a window is judged on the time now (the
+                    // monotonic clock stops while a device sleeps).
+                    self.read_clock(true);
+                    self.slots.handle_timeout(Instant::now());
+                }
                 _ = self.shared.health_changed.notified() => {}
                 Some((name, op, reply)) = self.leases.recv() => {
+                    self.read_clock(true);
                     let now = Instant::now();
                     let answer = match op {
                         LeaseOp::Defer(secs) => self.slots.defer(&name, secs, now),
-                        LeaseOp::Release => Ok(u64::from(self.slots.release(&name, now))),
+                        LeaseOp::Release => self.slots.release(&name, now).map(u64::from),
                     };
                     match &answer {
-                        Ok(secs) => info!(model = %name, ?op, granted = secs, "defer lease"),
-                        Err(e) => warn!(model = %name, ?op, "defer lease refused: {e}"),
+                        Ok(secs) => debug!(model = %name, ?op, granted = secs, "defer lease"),
+                        Err(e) => debug!(model = %name, ?op, "defer lease refused: {e}"),
                     }
                     let _ = reply.send(answer);
                 }
@@ -344,8 +348,9 @@ impl<W: Work> Runner<W> {
                 }
             }
             Done::Event(ev) => self.handle(ev, now),
-            Done::Hook(name, version, result) => {
-                if let Some(run) = self.hook_runs.get_mut(&name).filter(|r| r.version == version) {
+            Done::Hook(name, id, result) => {
+                if let Some(run) = self.hook_runs.get_mut(&name).filter(|r| r.id == id) {
+                    let version = run.version;
                     run.running = false;
                     run.next_at = now + HOOK_EVERY;
                     match result {
@@ -403,27 +408,47 @@ impl<W: Work> Runner<W> {
         }
     }
 
+    /// Gives the core the local time, if `now` or none was given for a while.
+    fn read_clock(&mut self, now: bool) {
+        let at = Instant::now();
+        if now || self.clock_read.is_none_or(|t| at.duration_since(t) >= LOCAL_TIME_EVERY) {
+            match local_time() {
+                Some(local) => self.slots.set_local_time(at, local),
+                None if self.clock_read.is_none() => {
+                    warn!("cannot read the local time: maintenance windows stay closed")
+                }
+                None => {}
+            }
+            self.clock_read = Some(at);
+        }
+    }
+
     /// What `m`'s hook said so far on this probation, starting a check if
     /// one is due.
     fn ask_hook(&mut self, m: &ModelManifest) -> HookVerdict {
         let Some(hook) = self.hooks.by_model.get(&m.name).cloned() else { return HookVerdict::Unset };
         let now = Instant::now();
-        let run = self.hook_runs.entry(m.name.clone()).or_insert(HookRun {
-            version: m.version,
-            running: false,
-            verdict: HookVerdict::Pending,
-            next_at: now,
-        });
-        if run.version != m.version {
-            *run = HookRun { version: m.version, running: false, verdict: HookVerdict::Pending, next_at: now };
+        // Each probation starts afresh (runs of ended ones are dropped in
+        // `execute`, so a version on probation again is asked again).
+        if self.hook_runs.get(&m.name).is_none_or(|r| r.version != m.version) {
+            self.next_hook_run += 1;
+            let run = HookRun {
+                id: self.next_hook_run,
+                version: m.version,
+                running: false,
+                verdict: HookVerdict::Pending,
+                next_at: now,
+            };
+            self.hook_runs.insert(m.name.clone(), run);
         }
+        let run = self.hook_runs.get_mut(&m.name).expect("inserted above");
         if !run.running && run.next_at <= now && !matches!(run.verdict, HookVerdict::Failed(_)) {
             run.running = true;
             let (done, timeout) = (self.done_tx.clone(), self.hooks.timeout);
-            let (name, version) = (m.name.clone(), m.version);
+            let (name, version, id) = (m.name.clone(), m.version, run.id);
             tokio::spawn(async move {
                 let result = crate::hook::check(&hook, &name, version, timeout).await;
-                let _ = done.send(Done::Hook(name, version, result)).await;
+                let _ = done.send(Done::Hook(name, id, result)).await;
             });
         }
         run.verdict.clone()
@@ -583,8 +608,13 @@ impl<W: Work> Runner<W> {
             }
             keep
         });
-        // A shadow runs only while its version is in shadow (not once it waits to activate).
+        // A shadow runs only while its version is in shadow (not once it
+        // waits to activate); hook checks only while it is on probation.
         let slots = &self.slots;
+        self.hook_runs.retain(|name, r| {
+            let candidate = slots.slot(name).and_then(|slot| slot.candidate());
+            candidate.is_some_and(|(m, phase)| m.version == r.version && matches!(phase, Phase::Probation { .. }))
+        });
         self.shared.shadows.write().expect("lock").retain(|name, s| {
             let candidate = slots.slot(name).and_then(|slot| slot.candidate());
             candidate.is_some_and(|(m, phase)| m.version == s.manifest.version && *phase == Phase::Shadow)

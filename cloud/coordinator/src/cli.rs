@@ -238,6 +238,21 @@ impl Client {
         self.finish(path, resp)
     }
 
+    /// A raw answer (an artifact's bytes).
+    fn get_bytes(&self, path: &str) -> Result<Vec<u8>> {
+        let mut resp = self
+            .agent
+            .get(format!("{}{path}", self.base))
+            .header("authorization", format!("Bearer {}", self.token))
+            .call()
+            .with_context(|| format!("cannot reach the coordinator at {}", self.base))?;
+        if !resp.status().is_success() {
+            let body: Value = resp.body_mut().read_json().unwrap_or_default();
+            bail!("{}", body.get("error").and_then(Value::as_str).unwrap_or("no details"));
+        }
+        Ok(resp.body_mut().with_config().limit(1 << 30).read_to_vec()?)
+    }
+
     fn send<T: DeserializeOwned>(&self, method: &str, path: &str, body: &impl Serialize) -> Result<T> {
         let url = format!("{}{path}", self.base);
         let auth = format!("Bearer {}", self.token);
@@ -541,5 +556,113 @@ pub fn fleet(c: &Client, cmd: FleetCmd, json: bool) -> Result<()> {
             out(t);
         }
     }
+    Ok(())
+}
+
+#[derive(Subcommand)]
+pub enum RegistryCmd {
+    /// Sign the next version of the registry's TUF root metadata with a root
+    /// key kept off the coordinator (a PKCS#8 Ed25519 file on removable
+    /// media, say). The root names that key and the coordinator's online
+    /// timestamp, snapshot and targets keys. Works on the data dir directly;
+    /// `tern serve` must have run once with it (it makes the online keys).
+    SignRoot {
+        /// The root key (PKCS#8 DER).
+        #[arg(long)]
+        key: PathBuf,
+        /// Make a new root key at --key first (refused if the file exists).
+        #[arg(long)]
+        generate: bool,
+        /// The previous root's key, when --key is a new one: a rotated root
+        /// must be signed by the old root key too.
+        #[arg(long)]
+        previous_key: Option<PathBuf>,
+        /// How long the root is valid, in days.
+        #[arg(long, default_value_t = 365, value_parser = clap::value_parser!(u64).range(1..=3650))]
+        days: u64,
+    },
+    /// Write the registry's TUF repository to DIR: every root
+    /// (`N.root.json`), freshly signed `timestamp.json`, `snapshot.json` and
+    /// `targets.json` listing each approved version, and the artifacts under
+    /// `targets/NAME/VERSION/`. Any TUF client can refresh from it.
+    ExportTuf {
+        /// Where to write it (made if missing).
+        dir: PathBuf,
+    },
+}
+
+/// `tern registry sign-root`, on the data dir.
+pub fn sign_root(
+    data_dir: &Path,
+    key: &Path,
+    generate: bool,
+    previous: Option<&Path>,
+    days: u64,
+    json: bool,
+) -> Result<()> {
+    use tern_trust::SigningKey;
+    if generate {
+        if key.exists() {
+            bail!("{} exists; not overwriting a key (drop --generate to use it)", key.display());
+        }
+        let (_, der) = SigningKey::generate()?;
+        tern_durable::write_atomic(key, &der, true).with_context(|| format!("writing {}", key.display()))?;
+    }
+    let load = |p: &Path| -> Result<SigningKey> {
+        let der = std::fs::read(p).with_context(|| format!("reading {}", p.display()))?;
+        SigningKey::from_pkcs8(&der).with_context(|| format!("{} is not a PKCS#8 Ed25519 key", p.display()))
+    };
+    let new = load(key)?;
+    let old = previous.map(load).transpose()?;
+    let repo = crate::serve::tuf::TufRepo::open(data_dir, false)?;
+    let signers: Vec<&SigningKey> = std::iter::once(&new).chain(old.as_ref()).collect();
+    let version = repo.sign_root(&[&new], &signers, days, unix_now())?;
+    let path = data_dir.join("tuf").join(format!("{version}.root.json"));
+    if json {
+        return print_json(&json!({ "version": version, "path": path }));
+    }
+    out(format!("signed root version {version}: {}", path.display()));
+    Ok(())
+}
+
+/// `tern registry export-tuf DIR`, through the admin API.
+pub fn export_tuf(c: &Client, dir: &Path, json: bool) -> Result<()> {
+    let built: crate::serve::tuf::Built = c.get("/v1/tuf")?;
+    std::fs::create_dir_all(dir.join("targets")).with_context(|| format!("creating {}", dir.display()))?;
+    let write = |name: &str, bytes: &[u8]| -> Result<()> {
+        let path = dir.join(name);
+        if let Some(parent) = path.parent() {
+            std::fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
+        }
+        tern_durable::write_atomic(&path, bytes, false).with_context(|| format!("writing {}", path.display()))
+    };
+    for (i, root) in built.roots.iter().enumerate() {
+        write(&format!("{}.root.json", i + 1), root.as_bytes())?;
+    }
+    write("root.json", built.roots.last().expect("a root").as_bytes())?;
+    write("timestamp.json", built.timestamp.as_bytes())?;
+    write("snapshot.json", built.snapshot.as_bytes())?;
+    write("targets.json", built.targets.as_bytes())?;
+    let pb = ProgressBar::new(built.files.len() as u64);
+    pb.set_style(ProgressStyle::with_template("artifacts {bar:30} {pos}/{len}").expect("template"));
+    for (path, sha) in &built.files {
+        let bytes = c.get_bytes(&format!("/v1/artifacts/{}", sha.to_hex()))?;
+        if Sha256Digest::of(&bytes) != *sha {
+            bail!("artifact of {path} does not match its digest {sha}");
+        }
+        write(&format!("targets/{path}"), &bytes)?;
+        pb.inc(1);
+    }
+    pb.finish_and_clear();
+    if json {
+        let targets: Vec<&String> = built.files.iter().map(|(p, _)| p).collect();
+        return print_json(&json!({ "dir": dir, "roots": built.roots.len(), "targets": targets }));
+    }
+    out(format!(
+        "wrote {}: {} root version(s), timestamp, snapshot, targets and {} artifact(s)",
+        dir.display(),
+        built.roots.len(),
+        built.files.len()
+    ));
     Ok(())
 }

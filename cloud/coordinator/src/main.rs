@@ -1,5 +1,5 @@
 //! `tern`: the Tern coordinator (`tern serve`) and the admin CLI that drives
-//! it (`tern model …`, `tern fleet …`), plus `tern demo`.
+//! it (`tern model …`, `tern fleet …`, `tern registry …`), plus `tern demo`.
 
 mod cli;
 mod demo;
@@ -41,6 +41,9 @@ enum Cmd {
     /// Enrollment tokens, devices and their desired models.
     #[command(subcommand)]
     Fleet(cli::FleetCmd),
+    /// The registry's TUF repository: sign its root offline, export it.
+    #[command(subcommand)]
+    Registry(cli::RegistryCmd),
     /// Start a coordinator and an agent in a temporary folder, deploy a
     /// model, and print predictions made on the "device".
     Demo(demo::DemoArgs),
@@ -78,6 +81,15 @@ fn main() -> ExitCode {
             init_logs("warn");
             cli::Client::new(&cli.data_dir, cli.admin, cli.token_file.as_deref())
                 .and_then(|c| cli::fleet(&c, cmd, cli.json))
+        }
+        Cmd::Registry(cli::RegistryCmd::SignRoot { key, generate, previous_key, days }) => {
+            init_logs("warn");
+            cli::sign_root(&cli.data_dir, &key, generate, previous_key.as_deref(), days, cli.json)
+        }
+        Cmd::Registry(cli::RegistryCmd::ExportTuf { dir }) => {
+            init_logs("warn");
+            cli::Client::new(&cli.data_dir, cli.admin, cli.token_file.as_deref())
+                .and_then(|c| cli::export_tuf(&c, &dir, cli.json))
         }
         Cmd::Demo(args) => {
             init_logs("warn");

@@ -1,6 +1,9 @@
 //! Signing and verification of model manifests with the registry's Ed25519
 //! key. The coordinator signs; the agent verifies with the public key it was
-//! given at enrollment and refuses anything else.
+//! given at enrollment and refuses anything else. [`tuf`] holds the same
+//! trust in TUF's format.
+
+pub mod tuf;
 
 use ring::rand::SystemRandom;
 use ring::signature::{ED25519, Ed25519KeyPair, KeyPair, UnparsedPublicKey};
@@ -58,6 +61,11 @@ impl SigningKey {
         let mut k = [0u8; 32];
         k.copy_from_slice(self.pair.public_key().as_ref());
         VerifyingKey(k)
+    }
+
+    /// Signs raw bytes (TUF metadata's canonical form).
+    pub fn sign_bytes(&self, bytes: &[u8]) -> Vec<u8> {
+        self.pair.sign(bytes).as_ref().to_vec()
     }
 
     /// Signs `manifest` encoded as `encoding` (postcard for agents that speak

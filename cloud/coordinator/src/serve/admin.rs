@@ -87,6 +87,8 @@ pub fn router(state: Arc<State>) -> Router {
         .route("/v1/models/{name}/versions/{version}/{decision}", post(decide))
         .route("/v1/tokens", post(new_token))
         .route("/v1/status", get(status))
+        .route("/v1/tuf", get(tuf_repository))
+        .route("/v1/artifacts/{sha256}", get(artifact))
         .route("/v1/devices", get(list_devices))
         .route("/v1/devices/{id}", get(show_device).delete(remove_device))
         .route("/v1/devices/{id}/models/{name}", put(assign).delete(unassign))
@@ -365,6 +367,31 @@ async fn new_token(
 }
 
 /// What the coordinator holds open now.
+/// Signs new timestamp, snapshot and targets metadata over the approved
+/// versions, and returns them with every root.
+async fn tuf_repository(Ext(state): Ext<Arc<State>>) -> ApiResult<Json<super::tuf::Built>> {
+    let state = state.clone();
+    let built = tokio::task::spawn_blocking(move || {
+        let versions = state.registry.all_versions().map_err(|e| e.to_string())?;
+        state.tuf.build(&versions, unix_now()).map_err(|e| format!("{e:#}"))
+    })
+    .await
+    .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
+    .map_err(|e| ApiError(StatusCode::CONFLICT, e))?;
+    Ok(Json(built))
+}
+
+/// An artifact's bytes, by digest.
+async fn artifact(Ext(state): Ext<Arc<State>>, Path(sha256): Path<String>) -> ApiResult<Response> {
+    let digest: tern_proto::Sha256Digest =
+        sha256.parse().map_err(|_| bad(format!("{sha256:?} is not a sha256 digest")))?;
+    let path = state.artifacts.path(&digest);
+    let bytes = tokio::fs::read(&path)
+        .await
+        .map_err(|_| ApiError(StatusCode::NOT_FOUND, format!("no artifact {}", digest.to_hex())))?;
+    Ok(bytes.into_response())
+}
+
 async fn status(Ext(state): Ext<Arc<State>>) -> Json<serde_json::Value> {
     Json(json!({
         "connections": state.counters.total(),

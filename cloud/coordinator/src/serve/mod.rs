@@ -8,6 +8,7 @@ mod keys;
 mod limits;
 mod quic;
 mod sessions;
+pub mod tuf;
 
 pub use keys::random;
 
@@ -99,6 +100,8 @@ pub struct State {
     pub session_quiet: std::time::Duration,
     /// How agents take updates: signed into every manifest sent.
     pub policy: UpdatePolicy,
+    /// The TUF repository of approved artifacts.
+    pub tuf: tuf::TufRepo,
 }
 
 impl State {
@@ -141,6 +144,7 @@ pub async fn run(data_dir: PathBuf, args: ServeArgs) -> Result<()> {
     let keys = keys::Keys::load_or_create(&data_dir, &args.fleet, first_start)?;
     let registry = Registry::open(data_dir.join("registry")).context("opening the registry")?;
     let artifacts = Artifacts::open(data_dir.join("artifacts")).context("opening the artifact store")?;
+    let tuf = tuf::TufRepo::open(&data_dir, true).context("opening the TUF repository")?;
 
     let (server_cert, server_key) = keys.ca.issue_server(&args.names)?;
     let versions = WireVersion::up_to(WireVersion(args.max_wire_version));
@@ -171,6 +175,7 @@ pub async fn run(data_dir: PathBuf, args: ServeArgs) -> Result<()> {
         }),
         session_quiet: std::time::Duration::from_secs(args.session_quiet_secs),
         policy,
+        tuf,
     });
     tokio::spawn(quic::accept_loop(endpoint.clone(), state.clone()));
     let app = admin::router(state.clone());

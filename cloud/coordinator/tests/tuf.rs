@@ -1,0 +1,168 @@
+//! The registry's TUF repository against a reference TUF client: python-tuf
+//! (`scripts/tuf-client.py`, ngclient) refreshes from `tern registry
+//! export-tuf` and downloads a verified target, follows a root rotation,
+//! and refuses tampered, rolled-back, frozen and oversized files; Tern's
+//! own verifier (`tern_trust::tuf`) refuses each of them too, with its own
+//! error. Needs python3 with python-tuf and libfaketime (`scripts/test`
+//! installs both and sets TERN_PYTHON).
+
+mod common;
+
+use common::*;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use tern_trust::tuf::{TrustedSet, TufError};
+
+fn python() -> String {
+    let py = std::env::var("TERN_PYTHON").unwrap_or_else(|_| "python3".into());
+    let ok = Command::new(&py).args(["-c", "import tuf.ngclient"]).output().is_ok_and(|o| o.status.success());
+    assert!(ok, "{py} cannot import python-tuf: run scripts/test (it installs it), or set TERN_PYTHON");
+    py
+}
+
+/// Runs the reference client; Ok(stdout) or Err(stderr).
+fn reference_client(
+    repo: &Path,
+    client: &Path,
+    target: &str,
+    out: &Path,
+    env: &[(&str, &str)],
+) -> Result<String, String> {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scripts/tuf-client.py");
+    let o = Command::new(python())
+        .arg(script)
+        .args([repo, client])
+        .arg(target)
+        .arg(out)
+        .envs(env.iter().copied())
+        .output()
+        .unwrap();
+    let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+    if o.status.success() { Ok(text(&o.stdout)) } else { Err(text(&o.stderr)) }
+}
+
+fn read(p: PathBuf) -> Vec<u8> {
+    std::fs::read(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()))
+}
+
+/// Tern's verifier over an exported directory, as a client trusting
+/// `trusted` (its root and last timestamp and snapshot), at `clock`.
+fn tern_client(repo: &Path, trusted: &mut TrustedSet, clock: u64) -> Result<(), TufError> {
+    let mut v = trusted.root().body.version + 1;
+    while let Ok(b) = std::fs::read(repo.join(format!("{v}.root.json"))) {
+        trusted.update_root(&b)?;
+        v += 1;
+    }
+    if trusted.update_timestamp(&read(repo.join("timestamp.json")), clock)? {
+        trusted.update_snapshot(&read(repo.join("snapshot.json")), clock)?;
+        trusted.update_targets(&read(repo.join("targets.json")), clock)?;
+    }
+    Ok(())
+}
+
+fn now() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs()
+}
+
+#[test]
+fn python_tuf_refreshes_from_the_registry_s_repository_and_both_clients_refuse_the_same_attacks() {
+    let coord = Coord::start();
+    coord.register_fixture("iris", "iris.onnx");
+    let work = tempfile::tempdir().unwrap();
+    let (repo, key) = (work.path().join("repo"), work.path().join("root.key"));
+    let repo_s = repo.to_str().unwrap();
+    // No root yet: the export says what to do.
+    let e = coord.fails(&["registry", "export-tuf", repo_s]);
+    assert!(e.contains("tern registry sign-root"), "{e}");
+    coord.ok(&["registry", "sign-root", "--key", key.to_str().unwrap(), "--generate"]);
+    assert!(!coord.data().join("tuf").read_dir().unwrap().any(|f| f.unwrap().file_name() == "root.key"));
+    coord.ok(&["registry", "export-tuf", repo_s]);
+
+    // The reference client bootstraps from 1.root.json and downloads iris:1.
+    let client = work.path().join("python-client");
+    let out = work.path().join("got.onnx");
+    let said = reference_client(&repo, &client, "iris/1/model.onnx", &out, &[]).unwrap();
+    assert!(said.starts_with("ok root=1 timestamp=1 length=1669"), "{said}");
+    assert_eq!(read(out.clone()), read(fixture("iris.onnx")));
+    // Tern's verifier takes the same repository.
+    let mut tern = TrustedSet::new(&read(repo.join("1.root.json")), 0).unwrap();
+    tern_client(&repo, &mut tern, now()).unwrap();
+    let target = tern.target("iris/1/model.onnx").unwrap().clone();
+    assert_eq!(target.check("iris:1", &read(fixture("iris.onnx"))), Ok(()));
+    assert_eq!(target.custom.as_ref().unwrap()["tern"]["format"], "onnx");
+
+    // Root rotation: a new root key, the new root signed by the old key too.
+    let new_key = work.path().join("root2.key");
+    let e = coord.fails(&["registry", "sign-root", "--key", new_key.to_str().unwrap(), "--generate"]);
+    assert!(e.contains("--previous-key"), "a rotation without the old key is refused: {e}");
+    std::fs::remove_file(&new_key).unwrap();
+    coord.ok(&[
+        "registry",
+        "sign-root",
+        "--key",
+        new_key.to_str().unwrap(),
+        "--generate",
+        "--previous-key",
+        key.to_str().unwrap(),
+    ]);
+    coord.ok(&["registry", "export-tuf", repo_s]);
+    let said = reference_client(&repo, &client, "iris/1/model.onnx", &out, &[]).unwrap();
+    assert!(said.starts_with("ok root=2 timestamp=2"), "{said}");
+    tern_client(&repo, &mut tern, now()).unwrap();
+    assert_eq!(tern.root().body.version, 2);
+
+    // Arbitrary software: the artifact replaced in the repository.
+    let artifact = repo.join("targets/iris/1/model.onnx");
+    let good = read(artifact.clone());
+    let mut evil = good.clone();
+    evil[100] ^= 0xff;
+    std::fs::write(&artifact, &evil).unwrap();
+    let fresh_client = work.path().join("fresh");
+    let e = reference_client(&repo, &fresh_client, "iris/1/model.onnx", &out, &[]).unwrap_err();
+    assert!(e.contains("refused: LengthOrHashMismatchError"), "{e}");
+    let e = target.check("iris:1", &evil).unwrap_err();
+    assert!(e.to_string().contains("sha256"), "{e}");
+    // Endless data: the artifact with more bytes than signed.
+    let mut endless = good.clone();
+    endless.extend_from_slice(&[0; 4096]);
+    std::fs::write(&artifact, &endless).unwrap();
+    let e = reference_client(&repo, &fresh_client, "iris/1/model.onnx", &out, &[]).unwrap_err();
+    assert!(e.contains("refused: DownloadLengthMismatchError"), "{e}");
+    assert!(target.check("iris:1", &endless).unwrap_err().to_string().contains("5765 bytes, 1669 signed"));
+    std::fs::write(&artifact, &good).unwrap();
+
+    // Rollback: a newer export, then the older timestamp put back.
+    let old_timestamp = read(repo.join("timestamp.json"));
+    coord.ok(&["registry", "export-tuf", repo_s]);
+    reference_client(&repo, &client, "iris/1/model.onnx", &out, &[]).unwrap();
+    tern_client(&repo, &mut tern, now()).unwrap();
+    std::fs::write(repo.join("timestamp.json"), &old_timestamp).unwrap();
+    let e = reference_client(&repo, &client, "iris/1/model.onnx", &out, &[]).unwrap_err();
+    assert!(e.contains("refused: BadVersionNumberError"), "{e}");
+    let e = tern_client(&repo, &mut tern, now()).unwrap_err();
+    assert!(matches!(e, TufError::Rollback { .. }), "{e}");
+
+    // Freeze: the newest files, two days on (the timestamp lives a day).
+    coord.ok(&["registry", "export-tuf", repo_s]);
+    let faketime = Path::new("/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1");
+    assert!(faketime.exists(), "libfaketime is missing: install Debian's faketime (scripts/test does)");
+    let env = [("LD_PRELOAD", faketime.to_str().unwrap()), ("FAKETIME", "+2d")];
+    let e = reference_client(&repo, &work.path().join("frozen"), "iris/1/model.onnx", &out, &env).unwrap_err();
+    assert!(e.contains("refused: ExpiredMetadataError"), "{e}");
+    let mut frozen = TrustedSet::new(&read(repo.join("1.root.json")), 0).unwrap();
+    let e = tern_client(&repo, &mut frozen, now() + 2 * 86_400).unwrap_err();
+    assert!(matches!(e, TufError::Expired { .. }), "{e}");
+
+    // Signed by a key the root does not name: a snapshot re-signed by an
+    // attacker's own key (the timestamp names it by hash, so the timestamp
+    // is re-signed too, which the timestamp key check catches first).
+    let (attacker, _) = tern_trust::SigningKey::generate().unwrap();
+    let ts: serde_json::Value = serde_json::from_slice(&read(repo.join("timestamp.json"))).unwrap();
+    let forged = tern_trust::tuf::sign_metadata(tern_trust::tuf::Role::Timestamp, &ts["signed"], &[&attacker]);
+    std::fs::write(repo.join("timestamp.json"), &forged).unwrap();
+    let e = reference_client(&repo, &work.path().join("forged"), "iris/1/model.onnx", &out, &[]).unwrap_err();
+    assert!(e.contains("refused: UnsignedMetadataError"), "{e}");
+    let mut forged_client = TrustedSet::new(&read(repo.join("1.root.json")), 0).unwrap();
+    let e = tern_client(&repo, &mut forged_client, now()).unwrap_err();
+    assert!(matches!(e, TufError::BelowThreshold { valid: 0, .. }), "{e}");
+}
