@@ -636,16 +636,16 @@ pub fn export_tuf(c: &Client, dir: &Path, json: bool) -> Result<()> {
         }
         tern_durable::write_atomic(&path, bytes, false).with_context(|| format!("writing {}", path.display()))
     };
-    for (i, root) in built.roots.iter().enumerate() {
-        write(&format!("{}.root.json", i + 1), root.as_bytes())?;
-    }
-    write("root.json", built.roots.last().expect("a root").as_bytes())?;
-    write("timestamp.json", built.timestamp.as_bytes())?;
-    write("snapshot.json", built.snapshot.as_bytes())?;
-    write("targets.json", built.targets.as_bytes())?;
+    let Some(last_root) = built.roots.last() else { bail!("the coordinator sent no root") };
+    // Artifacts first, then metadata bottom-up, so that a client reading
+    // the folder meanwhile never finds a timestamp naming what is not there.
     let pb = ProgressBar::new(built.files.len() as u64);
     pb.set_style(ProgressStyle::with_template("artifacts {bar:30} {pos}/{len}").expect("template"));
     for (path, sha) in &built.files {
+        let plain = path.split('/').all(|c| !c.is_empty() && c != "." && c != ".." && !c.contains('\\'));
+        if !plain {
+            bail!("refusing target path {path:?}: it would leave {}", dir.display());
+        }
         let bytes = c.get_bytes(&format!("/v1/artifacts/{}", sha.to_hex()))?;
         if Sha256Digest::of(&bytes) != *sha {
             bail!("artifact of {path} does not match its digest {sha}");
@@ -654,6 +654,13 @@ pub fn export_tuf(c: &Client, dir: &Path, json: bool) -> Result<()> {
         pb.inc(1);
     }
     pb.finish_and_clear();
+    for (i, root) in built.roots.iter().enumerate() {
+        write(&format!("{}.root.json", i + 1), root.as_bytes())?;
+    }
+    write("root.json", last_root.as_bytes())?;
+    write("targets.json", built.targets.as_bytes())?;
+    write("snapshot.json", built.snapshot.as_bytes())?;
+    write("timestamp.json", built.timestamp.as_bytes())?;
     if json {
         let targets: Vec<&String> = built.files.iter().map(|(p, _)| p).collect();
         return print_json(&json!({ "dir": dir, "roots": built.roots.len(), "targets": targets }));

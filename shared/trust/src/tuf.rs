@@ -19,8 +19,15 @@ pub const SPEC_VERSION: &str = "1.0.31";
 /// Tern's targets of a fleet stay far below it).
 pub const MAX_METADATA_BYTES: usize = 512 * 1024;
 
-/// Root rotations one refresh walks through at most (python-tuf's default).
-pub const MAX_ROOT_ROTATIONS: u64 = 256;
+/// Before this (2026-01-01), a clock is taken for one that was never set
+/// (no real-time clock): then the newest time a verified timestamp carried
+/// is the lower bound of now. A set clock is used as it reads.
+pub const PLAUSIBLE_CLOCK: u64 = 1_767_225_600;
+
+/// The longest a timestamp may be valid past the time it says it was
+/// issued (one that claims more is refused, so that a timestamp key cannot
+/// push a clockless device's lower bound of time far ahead).
+pub const MAX_TIMESTAMP_LIFE: u64 = 31 * 86_400;
 
 /// A top-level role.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -229,7 +236,7 @@ pub struct TargetFile {
     pub length: u64,
     /// Its hashes by algorithm (`sha256` at least, for Tern).
     pub hashes: BTreeMap<String, String>,
-    /// Anything else (Tern puts a version's signed manifest here).
+    /// Anything else (Tern puts the model's name, version and format here).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub custom: Option<Value>,
 }
@@ -370,21 +377,27 @@ impl TrustedSet {
         })
     }
 
-    /// Adds the trusted timestamp, snapshot and targets a client persisted
-    /// (each still checked against the trusted root; expiry is not checked,
-    /// they are the baseline against which rollbacks are refused).
-    pub fn restore(&mut self, timestamp: Option<&[u8]>, snapshot: Option<&[u8]>) -> Result<(), TufError> {
-        if let Some(b) = timestamp {
-            let env = parse(Role::Timestamp, b)?;
-            env.verify(Role::Timestamp, &self.root.body)?;
-            self.timestamp = Some(Verified { body: env.body(Role::Timestamp)?, bytes: b.to_vec() });
+    /// Adds the timestamp and snapshot a client persisted, once the root is
+    /// final (after every [`TrustedSet::update_root`]): the baseline against
+    /// which rollbacks are refused. Expiry is not checked. One that no
+    /// longer verifies against the trusted root (its role's keys or
+    /// threshold changed) is dropped rather than refused: versions signed
+    /// by replaced keys must not hold the client back (fast-forward
+    /// recovery). Returns whether each was kept.
+    pub fn restore(&mut self, timestamp: Option<&[u8]>, snapshot: Option<&[u8]>) -> Result<(bool, bool), TufError> {
+        if self.timestamp.is_some() || self.snapshot.is_some() {
+            return Err(TufError::Order("restoring, before any timestamp update,"));
         }
-        if let Some(b) = snapshot {
-            let env = parse(Role::Snapshot, b)?;
-            env.verify(Role::Snapshot, &self.root.body)?;
-            self.snapshot = Some(Verified { body: env.body(Role::Snapshot)?, bytes: b.to_vec() });
-        }
-        Ok(())
+        let take = |role: Role, b: &[u8]| -> Option<Verified<Versions>> {
+            let env = parse(role, b).ok()?;
+            env.verify(role, &self.root.body).ok()?;
+            let body: Versions = env.body(role).ok()?;
+            let names = if role == Role::Timestamp { "snapshot.json" } else { "targets.json" };
+            body.meta.contains_key(names).then(|| Verified { body, bytes: b.to_vec() })
+        };
+        self.timestamp = timestamp.and_then(|b| take(Role::Timestamp, b));
+        self.snapshot = snapshot.and_then(|b| take(Role::Snapshot, b));
+        Ok((self.timestamp.is_some(), self.snapshot.is_some()))
     }
 
     /// The trusted root.
@@ -413,7 +426,7 @@ impl TrustedSet {
     }
 
     fn now(&self, clock: u64) -> u64 {
-        clock.max(self.floor)
+        if clock >= PLAUSIBLE_CLOCK { clock } else { clock.max(self.floor) }
     }
 
     fn check_expiry(&self, role: Role, expires: &str, clock: u64) -> Result<(), TufError> {
@@ -430,14 +443,18 @@ impl TrustedSet {
 
     /// Takes the next root (`N+1.root.json`): signed by a threshold of the
     /// trusted root's root keys and of its own, with exactly the next
-    /// version. If the timestamp or snapshot keys changed, the trusted
-    /// timestamp and snapshot are dropped, so that versions signed by
-    /// compromised keys cannot hold the client back (fast-forward recovery).
+    /// version. Only before the timestamp (and [`TrustedSet::restore`]).
     pub fn update_root(&mut self, bytes: &[u8]) -> Result<(), TufError> {
+        if self.timestamp.is_some() || self.snapshot.is_some() {
+            return Err(TufError::Order("every root update, before the timestamp,"));
+        }
         let env = parse(Role::Root, bytes)?;
         env.verify(Role::Root, &self.root.body)?;
         let body: Root = env.body(Role::Root)?;
-        let expected = self.root.body.version + 1;
+        let expected = self.root.body.version.checked_add(1).ok_or_else(|| TufError::Malformed {
+            role: Role::Root,
+            detail: "the trusted root has the highest version there is".into(),
+        })?;
         if body.version != expected {
             return Err(TufError::WrongVersion {
                 role: Role::Root,
@@ -447,17 +464,6 @@ impl TrustedSet {
             });
         }
         env.verify(Role::Root, &body)?;
-        let rotated = |role: Role| {
-            let keys = |r: &Root| r.roles.get(role.name()).map(|k| k.keyids.clone());
-            keys(&self.root.body) != keys(&body)
-        };
-        if rotated(Role::Timestamp) {
-            self.timestamp = None;
-            self.snapshot = None;
-        }
-        if rotated(Role::Snapshot) {
-            self.snapshot = None;
-        }
         self.root = Verified { body, bytes: bytes.to_vec() };
         Ok(())
     }
@@ -494,10 +500,24 @@ impl TrustedSet {
             }
         }
         self.check_expiry(Role::Timestamp, &body.expires, clock)?;
-        if let Some(issued) = env.signed.get(ISSUED_FIELD).and_then(Value::as_str).and_then(parse_time) {
-            self.floor = self.floor.max(issued);
+        if let Some(issued) = env.signed.get(ISSUED_FIELD) {
+            let issued = issued.as_str().and_then(parse_time);
+            let expires = parse_time(&body.expires).expect("checked above");
+            match issued {
+                Some(t) if t <= expires && expires - t <= MAX_TIMESTAMP_LIFE => self.floor = self.floor.max(t),
+                _ => {
+                    return Err(TufError::Malformed {
+                        role: Role::Timestamp,
+                        detail: format!(
+                            "{ISSUED_FIELD} must be a time at most {MAX_TIMESTAMP_LIFE} s before it expires"
+                        ),
+                    });
+                }
+            }
         }
         self.timestamp = Some(Verified { body, bytes: bytes.to_vec() });
+        // Targets are trusted again only through the snapshot this names.
+        self.targets = None;
         Ok(true)
     }
 
@@ -505,7 +525,11 @@ impl TrustedSet {
     pub fn update_snapshot(&mut self, bytes: &[u8], clock: u64) -> Result<(), TufError> {
         let ts = self.timestamp.as_ref().ok_or(TufError::Order("a timestamp"))?;
         self.check_expiry(Role::Timestamp, &ts.body.expires, clock)?;
-        let named = ts.body.meta.get("snapshot.json").expect("checked when the timestamp was taken").clone();
+        let named =
+            ts.body.meta.get("snapshot.json").cloned().ok_or_else(|| TufError::Malformed {
+                role: Role::Timestamp,
+                detail: "no snapshot.json in meta".into(),
+            })?;
         check_meta_file("snapshot.json", bytes, &named)?;
         let env = parse(Role::Snapshot, bytes)?;
         env.verify(Role::Snapshot, &self.root.body)?;
@@ -543,6 +567,18 @@ impl TrustedSet {
     /// Takes `targets.json`, as the trusted snapshot names it.
     pub fn update_targets(&mut self, bytes: &[u8], clock: u64) -> Result<(), TufError> {
         let snap = self.snapshot.as_ref().ok_or(TufError::Order("a snapshot"))?;
+        // The snapshot must be the one the trusted timestamp names (not a
+        // restored one a failed snapshot update left behind).
+        let ts = self.timestamp.as_ref().ok_or(TufError::Order("a timestamp"))?;
+        let want = ts.body.meta.get("snapshot.json").map_or(0, |m| m.version);
+        if snap.body.version != want {
+            return Err(TufError::WrongVersion {
+                role: Role::Snapshot,
+                got: snap.body.version,
+                expected: want,
+                by: "the timestamp",
+            });
+        }
         self.check_expiry(Role::Snapshot, &snap.body.expires, clock)?;
         let named =
             snap.body.meta.get("targets.json").cloned().ok_or_else(|| TufError::Malformed {
@@ -626,9 +662,15 @@ pub fn parse_time(s: &str) -> Option<u64> {
     {
         return None;
     }
-    let num = |r: std::ops::Range<usize>| s.get(r)?.parse::<u64>().ok();
+    let num = |r: std::ops::Range<usize>| {
+        let digits = s.get(r)?;
+        digits.bytes().all(|c| c.is_ascii_digit()).then(|| digits.parse::<u64>().ok())?
+    };
     let (y, mo, d, h, mi, se) = (num(0..4)?, num(5..7)?, num(8..10)?, num(11..13)?, num(14..16)?, num(17..19)?);
-    if !(1..=12).contains(&mo) || !(1..=31).contains(&d) || h > 23 || mi > 59 || se > 60 || y < 1970 {
+    let leap = y % 4 == 0 && (y % 100 != 0 || y % 400 == 0);
+    let month_days = [31, if leap { 29 } else { 28 }, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31];
+    if !(1..=12).contains(&mo) || d < 1 || d > month_days[(mo - 1) as usize] || h > 23 || mi > 59 || se > 59 || y < 1970
+    {
         return None;
     }
     Some(days_from_civil(y, mo, d) * 86_400 + h * 3600 + mi * 60 + se)

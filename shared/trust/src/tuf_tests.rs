@@ -237,7 +237,9 @@ fn wrong_keys_and_below_threshold_signatures_are_refused() {
 fn a_new_root_must_be_signed_by_the_old_and_the_new_and_come_in_order() {
     let k = keys();
     let r = repo(&k, (3, 3, 3));
-    let mut set = trusting(&k, &r);
+    let trusted = trusting(&k, &r);
+    // The next refresh starts from the persisted root: roots first.
+    let mut set = TrustedSet::new(&r.root, 0).unwrap();
     // Rotate the root and timestamp keys: v2 signed by the old root key and the new.
     let k2 =
         Keys { root: key().into(), timestamp: key().into(), snapshot: k.snapshot.clone(), targets: k.targets.clone() };
@@ -254,14 +256,20 @@ fn a_new_root_must_be_signed_by_the_old_and_the_new_and_come_in_order() {
     let both = sign_metadata(Role::Root, &v2, &[&*k.root, &*k2.root]);
     set.update_root(&both).unwrap();
     assert_eq!(set.root().body.version, 2);
-    // The timestamp key rotated: the trusted timestamp is dropped, so a
+    // The persisted timestamp, signed by the replaced timestamp key, no
+    // longer verifies and is dropped; the snapshot (same key) is kept. So a
     // repository whose old timestamp key was abused to sign version 1000
-    // recovers with version 1 under the new key (fast-forward recovery).
-    assert!(set.timestamp().is_none() && set.snapshot().is_none());
-    let fresh = repo(&k2, (1, 1, 3));
+    // recovers with version 1 under the new key (fast-forward recovery),
+    // while the snapshot still guards against rollback.
+    let kept = set.restore(Some(&trusted.timestamp().unwrap().bytes), Some(&trusted.snapshot().unwrap().bytes));
+    assert_eq!(kept, Ok((false, true)));
+    assert_eq!(set.update_root(&both), Err(TufError::Order("every root update, before the timestamp,")));
+    let fresh = repo(&k2, (1, 3, 3));
     refresh(&mut set, &fresh, NOW).unwrap();
     // The old timestamp key no longer counts.
     let old = repo(&k, (4, 4, 4));
+    let mut set = TrustedSet::new(&r.root, 0).unwrap();
+    set.update_root(&both).unwrap();
     assert!(matches!(set.update_timestamp(&old.timestamp, NOW), Err(TufError::BelowThreshold { .. })));
     // An expired root (after the last rotation) stops the refresh.
     assert!(matches!(set.root_is_fresh(NOW + 366 * DAY), Err(TufError::Expired { role: Role::Root, .. })));
@@ -296,7 +304,16 @@ fn times_round_trip_and_malformed_ones_are_refused() {
     for t in [0, 951_782_400, 4_102_444_800, NOW] {
         assert_eq!(parse_time(&format_time(t)), Some(t));
     }
-    for bad in ["2026-12-01 00:00:00Z", "2026-13-01T00:00:00Z", "2026-12-01T00:00:00", "1969-12-31T23:59:59Z"] {
+    assert_eq!(parse_time("2024-02-29T00:00:00Z"), Some(1_709_164_800));
+    for bad in [
+        "2026-12-01 00:00:00Z",
+        "2026-13-01T00:00:00Z",
+        "2026-12-01T00:00:00",
+        "1969-12-31T23:59:59Z",
+        "2026-02-29T00:00:00Z",
+        "2026-04-31T00:00:00Z",
+        "2026-12-+1T00:00:00Z",
+    ] {
         assert_eq!(parse_time(bad), None, "{bad}");
     }
 }
@@ -309,4 +326,42 @@ fn metadata_of_another_role_or_spec_is_refused() {
     let e = set.update_timestamp(&r.snapshot, NOW).unwrap_err();
     assert!(e.to_string().contains("_type is Some(\"snapshot\")"), "{e}");
     assert!(matches!(set.update_timestamp(b"{not json", NOW), Err(TufError::Malformed { .. })));
+}
+
+#[test]
+fn a_timestamp_cannot_push_the_lower_bound_of_time_far_ahead_and_a_set_clock_ignores_it() {
+    let k = keys();
+    let r = repo(&k, (1, 1, 1));
+    let signed = |issued: u64, expires: u64| {
+        let mut v = serde_json::to_value(versions(2, expires, "snapshot.json", 1, None)).unwrap();
+        v.as_object_mut().unwrap().insert(ISSUED_FIELD.into(), format_time(issued).into());
+        sign_metadata(Role::Timestamp, &v, &[&*k.timestamp])
+    };
+    let mut set = TrustedSet::new(&r.root, 0).unwrap();
+    // Issued in 2200 and valid till 2201: more life than a timestamp may claim.
+    let far = parse_time("2200-01-01T00:00:00Z").unwrap();
+    let e = set.update_timestamp(&signed(far, far + 365 * DAY), 0).unwrap_err();
+    assert!(matches!(e, TufError::Malformed { role: Role::Timestamp, .. }), "{e}");
+    assert_eq!(set.floor(), 0);
+    // Issued after it expires.
+    assert!(set.update_timestamp(&signed(NOW + DAY, NOW), 0).is_err());
+    // A floor ahead of a clock that is set does not count.
+    let mut set = TrustedSet::new(&r.root, NOW + 30 * DAY).unwrap();
+    assert_eq!(set.update_timestamp(&signed(NOW, NOW + DAY), NOW), Ok(true));
+}
+
+#[test]
+fn targets_come_only_through_the_snapshot_the_trusted_timestamp_names() {
+    let k = keys();
+    let (a, b) = (repo(&k, (1, 1, 1)), repo(&k, (2, 2, 2)));
+    let trusted = trusting(&k, &a);
+    let mut set = TrustedSet::new(&a.root, 0).unwrap();
+    set.restore(Some(&trusted.timestamp().unwrap().bytes), Some(&trusted.snapshot().unwrap().bytes)).unwrap();
+    // A newer timestamp, then the old snapshot (whose update fails): the
+    // restored snapshot does not let old targets through.
+    assert_eq!(set.update_timestamp(&b.timestamp, NOW), Ok(true));
+    assert!(set.update_snapshot(&a.snapshot, NOW).is_err());
+    let e = set.update_targets(&a.targets, NOW).unwrap_err();
+    assert_eq!(e, TufError::WrongVersion { role: Role::Snapshot, got: 1, expected: 2, by: "the timestamp" });
+    assert_eq!(set.target("iris/1"), Err(TufError::Order("targets")));
 }

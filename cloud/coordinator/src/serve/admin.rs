@@ -366,7 +366,6 @@ async fn new_token(
     ))
 }
 
-/// What the coordinator holds open now.
 /// Signs new timestamp, snapshot and targets metadata over the approved
 /// versions, and returns them with every root.
 async fn tuf_repository(Ext(state): Ext<Arc<State>>) -> ApiResult<Json<super::tuf::Built>> {
@@ -392,6 +391,7 @@ async fn artifact(Ext(state): Ext<Arc<State>>, Path(sha256): Path<String>) -> Ap
     Ok(bytes.into_response())
 }
 
+/// What the coordinator holds open now.
 async fn status(Ext(state): Ext<Arc<State>>) -> Json<serde_json::Value> {
     Json(json!({
         "connections": state.counters.total(),

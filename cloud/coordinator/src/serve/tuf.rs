@@ -125,6 +125,14 @@ impl TufRepo {
             Some(prev) => tern_trust::tuf::TrustedSet::new(prev, 0).and_then(|mut t| t.update_root(&bytes)),
         }
         .context("the new root does not verify (was the previous root key given with --previous-key?)")?;
+        // The online roles count from here; a repository with roots and no
+        // counters (a data dir restored without it) refuses to build rather
+        // than sign versions already used.
+        let counters = self.dir.join("counters.json");
+        if !counters.exists() {
+            write_atomic(&counters, &serde_json::to_vec(&Counters::default())?, false)
+                .context("writing tuf/counters.json")?;
+        }
         let path = self.dir.join(format!("{version}.root.json"));
         write_atomic(&path, &bytes, false).with_context(|| format!("writing {}", path.display()))?;
         Ok(version)
@@ -141,10 +149,14 @@ impl TufRepo {
         let counters_path = self.dir.join("counters.json");
         let mut c: Counters = match std::fs::read(&counters_path) {
             Ok(b) => serde_json::from_slice(&b).with_context(|| format!("reading {}", counters_path.display()))?,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Counters::default(),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => bail!(
+                "{} is missing: the versions signed so far are unknown, and reusing one would break clients; restore it from a backup",
+                counters_path.display()
+            ),
             Err(e) => return Err(e).with_context(|| format!("reading {}", counters_path.display())),
         };
-        (c.timestamp, c.snapshot, c.targets) = (c.timestamp + 1, c.snapshot + 1, c.targets + 1);
+        let next = |v: u64| v.checked_add(1).context("a TUF version counter is at its maximum");
+        (c.timestamp, c.snapshot, c.targets) = (next(c.timestamp)?, next(c.snapshot)?, next(c.targets)?);
         // Written before anything is signed with them: a crash never signs
         // two different files with one version.
         write_atomic(&counters_path, &serde_json::to_vec(&c)?, false).context("writing tuf/counters.json")?;
@@ -189,12 +201,12 @@ impl TufRepo {
         })?;
         ts.as_object_mut().expect("an object").insert(ISSUED_FIELD.into(), format_time(now).into());
         let timestamp_json = sign_metadata(Role::Timestamp, &ts, &[key(Role::Timestamp)]);
-        let text = |b: Vec<u8>| String::from_utf8(b).expect("JSON is UTF-8");
+        let text = |b: Vec<u8>| String::from_utf8(b).context("metadata is not UTF-8");
         Ok(Built {
-            roots: roots.into_iter().map(text).collect::<Vec<_>>(),
-            timestamp: text(timestamp_json),
-            snapshot: text(snapshot_json),
-            targets: text(targets_json),
+            roots: roots.into_iter().map(text).collect::<Result<Vec<_>>>()?,
+            timestamp: text(timestamp_json)?,
+            snapshot: text(snapshot_json)?,
+            targets: text(targets_json)?,
             files,
         })
     }
