@@ -7,7 +7,7 @@ use std::io::Read as _;
 use std::os::unix::process::CommandExt as _;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
-use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use tokio::io::{AsyncBufReadExt as _, AsyncReadExt as _, AsyncWriteExt as _};
 
 /// One model's hook.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -80,13 +80,10 @@ async fn get(authority: &str, path: &str, model: &str, version: u32) -> Result<(
     stream.write_all(request.as_bytes()).await.map_err(|e| format!("{url}: {e}"))?;
     // The status line is all that is read; the rest of the answer is not.
     let mut head = Vec::with_capacity(64);
-    let mut byte = [0u8; 1];
-    while head.len() < KEEP && !head.ends_with(b"\r\n") {
-        match stream.read(&mut byte).await.map_err(|e| format!("{url}: {e}"))? {
-            0 => break,
-            _ => head.push(byte[0]),
-        }
-    }
+    tokio::io::BufReader::new(stream.take(KEEP as u64))
+        .read_until(b'\n', &mut head)
+        .await
+        .map_err(|e| format!("{url}: {e}"))?;
     let line = String::from_utf8_lossy(&head).trim_end().to_string();
     let code = line
         .strip_prefix("HTTP/1.")

@@ -455,14 +455,7 @@ impl TrustedSet {
             role: Role::Root,
             detail: "the trusted root has the highest version there is".into(),
         })?;
-        if body.version != expected {
-            return Err(TufError::WrongVersion {
-                role: Role::Root,
-                got: body.version,
-                expected,
-                by: "the trusted root",
-            });
-        }
+        same_version(Role::Root, body.version, expected, "the trusted root")?;
         env.verify(Role::Root, &body)?;
         self.root = Verified { body, bytes: bytes.to_vec() };
         Ok(())
@@ -480,10 +473,7 @@ impl TrustedSet {
         let env = parse(Role::Timestamp, bytes)?;
         env.verify(Role::Timestamp, &self.root.body)?;
         let body: Versions = env.body(Role::Timestamp)?;
-        let snap = body
-            .meta
-            .get("snapshot.json")
-            .ok_or_else(|| TufError::Malformed { role: Role::Timestamp, detail: "no snapshot.json in meta".into() })?;
+        let snap = named(&body, Role::Timestamp, "snapshot.json")?;
         if let Some(old) = &self.timestamp {
             if body.version < old.body.version {
                 return Err(TufError::Rollback { role: Role::Timestamp, got: body.version, trusted: old.body.version });
@@ -525,23 +515,12 @@ impl TrustedSet {
     pub fn update_snapshot(&mut self, bytes: &[u8], clock: u64) -> Result<(), TufError> {
         let ts = self.timestamp.as_ref().ok_or(TufError::Order("a timestamp"))?;
         self.check_expiry(Role::Timestamp, &ts.body.expires, clock)?;
-        let named =
-            ts.body.meta.get("snapshot.json").cloned().ok_or_else(|| TufError::Malformed {
-                role: Role::Timestamp,
-                detail: "no snapshot.json in meta".into(),
-            })?;
-        check_meta_file("snapshot.json", bytes, &named)?;
+        let want = named(&ts.body, Role::Timestamp, "snapshot.json")?.clone();
+        check_meta_file("snapshot.json", bytes, &want)?;
         let env = parse(Role::Snapshot, bytes)?;
         env.verify(Role::Snapshot, &self.root.body)?;
         let body: Versions = env.body(Role::Snapshot)?;
-        if body.version != named.version {
-            return Err(TufError::WrongVersion {
-                role: Role::Snapshot,
-                got: body.version,
-                expected: named.version,
-                by: "the timestamp",
-            });
-        }
+        same_version(Role::Snapshot, body.version, want.version, "the timestamp")?;
         if let Some(old) = &self.snapshot {
             for (name, m) in &old.body.meta {
                 match body.meta.get(name) {
@@ -570,33 +549,15 @@ impl TrustedSet {
         // The snapshot must be the one the trusted timestamp names (not a
         // restored one a failed snapshot update left behind).
         let ts = self.timestamp.as_ref().ok_or(TufError::Order("a timestamp"))?;
-        let want = ts.body.meta.get("snapshot.json").map_or(0, |m| m.version);
-        if snap.body.version != want {
-            return Err(TufError::WrongVersion {
-                role: Role::Snapshot,
-                got: snap.body.version,
-                expected: want,
-                by: "the timestamp",
-            });
-        }
+        let snapshot_named = named(&ts.body, Role::Timestamp, "snapshot.json")?;
+        same_version(Role::Snapshot, snap.body.version, snapshot_named.version, "the timestamp")?;
         self.check_expiry(Role::Snapshot, &snap.body.expires, clock)?;
-        let named =
-            snap.body.meta.get("targets.json").cloned().ok_or_else(|| TufError::Malformed {
-                role: Role::Snapshot,
-                detail: "no targets.json in meta".into(),
-            })?;
-        check_meta_file("targets.json", bytes, &named)?;
+        let want = named(&snap.body, Role::Snapshot, "targets.json")?.clone();
+        check_meta_file("targets.json", bytes, &want)?;
         let env = parse(Role::Targets, bytes)?;
         env.verify(Role::Targets, &self.root.body)?;
         let body: Targets = env.body(Role::Targets)?;
-        if body.version != named.version {
-            return Err(TufError::WrongVersion {
-                role: Role::Targets,
-                got: body.version,
-                expected: named.version,
-                by: "the snapshot",
-            });
-        }
+        same_version(Role::Targets, body.version, want.version, "the snapshot")?;
         self.check_expiry(Role::Targets, &body.expires, clock)?;
         self.targets = Some(Verified { body, bytes: bytes.to_vec() });
         Ok(())
@@ -615,6 +576,16 @@ impl TargetFile {
     pub fn check(&self, what: &str, bytes: &[u8]) -> Result<(), TufError> {
         check_file(what, bytes, Some(self.length), Some(&self.hashes), true)
     }
+}
+
+/// The entry for `file` in the meta of `role`'s `body`.
+fn named<'a>(body: &'a Versions, role: Role, file: &str) -> Result<&'a MetaFile, TufError> {
+    body.meta.get(file).ok_or_else(|| TufError::Malformed { role, detail: format!("no {file} in meta") })
+}
+
+/// `role`'s metadata must be exactly the version that `by` names.
+fn same_version(role: Role, got: u64, expected: u64, by: &'static str) -> Result<(), TufError> {
+    if got == expected { Ok(()) } else { Err(TufError::WrongVersion { role, got, expected, by }) }
 }
 
 fn check_meta_file(what: &str, bytes: &[u8], named: &MetaFile) -> Result<(), TufError> {

@@ -101,7 +101,8 @@ impl TufRepo {
     /// too), naming this repository's online keys; valid for `days`.
     /// Returns its version.
     pub fn sign_root(&self, root_keys: &[&SigningKey], signers: &[&SigningKey], days: u64, now: u64) -> Result<u64> {
-        let version = self.roots()?.len() as u64 + 1;
+        let roots = self.roots()?;
+        let version = roots.len() as u64 + 1;
         let mut keys = BTreeMap::new();
         let mut roles = BTreeMap::new();
         let mut ids = Vec::new();
@@ -119,7 +120,6 @@ impl TufRepo {
         let root = Root { consistent_snapshot: false, version, expires: format_time(now + days * DAY), keys, roles };
         let bytes = sign_metadata(Role::Root, &root, signers);
         // The new root must verify as a client would take it.
-        let roots = self.roots()?;
         match roots.last() {
             None => tern_trust::tuf::TrustedSet::new(&bytes, 0).map(|_| ()),
             Some(prev) => tern_trust::tuf::TrustedSet::new(prev, 0).and_then(|mut t| t.update_root(&bytes)),
