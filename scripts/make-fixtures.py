@@ -236,6 +236,35 @@ def staged_models() -> None:
         print(f"{name}: {out.tolist()}")
 
 
+def oversized_model() -> None:
+    """scorer-oversized.onnx: scorer-a's answers, but each run also sums a
+    12000 x 12000 expansion of x (576 MB of f32): a device without that
+    much memory dies inside the runtime (an allocation failure aborts the
+    process whatever the panic strategy), a machine with it runs it."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    w = np.array([[1, 0, 0], [0, 1, 0], [0, 0, 1], [0, 0, 0]], np.float32)
+    g = helper.make_graph(
+        [
+            helper.make_node("MatMul", ["x", "w"], ["s"]),
+            helper.make_node("ReduceSum", ["x"], ["total"], keepdims=1),
+            helper.make_node("Expand", ["total", "big"], ["wide"]),
+            helper.make_node("ReduceSum", ["wide"], ["sum"], keepdims=0),
+            helper.make_node("Mul", ["sum", "zero"], ["nothing"]),
+            helper.make_node("Add", ["s", "nothing"], ["scores"]),
+        ],
+        "scorer-oversized",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])],
+        [helper.make_tensor_value_info("scores", TensorProto.FLOAT, ["N", 3])],
+        [
+            numpy_helper.from_array(w, "w"),
+            numpy_helper.from_array(np.array([12000, 12000], np.int64), "big"),
+            numpy_helper.from_array(np.array(1e-30, np.float32), "zero"),
+        ],
+    )
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), OUT / "scorer-oversized.onnx")
+
+
 def main() -> None:
     from skl2onnx import to_onnx
     from sklearn.datasets import load_iris
@@ -247,6 +276,7 @@ def main() -> None:
     wide_model()
     small_models()
     staged_models()
+    oversized_model()
     OUT.mkdir(exist_ok=True)
     x, y = load_iris(return_X_y=True)
     x = x.astype(np.float32)
@@ -330,4 +360,4 @@ def builtin_models(classifier, x, rows) -> None:
 if __name__ == "__main__":
     import sys
 
-    {"recurrent": recurrent_models, "wide": wide_model, "staged": staged_models}.get(" ".join(sys.argv[1:]), main)()
+    {"recurrent": recurrent_models, "wide": wide_model, "staged": staged_models, "oversized": oversized_model}.get(" ".join(sys.argv[1:]), main)()

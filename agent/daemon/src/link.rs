@@ -4,6 +4,7 @@
 
 use crate::identity::{Identity, resolve};
 use crate::store::Store;
+use crate::trust::Incoming;
 use anyhow::{Context, Result, anyhow, bail};
 use std::sync::Arc;
 use std::time::Duration;
@@ -43,7 +44,7 @@ fn fitted(mut report: StatusReport, version: WireVersion) -> StatusReport {
 /// What the link tells the main loop.
 pub enum FromLink {
     /// The coordinator sent a desired state.
-    Desired(tern_proto::DesiredState),
+    Desired(crate::trust::Incoming),
 }
 
 /// What the agent reports, as the main loop publishes it.
@@ -67,9 +68,15 @@ pub async fn run(
 ) {
     let mut backoff = Duration::from_millis(250);
     loop {
-        match session(&identity, &formats, &conn_tx, &mut reports, &to_main).await {
-            Ok(()) => backoff = Duration::from_millis(250),
-            Err(e) => warn!("coordinator session: {e:#}; retrying in {backoff:?}"),
+        let mut welcomed = false;
+        let ended = session(&identity, &formats, &conn_tx, &mut reports, &to_main, &mut welcomed).await;
+        // A session that got as far as a Welcome starts the back-off over:
+        // a coordinator restarted now and then is not one that stays down.
+        if welcomed {
+            backoff = Duration::from_millis(250);
+        }
+        if let Err(e) = ended {
+            warn!("coordinator session: {e:#}; retrying in {backoff:?}");
         }
         conn_tx.send_replace(None);
         tokio::time::sleep(backoff).await;
@@ -83,6 +90,7 @@ async fn session(
     conn_tx: &watch::Sender<Session>,
     reports: &mut Reports,
     to_main: &mpsc::Sender<FromLink>,
+    welcomed: &mut bool,
 ) -> Result<()> {
     let Reports { status: status_rx, history: history_rx } = reports;
     let addr = resolve(&identity.info.coordinator).await?;
@@ -114,6 +122,7 @@ async fn session(
                 bail!("coordinator answered in wire v{} on a {version} connection", w.wire_version);
             }
             info!(device = %w.device_id, %addr, wire = %version, "connected to coordinator");
+            *welcomed = true;
         }
         Some(Message::Error(e)) if e.code == ErrorCode::Revoked => {
             bail!("coordinator refused the session: this device was removed from the fleet ({})", e.message)
@@ -138,9 +147,16 @@ async fn session(
         // loses none of the frame's bytes.
         tokio::select! {
             msg = reader.next() => match msg? {
-                Some(Message::Desired(d)) => {
-                    debug!(generation = d.generation, models = d.models.len(), "desired state received");
-                    to_main.send(FromLink::Desired(d)).await.map_err(|_| anyhow!("agent is stopping"))?;
+                Some(Message::Desired(state)) => {
+                    debug!(generation = state.generation, models = state.models.len(), "desired state received");
+                    let incoming = Incoming { state, signed: None, wire: version };
+                    to_main.send(FromLink::Desired(incoming)).await.map_err(|_| anyhow!("agent is stopping"))?;
+                }
+                Some(Message::SignedDesired(s)) => {
+                    debug!(generation = s.state.generation, models = s.state.models.len(), tuf = s.tuf.is_some(),
+                        "signed desired state received");
+                    let incoming = Incoming { state: s.state, signed: Some((s.signature, s.tuf)), wire: version };
+                    to_main.send(FromLink::Desired(incoming)).await.map_err(|_| anyhow!("agent is stopping"))?;
                 }
                 Some(Message::Error(e)) => warn!("coordinator: {}", e.message),
                 Some(other) => warn!("ignoring unexpected {} on the control stream", other.kind()),
@@ -232,6 +248,15 @@ async fn download(store: &Store, conn: &quinn::Connection, version: WireVersion,
     file.set_len(offset).await?;
     file.seek(std::io::SeekFrom::Start(offset)).await?;
     let mut got = offset;
+    // A full disk keeps nothing of the download: the space goes back to the
+    // models, the store and the other downloads, and the retry starts over.
+    let full = async |e: std::io::Error, at: u64| -> anyhow::Error {
+        if e.kind() != std::io::ErrorKind::StorageFull && e.raw_os_error() != Some(libc::EDQUOT) {
+            return e.into();
+        }
+        let _ = tokio::fs::remove_file(&partial).await;
+        anyhow!("disk full at byte {at} of {} (the partial download was removed)", want.size)
+    };
     while let Some(chunk) =
         recv.read_chunk(256 * 1024, true).await.map_err(|e| anyhow!("download interrupted at byte {got}: {e}"))?
     {
@@ -239,9 +264,13 @@ async fn download(store: &Store, conn: &quinn::Connection, version: WireVersion,
         if got > want.size {
             bail!("coordinator sent more than the {} bytes of the manifest", want.size);
         }
-        file.write_all(&chunk.bytes).await?;
+        if let Err(e) = file.write_all(&chunk.bytes).await {
+            return Err(full(e, got - chunk.bytes.len() as u64).await);
+        }
     }
-    file.sync_all().await?;
+    if let Err(e) = file.sync_all().await {
+        return Err(full(e, got).await);
+    }
     if got != want.size {
         bail!("download ended at byte {got} of {}; will resume", want.size);
     }

@@ -12,6 +12,7 @@ mod profiles;
 mod runner;
 mod serve;
 mod store;
+mod trust;
 mod update;
 
 use anyhow::{Context, Result};
@@ -233,22 +234,19 @@ async fn run(
     info!(device = %identity.info.device_id, http = %http_addr, socket = %socket.display(),
         max_batch = sizing.limits.max_batch, request_memory = sizing.request_memory, "agent ready");
 
+    let trust = trust::Trust::open(
+        identity.registry_key,
+        identity.info.device_id.clone(),
+        data_dir.join("identity").join("tuf.json"),
+    )?;
     let live = Arc::new(Mutex::new(BTreeSet::new()));
     let persister = store::Persister::spawn(store.clone(), live.clone())?;
     let work = Arc::new(DaemonWork { store: store.clone(), conn_rx });
-    let (history_tx, history_rx) = watch::channel(Vec::new());
-    let runner = runner::Runner::new(
-        slots,
-        complete,
-        work,
-        shared,
-        identity.registry_key,
-        persister,
-        live,
-        status_tx,
-        history_tx,
-        hooks,
-    );
+    // The steps before this start, so that a crash's last ones still reach
+    // the coordinator (which keeps each step once).
+    let (history_tx, history_rx) = watch::channel(store.load_history());
+    let runner =
+        runner::Runner::new(slots, complete, work, shared, trust, persister, live, status_tx, history_tx, hooks);
     tokio::spawn(link::run(
         identity.clone(),
         formats,

@@ -9,6 +9,7 @@ use crate::gate::Gate;
 use crate::hook::Hook;
 use crate::link::FromLink;
 use crate::store::Persister;
+use crate::trust::{Incoming, Trust};
 use crate::update;
 use std::collections::{BTreeSet, HashMap};
 use std::future::Future;
@@ -17,9 +18,8 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 use tern_agent_core::{Action, DeferError, Event, Health, HookVerdict, Phase, Slots};
-use tern_proto::{DesiredState, LocalTime, MAX_HISTORY, ModelManifest, Sha256Digest, StatusReport, UpdateEvent};
+use tern_proto::{LocalTime, MAX_HISTORY, ModelManifest, Sha256Digest, StatusReport, UpdateEvent};
 use tern_runtime::Backend;
-use tern_trust::VerifyingKey;
 use tokio::sync::{mpsc, watch};
 use tracing::{debug, error, info, warn};
 
@@ -54,7 +54,7 @@ pub struct Runner<W: Work> {
     slots: Slots,
     work: Arc<W>,
     shared: Arc<Shared>,
-    registry_key: VerifyingKey,
+    trust: Trust,
     persister: Persister,
     live: Arc<Mutex<BTreeSet<Sha256Digest>>>,
     status: watch::Sender<StatusReport>,
@@ -216,7 +216,7 @@ impl<W: Work> Runner<W> {
         complete: bool,
         work: Arc<W>,
         shared: Arc<Shared>,
-        registry_key: VerifyingKey,
+        trust: Trust,
         persister: Persister,
         live: Arc<Mutex<BTreeSet<Sha256Digest>>>,
         status: watch::Sender<StatusReport>,
@@ -230,7 +230,7 @@ impl<W: Work> Runner<W> {
             slots,
             work,
             shared,
-            registry_key,
+            trust,
             persister,
             live,
             status,
@@ -312,22 +312,22 @@ impl<W: Work> Runner<W> {
         }
     }
 
-    /// Verifies every manifest of a desired state: one bad signature and
-    /// the whole state is refused (and reported), so a forged state cannot
-    /// unload a good model. Formats this build cannot run are the core's to
-    /// refuse, model by model.
-    fn apply_desired(&mut self, desired: DesiredState) {
-        let verified: Result<Vec<ModelManifest>, String> =
-            desired.models.iter().map(|signed| self.registry_key.verify(signed).map_err(|e| e.to_string())).collect();
-        match verified {
+    /// Takes a desired state once [`Trust`] verifies it; otherwise the
+    /// whole state is refused (and reported), so a forged or replayed state
+    /// cannot unload a good model. Formats this build cannot run are the
+    /// core's to refuse, model by model.
+    fn apply_desired(&mut self, incoming: Incoming) {
+        let generation = incoming.state.generation;
+        let clock = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+        match self.trust.check(&incoming, clock) {
             Ok(models) => {
                 let names: Vec<String> = models.iter().map(|m| format!("{}:{}", m.name, m.version)).collect();
-                info!(generation = desired.generation, models = ?names, "desired state");
-                self.slots.set_desired(desired.generation, models, Instant::now());
+                info!(generation, models = ?names, "desired state");
+                self.slots.set_desired(generation, models, Instant::now());
             }
             Err(e) => {
-                error!(generation = desired.generation, "refusing desired state: {e}");
-                self.slots.refuse(desired.generation, e);
+                error!(generation, "refusing desired state: {e}");
+                self.slots.refuse(generation, e);
             }
         }
     }
@@ -405,6 +405,7 @@ impl<W: Work> Runner<W> {
                 let excess = h.len().saturating_sub(MAX_HISTORY);
                 h.drain(..excess);
             });
+            self.persister.persist_history(self.slots.persisted(), self.history.borrow().clone());
         }
     }
 
@@ -782,7 +783,7 @@ mod tests {
                 true,
                 Arc::new(work),
                 shared.clone(),
-                key.verifying_key(),
+                Trust::new(key.verifying_key(), DeviceId::new("cam-01").unwrap()),
                 persister,
                 live,
                 status_tx,
@@ -796,7 +797,9 @@ mod tests {
 
         async fn desire(&self, generation: u64, m: ModelManifest) {
             let signed = self.key.sign(&m, ManifestEncoding::CanonicalJson).unwrap();
-            self.link.send(FromLink::Desired(DesiredState { generation, models: vec![signed] })).await.unwrap();
+            let state = tern_proto::DesiredState { generation, models: vec![signed] };
+            let incoming = Incoming { state, signed: None, wire: tern_proto::WireVersion::V3 };
+            self.link.send(FromLink::Desired(incoming)).await.unwrap();
         }
 
         fn served(&self) -> Option<u32> {

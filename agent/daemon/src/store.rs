@@ -25,6 +25,9 @@ const SLOTS: &[u8] = b"slots/v2";
 /// were set aside as unreadable, and no desired state has been applied
 /// since): nothing is removed from disk meanwhile.
 const INCOMPLETE: &[u8] = b"slots/incomplete";
+/// The agent's recent update steps (JSON list of `UpdateEvent`, oldest
+/// first), so that a restart still reports what came before it.
+const HISTORY: &[u8] = b"history/v1";
 /// The schema this build writes.
 const SCHEMA: u32 = 2;
 
@@ -305,6 +308,29 @@ impl Store {
         Ok(())
     }
 
+    /// The update steps as last persisted (none if unreadable: they are a
+    /// record, not state).
+    pub fn load_history(&self) -> Vec<tern_proto::UpdateEvent> {
+        match self.db.get(HISTORY) {
+            Ok(Some(raw)) => serde_json::from_slice(&raw).unwrap_or_else(|e| {
+                warn!("agent state: the update history is unreadable ({e}); starting a new one");
+                Vec::new()
+            }),
+            Ok(None) => Vec::new(),
+            Err(e) => {
+                warn!("agent state: cannot read the update history: {e}");
+                Vec::new()
+            }
+        }
+    }
+
+    /// Persists the update steps, durably.
+    pub fn write_history(&self, h: &[tern_proto::UpdateEvent]) -> Result<()> {
+        self.db.insert(HISTORY, serde_json::to_vec(h)?)?;
+        sync_sled(&self.db, &self.root.join("state"))?;
+        Ok(())
+    }
+
     /// Where a verified artifact lives.
     pub fn model_path(&self, sha: &Sha256Digest) -> PathBuf {
         self.root.join("models").join(sha.to_hex())
@@ -400,11 +426,18 @@ pub trait SlotStore: Send + 'static {
     fn write(&mut self, p: &Persisted, complete: bool) -> Result<()>;
     /// Removes the artifacts neither `keep` nor `live` names.
     fn collect(&mut self, keep: &BTreeSet<Sha256Digest>, live: &Mutex<BTreeSet<Sha256Digest>>);
+    /// Writes the update steps durably.
+    fn write_history(&mut self, _h: &[tern_proto::UpdateEvent]) -> Result<()> {
+        Ok(())
+    }
 }
 
 impl SlotStore for Arc<Store> {
     fn write(&mut self, p: &Persisted, complete: bool) -> Result<()> {
         Store::write(self, p, complete)
+    }
+    fn write_history(&mut self, h: &[tern_proto::UpdateEvent]) -> Result<()> {
+        Store::write_history(self, h)
     }
     fn collect(&mut self, keep: &BTreeSet<Sha256Digest>, live: &Mutex<BTreeSet<Sha256Digest>>) {
         Store::collect(self, keep, live);
@@ -417,6 +450,8 @@ struct Job {
     slots: Persisted,
     write: bool,
     collect: bool,
+    /// Update steps to write, the newest handed over.
+    history: Option<Vec<tern_proto::UpdateEvent>>,
     /// Its place in the order snapshots were handed over.
     seq: u64,
 }
@@ -490,7 +525,17 @@ impl Persister {
                 };
                 while let Ok(mut job) = rx.recv() {
                     while let Ok(newer) = rx.try_recv() {
-                        job = Job { write: job.write || newer.write, collect: job.collect || newer.collect, ..newer };
+                        job = Job {
+                            write: job.write || newer.write,
+                            collect: job.collect || newer.collect,
+                            history: newer.history.or(job.history),
+                            ..newer
+                        };
+                    }
+                    if let Some(h) = job.history.take()
+                        && let Err(e) = store.write_history(&h)
+                    {
+                        error!("cannot persist the update history: {e:#}");
                     }
                     let p = job.slots;
                     if job.write {
@@ -528,7 +573,13 @@ impl Persister {
     pub fn persist(&mut self, p: Persisted) {
         self.seq += 1;
         // The thread only ends with the process.
-        let _ = self.tx.send(Job { slots: p, write: true, collect: true, seq: self.seq });
+        let _ = self.tx.send(Job { slots: p, write: true, collect: true, history: None, seq: self.seq });
+    }
+
+    /// Queues the update steps to write; returns at once. `slots` is the
+    /// current snapshot (written only if a persist is pending anyway).
+    pub fn persist_history(&self, slots: Persisted, h: Vec<tern_proto::UpdateEvent>) {
+        let _ = self.tx.send(Job { slots, write: false, collect: false, history: Some(h), seq: self.seq });
     }
 
     /// What to wait on for every snapshot queued so far to be on disk.
@@ -539,7 +590,7 @@ impl Persister {
     /// Removes the artifacts slots read from disk (`p`) do not name, without
     /// writing them again: what the agent does at start.
     pub fn collect(&self, p: Persisted) {
-        let _ = self.tx.send(Job { slots: p, write: false, collect: true, seq: self.seq });
+        let _ = self.tx.send(Job { slots: p, write: false, collect: true, history: None, seq: self.seq });
     }
 }
 

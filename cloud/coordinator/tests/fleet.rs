@@ -135,7 +135,7 @@ fn each_device_hears_only_of_its_own_changes_and_reports_what_it_applied() {
             let dev = RawDevice::connect(&coord, a, tern_proto::WireVersion::SUPPORTED).await.unwrap();
             let (send, mut reader, first) = dev.ask(&hello("raw")).await.unwrap();
             assert!(matches!(first, Some(Message::Welcome(_))));
-            assert!(matches!(reader.next().await.unwrap(), Some(Message::Desired(d)) if d.generation == 0));
+            assert!(matches!(desired_of(reader.next().await.unwrap()), Some(d) if d.generation == 0));
             sessions.push((dev, send, reader));
         }
         // 300 changes to cam-0 alone.
@@ -155,9 +155,10 @@ fn each_device_hears_only_of_its_own_changes_and_reports_what_it_applied() {
         let (_, _, reader) = &mut sessions[0];
         let mut last = 0;
         while last < 300 {
-            match tokio::time::timeout(Duration::from_secs(10), reader.next()).await.unwrap().unwrap() {
-                Some(Message::Desired(d)) => last = d.generation,
-                other => panic!("{other:?}"),
+            let msg = tokio::time::timeout(Duration::from_secs(10), reader.next()).await.unwrap().unwrap();
+            match desired_of(msg.clone()) {
+                Some(d) => last = d.generation,
+                None => panic!("{msg:?}"),
             }
         }
         for (_, _, reader) in &mut sessions[1..] {

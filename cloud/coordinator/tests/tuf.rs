@@ -170,3 +170,132 @@ fn python_tuf_refreshes_from_the_registry_s_repository_and_both_clients_refuse_t
     let e = tern_client(&repo, &mut forged_client, now()).unwrap_err();
     assert!(matches!(e, TufError::BelowThreshold { valid: 0, .. }), "{e}");
 }
+
+/// The refusal a device reported last, once it names `generation`.
+fn refusal(coord: &Coord, generation: u64) -> String {
+    wait_for(&format!("refusal of generation {generation}"), std::time::Duration::from_secs(30), || {
+        let r = &coord.device("cam-01")["refused"];
+        (r["generation"] == generation).then(|| r["reason"].as_str().unwrap().to_owned())
+    })
+}
+
+fn generation(coord: &Coord) -> u64 {
+    coord.device("cam-01")["generation"].as_u64().unwrap()
+}
+
+/// The TUF root version the agent persisted.
+fn agent_root(agent: &Agent) -> u64 {
+    let saved: serde_json::Value = serde_json::from_slice(&read(agent.data().join("identity/tuf.json"))).unwrap();
+    let root: serde_json::Value = serde_json::from_str(saved["root"].as_str().unwrap()).unwrap();
+    root["signed"]["version"].as_u64().unwrap()
+}
+
+/// Restarts the coordinator on its data dir after `change` to it.
+fn restart(coord: Coord, change: impl FnOnce(&Path)) -> Coord {
+    let quic = coord.quic.clone();
+    let dir = coord.stop_gently();
+    change(&dir.path().join("data"));
+    Coord::start_in(dir, &["--quic-listen", &quic]).unwrap_or_else(|(_, log)| panic!("restart: {log}"))
+}
+
+#[test]
+fn agents_take_desired_states_through_the_registry_s_tuf_metadata_and_refuse_each_attack() {
+    let coord = Coord::start();
+    let mut agent = Agent::enrolled(&coord, "cam-01");
+    for _ in 0..4 {
+        coord.register_fixture("iris", "iris.onnx");
+    }
+    // Before the repository has a root: the signed state alone.
+    coord.ok(&["fleet", "assign", "cam-01", "iris:1"]);
+    agent.start();
+    agent.wait_serving("iris", 1);
+    assert!(!agent.data().join("identity/tuf.json").exists());
+
+    // Root 1 signed offline: the agent, enrolled before it existed, takes
+    // it as the registry key introduces it, with the next state.
+    let work = tempfile::tempdir().unwrap();
+    let key = work.path().join("root.key");
+    coord.ok(&["registry", "sign-root", "--key", key.to_str().unwrap(), "--generate"]);
+    let export = work.path().join("export");
+    for _ in 0..2 {
+        coord.ok(&["registry", "export-tuf", export.to_str().unwrap()]);
+    }
+    coord.ok(&["fleet", "assign", "cam-01", "iris:2"]);
+    agent.wait_serving("iris", 2);
+    assert_eq!(agent_root(&agent), 1);
+
+    // The repository's counters put back one: it signs a timestamp of the
+    // version the agent holds, naming another snapshot (mix and match).
+    let counters = read(coord.data().join("tuf/counters.json"));
+    let back = |n: u64| format!(r#"{{"timestamp":{n},"snapshot":{n},"targets":{n}}}"#);
+    let coord = restart(coord, |d| std::fs::write(d.join("tuf/counters.json"), back(1)).unwrap());
+    coord.ok(&["fleet", "assign", "cam-01", "iris:3"]);
+    let e = refusal(&coord, generation(&coord));
+    assert!(e.contains("TUF: snapshot.json does not match what is signed for it: sha256"), "{e}");
+    // Put back further: a rollback.
+    let coord = restart(coord, |d| std::fs::write(d.join("tuf/counters.json"), back(0)).unwrap());
+    coord.ok(&["fleet", "assign", "cam-01", "iris:1"]);
+    let e = refusal(&coord, generation(&coord));
+    assert!(e.contains("TUF: timestamp version 1 is older than the trusted version 2 (rollback)"), "{e}");
+    agent.wait_serving("iris", 2);
+
+    // Signed by a key the root does not name: the timestamp key replaced.
+    let timestamp_key = read(coord.data().join("tuf/timestamp.key"));
+    let coord = restart(coord, |d| {
+        std::fs::write(d.join("tuf/counters.json"), &counters).unwrap();
+        std::fs::write(d.join("tuf/timestamp.key"), tern_trust::SigningKey::generate().unwrap().1).unwrap();
+    });
+    coord.ok(&["fleet", "assign", "cam-01", "iris:4"]);
+    let e = refusal(&coord, generation(&coord));
+    assert!(e.contains("TUF: timestamp metadata has 0 valid signatures by its keys; 1 are required"), "{e}");
+    agent.wait_serving("iris", 2);
+
+    // The right key back: the state is taken.
+    let coord = restart(coord, |d| std::fs::write(d.join("tuf/timestamp.key"), &timestamp_key).unwrap());
+    agent.wait_serving("iris", 4);
+
+    // Freeze: the agent's clock two days on, past the timestamp's day.
+    agent.proc.as_mut().unwrap().kill9();
+    let faketime = "/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1";
+    agent.env = vec![
+        ("LD_PRELOAD".into(), faketime.into()),
+        ("FAKETIME".into(), "+2d".into()),
+        ("FAKETIME_DONT_FAKE_MONOTONIC".into(), "1".into()),
+    ];
+    agent.start();
+    coord.ok(&["fleet", "assign", "cam-01", "iris:3"]);
+    let e = refusal(&coord, generation(&coord));
+    assert!(e.contains("TUF: timestamp metadata expired at"), "{e}");
+    agent.wait_serving("iris", 4);
+    agent.proc.as_mut().unwrap().kill9();
+    agent.env.clear();
+    agent.start();
+    agent.wait_serving("iris", 3);
+
+    // Root rotation while the agent runs: root 2, signed by both keys.
+    let key2 = work.path().join("root2.key");
+    coord.ok(&[
+        "registry",
+        "sign-root",
+        "--key",
+        key2.to_str().unwrap(),
+        "--generate",
+        "--previous-key",
+        key.to_str().unwrap(),
+    ]);
+    coord.ok(&["fleet", "assign", "cam-01", "iris:2"]);
+    agent.wait_serving("iris", 2);
+    assert_eq!(agent_root(&agent), 2);
+
+    // A coordinator that no longer has the repository (or is held to wire
+    // 3, which cannot carry it): the agent, restarted, still trusts root 2
+    // and refuses a state without TUF metadata.
+    agent.proc.as_mut().unwrap().kill9();
+    let coord = restart(coord, |d| std::fs::remove_dir_all(d.join("tuf")).unwrap());
+    agent.start();
+    coord.ok(&["fleet", "assign", "cam-01", "iris:1"]);
+    let e = refusal(&coord, generation(&coord));
+    assert!(e.contains("trusts TUF root 2 and the desired state came without TUF metadata"), "{e}");
+    agent.wait_serving("iris", 2);
+    drop(coord);
+}

@@ -92,7 +92,7 @@ fn the_new_agent_works_with_a_coordinator_held_to_version_1_and_both_serve_side_
     assert!(d["capabilities"].is_null(), "a v1 session carries no capabilities: {d}");
     drop(agent);
 
-    // A current coordinator serves a v3 agent and a v1 device at once.
+    // A current coordinator serves a v4 agent and a v1 device at once.
     let coord = Coord::start();
     let mut new = Agent::enrolled(&coord, "cam-02");
     let old = Agent::enrolled(&coord, "cam-03");
@@ -113,8 +113,8 @@ fn the_new_agent_works_with_a_coordinator_held_to_version_1_and_both_serve_side_
         let next = tokio::time::timeout(Duration::from_secs(10), reader.next()).await.unwrap().unwrap();
         assert!(matches!(&next, Some(Message::Desired(d)) if d.generation == 2), "{next:?}");
     });
-    let v3 = coord.device("cam-02");
-    assert_eq!(v3["capabilities"]["wire_version"], 3, "{v3}");
+    let v4 = coord.device("cam-02");
+    assert_eq!(v4["capabilities"]["wire_version"], 4, "{v4}");
     wait_for("cam-02 to report its generation", Duration::from_secs(10), || {
         (coord.device("cam-02")["reported_generation"] == 1).then_some(())
     });
@@ -135,6 +135,18 @@ fn the_new_agent_speaks_version_2_to_a_coordinator_held_to_it_and_keeps_its_hist
     assert_eq!(d["capabilities"]["wire_version"], 2, "{d}");
     assert_eq!(d["history"], serde_json::json!([]), "a v2 session carries no history: {d}");
     assert!(!coord.log().contains("not in wire"), "{}", coord.log());
+}
+
+#[test]
+fn the_new_agent_takes_unsigned_states_from_a_coordinator_held_to_version_3_until_it_trusts_a_tuf_root() {
+    let coord = Coord::start_with(&["--max-wire-version", "3"]);
+    let mut agent = Agent::enrolled(&coord, "cam-01");
+    coord.register_iris("iris");
+    coord.ok(&["fleet", "assign", "cam-01", "iris:1"]);
+    agent.start();
+    agent.wait_serving("iris", 1);
+    assert!(agent.logs().contains("wire=v3"), "{}", agent.logs());
+    assert!(!agent.data().join("identity/tuf.json").exists());
 }
 
 /// The new agent against the first release's coordinator, when its build

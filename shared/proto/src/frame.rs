@@ -86,10 +86,10 @@ pub fn encode_frame(msg: &Message, version: WireVersion) -> Result<Vec<u8>, Fram
             let old = crate::v1::Message::try_from(msg).map_err(FrameError::Encode)?;
             postcard::to_extend(&old, out)
         }
-        WireVersion::V2 if msg.since() > WireVersion::V2 => {
-            return Err(FrameError::Encode(format!("{} is not in wire v2", msg.kind())));
+        v if v.is_supported() && msg.since() > v => {
+            return Err(FrameError::Encode(format!("{} is not in wire {v}", msg.kind())));
         }
-        WireVersion::V2 | WireVersion::V3 => postcard::to_extend(msg, out),
+        v if v.is_supported() => postcard::to_extend(msg, out),
         other => return Err(FrameError::UnsupportedVersion(other)),
     };
     let out = encoded.map_err(|e| FrameError::Encode(e.to_string()))?;
@@ -117,7 +117,7 @@ fn take<'a, T: serde::Deserialize<'a>>(payload: &'a [u8]) -> Result<T, FrameErro
 pub fn decode_payload(payload: &[u8], version: WireVersion) -> Result<Message, FrameError> {
     match version {
         WireVersion::V1 => Ok(take::<crate::v1::Message>(payload)?.into()),
-        WireVersion::V2 | WireVersion::V3 => {
+        v if v.is_supported() => {
             let msg: Message = take(payload)?;
             if msg.since() > version {
                 return Err(FrameError::Payload(format!("{} is not in wire {version}", msg.kind())));

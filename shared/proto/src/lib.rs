@@ -31,7 +31,8 @@ pub use manifest::{
 };
 pub use msg::{
     ArtifactHeader, DesiredState, EnrollRequest, EnrollResponse, ErrorCode, FetchArtifact, Hello, MAX_HISTORY, Message,
-    ModelState, ModelStatus, Refusal, StatusReport, UpdateEvent, UpdateHistory, Welcome, WireError,
+    ModelState, ModelStatus, Refusal, SignedDesired, StatusReport, TufMetadata, UpdateEvent, UpdateHistory, Welcome,
+    WireError, root_intro_statement,
 };
 pub use tensor::{TENSORS_MEDIA_TYPE, Tensor, TensorData, decode_tensors, encode_tensors};
 pub use token::{EnrollTokenText, TokenError};
@@ -55,10 +56,13 @@ impl WireVersion {
     /// Version 3: version 2 and the agent's update history
     /// ([`Message::History`]); every other message encodes as in version 2.
     pub const V3: WireVersion = WireVersion(3);
+    /// Version 4: version 3 and the signed desired state with the TUF
+    /// metadata ([`Message::SignedDesired`]), which replaces `Desired`.
+    pub const V4: WireVersion = WireVersion(4);
     /// The newest version this build speaks.
-    pub const CURRENT: WireVersion = WireVersion::V3;
+    pub const CURRENT: WireVersion = WireVersion::V4;
     /// Every version this build speaks, newest first.
-    pub const SUPPORTED: &'static [WireVersion] = &[WireVersion::V3, WireVersion::V2, WireVersion::V1];
+    pub const SUPPORTED: &'static [WireVersion] = &[WireVersion::V4, WireVersion::V3, WireVersion::V2, WireVersion::V1];
 
     /// The ALPN protocol name of this version.
     pub fn alpn(self) -> Vec<u8> {
@@ -106,7 +110,8 @@ mod tests {
         assert_eq!(WireVersion::from_alpn(b"h3"), None);
         assert_eq!(WireVersion::up_to(WireVersion::V1), [WireVersion::V1]);
         assert_eq!(WireVersion::up_to(WireVersion(9)), WireVersion::SUPPORTED);
-        assert_eq!(WireVersion::highest_shared(WireVersion::SUPPORTED, &[1, 2, 3, 4]), Some(WireVersion::V3));
+        assert_eq!(WireVersion::highest_shared(WireVersion::SUPPORTED, &[1, 2, 3, 4, 5]), Some(WireVersion::V4));
+        assert_eq!(WireVersion::highest_shared(WireVersion::SUPPORTED, &[1, 2, 3]), Some(WireVersion::V3));
         assert_eq!(WireVersion::highest_shared(WireVersion::SUPPORTED, &[1, 2]), Some(WireVersion::V2));
         assert_eq!(WireVersion::highest_shared(WireVersion::SUPPORTED, &[1]), Some(WireVersion::V1));
         assert_eq!(WireVersion::highest_shared(WireVersion::SUPPORTED, &[7]), None);

@@ -29,6 +29,10 @@ pub enum Message {
     /// Agent → coordinator (wire version 3 on): its recent update steps.
     /// New variants go last, so that the older ones encode as before.
     History(UpdateHistory),
+    /// Coordinator → agent (wire version 4 on, in place of
+    /// [`Message::Desired`]): the desired state signed for this device, with
+    /// the registry's TUF metadata.
+    SignedDesired(SignedDesired),
 }
 
 impl Message {
@@ -45,6 +49,7 @@ impl Message {
             Message::ArtifactHeader(_) => "ArtifactHeader",
             Message::Error(_) => "Error",
             Message::History(_) => "History",
+            Message::SignedDesired(_) => "SignedDesired",
         }
     }
 
@@ -52,6 +57,7 @@ impl Message {
     pub fn since(&self) -> crate::WireVersion {
         match self {
             Message::History(_) => crate::WireVersion::V3,
+            Message::SignedDesired(_) => crate::WireVersion::V4,
             _ => crate::WireVersion::V1,
         }
     }
@@ -152,6 +158,64 @@ pub struct DesiredState {
     pub generation: u64,
     /// One signed manifest per model name.
     pub models: Vec<SignedManifest>,
+}
+
+impl DesiredState {
+    /// What the registry signs for one device ([`SignedDesired`]): canonical
+    /// JSON of `"_type": "tern-desired-state"`, the device, the generation
+    /// and the SHA-256 of each signed manifest's body, in order. Binding the
+    /// device and the generation is what makes a state for another device,
+    /// or an older one replayed (an empty one included), fail to verify or
+    /// fall below the generation the agent has applied.
+    pub fn statement(&self, device: &DeviceId) -> Vec<u8> {
+        let manifests: Vec<String> = self.models.iter().map(|m| Sha256Digest::of(&m.body).to_hex()).collect();
+        let value = serde_json::json!({
+            "_type": "tern-desired-state",
+            "device": device.as_str(),
+            "generation": self.generation,
+            "manifests": manifests,
+        });
+        crate::canonical_json(&value).expect("strings and integers only")
+    }
+}
+
+/// A desired state and the registry key's Ed25519 signature over
+/// [`DesiredState::statement`] for the receiving device.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SignedDesired {
+    /// The state.
+    pub state: DesiredState,
+    /// The signature (64 bytes).
+    pub signature: Vec<u8>,
+    /// The registry's TUF metadata, when it has a root.
+    pub tuf: Option<TufMetadata>,
+}
+
+/// The TUF repository as the coordinator last signed it: every file a
+/// client needs to refresh (the spec's workflow, over the control stream
+/// instead of HTTP).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TufMetadata {
+    /// Every `N.root.json`, version 1 first.
+    pub roots: Vec<Vec<u8>>,
+    /// The registry key's signature over [`root_intro_statement`] of the
+    /// first root: how an agent enrolled before the repository existed (it
+    /// trusts only the registry key) comes to trust root 1. Agents that hold
+    /// a root already ignore it.
+    pub root_intro: Vec<u8>,
+    /// `timestamp.json`.
+    pub timestamp: Vec<u8>,
+    /// `snapshot.json`.
+    pub snapshot: Vec<u8>,
+    /// `targets.json`.
+    pub targets: Vec<u8>,
+}
+
+/// What the registry key signs to introduce a TUF root to its agents:
+/// canonical JSON of `"_type": "tern-root-intro"` and the root file's SHA-256.
+pub fn root_intro_statement(root: &[u8]) -> Vec<u8> {
+    let value = serde_json::json!({ "_type": "tern-root-intro", "root_sha256": Sha256Digest::of(root).to_hex() });
+    crate::canonical_json(&value).expect("strings only")
 }
 
 /// Where an agent is with one model.

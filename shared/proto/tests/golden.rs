@@ -270,3 +270,45 @@ fn version_3_is_version_2_and_the_history_which_older_versions_refuse() {
     let e = decode_frame(&as_v2, MAX_FRAME_LEN, WireVersion::V2).unwrap_err();
     assert!(e.to_string().contains("History is not in wire v2"), "{e}");
 }
+
+fn signed_desired() -> Message {
+    let Message::Desired(state) = v2_expected("Desired") else { panic!("a Desired") };
+    Message::SignedDesired(tern_proto::SignedDesired {
+        state,
+        signature: vec![7; 64],
+        tuf: Some(tern_proto::TufMetadata {
+            roots: vec![b"{root}".to_vec()],
+            root_intro: vec![9; 64],
+            timestamp: b"{ts}".to_vec(),
+            snapshot: b"{snap}".to_vec(),
+            targets: b"{targets}".to_vec(),
+        }),
+    })
+}
+
+/// Version 4 frozen the same way: the `SignedDesired` frame as released.
+const GOLDEN_V4_SIGNED_DESIRED: &str = "544e04001a0200000a050101aa027b225f74797065223a227465726e2d6d6f64656c2d6d616e6966657374222c22637265617465645f6174223a313730303030303030302c22666f726d6174223a226f6e6e78222c22696e70757473223a5b7b226474797065223a22663332222c226e616d65223a2258222c227368617065223a5b6e756c6c2c345d7d5d2c226e616d65223a2269726973222c226f757470757473223a5b7b226474797065223a22693634222c226e616d65223a226c6162656c222c227368617065223a5b6e756c6c5d7d5d2c22736861323536223a2263376335633164373063356465633434313661623631353861666430623232336566343063323962316463316639376564393432386239346434636164623163222c2273697a65223a313636392c2276657273696f6e223a337d0102030405060708400909090909090909090909090909090909090909090909090909090909090909090909090909090909090909090909090909090909090909090909090909090940070707070707070707070707070707070707070707070707070707070707070707070707070707070707070707070707070707070707070707070707070707070101067b726f6f747d4009090909090909090909090909090909090909090909090909090909090909090909090909090909090909090909090909090909090909090909090909090909047b74737d067b736e61707d097b746172676574737d";
+
+#[test]
+fn version_4_is_version_3_and_the_signed_desired_state_which_older_versions_refuse() {
+    for (kind, hex) in GOLDEN_V2 {
+        let mut bytes = hex::decode(hex).unwrap();
+        bytes[2] = 4;
+        let (msg, _) = decode_frame(&bytes, MAX_FRAME_LEN, WireVersion::V4).unwrap().unwrap();
+        assert_eq!(msg, v2_expected(kind), "{kind}");
+        assert_eq!(encode_frame(&msg, WireVersion::V4).unwrap(), bytes, "{kind}");
+    }
+    let mut h = encode_frame(&history(), WireVersion::V3).unwrap();
+    h[2] = 4;
+    assert_eq!(decode_frame(&h, MAX_FRAME_LEN, WireVersion::V4).unwrap().unwrap().0, history());
+    let frame = encode_frame(&signed_desired(), WireVersion::V4).unwrap();
+    assert_eq!(hex::encode(&frame), GOLDEN_V4_SIGNED_DESIRED);
+    assert_eq!(decode_frame(&frame, MAX_FRAME_LEN, WireVersion::V4).unwrap().unwrap().0, signed_desired());
+    for v in [WireVersion::V3, WireVersion::V2, WireVersion::V1] {
+        assert!(encode_frame(&signed_desired(), v).is_err(), "{v}");
+    }
+    let mut as_v3 = frame.clone();
+    as_v3[2] = 3;
+    let e = decode_frame(&as_v3, MAX_FRAME_LEN, WireVersion::V3).unwrap_err();
+    assert!(e.to_string().contains("SignedDesired is not in wire v3"), "{e}");
+}

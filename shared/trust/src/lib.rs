@@ -8,7 +8,7 @@ pub mod tuf;
 use ring::rand::SystemRandom;
 use ring::signature::{ED25519, Ed25519KeyPair, KeyPair, UnparsedPublicKey};
 use sha2::{Digest, Sha256};
-use tern_proto::{ManifestEncoding, ModelManifest, SignedManifest};
+use tern_proto::{DesiredState, DeviceId, ManifestEncoding, ModelManifest, SignedManifest};
 
 /// Why signing or verification failed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -33,6 +33,13 @@ pub enum TrustError {
     /// The manifest cannot be encoded for signing in the requested encoding.
     #[error("cannot sign manifest: {0}")]
     Encode(String),
+    /// A desired state's signature is not the registry key's over the
+    /// statement for this device and generation.
+    #[error("desired state signature is invalid (not signed for this device and generation by the registry key)")]
+    BadStateSignature,
+    /// A TUF root's introduction is not signed by the registry key.
+    #[error("TUF root 1 is not introduced by the registry key")]
+    BadRootIntro,
     /// The random number generator failed.
     #[error("cannot generate a key: system random source failed")]
     Rng,
@@ -68,6 +75,16 @@ impl SigningKey {
         self.pair.sign(bytes).as_ref().to_vec()
     }
 
+    /// Signs `state` for `device` (wire version 4's [`tern_proto::SignedDesired`]).
+    pub fn sign_state(&self, device: &DeviceId, state: &DesiredState) -> Vec<u8> {
+        self.sign_bytes(&state.statement(device))
+    }
+
+    /// Introduces TUF root 1 to agents that trust only this key.
+    pub fn sign_root_intro(&self, root: &[u8]) -> Vec<u8> {
+        self.sign_bytes(&tern_proto::root_intro_statement(root))
+    }
+
     /// Signs `manifest` encoded as `encoding` (postcard for agents that speak
     /// wire version 1, canonical JSON otherwise).
     pub fn sign(&self, manifest: &ModelManifest, encoding: ManifestEncoding) -> Result<SignedManifest, TrustError> {
@@ -88,6 +105,20 @@ impl VerifyingKey {
         let mut id = [0u8; 8];
         id.copy_from_slice(&d[..8]);
         id
+    }
+
+    /// Checks that `signature` is this key's over `state` for `device`.
+    pub fn verify_state(&self, device: &DeviceId, state: &DesiredState, signature: &[u8]) -> Result<(), TrustError> {
+        UnparsedPublicKey::new(&ED25519, &self.0)
+            .verify(&state.statement(device), signature)
+            .map_err(|_| TrustError::BadStateSignature)
+    }
+
+    /// Checks that `signature` introduces `root` (see [`SigningKey::sign_root_intro`]).
+    pub fn verify_root_intro(&self, root: &[u8], signature: &[u8]) -> Result<(), TrustError> {
+        UnparsedPublicKey::new(&ED25519, &self.0)
+            .verify(&tern_proto::root_intro_statement(root), signature)
+            .map_err(|_| TrustError::BadRootIntro)
     }
 
     /// Checks the signature over the exact signed bytes, then decodes them.
@@ -162,6 +193,32 @@ mod tests {
         let mut forged = signed;
         forged.key_id = b.verifying_key().key_id();
         assert_eq!(b.verifying_key().verify(&forged), Err(TrustError::BadSignature));
+    }
+
+    #[test]
+    fn a_state_verifies_only_for_its_device_generation_and_manifests() {
+        let (key, _) = SigningKey::generate().unwrap();
+        let vk = key.verifying_key();
+        let dev: DeviceId = "cam-1".parse().unwrap();
+        let m = key.sign(&manifest(), ManifestEncoding::CanonicalJson).unwrap();
+        let state = DesiredState { generation: 7, models: vec![m.clone()] };
+        let sig = key.sign_state(&dev, &state);
+        assert_eq!(vk.verify_state(&dev, &state, &sig), Ok(()));
+        let other: DeviceId = "cam-2".parse().unwrap();
+        assert_eq!(vk.verify_state(&other, &state, &sig), Err(TrustError::BadStateSignature));
+        let older = DesiredState { generation: 6, ..state.clone() };
+        assert_eq!(vk.verify_state(&dev, &older, &sig), Err(TrustError::BadStateSignature));
+        let empty = DesiredState { generation: 7, models: vec![] };
+        assert_eq!(vk.verify_state(&dev, &empty, &sig), Err(TrustError::BadStateSignature));
+        let mut swapped = state.clone();
+        swapped.models[0].body.push(b' ');
+        assert_eq!(vk.verify_state(&dev, &swapped, &sig), Err(TrustError::BadStateSignature));
+        // A manifest signature is not a state signature, nor the reverse.
+        assert_eq!(vk.verify_state(&dev, &state, &m.signature), Err(TrustError::BadStateSignature));
+        let intro = key.sign_root_intro(b"{root}");
+        assert_eq!(vk.verify_root_intro(b"{root}", &intro), Ok(()));
+        assert_eq!(vk.verify_root_intro(b"{root2}", &intro), Err(TrustError::BadRootIntro));
+        assert_eq!(vk.verify_state(&dev, &state, &intro), Err(TrustError::BadStateSignature));
     }
 
     #[test]

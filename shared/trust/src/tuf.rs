@@ -29,6 +29,17 @@ pub const PLAUSIBLE_CLOCK: u64 = 1_767_225_600;
 /// push a clockless device's lower bound of time far ahead).
 pub const MAX_TIMESTAMP_LIFE: u64 = 31 * 86_400;
 
+/// Where a model version's artifact sits in the registry's repository:
+/// `NAME/VERSION/model.{onnx,nnef.tar,tbm}`.
+pub fn target_path(name: &str, version: u32, format: tern_proto::ModelFormat) -> String {
+    let ext = match format {
+        tern_proto::ModelFormat::Onnx => "onnx",
+        tern_proto::ModelFormat::Nnef => "nnef.tar",
+        tern_proto::ModelFormat::Burn => "tbm",
+    };
+    format!("{name}/{version}/model.{ext}")
+}
+
 /// A top-level role.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Role {

@@ -20,10 +20,13 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use tern_durable::write_atomic;
 use tern_net::FleetCa;
-use tern_proto::{DesiredState, ManifestEncoding, ModelManifest, UpdatePolicy, WireVersion};
+use tern_proto::{
+    DesiredState, DeviceId, ManifestEncoding, Message, ModelManifest, SignedDesired, TufMetadata, UpdatePolicy,
+    WireVersion,
+};
 use tern_registry::{Approval, Artifacts, Registry};
 use tern_trust::SigningKey;
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
 /// Where `tern serve` listens and keeps its data.
 #[derive(Debug, Clone, clap::Args)]
@@ -40,11 +43,12 @@ pub struct ServeArgs {
     /// Fleet name, shown in the CA certificate (first start only).
     #[arg(long, default_value = "default")]
     pub fleet: String,
-    /// The newest wire version to speak with agents (1 to 3): older agents
+    /// The newest wire version to speak with agents (1 to 4): older agents
     /// are always served in theirs; pin a lower one to hold a fleet on an
-    /// older protocol while it is upgraded (below 3, agents keep their
-    /// update history to themselves).
-    #[arg(long, default_value_t = WireVersion::CURRENT.0, value_parser = clap::value_parser!(u16).range(1..=3))]
+    /// older protocol while it is upgraded (below 4, desired states are not
+    /// signed as a whole and carry no TUF metadata; below 3, agents keep
+    /// their update history to themselves).
+    #[arg(long, default_value_t = WireVersion::CURRENT.0, value_parser = clap::value_parser!(u16).range(1..=4))]
     pub max_wire_version: u16,
     /// Connections at most, devices included.
     #[arg(long, default_value_t = 20_000)]
@@ -124,6 +128,38 @@ impl State {
             models.push(self.signer.sign(&manifest, encoding)?);
         }
         Ok(DesiredState { generation: device.generation, models })
+    }
+
+    /// The desired state as a session of wire `version` is sent it: from
+    /// version 4 on signed for the device, with the TUF metadata.
+    pub fn desired_message(&self, id: &DeviceId, version: WireVersion) -> Result<Message> {
+        let state = self.desired(id.as_str(), version)?;
+        if version < WireVersion::V4 {
+            return Ok(Message::Desired(state));
+        }
+        let signature = self.signer.sign_state(id, &state);
+        let tuf = self.tuf_metadata().unwrap_or_else(|e| {
+            // Agents that trust a root refuse the state and say so; the
+            // others take it on the registry key's signatures alone.
+            error!("signing TUF metadata: {e:#}");
+            None
+        });
+        Ok(Message::SignedDesired(SignedDesired { state, signature, tuf }))
+    }
+
+    /// The TUF repository's current metadata, `None` while it has no root.
+    pub fn tuf_metadata(&self) -> Result<Option<TufMetadata>> {
+        let versions = self.registry.all_versions()?;
+        let Some(built) = self.tuf.current(&versions, unix_now())? else {
+            return Ok(None);
+        };
+        Ok(Some(TufMetadata {
+            root_intro: self.signer.sign_root_intro(built.roots[0].as_bytes()),
+            roots: built.roots.into_iter().map(String::into_bytes).collect(),
+            timestamp: built.timestamp.into_bytes(),
+            snapshot: built.snapshot.into_bytes(),
+            targets: built.targets.into_bytes(),
+        }))
     }
 }
 

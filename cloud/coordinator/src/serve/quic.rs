@@ -417,9 +417,14 @@ async fn session(
     write(send, Message::Welcome(welcome)).await?;
     // Marked before the state is read: a change in between wakes us again.
     wake.mark_unchanged();
-    write(send, Message::Desired(state.desired(id.as_str(), version)?)).await?;
+    let (msg, mut sent_tuf) = desired_message(state, id, version).await?;
+    write(send, msg).await?;
     let quiet = tokio::time::sleep(state.session_quiet);
     tokio::pin!(quiet);
+    // From wire 4 on: newer TUF metadata (a rotated root, a fresh timestamp
+    // before the held one expires) is sent with the state again.
+    let mut tuf_check = tokio::time::interval(TUF_CHECK);
+    tuf_check.tick().await;
     loop {
         // `reader.next()` is cancel-safe: a wake-up that wins mid-frame
         // loses none of the frame's bytes.
@@ -477,10 +482,39 @@ async fn session(
                     return Ok(());
                 }
                 wake.mark_unchanged();
-                write(send, Message::Desired(state.desired(id.as_str(), version)?)).await?;
+                let (msg, tuf) = desired_message(state, id, version).await?;
+                sent_tuf = tuf;
+                write(send, msg).await?;
+            }
+            _ = tuf_check.tick(), if version >= WireVersion::V4 => {
+                let (msg, tuf) = desired_message(state, id, version).await?;
+                if tuf != sent_tuf {
+                    sent_tuf = tuf;
+                    write(send, msg).await?;
+                }
             }
         }
     }
+}
+
+/// How often a wire-4 session looks for newer TUF metadata.
+const TUF_CHECK: std::time::Duration = std::time::Duration::from_secs(600);
+
+/// The device's desired state for its session, off the async workers (it
+/// reads the registry and may sign TUF metadata), and the timestamp it
+/// carried.
+async fn desired_message(
+    state: &Arc<State>,
+    id: &DeviceId,
+    version: WireVersion,
+) -> Result<(Message, Option<Vec<u8>>)> {
+    let (state, id) = (state.clone(), id.clone());
+    let msg = tokio::task::spawn_blocking(move || state.desired_message(&id, version)).await??;
+    let tuf = match &msg {
+        Message::SignedDesired(s) => s.tuf.as_ref().map(|t| t.timestamp.clone()),
+        _ => None,
+    };
+    Ok((msg, tuf))
 }
 
 async fn reject_on(

@@ -31,7 +31,18 @@ pub struct TufRepo {
     keys: BTreeMap<Role, SigningKey>,
     /// One build at a time: versions only go up.
     building: Mutex<()>,
+    /// The newest build, which agents are sent until [`Self::current`]
+    /// finds it stale.
+    latest: Mutex<Option<(Fingerprint, u64, Built)>>,
 }
+
+/// What a build signed over: the number of roots and each target's path and
+/// digest. A build is reused while these stay the same.
+type Fingerprint = (usize, Vec<(String, tern_proto::Sha256Digest)>);
+
+/// Agents are sent a newer build once the newest is this old: half the
+/// timestamp's life, so that an agent always holds one with hours to go.
+pub const REBUILD_AFTER: u64 = TIMESTAMP_LIFE / 2;
 
 /// The metadata of one build, and the target files it lists.
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
@@ -80,7 +91,7 @@ impl TufRepo {
             };
             keys.insert(role, SigningKey::from_pkcs8(&der).with_context(|| format!("loading {}", path.display()))?);
         }
-        Ok(Self { dir, keys, building: Mutex::new(()) })
+        Ok(Self { dir, keys, building: Mutex::new(()), latest: Mutex::new(None) })
     }
 
     /// Root metadata files, version 1 first.
@@ -138,14 +149,33 @@ impl TufRepo {
         Ok(version)
     }
 
+    /// The newest build if it still lists what `versions` approve under the
+    /// same roots and is younger than [`REBUILD_AFTER`]; else a new build.
+    /// `None` while the repository has no root.
+    pub fn current(&self, versions: &[ModelVersion], now: u64) -> Result<Option<Built>> {
+        let roots = self.roots()?.len();
+        if roots == 0 {
+            return Ok(None);
+        }
+        let fingerprint = (roots, approved(versions).map(|v| (target_path(v), v.sha256)).collect::<Vec<_>>());
+        if let Some((f, at, built)) = &*self.latest.lock().expect("lock")
+            && *f == fingerprint
+            && now.saturating_sub(*at) < REBUILD_AFTER
+        {
+            return Ok(Some(built.clone()));
+        }
+        self.build(versions, now).map(Some)
+    }
+
     /// Signs new timestamp, snapshot and targets metadata listing the
     /// approved versions among `versions`.
     pub fn build(&self, versions: &[ModelVersion], now: u64) -> Result<Built> {
+        let _one = self.building.lock().expect("lock");
         let roots = self.roots()?;
         if roots.is_empty() {
             bail!("the TUF repository has no root yet: sign one with `tern registry sign-root --key FILE`");
         }
-        let _one = self.building.lock().expect("lock");
+        let root_count = roots.len();
         let counters_path = self.dir.join("counters.json");
         let mut c: Counters = match std::fs::read(&counters_path) {
             Ok(b) => serde_json::from_slice(&b).with_context(|| format!("reading {}", counters_path.display()))?,
@@ -162,7 +192,7 @@ impl TufRepo {
         write_atomic(&counters_path, &serde_json::to_vec(&c)?, false).context("writing tuf/counters.json")?;
         let mut targets = BTreeMap::new();
         let mut files = Vec::new();
-        for v in versions.iter().filter(|v| v.status == Approval::Approved) {
+        for v in approved(versions) {
             let path = target_path(v);
             let custom = serde_json::json!({ "tern": { "name": v.name, "version": v.version, "format": v.format } });
             let file = TargetFile {
@@ -202,22 +232,23 @@ impl TufRepo {
         ts.as_object_mut().expect("an object").insert(ISSUED_FIELD.into(), format_time(now).into());
         let timestamp_json = sign_metadata(Role::Timestamp, &ts, &[key(Role::Timestamp)]);
         let text = |b: Vec<u8>| String::from_utf8(b).context("metadata is not UTF-8");
-        Ok(Built {
+        let built = Built {
             roots: roots.into_iter().map(text).collect::<Result<Vec<_>>>()?,
             timestamp: text(timestamp_json)?,
             snapshot: text(snapshot_json)?,
             targets: text(targets_json)?,
             files,
-        })
+        };
+        *self.latest.lock().expect("lock") = Some(((root_count, built.files.clone()), now, built.clone()));
+        Ok(built)
     }
+}
+
+fn approved(versions: &[ModelVersion]) -> impl Iterator<Item = &ModelVersion> {
+    versions.iter().filter(|v| v.status == Approval::Approved)
 }
 
 /// Where a version's artifact sits in the repository.
 pub fn target_path(v: &ModelVersion) -> String {
-    let ext = match v.format {
-        tern_proto::ModelFormat::Onnx => "onnx",
-        tern_proto::ModelFormat::Nnef => "nnef.tar",
-        tern_proto::ModelFormat::Burn => "tbm",
-    };
-    format!("{}/{}/model.{ext}", v.name, v.version)
+    tern_trust::tuf::target_path(&v.name, v.version, v.format)
 }

@@ -70,6 +70,14 @@ pub fn agent_bin() -> PathBuf {
     p
 }
 
+/// The agent built as devices run it where a test needs it: a panic ends
+/// the process (`cargo build -p tern-agent --profile abort`).
+pub fn abort_agent_bin() -> PathBuf {
+    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target/abort/tern-agent");
+    assert!(p.is_file(), "{} is missing: cargo build -p tern-agent --profile abort (scripts/test does)", p.display());
+    p
+}
+
 pub fn wait_for<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) -> T {
     let start = Instant::now();
     loop {
@@ -111,11 +119,25 @@ fn spawn(bin: &Path, args: &[&str], log: &Path) -> Proc {
 }
 
 fn spawn_env(bin: &Path, args: &[&str], log: &Path, env: &[(String, String)]) -> Proc {
+    spawn_through(&[], bin, args, log, env)
+}
+
+/// `bin` run through `prefix` (a command that execs it: `prlimit …`,
+/// `ip netns exec …`), so that the child's pid is the program's own.
+fn spawn_through(prefix: &[String], bin: &Path, args: &[&str], log: &Path, env: &[(String, String)]) -> Proc {
     let log = std::fs::File::create(log).unwrap();
-    let child = Command::new(bin)
+    let mut cmd = match prefix.split_first() {
+        Some((first, rest)) => {
+            let mut c = Command::new(first);
+            c.args(rest).arg(bin);
+            c
+        }
+        None => Command::new(bin),
+    };
+    let child = cmd
         .args(args)
-        .envs(env.iter().map(|(k, v)| (k, v)))
         .env("RUST_LOG", "debug,quinn=warn,quinn_proto=warn,rustls=warn,sled=warn,tract=warn,tract_core=warn,tract_hir=warn,tract_onnx=warn,hyper=warn")
+        .envs(env.iter().map(|(k, v)| (k, v)))
         .stdout(log.try_clone().unwrap())
         .stderr(log)
         .stdin(Stdio::null())
@@ -181,6 +203,14 @@ impl Coord {
             dir,
             proc,
         })
+    }
+
+    /// Stops it with SIGTERM (it closes its connections, so agents
+    /// reconnect at once) and hands back its folder.
+    pub fn stop_gently(mut self) -> tempfile::TempDir {
+        let _ = Command::new("kill").args(["-TERM", &self.proc.pid().to_string()]).status();
+        wait_for("the coordinator to exit", Duration::from_secs(20), || self.proc.exited());
+        std::mem::replace(&mut self.dir, tempfile::tempdir().unwrap())
     }
 
     /// Stops it (SIGKILL) and hands back its folder.
@@ -332,6 +362,15 @@ pub fn hello(agent_version: &str) -> Message {
     })
 }
 
+/// The desired state a message carries, signed (wire 4 on) or not.
+pub fn desired_of(msg: Option<Message>) -> Option<tern_proto::DesiredState> {
+    match msg? {
+        Message::Desired(d) => Some(d),
+        Message::SignedDesired(s) => Some(s.state),
+        _ => None,
+    }
+}
+
 pub fn runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap()
 }
@@ -344,6 +383,12 @@ pub struct Agent {
     pub socket: PathBuf,
     /// Environment the next start adds (TZ, say).
     pub env: Vec<(String, String)>,
+    /// A command the next start runs the agent through (it must exec it).
+    pub prefix: Vec<String>,
+    /// The local API's address for the next start (default 127.0.0.1:0).
+    pub listen: String,
+    /// Another agent binary for the next start.
+    pub bin: Option<PathBuf>,
 }
 
 impl Agent {
@@ -354,6 +399,9 @@ impl Agent {
             http: String::new(),
             socket: PathBuf::new(),
             env: Vec::new(),
+            prefix: Vec::new(),
+            listen: "127.0.0.1:0".into(),
+            bin: None,
         }
     }
 
@@ -385,11 +433,13 @@ impl Agent {
     pub fn start_with(&mut self, extra: &[&str]) {
         let _ = std::fs::remove_file(self.data().join("api.json"));
         let data = self.data();
-        let mut args = vec!["run", "--data-dir", data.to_str().unwrap(), "--listen", "127.0.0.1:0"];
+        let listen = self.listen.clone();
+        let mut args = vec!["run", "--data-dir", data.to_str().unwrap(), "--listen", &listen];
         args.extend_from_slice(extra);
         let n = LOGS.fetch_add(1, Ordering::Relaxed);
         let log = self.dir.path().join(format!("agent-{n:03}.log"));
-        self.proc = Some(spawn_env(&agent_bin(), &args, &log, &self.env));
+        let bin = self.bin.clone().unwrap_or_else(agent_bin);
+        self.proc = Some(spawn_through(&self.prefix, &bin, &args, &log, &self.env));
         let api: Value = wait_for("agent start", Duration::from_secs(20), || {
             serde_json::from_slice(&std::fs::read(self.data().join("api.json")).ok()?).ok()
         });

@@ -1,0 +1,341 @@
+//! What a desired state is trusted by: on wire 4 the registry key's
+//! signature over the state for this device, and the TUF metadata that must
+//! list every artifact it names with the same length and digest; on every
+//! wire the registry key's signature of each manifest. The TUF state the
+//! agent verified last persists in `identity/tuf.json`, so that nothing
+//! older is taken after a restart.
+
+use std::path::PathBuf;
+use std::sync::{Arc, Condvar, Mutex};
+use tern_proto::{DesiredState, DeviceId, ModelManifest, SignedManifest, TufMetadata, WireVersion};
+use tern_trust::VerifyingKey;
+use tern_trust::tuf::{TrustedSet, target_path};
+use tracing::{error, info};
+
+/// A desired state as the link received it.
+#[derive(Debug, Clone)]
+pub struct Incoming {
+    /// The state.
+    pub state: DesiredState,
+    /// Its signature and TUF metadata (wire 4 on).
+    pub signed: Option<(Vec<u8>, Option<TufMetadata>)>,
+    /// The session's wire version.
+    pub wire: WireVersion,
+}
+
+/// The persisted TUF state: the files the refresh starts from.
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+struct Saved {
+    root: String,
+    timestamp: Option<String>,
+    snapshot: Option<String>,
+    /// The lower bound of now that verified timestamps gave.
+    floor: u64,
+}
+
+/// The keys and metadata the agent trusts.
+pub struct Trust {
+    registry_key: VerifyingKey,
+    device: DeviceId,
+    tuf: Option<TrustedSet>,
+    writer: Option<Writer>,
+}
+
+impl Trust {
+    /// Trust in `registry_key` alone, persisting nothing.
+    #[cfg(test)]
+    pub fn new(registry_key: VerifyingKey, device: DeviceId) -> Self {
+        Self { registry_key, device, tuf: None, writer: None }
+    }
+
+    /// Loads what `file` holds (none yet: the registry key alone) and
+    /// persists every later refresh there.
+    pub fn open(registry_key: VerifyingKey, device: DeviceId, file: PathBuf) -> anyhow::Result<Self> {
+        let tuf = match std::fs::read(&file) {
+            Ok(bytes) => {
+                // A file that does not verify is an error, not a fresh
+                // start: starting over would take any root the registry key
+                // introduces, and forget the versions seen.
+                let saved: Saved = serde_json::from_slice(&bytes)
+                    .map_err(|e| anyhow::anyhow!("{}: {e}; restore it or remove it to trust anew", file.display()))?;
+                let mut set = TrustedSet::new(saved.root.as_bytes(), saved.floor)
+                    .map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
+                set.restore(
+                    saved.timestamp.as_deref().map(str::as_bytes),
+                    saved.snapshot.as_deref().map(str::as_bytes),
+                )
+                .map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
+                info!(root = set.root().body.version, "TUF root trusted");
+                Some(set)
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+            Err(e) => return Err(anyhow::anyhow!("reading {}: {e}", file.display())),
+        };
+        Ok(Self { registry_key, device, tuf, writer: Some(Writer::spawn(file)?) })
+    }
+
+    /// The version of the TUF root trusted, if any.
+    pub fn root_version(&self) -> Option<u64> {
+        self.tuf.as_ref().map(|t| t.root().body.version)
+    }
+
+    /// Checks `incoming` at `clock` (Unix seconds, as the device reads it);
+    /// returns its verified manifests, or why the whole state is refused.
+    /// Newer TUF metadata is kept only when the state is taken.
+    pub fn check(&mut self, incoming: &Incoming, clock: u64) -> Result<Vec<ModelManifest>, String> {
+        let state = &incoming.state;
+        let tuf = match &incoming.signed {
+            Some((signature, tuf)) => {
+                self.registry_key.verify_state(&self.device, state, signature).map_err(|e| e.to_string())?;
+                tuf.as_ref()
+            }
+            None if incoming.wire >= WireVersion::V4 => {
+                return Err(format!(
+                    "the coordinator sent an unsigned desired state on a wire {} session",
+                    incoming.wire
+                ));
+            }
+            None => None,
+        };
+        let manifests = verify_manifests(&self.registry_key, &state.models)?;
+        let refreshed = match (tuf, &self.tuf) {
+            (Some(meta), trusted) => Some(refresh(trusted.as_ref(), meta, &self.registry_key, clock)?),
+            (None, Some(t)) => {
+                return Err(format!(
+                    "this device trusts TUF root {} and the desired state came without TUF metadata",
+                    t.root().body.version
+                ));
+            }
+            (None, None) => None,
+        };
+        if let Some(set) = refreshed {
+            for m in &manifests {
+                let path = target_path(&m.name, m.version, m.format);
+                let target = set.target(&path).map_err(|e| format!("TUF: {e}"))?;
+                let signed_sha = target.hashes.get("sha256").map(|h| h.to_ascii_lowercase());
+                if target.length != m.size || signed_sha.as_deref() != Some(m.sha256.to_hex().as_str()) {
+                    return Err(format!(
+                        "TUF: {path} is signed as {} bytes with sha256 {}, the manifest says {} bytes with {}",
+                        target.length,
+                        signed_sha.as_deref().unwrap_or("none"),
+                        m.size,
+                        m.sha256
+                    ));
+                }
+            }
+            let newer_root = self.root_version() != Some(set.root().body.version);
+            if newer_root {
+                info!(root = set.root().body.version, "TUF root trusted");
+            }
+            if let Some(w) = &self.writer {
+                w.save(&set);
+            }
+            self.tuf = Some(set);
+        }
+        Ok(manifests)
+    }
+}
+
+/// Every manifest's registry signature: one bad one and the whole state is
+/// refused, so that one forged manifest cannot slip in.
+fn verify_manifests(key: &VerifyingKey, signed: &[SignedManifest]) -> Result<Vec<ModelManifest>, String> {
+    signed.iter().map(|s| key.verify(s).map_err(|e| e.to_string())).collect()
+}
+
+/// The client workflow from the trusted state (or, with none, from root 1
+/// as the registry key introduces it): roots in order, then timestamp,
+/// snapshot and targets. The trusted state is left as it was.
+fn refresh(
+    trusted: Option<&TrustedSet>,
+    meta: &TufMetadata,
+    registry_key: &VerifyingKey,
+    clock: u64,
+) -> Result<TrustedSet, String> {
+    let tuf = |e: tern_trust::tuf::TufError| format!("TUF: {e}");
+    let mut set = match trusted {
+        Some(t) => TrustedSet::new(&t.root().bytes, t.floor()).map_err(tuf)?,
+        None => {
+            let first = meta.roots.first().ok_or("TUF: the metadata has no root")?;
+            registry_key.verify_root_intro(first, &meta.root_intro).map_err(|e| e.to_string())?;
+            TrustedSet::new(first, 0).map_err(tuf)?
+        }
+    };
+    let have = set.root().body.version;
+    for root in meta.roots.iter().skip(usize::try_from(have).unwrap_or(usize::MAX)) {
+        set.update_root(root).map_err(tuf)?;
+    }
+    if let Some(t) = trusted {
+        set.restore(t.timestamp().map(|v| v.bytes.as_slice()), t.snapshot().map(|v| v.bytes.as_slice()))
+            .map_err(tuf)?;
+    }
+    set.update_timestamp(&meta.timestamp, clock).map_err(tuf)?;
+    set.update_snapshot(&meta.snapshot, clock).map_err(tuf)?;
+    set.update_targets(&meta.targets, clock).map_err(tuf)?;
+    Ok(set)
+}
+
+/// Writes the newest TUF state on a thread of its own (an fsync must not
+/// hold the main loop), the newest only when writes fall behind.
+struct Writer {
+    next: Arc<(Mutex<Option<Vec<u8>>>, Condvar)>,
+}
+
+impl Writer {
+    fn spawn(file: PathBuf) -> std::io::Result<Self> {
+        let next: Arc<(Mutex<Option<Vec<u8>>>, Condvar)> = Arc::default();
+        let shared = next.clone();
+        std::thread::Builder::new().name("tuf-writer".into()).spawn(move || {
+            loop {
+                let bytes = {
+                    let (lock, cv) = &*shared;
+                    let mut slot = cv.wait_while(lock.lock().expect("lock"), |s| s.is_none()).expect("lock");
+                    slot.take().expect("waited for it")
+                };
+                if let Err(e) = tern_durable::write_atomic(&file, &bytes, false) {
+                    error!("writing {}: {e}", file.display());
+                }
+            }
+        })?;
+        Ok(Self { next })
+    }
+
+    fn save(&self, set: &TrustedSet) {
+        let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+        let saved = Saved {
+            root: text(&set.root().bytes),
+            timestamp: set.timestamp().map(|v| text(&v.bytes)),
+            snapshot: set.snapshot().map(|v| text(&v.bytes)),
+            floor: set.floor(),
+        };
+        let bytes = serde_json::to_vec(&saved).expect("strings and an integer");
+        let (lock, cv) = &*self.next;
+        *lock.lock().expect("lock") = Some(bytes);
+        cv.notify_one();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tern_proto::{DType, ManifestEncoding, ModelFormat, Sha256Digest, TensorSpec};
+    use tern_trust::SigningKey;
+
+    fn state(key: &SigningKey, generation: u64) -> DesiredState {
+        let m = ModelManifest {
+            name: "iris".into(),
+            version: 1,
+            sha256: Sha256Digest::of(b"model"),
+            size: 5,
+            format: ModelFormat::Onnx,
+            inputs: vec![TensorSpec { name: "X".into(), dtype: DType::F32, shape: vec![None, Some(4)] }],
+            outputs: vec![],
+            created_at: 0,
+            selftest: None,
+            update: None,
+        };
+        DesiredState { generation, models: vec![key.sign(&m, ManifestEncoding::CanonicalJson).unwrap()] }
+    }
+
+    #[test]
+    fn a_wire_4_state_must_be_signed_for_this_device() {
+        let (key, _) = SigningKey::generate().unwrap();
+        let me = DeviceId::new("cam-01").unwrap();
+        let mut trust = Trust::new(key.verifying_key(), me.clone());
+        let s = state(&key, 3);
+        let unsigned = Incoming { state: s.clone(), signed: None, wire: WireVersion::V4 };
+        assert!(trust.check(&unsigned, 0).unwrap_err().contains("unsigned desired state on a wire v4 session"));
+        let other = key.sign_state(&DeviceId::new("cam-02").unwrap(), &s);
+        let foreign = Incoming { state: s.clone(), signed: Some((other, None)), wire: WireVersion::V4 };
+        assert!(trust.check(&foreign, 0).unwrap_err().contains("desired state signature is invalid"));
+        // Emptied on the way: the signature no longer matches.
+        let sig = key.sign_state(&me, &s);
+        let emptied = DesiredState { generation: 3, models: vec![] };
+        let e = trust.check(&Incoming { state: emptied, signed: Some((sig.clone(), None)), wire: WireVersion::V4 }, 0);
+        assert!(e.unwrap_err().contains("desired state signature is invalid"));
+        let good = Incoming { state: s.clone(), signed: Some((sig, None)), wire: WireVersion::V4 };
+        assert_eq!(trust.check(&good, 0).unwrap().len(), 1);
+        // Older wire versions cannot sign; their manifests still must be.
+        assert_eq!(trust.check(&Incoming { wire: WireVersion::V3, ..unsigned.clone() }, 0).unwrap().len(), 1);
+        let (other_key, _) = SigningKey::generate().unwrap();
+        let forged = Incoming { state: state(&other_key, 4), signed: None, wire: WireVersion::V3 };
+        assert!(trust.check(&forged, 0).unwrap_err().contains("manifest signed by unknown key"));
+    }
+
+    /// A repository of one target, `iris/1/model.onnx` of `len` bytes with
+    /// `sha`, signed by fresh keys; returns it with its root key.
+    fn repo(registry: &SigningKey, len: u64, sha: Sha256Digest, version: u64) -> TufMetadata {
+        use std::collections::BTreeMap;
+        use tern_trust::tuf::{
+            Key, MetaFile, Role, RoleKeys, Root, TargetFile, Targets, Versions, format_time, sign_metadata,
+        };
+        let now = 1_780_000_000;
+        let keys: Vec<SigningKey> = (0..4).map(|_| SigningKey::generate().unwrap().0).collect();
+        let (mut all, mut roles) = (BTreeMap::new(), BTreeMap::new());
+        for (key, role) in keys.iter().zip([Role::Root, Role::Timestamp, Role::Snapshot, Role::Targets]) {
+            let k = Key::ed25519(&key.verifying_key());
+            roles.insert(role.name().to_string(), RoleKeys { keyids: vec![k.id()], threshold: 1 });
+            all.insert(k.id(), k);
+        }
+        let root =
+            Root { consistent_snapshot: false, version: 1, expires: format_time(now + 86_400), keys: all, roles };
+        let root = sign_metadata(Role::Root, &root, &[&keys[0]]);
+        let target = TargetFile { length: len, hashes: [("sha256".to_string(), sha.to_hex())].into(), custom: None };
+        let targets = Targets {
+            version,
+            expires: format_time(now + 86_400),
+            targets: [("iris/1/model.onnx".to_string(), target)].into(),
+        };
+        let targets = sign_metadata(Role::Targets, &targets, &[&keys[3]]);
+        let meta = |v| [("targets.json".to_string(), MetaFile { version: v, length: None, hashes: None })].into();
+        let snapshot = Versions { version, expires: format_time(now + 86_400), meta: meta(version) };
+        let snapshot = sign_metadata(Role::Snapshot, &snapshot, &[&keys[2]]);
+        let named = MetaFile { version, length: None, hashes: None };
+        let ts = Versions {
+            version,
+            expires: format_time(now + 3_600),
+            meta: [("snapshot.json".to_string(), named)].into(),
+        };
+        let timestamp = sign_metadata(Role::Timestamp, &ts, &[&keys[1]]);
+        TufMetadata { root_intro: registry.sign_root_intro(&root), roots: vec![root], timestamp, snapshot, targets }
+    }
+
+    #[test]
+    fn a_state_is_taken_only_if_the_tuf_targets_list_its_artifacts() {
+        let (key, _) = SigningKey::generate().unwrap();
+        let me = DeviceId::new("cam-01").unwrap();
+        let mut trust = Trust::new(key.verifying_key(), me.clone());
+        let s = state(&key, 3);
+        let clock = 1_780_000_100;
+        let signed = |tuf: TufMetadata| {
+            let sig = key.sign_state(&me, &s);
+            Incoming { state: s.clone(), signed: Some((sig, Some(tuf))), wire: WireVersion::V4 }
+        };
+        let sha = Sha256Digest::of(b"model");
+        // A root the registry key did not introduce.
+        let (other, _) = SigningKey::generate().unwrap();
+        let mut forged = repo(&key, 5, sha, 1);
+        forged.root_intro = other.sign_root_intro(&forged.roots[0]);
+        assert!(trust.check(&signed(forged), clock).unwrap_err().contains("not introduced by the registry key"));
+        assert_eq!(trust.root_version(), None);
+        // Listed with another length, or another digest.
+        let e = trust.check(&signed(repo(&key, 6, sha, 1)), clock).unwrap_err();
+        assert!(e.contains("iris/1/model.onnx is signed as 6 bytes"), "{e}");
+        let e = trust.check(&signed(repo(&key, 5, Sha256Digest::of(b"other"), 1)), clock).unwrap_err();
+        assert!(e.contains("is signed as 5 bytes with sha256"), "{e}");
+        assert_eq!(trust.root_version(), None, "nothing of a refused state is trusted");
+        // Listed as the manifest says: taken, and root 1 trusted from now on.
+        let good = repo(&key, 5, sha, 1);
+        assert_eq!(trust.check(&signed(good.clone()), clock).unwrap().len(), 1);
+        assert_eq!(trust.root_version(), Some(1));
+        // Another repository's root 1 is no longer taken on the registry
+        // key's word, nor a state without metadata.
+        let e = trust.check(&signed(repo(&key, 5, sha, 2)), clock).unwrap_err();
+        assert!(e.starts_with("TUF: "), "{e}");
+        let bare = Incoming { state: s.clone(), signed: Some((key.sign_state(&me, &s), None)), wire: WireVersion::V4 };
+        assert!(
+            trust.check(&bare, clock).unwrap_err().contains("trusts TUF root 1 and the desired state came without")
+        );
+        // Expired at the device's clock (a freeze).
+        assert!(trust.check(&signed(good), clock + 7_200).unwrap_err().contains("expired"));
+    }
+}
