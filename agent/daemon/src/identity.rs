@@ -4,6 +4,7 @@ use anyhow::{Context, Result, bail};
 use serde::{Deserialize, Serialize};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 use tern_durable::write_atomic;
 use tern_net::{DeviceKey, FrameReader, NetError, write_msg};
@@ -32,7 +33,17 @@ pub struct Identity {
     pub cert_der: Vec<u8>,
     pub ca_der: Vec<u8>,
     pub registry_key: VerifyingKey,
+    /// The latest time (Unix seconds) the agent knows has passed, and where
+    /// it keeps it (`identity/time-floor`): the coordinator's certificate
+    /// is checked at this time when the clock reads earlier (a device
+    /// without a real-time clock reads 1970 after every boot).
+    pub time_floor: AtomicU64,
+    floor_path: PathBuf,
 }
+
+/// The floor is written again once it has moved this far (seconds): an SD
+/// card is not written at every session.
+const FLOOR_STEP: u64 = 3_600;
 
 fn dir(data_dir: &Path) -> PathBuf {
     data_dir.join("identity")
@@ -50,14 +61,36 @@ impl Identity {
         let info: AgentInfo = serde_json::from_slice(&read("agent.json")?).context("identity/agent.json is corrupt")?;
         let key: [u8; 32] =
             read("registry.pub")?.try_into().map_err(|_| anyhow::anyhow!("identity/registry.pub is corrupt"))?;
+        let floor_path = d.join("time-floor");
+        let floor = std::fs::read_to_string(&floor_path).ok().and_then(|t| t.trim().parse().ok()).unwrap_or(0);
         Ok(Self {
             info,
             key_der: read("device.key")?,
             cert_der: read("device.crt")?,
             ca_der: read("ca.crt")?,
             registry_key: VerifyingKey(key),
+            time_floor: AtomicU64::new(floor),
+            floor_path,
         })
     }
+
+    /// After a session's `Welcome`: moves the floor to the clock if it is
+    /// set, else to the coordinator's time (a coordinator cannot move the
+    /// floor of a device whose clock is set). Returns the floor to persist,
+    /// if it moved far enough.
+    pub fn advance_floor(&self, server_time: u64) -> Option<(PathBuf, u64)> {
+        let now = unix_now();
+        let known = if now >= tern_trust::tuf::PLAUSIBLE_CLOCK { now } else { server_time };
+        let floor = self.time_floor.load(Ordering::Relaxed);
+        (known >= floor.saturating_add(FLOOR_STEP)).then(|| {
+            self.time_floor.store(known, Ordering::Relaxed);
+            (self.floor_path.clone(), known)
+        })
+    }
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs())
 }
 
 /// Resolves HOST:PORT to one socket address.
@@ -127,6 +160,8 @@ pub async fn enroll(data_dir: &Path, coordinator: &str, token: &str, device_id: 
     write_atomic(&d.join("device.crt"), &resp.cert_der, false)?;
     write_atomic(&d.join("ca.crt"), &resp.ca_der, false)?;
     write_atomic(&d.join("registry.pub"), &resp.registry_key, false)?;
+    // The clock passed the coordinator's certificate check: a floor.
+    write_atomic(&d.join("time-floor"), now.to_string().as_bytes(), false)?;
     let info = AgentInfo {
         version: 1,
         device_id: resp.device_id,

@@ -22,6 +22,16 @@ pub type Session = Option<(quinn::Connection, WireVersion)>;
 
 /// How long the coordinator has to answer a `Hello` or a download request.
 const ANSWER_WITHIN: Duration = Duration::from_secs(15);
+/// How long a session must have lasted for the back-off to start over.
+const STEADY: Duration = Duration::from_secs(30);
+
+/// A number in [0, 1) that differs between devices and attempts.
+fn jitter() -> f64 {
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.subsec_nanos());
+    let mix = (u64::from(nanos) ^ u64::from(std::process::id())).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    (mix >> 11) as f64 / (1u64 << 53) as f64
+}
+
 /// What a report may take on the wire: the coordinator refuses a device's
 /// frames above 128 KiB.
 const REPORT_BYTES: usize = 120 << 10;
@@ -68,18 +78,22 @@ pub async fn run(
 ) {
     let mut backoff = Duration::from_millis(250);
     loop {
-        let mut welcomed = false;
+        let mut welcomed = None;
         let ended = session(&identity, &formats, &conn_tx, &mut reports, &to_main, &mut welcomed).await;
-        // A session that got as far as a Welcome starts the back-off over:
-        // a coordinator restarted now and then is not one that stays down.
-        if welcomed {
+        // A session that stayed up a while starts the back-off over (a
+        // coordinator restarted now and then is not one that stays down);
+        // one that fails soon after its Welcome, every time, does not.
+        if welcomed.is_some_and(|at: std::time::Instant| at.elapsed() >= STEADY) {
             backoff = Duration::from_millis(250);
         }
+        // Up to a quarter more, so that a fleet cut off at once does not
+        // come back at once.
+        let wait = backoff + backoff.mul_f64(jitter() * 0.25);
         if let Err(e) = ended {
-            warn!("coordinator session: {e:#}; retrying in {backoff:?}");
+            warn!("coordinator session: {e:#}; retrying in {wait:?}");
         }
         conn_tx.send_replace(None);
-        tokio::time::sleep(backoff).await;
+        tokio::time::sleep(wait).await;
         backoff = (backoff * 2).min(Duration::from_secs(30));
     }
 }
@@ -90,11 +104,13 @@ async fn session(
     conn_tx: &watch::Sender<Session>,
     reports: &mut Reports,
     to_main: &mpsc::Sender<FromLink>,
-    welcomed: &mut bool,
+    welcomed: &mut Option<std::time::Instant>,
 ) -> Result<()> {
     let Reports { status: status_rx, history: history_rx } = reports;
     let addr = resolve(&identity.info.coordinator).await?;
-    let config = tern_net::device_client_config(&identity.ca_der, &identity.cert_der, &identity.key_der)?;
+    let floor = identity.time_floor.load(std::sync::atomic::Ordering::Relaxed);
+    let config =
+        tern_net::device_client_config_at_least(&identity.ca_der, &identity.cert_der, &identity.key_der, floor)?;
     let endpoint = tern_net::client_endpoint(addr)?;
     let conn = endpoint
         .connect_with(config, addr, tern_net::COORDINATOR_NAME)
@@ -122,7 +138,14 @@ async fn session(
                 bail!("coordinator answered in wire v{} on a {version} connection", w.wire_version);
             }
             info!(device = %w.device_id, %addr, wire = %version, "connected to coordinator");
-            *welcomed = true;
+            *welcomed = Some(std::time::Instant::now());
+            if let Some((path, floor)) = identity.advance_floor(w.server_time) {
+                tokio::task::spawn_blocking(move || {
+                    if let Err(e) = tern_durable::write_atomic(&path, floor.to_string().as_bytes(), false) {
+                        warn!("writing {}: {e}", path.display());
+                    }
+                });
+            }
         }
         Some(Message::Error(e)) if e.code == ErrorCode::Revoked => {
             bail!("coordinator refused the session: this device was removed from the fleet ({})", e.message)
@@ -191,6 +214,16 @@ pub struct Wanted<'a> {
     pub what: &'a str,
 }
 
+/// Bytes free to this process on the file system holding `path`'s folder.
+#[allow(unsafe_code)]
+fn free_bytes(path: &std::path::Path) -> Option<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let dir = std::ffi::CString::new(path.parent()?.as_os_str().as_bytes()).ok()?;
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: `dir` is a NUL-terminated path and `st` a buffer of the right type.
+    (unsafe { libc::statvfs(dir.as_ptr(), &mut st) } == 0).then(|| st.f_bavail as u64 * st.f_frsize as u64)
+}
+
 /// Downloads a file the manifest names into `partial/`, resuming from what
 /// is there, and promotes it to `models/` once its digest matches.
 pub async fn fetch(store: Arc<Store>, mut conn_rx: watch::Receiver<Session>, file: Wanted<'_>) -> Result<(), String> {
@@ -239,6 +272,13 @@ async fn download(store: &Store, conn: &quinn::Connection, version: WireVersion,
             header.offset,
             want.size
         );
+    }
+    // What does not fit is not fetched only to be thrown away (and fetched
+    // again at every retry).
+    if let Some(free) = free_bytes(&partial)
+        && free < want.size - offset
+    {
+        bail!("disk full: {} bytes to fetch, {free} free", want.size - offset);
     }
     // The frame reader stopped at the header's end: the raw bytes follow.
     let mut recv = reader.into_stream();

@@ -39,39 +39,41 @@ pub struct Trust {
     device: DeviceId,
     tuf: Option<TrustedSet>,
     writer: Option<Writer>,
+    /// Why the persisted TUF state could not be read: every state is
+    /// refused with it (the committed models serve on) until it is fixed.
+    broken: Option<String>,
 }
 
 impl Trust {
     /// Trust in `registry_key` alone, persisting nothing.
     #[cfg(test)]
     pub fn new(registry_key: VerifyingKey, device: DeviceId) -> Self {
-        Self { registry_key, device, tuf: None, writer: None }
+        Self { registry_key, device, tuf: None, writer: None, broken: None }
     }
 
     /// Loads what `file` holds (none yet: the registry key alone) and
     /// persists every later refresh there.
     pub fn open(registry_key: VerifyingKey, device: DeviceId, file: PathBuf) -> anyhow::Result<Self> {
-        let tuf = match std::fs::read(&file) {
-            Ok(bytes) => {
-                // A file that does not verify is an error, not a fresh
-                // start: starting over would take any root the registry key
-                // introduces, and forget the versions seen.
-                let saved: Saved = serde_json::from_slice(&bytes)
-                    .map_err(|e| anyhow::anyhow!("{}: {e}; restore it or remove it to trust anew", file.display()))?;
-                let mut set = TrustedSet::new(saved.root.as_bytes(), saved.floor)
-                    .map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
-                set.restore(
-                    saved.timestamp.as_deref().map(str::as_bytes),
-                    saved.snapshot.as_deref().map(str::as_bytes),
-                )
-                .map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
-                info!(root = set.root().body.version, "TUF root trusted");
-                Some(set)
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
-            Err(e) => return Err(anyhow::anyhow!("reading {}: {e}", file.display())),
+        let loaded = match std::fs::read(&file) {
+            Ok(bytes) => load(&bytes).map(Some).map_err(|e| format!("{}: {e}", file.display())),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(format!("reading {}: {e}", file.display())),
         };
-        Ok(Self { registry_key, device, tuf, writer: Some(Writer::spawn(file)?) })
+        // A file that does not verify is not a fresh start (that would take
+        // any root the registry key introduces, and forget the versions
+        // seen), nor a reason to stop serving: updates wait until it is
+        // restored from a backup.
+        let (tuf, broken) = match loaded {
+            Ok(tuf) => (tuf, None),
+            Err(e) => {
+                error!("{e}; refusing every desired state until it is restored");
+                (None, Some(format!("the trusted TUF state is unreadable ({e}); restore it from a backup")))
+            }
+        };
+        if let Some(set) = &tuf {
+            info!(root = set.root().body.version, "TUF root trusted");
+        }
+        Ok(Self { registry_key, device, tuf, writer: Some(Writer::spawn(file)?), broken })
     }
 
     /// The version of the TUF root trusted, if any.
@@ -83,6 +85,9 @@ impl Trust {
     /// returns its verified manifests, or why the whole state is refused.
     /// Newer TUF metadata is kept only when the state is taken.
     pub fn check(&mut self, incoming: &Incoming, clock: u64) -> Result<Vec<ModelManifest>, String> {
+        if let Some(why) = &self.broken {
+            return Err(why.clone());
+        }
         let state = &incoming.state;
         let tuf = match &incoming.signed {
             Some((signature, tuf)) => {
@@ -108,7 +113,7 @@ impl Trust {
             }
             (None, None) => None,
         };
-        if let Some(set) = refreshed {
+        if let Some(mut set) = refreshed {
             for m in &manifests {
                 let path = target_path(&m.name, m.version, m.format);
                 let target = set.target(&path).map_err(|e| format!("TUF: {e}"))?;
@@ -130,10 +135,21 @@ impl Trust {
             if let Some(w) = &self.writer {
                 w.save(&set);
             }
+            // The targets of the whole fleet need not stay in memory.
+            set.drop_targets();
             self.tuf = Some(set);
         }
         Ok(manifests)
     }
+}
+
+/// The trusted set a `tuf.json` holds.
+fn load(bytes: &[u8]) -> Result<TrustedSet, String> {
+    let saved: Saved = serde_json::from_slice(bytes).map_err(|e| e.to_string())?;
+    let mut set = TrustedSet::new(saved.root.as_bytes(), saved.floor).map_err(|e| e.to_string())?;
+    set.restore(saved.timestamp.as_deref().map(str::as_bytes), saved.snapshot.as_deref().map(str::as_bytes))
+        .map_err(|e| e.to_string())?;
+    Ok(set)
 }
 
 /// Every manifest's registry signature: one bad one and the whole state is
@@ -330,12 +346,28 @@ mod tests {
         // Another repository's root 1 is no longer taken on the registry
         // key's word, nor a state without metadata.
         let e = trust.check(&signed(repo(&key, 5, sha, 2)), clock).unwrap_err();
-        assert!(e.starts_with("TUF: "), "{e}");
+        assert!(e.starts_with("TUF: timestamp metadata has 0 valid signatures by its keys"), "{e}");
         let bare = Incoming { state: s.clone(), signed: Some((key.sign_state(&me, &s), None)), wire: WireVersion::V4 };
         assert!(
             trust.check(&bare, clock).unwrap_err().contains("trusts TUF root 1 and the desired state came without")
         );
         // Expired at the device's clock (a freeze).
         assert!(trust.check(&signed(good), clock + 7_200).unwrap_err().contains("expired"));
+    }
+
+    #[test]
+    fn an_unreadable_trust_file_refuses_every_state_and_is_kept() {
+        let (key, _) = SigningKey::generate().unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("tuf.json");
+        std::fs::write(&file, b"{not json").unwrap();
+        let me = DeviceId::new("cam-01").unwrap();
+        let mut trust = Trust::open(key.verifying_key(), me.clone(), file.clone()).unwrap();
+        let s = state(&key, 3);
+        let incoming =
+            Incoming { state: s.clone(), signed: Some((key.sign_state(&me, &s), None)), wire: WireVersion::V4 };
+        let e = trust.check(&incoming, 0).unwrap_err();
+        assert!(e.starts_with("the trusted TUF state is unreadable") && e.ends_with("restore it from a backup"), "{e}");
+        assert_eq!(std::fs::read(&file).unwrap(), b"{not json");
     }
 }

@@ -118,7 +118,13 @@ mod ca {
             params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
             params.use_authority_key_identifier_extension = true;
             let now = OffsetDateTime::now_utc();
-            params.not_before = now - Duration::hours(1);
+            // Valid from the CA's own start: a device that lost its clock
+            // checks it at the last time it knew (no earlier than its
+            // enrollment), which may be before this coordinator's start.
+            let (_, ca) = x509_parser::parse_x509_certificate(&self.cert_der)
+                .map_err(|e| NetError::Tls(format!("the fleet CA certificate: {e}")))?;
+            params.not_before = OffsetDateTime::from_unix_timestamp(ca.validity().not_before.timestamp())
+                .map_err(|e| NetError::Tls(format!("the fleet CA certificate: {e}")))?;
             params.not_after = now + Duration::days(825);
             let cert = params.signed_by(&key, &self.issuer)?;
             Ok((cert.der().to_vec(), key.serialize_der()))

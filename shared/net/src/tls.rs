@@ -161,11 +161,84 @@ pub fn device_client_config_speaking(
     key_der: &[u8],
     versions: &[WireVersion],
 ) -> Result<ClientConfig, NetError> {
+    device_config(ca_der, cert_der, key_der, versions, 0)
+}
+
+/// An enrolled device's configuration that checks the coordinator's
+/// certificate at `time_floor` (Unix seconds) when the clock reads earlier:
+/// a device without a real-time clock reads 1970 after every boot, and
+/// would otherwise find every certificate not yet valid. The floor is a
+/// time the device knows has passed (see the agent's `identity/time-floor`);
+/// while it is stale, a certificate that expired since is still taken.
+pub fn device_client_config_at_least(
+    ca_der: &[u8],
+    cert_der: &[u8],
+    key_der: &[u8],
+    time_floor: u64,
+) -> Result<ClientConfig, NetError> {
+    device_config(ca_der, cert_der, key_der, WireVersion::SUPPORTED, time_floor)
+}
+
+fn device_config(
+    ca_der: &[u8],
+    cert_der: &[u8],
+    key_der: &[u8],
+    versions: &[WireVersion],
+    time_floor: u64,
+) -> Result<ClientConfig, NetError> {
+    let inner = WebPkiServerVerifier::builder_with_provider(roots(ca_der)?, provider())
+        .build()
+        .map_err(|e| NetError::Tls(e.to_string()))?;
     let tls = rustls::ClientConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])?
-        .with_root_certificates(roots(ca_der)?)
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(AtLeast { inner, floor: time_floor }))
         .with_client_auth_cert(vec![CertificateDer::from(cert_der.to_vec())], key(key_der))?;
     client(tls, versions)
+}
+
+/// WebPKI verification of the server, at the later of the clock and a floor.
+#[derive(Debug)]
+struct AtLeast {
+    inner: Arc<WebPkiServerVerifier>,
+    floor: u64,
+}
+
+impl ServerCertVerifier for AtLeast {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        ocsp: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        let now =
+            if now.as_secs() < self.floor { UnixTime::since_unix_epoch(Duration::from_secs(self.floor)) } else { now };
+        self.inner.verify_server_cert(end_entity, intermediates, server_name, ocsp, now)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.inner.supported_verify_schemes()
+    }
 }
 
 /// The configuration for enrolling: no client certificate yet, and the

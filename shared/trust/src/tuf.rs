@@ -505,7 +505,13 @@ impl TrustedSet {
             let issued = issued.as_str().and_then(parse_time);
             let expires = parse_time(&body.expires).expect("checked above");
             match issued {
-                Some(t) if t <= expires && expires - t <= MAX_TIMESTAMP_LIFE => self.floor = self.floor.max(t),
+                // A set clock caps it: a timestamp claiming a later issue
+                // cannot push the floor past the clock (it would matter the
+                // day the clock is lost).
+                Some(t) if t <= expires && expires - t <= MAX_TIMESTAMP_LIFE => {
+                    let t = if clock >= PLAUSIBLE_CLOCK { t.min(clock) } else { t };
+                    self.floor = self.floor.max(t);
+                }
                 _ => {
                     return Err(TufError::Malformed {
                         role: Role::Timestamp,
@@ -572,6 +578,12 @@ impl TrustedSet {
         self.check_expiry(Role::Targets, &body.expires, clock)?;
         self.targets = Some(Verified { body, bytes: bytes.to_vec() });
         Ok(())
+    }
+
+    /// Forgets the targets metadata (the largest file, which a client need
+    /// not keep: the next refresh takes it again through the snapshot).
+    pub fn drop_targets(&mut self) {
+        self.targets = None;
     }
 
     /// A target of the trusted targets metadata.

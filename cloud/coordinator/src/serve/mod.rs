@@ -144,7 +144,17 @@ impl State {
             error!("signing TUF metadata: {e:#}");
             None
         });
-        Ok(Message::SignedDesired(SignedDesired { state, signature, tuf }))
+        let msg = Message::SignedDesired(SignedDesired { state, signature, tuf });
+        // Metadata past what one frame carries would end every session at
+        // its first state: send the state without it, and agents that
+        // trust a root report why they refuse it.
+        if let Err(e) = tern_proto::encode_frame(&msg, version) {
+            error!(device = %id, "the desired state with the TUF metadata does not fit a frame ({e}); sending it without");
+            let Message::SignedDesired(mut s) = msg else { unreachable!("built above") };
+            s.tuf = None;
+            return Ok(Message::SignedDesired(s));
+        }
+        Ok(msg)
     }
 
     /// The TUF repository's current metadata, `None` while it has no root.

@@ -158,19 +158,33 @@ impl TufRepo {
             return Ok(None);
         }
         let fingerprint = (roots, approved(versions).map(|v| (target_path(v), v.sha256)).collect::<Vec<_>>());
-        if let Some((f, at, built)) = &*self.latest.lock().expect("lock")
-            && *f == fingerprint
-            && now.saturating_sub(*at) < REBUILD_AFTER
-        {
-            return Ok(Some(built.clone()));
+        let fresh = || {
+            self.latest
+                .lock()
+                .expect("lock")
+                .as_ref()
+                .filter(|(f, at, _)| *f == fingerprint && now.saturating_sub(*at) < REBUILD_AFTER)
+                .map(|(_, _, built)| built.clone())
+        };
+        if let Some(built) = fresh() {
+            return Ok(Some(built));
         }
-        self.build(versions, now).map(Some)
+        // One build for every session that found the newest stale at once
+        // (a fleet reconnecting after a restart): the others take its result.
+        let one = self.building.lock().expect("lock");
+        if let Some(built) = fresh() {
+            return Ok(Some(built));
+        }
+        self.build_holding(versions, now, one).map(Some)
     }
 
     /// Signs new timestamp, snapshot and targets metadata listing the
     /// approved versions among `versions`.
     pub fn build(&self, versions: &[ModelVersion], now: u64) -> Result<Built> {
-        let _one = self.building.lock().expect("lock");
+        self.build_holding(versions, now, self.building.lock().expect("lock"))
+    }
+
+    fn build_holding(&self, versions: &[ModelVersion], now: u64, _one: std::sync::MutexGuard<'_, ()>) -> Result<Built> {
         let roots = self.roots()?;
         if roots.is_empty() {
             bail!("the TUF repository has no root yet: sign one with `tern registry sign-root --key FILE`");

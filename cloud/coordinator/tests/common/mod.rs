@@ -168,6 +168,15 @@ impl Coord {
     /// Starts `tern serve` on `dir` (which may hold the data dir of an earlier
     /// run); `Err` with the folder and its log if it exits instead.
     pub fn start_in(dir: tempfile::TempDir, extra: &[&str]) -> Result<Self, (tempfile::TempDir, String)> {
+        Self::start_in_env(dir, extra, &[])
+    }
+
+    /// The same, with `env` added to the coordinator's environment.
+    pub fn start_in_env(
+        dir: tempfile::TempDir,
+        extra: &[&str],
+        env: &[(String, String)],
+    ) -> Result<Self, (tempfile::TempDir, String)> {
         let data = dir.path().join("data");
         let _ = std::fs::remove_file(data.join("serve.json"));
         let mut args = vec!["serve", "--data-dir", data.to_str().unwrap(), "--admin-listen", "127.0.0.1:0"];
@@ -186,7 +195,7 @@ impl Coord {
         args.extend_from_slice(extra);
         let n = LOGS.fetch_add(1, Ordering::Relaxed);
         let log = dir.path().join(format!("coordinator-{n}.log"));
-        let mut proc = spawn(&tern_bin(), &args, &log);
+        let mut proc = spawn_env(&tern_bin(), &args, &log, env);
         let ep: Value = wait_for("coordinator start", Duration::from_secs(20), || {
             if proc.exited().is_some() {
                 return Some(Value::Null);
