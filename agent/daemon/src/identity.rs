@@ -76,8 +76,8 @@ impl Identity {
 
     /// After a session's `Welcome`: moves the floor to the clock if it is
     /// set, else to the coordinator's time (a coordinator cannot move the
-    /// floor of a device whose clock is set). Returns the floor to persist,
-    /// if it moved far enough.
+    /// floor of a device whose clock is set, and a set clock ignores the
+    /// floor). Returns the floor to persist, if it moved far enough.
     pub fn advance_floor(&self, server_time: u64) -> Option<(PathBuf, u64)> {
         let now = unix_now();
         let known = if now >= tern_trust::tuf::PLAUSIBLE_CLOCK { now } else { server_time };

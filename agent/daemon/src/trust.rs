@@ -67,7 +67,12 @@ impl Trust {
             Ok(tuf) => (tuf, None),
             Err(e) => {
                 error!("{e}; refusing every desired state until it is restored");
-                (None, Some(format!("the trusted TUF state is unreadable ({e}); restore it from a backup")))
+                (
+                    None,
+                    Some(format!(
+                        "the trusted TUF state is unreadable ({e}); restore it from a backup and restart the agent"
+                    )),
+                )
             }
         };
         if let Some(set) = &tuf {
@@ -367,7 +372,7 @@ mod tests {
         let incoming =
             Incoming { state: s.clone(), signed: Some((key.sign_state(&me, &s), None)), wire: WireVersion::V4 };
         let e = trust.check(&incoming, 0).unwrap_err();
-        assert!(e.starts_with("the trusted TUF state is unreadable") && e.ends_with("restore it from a backup"), "{e}");
+        assert!(e.starts_with("the trusted TUF state is unreadable") && e.ends_with("restart the agent"), "{e}");
         assert_eq!(std::fs::read(&file).unwrap(), b"{not json");
     }
 }

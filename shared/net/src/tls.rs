@@ -321,3 +321,39 @@ pub fn client_endpoint(remote: SocketAddr) -> Result<Endpoint, NetError> {
     let local: SocketAddr = if remote.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" }.parse().expect("literal");
     Ok(Endpoint::client(local)?)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::FleetCa;
+
+    fn verifier(ca: &FleetCa, floor: u64) -> AtLeast {
+        let inner =
+            WebPkiServerVerifier::builder_with_provider(roots(ca.cert_der()).unwrap(), provider()).build().unwrap();
+        AtLeast { inner, floor }
+    }
+
+    fn at(v: &AtLeast, cert: &[u8], name: &str, clock: u64) -> Result<ServerCertVerified, rustls::Error> {
+        let name = ServerName::try_from(name.to_string()).unwrap();
+        let now = UnixTime::since_unix_epoch(Duration::from_secs(clock));
+        v.verify_server_cert(&CertificateDer::from(cert.to_vec()), &[], &name, &[], now)
+    }
+
+    #[test]
+    fn the_floor_only_moves_the_time_of_an_otherwise_full_check() {
+        let (ca, _) = FleetCa::generate("t").unwrap();
+        let (cert, _) = ca.issue_server(&[]).unwrap();
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs();
+        let clock_1970 = 86_400;
+        assert!(at(&verifier(&ca, 0), &cert, COORDINATOR_NAME, clock_1970).is_err(), "not valid yet in 1970");
+        assert!(at(&verifier(&ca, now), &cert, COORDINATOR_NAME, clock_1970).is_ok());
+        // A clock past the floor is used as it reads.
+        assert!(at(&verifier(&ca, now), &cert, COORDINATOR_NAME, now + 900 * 86_400).is_err(), "expired");
+        // The floor changes the time, nothing else.
+        assert!(at(&verifier(&ca, now + 900 * 86_400), &cert, COORDINATOR_NAME, clock_1970).is_err(), "expired");
+        assert!(at(&verifier(&ca, now), &cert, "evil.tern", clock_1970).is_err(), "another name");
+        let (other, _) = FleetCa::generate("other").unwrap();
+        let (foreign, _) = other.issue_server(&[]).unwrap();
+        assert!(at(&verifier(&ca, now), &foreign, COORDINATOR_NAME, clock_1970).is_err(), "another CA");
+    }
+}
