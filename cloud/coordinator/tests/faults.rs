@@ -15,8 +15,7 @@ use std::process::Command;
 use std::time::Duration;
 
 fn answer(agent: &Agent) -> Option<u64> {
-    let (status, v) = agent.post("/v1/models/scorer:predict", r#"{"inputs":[{"shape":[1,4],"data":[0.1,0.7,0.2,0]}]}"#);
-    (status == 200).then(|| v["version"].as_u64().unwrap())
+    scorer_answer(agent).map(|(version, _)| version)
 }
 
 /// The reason of the coordinator's newest history step for `name:version`
@@ -287,14 +286,11 @@ fn a_download_cut_off_again_and_again_resumes_where_it_was_and_verifies() {
             .max()
     };
     wait_for("the download to start", Duration::from_secs(30), || partial().filter(|n| *n > 0));
-    let mut rng = 0x5eed_u64;
+    let mut rng = Rng(0x5eed);
     let mut long_cuts = 0;
     let mut offsets = Vec::new();
     for i in 0..cuts {
-        rng ^= rng << 13;
-        rng ^= rng >> 7;
-        rng ^= rng << 17;
-        std::thread::sleep(Duration::from_millis(300 + rng % 900));
+        std::thread::sleep(Duration::from_millis(300 + rng.below(900)));
         let Some(at) = partial() else { break };
         offsets.push(at);
         // Every fourth cut outlasts QUIC's 20 s idle timeout: the
@@ -377,13 +373,6 @@ fn an_agent_whose_clock_reads_1970_after_a_reboot_still_connects_and_updates_thr
     // younger than anything the device knows of the time).
     agent.proc.as_mut().unwrap().kill9();
     let quic = coord.quic.clone();
-    let faketime = |at: &str| {
-        vec![
-            ("LD_PRELOAD".to_string(), "/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1".to_string()),
-            ("FAKETIME".to_string(), at.to_string()),
-            ("FAKETIME_DONT_FAKE_MONOTONIC".to_string(), "1".to_string()),
-        ]
-    };
     let coord = Coord::start_in_env(coord.stop_gently(), &["--quic-listen", &quic], &faketime("+2h"))
         .unwrap_or_else(|(_, log)| panic!("{log}"));
     agent.env = faketime("@1970-01-02 00:00:00");

@@ -10,28 +10,6 @@ use common::*;
 use serde_json::Value;
 use std::time::Duration;
 
-/// xorshift64*: the kill instants, the same for a seed every run.
-struct Rng(u64);
-
-impl Rng {
-    fn below(&mut self, n: u64) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d) % n
-    }
-}
-
-/// The version that answered and its scores for x = [0.1, 0.7, 0.2, 0]:
-/// scorer-a gives x[0..3], scorer-a2 twice that.
-fn answer(agent: &Agent) -> Option<(u64, Vec<f64>)> {
-    let (status, v) = agent.post("/v1/models/scorer:predict", r#"{"inputs":[{"shape":[1,4],"data":[0.1,0.7,0.2,0]}]}"#);
-    (status == 200).then(|| {
-        let scores = v["outputs"][0]["data"].as_array().unwrap().iter().map(|x| x.as_f64().unwrap()).collect();
-        (v["version"].as_u64().unwrap(), scores)
-    })
-}
-
 #[test]
 fn sigkill_at_random_instants_of_updates_never_leaves_a_partial_or_older_state() {
     let kills: u64 = std::env::var("TERN_SOAK_KILLS").ok().and_then(|s| s.parse().ok()).unwrap_or(16);
@@ -56,7 +34,8 @@ fn sigkill_at_random_instants_of_updates_never_leaves_a_partial_or_older_state()
         agent.proc.as_mut().unwrap().kill9();
         agent.start();
         // It serves again, a version it verified, answering as that version.
-        let (version, scores) = wait_for("an answer after the restart", Duration::from_secs(30), || answer(&agent));
+        let (version, scores) =
+            wait_for("an answer after the restart", Duration::from_secs(30), || scorer_answer(&agent));
         let factor = if version % 2 == 1 { 1.0 } else { 2.0 };
         let want: Vec<f64> = [0.1, 0.7, 0.2].iter().map(|x| x * factor).collect();
         assert!(scores.iter().zip(&want).all(|(a, b)| (a - b).abs() < 1e-6), "v{version} answered {scores:?}");

@@ -166,26 +166,6 @@ fn last_log(agent: &Agent) -> String {
     logs.last().map(|p| std::fs::read_to_string(p).unwrap_or_default()).unwrap_or_default()
 }
 
-/// xorshift64*: the cut instants, the same for a seed every run.
-struct Rng(u64);
-
-impl Rng {
-    fn below(&mut self, n: u64) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d) % n
-    }
-}
-
-fn answer(agent: &Agent) -> Option<(u64, Vec<f64>)> {
-    let (status, v) = agent.post("/v1/models/scorer:predict", r#"{"inputs":[{"shape":[1,4],"data":[0.1,0.7,0.2,0]}]}"#);
-    (status == 200).then(|| {
-        let scores = v["outputs"][0]["data"].as_array().unwrap().iter().map(|x| x.as_f64().unwrap()).collect();
-        (v["version"].as_u64().unwrap(), scores)
-    })
-}
-
 #[test]
 fn the_layer_keeps_only_what_was_synced() {
     let work = tempfile::tempdir().unwrap();
@@ -244,7 +224,7 @@ fn power_cuts_at_random_instants_of_updates_leave_a_verified_model_and_no_older_
         let (c, g) = layer.cut(&layer.root_key());
         (changed, gone) = (changed + c, gone + g);
         agent.start();
-        let (version, scores) = match wait_until(Duration::from_secs(30), || answer(&agent)) {
+        let (version, scores) = match wait_until(Duration::from_secs(30), || scorer_answer(&agent)) {
             Some(a) => a,
             None => panic!("cut {i}: no answer 30 s after the reboot; the agent's last log:\n{}", last_log(&agent)),
         };

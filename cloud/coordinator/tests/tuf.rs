@@ -149,9 +149,8 @@ fn python_tuf_refreshes_from_the_registry_s_repository_and_both_clients_refuse_t
 
     // Freeze: the newest files, two days on (the timestamp lives a day).
     coord.ok(&["registry", "export-tuf", repo_s]);
-    let faketime = Path::new("/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1");
-    assert!(faketime.exists(), "libfaketime is missing: install Debian's faketime (scripts/test does)");
-    let env = [("LD_PRELOAD", faketime.to_str().unwrap()), ("FAKETIME", "+2d")];
+    let frozen_env = faketime("+2d");
+    let env: Vec<(&str, &str)> = frozen_env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
     let e = reference_client(&repo, &work.path().join("frozen"), "iris/1/model.onnx", &out, &env).unwrap_err();
     assert!(e.contains("refused: ExpiredMetadataError"), "{e}");
     let mut frozen = TrustedSet::new(&read(repo.join("1.root.json")), 0).unwrap();
@@ -256,12 +255,7 @@ fn agents_take_desired_states_through_the_registry_s_tuf_metadata_and_refuse_eac
 
     // Freeze: the agent's clock two days on, past the timestamp's day.
     agent.proc.as_mut().unwrap().kill9();
-    let faketime = "/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1";
-    agent.env = vec![
-        ("LD_PRELOAD".into(), faketime.into()),
-        ("FAKETIME".into(), "+2d".into()),
-        ("FAKETIME_DONT_FAKE_MONOTONIC".into(), "1".into()),
-    ];
+    agent.env = faketime("+2d");
     agent.start();
     coord.ok(&["fleet", "assign", "cam-01", "iris:3"]);
     let e = refusal(&coord, generation(&coord));

@@ -157,6 +157,13 @@ impl State {
         Ok(msg)
     }
 
+    /// The current timestamp metadata (rebuilt if stale), `None` while the
+    /// repository has no root.
+    pub fn tuf_timestamp(&self) -> Result<Option<Vec<u8>>> {
+        let versions = self.registry.all_versions()?;
+        Ok(self.tuf.current(&versions, unix_now())?.map(|b| b.timestamp.into_bytes()))
+    }
+
     /// The TUF repository's current metadata, `None` while it has no root.
     pub fn tuf_metadata(&self) -> Result<Option<TufMetadata>> {
         let versions = self.registry.all_versions()?;

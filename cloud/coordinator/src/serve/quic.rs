@@ -487,8 +487,15 @@ async fn session(
                 write(send, msg).await?;
             }
             _ = tuf_check.tick(), if version >= WireVersion::V4 => {
-                let (msg, tuf) = desired_message(state, id, version).await?;
-                if tuf != sent_tuf {
+                // The timestamp alone first: the state is read, signed and
+                // encoded only when there is something newer to send.
+                let current = {
+                    let state = state.clone();
+                    // As `desired_message` takes it: an error sends no metadata.
+                    tokio::task::spawn_blocking(move || state.tuf_timestamp().unwrap_or(None)).await?
+                };
+                if current != sent_tuf {
+                    let (msg, tuf) = desired_message(state, id, version).await?;
                     sent_tuf = tuf;
                     write(send, msg).await?;
                 }

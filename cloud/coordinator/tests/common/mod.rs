@@ -70,6 +70,44 @@ pub fn agent_bin() -> PathBuf {
     p
 }
 
+/// xorshift64*: instants and choices a test draws, the same for a seed
+/// every run.
+pub struct Rng(pub u64);
+
+impl Rng {
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d) % n
+    }
+}
+
+/// The version of `scorer` that answered and its scores for
+/// x = [0.1, 0.7, 0.2, 0]: scorer-a gives x[0..3], scorer-a2 twice that.
+pub fn scorer_answer(agent: &Agent) -> Option<(u64, Vec<f64>)> {
+    let (status, v) = agent.post("/v1/models/scorer:predict", r#"{"inputs":[{"shape":[1,4],"data":[0.1,0.7,0.2,0]}]}"#);
+    (status == 200).then(|| {
+        let scores = v["outputs"][0]["data"].as_array().unwrap().iter().map(|x| x.as_f64().unwrap()).collect();
+        (v["version"].as_u64().unwrap(), scores)
+    })
+}
+
+/// Debian's libfaketime, which scripts/test installs.
+pub const LIBFAKETIME: &str = "/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1";
+
+/// The environment that runs a dynamically linked program at `at`
+/// (libfaketime's FAKETIME: "+2d", "@1970-01-02 00:00:00"), with
+/// `Instant` left honest.
+pub fn faketime(at: &str) -> Vec<(String, String)> {
+    assert!(Path::new(LIBFAKETIME).exists(), "{LIBFAKETIME} is missing: install Debian's faketime (scripts/test does)");
+    vec![
+        ("LD_PRELOAD".into(), LIBFAKETIME.into()),
+        ("FAKETIME".into(), at.into()),
+        ("FAKETIME_DONT_FAKE_MONOTONIC".into(), "1".into()),
+    ]
+}
+
 /// The agent built as devices run it where a test needs it: a panic ends
 /// the process (`cargo build -p tern-agent --profile abort`).
 pub fn abort_agent_bin() -> PathBuf {
