@@ -8,6 +8,7 @@ mod gate;
 mod hook;
 mod identity;
 mod link;
+mod models_thread;
 mod profiles;
 mod runner;
 mod serve;
@@ -107,6 +108,7 @@ enum Cmd {
 }
 
 fn main() -> ExitCode {
+    models_thread::one_malloc_arena();
     let cli = Cli::parse();
     // `Targets` takes RUST_LOG's `level,target=level` form without the regex
     // engine EnvFilter brings (about 200 KiB on the device).

@@ -8,6 +8,7 @@ use crate::api::{self, Served, Shared};
 use crate::gate::Gate;
 use crate::hook::Hook;
 use crate::link::FromLink;
+use crate::models_thread::ModelsThread;
 use crate::store::Persister;
 use crate::trust::{Incoming, Trust};
 use crate::update;
@@ -78,39 +79,6 @@ pub struct Runner<W: Work> {
     clock_read: Option<Instant>,
 }
 
-/// One thread for the blocking work on models (hashing, loading,
-/// self-tests), one job at a time. Not tokio's blocking pool: a model
-/// loaded and freed on a new thread each time leaves memory in a new
-/// malloc arena each time (measured: RSS doubled over ten swaps and
-/// stayed there); on one thread it is reused.
-struct ModelsThread {
-    tx: std::sync::mpsc::Sender<Box<dyn FnOnce() + Send>>,
-}
-
-impl ModelsThread {
-    fn spawn() -> Self {
-        let (tx, rx) = std::sync::mpsc::channel::<Box<dyn FnOnce() + Send>>();
-        std::thread::Builder::new()
-            .name("models".into())
-            .spawn(move || {
-                while let Ok(job) = rx.recv() {
-                    // A job that panics (where panics unwind) must not take
-                    // the thread, and every later load, with it.
-                    if std::panic::catch_unwind(std::panic::AssertUnwindSafe(job)).is_err() {
-                        error!("a model job panicked");
-                    }
-                }
-            })
-            .expect("starting the models thread");
-        Self { tx }
-    }
-
-    fn run(&self, job: impl FnOnce() + Send + 'static) {
-        // The thread ends only with the process.
-        let _ = self.tx.send(Box::new(job));
-    }
-}
-
 /// Runs `f`, turning a panic (where panics unwind) into an error: a panic
 /// in the runtime while loading or testing a candidate fails that step.
 fn guarded<T>(f: impl FnOnce() -> Result<T, String>) -> Result<T, String> {
@@ -119,25 +87,6 @@ fn guarded<T>(f: impl FnOnce() -> Result<T, String>) -> Result<T, String> {
         Err(format!("the runtime panicked: {}", what.unwrap_or_default()))
     })
 }
-
-/// Gives the heap's free memory back to the system (after a swap has freed
-/// a model): glibc keeps freed chunks of every arena otherwise, and a
-/// device's RSS would climb by a model's size over the first swaps.
-#[cfg(all(target_os = "linux", target_env = "gnu"))]
-#[allow(unsafe_code)]
-fn trim_heap() {
-    unsafe extern "C" {
-        fn malloc_trim(pad: usize) -> std::ffi::c_int;
-    }
-    // SAFETY: malloc_trim takes no pointers and is thread-safe in glibc;
-    // it only returns free pages of the allocator's own arenas.
-    unsafe {
-        malloc_trim(0);
-    }
-}
-
-#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
-fn trim_heap() {}
 
 /// The local time of the week, from the C library (TZ, else
 /// /etc/localtime, read again each call so that a changed zone is seen);
@@ -503,10 +452,11 @@ impl<W: Work> Runner<W> {
                     // Not before the slots that say it is being tried are on disk.
                     let durable = self.persister.durable();
                     let (work, done) = (self.work.clone(), self.done_tx.clone());
+                    let home = self.models_thread.clone();
                     self.models_thread.run(move || {
                         let (name, version) = (m.name.clone(), m.version);
                         let result = match durable.wait().and_then(|()| guarded(|| work.load(&m))) {
-                            Ok(backend) => Done::Loaded(Event::Loaded { name, version }, Some(backend)),
+                            Ok(backend) => Done::Loaded(Event::Loaded { name, version }, Some(home.adopt(backend))),
                             Err(reason) => {
                                 warn!(model = %name, version, "load failed: {reason}");
                                 Done::Loaded(Event::LoadFailed { name, version, reason }, None)
@@ -563,10 +513,10 @@ impl<W: Work> Runner<W> {
                         let gate = Gate::new(self.shared.threads, self.shared.queue);
                         let served = Arc::new(Served::new(m, backend, gate, &self.shared.limits));
                         self.shared.shadows.write().expect("lock").remove(&name);
-                        // In-flight requests finish on the old version, which is dropped after.
+                        // In-flight requests finish on the old version, which
+                        // the models thread frees after the last of them.
                         let old = self.shared.models.write().expect("lock").insert(name.clone(), served);
                         drop(old);
-                        self.models_thread.run(trim_heap);
                         info!(model = %name, version, threads = self.shared.threads, queue = self.shared.queue, "serving");
                     }
                     None => {
