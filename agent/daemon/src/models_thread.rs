@@ -1,13 +1,12 @@
-//! The thread where models are verified, loaded, self-tested and freed,
-//! one job at a time.
+//! The thread where models are verified, loaded and self-tested, one job
+//! at a time, the thread that frees them, and how their memory goes back
+//! to the system.
 //!
 //! Not tokio's blocking pool: a model loaded and freed on a new thread each
 //! time leaves memory in a new malloc arena each time (measured: RSS
-//! doubled over ten swaps and stayed there). A model is also freed here,
-//! whichever thread let go of it last (the runner, a request, the shadow),
-//! so that its chunks return to this thread's cache and are reused by the
-//! next load instead of being held in the cache of a thread that never
-//! loads; and the heap is trimmed after each load and each free.
+//! doubled over ten swaps and stayed there). The heap is trimmed after each
+//! load and after each model is freed, and glibc is held to one arena
+//! (`one_malloc_arena`); docs/performance.md has the swap benchmark.
 
 use std::sync::Arc;
 use std::sync::mpsc::{Sender, channel};
@@ -18,10 +17,11 @@ use tracing::error;
 
 type Job = Box<dyn FnOnce() + Send>;
 
-/// A handle to the models thread.
+/// A handle to the models thread, and to the thread that frees models.
 #[derive(Clone)]
 pub struct ModelsThread {
     tx: Sender<Job>,
+    free: Sender<Arc<dyn Backend>>,
 }
 
 impl ModelsThread {
@@ -39,29 +39,45 @@ impl ModelsThread {
                 }
             })
             .expect("starting the models thread");
-        Self { tx }
+        let (free, freed) = channel::<Arc<dyn Backend>>();
+        std::thread::Builder::new()
+            .name("models-free".into())
+            .spawn(move || {
+                while let Ok(model) = freed.recv() {
+                    if std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| drop(model))).is_err() {
+                        error!("freeing a model panicked");
+                    }
+                    trim_heap();
+                }
+            })
+            .expect("starting the thread that frees models");
+        Self { tx, free }
     }
 
     pub fn run(&self, job: impl FnOnce() + Send + 'static) {
-        // The thread ends only with the process; a job sent after that is
-        // dropped with it.
+        // The thread ends only with the process.
         let _ = self.tx.send(Box::new(job));
     }
 
-    /// Takes a model just loaded on this thread, trims what loading it
-    /// left, and returns a handle that frees the model here once the last
+    /// Takes a model just loaded, trims what loading it left, and returns a
+    /// handle that has the model freed on the freeing thread once the last
     /// clone of it is dropped, wherever that is.
     pub fn adopt(&self, backend: Arc<dyn Backend>) -> Arc<dyn Backend> {
         trim_heap();
-        Arc::new(Homed { inner: Some(backend), home: self.clone() })
+        Arc::new(Homed { inner: Some(backend), free: self.free.clone() })
     }
 }
 
-/// A model that is freed on the models thread.
+/// A model freed on the thread that only frees models, and at once: not on
+/// the models thread, where the free would wait behind a running load and
+/// two models would be held through it; not on whichever thread let go of
+/// it last (the runner, a request), whose thread cache would keep the
+/// model's small chunks and hand them out for that thread's own longer-lived
+/// allocations, pinning the pages a model left.
 struct Homed {
     /// Taken only by `drop`.
     inner: Option<Arc<dyn Backend>>,
-    home: ModelsThread,
+    free: Sender<Arc<dyn Backend>>,
 }
 
 impl Homed {
@@ -87,23 +103,18 @@ impl Backend for Homed {
 impl Drop for Homed {
     fn drop(&mut self) {
         let Some(model) = self.inner.take() else { return };
-        let free: Job = Box::new(move || {
-            drop(model);
-            trim_heap();
-        });
-        // Only at exit is the thread gone; then the model goes here.
-        if let Err(unsent) = self.home.tx.send(free) {
-            (unsent.0)();
-        }
+        // The freeing thread outlives every model (each holds a sender);
+        // should it be gone, the model is freed here.
+        let _ = self.free.send(model);
     }
 }
 
 /// Limits glibc to its main arena unless the operator chose otherwise
 /// (`MALLOC_ARENA_MAX`, or `arena_max` in `GLIBC_TUNABLES`). Called before
-/// any thread starts. With an arena per thread, each model that a swap
-/// frees leaves free pages at the top of a thread's arena that
-/// `malloc_trim` does not return (it trims only the main arena's top), and
-/// RSS climbed 9-20 % over 1,000 swaps; in one arena it stays within 2.3 %
+/// any thread starts. With an arena per thread, a freed model leaves free
+/// pages at the top of a thread's arena that `malloc_trim` does not return
+/// (it trims only the main arena's top); `scripts/swap-bench` measured
+/// +10.2 % after 300 swaps that way, and +1.1 % after 1,000 in one arena
 /// (docs/performance.md). Small allocations still come from each thread's
 /// cache without the arena's lock.
 #[cfg(all(target_os = "linux", target_env = "gnu"))]
@@ -176,19 +187,23 @@ mod tests {
     }
 
     #[test]
-    fn a_model_is_freed_on_the_models_thread_wherever_its_last_handle_goes() {
+    fn a_model_is_freed_on_the_freeing_thread_at_once_even_while_the_models_thread_is_busy() {
         let thread = ModelsThread::spawn();
         let dropped_on = Arc::new(Mutex::new(None));
         let model = thread.adopt(Arc::new(Probe(dropped_on.clone())));
         let request = model.clone();
         drop(model);
         assert_eq!(*dropped_on.lock().unwrap(), None, "a request still holds it");
+        // A long load holds the models thread meanwhile.
+        let (release, held) = std::sync::mpsc::channel::<()>();
+        thread.run(move || held.recv().unwrap());
         std::thread::Builder::new().name("api-conn".into()).spawn(move || drop(request)).unwrap().join().unwrap();
-        // Freed by a job behind the drop: wait for the thread to reach it.
-        let (tx, rx) = std::sync::mpsc::channel();
-        thread.run(move || tx.send(()).unwrap());
-        rx.recv().unwrap();
-        assert_eq!(dropped_on.lock().unwrap().as_deref(), Some("models"));
+        let freed = (0..500).find_map(|_| {
+            std::thread::sleep(std::time::Duration::from_millis(10));
+            dropped_on.lock().unwrap().clone()
+        });
+        assert_eq!(freed.as_deref(), Some("models-free"));
+        release.send(()).unwrap();
     }
 
     #[test]

@@ -514,7 +514,7 @@ impl<W: Work> Runner<W> {
                         let served = Arc::new(Served::new(m, backend, gate, &self.shared.limits));
                         self.shared.shadows.write().expect("lock").remove(&name);
                         // In-flight requests finish on the old version, which
-                        // the models thread frees after the last of them.
+                        // the freeing thread frees after the last of them.
                         let old = self.shared.models.write().expect("lock").insert(name.clone(), served);
                         drop(old);
                         info!(model = %name, version, threads = self.shared.threads, queue = self.shared.queue, "serving");
