@@ -43,14 +43,9 @@ fn step(coord: &Coord, name: &str, version: u64, phase: &str) -> String {
 
 #[test]
 fn a_candidate_that_kills_the_agent_is_not_loaded_again_after_the_restart_and_is_reported_failed() {
-    let coord = Coord::start();
-    let mut agent = Agent::enrolled(&coord, "cam-01");
-    assert_eq!(coord.register_fixture("scorer", "scorer-a.onnx"), 1);
+    let (coord, mut agent) = serving(&[], "scorer-a.onnx", "scorer");
     // Runs on the coordinator's machine; needs 576 MB a run.
     assert_eq!(coord.register_fixture("scorer", "scorer-oversized.onnx"), 2);
-    coord.ok(&["fleet", "assign", "cam-01", "scorer:1"]);
-    agent.start();
-    agent.wait_serving("scorer", 1);
     // A device with less memory than v2 needs: the agent's address space
     // capped 256 MiB above what it takes serving v1; and the agent built
     // with panic=abort, as devices run it: tract's panic on the failed
@@ -329,13 +324,8 @@ fn a_download_cut_off_again_and_again_resumes_where_it_was_and_verifies() {
 
 #[test]
 fn an_artifact_longer_than_its_manifest_says_is_not_downloaded_and_nothing_of_it_is_kept() {
-    let coord = Coord::start();
-    let mut agent = Agent::enrolled(&coord, "cam-01");
-    assert_eq!(coord.register_fixture("scorer", "scorer-a.onnx"), 1);
+    let (coord, agent) = serving(&[], "scorer-a.onnx", "scorer");
     assert_eq!(coord.register_fixture("scorer", "scorer-a2.onnx"), 2);
-    coord.ok(&["fleet", "assign", "cam-01", "scorer:1"]);
-    agent.start();
-    agent.wait_serving("scorer", 1);
     // Endless data: v2's artifact on the coordinator grows past the size
     // its signed manifest gives.
     let sha = tern_proto::Sha256Digest::of(&std::fs::read(fixture("scorer-a2.onnx")).unwrap());

@@ -13,12 +13,7 @@ use std::time::Duration;
 #[test]
 fn sigkill_at_random_instants_of_updates_never_leaves_a_partial_or_older_state() {
     let kills: u64 = std::env::var("TERN_SOAK_KILLS").ok().and_then(|s| s.parse().ok()).unwrap_or(16);
-    let coord = Coord::start();
-    let mut agent = Agent::enrolled(&coord, "cam-01");
-    assert_eq!(coord.register_fixture("scorer", "scorer-a.onnx"), 1);
-    coord.ok(&["fleet", "assign", "cam-01", "scorer:1"]);
-    agent.start();
-    agent.wait_serving("scorer", 1);
+    let (coord, mut agent) = serving(&[], "scorer-a.onnx", "scorer");
     let mut rng = Rng(0x7e57_5eed);
     let mut applied = 0u64;
     let mut outcomes = std::collections::BTreeMap::<String, u32>::new();
