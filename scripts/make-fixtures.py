@@ -9,7 +9,7 @@ independent of tract) for the end-to-end tests to compare against.
     python3 scripts/make-fixtures.py
 
 The outputs are committed so that the demo and the tests need no Python.
-`python3 scripts/make-fixtures.py recurrent` (or `wide`, or `staged`)
+`python3 scripts/make-fixtures.py recurrent` (or `wide`, `staged`, `compile`)
 rebuilds only the recurrent models (or wide.onnx, or the scorer-*.onnx
 versions); their bytes come out the same every time.
 """
@@ -265,6 +265,37 @@ def oversized_model() -> None:
     onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), OUT / "scorer-oversized.onnx")
 
 
+def compile_models() -> None:
+    """mode-if.onnx: x f32[N, 4], mode bool[] -> If(mode) -> y. The then
+    branch gives x * 2 (f32[N, 4]), the else branch the row sums
+    (f32[N, 1]): the branches' shapes differ, so only a model whose `mode`
+    is known (compiled with it constant) has one output type; the batch
+    axis N is left open, as exporters write it.
+    """
+    from onnx import TensorProto, helper, numpy_helper
+
+    two = numpy_helper.from_array(np.array(2.0, np.float32), "two")
+    axes = numpy_helper.from_array(np.array([1], np.int64), "axes")
+    then_g = helper.make_graph(
+        [helper.make_node("Mul", ["x", "two"], ["t"])],
+        "then", [], [helper.make_tensor_value_info("t", TensorProto.FLOAT, ["N", 4])], [two],
+    )
+    else_g = helper.make_graph(
+        [helper.make_node("ReduceSum", ["x", "axes"], ["e"], keepdims=1)],
+        "else", [], [helper.make_tensor_value_info("e", TensorProto.FLOAT, ["N", 1])], [axes],
+    )
+    g = helper.make_graph(
+        [helper.make_node("If", ["mode"], ["y"], then_branch=then_g, else_branch=else_g)],
+        "mode_if",
+        [
+            helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4]),
+            helper.make_tensor_value_info("mode", TensorProto.BOOL, []),
+        ],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+    )
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), OUT / "mode-if.onnx")
+
+
 def main() -> None:
     from skl2onnx import to_onnx
     from sklearn.datasets import load_iris
@@ -277,6 +308,7 @@ def main() -> None:
     small_models()
     staged_models()
     oversized_model()
+    compile_models()
     OUT.mkdir(exist_ok=True)
     x, y = load_iris(return_X_y=True)
     x = x.astype(np.float32)
@@ -360,4 +392,4 @@ def builtin_models(classifier, x, rows) -> None:
 if __name__ == "__main__":
     import sys
 
-    {"recurrent": recurrent_models, "wide": wide_model, "staged": staged_models, "oversized": oversized_model}.get(" ".join(sys.argv[1:]), main)()
+    {"recurrent": recurrent_models, "wide": wide_model, "staged": staged_models, "oversized": oversized_model, "compile": compile_models}.get(" ".join(sys.argv[1:]), main)()

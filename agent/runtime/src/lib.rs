@@ -16,7 +16,7 @@ mod tract_backend;
 pub use burn_backend::BurnModel;
 pub use guard::run_guarded;
 #[cfg(feature = "onnx")]
-pub use onnx::onnx_to_nnef;
+pub use onnx::{ReferenceModel, compile_onnx, onnx_inputs, onnx_to_nnef};
 pub use tern_proto::{Tensor, TensorData};
 pub use tract_backend::TractModel;
 

@@ -1,8 +1,10 @@
 //! ONNX parsing (feature `onnx`): loading for the coordinator and for
 //! devices that take ONNX, and translation to NNEF, the format devices run.
 
-use crate::RuntimeError;
-use crate::tract_backend::load_err;
+use crate::tract_backend::{from_tract, load_err, to_dtype, to_tract};
+use crate::{RuntimeError, Tensor};
+use std::collections::BTreeMap;
+use tern_proto::TensorSpec;
 use tract_onnx::prelude::*;
 use tract_onnx::tract_hir::infer::Factoid;
 
@@ -56,4 +58,126 @@ pub(crate) fn typed(bytes: &[u8], pinned: Option<&[Vec<usize>]>) -> Result<Typed
 pub fn onnx_to_nnef(bytes: &[u8], pinned: Option<&[Vec<usize>]>) -> Result<Vec<u8>, RuntimeError> {
     let model = typed(bytes, pinned)?;
     crate::tract_backend::nnef().write_to_tar(&model, Vec::new()).map_err(load_err)
+}
+
+/// The inputs an ONNX model declares, as it declares them: dimensions it
+/// leaves open (unnamed, named or -1) are `None`.
+pub fn onnx_inputs(bytes: &[u8]) -> Result<Vec<TensorSpec>, RuntimeError> {
+    let model = tract_onnx::onnx().model_for_read(&mut &*bytes).map_err(load_err)?;
+    (0..model.inputs.len())
+        .map(|ix| {
+            let fact = model.input_fact(ix).map_err(load_err)?;
+            let name = model.node(model.inputs[ix].node).name.clone();
+            let dt = fact
+                .datum_type
+                .concretize()
+                .ok_or_else(|| RuntimeError::Load(format!("input {name:?} has no element type")))?;
+            let dtype = to_dtype(dt)
+                .ok_or_else(|| RuntimeError::Load(format!("input {name:?} has unsupported element type {dt:?}")))?;
+            let rank = fact
+                .shape
+                .rank()
+                .concretize()
+                .ok_or_else(|| RuntimeError::Load(format!("input {name:?} has no fixed rank")))?;
+            let shape = (0..rank as usize)
+                .map(|ax| {
+                    fact.shape
+                        .dim(ax)
+                        .and_then(|d| d.concretize())
+                        .and_then(|d| d.to_i64().ok())
+                        .filter(|v| *v >= 0)
+                        .map(|v| v as u64)
+                })
+                .collect();
+            Ok(TensorSpec { name, dtype, shape })
+        })
+        .collect()
+}
+
+/// Compiles an ONNX model for a device: each input in `shapes` gets that
+/// shape, each input in `consts` becomes that constant (no longer an
+/// input, so a branch on it is resolved and shapes that follow from it are
+/// folded), then tract types, declutters and writes it as NNEF (tar).
+/// Names are the model's input names; the caller checks them first.
+pub fn compile_onnx(
+    bytes: &[u8],
+    shapes: &BTreeMap<String, Vec<usize>>,
+    consts: &BTreeMap<String, Tensor>,
+) -> Result<Vec<u8>, RuntimeError> {
+    let mut model = tract_onnx::onnx().model_for_read(&mut &*bytes).map_err(load_err)?;
+    pin(&mut model, shapes)?;
+    for (name, value) in consts {
+        let id = model.node_id_by_name(name).map_err(load_err)?;
+        let t = to_tract(value.clone())?.into_arc_tensor();
+        model.node_mut(id).op = Box::new(tract_onnx::tract_core::ops::konst::Const::new(t.clone()).map_err(load_err)?);
+        model
+            .set_outlet_fact(OutletId::new(id, 0), InferenceFact::from(TypedFact::try_from(t).map_err(load_err)?))
+            .map_err(load_err)?;
+        model.inputs.retain(|o| o.node != id);
+    }
+    let typed = model.into_typed().and_then(|m| m.into_decluttered()).map_err(load_err)?;
+    crate::tract_backend::nnef().write_to_tar(&typed, Vec::new()).map_err(load_err)
+}
+
+fn pin(model: &mut InferenceModel, shapes: &BTreeMap<String, Vec<usize>>) -> Result<(), RuntimeError> {
+    for (name, shape) in shapes {
+        let ix = model
+            .inputs
+            .iter()
+            .position(|o| model.node(o.node).name == *name)
+            .ok_or_else(|| RuntimeError::Load(format!("the model has no input {name:?}")))?;
+        let dt = model.input_fact(ix).map_err(load_err)?.datum_type.concretize();
+        let dt = dt.ok_or_else(|| RuntimeError::Load(format!("input {name:?} has no element type")))?;
+        model.set_input_fact(ix, InferenceFact::dt_shape(dt, shape.clone())).map_err(load_err)?;
+    }
+    Ok(())
+}
+
+/// A source ONNX model run by tract's inference-level interpreter: each
+/// operator evaluated as the ONNX graph states it, with no typing passes,
+/// decluttering or optimization. Compiled artifacts are checked against it.
+pub struct ReferenceModel {
+    plan: Arc<tract_onnx::tract_hir::infer::InferenceSimplePlan>,
+    inputs: Vec<TensorSpec>,
+    outputs: Vec<TensorSpec>,
+}
+
+impl ReferenceModel {
+    /// The source model with the inputs in `shapes` pinned (as the
+    /// compiled one is), all its inputs still inputs.
+    pub fn onnx(bytes: &[u8], shapes: &BTreeMap<String, Vec<usize>>) -> Result<Self, RuntimeError> {
+        let mut model = tract_onnx::onnx().model_for_read(&mut &*bytes).map_err(load_err)?;
+        pin(&mut model, shapes)?;
+        let inputs = onnx_inputs(bytes)?;
+        let outputs = model
+            .output_outlets()
+            .map_err(load_err)?
+            .iter()
+            .map(|o| {
+                let name = model.outlet_label(*o).map(str::to_owned).unwrap_or_else(|| model.node(o.node).name.clone());
+                let fact = model.outlet_fact(*o).map_err(load_err)?;
+                let dtype = fact.datum_type.concretize().and_then(to_dtype).unwrap_or(tern_proto::DType::F32);
+                Ok(TensorSpec { name, dtype, shape: vec![] })
+            })
+            .collect::<Result<Vec<_>, RuntimeError>>()?;
+        let plan = model.into_runnable().map_err(load_err)?;
+        Ok(Self { plan, inputs, outputs })
+    }
+
+    /// Runs the model on `inputs`, in the model's input order.
+    pub fn run(&self, inputs: Vec<Tensor>) -> Result<Vec<Tensor>, RuntimeError> {
+        let inputs = inputs.into_iter().map(to_tract).collect::<Result<TVec<_>, _>>()?;
+        let outputs = self.plan.run(inputs).map_err(|e| RuntimeError::Run(format!("{e:#}")))?;
+        outputs.iter().map(from_tract).collect()
+    }
+
+    /// The inputs as the model declares them.
+    pub fn inputs(&self) -> &[TensorSpec] {
+        &self.inputs
+    }
+
+    /// The outputs' names and element types (shapes are not inferred).
+    pub fn outputs(&self) -> &[TensorSpec] {
+        &self.outputs
+    }
 }

@@ -72,7 +72,7 @@ impl TractModel {
     }
 }
 
-fn spec(model: &TypedModel, outlet: OutletId, name: String) -> Result<TensorSpec, RuntimeError> {
+pub(crate) fn spec(model: &TypedModel, outlet: OutletId, name: String) -> Result<TensorSpec, RuntimeError> {
     let fact = model.outlet_fact(outlet).map_err(load_err)?;
     let dtype = to_dtype(fact.datum_type)
         .ok_or_else(|| RuntimeError::Load(format!("{name:?} has unsupported element type {:?}", fact.datum_type)))?;
@@ -80,7 +80,7 @@ fn spec(model: &TypedModel, outlet: OutletId, name: String) -> Result<TensorSpec
     Ok(TensorSpec { name, dtype, shape })
 }
 
-fn to_dtype(dt: DatumType) -> Option<DType> {
+pub(crate) fn to_dtype(dt: DatumType) -> Option<DType> {
     Some(match dt {
         DatumType::F32 => DType::F32,
         DatumType::F64 => DType::F64,
@@ -99,7 +99,7 @@ fn to_dtype(dt: DatumType) -> Option<DType> {
     })
 }
 
-fn to_tract(t: Tensor) -> Result<TValue, RuntimeError> {
+pub(crate) fn to_tract(t: Tensor) -> Result<TValue, RuntimeError> {
     let shape = t.shape;
     let r = match t.data {
         TensorData::F32(v) => tract_ndarray::ArrayD::from_shape_vec(shape, v).map(|a| a.into_tvalue()),
@@ -117,7 +117,7 @@ fn to_tract(t: Tensor) -> Result<TValue, RuntimeError> {
     r.map_err(|e| RuntimeError::Signature(format!("tensor data does not fit its shape: {e}")))
 }
 
-fn from_tract(v: &TValue) -> Result<Tensor, RuntimeError> {
+pub(crate) fn from_tract(v: &TValue) -> Result<Tensor, RuntimeError> {
     let shape = v.shape().to_vec();
     let run = |e: TractError| RuntimeError::Run(e.to_string());
     let cast;

@@ -1,0 +1,325 @@
+//! Compilation of a source model for a device target, as SageMaker Neo
+//! did: the input shapes made concrete, inputs the user declares constant
+//! folded in (a branch on them resolved), tract's declutter passes run, the
+//! result written as NNEF, then run beside the source on seeded inputs and
+//! refused if its outputs differ beyond a tolerance.
+
+use std::collections::BTreeMap;
+use tern_proto::{DType, Tensor, TensorData, TensorSpec};
+use tern_runtime::{Backend, ReferenceModel, TractModel};
+
+/// Output tolerance when the user sets none: `|compiled − source|` at most
+/// this times `1 + |source|`, as for golden vectors (100 ppm).
+pub const DEFAULT_TOLERANCE: f64 = 1e-4;
+/// Seeded input sets compared when the user sets none.
+pub const DEFAULT_CASES: usize = 4;
+
+/// What to compile for.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// Input name → shape; replaces the shape the model declares.
+    pub shapes: BTreeMap<String, Vec<usize>>,
+    /// Input name → value (comma-separated, in the input's element type):
+    /// the input becomes that constant and leaves the signature.
+    pub consts: BTreeMap<String, String>,
+    /// See [`DEFAULT_TOLERANCE`].
+    pub tolerance: f64,
+    /// Seeded input sets to compare on.
+    pub cases: usize,
+    /// Seed of those inputs.
+    pub seed: u64,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Self {
+            shapes: BTreeMap::new(),
+            consts: BTreeMap::new(),
+            tolerance: DEFAULT_TOLERANCE,
+            cases: DEFAULT_CASES,
+            seed: 0,
+        }
+    }
+}
+
+/// How far one compiled output is from the source's, over all cases.
+#[derive(Debug, Clone, PartialEq)]
+pub struct OutputError {
+    /// The output's name in the source model.
+    pub name: String,
+    /// Largest `|compiled − source|`.
+    pub max_abs: f64,
+    /// Largest `|compiled − source| / (1 + |source|)`, what the tolerance
+    /// bounds.
+    pub max_scaled: f64,
+}
+
+/// A compiled artifact and what was measured on the way.
+#[derive(Debug, Clone)]
+pub struct Compiled {
+    /// The tract NNEF archive (tar).
+    pub nnef: Vec<u8>,
+    /// The source's size in bytes.
+    pub source_bytes: usize,
+    /// The compiled artifact's input signature.
+    pub inputs: Vec<TensorSpec>,
+    /// Error per output against the source.
+    pub errors: Vec<OutputError>,
+}
+
+/// Why a model did not compile. Each is found before the artifact is
+/// kept; nothing is written on error.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum CompileError {
+    /// The source is not an ONNX model tract can parse.
+    #[error("cannot read the source model: {0}")]
+    Source(String),
+    /// A shape or const names an input the model does not have.
+    #[error("the model has no input {name:?} (its inputs: {inputs})")]
+    NoSuchInput {
+        /// The name given.
+        name: String,
+        /// The model's inputs with their signatures.
+        inputs: String,
+    },
+    /// A shape that does not fit the input's rank or fixed dimensions.
+    #[error("shape {given:?} does not fit input {spec}")]
+    Shape {
+        /// The shape given.
+        given: Vec<usize>,
+        /// The input as the model declares it.
+        spec: String,
+    },
+    /// A const whose value does not parse as the input's element type or
+    /// does not fill its shape.
+    #[error("const {name}={value:?}: {why}")]
+    Const {
+        /// The input.
+        name: String,
+        /// The value given.
+        value: String,
+        /// What is wrong with it.
+        why: String,
+    },
+    /// tract cannot make the model concrete: the message names the node
+    /// and operator that block it.
+    #[error("cannot compile: {0}")]
+    Blocked(String),
+    /// The source could not be run to check the compiled artifact against.
+    #[error("cannot run the source model to check against: {0}")]
+    Reference(String),
+    /// A compiled output differs from the source's beyond the tolerance.
+    #[error(
+        "output {output:?} differs from the source's by {max_scaled:.3e} of 1+|source| (max abs {max_abs:.3e}), above the tolerance {tolerance:e}"
+    )]
+    Mismatch {
+        /// The output.
+        output: String,
+        /// See [`OutputError::max_abs`].
+        max_abs: f64,
+        /// See [`OutputError::max_scaled`].
+        max_scaled: f64,
+        /// The tolerance in force.
+        tolerance: f64,
+    },
+}
+
+/// Compiles an ONNX source with `opts`; see the crate's description.
+pub fn compile(source: &[u8], opts: &Options) -> Result<Compiled, CompileError> {
+    let declared = tern_runtime::onnx_inputs(source).map_err(|e| CompileError::Source(e.to_string()))?;
+    let listing = || declared.iter().map(|s| s.to_string()).collect::<Vec<_>>().join(", ");
+    let find = |name: &str| {
+        declared
+            .iter()
+            .find(|s| s.name == name)
+            .ok_or_else(|| CompileError::NoSuchInput { name: name.to_owned(), inputs: listing() })
+    };
+    for (name, shape) in &opts.shapes {
+        let spec = find(name)?;
+        let fits = spec.shape.len() == shape.len()
+            && spec.shape.iter().zip(shape).all(|(d, g)| d.is_none_or(|d| d == *g as u64));
+        if !fits {
+            return Err(CompileError::Shape { given: shape.clone(), spec: spec.to_string() });
+        }
+    }
+    let mut consts = BTreeMap::new();
+    for (name, value) in &opts.consts {
+        let spec = find(name)?;
+        let shape = opts.shapes.get(name).cloned();
+        consts.insert(name.clone(), parse_const(spec, shape, value)?);
+    }
+    let nnef =
+        tern_runtime::compile_onnx(source, &opts.shapes, &consts).map_err(|e| CompileError::Blocked(e.to_string()))?;
+    let compiled = TractModel::nnef(&nnef).map_err(|e| CompileError::Blocked(e.to_string()))?;
+    let reference = ReferenceModel::onnx(source, &opts.shapes).map_err(|e| CompileError::Reference(e.to_string()))?;
+    let mut errors: Vec<OutputError> = reference
+        .outputs()
+        .iter()
+        .map(|o| OutputError { name: o.name.clone(), max_abs: 0.0, max_scaled: 0.0 })
+        .collect();
+    let mut rng = SplitMix(opts.seed);
+    for case in 0..opts.cases {
+        let inputs = random_inputs(compiled.inputs(), &mut rng);
+        let mut free = inputs.iter().cloned();
+        let full: Vec<Tensor> = declared
+            .iter()
+            .map(|s| consts.get(&s.name).cloned().or_else(|| free.next()))
+            .collect::<Option<_>>()
+            .ok_or_else(|| CompileError::Blocked("the compiled model has fewer inputs than the source".into()))?;
+        let want = reference.run(full).map_err(|e| CompileError::Reference(format!("case {case}: {e}")))?;
+        let got = tern_runtime::run_guarded(&compiled, inputs)
+            .map_err(|e| CompileError::Blocked(format!("the compiled model fails on case {case}: {e}")))?;
+        if want.len() != got.len() {
+            return Err(CompileError::Blocked(format!(
+                "the compiled model has {} outputs, the source {}",
+                got.len(),
+                want.len()
+            )));
+        }
+        for ((w, g), err) in want.iter().zip(&got).zip(&mut errors) {
+            let (abs, scaled) = distance(w, g).ok_or_else(|| CompileError::Mismatch {
+                output: err.name.clone(),
+                max_abs: f64::INFINITY,
+                max_scaled: f64::INFINITY,
+                tolerance: opts.tolerance,
+            })?;
+            err.max_abs = err.max_abs.max(abs);
+            err.max_scaled = err.max_scaled.max(scaled);
+        }
+    }
+    if let Some(e) = errors.iter().find(|e| e.max_scaled > opts.tolerance) {
+        return Err(CompileError::Mismatch {
+            output: e.name.clone(),
+            max_abs: e.max_abs,
+            max_scaled: e.max_scaled,
+            tolerance: opts.tolerance,
+        });
+    }
+    Ok(Compiled { nnef, source_bytes: source.len(), inputs: compiled.inputs().to_vec(), errors })
+}
+
+/// `(max abs, max scaled)` error of `got` against `want`; `None` when
+/// their element types or shapes differ.
+fn distance(want: &Tensor, got: &Tensor) -> Option<(f64, f64)> {
+    if want.shape != got.shape || want.dtype() != got.dtype() {
+        return None;
+    }
+    let (w, g) = (values(want), values(got));
+    Some(w.iter().zip(&g).fold((0.0f64, 0.0f64), |(a, s), (w, g)| {
+        let d = (w - g).abs();
+        // NaN in both is agreement; in one only, the worst error.
+        let d = if w.is_nan() && g.is_nan() {
+            0.0
+        } else if d.is_nan() {
+            f64::INFINITY
+        } else {
+            d
+        };
+        (a.max(d), s.max(d / (1.0 + w.abs())))
+    }))
+}
+
+fn values(t: &Tensor) -> Vec<f64> {
+    match &t.data {
+        TensorData::F32(v) => v.iter().map(|x| *x as f64).collect(),
+        TensorData::F64(v) => v.clone(),
+        TensorData::I8(v) => v.iter().map(|x| *x as f64).collect(),
+        TensorData::I16(v) => v.iter().map(|x| *x as f64).collect(),
+        TensorData::I32(v) => v.iter().map(|x| *x as f64).collect(),
+        TensorData::I64(v) => v.iter().map(|x| *x as f64).collect(),
+        TensorData::U8(v) => v.iter().map(|x| *x as f64).collect(),
+        TensorData::U16(v) => v.iter().map(|x| *x as f64).collect(),
+        TensorData::U32(v) => v.iter().map(|x| *x as f64).collect(),
+        TensorData::U64(v) => v.iter().map(|x| *x as f64).collect(),
+        TensorData::Bool(v) => v.iter().map(|x| *x as u8 as f64).collect(),
+    }
+}
+
+/// Parses a const for `spec`. Its shape: `shape` if given, else the
+/// declared one when fully known, else all ones when one value is given.
+fn parse_const(spec: &TensorSpec, shape: Option<Vec<usize>>, value: &str) -> Result<Tensor, CompileError> {
+    let err = |why: String| CompileError::Const { name: spec.name.clone(), value: value.to_owned(), why };
+    let parts: Vec<&str> = value.split(',').map(str::trim).collect();
+    let shape = match shape {
+        Some(s) => s,
+        None => match spec.shape.iter().map(|d| d.map(|d| d as usize)).collect::<Option<Vec<_>>>() {
+            Some(s) => s,
+            None if parts.len() == 1 => vec![1; spec.shape.len()],
+            None => return Err(err(format!("input {spec} has open dimensions: give its shape with --input-shape"))),
+        },
+    };
+    let n: usize = shape.iter().product();
+    if n != parts.len() {
+        return Err(err(format!("{} values for shape {shape:?} ({n} needed)", parts.len())));
+    }
+    fn all<T: std::str::FromStr>(parts: &[&str]) -> Option<Vec<T>> {
+        parts.iter().map(|p| p.parse().ok()).collect()
+    }
+    let bad = || err(format!("not a list of {} values", spec.dtype));
+    let data = match spec.dtype {
+        DType::F32 => TensorData::F32(all(&parts).ok_or_else(bad)?),
+        DType::F64 => TensorData::F64(all(&parts).ok_or_else(bad)?),
+        DType::I8 => TensorData::I8(all(&parts).ok_or_else(bad)?),
+        DType::I16 => TensorData::I16(all(&parts).ok_or_else(bad)?),
+        DType::I32 => TensorData::I32(all(&parts).ok_or_else(bad)?),
+        DType::I64 => TensorData::I64(all(&parts).ok_or_else(bad)?),
+        DType::U8 => TensorData::U8(all(&parts).ok_or_else(bad)?),
+        DType::U16 => TensorData::U16(all(&parts).ok_or_else(bad)?),
+        DType::U32 => TensorData::U32(all(&parts).ok_or_else(bad)?),
+        DType::U64 => TensorData::U64(all(&parts).ok_or_else(bad)?),
+        DType::Bool => TensorData::Bool(
+            parts
+                .iter()
+                .map(|p| match *p {
+                    "true" | "1" => Some(true),
+                    "false" | "0" => Some(false),
+                    _ => None,
+                })
+                .collect::<Option<_>>()
+                .ok_or_else(bad)?,
+        ),
+    };
+    Ok(Tensor { shape, data })
+}
+
+/// SplitMix64, seeded: the same inputs on every run of a compile.
+struct SplitMix(u64);
+
+impl SplitMix {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+}
+
+/// Inputs that fit `specs` (open dimensions 1): floats uniform in [0, 1),
+/// integers and booleans 0 or 1.
+fn random_inputs(specs: &[TensorSpec], rng: &mut SplitMix) -> Vec<Tensor> {
+    specs
+        .iter()
+        .map(|s| {
+            let shape: Vec<usize> = s.shape.iter().map(|d| d.unwrap_or(1) as usize).collect();
+            let n: usize = shape.iter().product();
+            let mut unit = || (rng.next() >> 11) as f64 / (1u64 << 53) as f64;
+            let floats: Vec<f64> = (0..n).map(|_| unit()).collect();
+            let bits = || floats.iter().map(|f| *f >= 0.5);
+            let data = match s.dtype {
+                DType::F32 => TensorData::F32(floats.iter().map(|f| *f as f32).collect()),
+                DType::F64 => TensorData::F64(floats.clone()),
+                DType::I8 => TensorData::I8(bits().map(i8::from).collect()),
+                DType::I16 => TensorData::I16(bits().map(i16::from).collect()),
+                DType::I32 => TensorData::I32(bits().map(i32::from).collect()),
+                DType::I64 => TensorData::I64(bits().map(i64::from).collect()),
+                DType::U8 => TensorData::U8(bits().map(u8::from).collect()),
+                DType::U16 => TensorData::U16(bits().map(u16::from).collect()),
+                DType::U32 => TensorData::U32(bits().map(u32::from).collect()),
+                DType::U64 => TensorData::U64(bits().map(u64::from).collect()),
+                DType::Bool => TensorData::Bool(bits().collect()),
+            };
+            Tensor { shape, data }
+        })
+        .collect()
+}
