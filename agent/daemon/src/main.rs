@@ -24,7 +24,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::{Arc, Mutex};
-use tern_agent_core::{Persisted, Slots};
+use tern_agent_core::Slots;
 use tern_proto::{DeviceId, ModelFormat, ModelManifest, StatusReport};
 use tokio::sync::{mpsc, watch};
 use tracing::{error, info, warn};
@@ -205,10 +205,12 @@ async fn run(
             error!("{e:#}: set aside; starting with no models until the coordinator sends them");
             let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
             store.set_aside(now)?;
-            (Persisted::default(), false)
+            // The generation is kept apart from the slots, so it survives.
+            store.load()?
         }
     };
     let slots = Slots::restore(&formats, persisted, std::time::Instant::now());
+    info!(generation = slots.generation(), "agent state restored");
     let report = StatusReport { models: slots.status(), generation: slots.generation(), refused: None };
     let (status_tx, status_rx) = watch::channel(report);
     let (conn_tx, conn_rx) = watch::channel(None);

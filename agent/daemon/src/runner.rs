@@ -48,6 +48,8 @@ enum Done {
     Loaded(Event, Option<Arc<dyn Backend>>),
     /// An app health hook answered for (name, hook run id).
     Hook(String, u64, Result<(), String>),
+    /// The slots of this generation are on disk.
+    Durable(u64),
 }
 
 /// The main loop's state.
@@ -77,6 +79,11 @@ pub struct Runner<W: Work> {
     leases: mpsc::Receiver<LeaseRequest>,
     /// When the local time was last given to the core.
     clock_read: Option<Instant>,
+    /// The newest generation known to be on disk: the one reported, so
+    /// that what the coordinator is told never goes back after a power cut.
+    durable_generation: u64,
+    /// The persister's snapshot last waited for (see [`crate::store::Durable::seq`]).
+    awaited: u64,
 }
 
 /// Runs `f`, turning a panic (where panics unwind) into an error: a panic
@@ -175,7 +182,10 @@ impl<W: Work> Runner<W> {
         let (done_tx, done_rx) = mpsc::channel(64);
         let (lease_tx, leases) = mpsc::channel(16);
         let _ = shared.leases.set(lease_tx);
+        let durable_generation = slots.generation();
         let runner = Self {
+            durable_generation,
+            awaited: 0,
             slots,
             work,
             shared,
@@ -312,6 +322,7 @@ impl<W: Work> Runner<W> {
                     }
                 }
             }
+            Done::Durable(generation) => self.durable_generation = self.durable_generation.max(generation),
             Done::Loaded(ev, backend) => {
                 let (Event::Loaded { name, version } | Event::LoadFailed { name, version, .. }) = &ev else {
                     unreachable!("loads report Loaded or LoadFailed")
@@ -580,9 +591,23 @@ impl<W: Work> Runner<W> {
             served.update.store(update, Ordering::Relaxed);
         }
         self.record_history();
+        let generation = self.slots.generation();
+        if generation > self.durable_generation {
+            // The Persist for it was sent above, in this round or before.
+            let durable = self.persister.durable();
+            if durable.seq() > self.awaited {
+                self.awaited = durable.seq();
+                let done = self.done_tx.clone();
+                tokio::task::spawn_blocking(move || {
+                    if durable.wait().is_ok() {
+                        let _ = done.blocking_send(Done::Durable(generation));
+                    }
+                });
+            }
+        }
         let mut report = StatusReport {
             models: self.shared.status_with_health(self.slots.status()),
-            generation: self.slots.generation(),
+            generation: self.durable_generation,
             refused: self.slots.refusal().cloned(),
         };
         // Reasons can be long (a runtime's error chain); a report stays well
@@ -693,6 +718,17 @@ mod tests {
         fn collect(&mut self, _keep: &BTreeSet<Sha256Digest>, _live: &Mutex<BTreeSet<Sha256Digest>>) {}
     }
 
+    /// Each write waits until the test lets it through.
+    struct Gated(std::sync::mpsc::Receiver<()>);
+
+    impl SlotStore for Gated {
+        fn write(&mut self, _p: &Persisted, _complete: bool) -> anyhow::Result<()> {
+            let _ = self.0.recv();
+            Ok(())
+        }
+        fn collect(&mut self, _keep: &BTreeSet<Sha256Digest>, _live: &Mutex<BTreeSet<Sha256Digest>>) {}
+    }
+
     fn manifest(version: u32) -> ModelManifest {
         let g = golden();
         ModelManifest {
@@ -719,13 +755,17 @@ mod tests {
 
     impl Agent {
         fn start(work: Stand) -> Self {
+            Self::start_with(work, Discard)
+        }
+
+        fn start_with(work: Stand, store: impl SlotStore) -> Self {
             let (key, _) = SigningKey::generate().unwrap();
             let report = StatusReport { models: vec![], generation: 0, refused: None };
             let (status_tx, status) = watch::channel(report);
             let limits = Limits::default();
             let shared = Arc::new(Shared::new(DeviceId::new("cam-01").unwrap(), status.clone(), 1, 1, limits, 1 << 20));
             let live = Arc::new(Mutex::new(BTreeSet::new()));
-            let persister = Persister::spawn(Discard, live.clone()).unwrap();
+            let persister = Persister::spawn(store, live.clone()).unwrap();
             let slots = Slots::new(&[ModelFormat::Onnx]);
             let (history, _) = watch::channel(Vec::new());
             let runner = Runner::new(
@@ -763,6 +803,21 @@ mod tests {
                 tokio::time::sleep(Duration::from_millis(10)).await;
             }
         }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_generation_is_reported_only_once_it_is_on_disk() {
+        let (go, gate) = std::sync::mpsc::channel();
+        let agent = Agent::start_with(Stand { slow: None, factor: |_| 1.0 }, Gated(gate));
+        agent.desire(3, manifest(1)).await;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        // A power cut now would bring the agent back below generation 3.
+        assert_eq!(agent.status.borrow().generation, 0, "generation 3 reported before it was written");
+        for _ in 0..64 {
+            go.send(()).unwrap();
+        }
+        agent.until("generation 3 reported", |a| a.status.borrow().generation == 3).await;
+        agent.until("v1 serves", |a| a.served() == Some(1)).await;
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -28,6 +28,10 @@ const INCOMPLETE: &[u8] = b"slots/incomplete";
 /// The agent's recent update steps (JSON list of `UpdateEvent`, oldest
 /// first), so that a restart still reports what came before it.
 const HISTORY: &[u8] = b"history/v1";
+/// The generation of the last desired state applied (u64, big-endian),
+/// written with the slots but kept when they are set aside: the
+/// anti-rollback floor outlives a corrupt slots record.
+const GENERATION: &[u8] = b"generation/v1";
 /// The schema this build writes.
 const SCHEMA: u32 = 2;
 
@@ -267,8 +271,9 @@ impl Store {
     /// [`INCOMPLETE`]).
     pub fn load(&self) -> Result<(Persisted, bool)> {
         let complete = !self.db.contains_key(INCOMPLETE)?;
+        let floor = self.generation_floor()?;
         let Some(raw) = self.db.get(SLOTS)? else {
-            return Ok((Persisted::default(), complete));
+            return Ok((Persisted { generation: floor, slots: vec![] }, complete));
         };
         let stored: StoredSlots = serde_json::from_slice(&raw).context("agent state: the slots are corrupt")?;
         if stored.schema > SCHEMA {
@@ -276,7 +281,21 @@ impl Store {
         } else if stored.schema < SCHEMA {
             bail!("agent state: schema {} under the schema-{SCHEMA} key", stored.schema);
         }
-        Ok((stored.into(), complete))
+        let mut p: Persisted = stored.into();
+        p.generation = p.generation.max(floor);
+        Ok((p, complete))
+    }
+
+    /// The generation stored apart from the slots (0 before any).
+    fn generation_floor(&self) -> Result<u64> {
+        Ok(match self.db.get(GENERATION)? {
+            Some(raw) => u64::from_be_bytes(
+                raw.as_ref()
+                    .try_into()
+                    .map_err(|_| anyhow::anyhow!("agent state: the generation record is corrupt"))?,
+            ),
+            None => 0,
+        })
     }
 
     /// Sets unreadable slots aside (under `slots/corrupt/<unix time>`, for a
@@ -300,6 +319,9 @@ impl Store {
     pub fn write(&self, p: &Persisted, complete: bool) -> Result<()> {
         let mut batch = sled::Batch::default();
         batch.insert(SLOTS, serde_json::to_vec(&StoredSlots::from(p))?);
+        // Never lowered, whatever `p` says.
+        let generation = p.generation.max(self.generation_floor().unwrap_or(0));
+        batch.insert(GENERATION, generation.to_be_bytes().as_slice());
         if complete {
             batch.remove(INCOMPLETE);
         }
@@ -486,6 +508,11 @@ pub struct Durable {
 }
 
 impl Durable {
+    /// Which snapshot this waits for: later snapshots have higher numbers.
+    pub fn seq(&self) -> u64 {
+        self.seq
+    }
+
     /// Blocks until the snapshot (or a newer one) is written; an error if
     /// its write failed and none after it has succeeded.
     pub fn wait(&self) -> Result<(), String> {
@@ -699,15 +726,19 @@ mod tests {
     fn unreadable_slots_are_set_aside_and_nothing_is_removed_until_a_complete_write() {
         let dir = tempfile::tempdir().unwrap();
         let store = open(dir.path());
+        store.write(&Persisted { generation: 7, slots: vec![] }, true).unwrap();
         store.db.insert(SLOTS, b"{not json".as_slice()).unwrap();
         assert!(store.load().is_err());
         store.set_aside(1_700_000_000).unwrap();
-        assert_eq!(store.load().unwrap(), (Persisted::default(), false));
+        // The anti-rollback generation outlives the slots it was stored with:
+        // an older signed state stays refused.
+        let floor = Persisted { generation: 7, slots: vec![] };
+        assert_eq!(store.load().unwrap(), (floor.clone(), false));
         assert!(store.db.get(b"slots/corrupt/1700000000").unwrap().is_some());
         // Still incomplete after a restart, however the (empty) slots were written.
-        store.write(&Persisted::default(), false).unwrap();
+        store.write(&floor, false).unwrap();
         assert!(!store.load().unwrap().1);
-        store.write(&Persisted::default(), true).unwrap();
+        store.write(&floor, true).unwrap();
         assert!(store.load().unwrap().1);
     }
 

@@ -26,8 +26,14 @@ fn sigkill_at_random_instants_of_updates_never_leaves_a_partial_or_older_state()
         assert_eq!(coord.register_fixture("scorer", file), next);
         coord.ok(&["fleet", "assign", "cam-01", &format!("scorer:{next}")]);
         std::thread::sleep(Duration::from_millis(rng.below(2500)));
+        if let Some(g) = coord.device("cam-01")["reported_generation"].as_u64() {
+            applied = applied.max(g);
+        }
         agent.proc.as_mut().unwrap().kill9();
         agent.start();
+        // What the coordinator was told must be on the disk the agent came back to.
+        let restored = agent.restored_generation();
+        assert!(restored >= applied, "kill {i}: the agent reported generation {applied}, came back at {restored}");
         // It serves again, a version it verified, answering as that version.
         let (version, scores) =
             wait_for("an answer after the restart", Duration::from_secs(30), || scorer_answer(&agent));

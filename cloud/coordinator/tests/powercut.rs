@@ -224,6 +224,9 @@ fn power_cuts_at_random_instants_of_updates_leave_a_verified_model_and_no_older_
         let (c, g) = layer.cut(&layer.root_key());
         (changed, gone) = (changed + c, gone + g);
         agent.start();
+        // What the coordinator was told must be on the disk the agent came back to.
+        let restored = agent.restored_generation();
+        assert!(restored >= reported, "cut {i}: the agent reported generation {reported}, came back at {restored}");
         let (version, scores) = match wait_until(Duration::from_secs(30), || scorer_answer(&agent)) {
             Some(a) => a,
             None => panic!("cut {i}: no answer 30 s after the reboot; the agent's last log:\n{}", last_log(&agent)),

@@ -477,6 +477,25 @@ impl Agent {
         self.start_with(&[]);
     }
 
+    /// The generation the running agent read from its disk at start (its
+    /// own log says; the coordinator may still hold an older process's).
+    pub fn restored_generation(&self) -> u64 {
+        let newest = std::fs::read_dir(self.dir.path())
+            .unwrap()
+            .flatten()
+            .filter_map(|e| {
+                let name = e.file_name().into_string().ok()?;
+                let n: u64 = name.strip_prefix("agent-")?.strip_suffix(".log")?.parse().ok()?;
+                Some((n, e.path()))
+            })
+            .max()
+            .expect("an agent log");
+        let log = std::fs::read_to_string(&newest.1).unwrap();
+        let line = log.lines().find(|l| l.contains("agent state restored")).expect("the agent logs its restored state");
+        let g = line.split("generation=").nth(1).expect("generation=").trim();
+        g.split(|c: char| !c.is_ascii_digit()).next().unwrap().parse().unwrap()
+    }
+
     pub fn start_with(&mut self, extra: &[&str]) {
         let _ = std::fs::remove_file(self.data().join("api.json"));
         let data = self.data();
