@@ -8,6 +8,7 @@
 #[cfg(feature = "burn")]
 mod burn_backend;
 mod guard;
+mod inputs;
 #[cfg(feature = "onnx")]
 mod onnx;
 mod tract_backend;
@@ -15,6 +16,7 @@ mod tract_backend;
 #[cfg(feature = "burn")]
 pub use burn_backend::BurnModel;
 pub use guard::run_guarded;
+pub use inputs::{SplitMix, random_inputs};
 #[cfg(feature = "onnx")]
 pub use onnx::{ReferenceModel, compile_onnx, onnx_inputs, onnx_to_nnef};
 pub use tern_proto::{Tensor, TensorData};

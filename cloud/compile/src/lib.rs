@@ -6,7 +6,7 @@
 
 use std::collections::BTreeMap;
 use tern_proto::{DType, Tensor, TensorData, TensorSpec};
-use tern_runtime::{Backend, ReferenceModel, TractModel};
+use tern_runtime::{Backend, ReferenceModel, SplitMix, TractModel, random_inputs};
 
 /// Output tolerance when the user sets none: `|compiled − source|` at most
 /// this times `1 + |source|`, as for golden vectors (100 ppm).
@@ -280,46 +280,4 @@ fn parse_const(spec: &TensorSpec, shape: Option<Vec<usize>>, value: &str) -> Res
         ),
     };
     Ok(Tensor { shape, data })
-}
-
-/// SplitMix64, seeded: the same inputs on every run of a compile.
-struct SplitMix(u64);
-
-impl SplitMix {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-}
-
-/// Inputs that fit `specs` (open dimensions 1): floats uniform in [0, 1),
-/// integers and booleans 0 or 1.
-fn random_inputs(specs: &[TensorSpec], rng: &mut SplitMix) -> Vec<Tensor> {
-    specs
-        .iter()
-        .map(|s| {
-            let shape: Vec<usize> = s.shape.iter().map(|d| d.unwrap_or(1) as usize).collect();
-            let n: usize = shape.iter().product();
-            let mut unit = || (rng.next() >> 11) as f64 / (1u64 << 53) as f64;
-            let floats: Vec<f64> = (0..n).map(|_| unit()).collect();
-            let bits = || floats.iter().map(|f| *f >= 0.5);
-            let data = match s.dtype {
-                DType::F32 => TensorData::F32(floats.iter().map(|f| *f as f32).collect()),
-                DType::F64 => TensorData::F64(floats.clone()),
-                DType::I8 => TensorData::I8(bits().map(i8::from).collect()),
-                DType::I16 => TensorData::I16(bits().map(i16::from).collect()),
-                DType::I32 => TensorData::I32(bits().map(i32::from).collect()),
-                DType::I64 => TensorData::I64(bits().map(i64::from).collect()),
-                DType::U8 => TensorData::U8(bits().map(u8::from).collect()),
-                DType::U16 => TensorData::U16(bits().map(u16::from).collect()),
-                DType::U32 => TensorData::U32(bits().map(u32::from).collect()),
-                DType::U64 => TensorData::U64(bits().map(u64::from).collect()),
-                DType::Bool => TensorData::Bool(bits().collect()),
-            };
-            Tensor { shape, data }
-        })
-        .collect()
 }
