@@ -375,16 +375,34 @@ struct Candidate {
     /// Digest and load failures so far: after [`MAX_BAD_ATTEMPTS`] it is
     /// given up (a download may fail for as long as its deadline allows).
     bad: u32,
+    /// How many times the agent stopped while running it (persisted).
+    interrupted: u32,
 }
 
 /// Digest or load failures after which an update is given up.
 pub const MAX_BAD_ATTEMPTS: u32 = 5;
 
+/// How many times a candidate may be found interrupted while it ran (a
+/// crash, a power cut) before it is given up, as a bootloader counts boot
+/// attempts: an agent killed by chance tries again, one the candidate
+/// itself brings down does not loop.
+pub const MAX_TRIES: u32 = 3;
+
 impl Candidate {
     fn new(manifest: ModelManifest, phase: Phase, now: Instant) -> Self {
         let fetch_deadline = Some(after(now, manifest.policy().fetch_secs));
         let deadline = if phase.terminal() { None } else { fetch_deadline };
-        Self { manifest, phase, attempts: 0, deadline, fetch_deadline, rearm: false, last_fetch: false, bad: 0 }
+        Self {
+            manifest,
+            phase,
+            attempts: 0,
+            deadline,
+            fetch_deadline,
+            rearm: false,
+            last_fetch: false,
+            bad: 0,
+            interrupted: 0,
+        }
     }
 
     fn enter(&mut self, phase: Phase, now: Instant) {
@@ -469,7 +487,8 @@ pub enum Stage {
     #[default]
     Pending,
     /// Being loaded, tested or on probation: found after a restart, the
-    /// agent stopped while running it, and does not run it again.
+    /// agent stopped while running it; tried again after a pause until it
+    /// has been interrupted [`MAX_TRIES`] times, then given up.
     Trying {
         /// The phase's name.
         phase: String,
@@ -500,6 +519,9 @@ pub struct PersistedSlot {
     /// An ended update kept aside (see [`Slot`]), with its verdict (a
     /// [`Stage::GaveUp`]).
     pub given_up: Option<(ModelManifest, Stage)>,
+    /// How many times the agent stopped while running the candidate,
+    /// before the stop that left it [`Stage::Trying`] if it is.
+    pub interrupted: u32,
 }
 
 /// Everything the agent persists about its models.
@@ -581,8 +603,9 @@ impl Slots {
     /// Slots restored from what was persisted: each committed version is
     /// loaded again (`Load`, then `Install` once loaded), each pending
     /// candidate's download resumes (`Fetch`), a candidate the agent was
-    /// running when it stopped is given up (its code may be what stopped
-    /// it), and previous versions stay as fallbacks.
+    /// running when it stopped is tried again after a pause, or given up
+    /// once that has happened [`MAX_TRIES`] times (its code may be what
+    /// stops it), and previous versions stay as fallbacks.
     pub fn restore(formats: &[ModelFormat], persisted: Persisted, now: Instant) -> Self {
         let mut s = Self::new(formats);
         s.generation = persisted.generation;
@@ -611,6 +634,7 @@ impl Slots {
                 }
             }
             if let Some(m) = p.candidate {
+                let mut interrupted = p.interrupted;
                 let phase = match (s.refusal_of(&m), p.stage) {
                     (Some(reason), _) => Phase::Refused { reason },
                     (None, Stage::Pending) if golden_too_large(&m).is_some() => {
@@ -620,27 +644,33 @@ impl Slots {
                         s.actions.push_back(Action::Fetch(m.clone()));
                         Phase::Fetching
                     }
-                    (None, Stage::Trying { phase }) => Phase::Failed {
-                        reason: format!(
-                            "interrupted in {phase}: the agent stopped (a crash or a power cut) while it was running this version; not tried again until the desired state changes"
-                        ),
-                    },
+                    (None, Stage::Trying { phase }) => {
+                        interrupted += 1;
+                        let why = format!(
+                            "interrupted in {phase}: the agent stopped (a crash or a power cut) while it was running this version, {interrupted} of {MAX_TRIES} times"
+                        );
+                        if interrupted >= MAX_TRIES {
+                            Phase::Failed { reason: format!("{why}; not tried again until the desired state changes") }
+                        } else {
+                            Phase::Retrying { reason: why, retry_at: now + backoff(interrupted) }
+                        }
+                    }
                     (None, Stage::GaveUp { reason, rolled_back: false }) => Phase::Failed { reason },
                     (None, Stage::GaveUp { reason, rolled_back: true }) => Phase::RolledBack { reason },
                 };
-                if let Phase::Failed { reason } = &phase
-                    && reason.starts_with("interrupted")
-                {
+                if let Some(reason) = reason_of(&phase).filter(|r| r.starts_with("interrupted")) {
                     let t = Transition {
                         name: p.name.clone(),
                         version: m.version,
                         phase: phase.name().into(),
-                        reason: Some(reason.clone()),
+                        reason: Some(reason),
                         at: now,
                     };
                     s.transitions.push_back(t);
                 }
-                slot.candidate = Some(Candidate::new(m, phase, now));
+                let mut c = Candidate::new(m, phase, now);
+                c.interrupted = interrupted;
+                slot.candidate = Some(c);
             }
             s.slots.insert(p.name, slot);
         }
@@ -685,6 +715,7 @@ impl Slots {
                         candidate: cand.map(|c| c.manifest.clone()),
                         stage,
                         given_up: s.given_up.as_ref().map(|(m, p)| (m.clone(), gave_up(p))),
+                        interrupted: cand.map_or(0, |c| c.interrupted),
                     }
                 })
                 .collect(),
@@ -774,7 +805,9 @@ impl Slots {
                 // A download that ran out of time while the device was cut
                 // off starts again once the coordinator is back.
                 if c.rearm && refusal.is_none() {
+                    let interrupted = c.interrupted;
                     *c = Candidate::new(manifest.clone(), Phase::Fetching, now);
+                    c.interrupted = interrupted;
                     self.actions.push_back(Action::Fetch(manifest));
                 }
                 continue;

@@ -192,7 +192,24 @@ fn to_phase(phase: &str, t0: Instant) -> Slots {
     }
     let mut s = serving(&[m("iris", 1)], t0);
     s.set_desired(2, vec![m("iris", 2)], t0);
-    let steps: &[&str] = match phase {
+    if phase == "ready" {
+        s.defer("iris", 1000, t0).unwrap();
+    }
+    for kind in steps_to(phase) {
+        ok(&mut s, kind, "iris", 2, t0);
+    }
+    if phase == "rolled back" {
+        let bad = Health { requests: 10, errors: 10, p99_us: 0, ..Health::default() };
+        s.handle(Event::Health { name: "iris".into(), version: 2, health: bad }, t0).unwrap();
+    }
+    assert_eq!(phase_of(&s, "iris"), phase);
+    drain(&mut s);
+    s
+}
+
+/// The events that take a new candidate from fetching to `phase`.
+fn steps_to(phase: &str) -> &'static [&'static str] {
+    match phase {
         "fetching" => &[],
         "retrying" => &["fetch-failed"],
         "verifying" => &["fetched"],
@@ -203,20 +220,7 @@ fn to_phase(phase: &str, t0: Instant) -> Slots {
         "failed" => &["fetched", "verified", "loaded", "self-test-failed"],
         "rolled back" => &["fetched", "verified", "loaded", "self-test-passed", "shadowed"],
         other => unreachable!("{other}"),
-    };
-    if phase == "ready" {
-        s.defer("iris", 1000, t0).unwrap();
     }
-    for kind in steps {
-        ok(&mut s, kind, "iris", 2, t0);
-    }
-    if phase == "rolled back" {
-        let bad = Health { requests: 10, errors: 10, p99_us: 0, ..Health::default() };
-        s.handle(Event::Health { name: "iris".into(), version: 2, health: bad }, t0).unwrap();
-    }
-    assert_eq!(phase_of(&s, "iris"), phase);
-    drain(&mut s);
-    s
 }
 
 #[test]
@@ -427,20 +431,56 @@ fn a_first_version_that_breaks_probation_leaves_nothing_serving() {
 }
 
 #[test]
-fn a_restart_while_the_candidate_runs_gives_it_up_and_serves_the_committed_version() {
+fn a_restart_while_the_candidate_runs_tries_it_again_and_gives_it_up_the_third_time() {
     let t0 = Instant::now();
     for phase in ["staged", "self-test", "shadow", "probation"] {
-        let s = to_phase(phase, t0);
-        let p = s.persisted();
-        assert_eq!(p.slots[0].stage, Stage::Trying { phase: phase.into() });
-        let mut s = Slots::restore(ALL, p, t0);
-        assert_eq!(drain(&mut s), [Action::Load(m("iris", 1))], "{phase}: only the committed version loads");
-        let detail = status_of(&s, "iris", 2).1.unwrap();
-        assert!(detail.starts_with(&format!("interrupted in {phase}: the agent stopped")), "{detail}");
-        ok(&mut s, "loaded", "iris", 1, t0);
-        assert_eq!(drain(&mut s), [Action::Install(m("iris", 1))]);
-        assert_eq!(s.poll_timeout(), None, "{phase}: not retried");
+        let mut s = to_phase(phase, t0);
+        let mut now = t0;
+        for tries in 1..=MAX_TRIES {
+            let p = s.persisted();
+            assert_eq!(p.slots[0].stage, Stage::Trying { phase: phase.into() });
+            assert_eq!(p.slots[0].interrupted, tries - 1, "{phase}: counted on disk");
+            s = Slots::restore(ALL, p, now);
+            assert_eq!(drain(&mut s), [Action::Load(m("iris", 1))], "{phase}: only the committed version loads");
+            let detail = status_of(&s, "iris", 2).1.unwrap();
+            assert!(detail.starts_with(&format!("interrupted in {phase}: the agent stopped")), "{detail}");
+            ok(&mut s, "loaded", "iris", 1, now);
+            assert_eq!(drain(&mut s), [Action::Install(m("iris", 1))]);
+            if tries == MAX_TRIES {
+                assert_eq!(phase_of(&s, "iris"), "failed");
+                assert!(
+                    detail.ends_with(", 3 of 3 times; not tried again until the desired state changes"),
+                    "{detail}"
+                );
+                assert_eq!(s.poll_timeout(), None, "{phase}: not tried a fourth time");
+                let p = s.persisted();
+                assert!(matches!(p.slots[0].stage, Stage::GaveUp { rolled_back: false, .. }), "{p:?}");
+                assert_eq!(Slots::restore(ALL, p, now).slot("iris").unwrap().candidate().unwrap().1.name(), "failed");
+                break;
+            }
+            assert_eq!(phase_of(&s, "iris"), "retrying");
+            assert!(detail.ends_with(&format!(", {tries} of 3 times (will retry)")), "{detail}");
+            // After a pause that grows with each interruption.
+            let at = now + backoff(tries);
+            assert_eq!(s.poll_timeout(), Some(at), "{phase}");
+            now = at;
+            s.handle_timeout(now);
+            assert_eq!(drain(&mut s), [Action::Fetch(m("iris", 2))]);
+            // A restart before its code runs again keeps the count.
+            let p = s.persisted();
+            assert_eq!((p.slots[0].stage.clone(), p.slots[0].interrupted), (Stage::Pending, tries));
+            for kind in steps_to(phase) {
+                ok(&mut s, kind, "iris", 2, now);
+            }
+            assert_eq!(phase_of(&s, "iris"), phase);
+            drain(&mut s);
+        }
     }
+    // A new desired state naming another version starts the count again.
+    let mut s = to_phase("self-test", t0);
+    s = Slots::restore(ALL, s.persisted(), t0);
+    s.set_desired(3, vec![m("iris", 3)], t0);
+    assert_eq!(s.persisted().slots[0].interrupted, 0);
     // Before its code ran, an update resumes.
     for phase in ["fetching", "verifying", "retrying"] {
         let mut s = Slots::restore(ALL, to_phase(phase, t0).persisted(), t0);

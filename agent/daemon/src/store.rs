@@ -59,6 +59,14 @@ struct StoredSlot {
     /// An ended update kept aside, with its verdict.
     #[serde(default)]
     given_up: Option<(StoredManifest, StoredStage)>,
+    /// Times the agent stopped while running the candidate (absent when
+    /// none, as agents before the count wrote it).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    interrupted: u32,
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
 }
 
 /// [`Stage`], as stored.
@@ -178,6 +186,7 @@ impl From<&Persisted> for StoredSlots {
                     candidate: m(&s.candidate),
                     stage: (&s.stage).into(),
                     given_up: s.given_up.as_ref().map(|(g, st)| (StoredManifest::from(g), st.into())),
+                    interrupted: s.interrupted,
                 })
                 .collect(),
         }
@@ -198,6 +207,7 @@ impl From<StoredSlots> for Persisted {
                     candidate: s.candidate.map(Into::into),
                     stage: s.stage.into(),
                     given_up: s.given_up.map(|(g, st)| (g.into(), st.into())),
+                    interrupted: s.interrupted,
                 })
                 .collect(),
         }
@@ -255,6 +265,7 @@ impl Store {
                     candidate: None,
                     stage: StoredStage::Pending,
                     given_up: None,
+                    interrupted: 0,
                 })
                 .collect(),
         };
@@ -684,6 +695,7 @@ mod tests {
                 candidate: None,
                 stage: Stage::Pending,
                 given_up: None,
+                interrupted: 0,
             }]
         );
         assert!(!store.db.contains_key(ACTIVE_V1).unwrap());
@@ -709,6 +721,7 @@ mod tests {
                 }),
                 stage: Stage::GaveUp { reason: "self-test failed".into(), rolled_back: false },
                 given_up: Some((m("iris", 4), Stage::GaveUp { reason: "probation: slow".into(), rolled_back: true })),
+                interrupted: 2,
             }],
         };
         store.write(&p, true).unwrap();
@@ -796,6 +809,7 @@ mod tests {
                 candidate: None,
                 stage: Stage::Pending,
                 given_up: None,
+                interrupted: 0,
             };
             persister.persist(Persisted { generation, slots: vec![slot] });
         }
