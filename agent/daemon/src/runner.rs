@@ -280,6 +280,10 @@ impl<W: Work> Runner<W> {
         let clock = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
         match self.trust.check(&incoming, clock) {
             Ok(models) => {
+                // Queued before the slots this state changes: on disk first.
+                if let Some(t) = self.trust.unsaved() {
+                    self.persister.persist_trust(self.slots.persisted(), t);
+                }
                 let names: Vec<String> = models.iter().map(|m| format!("{}:{}", m.name, m.version)).collect();
                 info!(generation, models = ?names, "desired state");
                 self.slots.set_desired(generation, models, Instant::now());

@@ -5,6 +5,7 @@
 //! the [`Persister`]'s thread, never on the async runtime, and after each
 //! one it removes the artifacts no slot refers to any more.
 
+use crate::trust::TrustFiles;
 use anyhow::{Context, Result, bail};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -485,6 +486,8 @@ struct Job {
     collect: bool,
     /// Update steps to write, the newest handed over.
     history: Option<Vec<tern_proto::UpdateEvent>>,
+    /// The trust state to write before anything else, the newest handed over.
+    trust: Option<TrustFiles>,
     /// Its place in the order snapshots were handed over.
     seq: u64,
 }
@@ -561,14 +564,28 @@ impl Persister {
                     }
                     cond.notify_all();
                 };
+                let mut unwritten: Option<TrustFiles> = None;
                 while let Ok(mut job) = rx.recv() {
                     while let Ok(newer) = rx.try_recv() {
                         job = Job {
                             write: job.write || newer.write,
                             collect: job.collect || newer.collect,
                             history: newer.history.or(job.history),
+                            trust: newer.trust.or(job.trust),
                             ..newer
                         };
+                    }
+                    // First, and kept for the next job if it fails: no slots
+                    // reach the disk ahead of the trust that took them.
+                    if let Some(t) = job.trust.take().or_else(|| unwritten.take())
+                        && let Err(e) = t.write()
+                    {
+                        error!("cannot persist the trust state: {e}");
+                        unwritten = Some(t);
+                        if job.write {
+                            done(job.seq, Err(format!("writing the trust state: {e}")));
+                        }
+                        continue;
                     }
                     if let Some(h) = job.history.take()
                         && let Err(e) = store.write_history(&h)
@@ -611,13 +628,20 @@ impl Persister {
     pub fn persist(&mut self, p: Persisted) {
         self.seq += 1;
         // The thread only ends with the process.
-        let _ = self.tx.send(Job { slots: p, write: true, collect: true, history: None, seq: self.seq });
+        let _ = self.tx.send(Job { slots: p, write: true, collect: true, history: None, trust: None, seq: self.seq });
+    }
+
+    /// Queues the trust state to write before any slots queued after it;
+    /// returns at once. `slots` is the current snapshot (written only if a
+    /// persist is pending anyway).
+    pub fn persist_trust(&self, slots: Persisted, t: TrustFiles) {
+        let _ = self.tx.send(Job { slots, write: false, collect: false, history: None, trust: Some(t), seq: self.seq });
     }
 
     /// Queues the update steps to write; returns at once. `slots` is the
     /// current snapshot (written only if a persist is pending anyway).
     pub fn persist_history(&self, slots: Persisted, h: Vec<tern_proto::UpdateEvent>) {
-        let _ = self.tx.send(Job { slots, write: false, collect: false, history: Some(h), seq: self.seq });
+        let _ = self.tx.send(Job { slots, write: false, collect: false, history: Some(h), trust: None, seq: self.seq });
     }
 
     /// What to wait on for every snapshot queued so far to be on disk.
@@ -628,7 +652,7 @@ impl Persister {
     /// Removes the artifacts slots read from disk (`p`) do not name, without
     /// writing them again: what the agent does at start.
     pub fn collect(&self, p: Persisted) {
-        let _ = self.tx.send(Job { slots: p, write: false, collect: true, history: None, seq: self.seq });
+        let _ = self.tx.send(Job { slots: p, write: false, collect: true, history: None, trust: None, seq: self.seq });
     }
 }
 
@@ -873,5 +897,71 @@ mod durable_tests {
         let started = std::time::Instant::now();
         persister.durable().wait().unwrap();
         assert!(started.elapsed() >= Duration::from_millis(150), "it waited for the write");
+    }
+}
+
+#[cfg(test)]
+mod trust_order_tests {
+    use super::*;
+
+    /// A store that records, at each slots write, what the trust files
+    /// held then.
+    struct Seen {
+        dir: PathBuf,
+        seen: Arc<Mutex<Vec<Saw>>>,
+    }
+
+    /// A generation written, with the TUF file and the signed marker then.
+    type Saw = (u64, Option<Vec<u8>>, bool);
+
+    impl SlotStore for Seen {
+        fn write(&mut self, p: &Persisted, _complete: bool) -> Result<()> {
+            let tuf = std::fs::read(self.dir.join("tuf.json")).ok();
+            let signed = self.dir.join("signed-states").exists();
+            self.seen.lock().unwrap().push((p.generation, tuf, signed));
+            Ok(())
+        }
+        fn collect(&mut self, _keep: &BTreeSet<Sha256Digest>, _live: &Mutex<BTreeSet<Sha256Digest>>) {}
+    }
+
+    #[test]
+    fn the_trust_state_reaches_the_disk_before_the_slots_queued_after_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let store = Seen { dir: dir.path().to_path_buf(), seen: seen.clone() };
+        let mut persister = Persister::spawn(store, Arc::default()).unwrap();
+        for g in 1..=20u64 {
+            let t = TrustFiles::new(dir.path(), Some(format!("tuf {g}").into_bytes()), true);
+            persister.persist_trust(Persisted::default(), t);
+            persister.persist(Persisted { generation: g, slots: vec![] });
+        }
+        persister.durable().wait().unwrap();
+        let seen = seen.lock().unwrap();
+        assert_eq!(seen.last().unwrap().0, 20);
+        for (g, tuf, signed) in seen.iter() {
+            assert_eq!(tuf.as_deref(), Some(format!("tuf {g}").as_bytes()), "slots of generation {g}");
+            assert!(signed);
+        }
+    }
+
+    #[test]
+    fn slots_are_not_written_while_the_trust_state_cannot_be() {
+        let dir = tempfile::tempdir().unwrap();
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let store = Seen { dir: dir.path().to_path_buf(), seen: seen.clone() };
+        let mut persister = Persister::spawn(store, Arc::default()).unwrap();
+        // A folder that is not there: the trust write fails.
+        let missing = dir.path().join("gone");
+        persister.persist_trust(Persisted::default(), TrustFiles::new(&missing, Some(b"x".to_vec()), false));
+        persister.persist(Persisted { generation: 1, slots: vec![] });
+        let e = persister.durable().wait().unwrap_err();
+        assert!(e.starts_with("cannot record the update on disk: writing the trust state: "), "{e}");
+        assert!(seen.lock().unwrap().is_empty());
+        // Once it can be written, it goes first, then the slots.
+        std::fs::create_dir(&missing).unwrap();
+        persister.persist(Persisted { generation: 2, slots: vec![] });
+        persister.durable().wait().unwrap();
+        assert_eq!(std::fs::read(missing.join("tuf.json")).unwrap(), b"x");
+        assert_eq!(seen.lock().unwrap().len(), 1);
     }
 }

@@ -2,11 +2,12 @@
 //! signature over the state for this device, and the TUF metadata that must
 //! list every artifact it names with the same length and digest; on every
 //! wire the registry key's signature of each manifest. The TUF state the
-//! agent verified last persists in `identity/tuf.json`, so that nothing
-//! older is taken after a restart.
+//! agent verified last persists in `identity/tuf.json`, and that it has
+//! taken a signed state in `identity/signed-states`, so that nothing older
+//! or less signed is taken after a restart. Both are written by the
+//! persister before the slots that follow them (see [`TrustFiles`]).
 
-use std::path::PathBuf;
-use std::sync::{Arc, Condvar, Mutex};
+use std::path::{Path, PathBuf};
 use tern_proto::{DesiredState, DeviceId, ModelManifest, SignedManifest, TufMetadata, WireVersion};
 use tern_trust::VerifyingKey;
 use tern_trust::tuf::{TrustedSet, target_path};
@@ -33,12 +34,52 @@ struct Saved {
     floor: u64,
 }
 
+/// The name of the TUF state's file in the identity folder.
+const TUF_FILE: &str = "tuf.json";
+/// The name of the file whose presence says a signed state was taken.
+const SIGNED_FILE: &str = "signed-states";
+
+/// The trust state to write, whole: the persister writes it durably before
+/// any slots queued after it, so that slots on disk never name a state
+/// whose trust was not kept with it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TrustFiles {
+    dir: PathBuf,
+    tuf: Option<Vec<u8>>,
+    signed: bool,
+}
+
+impl TrustFiles {
+    /// Trust state to write into `dir`.
+    #[cfg(test)]
+    pub fn new(dir: &Path, tuf: Option<Vec<u8>>, signed: bool) -> Self {
+        Self { dir: dir.to_path_buf(), tuf, signed }
+    }
+
+    /// Writes both files durably (each atomically).
+    pub fn write(&self) -> std::io::Result<()> {
+        if let Some(bytes) = &self.tuf {
+            tern_durable::write_atomic(&self.dir.join(TUF_FILE), bytes, false)?;
+        }
+        if self.signed && !self.dir.join(SIGNED_FILE).exists() {
+            tern_durable::write_atomic(&self.dir.join(SIGNED_FILE), b"", false)?;
+        }
+        Ok(())
+    }
+}
+
 /// The keys and metadata the agent trusts.
 pub struct Trust {
     registry_key: VerifyingKey,
     device: DeviceId,
     tuf: Option<TrustedSet>,
-    writer: Option<Writer>,
+    /// Whether a desired state signed for this device was ever taken: from
+    /// then on an unsigned one (an older wire) is refused.
+    signed: bool,
+    /// Where the state persists (none in tests).
+    dir: Option<PathBuf>,
+    /// Changed since last handed to the persister.
+    unsaved: bool,
     /// Why the persisted TUF state could not be read: every state is
     /// refused with it (the committed models serve on) until it is fixed.
     broken: Option<String>,
@@ -48,12 +89,13 @@ impl Trust {
     /// Trust in `registry_key` alone, persisting nothing.
     #[cfg(test)]
     pub fn new(registry_key: VerifyingKey, device: DeviceId) -> Self {
-        Self { registry_key, device, tuf: None, writer: None, broken: None }
+        Self { registry_key, device, tuf: None, signed: false, dir: None, unsaved: false, broken: None }
     }
 
-    /// Loads what `file` holds (none yet: the registry key alone) and
-    /// persists every later refresh there.
-    pub fn open(registry_key: VerifyingKey, device: DeviceId, file: PathBuf) -> anyhow::Result<Self> {
+    /// Loads what `dir` holds (nothing yet: the registry key alone); what
+    /// changes later is handed out by [`Trust::unsaved`] for the persister.
+    pub fn open(registry_key: VerifyingKey, device: DeviceId, dir: &Path) -> anyhow::Result<Self> {
+        let file = dir.join(TUF_FILE);
         let loaded = match std::fs::read(&file) {
             Ok(bytes) => load(&bytes).map(Some).map_err(|e| format!("{}: {e}", file.display())),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
@@ -78,7 +120,15 @@ impl Trust {
         if let Some(set) = &tuf {
             info!(root = set.root().body.version, "TUF root trusted");
         }
-        Ok(Self { registry_key, device, tuf, writer: Some(Writer::spawn(file)?), broken })
+        let signed = dir.join(SIGNED_FILE).exists();
+        Ok(Self { registry_key, device, tuf, signed, dir: Some(dir.to_path_buf()), unsaved: false, broken })
+    }
+
+    /// The trust state to persist if it changed since last asked (taken
+    /// states change it); hand it to the persister before the slots.
+    pub fn unsaved(&mut self) -> Option<TrustFiles> {
+        let dir = self.dir.clone().filter(|_| std::mem::take(&mut self.unsaved))?;
+        Some(TrustFiles { dir, tuf: self.tuf.as_ref().map(saved_bytes), signed: self.signed })
     }
 
     /// The version of the TUF root trusted, if any.
@@ -102,6 +152,12 @@ impl Trust {
             None if incoming.wire >= WireVersion::V4 => {
                 return Err(format!(
                     "the coordinator sent an unsigned desired state on a wire {} session",
+                    incoming.wire
+                ));
+            }
+            None if self.signed => {
+                return Err(format!(
+                    "this device has taken desired states signed for it; an unsigned one (wire {}) is refused",
                     incoming.wire
                 ));
             }
@@ -137,12 +193,15 @@ impl Trust {
             if newer_root {
                 info!(root = set.root().body.version, "TUF root trusted");
             }
-            if let Some(w) = &self.writer {
-                w.save(&set);
-            }
+            // The same metadata again (each reconnect) is not written again.
+            self.unsaved |= self.tuf.as_ref().map(saved_bytes) != Some(saved_bytes(&set));
             // The targets of the whole fleet need not stay in memory.
             set.drop_targets();
             self.tuf = Some(set);
+        }
+        if incoming.signed.is_some() && !self.signed {
+            self.signed = true;
+            self.unsaved = true;
         }
         Ok(manifests)
     }
@@ -195,44 +254,16 @@ fn refresh(
     Ok(set)
 }
 
-/// Writes the newest TUF state on a thread of its own (an fsync must not
-/// hold the main loop), the newest only when writes fall behind.
-struct Writer {
-    next: Arc<(Mutex<Option<Vec<u8>>>, Condvar)>,
-}
-
-impl Writer {
-    fn spawn(file: PathBuf) -> std::io::Result<Self> {
-        let next: Arc<(Mutex<Option<Vec<u8>>>, Condvar)> = Arc::default();
-        let shared = next.clone();
-        std::thread::Builder::new().name("tuf-writer".into()).spawn(move || {
-            loop {
-                let bytes = {
-                    let (lock, cv) = &*shared;
-                    let mut slot = cv.wait_while(lock.lock().expect("lock"), |s| s.is_none()).expect("lock");
-                    slot.take().expect("waited for it")
-                };
-                if let Err(e) = tern_durable::write_atomic(&file, &bytes, false) {
-                    error!("writing {}: {e}", file.display());
-                }
-            }
-        })?;
-        Ok(Self { next })
-    }
-
-    fn save(&self, set: &TrustedSet) {
-        let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
-        let saved = Saved {
-            root: text(&set.root().bytes),
-            timestamp: set.timestamp().map(|v| text(&v.bytes)),
-            snapshot: set.snapshot().map(|v| text(&v.bytes)),
-            floor: set.floor(),
-        };
-        let bytes = serde_json::to_vec(&saved).expect("strings and an integer");
-        let (lock, cv) = &*self.next;
-        *lock.lock().expect("lock") = Some(bytes);
-        cv.notify_one();
-    }
+/// A trusted set as `tuf.json` holds it.
+fn saved_bytes(set: &TrustedSet) -> Vec<u8> {
+    let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+    let saved = Saved {
+        root: text(&set.root().bytes),
+        timestamp: set.timestamp().map(|v| text(&v.bytes)),
+        snapshot: set.snapshot().map(|v| text(&v.bytes)),
+        floor: set.floor(),
+    };
+    serde_json::to_vec(&saved).expect("strings and an integer")
 }
 
 #[cfg(test)]
@@ -275,7 +306,9 @@ mod tests {
         assert!(e.unwrap_err().contains("desired state signature is invalid"));
         let good = Incoming { state: s.clone(), signed: Some((sig, None)), wire: WireVersion::V4 };
         assert_eq!(trust.check(&good, 0).unwrap().len(), 1);
-        // Older wire versions cannot sign; their manifests still must be.
+        // Older wire versions cannot sign; their manifests still must be
+        // (on an agent that never took a signed state).
+        let mut trust = Trust::new(key.verifying_key(), me.clone());
         assert_eq!(trust.check(&Incoming { wire: WireVersion::V3, ..unsigned.clone() }, 0).unwrap().len(), 1);
         let (other_key, _) = SigningKey::generate().unwrap();
         let forged = Incoming { state: state(&other_key, 4), signed: None, wire: WireVersion::V3 };
@@ -361,13 +394,38 @@ mod tests {
     }
 
     #[test]
+    fn once_a_signed_state_is_taken_an_unsigned_one_is_refused_even_after_a_restart() {
+        let (key, _) = SigningKey::generate().unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let me = DeviceId::new("cam-01").unwrap();
+        let mut trust = Trust::open(key.verifying_key(), me.clone(), dir.path()).unwrap();
+        // Unsigned (wire 3) is taken while nothing signed has been.
+        let old = Incoming { state: state(&key, 2), signed: None, wire: WireVersion::V3 };
+        assert_eq!(trust.check(&old, 0).unwrap().len(), 1);
+        assert_eq!(trust.unsaved(), None, "nothing to write");
+        let s = state(&key, 3);
+        let signed =
+            Incoming { state: s.clone(), signed: Some((key.sign_state(&me, &s), None)), wire: WireVersion::V4 };
+        assert_eq!(trust.check(&signed, 0).unwrap().len(), 1);
+        let files = trust.unsaved().expect("the first signed state is kept");
+        assert_eq!(trust.unsaved(), None, "handed out once");
+        assert_eq!(trust.check(&signed, 0).unwrap().len(), 1);
+        assert_eq!(trust.unsaved(), None, "the same again changes nothing");
+        let refused = |t: &mut Trust| t.check(&Incoming { state: state(&key, 4), ..old.clone() }, 0).unwrap_err();
+        assert!(refused(&mut trust).contains("an unsigned one (wire v3) is refused"), "{}", refused(&mut trust));
+        files.write().unwrap();
+        let mut trust = Trust::open(key.verifying_key(), me.clone(), dir.path()).unwrap();
+        assert!(refused(&mut trust).contains("has taken desired states signed for it"));
+    }
+
+    #[test]
     fn an_unreadable_trust_file_refuses_every_state_and_is_kept() {
         let (key, _) = SigningKey::generate().unwrap();
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("tuf.json");
         std::fs::write(&file, b"{not json").unwrap();
         let me = DeviceId::new("cam-01").unwrap();
-        let mut trust = Trust::open(key.verifying_key(), me.clone(), file.clone()).unwrap();
+        let mut trust = Trust::open(key.verifying_key(), me.clone(), dir.path()).unwrap();
         let s = state(&key, 3);
         let incoming =
             Incoming { state: s.clone(), signed: Some((key.sign_state(&me, &s), None)), wire: WireVersion::V4 };
