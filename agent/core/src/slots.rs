@@ -159,6 +159,11 @@ pub struct ShadowReport {
     pub compared: u64,
     /// Of those, where the candidate agreed with the serving version.
     pub agreed: u64,
+    /// 99th percentile of the candidate's run time on them, in microseconds.
+    pub candidate_p99_us: u64,
+    /// 99th percentile of the serving version's run time on the same
+    /// requests, in microseconds.
+    pub serving_p99_us: u64,
 }
 
 /// What the daemon reports back about work it was asked to do.
@@ -377,6 +382,8 @@ struct Candidate {
     bad: u32,
     /// How many times the agent stopped while running it (persisted).
     interrupted: u32,
+    /// The last shadow report: what a shadow out of time is judged on.
+    shadowed: ShadowReport,
 }
 
 /// Digest or load failures after which an update is given up.
@@ -402,6 +409,7 @@ impl Candidate {
             last_fetch: false,
             bad: 0,
             interrupted: 0,
+            shadowed: ShadowReport::default(),
         }
     }
 
@@ -542,7 +550,8 @@ pub struct Slots {
     formats: Vec<ModelFormat>,
     actions: VecDeque<Action>,
     transitions: VecDeque<Transition>,
-    /// Reasons to attach to the next recorded commits.
+    /// Reasons to attach to the steps recorded next (a commit, or a phase
+    /// entered without a reason of its own).
     notes: Vec<(String, u32, String)>,
     /// The device's local time when last given, and the instant it was read.
     clock: Option<(Instant, LocalTime)>,
@@ -899,18 +908,9 @@ impl Slots {
                     actions.push_back(Action::Persist);
                 }
                 (Event::Shadowed { report, .. }, Phase::Shadow) => {
+                    cand.shadowed = *report;
                     if report.compared >= u64::from(policy.shadow_requests) {
-                        let permille = report.agreed.saturating_mul(1000) / report.compared.max(1);
-                        if permille >= u64::from(policy.shadow_min_agreement_permille) {
-                            activate_or_wait(slot, self.clock, now, actions);
-                        } else {
-                            let reason = format!(
-                                "shadow: agreed with the serving version on {} of {} requests ({permille}‰, at least {}‰ needed)",
-                                report.agreed, report.compared, policy.shadow_min_agreement_permille
-                            );
-                            cand.enter(Phase::Failed { reason }, now);
-                            actions.push_back(Action::Persist);
-                        }
+                        end_shadow(slot, self.clock, now, actions, &mut self.notes, false);
                     }
                 }
                 (Event::Health { health, .. }, Phase::Probation { until, .. }) => {
@@ -980,6 +980,11 @@ impl Slots {
     fn handle_timeout_inner(&mut self, now: Instant) {
         for slot in self.slots.values_mut() {
             let Some(c) = slot.candidate.as_mut() else { continue };
+            if c.deadline.is_some_and(|d| d <= now) && c.phase == Phase::Shadow {
+                // "N requests or T seconds": at T it is judged on what it saw.
+                end_shadow(slot, self.clock, now, &mut self.actions, &mut self.notes, true);
+                continue;
+            }
             if c.deadline.is_some_and(|d| d <= now) {
                 let phase = c.phase.name();
                 let reason = format!("{phase} passed its deadline");
@@ -1072,7 +1077,8 @@ impl Slots {
             if cand.as_ref().map(|c| (c.0, c.1)) != old_cand.as_ref().map(|c| (c.0, c.1))
                 && let Some((v, phase, reason)) = cand
             {
-                push(name, *v, phase, reason.clone());
+                let note = || notes.iter().find(|(n, nv, _)| n == name && nv == v).map(|(_, _, r)| r.clone());
+                push(name, *v, phase, reason.clone().or_else(note));
             }
             if let Some((v, _, _)) = old_cand
                 && cand.as_ref().is_none_or(|c| c.0 != v)
@@ -1357,6 +1363,52 @@ fn activate_or_wait(
             }
         }
     }
+}
+
+/// Shadow is over (it saw the requests its policy asks for, or its time
+/// ran out): the candidate goes on if it agreed often enough and was not
+/// too slow beside the serving version, else the update fails. What it
+/// showed is noted on the next step of the history.
+fn end_shadow(
+    slot: &mut Slot,
+    clock: Option<(Instant, LocalTime)>,
+    now: Instant,
+    actions: &mut VecDeque<Action>,
+    notes: &mut Vec<(String, u32, String)>,
+    out_of_time: bool,
+) {
+    let cand = slot.candidate.as_mut().expect("a candidate");
+    let p = cand.manifest.policy();
+    let r = cand.shadowed;
+    let key = (cand.manifest.name.clone(), cand.manifest.version);
+    let seen = if out_of_time {
+        format!("shadow ended at its {} s limit after {} of {} requests", p.shadow_secs, r.compared, p.shadow_requests)
+    } else {
+        "shadow".to_string()
+    };
+    if r.compared == 0 {
+        // No live request came: nothing speaks against it, and its
+        // self-test passed; probation judges it on what it serves.
+        notes.push((key.0, key.1, format!("{seen}; nothing to compare, went on on its self-test")));
+        return activate_or_wait(slot, clock, now, actions);
+    }
+    let permille = r.agreed.saturating_mul(1000) / r.compared;
+    let agreed = format!("agreed with the serving version on {} of {} requests ({permille}‰", r.agreed, r.compared);
+    if permille < u64::from(p.shadow_min_agreement_permille) {
+        let reason = format!("{seen}: {agreed}, at least {}‰ needed)", p.shadow_min_agreement_permille);
+        cand.enter(Phase::Failed { reason }, now);
+        return actions.push_back(Action::Persist);
+    }
+    let slowdown = r.candidate_p99_us.saturating_mul(1000) / r.serving_p99_us.max(1);
+    let latency =
+        format!("p99 {} µs beside the serving version's {} µs ({slowdown}‰", r.candidate_p99_us, r.serving_p99_us);
+    if p.shadow_max_p99_permille > 0 && slowdown > u64::from(p.shadow_max_p99_permille) {
+        let reason = format!("{seen}: {latency}, at most {}‰ allowed)", p.shadow_max_p99_permille);
+        cand.enter(Phase::Failed { reason }, now);
+        return actions.push_back(Action::Persist);
+    }
+    notes.push((key.0, key.1, format!("{seen}: {agreed}), {latency})")));
+    activate_or_wait(slot, clock, now, actions);
 }
 
 /// The candidate starts serving, on probation; the committed version stands by.

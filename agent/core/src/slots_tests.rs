@@ -14,6 +14,9 @@ fn policy() -> UpdatePolicy {
         shadow_requests: 3,
         shadow_secs: 40,
         shadow_min_agreement_permille: 900,
+        shadow_compare: tern_proto::ShadowCompare::Auto,
+        shadow_tolerance_ppm: 10_000,
+        shadow_max_p99_permille: 2000,
         probation_secs: 10,
         probation_min_requests: 5,
         probation_max_error_permille: 100,
@@ -21,6 +24,12 @@ fn policy() -> UpdatePolicy {
         window: None,
         max_defer_secs: 50,
     }
+}
+
+/// A shadow report: `compared`, `agreed`, and the candidate's p99 when the
+/// serving version's is 100 µs.
+fn shadowed(compared: u64, agreed: u64, candidate_p99_us: u64) -> ShadowReport {
+    ShadowReport { compared, agreed, candidate_p99_us, serving_p99_us: 100 }
 }
 
 fn m(name: &str, version: u32) -> ModelManifest {
@@ -57,7 +66,7 @@ fn ev(kind: &str, name: &str, version: u32) -> Event {
         "load-failed" => Event::LoadFailed { name, version, reason },
         "self-test-passed" => Event::SelfTestPassed { name, version },
         "self-test-failed" => Event::SelfTestFailed { name, version, reason },
-        "shadowed" => Event::Shadowed { name, version, report: ShadowReport { compared: 3, agreed: 3 } },
+        "shadowed" => Event::Shadowed { name, version, report: shadowed(3, 3, 100) },
         "health" => Event::Health {
             name,
             version,
@@ -159,7 +168,7 @@ fn an_update_goes_through_every_stage_and_commits_after_probation() {
     assert_eq!(drain(&mut s), [Action::Persist, Action::Shadow(m("iris", 2))]);
     assert_eq!(status_of(&s, "iris", 2), (ModelState::Verifying, Some("shadow".into())));
     assert_eq!(s.slot("iris").unwrap().served(), Some(&m("iris", 1)), "v1 answers while v2 shadows");
-    let partial = ShadowReport { compared: 2, agreed: 2 };
+    let partial = shadowed(2, 2, 100);
     s.handle(Event::Shadowed { name: "iris".into(), version: 2, report: partial }, t0).unwrap();
     assert_eq!(phase_of(&s, "iris"), "shadow", "not enough comparisons yet");
     ok(&mut s, "shadowed", "iris", 2, t0);
@@ -290,7 +299,6 @@ fn every_deadline_fails_its_update_and_the_committed_version_keeps_serving() {
         ("verifying", 10, "verifying"),
         ("staged", 20, "staged"),
         ("self-test", 30, "self-test"),
-        ("shadow", 40, "shadow"),
     ] {
         let mut s = to_phase(phase, t0);
         let deadline = t0 + Duration::from_secs(secs);
@@ -365,12 +373,74 @@ fn a_candidate_that_fails_self_test_never_serves_and_is_not_tried_again() {
 fn shadow_disagreement_fails_the_update() {
     let t0 = Instant::now();
     let mut s = to_phase("shadow", t0);
-    let report = ShadowReport { compared: 10, agreed: 8 };
+    let report = shadowed(10, 8, 100);
     s.handle(Event::Shadowed { name: "iris".into(), version: 2, report }, t0).unwrap();
     assert_eq!(drain(&mut s), [Action::Persist]);
     let detail = status_of(&s, "iris", 2).1.unwrap();
     assert_eq!(detail, "shadow: agreed with the serving version on 8 of 10 requests (800‰, at least 900‰ needed)");
     assert_eq!(s.slot("iris").unwrap().served(), Some(&m("iris", 1)));
+}
+
+#[test]
+fn a_candidate_too_slow_beside_the_serving_version_fails_in_shadow() {
+    let t0 = Instant::now();
+    // At most 2000‰ of the serving p99 (100 µs): 200 µs goes on, 201 does not.
+    let mut s = to_phase("shadow", t0);
+    s.handle(Event::Shadowed { name: "iris".into(), version: 2, report: shadowed(3, 3, 200) }, t0).unwrap();
+    assert_eq!(phase_of(&s, "iris"), "probation");
+    let t = transitions(&mut s);
+    let step = t.iter().find(|t| t.0 == 2 && t.1 == "probation").unwrap();
+    assert_eq!(
+        step.2.as_deref(),
+        Some(
+            "shadow: agreed with the serving version on 3 of 3 requests (1000‰), p99 200 µs beside the serving version's 100 µs (2000‰)"
+        )
+    );
+    let mut s = to_phase("shadow", t0);
+    s.handle(Event::Shadowed { name: "iris".into(), version: 2, report: shadowed(3, 3, 201) }, t0).unwrap();
+    assert_eq!(drain(&mut s), [Action::Persist]);
+    let detail = status_of(&s, "iris", 2).1.unwrap();
+    assert_eq!(detail, "shadow: p99 201 µs beside the serving version's 100 µs (2010‰, at most 2000‰ allowed)");
+    assert_eq!(s.slot("iris").unwrap().served(), Some(&m("iris", 1)));
+}
+
+#[test]
+fn a_shadow_out_of_time_is_judged_on_what_it_compared() {
+    let t0 = Instant::now();
+    let end = t0 + Duration::from_secs(40);
+    // Two of the three requests came, both agreed: it goes on.
+    let mut s = to_phase("shadow", t0);
+    s.handle(Event::Shadowed { name: "iris".into(), version: 2, report: shadowed(2, 2, 100) }, t0).unwrap();
+    transitions(&mut s);
+    s.handle_timeout(end - Duration::from_millis(1));
+    assert_eq!(phase_of(&s, "iris"), "shadow");
+    s.handle_timeout(end);
+    assert_eq!(phase_of(&s, "iris"), "probation");
+    let t = transitions(&mut s);
+    assert!(
+        t[0].2.as_deref().unwrap().starts_with("shadow ended at its 40 s limit after 2 of 3 requests: agreed with"),
+        "{t:?}"
+    );
+    // Two came and one agreed: it fails, saying so.
+    let mut s = to_phase("shadow", t0);
+    s.handle(Event::Shadowed { name: "iris".into(), version: 2, report: shadowed(2, 1, 100) }, t0).unwrap();
+    s.handle_timeout(end);
+    assert_eq!(phase_of(&s, "iris"), "failed");
+    let detail = status_of(&s, "iris", 2).1.unwrap();
+    assert_eq!(
+        detail,
+        "shadow ended at its 40 s limit after 2 of 3 requests: agreed with the serving version on 1 of 2 requests (500‰, at least 900‰ needed)"
+    );
+    // None came: nothing to compare, it goes on on its self-test.
+    let mut s = to_phase("shadow", t0);
+    transitions(&mut s);
+    s.handle_timeout(end);
+    assert_eq!(phase_of(&s, "iris"), "probation");
+    let t = transitions(&mut s);
+    assert_eq!(
+        t[0].2.as_deref(),
+        Some("shadow ended at its 40 s limit after 0 of 3 requests; nothing to compare, went on on its self-test")
+    );
 }
 
 #[test]

@@ -430,7 +430,7 @@ async fn predict(
     let copy = claim.as_ref().map(|_| inputs.clone());
     let (outputs, timing) = run(&shared, &served, inputs, conn.as_ref()).await?;
     if let (Some(claim), Some(copy)) = (claim, copy) {
-        claim.send(copy, outputs.clone());
+        claim.send(copy, outputs.clone(), timing.ran);
     }
     // Room for the answer before it is made (binary: exact; JSON: at most
     // 26 bytes an element), taken beside the inputs' or, failing that, in

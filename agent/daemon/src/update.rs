@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, mpsc};
 use std::time::Duration;
 use tern_agent_core::ShadowReport;
-use tern_proto::{DType, ModelManifest, Tensor, TensorData, compare_outputs, decode_golden};
+use tern_proto::{DType, ModelManifest, ShadowCompare, Tensor, TensorData, compare_outputs, decode_golden};
 use tern_runtime::{Backend, run_guarded};
 
 /// Buckets per doubling of the latency histogram: a p99 read from it is at
@@ -118,16 +118,22 @@ pub fn selftest(m: &ModelManifest, backend: &dyn Backend, golden: Option<&[u8]>)
 }
 
 /// How a candidate's answer is judged against the serving version's in
-/// shadow: float outputs with a last axis over 1 (class scores) by the
-/// index of their largest element per row (top-1); other floats within 1 %
-/// of `1 + |serving|`; integers and booleans exactly.
-pub fn agree(candidate: &[Tensor], serving: &[Tensor]) -> bool {
+/// shadow, as the policy says (see [`ShadowCompare`]): top-1 compares the
+/// index of the largest element per row (the last axis); relative wants
+/// every float element within `tolerance_ppm` millionths of
+/// `1 + |serving|`; integers and booleans match exactly.
+pub fn agree(candidate: &[Tensor], serving: &[Tensor], how: ShadowCompare, tolerance_ppm: u32) -> bool {
     candidate.len() == serving.len()
         && candidate.iter().zip(serving).all(|(c, s)| {
             if c.shape != s.shape {
                 return false;
             }
             let classes = s.shape.last().copied().unwrap_or(1);
+            let top1 = match how {
+                ShadowCompare::Auto => classes > 1,
+                ShadowCompare::Top1 => true,
+                ShadowCompare::Relative => false,
+            };
             let floats = |t: &Tensor| -> Option<Vec<f64>> {
                 match &t.data {
                     TensorData::F32(v) => Some(v.iter().map(|x| f64::from(*x)).collect()),
@@ -135,11 +141,12 @@ pub fn agree(candidate: &[Tensor], serving: &[Tensor]) -> bool {
                     _ => None,
                 }
             };
+            let tol = f64::from(tolerance_ppm) * 1e-6;
             match (floats(c), floats(s)) {
-                (Some(a), Some(b)) if classes > 1 => {
-                    a.chunks(classes).zip(b.chunks(classes)).all(|(x, y)| argmax(x) == argmax(y))
+                (Some(a), Some(b)) if top1 => {
+                    a.chunks(classes.max(1)).zip(b.chunks(classes.max(1))).all(|(x, y)| argmax(x) == argmax(y))
                 }
-                (Some(a), Some(b)) => a.iter().zip(&b).all(|(x, y)| (x - y).abs() <= 0.01 * (1.0 + y.abs())),
+                (Some(a), Some(b)) => a.iter().zip(&b).all(|(x, y)| (x - y).abs() <= tol * (1.0 + y.abs())),
                 _ => c.data == s.data,
             }
         })
@@ -158,8 +165,11 @@ pub struct Shadow {
     /// The candidate's manifest.
     pub manifest: ModelManifest,
     idle: Arc<AtomicBool>,
-    tx: mpsc::SyncSender<(Vec<Tensor>, Vec<Tensor>)>,
+    tx: mpsc::SyncSender<Sample>,
 }
+
+/// One request's inputs, the serving version's answer and its run time.
+type Sample = (Vec<Tensor>, Vec<Tensor>, Duration);
 
 impl Shadow {
     /// Starts the shadow thread; `report` gets the running comparison after
@@ -169,16 +179,25 @@ impl Shadow {
         backend: Arc<dyn Backend>,
         report: impl Fn(ShadowReport) + Send + 'static,
     ) -> std::io::Result<Self> {
-        let (tx, rx) = mpsc::sync_channel::<(Vec<Tensor>, Vec<Tensor>)>(1);
+        let (tx, rx) = mpsc::sync_channel::<Sample>(1);
         let idle = Arc::new(AtomicBool::new(true));
         let flag = idle.clone();
+        let policy = manifest.policy();
         std::thread::Builder::new().name("shadow".into()).spawn(move || {
             lower_priority();
             let mut r = ShadowReport::default();
-            while let Ok((inputs, serving)) = rx.recv() {
-                let ok = run_guarded(backend.as_ref(), inputs).is_ok_and(|c| agree(&c, &serving));
+            let (candidate, served) = (Latency::default(), Latency::default());
+            while let Ok((inputs, serving, serving_ran)) = rx.recv() {
+                let started = std::time::Instant::now();
+                let got = run_guarded(backend.as_ref(), inputs);
+                candidate.record(started.elapsed());
+                served.record(serving_ran);
+                let how = policy.shadow_compare;
+                let ok = got.is_ok_and(|c| agree(&c, &serving, how, policy.shadow_tolerance_ppm));
                 r.compared += 1;
                 r.agreed += u64::from(ok);
+                r.candidate_p99_us = candidate.p99_us();
+                r.serving_p99_us = served.p99_us();
                 flag.store(true, Ordering::Release);
                 report(r);
             }
@@ -201,9 +220,10 @@ pub struct Claim<'a> {
 }
 
 impl Claim<'_> {
-    /// Hands over one request's inputs and the serving version's answer.
-    pub fn send(mut self, inputs: Vec<Tensor>, serving: Vec<Tensor>) {
-        self.sent = self.shadow.tx.try_send((inputs, serving)).is_ok();
+    /// Hands over one request's inputs, the serving version's answer and
+    /// how long the serving version ran on them.
+    pub fn send(mut self, inputs: Vec<Tensor>, serving: Vec<Tensor>, ran: Duration) {
+        self.sent = self.shadow.tx.try_send((inputs, serving, ran)).is_ok();
     }
 }
 
@@ -244,11 +264,26 @@ mod tests {
 
     #[test]
     fn top1_for_class_scores_relative_error_for_values() {
+        let agree = |c: &[Tensor], s: &[Tensor]| agree(c, s, ShadowCompare::Auto, 10_000);
         let scores = |v| f(vec![2, 3], v);
         assert!(agree(&[scores(vec![0.1, 0.8, 0.1, 0.5, 0.2, 0.3])], &[scores(vec![0.2, 0.7, 0.1, 0.9, 0.0, 0.1])]));
         assert!(!agree(&[scores(vec![0.8, 0.1, 0.1, 0.5, 0.2, 0.3])], &[scores(vec![0.2, 0.7, 0.1, 0.9, 0.0, 0.1])]));
         assert!(agree(&[f(vec![1, 1], vec![10.05])], &[f(vec![1, 1], vec![10.0])]));
         assert!(!agree(&[f(vec![1, 1], vec![10.5])], &[f(vec![1, 1], vec![10.0])]));
         assert!(!agree(&[f(vec![1], vec![1.0])], &[f(vec![1, 1], vec![1.0])]), "shapes differ");
+    }
+
+    #[test]
+    fn the_policy_chooses_top1_or_relative_and_the_tolerance() {
+        // A box regressor: four floats a row, where top-1 would be wrong.
+        let boxed = |v| f(vec![1, 4], v);
+        let (c, s) = ([boxed(vec![10.0, 20.0, 30.0, 45.0])], [boxed(vec![10.0, 20.0, 30.0, 40.0])]);
+        assert!(agree(&c, &s, ShadowCompare::Auto, 10_000), "auto takes it for class scores");
+        assert!(!agree(&c, &s, ShadowCompare::Relative, 10_000), "45 is not within 1 % of 40");
+        assert!(agree(&c, &s, ShadowCompare::Relative, 200_000), "within 20 %");
+        // A one-score output taken as classes: top-1 of one is always 0.
+        let one = |v| f(vec![2, 1], v);
+        assert!(agree(&[one(vec![0.9, 0.1])], &[one(vec![0.1, 0.9])], ShadowCompare::Top1, 0));
+        assert!(!agree(&[one(vec![0.9, 0.1])], &[one(vec![0.1, 0.9])], ShadowCompare::Auto, 10_000));
     }
 }

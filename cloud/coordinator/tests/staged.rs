@@ -147,6 +147,45 @@ fn a_version_that_disagrees_in_shadow_is_refused() {
 }
 
 #[test]
+fn a_version_with_the_same_top1_fails_a_relative_shadow_and_passes_a_top1_one() {
+    // scorer-a2 answers twice scorer-a's scores: the same class, other values.
+    for (how, fails) in [("relative", true), ("top1", false)] {
+        let policy = format!("shadow_requests = 5\nshadow_compare = \"{how}\"\nshadow_min_agreement_permille = 800\n");
+        let (coord, _dir, agent) = serving_v1(&policy);
+        assign_v2(&coord, "scorer-a2.onnx");
+        wait_reported(&coord, 2, "v2 in shadow", |m| m["detail"] == "shadow");
+        let m = wait_for("v2 out of shadow", Duration::from_secs(30), || {
+            assert!(answer(&agent, [0.1, 0.7, 0.2, 0.0]).is_ok());
+            std::thread::sleep(Duration::from_millis(20));
+            reported(&coord, 2).filter(|m| m["detail"] != "shadow")
+        });
+        let detail = m["detail"].as_str().unwrap_or_default();
+        if fails {
+            assert_eq!(m["state"], "failed", "{how}: {m}");
+            assert!(detail.starts_with("shadow: agreed with the serving version on 0 of "), "{m}");
+        } else {
+            assert_eq!(m["state"], "serving", "{how}: {m}");
+        }
+    }
+}
+
+#[test]
+fn a_version_much_slower_than_the_serving_one_fails_in_shadow() {
+    // scorer-slow takes tens of milliseconds a run, scorer-a microseconds.
+    let (coord, _dir, agent) = serving_v1("shadow_requests = 5\nshadow_max_p99_permille = 3000\n");
+    assign_v2(&coord, "scorer-slow.onnx");
+    wait_reported(&coord, 2, "v2 in shadow", |m| m["detail"] == "shadow");
+    let m = wait_for("v2 refused", Duration::from_secs(60), || {
+        assert_eq!(answer(&agent, [0.1, 0.7, 0.2, 0.0]), Ok(1), "v1 answers throughout");
+        std::thread::sleep(Duration::from_millis(20));
+        reported(&coord, 2).filter(|m| m["state"] == "failed")
+    });
+    let detail = m["detail"].as_str().unwrap();
+    assert!(detail.starts_with("shadow: p99 "), "{m}");
+    assert!(detail.ends_with("at most 3000‰ allowed)"), "{m}");
+}
+
+#[test]
 fn errors_on_probation_roll_back_to_the_committed_version() {
     let policy = "probation_secs = 30\nprobation_min_requests = 5\nprobation_max_error_permille = 100\n";
     let (coord, _dir, agent) = serving_v1(policy);

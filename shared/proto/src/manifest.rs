@@ -196,6 +196,17 @@ pub struct UpdatePolicy {
     pub shadow_secs: u64,
     /// Fewest agreeing answers in shadow, per mille.
     pub shadow_min_agreement_permille: u32,
+    /// How shadow tells whether the candidate agrees with the serving version.
+    #[serde(skip_serializing_if = "ShadowCompare::is_auto")]
+    pub shadow_compare: ShadowCompare,
+    /// For [`ShadowCompare::Relative`]: how far a candidate's float output
+    /// element may be from the serving one, in millionths of `1 + |serving|`.
+    #[serde(skip_serializing_if = "is_default_shadow_tolerance")]
+    pub shadow_tolerance_ppm: u32,
+    /// Highest p99 run time of the candidate in shadow, per mille of the
+    /// serving version's p99 on the same requests (0: off).
+    #[serde(skip_serializing_if = "is_zero_u32")]
+    pub shadow_max_p99_permille: u32,
     /// Probation window after activation: healthy throughout, it commits.
     pub probation_secs: u64,
     /// Fewest requests on probation before the error rate and p99 count.
@@ -216,6 +227,40 @@ pub struct UpdatePolicy {
 
 fn is_zero(v: &u64) -> bool {
     *v == 0
+}
+
+fn is_zero_u32(v: &u32) -> bool {
+    *v == 0
+}
+
+/// The default [`UpdatePolicy::shadow_tolerance_ppm`]: 1 %.
+pub const DEFAULT_SHADOW_TOLERANCE_PPM: u32 = 10_000;
+
+fn is_default_shadow_tolerance(v: &u32) -> bool {
+    *v == DEFAULT_SHADOW_TOLERANCE_PPM
+}
+
+/// How a candidate's answer in shadow is judged against the serving one's.
+/// Integer and boolean outputs always match exactly.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ShadowCompare {
+    /// Top-1 for float outputs whose last axis is over 1 (class scores),
+    /// relative error for the other float outputs.
+    #[default]
+    Auto,
+    /// The index of the largest element of each row (the last axis) must
+    /// match: for classifiers.
+    Top1,
+    /// Every float element within [`UpdatePolicy::shadow_tolerance_ppm`]:
+    /// for regressors, embeddings and boxes.
+    Relative,
+}
+
+impl ShadowCompare {
+    fn is_auto(&self) -> bool {
+        *self == ShadowCompare::Auto
+    }
 }
 
 /// Minutes in a day.
@@ -295,6 +340,9 @@ impl Default for UpdatePolicy {
             shadow_requests: 0,
             shadow_secs: 3600,
             shadow_min_agreement_permille: 990,
+            shadow_compare: ShadowCompare::Auto,
+            shadow_tolerance_ppm: DEFAULT_SHADOW_TOLERANCE_PPM,
+            shadow_max_p99_permille: 0,
             probation_secs: 60,
             probation_min_requests: 20,
             probation_max_error_permille: 50,

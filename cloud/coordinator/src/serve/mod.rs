@@ -243,7 +243,15 @@ pub async fn run(data_dir: PathBuf, args: ServeArgs) -> Result<()> {
 /// would otherwise leave a limit at its default unnoticed).
 fn parse_policy(text: &str) -> Result<UpdatePolicy> {
     let mut table: toml::Table = toml::from_str(text)?;
-    let mut known = toml::Table::try_from(UpdatePolicy { max_defer_secs: 1, ..UpdatePolicy::default() })?;
+    // Fields at their defaults are left out of the encoding: set each.
+    let every = UpdatePolicy {
+        max_defer_secs: 1,
+        shadow_compare: tern_proto::ShadowCompare::Top1,
+        shadow_tolerance_ppm: 1,
+        shadow_max_p99_permille: 1,
+        ..UpdatePolicy::default()
+    };
+    let mut known = toml::Table::try_from(every)?;
     known.insert("window".into(), toml::Value::Boolean(true));
     if let Some(k) = table.keys().find(|k| !known.contains_key(*k)) {
         let names: Vec<&str> = known.keys().map(String::as_str).collect();
@@ -266,6 +274,16 @@ fn parse_policy(text: &str) -> Result<UpdatePolicy> {
     }
     anyhow::ensure!(p.probation_secs <= MONTH, "probation_secs must be at most {MONTH} seconds");
     anyhow::ensure!(p.max_defer_secs <= MONTH, "max_defer_secs must be at most {MONTH} seconds");
+    anyhow::ensure!(
+        p.shadow_tolerance_ppm <= 1_000_000,
+        "shadow_tolerance_ppm is in millionths: at most 1000000 (100 %), not {}",
+        p.shadow_tolerance_ppm
+    );
+    anyhow::ensure!(
+        p.shadow_max_p99_permille <= 1_000_000,
+        "shadow_max_p99_permille is per mille of the serving p99: at most 1000000 (1000x), not {}",
+        p.shadow_max_p99_permille
+    );
     for (key, v) in [
         ("shadow_min_agreement_permille", p.shadow_min_agreement_permille),
         ("probation_max_error_permille", p.probation_max_error_permille),
@@ -334,6 +352,24 @@ mod tests {
         assert!(parse_policy("probation_secs = 99999999999\n").is_err());
         assert!(parse_policy("probation_max_error_permille = 1001\n").is_err());
         assert_eq!(parse_policy("probation_secs = 0\n").unwrap().probation_secs, 0, "commit at the first check");
+    }
+
+    #[test]
+    fn a_policy_file_sets_how_shadow_compares_and_its_latency_limit() {
+        let p = parse_policy(
+            "shadow_compare = \"relative\"\nshadow_tolerance_ppm = 50000\nshadow_max_p99_permille = 1500\n",
+        )
+        .unwrap();
+        assert_eq!(p.shadow_compare, tern_proto::ShadowCompare::Relative);
+        assert_eq!((p.shadow_tolerance_ppm, p.shadow_max_p99_permille), (50_000, 1500));
+        assert_eq!(
+            parse_policy("shadow_compare = \"top1\"\n").unwrap().shadow_compare,
+            tern_proto::ShadowCompare::Top1
+        );
+        assert!(parse_policy("shadow_compare = \"argmax\"\n").is_err());
+        assert!(parse_policy("shadow_tolerance_ppm = 1000001\n").is_err());
+        let d = parse_policy("").unwrap();
+        assert_eq!((d.shadow_compare, d.shadow_tolerance_ppm), (tern_proto::ShadowCompare::Auto, 10_000));
     }
 
     #[test]
