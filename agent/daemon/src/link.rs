@@ -234,8 +234,21 @@ fn free_bytes(path: &std::path::Path) -> Option<u64> {
         .then(|| (st.f_bavail as u64).saturating_mul(st.f_frsize as u64))
 }
 
-/// Downloads a file the manifest names into `partial/`, resuming from what
-/// is there, and promotes it to `models/` once its digest matches.
+/// How often a download fsyncs what it wrote and records that length (see
+/// [`Store::resume_offset`]): a power cut costs at most this much again.
+const CHECKPOINT_EVERY: u64 = 4 << 20;
+
+/// Makes the first `at` bytes of a download durable, then records `at`.
+async fn checkpoint(file: &mut tokio::fs::File, record: std::path::PathBuf, at: u64) -> std::io::Result<()> {
+    file.sync_data().await?;
+    tokio::task::spawn_blocking(move || tern_durable::write_atomic(&record, at.to_string().as_bytes(), false))
+        .await
+        .map_err(std::io::Error::other)?
+}
+
+/// Downloads a file the manifest names into `partial/`, resuming from the
+/// part of it known to be on disk, and promotes it to `models/` once its
+/// digest matches.
 pub async fn fetch(store: Arc<Store>, mut conn_rx: watch::Receiver<Session>, file: Wanted<'_>) -> Result<(), String> {
     let sha = file.sha256;
     if store.model_path(&sha).is_file() {
@@ -254,14 +267,8 @@ pub async fn fetch(store: Arc<Store>, mut conn_rx: watch::Receiver<Session>, fil
 
 async fn download(store: &Store, conn: &quinn::Connection, version: WireVersion, want: Wanted<'_>) -> Result<()> {
     let partial = store.partial_path(&want.sha256);
-    let offset = match tokio::fs::metadata(&partial).await {
-        Ok(m) if m.len() <= want.size => m.len(),
-        Ok(_) => {
-            tokio::fs::remove_file(&partial).await?;
-            0
-        }
-        Err(_) => 0,
-    };
+    let synced = store.synced_path(&want.sha256);
+    let offset = store.resume_offset(&want.sha256, want.size);
     let (mut send, recv) = conn.open_bi().await.map_err(NetError::from)?;
     write_msg(&mut send, &Message::FetchArtifact(FetchArtifact { sha256: want.sha256, offset }), version).await?;
     send.finish().ok();
@@ -304,18 +311,34 @@ async fn download(store: &Store, conn: &quinn::Connection, version: WireVersion,
         if e.kind() != std::io::ErrorKind::StorageFull && e.raw_os_error() != Some(libc::EDQUOT) {
             return e.into();
         }
-        let _ = tokio::fs::remove_file(&partial).await;
+        store.drop_partial(&want.sha256);
         anyhow!("disk full at byte {at} of {} (the partial download was removed)", want.size)
     };
-    while let Some(chunk) =
-        recv.read_chunk(256 * 1024, true).await.map_err(|e| anyhow!("download interrupted at byte {got}: {e}"))?
-    {
+    let mut checked = offset;
+    loop {
+        let chunk = match recv.read_chunk(256 * 1024, true).await {
+            Ok(Some(chunk)) => chunk,
+            Ok(None) => break,
+            Err(e) => {
+                // What arrived before the cut is kept for the next attempt.
+                if let Err(e) = checkpoint(&mut file, synced, got).await {
+                    warn!("cannot record the download's progress: {e}");
+                }
+                bail!("download interrupted at byte {got}: {e}");
+            }
+        };
         got += chunk.bytes.len() as u64;
         if got > want.size {
             bail!("coordinator sent more than the {} bytes of the manifest", want.size);
         }
         if let Err(e) = file.write_all(&chunk.bytes).await {
             return Err(full(e, got - chunk.bytes.len() as u64).await);
+        }
+        if got - checked >= CHECKPOINT_EVERY {
+            if let Err(e) = checkpoint(&mut file, synced.clone(), got).await {
+                return Err(full(e, got).await);
+            }
+            checked = got;
         }
     }
     if let Err(e) = file.sync_all().await {

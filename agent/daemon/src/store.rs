@@ -375,6 +375,29 @@ impl Store {
         self.root.join("partial").join(sha.to_hex())
     }
 
+    /// Where a download records how much of it is known to be on disk: the
+    /// length of the prefix fsynced, as decimal text.
+    pub fn synced_path(&self, sha: &Sha256Digest) -> PathBuf {
+        self.root.join("partial").join(format!("{}.synced", sha.to_hex()))
+    }
+
+    /// Where the download of a `size`-byte file resumes: the prefix last
+    /// recorded as fsynced, no further than the file. Past that a power cut
+    /// may have left the file longer than what reached the disk (blocks of
+    /// zeros or of old data), so it is written again rather than trusted.
+    pub fn resume_offset(&self, sha: &Sha256Digest, size: u64) -> u64 {
+        let len = std::fs::metadata(self.partial_path(sha)).map_or(0, |m| m.len());
+        let synced = std::fs::read_to_string(self.synced_path(sha)).ok().and_then(|s| s.trim().parse::<u64>().ok());
+        let at = synced.unwrap_or(0).min(len);
+        if at > size { 0 } else { at }
+    }
+
+    /// Removes a download in progress and its record.
+    pub fn drop_partial(&self, sha: &Sha256Digest) {
+        let _ = std::fs::remove_file(self.partial_path(sha));
+        let _ = std::fs::remove_file(self.synced_path(sha));
+    }
+
     /// Moves a fully downloaded file into `models/` if its digest matches;
     /// otherwise deletes it and says what arrived. Reads the whole file:
     /// call it off the async runtime.
@@ -382,12 +405,13 @@ impl Store {
         let partial = self.partial_path(sha);
         let actual = digest_file(&partial).map_err(|e| format!("reading download: {e}"))?;
         if &actual != sha {
-            let _ = std::fs::remove_file(&partial);
+            self.drop_partial(sha);
             return Err(format!("artifact corrupt: sha256 is {actual}, manifest says {sha}"));
         }
         let dest = self.model_path(sha);
         std::fs::rename(&partial, &dest).map_err(|e| format!("storing artifact: {e}"))?;
         sync_dir(dest.parent().expect("has parent")).map_err(|e| format!("storing artifact: {e}"))?;
+        let _ = std::fs::remove_file(self.synced_path(sha));
         Ok(())
     }
 
@@ -406,7 +430,11 @@ impl Store {
                     continue;
                 }
                 let name = entry.file_name();
-                let digest = name.to_str().and_then(|n| n.parse::<Sha256Digest>().ok());
+                // A download's record goes with its file.
+                let digest = name
+                    .to_str()
+                    .map(|n| n.strip_suffix(".synced").unwrap_or(n))
+                    .and_then(|n| n.parse::<Sha256Digest>().ok());
                 let live = live.lock().expect("lock");
                 if digest.is_some_and(|d| keep.contains(&d) || live.contains(&d)) {
                     continue;
@@ -787,14 +815,40 @@ mod tests {
         std::fs::write(store.model_path(&a), b"a").unwrap();
         std::fs::write(store.model_path(&b), b"b").unwrap();
         std::fs::write(store.partial_path(&c), b"c").unwrap();
+        std::fs::write(store.synced_path(&c), b"1").unwrap();
         std::fs::write(store.partial_path(&b), b"b").unwrap();
+        std::fs::write(store.synced_path(&b), b"1").unwrap();
         std::fs::write(dir.path().join("models/stray.tmp"), b"x").unwrap();
         let live = Mutex::new(BTreeSet::from([c]));
-        assert_eq!(store.collect(&[a].into_iter().collect(), &live), 3);
+        assert_eq!(store.collect(&[a].into_iter().collect(), &live), 4);
         assert!(store.model_path(&a).is_file() && store.partial_path(&c).is_file());
+        assert!(store.synced_path(&c).is_file(), "a download's record stays with it");
         assert!(!store.model_path(&b).exists() && !store.partial_path(&b).exists());
+        assert!(!store.synced_path(&b).exists());
         assert_eq!(std::fs::read_dir(dir.path().join("models")).unwrap().count(), 1);
         assert_eq!(std::fs::read_dir(dir.path().join("trash")).unwrap().count(), 0);
+    }
+
+    #[test]
+    fn a_download_resumes_only_from_what_it_recorded_as_on_disk() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(dir.path());
+        let sha = m("big", 1).sha256;
+        assert_eq!(store.resume_offset(&sha, 100), 0, "nothing there");
+        // Ten bytes long, four recorded as fsynced: the six after may be
+        // what a power cut left (zeros), not what was sent.
+        std::fs::write(store.partial_path(&sha), [7u8; 10]).unwrap();
+        assert_eq!(store.resume_offset(&sha, 100), 0, "no record: from the start");
+        std::fs::write(store.synced_path(&sha), b"4").unwrap();
+        assert_eq!(store.resume_offset(&sha, 100), 4);
+        // A record past the file (it was cut shorter since) or past the size.
+        std::fs::write(store.synced_path(&sha), b"50").unwrap();
+        assert_eq!(store.resume_offset(&sha, 100), 10);
+        assert_eq!(store.resume_offset(&sha, 8), 0);
+        std::fs::write(store.synced_path(&sha), b"garbage").unwrap();
+        assert_eq!(store.resume_offset(&sha, 100), 0);
+        store.drop_partial(&sha);
+        assert!(!store.partial_path(&sha).exists() && !store.synced_path(&sha).exists());
     }
 
     /// A store whose writes wait until the test lets them through.

@@ -184,10 +184,15 @@ fn interrupted_download_resumes_and_corrupt_download_is_refetched() {
     let mut agent = Agent::enrolled(&coord, "cam-03");
     coord.ok(&["fleet", "assign", "cam-03", "iris:1"]);
     leave_a_download_unfinished(&coord, &mut agent, &sha);
-    std::fs::write(agent.data().join("partial").join(&sha), &bytes[..bytes.len() / 2]).unwrap();
+    let partial = agent.data().join("partial");
+    std::fs::write(partial.join(&sha), &bytes[..bytes.len() / 2]).unwrap();
+    // A quarter of it recorded as fsynced: what follows may be what a power
+    // cut left, and is fetched again.
+    std::fs::write(partial.join(format!("{sha}.synced")), (bytes.len() / 4).to_string()).unwrap();
     agent.start();
     agent.wait_serving("iris", 1);
-    assert!(agent.logs().contains(&format!("resumed_from={}", bytes.len() / 2)), "{}", agent.logs());
+    assert!(agent.logs().contains(&format!("resumed_from={}", bytes.len() / 4)), "{}", agent.logs());
+    assert!(!partial.join(format!("{sha}.synced")).exists(), "the record goes with the download");
 
     // A partial file of the right length but wrong bytes fails the digest
     // check, is thrown away, and the artifact is fetched again.
@@ -195,6 +200,7 @@ fn interrupted_download_resumes_and_corrupt_download_is_refetched() {
     coord.ok(&["fleet", "assign", "cam-04", "iris:1"]);
     leave_a_download_unfinished(&coord, &mut agent, &sha);
     std::fs::write(agent.data().join("partial").join(&sha), vec![0u8; bytes.len()]).unwrap();
+    std::fs::write(agent.data().join("partial").join(format!("{sha}.synced")), bytes.len().to_string()).unwrap();
     agent.start();
     agent.wait_serving("iris", 1);
     assert!(agent.logs().contains("artifact corrupt: sha256 is"), "{}", agent.logs());
