@@ -4,7 +4,8 @@
 //! and refuses a replaced or lengthened artifact, a rolled-back or expired
 //! timestamp and one signed by another key; Tern's
 //! own verifier (`tern_trust::tuf`) refuses each of them too, with its own
-//! error. Needs python3 with python-tuf and libfaketime (`scripts/test`
+//! error. Agents refuse the same attacks on the live link, and a registry
+//! restored from an older backup replays nothing. Needs python3 with python-tuf and libfaketime (`scripts/test`
 //! installs both and sets TERN_PYTHON).
 
 mod common;
@@ -292,4 +293,53 @@ fn agents_take_desired_states_through_the_registry_s_tuf_metadata_and_refuse_eac
     assert!(e.contains("trusts TUF root 2 and the desired state came without TUF metadata"), "{e}");
     agent.wait_serving("iris", 2);
     drop(coord);
+}
+
+/// Copies a folder as `cp -a` does.
+fn copy_dir(from: &Path, to: &Path) {
+    let st = std::process::Command::new("cp").arg("-a").arg(from).arg(to).status().unwrap();
+    assert!(st.success());
+}
+
+#[test]
+fn a_registry_restored_from_an_older_backup_replays_nothing_and_its_next_change_is_taken() {
+    let coord = Coord::start();
+    let mut agent = Agent::enrolled(&coord, "cam-01");
+    for _ in 0..3 {
+        coord.register_fixture("iris", "iris.onnx");
+    }
+    // A backup while nothing is assigned: the state it holds is empty.
+    let backup = tempfile::tempdir().unwrap();
+    let saved = backup.path().join("data");
+    let coord = restart(coord, |d| copy_dir(d, &saved));
+    agent.start();
+    for v in 1..=3 {
+        coord.ok(&["fleet", "assign", "cam-01", &format!("iris:{v}")]);
+        agent.wait_serving("iris", v);
+    }
+    let applied = wait_for("generation 3 reported", std::time::Duration::from_secs(30), || {
+        coord.device("cam-01")["reported_generation"].as_u64().filter(|g| *g == 3)
+    });
+    // The registry put back: it signs and sends its generation 0, empty;
+    // the agent has applied 3 and ignores it.
+    let connected = agent.logs().matches("connected to coordinator").count();
+    let coord = restart(coord, |d| {
+        std::fs::remove_dir_all(d).unwrap();
+        copy_dir(&saved, d);
+    });
+    wait_for("the agent back on the restored coordinator", std::time::Duration::from_secs(30), || {
+        (agent.logs().matches("connected to coordinator").count() > connected).then_some(())
+    });
+    let d = wait_for("its report", std::time::Duration::from_secs(30), || {
+        Some(coord.device("cam-01")).filter(|d| d["reported_generation"].as_u64() == Some(applied))
+    });
+    assert_eq!(d["generation"], 0, "{d}");
+    assert!(coord.log().contains("applied a newer desired state than the registry holds"), "{}", coord.log());
+    std::thread::sleep(std::time::Duration::from_secs(2));
+    agent.wait_serving("iris", 3);
+    // A change made on the restored registry goes past what the agent
+    // applied, so it is not taken for a replay.
+    coord.ok(&["fleet", "assign", "cam-01", "iris:2"]);
+    assert_eq!(generation(&coord), 4);
+    agent.wait_serving("iris", 2);
 }

@@ -229,7 +229,7 @@ impl Registry {
                     };
                     if d.desired.get(name) == Some(&version) {
                         d.desired.remove(name);
-                        d.generation += 1;
+                        d.next_generation();
                         changed.push(d);
                     }
                 }
@@ -439,7 +439,7 @@ impl Registry {
                 });
             }
             d.desired.insert(name.to_owned(), version);
-            d.generation += 1;
+            d.next_generation();
             devices.insert(id, encode(&d))?;
             Ok(d)
         });
@@ -454,7 +454,7 @@ impl Registry {
             if d.desired.remove(name).is_none() {
                 return Err(RegistryError::NotAssigned { device: id.to_owned(), model: name.to_owned() });
             }
-            d.generation += 1;
+            d.next_generation();
             Ok(())
         })
     }
@@ -637,6 +637,17 @@ mod tests {
         assert_eq!(r.revoked(&cert).unwrap().as_deref(), Some("cam-2"));
         assert!(matches!(r.device("cam-2"), Err(RegistryError::UnknownDevice(_))));
         assert!(matches!(r.remove_device("cam-2"), Err(RegistryError::UnknownDevice(_))));
+    }
+
+    #[test]
+    fn after_a_restore_from_an_older_backup_a_change_goes_past_what_the_device_applied() {
+        let (_dir, r) = approved_and_assigned();
+        let g = r.device("cam-1").unwrap().generation;
+        // The device applied a generation this registry never signed (it
+        // was restored from a backup taken before).
+        r.seen("cam-1", 5, &Report { generation: Some(g + 7), ..Report::default() }).unwrap();
+        assert_eq!(r.unassign("cam-1", "iris").unwrap().generation, g + 8);
+        assert_eq!(r.assign("cam-1", "iris", 1).unwrap().generation, g + 9);
     }
 
     #[test]

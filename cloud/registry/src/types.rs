@@ -154,6 +154,16 @@ pub struct Device {
     pub history: Vec<HistoryEntry>,
 }
 
+impl Device {
+    /// Moves the generation on for a change to `desired`: past what the
+    /// agent reported applying too, so that after the registry is restored
+    /// from an older backup a new change is not taken for a replay (the
+    /// agent ignores generations below the one it applied).
+    pub fn next_generation(&mut self) {
+        self.generation = self.generation.max(self.reported_generation.unwrap_or(0)) + 1;
+    }
+}
+
 /// Update steps kept per device.
 pub const MAX_DEVICE_HISTORY: usize = 200;
 
