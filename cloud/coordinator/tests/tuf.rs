@@ -2,11 +2,13 @@
 //! (`scripts/tuf-client.py`, ngclient) refreshes from `tern registry
 //! export-tuf` and downloads a verified target, follows a root rotation,
 //! and refuses a replaced or lengthened artifact, a rolled-back or expired
-//! timestamp and one signed by another key; Tern's
-//! own verifier (`tern_trust::tuf`) refuses each of them too, with its own
-//! error. Agents refuse the same attacks on the live link, and a registry
-//! restored from an older backup replays nothing. Needs python3 with python-tuf and libfaketime (`scripts/test`
-//! installs both and sets TERN_PYTHON).
+//! timestamp and one signed by another key; Tern's own verifier
+//! (`tern_trust::tuf`) refuses each of them too, with its own error. Agents
+//! on the live link refuse mix-and-match, rollback, a foreign key, freeze,
+//! a timestamp below a new root's threshold and a fast-forward (recovered
+//! by a root that replaces the online keys), and a registry restored from
+//! an older backup replays nothing. Needs python3 with python-tuf and
+//! libfaketime (`scripts/test` installs both and sets TERN_PYTHON).
 
 mod common;
 
@@ -342,4 +344,78 @@ fn a_registry_restored_from_an_older_backup_replays_nothing_and_its_next_change_
     coord.ok(&["fleet", "assign", "cam-01", "iris:2"]);
     assert_eq!(generation(&coord), 4);
     agent.wait_serving("iris", 2);
+}
+
+/// cam-01 serving iris:1 through root 1 (its key at `key`), with two more
+/// versions registered.
+fn trusting_root_1(key: &Path) -> (Coord, Agent) {
+    let coord = Coord::start();
+    let mut agent = Agent::enrolled(&coord, "cam-01");
+    for _ in 0..3 {
+        coord.register_fixture("iris", "iris.onnx");
+    }
+    coord.ok(&["registry", "sign-root", "--key", key.to_str().unwrap(), "--generate"]);
+    agent.start();
+    coord.ok(&["fleet", "assign", "cam-01", "iris:1"]);
+    agent.wait_serving("iris", 1);
+    assert_eq!(agent_root(&agent), 1);
+    (coord, agent)
+}
+
+#[test]
+fn a_fast_forwarded_timestamp_freezes_the_agent_until_a_new_root_replaces_the_online_keys() {
+    let work = tempfile::tempdir().unwrap();
+    let key = work.path().join("root.key");
+    let (coord, agent) = trusting_root_1(&key);
+    // Whoever holds the online keys signs version 1000 of each role: the
+    // agent takes it, validly signed as it is.
+    let counters = read(coord.data().join("tuf/counters.json"));
+    let ahead = r#"{"timestamp":1000,"snapshot":1000,"targets":1000}"#;
+    let coord = restart(coord, |d| std::fs::write(d.join("tuf/counters.json"), ahead).unwrap());
+    coord.ok(&["fleet", "assign", "cam-01", "iris:2"]);
+    agent.wait_serving("iris", 2);
+    // The repository's own counters back: every timestamp it signs is now
+    // older than the one the agent trusts, and refused.
+    let coord = restart(coord, |d| std::fs::write(d.join("tuf/counters.json"), &counters).unwrap());
+    coord.ok(&["fleet", "assign", "cam-01", "iris:3"]);
+    let e = refusal(&coord, generation(&coord));
+    assert!(e.contains("is older than the trusted version 1001 (rollback)"), "{e}");
+    agent.wait_serving("iris", 2);
+    // Recovery as TUF has it: new online keys, named by root 2 signed with
+    // the offline root key. Metadata the old keys signed no longer holds
+    // the agent back.
+    let coord = restart(coord, |d| {
+        for f in ["timestamp.key", "snapshot.key", "targets.key"] {
+            std::fs::write(d.join("tuf").join(f), tern_trust::SigningKey::generate().unwrap().1).unwrap();
+        }
+    });
+    coord.ok(&["registry", "sign-root", "--key", key.to_str().unwrap()]);
+    coord.ok(&["fleet", "assign", "cam-01", "iris:1"]);
+    agent.wait_serving("iris", 1);
+    assert_eq!(agent_root(&agent), 2);
+}
+
+#[test]
+fn a_timestamp_below_the_threshold_of_a_new_root_is_refused_with_one_good_signature() {
+    use tern_trust::tuf::{Key, Role, sign_metadata};
+    let work = tempfile::tempdir().unwrap();
+    let key = work.path().join("root.key");
+    let (coord, agent) = trusting_root_1(&key);
+    // Root 2, signed with the root key, wants the timestamp signed by two
+    // keys: the repository's and one it does not have.
+    let root1: serde_json::Value = serde_json::from_slice(&read(coord.data().join("tuf/1.root.json"))).unwrap();
+    let mut signed = root1["signed"].clone();
+    signed["version"] = 2.into();
+    let other = Key::ed25519(&tern_trust::SigningKey::generate().unwrap().0.verifying_key());
+    signed["keys"][other.id()] = serde_json::to_value(&other).unwrap();
+    let ts = &mut signed["roles"]["timestamp"];
+    ts["keyids"].as_array_mut().unwrap().push(other.id().into());
+    ts["threshold"] = 2.into();
+    let root_key = tern_trust::SigningKey::from_pkcs8(&read(key)).unwrap();
+    std::fs::write(coord.data().join("tuf/2.root.json"), sign_metadata(Role::Root, &signed, &[&root_key])).unwrap();
+    coord.ok(&["fleet", "assign", "cam-01", "iris:2"]);
+    let e = refusal(&coord, generation(&coord));
+    assert!(e.contains("TUF: timestamp metadata has 1 valid signatures by its keys; 2 are required"), "{e}");
+    agent.wait_serving("iris", 1);
+    assert_eq!(agent_root(&agent), 1, "nothing of a refused state is kept");
 }
