@@ -13,6 +13,6 @@ mod slots;
 
 pub use slots::{
     Action, DeferError, Disallowed, Event, HEALTH_EVERY, HEALTH_GRACE, Health, HookVerdict, MAX_BACKOFF,
-    MAX_TRANSITIONS, MIN_BACKOFF, Persisted, PersistedSlot, Phase, READY_EVERY, READY_LIMIT, ShadowReport, Slot, Slots,
-    Stage, Transition,
+    MAX_TRANSITIONS, MIN_BACKOFF, Persisted, PersistedSlot, Phase, READY_EVERY, ShadowReport, Slot, Slots, Stage,
+    Transition,
 };

@@ -18,10 +18,6 @@ pub const HEALTH_GRACE: Duration = Duration::from_secs(30);
 /// How often a version waiting to activate looks again (the daemon gives
 /// the local time anew each time).
 pub const READY_EVERY: Duration = Duration::from_secs(60);
-/// How long a version may wait to activate besides its defer allowance: a
-/// maintenance window opens within a week, so this only ends a wait on a
-/// device whose local time is unknown or a window that never opens.
-pub const READY_LIMIT: Duration = Duration::from_secs(8 * 24 * 3600);
 
 /// Where a candidate version is on its way to being committed. Every
 /// non-terminal phase has a deadline (from the manifest's
@@ -421,7 +417,7 @@ impl Candidate {
             Phase::Staged => Some(after(now, p.load_secs)),
             Phase::SelfTest => Some(after(now, p.selftest_secs)),
             Phase::Shadow => Some(after(now, p.shadow_secs)),
-            Phase::Ready { since, .. } => Some(*since + READY_LIMIT + secs(p.max_defer_secs)),
+            Phase::Ready { since, .. } => Some(*since + secs(p.ready_secs) + secs(p.max_defer_secs)),
             Phase::Probation { until, .. } => Some(*until + HEALTH_GRACE),
             Phase::Failed { .. } | Phase::RolledBack { .. } | Phase::Refused { .. } => None,
         };

@@ -223,6 +223,18 @@ pub struct UpdatePolicy {
     /// lease, counted from when the version was ready (0: apps cannot).
     #[serde(skip_serializing_if = "is_zero")]
     pub max_defer_secs: u64,
+    /// Longest a tested version may wait for its maintenance window,
+    /// besides `max_defer_secs` (a window opens within a week; this ends a
+    /// wait on a device whose local time is unknown).
+    #[serde(skip_serializing_if = "is_default_ready")]
+    pub ready_secs: u64,
+}
+
+/// The default [`UpdatePolicy::ready_secs`]: eight days.
+pub const DEFAULT_READY_SECS: u64 = 8 * 24 * 3600;
+
+fn is_default_ready(v: &u64) -> bool {
+    *v == DEFAULT_READY_SECS
 }
 
 fn is_zero(v: &u64) -> bool {
@@ -349,6 +361,7 @@ impl Default for UpdatePolicy {
             probation_max_p99_ms: 0,
             window: None,
             max_defer_secs: 0,
+            ready_secs: DEFAULT_READY_SECS,
         }
     }
 }

@@ -249,6 +249,7 @@ fn parse_policy(text: &str) -> Result<UpdatePolicy> {
         shadow_compare: tern_proto::ShadowCompare::Top1,
         shadow_tolerance_ppm: 1,
         shadow_max_p99_permille: 1,
+        ready_secs: 1,
         ..UpdatePolicy::default()
     };
     let mut known = toml::Table::try_from(every)?;
@@ -269,6 +270,7 @@ fn parse_policy(text: &str) -> Result<UpdatePolicy> {
         ("load_secs", p.load_secs),
         ("selftest_secs", p.selftest_secs),
         ("shadow_secs", p.shadow_secs),
+        ("ready_secs", p.ready_secs),
     ] {
         anyhow::ensure!((1..=MONTH).contains(&v), "{key} must be 1 to {MONTH} seconds, not {v}");
     }
