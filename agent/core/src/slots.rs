@@ -151,6 +151,8 @@ pub enum HookVerdict {
 /// What shadowing showed so far.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct ShadowReport {
+    /// Live requests handed to the candidate (one may still be running).
+    pub offered: u64,
     /// Live requests run on both versions.
     pub compared: u64,
     /// Of those, where the candidate agreed with the serving version.
@@ -240,6 +242,15 @@ pub enum Event {
         /// The comparison.
         report: ShadowReport,
     },
+    /// The shadow could not run at all (its thread did not start).
+    ShadowFailed {
+        /// Model name.
+        name: String,
+        /// Version that was to shadow.
+        version: u32,
+        /// Why.
+        reason: String,
+    },
     /// Health of the version on probation, asked for with
     /// [`Action::CheckHealth`].
     Health {
@@ -264,6 +275,7 @@ impl Event {
             | Event::SelfTestPassed { name, version }
             | Event::SelfTestFailed { name, version, .. }
             | Event::Shadowed { name, version, .. }
+            | Event::ShadowFailed { name, version, .. }
             | Event::Health { name, version, .. } => (name, *version),
         }
     }
@@ -279,6 +291,7 @@ impl Event {
             Event::SelfTestPassed { .. } => "self-test-passed",
             Event::SelfTestFailed { .. } => "self-test-failed",
             Event::Shadowed { .. } => "shadowed",
+            Event::ShadowFailed { .. } => "shadow-failed",
             Event::Health { .. } => "health",
         }
     }
@@ -614,6 +627,7 @@ impl Slots {
     pub fn restore(formats: &[ModelFormat], persisted: Persisted, now: Instant) -> Self {
         let mut s = Self::new(formats);
         s.generation = persisted.generation;
+        let mut persist = false;
         for p in persisted.slots {
             // What this agent no longer runs (it was started with fewer
             // formats) is neither loaded nor kept to fall back on.
@@ -640,6 +654,7 @@ impl Slots {
             }
             if let Some(m) = p.candidate {
                 let mut interrupted = p.interrupted;
+                let was_trying = matches!(p.stage, Stage::Trying { .. });
                 let phase = match (s.refusal_of(&m), p.stage) {
                     (Some(reason), _) => Phase::Refused { reason },
                     (None, Stage::Pending) if golden_too_large(&m).is_some() => {
@@ -663,21 +678,27 @@ impl Slots {
                     (None, Stage::GaveUp { reason, rolled_back: false }) => Phase::Failed { reason },
                     (None, Stage::GaveUp { reason, rolled_back: true }) => Phase::RolledBack { reason },
                 };
-                if let Some(reason) = reason_of(&phase).filter(|r| r.starts_with("interrupted")) {
+                // Decided now, and written at once: the next start must not
+                // count this interruption again.
+                if was_trying && s.refusal_of(&m).is_none() {
                     let t = Transition {
                         name: p.name.clone(),
                         version: m.version,
                         phase: phase.name().into(),
-                        reason: Some(reason),
+                        reason: reason_of(&phase),
                         at: now,
                     };
                     s.transitions.push_back(t);
+                    persist = true;
                 }
                 let mut c = Candidate::new(m, phase, now);
                 c.interrupted = interrupted;
                 slot.candidate = Some(c);
             }
             s.slots.insert(p.name, slot);
+        }
+        if persist {
+            s.actions.push_back(Action::Persist);
         }
         s
     }
@@ -901,6 +922,10 @@ impl Slots {
                 }
                 (Event::SelfTestFailed { reason, .. }, Phase::SelfTest) => {
                     cand.enter(Phase::Failed { reason: format!("self-test failed: {reason}") }, now);
+                    actions.push_back(Action::Persist);
+                }
+                (Event::ShadowFailed { reason, .. }, Phase::Shadow) => {
+                    cand.enter(Phase::Failed { reason: format!("shadow: {reason}") }, now);
                     actions.push_back(Action::Persist);
                 }
                 (Event::Shadowed { report, .. }, Phase::Shadow) => {
@@ -1382,6 +1407,13 @@ fn end_shadow(
     } else {
         "shadow".to_string()
     };
+    if r.offered > r.compared {
+        // A live request is still running on it: one slower than all of
+        // shadow is no version to serve.
+        let reason = format!("{seen}: the candidate had not finished a run on a live request when shadow ended");
+        cand.enter(Phase::Failed { reason }, now);
+        return actions.push_back(Action::Persist);
+    }
     if r.compared == 0 {
         // No live request came: nothing speaks against it, and its
         // self-test passed; probation judges it on what it serves.

@@ -30,7 +30,7 @@ fn policy() -> UpdatePolicy {
 /// A shadow report: `compared`, `agreed`, and the candidate's p99 when the
 /// serving version's is 100 µs.
 fn shadowed(compared: u64, agreed: u64, candidate_p99_us: u64) -> ShadowReport {
-    ShadowReport { compared, agreed, candidate_p99_us, serving_p99_us: 100 }
+    ShadowReport { offered: compared, compared, agreed, candidate_p99_us, serving_p99_us: 100 }
 }
 
 fn m(name: &str, version: u32) -> ModelManifest {
@@ -68,6 +68,7 @@ fn ev(kind: &str, name: &str, version: u32) -> Event {
         "self-test-passed" => Event::SelfTestPassed { name, version },
         "self-test-failed" => Event::SelfTestFailed { name, version, reason },
         "shadowed" => Event::Shadowed { name, version, report: shadowed(3, 3, 100) },
+        "shadow-failed" => Event::ShadowFailed { name, version, reason },
         "health" => Event::Health {
             name,
             version,
@@ -87,6 +88,7 @@ const EVENTS: &[&str] = &[
     "self-test-passed",
     "self-test-failed",
     "shadowed",
+    "shadow-failed",
     "health",
 ];
 
@@ -241,7 +243,7 @@ fn every_event_in_every_phase() {
         ("verifying", &["verified", "verify-failed"]),
         ("staged", &["loaded", "load-failed"]),
         ("self-test", &["self-test-passed", "self-test-failed"]),
-        ("shadow", &["shadowed"]),
+        ("shadow", &["shadowed", "shadow-failed"]),
         ("probation", &["health"]),
         ("ready", &[]),
         ("retrying", &[]),
@@ -432,6 +434,22 @@ fn a_shadow_out_of_time_is_judged_on_what_it_compared() {
         detail,
         "shadow ended at its 40 s limit after 2 of 3 requests: agreed with the serving version on 1 of 2 requests (500‰, at least 900‰ needed)"
     );
+    // One is still running on it at the end: it fails.
+    let mut s = to_phase("shadow", t0);
+    let running = ShadowReport { offered: 3, ..shadowed(2, 2, 100) };
+    s.handle(Event::Shadowed { name: "iris".into(), version: 2, report: running }, t0).unwrap();
+    s.handle_timeout(end);
+    assert_eq!(phase_of(&s, "iris"), "failed");
+    assert!(
+        status_of(&s, "iris", 2)
+            .1
+            .unwrap()
+            .ends_with("the candidate had not finished a run on a live request when shadow ended")
+    );
+    // The shadow thread could not start: it fails at once.
+    let mut s = to_phase("shadow", t0);
+    ok(&mut s, "shadow-failed", "iris", 2, t0);
+    assert_eq!(status_of(&s, "iris", 2).1.unwrap(), "shadow: shadow-failed went wrong");
     // None came: nothing to compare, it goes on on its self-test.
     let mut s = to_phase("shadow", t0);
     transitions(&mut s);
@@ -512,7 +530,8 @@ fn a_restart_while_the_candidate_runs_tries_it_again_and_gives_it_up_the_third_t
             assert_eq!(p.slots[0].stage, Stage::Trying { phase: phase.into() });
             assert_eq!(p.slots[0].interrupted, tries - 1, "{phase}: counted on disk");
             s = Slots::restore(ALL, p, now);
-            assert_eq!(drain(&mut s), [Action::Load(m("iris", 1))], "{phase}: only the committed version loads");
+            // Only the committed version loads; the decision is written at once.
+            assert_eq!(drain(&mut s), [Action::Load(m("iris", 1)), Action::Persist], "{phase}");
             let detail = status_of(&s, "iris", 2).1.unwrap();
             assert!(detail.starts_with(&format!("interrupted in {phase}: the agent stopped")), "{detail}");
             ok(&mut s, "loaded", "iris", 1, now);
@@ -526,7 +545,10 @@ fn a_restart_while_the_candidate_runs_tries_it_again_and_gives_it_up_the_third_t
                 assert_eq!(s.poll_timeout(), None, "{phase}: not tried a fourth time");
                 let p = s.persisted();
                 assert!(matches!(p.slots[0].stage, Stage::GaveUp { rolled_back: false, .. }), "{p:?}");
-                assert_eq!(Slots::restore(ALL, p, now).slot("iris").unwrap().candidate().unwrap().1.name(), "failed");
+                let mut again = Slots::restore(ALL, p, now);
+                assert_eq!(again.slot("iris").unwrap().candidate().unwrap().1.name(), "failed");
+                assert!(transitions(&mut again).is_empty(), "a verdict restored is not recorded again");
+                assert_eq!(drain(&mut again), [Action::Load(m("iris", 1))], "nor written again");
                 break;
             }
             assert_eq!(phase_of(&s, "iris"), "retrying");

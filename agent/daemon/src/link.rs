@@ -292,10 +292,12 @@ async fn download(store: &Store, conn: &quinn::Connection, version: WireVersion,
     }
     // What does not fit is not fetched only to be thrown away (and fetched
     // again at every retry).
+    // The part of the file past the offset is written over: its space counts.
+    let reused = tokio::fs::metadata(&partial).await.map_or(0, |m| m.len().saturating_sub(offset));
     if let Some(free) = free_bytes(&partial)
-        && free < want.size - offset
+        && free.saturating_add(reused) < want.size - offset
     {
-        bail!("disk full: {} bytes to fetch, {free} free", want.size - offset);
+        bail!("disk full: {} bytes to fetch, {} free", want.size - offset, free.saturating_add(reused));
     }
     // The frame reader stopped at the header's end: the raw bytes follow.
     let mut recv = reader.into_stream();
@@ -345,6 +347,9 @@ async fn download(store: &Store, conn: &quinn::Connection, version: WireVersion,
         return Err(full(e, got).await);
     }
     if got != want.size {
+        if let Err(e) = checkpoint(&mut file, synced, got).await {
+            warn!("cannot record the download's progress: {e}");
+        }
         bail!("download ended at byte {got} of {}; will resume", want.size);
     }
     info!(bytes = got - offset, resumed_from = offset, "{} downloaded", want.what);

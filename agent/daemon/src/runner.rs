@@ -271,6 +271,25 @@ impl<W: Work> Runner<W> {
         }
     }
 
+    fn is_candidate(&self, m: &ModelManifest) -> bool {
+        self.slots.slot(&m.name).and_then(|s| s.candidate()).is_some_and(|(c, _)| c.same_version(m))
+    }
+
+    /// Waits (off the async workers' duty, as a load does) for every
+    /// persist queued so far; false, logged, if it could not be written: the
+    /// candidate is then not served, and its probation ends without health
+    /// reports (a rollback).
+    fn probation_durable(&self, m: &ModelManifest) -> bool {
+        let durable = self.persister.durable();
+        match tokio::task::block_in_place(|| durable.wait()) {
+            Ok(()) => true,
+            Err(e) => {
+                error!(model = %m.name, version = m.version, "not serving the candidate: {e}");
+                false
+            }
+        }
+    }
+
     /// Takes a desired state once [`Trust`] verifies it; otherwise the
     /// whole state is refused (and reported), so a forged or replayed state
     /// cannot unload a good model. Formats this build cannot run are the
@@ -519,10 +538,20 @@ impl<W: Work> Runner<W> {
                             info!(model = %m.name, version = m.version, "shadowing the serving version");
                             self.shared.shadows.write().expect("lock").insert(m.name.clone(), Arc::new(shadow));
                         }
-                        Err(e) => error!(model = %m.name, "cannot start the shadow thread: {e}"),
+                        Err(e) => {
+                            error!(model = %m.name, "cannot start the shadow thread: {e}");
+                            let reason = format!("cannot start the shadow thread: {e}");
+                            let ev = Event::ShadowFailed { name: m.name.clone(), version: m.version, reason };
+                            let done = self.done_tx.clone();
+                            tokio::spawn(async move { done.send(Done::Event(ev)).await });
+                        }
                     }
                 }
                 Action::Install(m) => match self.loaded.remove(&(m.name.clone(), m.version)) {
+                    // A candidate serves only once its probation (a trying
+                    // stage) is on disk: a crash while it serves is then
+                    // counted against it, however soon it comes.
+                    Some(_) if self.is_candidate(&m) && !self.probation_durable(&m) => {}
                     Some(backend) => {
                         let (name, version) = (m.name.clone(), m.version);
                         let gate = Gate::new(self.shared.threads, self.shared.queue);

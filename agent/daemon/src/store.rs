@@ -230,8 +230,17 @@ impl Store {
             std::fs::create_dir_all(root.join(sub))
                 .with_context(|| format!("creating {}", root.join(sub).display()))?;
         }
-        // What a removal was in the middle of when the agent stopped.
+        // What a removal was in the middle of when the agent stopped, and
+        // atomic writes it never finished (`collect` leaves those alone
+        // while the agent runs).
         empty_trash(&root.join("trash"));
+        for sub in ["models", "partial"] {
+            for e in std::fs::read_dir(root.join(sub)).into_iter().flatten().flatten() {
+                if e.file_name().as_encoded_bytes().starts_with(b".") {
+                    let _ = std::fs::remove_file(e.path());
+                }
+            }
+        }
         // A small cache, and no background flusher waking every 500 ms:
         // every write that must last is flushed and fsynced by `write`.
         let db = sled::Config::new()
@@ -387,7 +396,11 @@ impl Store {
     /// zeros or of old data), so it is written again rather than trusted.
     pub fn resume_offset(&self, sha: &Sha256Digest, size: u64) -> u64 {
         let len = std::fs::metadata(self.partial_path(sha)).map_or(0, |m| m.len());
-        let synced = std::fs::read_to_string(self.synced_path(sha)).ok().and_then(|s| s.trim().parse::<u64>().ok());
+        let mut text = String::new();
+        let synced = std::fs::File::open(self.synced_path(sha))
+            .and_then(|f| f.take(32).read_to_string(&mut text))
+            .ok()
+            .and_then(|_| text.trim().parse::<u64>().ok());
         let at = synced.unwrap_or(0).min(len);
         if at > size { 0 } else { at }
     }
@@ -430,6 +443,10 @@ impl Store {
                     continue;
                 }
                 let name = entry.file_name();
+                // An atomic write under way (`.NAME.tmpPID`) is not ours to take.
+                if name.as_encoded_bytes().starts_with(b".") {
+                    continue;
+                }
                 // A download's record goes with its file.
                 let digest = name
                     .to_str()
@@ -605,7 +622,12 @@ impl Persister {
                     }
                     // First, and kept for the next job if it fails: no slots
                     // reach the disk ahead of the trust that took them.
-                    if let Some(t) = job.trust.take().or_else(|| unwritten.take())
+                    // A newer trust state replaces one that failed: never
+                    // the older written after it.
+                    if let Some(t) = job.trust.take() {
+                        unwritten = Some(t);
+                    }
+                    if let Some(t) = unwritten.take()
                         && let Err(e) = t.write()
                     {
                         error!("cannot persist the trust state: {e}");
@@ -819,12 +841,18 @@ mod tests {
         std::fs::write(store.partial_path(&b), b"b").unwrap();
         std::fs::write(store.synced_path(&b), b"1").unwrap();
         std::fs::write(dir.path().join("models/stray.tmp"), b"x").unwrap();
+        std::fs::write(dir.path().join("partial/.x.synced.tmp9"), b"1").unwrap();
         let live = Mutex::new(BTreeSet::from([c]));
         assert_eq!(store.collect(&[a].into_iter().collect(), &live), 4);
         assert!(store.model_path(&a).is_file() && store.partial_path(&c).is_file());
         assert!(store.synced_path(&c).is_file(), "a download's record stays with it");
         assert!(!store.model_path(&b).exists() && !store.partial_path(&b).exists());
         assert!(!store.synced_path(&b).exists());
+        assert!(dir.path().join("partial/.x.synced.tmp9").exists(), "an atomic write under way is left alone");
+        drop(store);
+        let store = open(dir.path());
+        assert!(!dir.path().join("partial/.x.synced.tmp9").exists(), "and removed at the next start");
+        assert!(store.partial_path(&c).is_file());
         assert_eq!(std::fs::read_dir(dir.path().join("models")).unwrap().count(), 1);
         assert_eq!(std::fs::read_dir(dir.path().join("trash")).unwrap().count(), 0);
     }
@@ -1017,5 +1045,25 @@ mod trust_order_tests {
         persister.durable().wait().unwrap();
         assert_eq!(std::fs::read(missing.join("tuf.json")).unwrap(), b"x");
         assert_eq!(seen.lock().unwrap().len(), 1);
+    }
+
+    #[test]
+    fn a_trust_state_that_failed_is_never_written_over_a_newer_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let store = Seen { dir: dir.path().to_path_buf(), seen: seen.clone() };
+        let mut persister = Persister::spawn(store, Arc::default()).unwrap();
+        let trust = dir.path().join("identity");
+        persister.persist_trust(Persisted::default(), TrustFiles::new(&trust, Some(b"old".to_vec()), false));
+        persister.persist(Persisted { generation: 1, slots: vec![] });
+        assert!(persister.durable().wait().is_err(), "no folder yet");
+        std::fs::create_dir(&trust).unwrap();
+        persister.persist_trust(Persisted::default(), TrustFiles::new(&trust, Some(b"new".to_vec()), false));
+        persister.persist(Persisted { generation: 2, slots: vec![] });
+        persister.durable().wait().unwrap();
+        // A later job without trust writes nothing of the one that failed.
+        persister.persist(Persisted { generation: 3, slots: vec![] });
+        persister.durable().wait().unwrap();
+        assert_eq!(std::fs::read(trust.join("tuf.json")).unwrap(), b"new");
     }
 }

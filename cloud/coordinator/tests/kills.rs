@@ -55,12 +55,17 @@ fn sigkill_at_random_instants_of_updates_never_leaves_a_partial_or_older_state()
             assert_eq!(name, digest, "a file in models/ that is not what its name says");
         }
         let m = agent.models();
-        let state = m["models"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|m| m["name"] == "scorer" && m["version"] == next)
-            .map_or("not yet".to_string(), |m| m["update"].as_str().or(m["state"].as_str()).unwrap_or("?").to_string());
+        let state =
+            m["models"].as_array().unwrap().iter().find(|m| m["name"] == "scorer" && m["version"] == next).map_or(
+                "not yet".to_string(),
+                |m| {
+                    let state = m["update"].as_str().or(m["state"].as_str()).unwrap_or("?");
+                    match m["detail"].as_str() {
+                        Some(d) if d.ends_with("(will retry)") => format!("{state}, to be tried again"),
+                        _ => state.to_string(),
+                    }
+                },
+            );
         *outcomes.entry(format!("the new version {state}")).or_default() += 1;
     }
     // And it still takes updates once left alone.

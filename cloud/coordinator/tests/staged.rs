@@ -236,9 +236,9 @@ fn an_agent_killed_during_probation_comes_back_on_the_committed_version_and_trie
     }
     let m = wait_reported(&coord, 2, "v2 given up", |m| m["state"] == "failed");
     let detail = m["detail"].as_str().unwrap();
-    // The kill may land before "probation" reaches the disk: the phase
-    // named is the last one written, self-test at the earliest.
-    assert!(detail.starts_with("interrupted in "), "{m}");
+    // A candidate serves only once its probation is on disk: the kill,
+    // however soon after it answers, is one in probation.
+    assert!(detail.starts_with("interrupted in probation: "), "{m}");
     assert!(detail.ends_with(", 3 of 3 times; not tried again until the desired state changes"), "{m}");
     assert_eq!(answer(&agent, [0.1, 0.7, 0.2, 0.0]), Ok(1));
     std::thread::sleep(Duration::from_secs(3));

@@ -90,7 +90,8 @@ fn python_tuf_refreshes_from_the_registry_s_repository_and_both_clients_refuse_t
     let client = work.path().join("python-client");
     let out = work.path().join("got.onnx");
     let said = reference_client(&repo, &client, "iris/1/model.onnx", &out, &[]).unwrap();
-    assert!(said.starts_with("ok root=1 timestamp=1 length=1669"), "{said}");
+    // Versions follow the clock (unix seconds) when it is ahead of them.
+    assert!(said.starts_with("ok root=1 timestamp=") && said.contains(" length=1669"), "{said}");
     assert_eq!(read(out.clone()), read(fixture("iris.onnx")));
     // Tern's verifier takes the same repository.
     let mut tern = TrustedSet::new(&read(repo.join("1.root.json")), 0).unwrap();
@@ -115,7 +116,7 @@ fn python_tuf_refreshes_from_the_registry_s_repository_and_both_clients_refuse_t
     ]);
     coord.ok(&["registry", "export-tuf", repo_s]);
     let said = reference_client(&repo, &client, "iris/1/model.onnx", &out, &[]).unwrap();
-    assert!(said.starts_with("ok root=2 timestamp=2"), "{said}");
+    assert!(said.starts_with("ok root=2 timestamp="), "{said}");
     tern_client(&repo, &mut tern, now()).unwrap();
     assert_eq!(tern.root().body.version, 2);
 
@@ -194,10 +195,22 @@ fn agent_root(agent: &Agent) -> u64 {
 
 /// Restarts the coordinator on its data dir after `change` to it.
 fn restart(coord: Coord, change: impl FnOnce(&Path)) -> Coord {
+    restart_env(coord, &[], change)
+}
+
+/// The same, with `env` for the restarted coordinator (its clock moved).
+fn restart_env(coord: Coord, env: &[(String, String)], change: impl FnOnce(&Path)) -> Coord {
     let quic = coord.quic.clone();
     let dir = coord.stop_gently();
     change(&dir.path().join("data"));
-    Coord::start_in(dir, &["--quic-listen", &quic]).unwrap_or_else(|(_, log)| panic!("restart: {log}"))
+    Coord::start_in_env(dir, &["--quic-listen", &quic], env).unwrap_or_else(|(_, log)| panic!("restart: {log}"))
+}
+
+/// The version of the TUF timestamp the agent persisted.
+fn agent_timestamp(agent: &Agent) -> u64 {
+    let saved: serde_json::Value = serde_json::from_slice(&read(agent.data().join("identity/tuf.json"))).unwrap();
+    let ts: serde_json::Value = serde_json::from_str(saved["timestamp"].as_str().unwrap()).unwrap();
+    ts["signed"]["version"].as_u64().unwrap()
 }
 
 #[test]
@@ -226,19 +239,23 @@ fn agents_take_desired_states_through_the_registry_s_tuf_metadata_and_refuse_eac
     agent.wait_serving("iris", 2);
     assert_eq!(agent_root(&agent), 1);
 
-    // The repository's counters put back one: it signs a timestamp of the
+    // The repository's counters put back one, and its clock ten minutes
+    // (versions never go below the clock): it signs a timestamp of the
     // version the agent holds, naming another snapshot (mix and match).
     let counters = read(coord.data().join("tuf/counters.json"));
+    let held = agent_timestamp(&agent);
     let back = |n: u64| format!(r#"{{"timestamp":{n},"snapshot":{n},"targets":{n}}}"#);
-    let coord = restart(coord, |d| std::fs::write(d.join("tuf/counters.json"), back(1)).unwrap());
+    let earlier = faketime("-600s");
+    let coord = restart_env(coord, &earlier, |d| std::fs::write(d.join("tuf/counters.json"), back(held - 1)).unwrap());
     coord.ok(&["fleet", "assign", "cam-01", "iris:3"]);
     let e = refusal(&coord, generation(&coord));
     assert!(e.contains("TUF: snapshot.json does not match what is signed for it: sha256"), "{e}");
     // Put back further: a rollback.
-    let coord = restart(coord, |d| std::fs::write(d.join("tuf/counters.json"), back(0)).unwrap());
+    let coord = restart_env(coord, &earlier, |d| std::fs::write(d.join("tuf/counters.json"), back(held - 2)).unwrap());
     coord.ok(&["fleet", "assign", "cam-01", "iris:1"]);
     let e = refusal(&coord, generation(&coord));
-    assert!(e.contains("TUF: timestamp version 1 is older than the trusted version 2 (rollback)"), "{e}");
+    let want = format!("TUF: timestamp version {} is older than the trusted version {held} (rollback)", held - 1);
+    assert!(e.contains(&want), "{e}");
     agent.wait_serving("iris", 2);
 
     // Signed by a key the root does not name: the timestamp key replaced.
@@ -310,7 +327,11 @@ fn a_registry_restored_from_an_older_backup_replays_nothing_and_its_next_change_
     for _ in 0..3 {
         coord.register_fixture("iris", "iris.onnx");
     }
-    // A backup while nothing is assigned: the state it holds is empty.
+    let work = tempfile::tempdir().unwrap();
+    let key = work.path().join("root.key");
+    coord.ok(&["registry", "sign-root", "--key", key.to_str().unwrap(), "--generate"]);
+    // A backup while nothing is assigned: the state it holds is empty, and
+    // its TUF counters are behind what the agent will trust.
     let backup = tempfile::tempdir().unwrap();
     let saved = backup.path().join("data");
     let coord = restart(coord, |d| copy_dir(d, &saved));
@@ -340,10 +361,13 @@ fn a_registry_restored_from_an_older_backup_replays_nothing_and_its_next_change_
     std::thread::sleep(std::time::Duration::from_secs(2));
     agent.wait_serving("iris", 3);
     // A change made on the restored registry goes past what the agent
-    // applied, so it is not taken for a replay.
+    // applied, so it is not taken for a replay; the TUF metadata of the
+    // restored repository went past what the agent trusted (its versions
+    // follow the clock), so nothing was refused.
     coord.ok(&["fleet", "assign", "cam-01", "iris:2"]);
     assert_eq!(generation(&coord), 4);
     agent.wait_serving("iris", 2);
+    assert!(coord.device("cam-01")["refused"].is_null(), "{}", coord.device("cam-01"));
 }
 
 /// cam-01 serving iris:1 through root 1 (its key at `key`), with two more
@@ -370,7 +394,7 @@ fn a_fast_forwarded_timestamp_freezes_the_agent_until_a_new_root_replaces_the_on
     // Whoever holds the online keys signs version 1000 of each role: the
     // agent takes it, validly signed as it is.
     let counters = read(coord.data().join("tuf/counters.json"));
-    let ahead = r#"{"timestamp":1000,"snapshot":1000,"targets":1000}"#;
+    let ahead = r#"{"timestamp":4000000000000,"snapshot":4000000000000,"targets":4000000000000}"#;
     let coord = restart(coord, |d| std::fs::write(d.join("tuf/counters.json"), ahead).unwrap());
     coord.ok(&["fleet", "assign", "cam-01", "iris:2"]);
     agent.wait_serving("iris", 2);
@@ -379,7 +403,7 @@ fn a_fast_forwarded_timestamp_freezes_the_agent_until_a_new_root_replaces_the_on
     let coord = restart(coord, |d| std::fs::write(d.join("tuf/counters.json"), &counters).unwrap());
     coord.ok(&["fleet", "assign", "cam-01", "iris:3"]);
     let e = refusal(&coord, generation(&coord));
-    assert!(e.contains("is older than the trusted version 1001 (rollback)"), "{e}");
+    assert!(e.contains("is older than the trusted version 4000000000001 (rollback)"), "{e}");
     agent.wait_serving("iris", 2);
     // Recovery as TUF has it: new online keys, named by root 2 signed with
     // the offline root key. Metadata the old keys signed no longer holds

@@ -160,7 +160,8 @@ impl Device {
     /// from an older backup a new change is not taken for a replay (the
     /// agent ignores generations below the one it applied).
     pub fn next_generation(&mut self) {
-        self.generation = self.generation.max(self.reported_generation.unwrap_or(0)) + 1;
+        // A report is the device's word: one of u64::MAX must not wrap.
+        self.generation = self.generation.max(self.reported_generation.unwrap_or(0)).saturating_add(1);
     }
 }
 

@@ -257,16 +257,18 @@ fn is_default_shadow_tolerance(v: &u32) -> bool {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum ShadowCompare {
-    /// Top-1 for float outputs whose last axis is over 1 (class scores),
-    /// relative error for the other float outputs.
-    #[default]
-    Auto,
     /// The index of the largest element of each row (the last axis) must
     /// match: for classifiers.
     Top1,
     /// Every float element within [`UpdatePolicy::shadow_tolerance_ppm`]:
     /// for regressors, embeddings and boxes.
     Relative,
+    /// Top-1 for float outputs whose last axis is over 1 (class scores),
+    /// relative error for the other float outputs. A mode this build does
+    /// not know (from a newer coordinator) reads as this one.
+    #[default]
+    #[serde(other)]
+    Auto,
 }
 
 impl ShadowCompare {

@@ -199,7 +199,12 @@ impl TufRepo {
             ),
             Err(e) => return Err(e).with_context(|| format!("reading {}", counters_path.display())),
         };
-        let next = |v: u64| v.checked_add(1).context("a TUF version counter is at its maximum");
+        // Never below the clock either: a data dir restored from an older
+        // backup brings older counters back, and versions its clients hold
+        // must not be signed again over other content (they would refuse
+        // every later file as a rollback). At most one version a second is
+        // taken from the clock; builds faster than that count on.
+        let next = |v: u64| v.checked_add(1).map(|n| n.max(now)).context("a TUF version counter is at its maximum");
         (c.timestamp, c.snapshot, c.targets) = (next(c.timestamp)?, next(c.snapshot)?, next(c.targets)?);
         // Written before anything is signed with them: a crash never signs
         // two different files with one version.
