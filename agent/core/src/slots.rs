@@ -625,6 +625,15 @@ impl Slots {
     /// once that has happened [`MAX_TRIES`] times (its code may be what
     /// stops it), and previous versions stay as fallbacks.
     pub fn restore(formats: &[ModelFormat], persisted: Persisted, now: Instant) -> Self {
+        Self::restore_after(formats, persisted, now, None)
+    }
+
+    /// [`Slots::restore`] after the agent panicked (`panic`: what it said),
+    /// which with `panic=abort` ended the process: a candidate it was
+    /// running is given up at once, not tried again. Without a panic on
+    /// record (a SIGKILL, an out-of-memory kill, a power cut) the stop may
+    /// have been chance, and it is tried again up to [`MAX_TRIES`].
+    pub fn restore_after(formats: &[ModelFormat], persisted: Persisted, now: Instant, panic: Option<&str>) -> Self {
         let mut s = Self::new(formats);
         s.generation = persisted.generation;
         let mut persist = false;
@@ -664,6 +673,12 @@ impl Slots {
                         s.actions.push_back(Action::Fetch(m.clone()));
                         Phase::Fetching
                     }
+                    (None, Stage::Trying { phase }) if panic.is_some() => Phase::Failed {
+                        reason: format!(
+                            "crashed in {phase}: the agent panicked while it was running this version ({}); not tried again until the desired state changes",
+                            panic.unwrap_or_default()
+                        ),
+                    },
                     (None, Stage::Trying { phase }) => {
                         interrupted += 1;
                         let why = format!(

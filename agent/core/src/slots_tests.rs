@@ -569,6 +569,24 @@ fn a_restart_while_the_candidate_runs_tries_it_again_and_gives_it_up_the_third_t
             drain(&mut s);
         }
     }
+    // After a panic (panic=abort ends the process) it is given up at once.
+    for phase in ["staged", "self-test", "shadow", "probation"] {
+        let p = to_phase(phase, t0).persisted();
+        let mut s = Slots::restore_after(ALL, p, t0, Some("index out of bounds"));
+        assert_eq!(drain(&mut s), [Action::Load(m("iris", 1)), Action::Persist], "{phase}");
+        assert_eq!(phase_of(&s, "iris"), "failed");
+        let detail = status_of(&s, "iris", 2).1.unwrap();
+        assert_eq!(
+            detail,
+            format!(
+                "crashed in {phase}: the agent panicked while it was running this version (index out of bounds); not tried again until the desired state changes"
+            )
+        );
+        assert_eq!(s.poll_timeout(), None, "{phase}: not tried again");
+    }
+    // A panic on record does not touch an update whose code had not run.
+    let mut s = Slots::restore_after(ALL, to_phase("fetching", t0).persisted(), t0, Some("boom"));
+    assert_eq!(drain(&mut s), [Action::Load(m("iris", 1)), Action::Fetch(m("iris", 2))]);
     // A new desired state naming another version starts the count again.
     let mut s = to_phase("self-test", t0);
     s = Slots::restore(ALL, s.persisted(), t0);

@@ -171,6 +171,44 @@ fn main() -> ExitCode {
     }
 }
 
+/// The file a panic leaves in the data dir: under `panic=abort` the process
+/// ends with the panic, and the next start reads (and removes) it to tell a
+/// crash of its own from a kill or a power cut.
+const PANICKED: &str = "panicked";
+
+/// What the last panic said, if the last run ended in one.
+fn last_panic(data_dir: &Path) -> Option<String> {
+    use std::io::Read as _;
+    let mut text = String::new();
+    std::fs::File::open(data_dir.join(PANICKED)).ok()?.take(512).read_to_string(&mut text).ok()?;
+    Some(text.trim().to_owned())
+}
+
+/// From now on a panic is written down (fsynced) before it ends the
+/// process. Only under `panic=abort`: unwinding, a panic may be caught (the
+/// models thread does) and the agent go on, and nothing ended.
+fn record_panics(data_dir: &Path) {
+    if !cfg!(panic = "abort") {
+        return;
+    }
+    let path = data_dir.join(PANICKED);
+    let default = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        let what = info
+            .payload()
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| info.payload().downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "a panic".into());
+        let mut what: String = what.chars().take(300).collect();
+        if let Some(at) = info.location() {
+            what.push_str(&format!(" at {}:{}", at.file(), at.line()));
+        }
+        let _ = tern_durable::write_atomic(&path, what.as_bytes(), false);
+        default(info);
+    }));
+}
+
 async fn run(
     data_dir: &Path,
     listen: SocketAddr,
@@ -209,7 +247,13 @@ async fn run(
             store.load()?
         }
     };
-    let slots = Slots::restore(&formats, persisted, std::time::Instant::now());
+    let panicked = last_panic(data_dir);
+    if let Some(p) = &panicked {
+        warn!("the agent panicked before this start: {p}");
+    }
+    let slots = Slots::restore_after(&formats, persisted, std::time::Instant::now(), panicked.as_deref());
+    let _ = std::fs::remove_file(data_dir.join(PANICKED));
+    record_panics(data_dir);
     info!(generation = slots.generation(), "agent state restored");
     let report = StatusReport { models: slots.status(), generation: slots.generation(), refused: None };
     let (status_tx, status_rx) = watch::channel(report);
