@@ -162,7 +162,14 @@ pub struct ShadowReport {
     /// 99th percentile of the serving version's run time on the same
     /// requests, in microseconds.
     pub serving_p99_us: u64,
+    /// When the run now under way on the candidate started, if one is.
+    pub running_since: Option<Instant>,
 }
+
+/// How long a shadow run may have been under way when shadow ends before
+/// it counts against the candidate: ten serving p99s, and never less than
+/// this. A run merely started late is left out of the verdict instead.
+pub const SHADOW_RUN_GRACE: Duration = Duration::from_secs(5);
 
 /// What the daemon reports back about work it was asked to do.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -242,6 +249,16 @@ pub enum Event {
         /// The comparison.
         report: ShadowReport,
     },
+    /// The daemon could not start serving the version on probation (its
+    /// probation could not be written to disk): what served before serves on.
+    InstallFailed {
+        /// Model name.
+        name: String,
+        /// Version that was to serve.
+        version: u32,
+        /// Why.
+        reason: String,
+    },
     /// The shadow could not run at all (its thread did not start).
     ShadowFailed {
         /// Model name.
@@ -276,6 +293,7 @@ impl Event {
             | Event::SelfTestFailed { name, version, .. }
             | Event::Shadowed { name, version, .. }
             | Event::ShadowFailed { name, version, .. }
+            | Event::InstallFailed { name, version, .. }
             | Event::Health { name, version, .. } => (name, *version),
         }
     }
@@ -292,6 +310,7 @@ impl Event {
             Event::SelfTestFailed { .. } => "self-test-failed",
             Event::Shadowed { .. } => "shadowed",
             Event::ShadowFailed { .. } => "shadow-failed",
+            Event::InstallFailed { .. } => "install-failed",
             Event::Health { .. } => "health",
         }
     }
@@ -712,8 +731,9 @@ impl Slots {
             }
             s.slots.insert(p.name, slot);
         }
+        // Ahead of the loads: they start once it is on disk.
         if persist {
-            s.actions.push_back(Action::Persist);
+            s.actions.push_front(Action::Persist);
         }
         s
     }
@@ -887,6 +907,13 @@ impl Slots {
             if matches!(cand.phase, Phase::Failed { .. } | Phase::RolledBack { .. }) {
                 return Ok(false); // work that was in flight when the update ended
             }
+            // The shadow thread reports until it is dropped: after shadow
+            // ended, what it says is stale.
+            if matches!(event, Event::Shadowed { .. } | Event::ShadowFailed { .. })
+                && matches!(cand.phase, Phase::Ready { .. } | Phase::Probation { .. })
+            {
+                return Ok(false);
+            }
             let m = cand.manifest.clone();
             let policy = m.policy();
             let actions = &mut self.actions;
@@ -937,6 +964,24 @@ impl Slots {
                 }
                 (Event::SelfTestFailed { reason, .. }, Phase::SelfTest) => {
                     cand.enter(Phase::Failed { reason: format!("self-test failed: {reason}") }, now);
+                    actions.push_back(Action::Persist);
+                }
+                (Event::InstallFailed { reason, .. }, Phase::Probation { .. }) => {
+                    // Never served: the committed version still does. Tried
+                    // again (a disk that fills may empty), as a failed load is.
+                    if let Some(a) = slot.active.as_mut() {
+                        a.installed = true;
+                    }
+                    let cand = slot.candidate.as_mut().expect("matched above");
+                    cand.attempts += 1;
+                    cand.bad += 1;
+                    if cand.bad >= MAX_BAD_ATTEMPTS {
+                        let reason = format!("gave up after {} failed checks or loads; last: {reason}", cand.bad);
+                        cand.enter(Phase::Failed { reason }, now);
+                    } else {
+                        let retry_at = now + backoff(cand.attempts);
+                        cand.enter(Phase::Retrying { reason: reason.clone(), retry_at }, now);
+                    }
                     actions.push_back(Action::Persist);
                 }
                 (Event::ShadowFailed { reason, .. }, Phase::Shadow) => {
@@ -1422,10 +1467,15 @@ fn end_shadow(
     } else {
         "shadow".to_string()
     };
-    if r.offered > r.compared {
-        // A live request is still running on it: one slower than all of
-        // shadow is no version to serve.
-        let reason = format!("{seen}: the candidate had not finished a run on a live request when shadow ended");
+    // A run under way for far longer than the serving version takes is a
+    // candidate that hangs or crawls; one merely started late is left out.
+    let grace = SHADOW_RUN_GRACE.max(Duration::from_micros(r.serving_p99_us.saturating_mul(10)));
+    if let Some(since) = r.running_since.filter(|s| now.saturating_duration_since(*s) > grace) {
+        let reason = format!(
+            "{seen}: a run on a live request had been under way for {} s on the candidate (at most {} s allowed)",
+            now.saturating_duration_since(since).as_secs(),
+            grace.as_secs()
+        );
         cand.enter(Phase::Failed { reason }, now);
         return actions.push_back(Action::Persist);
     }
@@ -1445,7 +1495,9 @@ fn end_shadow(
     let slowdown = r.candidate_p99_us.saturating_mul(1000) / r.serving_p99_us.max(1);
     let latency =
         format!("p99 {} µs beside the serving version's {} µs ({slowdown}‰", r.candidate_p99_us, r.serving_p99_us);
-    if p.shadow_max_p99_permille > 0 && slowdown > u64::from(p.shadow_max_p99_permille) {
+    // No latency to judge before a second run (the first is the warm-up).
+    let timed = r.candidate_p99_us > 0 && r.serving_p99_us > 0;
+    if p.shadow_max_p99_permille > 0 && timed && slowdown > u64::from(p.shadow_max_p99_permille) {
         let reason = format!("{seen}: {latency}, at most {}‰ allowed)", p.shadow_max_p99_permille);
         cand.enter(Phase::Failed { reason }, now);
         return actions.push_back(Action::Persist);

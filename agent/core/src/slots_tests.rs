@@ -30,7 +30,7 @@ fn policy() -> UpdatePolicy {
 /// A shadow report: `compared`, `agreed`, and the candidate's p99 when the
 /// serving version's is 100 µs.
 fn shadowed(compared: u64, agreed: u64, candidate_p99_us: u64) -> ShadowReport {
-    ShadowReport { offered: compared, compared, agreed, candidate_p99_us, serving_p99_us: 100 }
+    ShadowReport { offered: compared, compared, agreed, candidate_p99_us, serving_p99_us: 100, running_since: None }
 }
 
 fn m(name: &str, version: u32) -> ModelManifest {
@@ -69,6 +69,7 @@ fn ev(kind: &str, name: &str, version: u32) -> Event {
         "self-test-failed" => Event::SelfTestFailed { name, version, reason },
         "shadowed" => Event::Shadowed { name, version, report: shadowed(3, 3, 100) },
         "shadow-failed" => Event::ShadowFailed { name, version, reason },
+        "install-failed" => Event::InstallFailed { name, version, reason },
         "health" => Event::Health {
             name,
             version,
@@ -89,6 +90,7 @@ const EVENTS: &[&str] = &[
     "self-test-failed",
     "shadowed",
     "shadow-failed",
+    "install-failed",
     "health",
 ];
 
@@ -244,7 +246,7 @@ fn every_event_in_every_phase() {
         ("staged", &["loaded", "load-failed"]),
         ("self-test", &["self-test-passed", "self-test-failed"]),
         ("shadow", &["shadowed", "shadow-failed"]),
-        ("probation", &["health"]),
+        ("probation", &["health", "install-failed"]),
         ("ready", &[]),
         ("retrying", &[]),
         ("refused", &[]),
@@ -253,8 +255,12 @@ fn every_event_in_every_phase() {
         for kind in EVENTS {
             let mut s = to_phase(phase, t0);
             let got = s.handle(ev(kind, "iris", 2), t0);
+            let after_shadow = matches!(*phase, "ready" | "probation");
             if ok_events.contains(kind) {
                 assert_eq!(got, Ok(true), "{kind} while {phase}");
+            } else if after_shadow && kind.starts_with("shadow") {
+                // The shadow thread's last words, once shadow ended: stale.
+                assert_eq!(got, Ok(false), "{kind} while {phase}");
             } else {
                 let e = got.expect_err(&format!("{kind} while {phase} must be disallowed"));
                 assert_eq!((e.event, e.state.as_str()), (*kind, *phase));
@@ -385,6 +391,17 @@ fn shadow_disagreement_fails_the_update() {
 }
 
 #[test]
+fn a_candidate_that_cannot_be_installed_leaves_the_committed_version_serving_and_is_tried_again() {
+    let t0 = Instant::now();
+    let mut s = to_phase("probation", t0);
+    ok(&mut s, "install-failed", "iris", 2, t0);
+    assert_eq!(drain(&mut s), [Action::Persist]);
+    assert_eq!(phase_of(&s, "iris"), "retrying");
+    assert_eq!(s.slot("iris").unwrap().served(), Some(&m("iris", 1)), "what served before serves on");
+    assert_eq!(s.poll_timeout(), Some(t0 + backoff(1)));
+}
+
+#[test]
 fn a_candidate_too_slow_beside_the_serving_version_fails_in_shadow() {
     let t0 = Instant::now();
     // At most 2000‰ of the serving p99 (100 µs): 200 µs goes on, 201 does not.
@@ -434,18 +451,25 @@ fn a_shadow_out_of_time_is_judged_on_what_it_compared() {
         detail,
         "shadow ended at its 40 s limit after 2 of 3 requests: agreed with the serving version on 1 of 2 requests (500‰, at least 900‰ needed)"
     );
-    // One is still running on it at the end: it fails.
+    // One started just before the end is left out; one under way for
+    // longer than the grace fails it.
     let mut s = to_phase("shadow", t0);
-    let running = ShadowReport { offered: 3, ..shadowed(2, 2, 100) };
-    s.handle(Event::Shadowed { name: "iris".into(), version: 2, report: running }, t0).unwrap();
+    let late = ShadowReport { offered: 3, running_since: Some(end - Duration::from_secs(1)), ..shadowed(2, 2, 100) };
+    s.handle(Event::Shadowed { name: "iris".into(), version: 2, report: late }, t0).unwrap();
+    s.handle_timeout(end);
+    assert_eq!(phase_of(&s, "iris"), "probation");
+    let mut s = to_phase("shadow", t0);
+    let stuck = ShadowReport { offered: 3, running_since: Some(end - Duration::from_secs(6)), ..shadowed(2, 2, 100) };
+    s.handle(Event::Shadowed { name: "iris".into(), version: 2, report: stuck }, t0).unwrap();
     s.handle_timeout(end);
     assert_eq!(phase_of(&s, "iris"), "failed");
+    let detail = status_of(&s, "iris", 2).1.unwrap();
     assert!(
-        status_of(&s, "iris", 2)
-            .1
-            .unwrap()
-            .ends_with("the candidate had not finished a run on a live request when shadow ended")
+        detail.ends_with("a run on a live request had been under way for 6 s on the candidate (at most 5 s allowed)"),
+        "{detail}"
     );
+    // What the shadow thread says once shadow ended is stale.
+    assert_eq!(s.handle(Event::Shadowed { name: "iris".into(), version: 2, report: stuck }, end), Ok(false));
     // The shadow thread could not start: it fails at once.
     let mut s = to_phase("shadow", t0);
     ok(&mut s, "shadow-failed", "iris", 2, t0);
@@ -530,8 +554,8 @@ fn a_restart_while_the_candidate_runs_tries_it_again_and_gives_it_up_the_third_t
             assert_eq!(p.slots[0].stage, Stage::Trying { phase: phase.into() });
             assert_eq!(p.slots[0].interrupted, tries - 1, "{phase}: counted on disk");
             s = Slots::restore(ALL, p, now);
-            // Only the committed version loads; the decision is written at once.
-            assert_eq!(drain(&mut s), [Action::Load(m("iris", 1)), Action::Persist], "{phase}");
+            // Only the committed version loads, once the decision is on disk.
+            assert_eq!(drain(&mut s), [Action::Persist, Action::Load(m("iris", 1))], "{phase}");
             let detail = status_of(&s, "iris", 2).1.unwrap();
             assert!(detail.starts_with(&format!("interrupted in {phase}: the agent stopped")), "{detail}");
             ok(&mut s, "loaded", "iris", 1, now);
@@ -573,7 +597,7 @@ fn a_restart_while_the_candidate_runs_tries_it_again_and_gives_it_up_the_third_t
     for phase in ["staged", "self-test", "shadow", "probation"] {
         let p = to_phase(phase, t0).persisted();
         let mut s = Slots::restore_after(ALL, p, t0, Some("index out of bounds"));
-        assert_eq!(drain(&mut s), [Action::Load(m("iris", 1)), Action::Persist], "{phase}");
+        assert_eq!(drain(&mut s), [Action::Persist, Action::Load(m("iris", 1))], "{phase}");
         assert_eq!(phase_of(&s, "iris"), "failed");
         let detail = status_of(&s, "iris", 2).1.unwrap();
         assert_eq!(

@@ -50,6 +50,8 @@ enum Done {
     Hook(String, u64, Result<(), String>),
     /// The slots of this generation are on disk.
     Durable(u64),
+    /// A candidate to install once its probation was on disk, or not.
+    Installable(ModelManifest, Arc<dyn Backend>, Result<(), String>),
 }
 
 /// The main loop's state.
@@ -275,19 +277,17 @@ impl<W: Work> Runner<W> {
         self.slots.slot(&m.name).and_then(|s| s.candidate()).is_some_and(|(c, _)| c.same_version(m))
     }
 
-    /// Waits (off the async workers' duty, as a load does) for every
-    /// persist queued so far; false, logged, if it could not be written: the
-    /// candidate is then not served, and its probation ends without health
-    /// reports (a rollback).
-    fn probation_durable(&self, m: &ModelManifest) -> bool {
-        let durable = self.persister.durable();
-        match tokio::task::block_in_place(|| durable.wait()) {
-            Ok(()) => true,
-            Err(e) => {
-                error!(model = %m.name, version = m.version, "not serving the candidate: {e}");
-                false
-            }
-        }
+    /// Serves `backend` under `m`'s name in place of what serves now.
+    fn install(&mut self, m: ModelManifest, backend: Arc<dyn Backend>) {
+        let (name, version) = (m.name.clone(), m.version);
+        let gate = Gate::new(self.shared.threads, self.shared.queue);
+        let served = Arc::new(Served::new(m, backend, gate, &self.shared.limits));
+        self.shared.shadows.write().expect("lock").remove(&name);
+        // In-flight requests finish on the old version, which the freeing
+        // thread frees after the last of them.
+        let old = self.shared.models.write().expect("lock").insert(name.clone(), served);
+        drop(old);
+        info!(model = %name, version, threads = self.shared.threads, queue = self.shared.queue, "serving");
     }
 
     /// Takes a desired state once [`Trust`] verifies it; otherwise the
@@ -346,6 +346,21 @@ impl<W: Work> Runner<W> {
                 }
             }
             Done::Durable(generation) => self.durable_generation = self.durable_generation.max(generation),
+            Done::Installable(m, backend, on_disk) => {
+                // Still the version on probation (the state may have moved on).
+                let serving = self.slots.slot(&m.name).and_then(|s| s.served()).is_some_and(|s| s.same_version(&m));
+                if !self.is_candidate(&m) || !serving {
+                    return;
+                }
+                match on_disk {
+                    Ok(()) => self.install(m, backend),
+                    Err(reason) => {
+                        error!(model = %m.name, version = m.version, "not serving the candidate: {reason}");
+                        let ev = Event::InstallFailed { name: m.name, version: m.version, reason };
+                        self.handle(ev, now);
+                    }
+                }
+            }
             Done::Loaded(ev, backend) => {
                 let (Event::Loaded { name, version } | Event::LoadFailed { name, version, .. }) = &ev else {
                     unreachable!("loads report Loaded or LoadFailed")
@@ -549,20 +564,18 @@ impl<W: Work> Runner<W> {
                 }
                 Action::Install(m) => match self.loaded.remove(&(m.name.clone(), m.version)) {
                     // A candidate serves only once its probation (a trying
-                    // stage) is on disk: a crash while it serves is then
-                    // counted against it, however soon it comes.
-                    Some(_) if self.is_candidate(&m) && !self.probation_durable(&m) => {}
-                    Some(backend) => {
-                        let (name, version) = (m.name.clone(), m.version);
-                        let gate = Gate::new(self.shared.threads, self.shared.queue);
-                        let served = Arc::new(Served::new(m, backend, gate, &self.shared.limits));
-                        self.shared.shadows.write().expect("lock").remove(&name);
-                        // In-flight requests finish on the old version, which
-                        // the freeing thread frees after the last of them.
-                        let old = self.shared.models.write().expect("lock").insert(name.clone(), served);
-                        drop(old);
-                        info!(model = %name, version, threads = self.shared.threads, queue = self.shared.queue, "serving");
+                    // stage) is on disk, so that a crash while it serves is
+                    // counted against it however soon it comes: waited for
+                    // off the loop, as a load waits.
+                    Some(backend) if self.is_candidate(&m) => {
+                        let durable = self.persister.durable();
+                        let done = self.done_tx.clone();
+                        tokio::task::spawn_blocking(move || {
+                            let on_disk = durable.wait();
+                            let _ = done.blocking_send(Done::Installable(m, backend, on_disk));
+                        });
                     }
+                    Some(backend) => self.install(m, backend),
                     None => {
                         error!(model = %m.name, version = m.version, "asked to install a model that was not loaded")
                     }
@@ -851,6 +864,46 @@ mod tests {
         }
         agent.until("generation 3 reported", |a| a.status.borrow().generation == 3).await;
         agent.until("v1 serves", |a| a.served() == Some(1)).await;
+    }
+
+    /// Fails every write that would put a candidate on probation beside a
+    /// committed version (a disk that fills just then).
+    struct FullAtProbation;
+
+    impl SlotStore for FullAtProbation {
+        fn write(&mut self, p: &Persisted, _complete: bool) -> anyhow::Result<()> {
+            let probation = |s: &tern_agent_core::PersistedSlot| {
+                s.active.is_some()
+                    && matches!(&s.stage, tern_agent_core::Stage::Trying { phase } if phase == "probation")
+            };
+            if p.slots.iter().any(probation) {
+                anyhow::bail!("No space left on device (os error 28)");
+            }
+            Ok(())
+        }
+        fn collect(&mut self, _keep: &BTreeSet<Sha256Digest>, _live: &Mutex<BTreeSet<Sha256Digest>>) {}
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_candidate_whose_probation_cannot_be_written_never_serves() {
+        let agent = Agent::start_with(Stand { slow: None, factor: |_| 1.0 }, FullAtProbation);
+        let quick = |v| ModelManifest {
+            update: Some(tern_proto::UpdatePolicy { probation_secs: 0, ..Default::default() }),
+            ..manifest(v)
+        };
+        agent.desire(1, quick(1)).await;
+        let committed = |a: &Agent| a.status.borrow().models.iter().any(|m| m.version == 1 && m.detail.is_none());
+        agent.until("v1 committed", committed).await;
+        agent.desire(2, quick(2)).await;
+        let retrying =
+            |a: &Agent| {
+                a.status.borrow().models.iter().any(|m| {
+                    m.version == 2 && m.detail.as_deref().is_some_and(|d| d.contains("No space left on device"))
+                })
+            };
+        agent.until("v2 not served, to be tried again", retrying).await;
+        assert_eq!(agent.served(), Some(1), "v2 served without its probation on disk");
+        agent.task.abort();
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

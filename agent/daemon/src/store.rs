@@ -234,13 +234,6 @@ impl Store {
         // atomic writes it never finished (`collect` leaves those alone
         // while the agent runs).
         empty_trash(&root.join("trash"));
-        for sub in ["models", "partial"] {
-            for e in std::fs::read_dir(root.join(sub)).into_iter().flatten().flatten() {
-                if e.file_name().as_encoded_bytes().starts_with(b".") {
-                    let _ = std::fs::remove_file(e.path());
-                }
-            }
-        }
         // A small cache, and no background flusher waking every 500 ms:
         // every write that must last is flushed and fsynced by `write`.
         let db = sled::Config::new()
@@ -249,6 +242,14 @@ impl Store {
             .flush_every_ms(None)
             .open()
             .context("opening the agent state (sled)")?;
+        // Only now, holding sled's lock: no other agent runs on this dir.
+        for sub in ["models", "partial"] {
+            for e in std::fs::read_dir(root.join(sub)).into_iter().flatten().flatten() {
+                if e.file_name().as_encoded_bytes().starts_with(b".") {
+                    let _ = std::fs::remove_file(e.path());
+                }
+            }
+        }
         let store = Self { root, db };
         store.migrate()?;
         Ok(store)

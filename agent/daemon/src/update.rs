@@ -187,10 +187,12 @@ impl Shadow {
             let (candidate, served) = (Latency::default(), Latency::default());
             while let Ok((inputs, serving, serving_ran)) = rx.recv() {
                 // Said before the run: one that never ends is seen as such.
-                r.offered += 1;
-                report(r);
                 let started = std::time::Instant::now();
+                r.offered += 1;
+                r.running_since = Some(started);
+                report(r);
                 let got = run_guarded(backend.as_ref(), inputs);
+                r.running_since = None;
                 // The first run pays for warming up (allocations, caches):
                 // left out of the latency, which compares steady runs.
                 if r.offered > 1 {
