@@ -51,7 +51,7 @@ enum Done {
     /// The slots of this generation are on disk.
     Durable(u64),
     /// A candidate to install once its probation was on disk, or not.
-    Installable(ModelManifest, Arc<dyn Backend>, Result<(), String>),
+    Installable(Box<ModelManifest>, Arc<dyn Backend>, Result<(), String>),
 }
 
 /// The main loop's state.
@@ -347,6 +347,7 @@ impl<W: Work> Runner<W> {
             }
             Done::Durable(generation) => self.durable_generation = self.durable_generation.max(generation),
             Done::Installable(m, backend, on_disk) => {
+                let m = *m;
                 // Still the version on probation (the state may have moved on).
                 let serving = self.slots.slot(&m.name).and_then(|s| s.served()).is_some_and(|s| s.same_version(&m));
                 if !self.is_candidate(&m) || !serving {
@@ -572,7 +573,7 @@ impl<W: Work> Runner<W> {
                         let done = self.done_tx.clone();
                         tokio::task::spawn_blocking(move || {
                             let on_disk = durable.wait();
-                            let _ = done.blocking_send(Done::Installable(m, backend, on_disk));
+                            let _ = done.blocking_send(Done::Installable(Box::new(m), backend, on_disk));
                         });
                     }
                     Some(backend) => self.install(m, backend),
@@ -892,7 +893,14 @@ mod tests {
             ..manifest(v)
         };
         agent.desire(1, quick(1)).await;
-        let committed = |a: &Agent| a.status.borrow().models.iter().any(|m| m.version == 1 && m.detail.is_none());
+        let committed = |a: &Agent| {
+            a.served() == Some(1)
+                && a.status
+                    .borrow()
+                    .models
+                    .iter()
+                    .any(|m| m.version == 1 && m.state == tern_proto::ModelState::Serving && m.detail.is_none())
+        };
         agent.until("v1 committed", committed).await;
         agent.desire(2, quick(2)).await;
         let retrying =
