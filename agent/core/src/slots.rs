@@ -443,6 +443,9 @@ impl Candidate {
 
     fn enter(&mut self, phase: Phase, now: Instant) {
         let p = self.manifest.policy();
+        if phase == Phase::Shadow {
+            self.shadowed = ShadowReport::default();
+        }
         self.deadline = match &phase {
             Phase::Fetching | Phase::Retrying { .. } => self.fetch_deadline,
             Phase::Verifying => Some(after(now, p.verify_secs)),
@@ -644,15 +647,22 @@ impl Slots {
     /// once that has happened [`MAX_TRIES`] times (its code may be what
     /// stops it), and previous versions stay as fallbacks.
     pub fn restore(formats: &[ModelFormat], persisted: Persisted, now: Instant) -> Self {
-        Self::restore_after(formats, persisted, now, None)
+        Self::restore_after(formats, persisted, now, |_| None)
     }
 
-    /// [`Slots::restore`] after the agent panicked (`panic`: what it said),
-    /// which with `panic=abort` ended the process: a candidate it was
-    /// running is given up at once, not tried again. Without a panic on
-    /// record (a SIGKILL, an out-of-memory kill, a power cut) the stop may
-    /// have been chance, and it is tried again up to [`MAX_TRIES`].
-    pub fn restore_after(formats: &[ModelFormat], persisted: Persisted, now: Instant, panic: Option<&str>) -> Self {
+    /// [`Slots::restore`] after the agent may have panicked, which with
+    /// `panic=abort` ends the process: `blame(phase)` is what the panic said
+    /// if it came from running the candidate in that phase (the daemon
+    /// knows which thread runs what). Such a candidate is given up at once,
+    /// not tried again. Otherwise (a SIGKILL, an out-of-memory kill, a power
+    /// cut, a panic elsewhere) the stop may have been chance, and it is
+    /// tried again up to [`MAX_TRIES`].
+    pub fn restore_after(
+        formats: &[ModelFormat],
+        persisted: Persisted,
+        now: Instant,
+        blame: impl Fn(&str) -> Option<String>,
+    ) -> Self {
         let mut s = Self::new(formats);
         s.generation = persisted.generation;
         let mut persist = false;
@@ -692,10 +702,10 @@ impl Slots {
                         s.actions.push_back(Action::Fetch(m.clone()));
                         Phase::Fetching
                     }
-                    (None, Stage::Trying { phase }) if panic.is_some() => Phase::Failed {
+                    (None, Stage::Trying { phase }) if blame(&phase).is_some() => Phase::Failed {
                         reason: format!(
                             "crashed in {phase}: the agent panicked while it was running this version ({}); not tried again until the desired state changes",
-                            panic.unwrap_or_default()
+                            blame(&phase).unwrap_or_default()
                         ),
                     },
                     (None, Stage::Trying { phase }) => {
@@ -731,9 +741,8 @@ impl Slots {
             }
             s.slots.insert(p.name, slot);
         }
-        // Ahead of the loads: they start once it is on disk.
         if persist {
-            s.actions.push_front(Action::Persist);
+            s.actions.push_back(Action::Persist);
         }
         s
     }
@@ -909,9 +918,7 @@ impl Slots {
             }
             // The shadow thread reports until it is dropped: after shadow
             // ended, what it says is stale.
-            if matches!(event, Event::Shadowed { .. } | Event::ShadowFailed { .. })
-                && matches!(cand.phase, Phase::Ready { .. } | Phase::Probation { .. })
-            {
+            if matches!(event, Event::Shadowed { .. } | Event::ShadowFailed { .. }) && cand.phase != Phase::Shadow {
                 return Ok(false);
             }
             let m = cand.manifest.clone();
@@ -975,6 +982,10 @@ impl Slots {
                     let cand = slot.candidate.as_mut().expect("matched above");
                     cand.attempts += 1;
                     cand.bad += 1;
+                    // Its download is long done: the retry gets a deadline of
+                    // its own, not what is left of the first one.
+                    cand.fetch_deadline = Some(after(now, policy.fetch_secs));
+                    cand.last_fetch = false;
                     if cand.bad >= MAX_BAD_ATTEMPTS {
                         let reason = format!("gave up after {} failed checks or loads; last: {reason}", cand.bad);
                         cand.enter(Phase::Failed { reason }, now);
@@ -1018,6 +1029,10 @@ impl Slots {
         let Some(active) = slot.active.as_mut().filter(|a| a.manifest.version == version) else {
             return Ok(false);
         };
+        // A shadow's last report after its version committed: stale.
+        if matches!(event, Event::Shadowed { .. } | Event::ShadowFailed { .. }) {
+            return Ok(false);
+        }
         match (&event, active.installed) {
             // The committed version, loaded again after a restart or a rollback.
             (Event::Loaded { .. }, false) => {
@@ -1470,6 +1485,12 @@ fn end_shadow(
     // A run under way for far longer than the serving version takes is a
     // candidate that hangs or crawls; one merely started late is left out.
     let grace = SHADOW_RUN_GRACE.max(Duration::from_micros(r.serving_p99_us.saturating_mul(10)));
+    // One under way within its grace: the verdict waits for it, until the
+    // grace is over (a bounded extension of shadow's deadline).
+    if let Some(since) = r.running_since.filter(|s| out_of_time && now.saturating_duration_since(*s) <= grace) {
+        cand.deadline = Some(since + grace + Duration::from_millis(1));
+        return;
+    }
     if let Some(since) = r.running_since.filter(|s| now.saturating_duration_since(*s) > grace) {
         let reason = format!(
             "{seen}: a run on a live request had been under way for {} s on the candidate (at most {} s allowed)",

@@ -176,12 +176,14 @@ fn main() -> ExitCode {
 /// crash of its own from a kill or a power cut.
 const PANICKED: &str = "panicked";
 
-/// What the last panic said, if the last run ended in one.
-fn last_panic(data_dir: &Path) -> Option<String> {
+/// The thread and what it said, if the last run ended in a panic.
+fn last_panic(data_dir: &Path) -> Option<(String, String)> {
     use std::io::Read as _;
-    let mut text = String::new();
-    std::fs::File::open(data_dir.join(PANICKED)).ok()?.take(512).read_to_string(&mut text).ok()?;
-    Some(text.trim().to_owned())
+    let mut bytes = Vec::new();
+    std::fs::File::open(data_dir.join(PANICKED)).ok()?.take(1024).read_to_end(&mut bytes).ok()?;
+    let text = String::from_utf8_lossy(&bytes);
+    let (thread, what) = text.split_once('\n').unwrap_or(("", &text));
+    Some((thread.trim().to_owned(), what.trim().to_owned()))
 }
 
 /// From now on a panic is written down (fsynced) before it ends the
@@ -204,7 +206,8 @@ fn record_panics(data_dir: &Path) {
         if let Some(at) = info.location() {
             what.push_str(&format!(" at {}:{}", at.file(), at.line()));
         }
-        let _ = tern_durable::write_atomic(&path, what.as_bytes(), false);
+        let thread = std::thread::current().name().unwrap_or("unnamed").to_owned();
+        let _ = tern_durable::write_atomic(&path, format!("{thread}\n{what}").as_bytes(), false);
         default(info);
     }));
 }
@@ -248,11 +251,35 @@ async fn run(
         }
     };
     let panicked = last_panic(data_dir);
-    if let Some(p) = &panicked {
-        warn!("the agent panicked before this start: {p}");
+    if let Some((thread, what)) = &panicked {
+        warn!("the agent panicked before this start, on thread {thread}: {what}");
     }
-    let slots = Slots::restore_after(&formats, persisted, std::time::Instant::now(), panicked.as_deref());
-    let _ = std::fs::remove_file(data_dir.join(PANICKED));
+    // Laid on a candidate only if the thread that panicked runs its code in
+    // the phase it was in: loads and self-tests on `models`, shadow runs on
+    // `shadow`, and, on probation, requests on `api-conn` (which also serve
+    // the other models: with several, one of theirs counts too).
+    let blame = |phase: &str| {
+        let (thread, what) = panicked.as_ref()?;
+        let runs = match phase {
+            "staged" | "self-test" => "models",
+            "shadow" => "shadow",
+            "probation" => "api-conn",
+            _ => return None,
+        };
+        (thread == runs).then(|| what.clone())
+    };
+    let slots = Slots::restore_after(&formats, persisted, std::time::Instant::now(), blame);
+    if panicked.is_some() {
+        // The verdict on disk before the record of the panic goes.
+        match store.write(&slots.persisted(), complete) {
+            Ok(()) => {
+                if let Err(e) = std::fs::remove_file(data_dir.join(PANICKED)) {
+                    error!("cannot remove {}: {e}", data_dir.join(PANICKED).display());
+                }
+            }
+            Err(e) => error!("cannot record what the last panic interrupted: {e:#}"),
+        }
+    }
     record_panics(data_dir);
     info!(generation = slots.generation(), "agent state restored");
     let report = StatusReport { models: slots.status(), generation: slots.generation(), refused: None };

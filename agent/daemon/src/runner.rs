@@ -277,6 +277,11 @@ impl<W: Work> Runner<W> {
         self.slots.slot(&m.name).and_then(|s| s.candidate()).is_some_and(|(c, _)| c.same_version(m))
     }
 
+    /// Whether `m` is what the runner serves under its name.
+    fn installed(&self, m: &ModelManifest) -> bool {
+        self.shared.models.read().expect("lock").get(&m.name).is_some_and(|s| s.manifest.same_version(m))
+    }
+
     /// Serves `backend` under `m`'s name in place of what serves now.
     fn install(&mut self, m: ModelManifest, backend: Arc<dyn Backend>) {
         let (name, version) = (m.name.clone(), m.version);
@@ -348,18 +353,23 @@ impl<W: Work> Runner<W> {
             Done::Durable(generation) => self.durable_generation = self.durable_generation.max(generation),
             Done::Installable(m, backend, on_disk) => {
                 let m = *m;
-                // Still the version on probation (the state may have moved on).
-                let serving = self.slots.slot(&m.name).and_then(|s| s.served()).is_some_and(|s| s.same_version(&m));
-                if !self.is_candidate(&m) || !serving {
-                    return;
-                }
+                // What the core says serves under the name now (the state
+                // may have moved on while the write was waited for).
+                let slot = self.slots.slot(&m.name);
+                let served = slot.and_then(|s| s.served()).is_some_and(|s| s.same_version(&m));
+                let on_probation = served && self.is_candidate(&m);
+                // A first install committed as it stood (the desired state
+                // moved on meanwhile): nothing else serves, so it must.
+                let committed = served && !on_probation && !self.installed(&m);
                 match on_disk {
-                    Ok(()) => self.install(m, backend),
-                    Err(reason) => {
+                    Ok(()) if on_probation || committed => self.install(m, backend),
+                    Err(_) if committed => self.install(m, backend),
+                    Err(reason) if on_probation => {
                         error!(model = %m.name, version = m.version, "not serving the candidate: {reason}");
                         let ev = Event::InstallFailed { name: m.name, version: m.version, reason };
                         self.handle(ev, now);
                     }
+                    _ => {}
                 }
             }
             Done::Loaded(ev, backend) => {
@@ -499,13 +509,16 @@ impl<W: Work> Runner<W> {
                     });
                 }
                 Action::Load(m) => {
-                    // Not before the slots that say it is being tried are on disk.
-                    let durable = self.persister.durable();
+                    // A candidate's, not before the slots that say it is being
+                    // tried are on disk; a committed version's at once (a
+                    // failing disk must not keep a known-good version down).
+                    let durable = self.is_candidate(&m).then(|| self.persister.durable());
                     let (work, done) = (self.work.clone(), self.done_tx.clone());
                     let home = self.models_thread.clone();
                     self.models_thread.run(move || {
                         let (name, version) = (m.name.clone(), m.version);
-                        let result = match durable.wait().and_then(|()| guarded(|| work.load(&m))) {
+                        let on_disk = durable.map_or(Ok(()), |d| d.wait());
+                        let result = match on_disk.and_then(|()| guarded(|| work.load(&m))) {
                             Ok(backend) => Done::Loaded(Event::Loaded { name, version }, Some(home.adopt(backend))),
                             Err(reason) => {
                                 warn!(model = %name, version, "load failed: {reason}");

@@ -230,9 +230,7 @@ impl Store {
             std::fs::create_dir_all(root.join(sub))
                 .with_context(|| format!("creating {}", root.join(sub).display()))?;
         }
-        // What a removal was in the middle of when the agent stopped, and
-        // atomic writes it never finished (`collect` leaves those alone
-        // while the agent runs).
+        // What a removal was in the middle of when the agent stopped.
         empty_trash(&root.join("trash"));
         // A small cache, and no background flusher waking every 500 ms:
         // every write that must last is flushed and fsynced by `write`.
@@ -242,7 +240,9 @@ impl Store {
             .flush_every_ms(None)
             .open()
             .context("opening the agent state (sled)")?;
-        // Only now, holding sled's lock: no other agent runs on this dir.
+        // Atomic writes never finished (`collect` leaves them alone while
+        // the agent runs); only now, holding sled's lock, so that no other
+        // agent runs on this dir.
         for sub in ["models", "partial"] {
             for e in std::fs::read_dir(root.join(sub)).into_iter().flatten().flatten() {
                 if e.file_name().as_encoded_bytes().starts_with(b".") {

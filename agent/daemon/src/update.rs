@@ -191,12 +191,13 @@ impl Shadow {
                 r.offered += 1;
                 r.running_since = Some(started);
                 report(r);
+                let ran = std::time::Instant::now();
                 let got = run_guarded(backend.as_ref(), inputs);
                 r.running_since = None;
                 // The first run pays for warming up (allocations, caches):
                 // left out of the latency, which compares steady runs.
                 if r.offered > 1 {
-                    candidate.record(started.elapsed());
+                    candidate.record(ran.elapsed());
                     served.record(serving_ran);
                 }
                 let how = policy.shadow_compare;
