@@ -880,6 +880,21 @@ mod tests {
         agent.until("v1 serves", |a| a.served() == Some(1)).await;
     }
 
+    /// Holds every write that puts a candidate on probation until the test
+    /// lets it through.
+    struct HoldProbation(std::sync::mpsc::Receiver<()>);
+
+    impl SlotStore for HoldProbation {
+        fn write(&mut self, p: &Persisted, _complete: bool) -> anyhow::Result<()> {
+            let probation = |s: &tern_agent_core::PersistedSlot| matches!(&s.stage, tern_agent_core::Stage::Trying { phase } if phase == "probation");
+            if p.slots.iter().any(probation) {
+                let _ = self.0.recv();
+            }
+            Ok(())
+        }
+        fn collect(&mut self, _keep: &BTreeSet<Sha256Digest>, _live: &Mutex<BTreeSet<Sha256Digest>>) {}
+    }
+
     /// Fails every write that would put a candidate on probation beside a
     /// committed version (a disk that fills just then).
     struct FullAtProbation;
@@ -924,6 +939,28 @@ mod tests {
             };
         agent.until("v2 not served, to be tried again", retrying).await;
         assert_eq!(agent.served(), Some(1), "v2 served without its probation on disk");
+        agent.task.abort();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_first_version_committed_while_its_probation_was_being_written_serves() {
+        let (go, gate) = std::sync::mpsc::channel();
+        // v2 loads slowly: long enough to see what serves before it.
+        let agent = Agent::start_with(Stand { slow: Some(2), factor: |_| 1.0 }, HoldProbation(gate));
+        agent.desire(1, manifest(1)).await;
+        let on_probation = |a: &Agent| {
+            a.status.borrow().models.iter().any(|m| m.version == 1 && m.detail.as_deref() == Some("probation"))
+        };
+        agent.until("v1 on probation, its install waiting for the disk", on_probation).await;
+        assert_eq!(agent.served(), None);
+        // Another version meanwhile: v1, the only one, is committed as it stands.
+        agent.desire(2, manifest(2)).await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        for _ in 0..64 {
+            go.send(()).unwrap();
+        }
+        agent.until("v1 serves", |a| a.served() == Some(1)).await;
+        agent.until("then v2", |a| a.served() == Some(2)).await;
         agent.task.abort();
     }
 
