@@ -2,6 +2,7 @@
 //! it (`tern model …`, `tern fleet …`, `tern registry …`), plus `tern demo`.
 
 mod cli;
+mod compile;
 mod demo;
 mod fsutil;
 mod serve;
@@ -47,6 +48,10 @@ enum Cmd {
     /// Start a coordinator and an agent in a temporary folder, deploy a
     /// model, and print predictions made on the "device".
     Demo(demo::DemoArgs),
+    /// Compile an ONNX file on this machine: input shapes pinned, inputs
+    /// constant in use folded in, written as tract NNEF (which every agent
+    /// runs), and checked against the source on seeded inputs.
+    Compile(compile::CompileArgs),
 }
 
 fn init_logs(default: &str) {
@@ -94,6 +99,10 @@ fn main() -> ExitCode {
         Cmd::Demo(args) => {
             init_logs("warn");
             demo::run(args)
+        }
+        Cmd::Compile(args) => {
+            init_logs("warn");
+            compile::run(args, cli.json)
         }
     };
     match result {
