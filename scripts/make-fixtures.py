@@ -294,6 +294,18 @@ def compile_models() -> None:
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
     )
     onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), OUT / "mode-if.onnx")
+    # scale-by.onnx: x f32[N, 4] times gain f32[1] -> y: a gain fixed in
+    # use (a calibration), which compiling with it constant folds away.
+    g = helper.make_graph(
+        [helper.make_node("Mul", ["x", "gain"], ["y"])],
+        "scale_by",
+        [
+            helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4]),
+            helper.make_tensor_value_info("gain", TensorProto.FLOAT, [1]),
+        ],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])],
+    )
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), OUT / "scale-by.onnx")
 
 
 def main() -> None:

@@ -1,5 +1,6 @@
 //! Compiling real ONNX files from fixtures/: shapes pinned and checked
-//! against the source, each bad option refused with its reason.
+//! against the source, an input constant in use folded in, each bad
+//! option refused with its reason.
 
 use tern_compile::{CompileError, Options, compile};
 
@@ -40,4 +41,19 @@ fn bad_options_are_refused_with_their_reason() {
     // The branches' shapes differ: tract names the node that blocks it.
     let e = compile(&src, &opts(&[("x", &[2, 4])], &[])).unwrap_err();
     assert!(matches!(&e, CompileError::Blocked(m) if m.contains("\"y\" If")), "{e}");
+}
+
+#[test]
+fn an_input_constant_in_use_is_folded_in_and_leaves_the_signature() {
+    use tern_proto::{Tensor, TensorData};
+    use tern_runtime::Backend as _;
+    let src = fixture("scale-by.onnx");
+    let c = compile(&src, &opts(&[("x", &[2, 4])], &[("gain", "3")])).unwrap();
+    let names: Vec<&str> = c.inputs.iter().map(|s| s.name.as_str()).collect();
+    assert_eq!(names, ["x"], "the gain left the signature");
+    assert!(c.errors.iter().all(|e| e.max_scaled <= 1e-4), "{:?}", c.errors);
+    // The artifact multiplies by the gain it was compiled with.
+    let m = tern_runtime::TractModel::nnef(&c.nnef).unwrap();
+    let x = Tensor::new(vec![2, 4], TensorData::F32(vec![1.0; 8])).unwrap();
+    assert_eq!(m.run(vec![x]).unwrap()[0].data, TensorData::F32(vec![3.0; 8]));
 }
