@@ -702,10 +702,9 @@ impl Slots {
                         s.actions.push_back(Action::Fetch(m.clone()));
                         Phase::Fetching
                     }
-                    (None, Stage::Trying { phase }) if blame(&phase).is_some() => Phase::Failed {
+                    (None, Stage::Trying { phase }) if let Some(what) = blame(&phase) => Phase::Failed {
                         reason: format!(
-                            "crashed in {phase}: the agent panicked while it was running this version ({}); not tried again until the desired state changes",
-                            blame(&phase).unwrap_or_default()
+                            "crashed in {phase}: the agent panicked while it was running this version ({what}); not tried again until the desired state changes"
                         ),
                     },
                     (None, Stage::Trying { phase }) => {

@@ -997,6 +997,13 @@ mod trust_order_tests {
     /// A generation written, with the TUF file and the signed marker then.
     type Saw = (u64, Option<Vec<u8>>, bool);
 
+    /// A persister over a [`Seen`] store watching `dir`, and what it sees.
+    fn watching(dir: &Path) -> (Persister, Arc<Mutex<Vec<Saw>>>) {
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let store = Seen { dir: dir.to_path_buf(), seen: seen.clone() };
+        (Persister::spawn(store, Arc::default()).unwrap(), seen)
+    }
+
     impl SlotStore for Seen {
         fn write(&mut self, p: &Persisted, _complete: bool) -> Result<()> {
             let tuf = std::fs::read(self.dir.join("tuf.json")).ok();
@@ -1010,9 +1017,7 @@ mod trust_order_tests {
     #[test]
     fn the_trust_state_reaches_the_disk_before_the_slots_queued_after_it() {
         let dir = tempfile::tempdir().unwrap();
-        let seen = Arc::new(Mutex::new(Vec::new()));
-        let store = Seen { dir: dir.path().to_path_buf(), seen: seen.clone() };
-        let mut persister = Persister::spawn(store, Arc::default()).unwrap();
+        let (mut persister, seen) = watching(dir.path());
         for g in 1..=20u64 {
             let t = TrustFiles::new(dir.path(), Some(format!("tuf {g}").into_bytes()), true);
             persister.persist_trust(Persisted::default(), t);
@@ -1030,9 +1035,7 @@ mod trust_order_tests {
     #[test]
     fn slots_are_not_written_while_the_trust_state_cannot_be() {
         let dir = tempfile::tempdir().unwrap();
-        let seen = Arc::new(Mutex::new(Vec::new()));
-        let store = Seen { dir: dir.path().to_path_buf(), seen: seen.clone() };
-        let mut persister = Persister::spawn(store, Arc::default()).unwrap();
+        let (mut persister, seen) = watching(dir.path());
         // A folder that is not there: the trust write fails.
         let missing = dir.path().join("gone");
         persister.persist_trust(Persisted::default(), TrustFiles::new(&missing, Some(b"x".to_vec()), false));
@@ -1051,9 +1054,7 @@ mod trust_order_tests {
     #[test]
     fn a_trust_state_that_failed_is_never_written_over_a_newer_one() {
         let dir = tempfile::tempdir().unwrap();
-        let seen = Arc::new(Mutex::new(Vec::new()));
-        let store = Seen { dir: dir.path().to_path_buf(), seen: seen.clone() };
-        let mut persister = Persister::spawn(store, Arc::default()).unwrap();
+        let (mut persister, _seen) = watching(dir.path());
         let trust = dir.path().join("identity");
         persister.persist_trust(Persisted::default(), TrustFiles::new(&trust, Some(b"old".to_vec()), false));
         persister.persist(Persisted { generation: 1, slots: vec![] });
