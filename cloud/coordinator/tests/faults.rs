@@ -44,8 +44,24 @@ fn step(coord: &Coord, name: &str, version: u64, phase: &str) -> String {
 #[test]
 fn a_candidate_that_kills_the_agent_is_not_loaded_again_after_the_restart_and_is_reported_failed() {
     let (coord, mut agent) = serving(&[], "scorer-a.onnx", "scorer");
-    // Runs on the coordinator's machine; needs 576 MB a run.
-    assert_eq!(coord.register_fixture("scorer", "scorer-oversized.onnx"), 2);
+    // Runs on the coordinator's machine; needs 576 MB a run, so one
+    // reference input set rather than four seeded ones (each takes seconds
+    // in a debug build).
+    let reference = agent.data().with_file_name("reference.tensors");
+    let x = tern_proto::Tensor { shape: vec![1, 4], data: tern_proto::TensorData::F32(vec![0.1, 0.7, 0.2, 0.0]) };
+    std::fs::write(&reference, tern_proto::encode_tensors(&[x]).unwrap()).unwrap();
+    let file = fixture("scorer-oversized.onnx");
+    let v = coord.json(&[
+        "model",
+        "register",
+        "scorer",
+        "--file",
+        file.to_str().unwrap(),
+        "--reference",
+        reference.to_str().unwrap(),
+    ]);
+    assert_eq!(v["version"], 2);
+    coord.ok(&["model", "approve", "scorer:2"]);
     // A device with less memory than v2 needs: the agent's address space
     // capped 256 MiB above what it takes serving v1; and the agent built
     // with panic=abort, as devices run it: tract's panic on the failed

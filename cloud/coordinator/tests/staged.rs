@@ -45,7 +45,8 @@ fn wait_reported(coord: &Coord, version: u64, what: &str, f: impl Fn(&Value) -> 
 
 /// cam-01 serving scorer:1 (scorer-a), committed after a probation of a
 /// second; then the coordinator is restarted to send `policy` with the
-/// next version.
+/// next version (gently, so the agent reconnects at once rather than after
+/// its idle timeout).
 fn serving_v1(policy: &str) -> (Coord, tempfile::TempDir, Agent) {
     serving_v1_with(policy, &[], &[])
 }
@@ -62,7 +63,7 @@ fn serving_v1_with(policy: &str, args: &[&str], env: &[(&str, &str)]) -> (Coord,
     let path = dir.path().join("policy.toml");
     std::fs::write(&path, policy).unwrap();
     let quic = coord.quic.clone();
-    let data = coord.stop();
+    let data = coord.stop_gently();
     let args = ["--quic-listen", quic.as_str(), "--update-policy", path.to_str().unwrap()];
     let coord = Coord::start_in(data, &args).map_err(|(_, log)| log).unwrap();
     (coord, dir, agent)
