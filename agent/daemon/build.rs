@@ -23,6 +23,10 @@ struct Profile {
     max_batch: Option<usize>,
     #[serde(default)]
     request_memory_mb: Option<usize>,
+    /// What `tern compile` checks against; the agent has no use for it.
+    #[serde(default)]
+    #[allow(dead_code)]
+    compile: Option<toml::Table>,
 }
 
 fn main() {

@@ -309,7 +309,12 @@ async fn run(
     info!(device = %identity.info.device_id, http = %http_addr, socket = %socket.display(),
         max_batch = sizing.limits.max_batch, request_memory = sizing.request_memory, "agent ready");
 
-    let trust = trust::Trust::open(identity.registry_key, identity.info.device_id.clone(), &data_dir.join("identity"))?;
+    let trust = trust::Trust::open(
+        identity.registry_key,
+        identity.info.device_id.clone(),
+        identity.info.profile.clone(),
+        &data_dir.join("identity"),
+    )?;
     let live = Arc::new(Mutex::new(BTreeSet::new()));
     let persister = store::Persister::spawn(store.clone(), live.clone())?;
     let work = Arc::new(DaemonWork { store: store.clone(), conn_rx });

@@ -10,7 +10,7 @@
 use std::path::{Path, PathBuf};
 use tern_proto::{DesiredState, DeviceId, ModelManifest, SignedManifest, TufMetadata, WireVersion};
 use tern_trust::VerifyingKey;
-use tern_trust::tuf::{TrustedSet, target_path};
+use tern_trust::tuf::{TrustedSet, profile_target_path, target_path};
 use tracing::{error, info};
 
 /// A desired state as the link received it.
@@ -72,6 +72,8 @@ impl TrustFiles {
 pub struct Trust {
     registry_key: VerifyingKey,
     device: DeviceId,
+    /// The device's profile: its compiled artifacts have their own targets.
+    profile: String,
     tuf: Option<TrustedSet>,
     /// Whether a desired state signed for this device was ever taken: from
     /// then on an unsigned one (an older wire) is refused.
@@ -89,12 +91,21 @@ impl Trust {
     /// Trust in `registry_key` alone, persisting nothing.
     #[cfg(test)]
     pub fn new(registry_key: VerifyingKey, device: DeviceId) -> Self {
-        Self { registry_key, device, tuf: None, signed: false, dir: None, unsaved: false, broken: None }
+        Self {
+            registry_key,
+            device,
+            profile: String::new(),
+            tuf: None,
+            signed: false,
+            dir: None,
+            unsaved: false,
+            broken: None,
+        }
     }
 
     /// Loads what `dir` holds (nothing yet: the registry key alone); what
     /// changes later is handed out by [`Trust::unsaved`] for the persister.
-    pub fn open(registry_key: VerifyingKey, device: DeviceId, dir: &Path) -> anyhow::Result<Self> {
+    pub fn open(registry_key: VerifyingKey, device: DeviceId, profile: String, dir: &Path) -> anyhow::Result<Self> {
         let file = dir.join(TUF_FILE);
         let loaded = match std::fs::read(&file) {
             Ok(bytes) => load(&bytes).map(Some).map_err(|e| format!("{}: {e}", file.display())),
@@ -121,7 +132,7 @@ impl Trust {
             info!(root = set.root().body.version, "TUF root trusted");
         }
         let signed = dir.join(SIGNED_FILE).exists();
-        Ok(Self { registry_key, device, tuf, signed, dir: Some(dir.to_path_buf()), unsaved: false, broken })
+        Ok(Self { registry_key, device, profile, tuf, signed, dir: Some(dir.to_path_buf()), unsaved: false, broken })
     }
 
     /// The trust state to persist if it changed since last asked (taken
@@ -176,8 +187,15 @@ impl Trust {
         };
         if let Some(mut set) = refreshed {
             for m in &manifests {
-                let path = target_path(&m.name, m.version, m.format);
-                let target = set.target(&path).map_err(|e| format!("TUF: {e}"))?;
+                let own = profile_target_path(&m.name, m.version, &self.profile, m.format);
+                let (path, target) = match set.target(&own) {
+                    Ok(t) => (own, t),
+                    Err(_) => {
+                        let path = target_path(&m.name, m.version, m.format);
+                        let t = set.target(&path).map_err(|e| format!("TUF: {e}"))?;
+                        (path, t)
+                    }
+                };
                 let signed_sha = target.hashes.get("sha256").map(|h| h.to_ascii_lowercase());
                 if target.length != m.size || signed_sha.as_deref() != Some(m.sha256.to_hex().as_str()) {
                     return Err(format!(
@@ -315,9 +333,9 @@ mod tests {
         assert!(trust.check(&forged, 0).unwrap_err().contains("manifest signed by unknown key"));
     }
 
-    /// A repository of one target, `iris/1/model.onnx` of `len` bytes with
-    /// `sha`, signed by fresh keys; returns it with its root key.
-    fn repo(registry: &SigningKey, len: u64, sha: Sha256Digest, version: u64) -> TufMetadata {
+    /// A repository of `files` (path, length, sha256), signed by fresh
+    /// keys.
+    fn repo(registry: &SigningKey, files: &[(&str, u64, Sha256Digest)], version: u64) -> TufMetadata {
         use std::collections::BTreeMap;
         use tern_trust::tuf::{
             Key, MetaFile, Role, RoleKeys, Root, TargetFile, Targets, Versions, format_time, sign_metadata,
@@ -333,11 +351,15 @@ mod tests {
         let root =
             Root { consistent_snapshot: false, version: 1, expires: format_time(now + 86_400), keys: all, roles };
         let root = sign_metadata(Role::Root, &root, &[&keys[0]]);
-        let target = TargetFile { length: len, hashes: [("sha256".to_string(), sha.to_hex())].into(), custom: None };
+        let target = |len: u64, sha: Sha256Digest| TargetFile {
+            length: len,
+            hashes: [("sha256".to_string(), sha.to_hex())].into(),
+            custom: None,
+        };
         let targets = Targets {
             version,
             expires: format_time(now + 86_400),
-            targets: [("iris/1/model.onnx".to_string(), target)].into(),
+            targets: files.iter().map(|(p, len, sha)| (p.to_string(), target(*len, *sha))).collect(),
         };
         let targets = sign_metadata(Role::Targets, &targets, &[&keys[3]]);
         let meta = |v| [("targets.json".to_string(), MetaFile { version: v, length: None, hashes: None })].into();
@@ -367,23 +389,25 @@ mod tests {
         let sha = Sha256Digest::of(b"model");
         // A root the registry key did not introduce.
         let (other, _) = SigningKey::generate().unwrap();
-        let mut forged = repo(&key, 5, sha, 1);
+        let mut forged = repo(&key, &[("iris/1/model.onnx", 5, sha)], 1);
         forged.root_intro = other.sign_root_intro(&forged.roots[0]);
         assert!(trust.check(&signed(forged), clock).unwrap_err().contains("not introduced by the registry key"));
         assert_eq!(trust.root_version(), None);
         // Listed with another length, or another digest.
-        let e = trust.check(&signed(repo(&key, 6, sha, 1)), clock).unwrap_err();
+        let e = trust.check(&signed(repo(&key, &[("iris/1/model.onnx", 6, sha)], 1)), clock).unwrap_err();
         assert!(e.contains("iris/1/model.onnx is signed as 6 bytes"), "{e}");
-        let e = trust.check(&signed(repo(&key, 5, Sha256Digest::of(b"other"), 1)), clock).unwrap_err();
+        let e = trust
+            .check(&signed(repo(&key, &[("iris/1/model.onnx", 5, Sha256Digest::of(b"other"))], 1)), clock)
+            .unwrap_err();
         assert!(e.contains("is signed as 5 bytes with sha256"), "{e}");
         assert_eq!(trust.root_version(), None, "nothing of a refused state is trusted");
         // Listed as the manifest says: taken, and root 1 trusted from now on.
-        let good = repo(&key, 5, sha, 1);
+        let good = repo(&key, &[("iris/1/model.onnx", 5, sha)], 1);
         assert_eq!(trust.check(&signed(good.clone()), clock).unwrap().len(), 1);
         assert_eq!(trust.root_version(), Some(1));
         // Another repository's root 1 is no longer taken on the registry
         // key's word, nor a state without metadata.
-        let e = trust.check(&signed(repo(&key, 5, sha, 2)), clock).unwrap_err();
+        let e = trust.check(&signed(repo(&key, &[("iris/1/model.onnx", 5, sha)], 2)), clock).unwrap_err();
         assert!(e.starts_with("TUF: timestamp metadata has 0 valid signatures by its keys"), "{e}");
         let bare = Incoming { state: s.clone(), signed: Some((key.sign_state(&me, &s), None)), wire: WireVersion::V4 };
         assert!(
@@ -394,11 +418,36 @@ mod tests {
     }
 
     #[test]
+    fn a_device_checks_its_artifact_against_its_own_profile_s_target_first() {
+        let (key, _) = SigningKey::generate().unwrap();
+        let me = DeviceId::new("cam-01").unwrap();
+        let s = state(&key, 3);
+        let clock = 1_780_000_100;
+        let (sha, other) = (Sha256Digest::of(b"model"), Sha256Digest::of(b"other"));
+        let signed = |tuf: TufMetadata| {
+            let sig = key.sign_state(&me, &s);
+            Incoming { state: s.clone(), signed: Some((sig, Some(tuf))), wire: WireVersion::V4 }
+        };
+        let rpi4 = |profile: &str| Trust { profile: profile.into(), ..Trust::new(key.verifying_key(), me.clone()) };
+        // The plain path holds another profile's artifact; rpi4's own path
+        // holds this one: an rpi4 device takes it, another refuses it.
+        let files = [("iris/1/model.onnx", 5, other), ("iris/1/rpi4/model.onnx", 5, sha)];
+        assert_eq!(rpi4("rpi4").check(&signed(repo(&key, &files, 1)), clock).unwrap().len(), 1);
+        let e = rpi4("rpi5").check(&signed(repo(&key, &files, 1)), clock).unwrap_err();
+        assert!(e.starts_with("TUF: iris/1/model.onnx is signed as 5 bytes with sha256"), "{e}");
+        // Its own path is binding when present: a wrong artifact there is
+        // not excused by a matching plain path.
+        let files = [("iris/1/model.onnx", 5, sha), ("iris/1/rpi4/model.onnx", 5, other)];
+        let e = rpi4("rpi4").check(&signed(repo(&key, &files, 1)), clock).unwrap_err();
+        assert!(e.starts_with("TUF: iris/1/rpi4/model.onnx is signed as 5 bytes"), "{e}");
+    }
+
+    #[test]
     fn once_a_signed_state_is_taken_an_unsigned_one_is_refused_even_after_a_restart() {
         let (key, _) = SigningKey::generate().unwrap();
         let dir = tempfile::tempdir().unwrap();
         let me = DeviceId::new("cam-01").unwrap();
-        let mut trust = Trust::open(key.verifying_key(), me.clone(), dir.path()).unwrap();
+        let mut trust = Trust::open(key.verifying_key(), me.clone(), String::new(), dir.path()).unwrap();
         // Unsigned (wire 3) is taken while nothing signed has been.
         let old = Incoming { state: state(&key, 2), signed: None, wire: WireVersion::V3 };
         assert_eq!(trust.check(&old, 0).unwrap().len(), 1);
@@ -414,7 +463,7 @@ mod tests {
         let refused = |t: &mut Trust| t.check(&Incoming { state: state(&key, 4), ..old.clone() }, 0).unwrap_err();
         assert!(refused(&mut trust).contains("an unsigned one (wire v3) is refused"), "{}", refused(&mut trust));
         files.write().unwrap();
-        let mut trust = Trust::open(key.verifying_key(), me.clone(), dir.path()).unwrap();
+        let mut trust = Trust::open(key.verifying_key(), me.clone(), String::new(), dir.path()).unwrap();
         assert!(refused(&mut trust).contains("has taken desired states signed for it"));
     }
 
@@ -425,7 +474,7 @@ mod tests {
         let file = dir.path().join("tuf.json");
         std::fs::write(&file, b"{not json").unwrap();
         let me = DeviceId::new("cam-01").unwrap();
-        let mut trust = Trust::open(key.verifying_key(), me.clone(), dir.path()).unwrap();
+        let mut trust = Trust::open(key.verifying_key(), me.clone(), String::new(), dir.path()).unwrap();
         let s = state(&key, 3);
         let incoming =
             Incoming { state: s.clone(), signed: Some((key.sign_state(&me, &s), None)), wire: WireVersion::V4 };

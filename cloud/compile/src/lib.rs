@@ -4,6 +4,10 @@
 //! result written as NNEF, then run beside the source on seeded inputs and
 //! refused if its outputs differ beyond a tolerance.
 
+pub mod profiles;
+
+pub use profiles::Profile;
+
 use std::collections::BTreeMap;
 use tern_proto::{DType, Tensor, TensorData, TensorSpec};
 use tern_runtime::{Backend, ReferenceModel, SplitMix, TractModel, random_inputs};
@@ -71,6 +75,14 @@ pub struct Compiled {
 /// kept; nothing is written on error.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum CompileError {
+    /// No built-in device profile has that name.
+    #[error("no device profile {name:?} (built in: {known})")]
+    UnknownProfile {
+        /// The name given.
+        name: String,
+        /// The profiles there are.
+        known: String,
+    },
     /// The source is not an ONNX model tract can parse.
     #[error("cannot read the source model: {0}")]
     Source(String),
@@ -196,6 +208,33 @@ pub fn compile(source: &[u8], opts: &Options) -> Result<Compiled, CompileError> 
         });
     }
     Ok(Compiled { nnef, source_bytes: source.len(), inputs: compiled.inputs().to_vec(), errors })
+}
+
+/// Whether compiling makes a source loadable that the agent's loader
+/// refuses as it is: compiled with `shapes`, then, if that fails and some
+/// input still has open dimensions, with each of those pinned to 1. On
+/// success, the source's signature (inputs, outputs).
+pub fn probe(
+    source: &[u8],
+    shapes: &BTreeMap<String, Vec<usize>>,
+) -> Result<(Vec<TensorSpec>, Vec<TensorSpec>), CompileError> {
+    let declared = tern_runtime::onnx_inputs(source).map_err(|e| CompileError::Source(e.to_string()))?;
+    let once = |shapes: &BTreeMap<String, Vec<usize>>| {
+        compile(source, &Options { shapes: shapes.clone(), cases: 1, ..Options::default() })
+    };
+    if let Some(e) = once(shapes).err() {
+        let mut pinned = shapes.clone();
+        for spec in declared.iter().filter(|s| !shapes.contains_key(&s.name) && s.shape.iter().any(Option::is_none)) {
+            pinned.insert(spec.name.clone(), spec.shape.iter().map(|d| d.map_or(1, |d| d as usize)).collect());
+        }
+        if pinned == *shapes {
+            return Err(e);
+        }
+        once(&pinned).map_err(|_| e)?;
+    }
+    let reference =
+        ReferenceModel::onnx(source, &BTreeMap::new()).map_err(|e| CompileError::Reference(e.to_string()))?;
+    Ok((declared, reference.outputs().to_vec()))
 }
 
 /// `(max abs, max scaled)` error of `got` against `want`; `None` when

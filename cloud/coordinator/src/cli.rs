@@ -44,6 +44,12 @@ pub enum ModelCmd {
         /// millionths of 1 + |golden| (integer outputs match exactly).
         #[arg(long, default_value_t = 100)]
         tolerance_ppm: u32,
+        /// An input's shape, repeatable: --input-shape x=1,3,320,320. What
+        /// `tern compile` pins by default; and for a source that raw tract
+        /// refuses, the shapes registration checks that compiling helps at
+        /// (without: open dimensions pinned to 1).
+        #[arg(long = "input-shape", value_parser = crate::compile::parse_shape)]
+        shapes: Vec<(String, Vec<usize>)>,
     },
     /// All models and versions.
     List,
@@ -229,7 +235,7 @@ impl Client {
         serde_json::from_value(body).with_context(|| format!("{what}: unexpected answer"))
     }
 
-    fn get<T: DeserializeOwned>(&self, path: &str) -> Result<T> {
+    pub(crate) fn get<T: DeserializeOwned>(&self, path: &str) -> Result<T> {
         let resp = self
             .agent
             .get(format!("{}{path}", self.base))
@@ -239,7 +245,7 @@ impl Client {
     }
 
     /// A raw answer (an artifact's bytes).
-    fn get_bytes(&self, path: &str) -> Result<Vec<u8>> {
+    pub(crate) fn get_bytes(&self, path: &str) -> Result<Vec<u8>> {
         let mut resp = self
             .agent
             .get(format!("{}{path}", self.base))
@@ -253,7 +259,7 @@ impl Client {
         Ok(resp.body_mut().with_config().limit(1 << 30).read_to_vec()?)
     }
 
-    fn send<T: DeserializeOwned>(&self, method: &str, path: &str, body: &impl Serialize) -> Result<T> {
+    pub(crate) fn send<T: DeserializeOwned>(&self, method: &str, path: &str, body: &impl Serialize) -> Result<T> {
         let url = format!("{}{path}", self.base);
         let auth = format!("Bearer {}", self.token);
         let resp = match method {
@@ -264,7 +270,7 @@ impl Client {
         self.finish(path, resp)
     }
 
-    fn upload(&self, bytes: Vec<u8>) -> Result<Sha256Digest> {
+    pub(crate) fn upload(&self, bytes: Vec<u8>) -> Result<Sha256Digest> {
         let digest = Sha256Digest::of(&bytes);
         let pb = ProgressBar::new(bytes.len() as u64);
         pb.set_style(
@@ -343,6 +349,37 @@ fn show_version(v: &ModelVersion) {
     for (k, val) in &v.meta {
         out(format!("  meta     {k}={val}"));
     }
+    if let Some(why) = &v.needs_compiling {
+        out(format!("  needs compiling (devices get only its compiled artifacts): {}", printable(why)));
+    }
+    if !v.compile_shapes.is_empty() {
+        let shapes: Vec<String> = v.compile_shapes.iter().map(|(n, d)| format!("{n}={d:?}")).collect();
+        out(format!("  compile shapes  {}", shapes.join(" ")));
+    }
+    if !v.targets.is_empty() {
+        let mut t =
+            table(&["target", "format", "size", "backend", "max error", "p50 here", "est. p99", "model memory", "fit"]);
+        for (profile, a) in &v.targets {
+            let r = &a.report;
+            let err = r.errors.iter().map(|e| e.max_scaled).fold(0.0f64, f64::max);
+            let lat = r.latency.get(&r.backend);
+            let fit = r.fit.as_ref();
+            t.add_row(vec![
+                profile.clone(),
+                a.format.to_string(),
+                a.size.to_string(),
+                r.backend.clone(),
+                format!("{err:.1e}"),
+                lat.map_or("-".into(), |l| format!("{:.2} ms", l.p50_us as f64 / 1000.0)),
+                fit.map_or("-".into(), |f| format!("{:.2} ms", f.estimated_p99_us as f64 / 1000.0)),
+                fit.map_or("-".into(), |f| format!("{:.1} MiB", f.peak_model_bytes as f64 / (1 << 20) as f64)),
+                fit.map_or("not checked".into(), |f| f.refused.clone().map_or("fits".into(), |w| format!("no: {w}"))),
+            ]);
+        }
+        out(format!(
+            "  compiled artifacts (p50 on the compiling machine; p99 estimated with the profile's speed factor):\n{t}"
+        ));
+    }
     if let Some(card) = &v.card {
         out(format!("\n{card}"));
     }
@@ -350,7 +387,7 @@ fn show_version(v: &ModelVersion) {
 
 pub fn model(c: &Client, cmd: ModelCmd, json: bool) -> Result<()> {
     match cmd {
-        ModelCmd::Register { name, file, card, meta, references, tolerance_ppm } => {
+        ModelCmd::Register { name, file, card, meta, references, tolerance_ppm, shapes } => {
             ModelRef::check_name(&name)?;
             let bytes = std::fs::read(&file).with_context(|| format!("reading {}", file.display()))?;
             let card = card
@@ -367,7 +404,7 @@ pub fn model(c: &Client, cmd: ModelCmd, json: bool) -> Result<()> {
             let v: ModelVersion = c.send(
                 "POST",
                 &format!("/v1/models/{name}/versions"),
-                &json!({ "sha256": sha256, "card": card, "meta": meta, "references": refs, "tolerance_ppm": tolerance_ppm }),
+                &json!({ "sha256": sha256, "card": card, "meta": meta, "references": refs, "tolerance_ppm": tolerance_ppm, "shapes": shapes.into_iter().collect::<BTreeMap<_, _>>() }),
             )?;
             if json {
                 return print_json(&v);

@@ -1,23 +1,42 @@
-//! `tern compile`: an ONNX file compiled on this machine for a device
-//! target with `tern-compile` (shapes pinned, declared constants folded,
-//! NNEF written), checked against the source, and the report printed.
+//! `tern compile`: a source model compiled on this machine for a device
+//! profile with `tern-compile` (shapes pinned, declared constants folded,
+//! NNEF written), checked against the source, measured (latency here, and
+//! peak memory in a child process that loads and runs it), judged against
+//! the profile's budget, and stored with the version in the registry; or,
+//! with `--file`, an ONNX file compiled into `--out`.
 
-use anyhow::{Context, Result};
+use crate::cli::{Client, out};
+use anyhow::{Context, Result, bail};
+use indicatif::{ProgressBar, ProgressStyle};
+use serde::{Deserialize, Serialize};
 use serde_json::json;
 use std::collections::BTreeMap;
-use std::path::PathBuf;
-use tern_proto::Sha256Digest;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+use tern_proto::{ModelRef, Sha256Digest};
+use tern_registry::{CompileReport, Fit, Latency, ModelVersion, OutputError};
 
-/// Compile an ONNX model on this machine for a device target.
+/// Compile a model for a device profile.
 #[derive(clap::Args)]
 pub struct CompileArgs {
-    /// The ONNX source model.
+    /// A registered version, NAME:VERSION: compiled for --target and stored
+    /// with it in the registry.
+    model: Option<String>,
+    /// The device profile to compile for (firmware-targets/profiles): its
+    /// batch pin, speed factor and budget.
     #[arg(long)]
-    file: PathBuf,
-    /// Where to write the compiled tract NNEF archive (refused if it exists).
+    target: Option<String>,
+    /// Instead of a registered version, an ONNX file on this machine.
+    #[arg(long, conflicts_with = "model")]
+    file: Option<PathBuf>,
+    /// Also write the compiled tract NNEF archive here (refused if it
+    /// exists); needed with --file.
     #[arg(long)]
-    out: PathBuf,
+    out: Option<PathBuf>,
     /// An input's shape, repeatable: --input-shape image=1,3,320,320.
+    /// Default: the shapes given at registration, else the profile's batch
+    /// for an open first axis.
     #[arg(long = "input-shape", value_parser = parse_shape)]
     shapes: Vec<(String, Vec<usize>)>,
     /// An input that is constant in use, repeatable: --const mode=true,
@@ -36,7 +55,7 @@ pub struct CompileArgs {
     seed: u64,
 }
 
-fn parse_shape(s: &str) -> Result<(String, Vec<usize>), String> {
+pub(crate) fn parse_shape(s: &str) -> Result<(String, Vec<usize>), String> {
     let (name, dims) =
         s.split_once('=').filter(|(n, _)| !n.is_empty()).ok_or(format!("expected IN=D,D,…, got {s:?}"))?;
     let dims = dims
@@ -53,46 +72,243 @@ fn parse_const(s: &str) -> Result<(String, String), String> {
         .ok_or(format!("expected IN=VALUE, got {s:?}"))
 }
 
+/// The steps a bar is shown over.
+const STEPS: u64 = 5;
+
 /// Runs `tern compile`.
-pub fn run(args: CompileArgs, json_out: bool) -> Result<()> {
-    let source = std::fs::read(&args.file).with_context(|| format!("reading {}", args.file.display()))?;
-    anyhow::ensure!(!args.out.exists(), "{} exists: give another --out", args.out.display());
+pub fn run(args: CompileArgs, client: impl FnOnce() -> Result<Client>, json_out: bool) -> Result<()> {
+    let profile = args.target.as_deref().map(tern_compile::profiles::get).transpose()?;
+    if let Some(out) = &args.out {
+        anyhow::ensure!(!out.exists(), "{} exists: give another --out", out.display());
+    }
+    let pb = ProgressBar::new(STEPS);
+    pb.set_style(ProgressStyle::with_template("{bar:20} {pos}/{len} {msg}").expect("template"));
+    let (source, version, client) = match (&args.model, &args.file) {
+        (Some(model), _) => {
+            let Some(target) = &args.target else { bail!("give the device profile to compile {model} for: --target") };
+            let r: ModelRef = model.parse().map_err(|e| anyhow::anyhow!("{e}"))?;
+            let v = r.version;
+            let client = client()?;
+            pb.set_message(format!("fetching {model}"));
+            let record: ModelVersion = client.get(&format!("/v1/models/{}/versions/{v}", r.name))?;
+            let source = client.get_bytes(&format!("/v1/artifacts/{}", record.sha256.to_hex()))?;
+            tern_compile::profiles::get(target)?;
+            (source, Some(record), Some(client))
+        }
+        (None, Some(file)) => {
+            anyhow::ensure!(args.out.is_some(), "give --out FILE for the compiled artifact of {}", file.display());
+            (std::fs::read(file).with_context(|| format!("reading {}", file.display()))?, None, None)
+        }
+        (None, None) => {
+            bail!("give a registered version (NAME:VERSION --target PROFILE) or --file MODEL.onnx --out FILE")
+        }
+    };
+    pb.inc(1);
+
+    // Shapes: the flags, else those given at registration; then the
+    // profile's batch for an open first axis no shape names.
+    let mut shapes: BTreeMap<String, Vec<usize>> = args.shapes.into_iter().collect();
+    if shapes.is_empty()
+        && let Some(v) = &version
+    {
+        shapes = v.compile_shapes.clone();
+    }
+    if let Some(batch) = profile.as_ref().and_then(|p| p.compile.batch) {
+        let declared = tern_runtime::onnx_inputs(&source).map_err(|e| anyhow::anyhow!("{e}"))?;
+        for spec in &declared {
+            if !shapes.contains_key(&spec.name)
+                && spec.shape.first() == Some(&None)
+                && spec.shape[1..].iter().all(Option::is_some)
+            {
+                let mut dims = vec![batch];
+                dims.extend(spec.shape[1..].iter().map(|d| d.unwrap_or(1) as usize));
+                shapes.insert(spec.name.clone(), dims);
+            }
+        }
+    }
     let opts = tern_compile::Options {
-        shapes: args.shapes.into_iter().collect::<BTreeMap<_, _>>(),
-        consts: args.consts.into_iter().collect::<BTreeMap<_, _>>(),
+        shapes,
+        consts: args.consts.into_iter().collect(),
         tolerance: args.tolerance,
         cases: usize::from(args.cases),
         seed: args.seed,
     };
-    let c = tern_compile::compile(&source, &opts).with_context(|| format!("compiling {}", args.file.display()))?;
-    tern_durable::write_atomic(&args.out, &c.nnef, false).with_context(|| format!("writing {}", args.out.display()))?;
-    let inputs: Vec<String> = c.inputs.iter().map(|s| s.to_string()).collect();
-    if json_out {
-        let errors: Vec<_> = c
+    pb.set_message("compiling and checking against the source");
+    let c = tern_compile::compile(&source, &opts).context("compiling")?;
+    pb.inc(1);
+
+    pb.set_message("measuring latency and memory in a child process");
+    let work = tempfile::tempdir()?;
+    let artifact = work.path().join("model.nnef.tar");
+    std::fs::write(&artifact, &c.nnef)?;
+    let probe = probe_child(&artifact)?;
+    pb.inc(1);
+    let fit = profile.as_ref().map(|p| {
+        let s = &p.compile;
+        let peak_model_bytes = probe.peak_rss_bytes.saturating_sub(probe.rss_before_bytes);
+        let estimated_p99_us = s.estimate_p99_us(probe.p99_us);
+        Fit {
+            peak_model_bytes,
+            process_peak_rss_bytes: probe.peak_rss_bytes,
+            host_p99_us: probe.p99_us,
+            speed_factor: s.speed_factor,
+            estimated_p99_us,
+            max_model_memory_mb: s.max_model_memory_mb,
+            max_p99_ms: s.max_p99_ms,
+            refused: s.refusal(peak_model_bytes, estimated_p99_us),
+        }
+    });
+    let report = CompileReport {
+        shapes: opts.shapes.clone(),
+        consts: opts.consts.clone(),
+        source_bytes: c.source_bytes as u64,
+        errors: c
             .errors
             .iter()
-            .map(|e| json!({ "output": e.name, "max_abs": e.max_abs, "max_scaled": e.max_scaled }))
-            .collect();
-        let report = json!({
+            .map(|e| OutputError { output: e.name.clone(), max_abs: e.max_abs, max_scaled: e.max_scaled })
+            .collect(),
+        cases: u32::from(args.cases),
+        tolerance: opts.tolerance,
+        backend: "tract".into(),
+        latency: [("tract".to_string(), Latency { p50_us: probe.p50_us, p99_us: probe.p99_us, runs: probe.runs })]
+            .into(),
+        fit,
+    };
+    if let Some(out) = &args.out {
+        tern_durable::write_atomic(out, &c.nnef, false).with_context(|| format!("writing {}", out.display()))?;
+    }
+    pb.inc(1);
+
+    let sha256 = Sha256Digest::of(&c.nnef);
+    let stored = match (&client, &version, &args.target) {
+        (Some(client), Some(v), Some(target)) => {
+            pb.set_message(format!("storing the artifact for {target}"));
+            client.upload(c.nnef.clone())?;
+            let path = format!("/v1/models/{}/versions/{}/targets/{target}", v.name, v.version);
+            let v: ModelVersion = client.send("PUT", &path, &json!({ "sha256": sha256, "report": report }))?;
+            Some(v)
+        }
+        _ => None,
+    };
+    pb.finish_and_clear();
+    // The registry judged the fit with its own copy of the profile.
+    let report = match (&stored, &args.target) {
+        (Some(v), Some(t)) => v.targets.get(t).map(|a| a.report.clone()).unwrap_or(report),
+        _ => report,
+    };
+    let inputs: Vec<String> = c.inputs.iter().map(|s| s.to_string()).collect();
+    if json_out {
+        let doc = json!({
+            "model": args.model,
+            "target": args.target,
             "path": args.out,
-            "source_bytes": c.source_bytes,
+            "sha256": sha256,
             "bytes": c.nnef.len(),
-            "sha256": Sha256Digest::of(&c.nnef).to_hex(),
             "inputs": inputs,
-            "cases": opts.cases,
-            "tolerance": opts.tolerance,
-            "errors": errors,
+            "report": report,
+            "probe": probe,
         });
-        println!("{}", serde_json::to_string_pretty(&report)?);
+        out(serde_json::to_string_pretty(&doc)?);
         return Ok(());
     }
-    println!("wrote {} ({} bytes; the source is {} bytes)", args.out.display(), c.nnef.len(), c.source_bytes);
-    println!("inputs: {}", inputs.join(", "));
+    print_report(&report, c.nnef.len() as u64, &inputs, &probe);
+    match (&stored, &args.target, &args.out) {
+        (Some(v), Some(t), _) => {
+            out(format!("stored as {}:{}'s artifact for {t} (sha256 {sha256})", v.name, v.version))
+        }
+        (_, _, Some(o)) => out(format!("wrote {}", o.display())),
+        _ => {}
+    }
+    if let Some(why) = report.fit.as_ref().and_then(|f| f.refused.as_ref()) {
+        out(format!(
+            "does not fit {}: {why}; devices of that profile will not be assigned it",
+            args.target.unwrap_or_default()
+        ));
+    }
+    Ok(())
+}
+
+fn print_report(r: &CompileReport, bytes: u64, inputs: &[String], probe: &Probe) {
+    out(format!("compiled: {bytes} bytes (the source is {} bytes); inputs: {}", r.source_bytes, inputs.join(", ")));
     let mut t = comfy_table::Table::new();
     t.load_preset(comfy_table::presets::NOTHING).set_header(["output", "max abs error", "max scaled error"]);
-    for e in &c.errors {
-        t.add_row([e.name.clone(), format!("{:.3e}", e.max_abs), format!("{:.3e}", e.max_scaled)]);
+    for e in &r.errors {
+        t.add_row([e.output.clone(), format!("{:.3e}", e.max_abs), format!("{:.3e}", e.max_scaled)]);
     }
-    println!("against the source on {} seeded input sets (tolerance {:e}):\n{t}", opts.cases, opts.tolerance);
+    out(format!("against the source on {} seeded input sets (tolerance {:e}):\n{t}", r.cases, r.tolerance));
+    out(format!(
+        "on this machine ({} runs, tract): p50 {:.2} ms, p99 {:.2} ms; the model took {:.1} MiB in a child process (peak RSS {:.1} MiB)",
+        probe.runs,
+        probe.p50_us as f64 / 1000.0,
+        probe.p99_us as f64 / 1000.0,
+        probe.peak_rss_bytes.saturating_sub(probe.rss_before_bytes) as f64 / (1 << 20) as f64,
+        probe.peak_rss_bytes as f64 / (1 << 20) as f64,
+    ));
+    if let Some(f) = &r.fit {
+        out(format!(
+            "estimated p99 on the target: {:.2} ms ({}x this machine's; an estimate), budget {}; model memory budget {}: {}",
+            f.estimated_p99_us as f64 / 1000.0,
+            f.speed_factor,
+            f.max_p99_ms.map_or("none".into(), |m| format!("{m} ms")),
+            f.max_model_memory_mb.map_or("none".into(), |m| format!("{m} MiB")),
+            if f.refused.is_some() { "does not fit" } else { "fits" },
+        ));
+    }
+}
+
+/// What the child process measured.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Probe {
+    /// Its resident set before it read the model.
+    pub rss_before_bytes: u64,
+    /// Its peak resident set after loading and running it.
+    pub peak_rss_bytes: u64,
+    /// Median run time.
+    pub p50_us: u64,
+    /// 99th percentile run time.
+    pub p99_us: u64,
+    /// Runs timed.
+    pub runs: u32,
+}
+
+/// Runs `tern probe-model FILE` and reads its answer.
+fn probe_child(file: &Path) -> Result<Probe> {
+    let exe = std::env::current_exe().context("finding this program to run the probe")?;
+    let out = Command::new(exe).arg("probe-model").arg(file).output().context("starting the probe")?;
+    if !out.status.success() {
+        bail!("the probe failed ({}): {}", out.status, String::from_utf8_lossy(&out.stderr).trim());
+    }
+    serde_json::from_slice(&out.stdout).context("reading the probe's answer")
+}
+
+/// Measures a model in this process (the child `tern compile` starts):
+/// loads it with the agents' loader, runs it on seeded inputs for about a
+/// second (at least 10 runs, at most 1,000), prints a [`Probe`] as JSON.
+pub fn probe_model(file: &Path) -> Result<()> {
+    let rss_before_bytes = status_kib("VmRSS")? * 1024;
+    let bytes = std::fs::read(file).with_context(|| format!("reading {}", file.display()))?;
+    let format = tern_runtime::sniff_format(&bytes);
+    let model = tern_runtime::load(format, bytes).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let mut rng = tern_runtime::SplitMix(1);
+    let mut times = Vec::new();
+    let start = Instant::now();
+    while times.len() < 10 || (times.len() < 1000 && start.elapsed() < Duration::from_secs(1)) {
+        let inputs = tern_runtime::random_inputs(model.inputs(), &mut rng);
+        let t = Instant::now();
+        tern_runtime::run_guarded(model.as_ref(), inputs).map_err(|e| anyhow::anyhow!("run {}: {e}", times.len()))?;
+        times.push(t.elapsed().as_micros() as u64);
+    }
+    let peak_rss_bytes = status_kib("VmHWM")? * 1024;
+    times.sort_unstable();
+    let at = |q: f64| times[((times.len() - 1) as f64 * q).round() as usize];
+    let probe = Probe { rss_before_bytes, peak_rss_bytes, p50_us: at(0.5), p99_us: at(0.99), runs: times.len() as u32 };
+    out(serde_json::to_string(&probe)?);
     Ok(())
+}
+
+fn status_kib(field: &str) -> Result<u64> {
+    let s = std::fs::read_to_string("/proc/self/status").context("reading /proc/self/status")?;
+    s.lines()
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':')?.trim().strip_suffix("kB")?.trim().parse().ok())
+        .with_context(|| format!("no {field} in /proc/self/status"))
 }

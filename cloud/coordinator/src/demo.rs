@@ -127,6 +127,7 @@ pub fn run(args: DemoArgs) -> Result<()> {
             meta: vec![("dataset".into(), "iris".into())],
             references: vec![],
             tolerance_ppm: 100,
+            shapes: vec![],
         },
         false,
     )?;

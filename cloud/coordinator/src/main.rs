@@ -48,10 +48,18 @@ enum Cmd {
     /// Start a coordinator and an agent in a temporary folder, deploy a
     /// model, and print predictions made on the "device".
     Demo(demo::DemoArgs),
-    /// Compile an ONNX file on this machine: input shapes pinned, inputs
-    /// constant in use folded in, written as tract NNEF (which every agent
-    /// runs), and checked against the source on seeded inputs.
+    /// Compile a registered version for a device profile (or an ONNX file)
+    /// on this machine: input shapes pinned, inputs constant in use folded
+    /// in, written as tract NNEF (which every agent runs), checked against
+    /// the source on seeded inputs, its latency and memory measured and
+    /// judged against the profile's budget, and stored with the version.
     Compile(compile::CompileArgs),
+    /// Measure one model in this process (what `tern compile` runs).
+    #[command(hide = true)]
+    ProbeModel {
+        /// The artifact.
+        file: PathBuf,
+    },
 }
 
 fn init_logs(default: &str) {
@@ -102,7 +110,12 @@ fn main() -> ExitCode {
         }
         Cmd::Compile(args) => {
             init_logs("warn");
-            compile::run(args, cli.json)
+            let (data_dir, admin, token_file) = (cli.data_dir, cli.admin, cli.token_file);
+            compile::run(args, || cli::Client::new(&data_dir, admin, token_file.as_deref()), cli.json)
+        }
+        Cmd::ProbeModel { file } => {
+            init_logs("warn");
+            compile::probe_model(&file)
         }
     };
     match result {

@@ -54,3 +54,86 @@ fn a_model_that_cannot_be_made_concrete_is_refused_with_the_node_and_nothing_wri
     let bad = compile(&["--file", src.to_str().unwrap(), "--input-shape", "image=1,4", "--out", out.to_str().unwrap()]);
     assert!(String::from_utf8_lossy(&bad.stderr).contains("the model has no input \"image\""));
 }
+
+/// PaddleOCR's PP-OCRv4 text detector, as the `rapidocr-onnxruntime` wheel
+/// on PyPI ships it (batch, height and width all open): `scripts/test`
+/// fetches it (`scripts/fetch-models`); `TERN_OCR_DET` points elsewhere.
+fn ocr_detector() -> std::path::PathBuf {
+    let path = std::env::var_os("TERN_OCR_DET").map(std::path::PathBuf::from).unwrap_or_else(|| {
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target/models/ch_PP-OCRv4_det_infer.onnx")
+    });
+    assert!(path.is_file(), "{} is missing: run scripts/fetch-models (scripts/test does)", path.display());
+    path
+}
+
+#[test]
+fn a_real_detector_raw_tract_refuses_is_registered_compiled_for_its_profile_and_served() {
+    let det = ocr_detector();
+    let det = det.to_str().unwrap();
+    let coord = Coord::start();
+    // With a TUF root, so the agent checks its artifact against the
+    // targets metadata too.
+    let work = tempfile::tempdir().unwrap();
+    let key = work.path().join("root.key");
+    coord.ok(&["registry", "sign-root", "--key", key.to_str().unwrap(), "--generate"]);
+    // Raw tract refuses its open height and width; pinned, it compiles: so
+    // it is registered as needing compiling rather than refused.
+    let v = coord.json(&["model", "register", "det", "--file", det, "--input-shape", "x=1,3,64,64"]);
+    let why = v["needs_compiling"].as_str().unwrap_or_default();
+    assert!(why.starts_with("raw tract refuses it: "), "{v}");
+    assert_eq!(v["compile_shapes"]["x"], serde_json::json!([1, 3, 64, 64]), "{v}");
+    coord.ok(&["model", "approve", "det:1"]);
+    let mut agent = Agent::enrolled(&coord, "cam-01");
+    let e = coord.fails(&["fleet", "assign", "cam-01", "det:1"]);
+    assert!(
+        e.contains("det:1 has no artifact for profile \"rpi4\"") && e.contains("tern compile det:1 --target rpi4"),
+        "{e}"
+    );
+
+    // Bad input: a clear error, nothing stored.
+    let e = coord.fails(&["compile", "det:1", "--target", "rpi9"]);
+    assert!(e.contains("no device profile \"rpi9\" (built in: generic-linux, "), "{e}");
+    let e = coord.fails(&["compile", "det:1", "--target", "rpi4", "--input-shape", "image=1,3,64,64"]);
+    assert!(e.contains("the model has no input \"image\" (its inputs: x: f32[?,3,?,?])"), "{e}");
+    let e = coord.fails(&["compile", "det:1", "--target", "rpi4", "--const", "x=oops"]);
+    assert!(e.contains("const x=\"oops\""), "{e}");
+    assert!(coord.json(&["model", "show", "det:1"])["targets"].is_null(), "nothing stored");
+
+    // Compiled for rpi4 (at the shapes given at registration), checked
+    // against the source, measured, judged against rpi4's budget.
+    let r = coord.json(&["compile", "det:1", "--target", "rpi4", "--cases", "2"]);
+    let report = &r["report"];
+    assert_eq!(r["inputs"], serde_json::json!(["x: f32[1,3,64,64]"]), "{r}");
+    assert!(report["errors"][0]["max_scaled"].as_f64().unwrap() <= 1e-4, "{r}");
+    assert!(report["latency"]["tract"]["runs"].as_u64().unwrap() >= 10, "{r}");
+    let fit = &report["fit"];
+    assert_eq!(fit["speed_factor"], 5.0, "rpi4's factor: {r}");
+    assert_eq!(fit["max_model_memory_mb"], 512, "{r}");
+    assert!(fit["refused"].is_null(), "{r}");
+    assert!(fit["peak_model_bytes"].as_u64().unwrap() > 4_000_000, "at least its weights: {r}");
+    let shown = coord.ok(&["model", "show", "det:1"]);
+    assert!(shown.contains("rpi4") && shown.contains("fits") && shown.contains("needs compiling"), "{shown}");
+    // The targets metadata lists the source, the rpi4 artifact at rpi4's
+    // path, and (the only NNEF one) at the plain path for older agents.
+    let repo = work.path().join("repo");
+    coord.ok(&["registry", "export-tuf", repo.to_str().unwrap()]);
+    let targets = std::fs::read_to_string(repo.join("targets.json")).unwrap();
+    let sha = r["sha256"].as_str().unwrap();
+    for path in ["det/1/model.onnx", "det/1/rpi4/model.nnef.tar", "det/1/model.nnef.tar"] {
+        assert!(targets.contains(&format!("\"{path}\"")), "{path} not listed: {targets}");
+    }
+    assert_eq!(targets.matches(sha).count(), 2, "{targets}");
+
+    // The agent gets the rpi4 artifact, self-tests it and serves it.
+    coord.ok(&["fleet", "assign", "cam-01", "det:1"]);
+    agent.start();
+    agent.wait_serving("det", 1);
+    let zeros = vec!["0.5"; 3 * 64 * 64].join(",");
+    let (status, answer) =
+        agent.post("/v1/models/det:predict", &format!(r#"{{"inputs":[{{"shape":[1,3,64,64],"data":[{zeros}]}}]}}"#));
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(answer["outputs"][0]["shape"], serde_json::json!([1, 1, 64, 64]), "{answer}");
+    // A recompile would change what cam-01 runs: refused while assigned.
+    let e = coord.fails(&["compile", "det:1", "--target", "rpi4", "--cases", "1"]);
+    assert!(e.contains("det:1 is assigned to cam-01, whose artifact this would change"), "{e}");
+}

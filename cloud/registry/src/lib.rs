@@ -10,7 +10,8 @@ mod types;
 pub use artifacts::Artifacts;
 pub use store::Registry;
 pub use types::{
-    Approval, Capabilities, Device, EnrollToken, HistoryEntry, MAX_DEVICE_HISTORY, ModelVersion, NewVersion, Report,
+    Approval, Artifact, Capabilities, CompileReport, Device, EnrollToken, Fit, HistoryEntry, Latency,
+    MAX_DEVICE_HISTORY, ModelVersion, NewVersion, OutputError, Report, TargetArtifact,
 };
 
 use tern_proto::Sha256Digest;
@@ -70,6 +71,44 @@ pub enum RegistryError {
         format: tern_proto::ModelFormat,
         /// What the agent runs.
         runs: String,
+    },
+    /// The version has no artifact a device of this profile can be sent.
+    #[error(
+        "{name}:{version} has no artifact for profile {profile:?} (compiled for {compiled_for}); run: tern compile {name}:{version} --target {profile}"
+    )]
+    NoArtifact {
+        /// Model name.
+        name: String,
+        /// Version.
+        version: u32,
+        /// The device's profile.
+        profile: String,
+        /// The profiles it has artifacts for.
+        compiled_for: String,
+    },
+    /// Storing a compiled artifact would change what assigned devices get.
+    #[error(
+        "{name}:{version} is assigned to {devices}, whose artifact this would change; unassign it from them first, or register and compile a new version"
+    )]
+    CompiledInUse {
+        /// Model name.
+        name: String,
+        /// Version.
+        version: u32,
+        /// The devices, comma-separated.
+        devices: String,
+    },
+    /// The profile's compiled artifact failed its fit check.
+    #[error("{name}:{version} does not fit profile {profile:?}: {why}")]
+    DoesNotFit {
+        /// Model name.
+        name: String,
+        /// Version.
+        version: u32,
+        /// The device's profile.
+        profile: String,
+        /// The numbers against the budget.
+        why: String,
     },
     /// Rejecting a version that devices are told to serve needs `force`.
     #[error(

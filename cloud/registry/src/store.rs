@@ -1,4 +1,7 @@
-use crate::types::{Approval, Device, EnrollToken, HistoryEntry, MAX_DEVICE_HISTORY, ModelVersion, NewVersion, Report};
+use crate::types::{
+    Approval, Artifact, Device, EnrollToken, HistoryEntry, MAX_DEVICE_HISTORY, ModelVersion, NewVersion, Report,
+    TargetArtifact,
+};
 use crate::{RegistryError, Result};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -101,6 +104,9 @@ impl Registry {
                 status: Approval::Pending,
                 status_changed_at: new.now,
                 selftest: new.selftest,
+                needs_compiling: new.needs_compiling.clone(),
+                compile_shapes: new.compile_shapes.clone(),
+                targets: BTreeMap::new(),
             };
             let key = version_key(name, version);
             // A concurrent registration that took this number makes us retry with the next.
@@ -247,6 +253,57 @@ impl Registry {
             Ok((record, changed))
         });
         unwrap_tx(result)
+    }
+
+    /// Stores `artifact` as `name:version`'s compiled artifact for
+    /// `profile`, replacing an older one. Refused while the version is
+    /// assigned to a device whose artifact that would change (one of that
+    /// profile, or any while the version has no compiled artifact yet):
+    /// an agent takes a version's artifact once.
+    pub fn set_target(
+        &self,
+        name: &str,
+        version: u32,
+        profile: &str,
+        artifact: TargetArtifact,
+    ) -> Result<ModelVersion> {
+        let key = version_key(name, version);
+        let affected = |v: &ModelVersion| -> Result<Vec<DeviceId>> {
+            let all = v.targets.is_empty() && v.needs_compiling.is_none();
+            Ok(self
+                .devices()?
+                .into_iter()
+                .filter(|d| d.desired.get(name) == Some(&version) && (all || d.profile == profile))
+                .map(|d| d.id)
+                .collect())
+        };
+        let refuse = |ids: Vec<DeviceId>| {
+            let ids: Vec<&str> = ids.iter().map(DeviceId::as_str).collect();
+            Err(RegistryError::CompiledInUse { name: name.to_owned(), version, devices: ids.join(", ") })
+        };
+        loop {
+            let before = self.version(name, version)?;
+            let ids = affected(&before)?;
+            if !ids.is_empty() {
+                return refuse(ids);
+            }
+            let mut after = before.clone();
+            after.targets.insert(profile.to_owned(), artifact.clone());
+            let swapped = self.models.compare_and_swap(&key, Some(encode(&before)), Some(encode(&after)))?;
+            if swapped.is_err() {
+                continue;
+            }
+            // A device assigned the version meanwhile saw the old record:
+            // put it back and refuse.
+            let late = affected(&before)?;
+            if !late.is_empty() {
+                let _ = self.models.compare_and_swap(&key, Some(encode(&after)), Some(encode(&before)))?;
+                self.sync()?;
+                return refuse(late);
+            }
+            self.sync()?;
+            return Ok(after);
+        }
     }
 
     /// The devices assigned `name:version`.
@@ -428,13 +485,28 @@ impl Registry {
                 Ok(d) => d,
                 Err(e) => return abort(e),
             };
-            if let Some(caps) = d.capabilities.as_ref().filter(|c| !c.formats.contains(&v.format)) {
+            let format = match v.artifact_for(&d.profile) {
+                Ok(Artifact::Source) => v.format,
+                Ok(Artifact::Compiled(t)) => {
+                    if let Some(why) = t.report.fit.as_ref().and_then(|f| f.refused.clone()) {
+                        return abort(RegistryError::DoesNotFit {
+                            name: name.to_owned(),
+                            version,
+                            profile: d.profile.clone(),
+                            why,
+                        });
+                    }
+                    t.format
+                }
+                Err(e) => return abort(e),
+            };
+            if let Some(caps) = d.capabilities.as_ref().filter(|c| !c.formats.contains(&format)) {
                 let runs: Vec<String> = caps.formats.iter().map(|f| f.to_string()).collect();
                 return abort(RegistryError::Unsupported {
                     device: id.to_owned(),
                     name: name.to_owned(),
                     version,
-                    format: v.format,
+                    format,
                     runs: if runs.is_empty() { "no format".into() } else { runs.join(", ") },
                 });
             }
@@ -507,8 +579,80 @@ mod tests {
             card: Some("# card".into()),
             meta: BTreeMap::from([("owner".into(), "ml-team".into())]),
             selftest: None,
+            needs_compiling: None,
+            compile_shapes: BTreeMap::new(),
             now: 100,
         }
+    }
+
+    fn target(bytes: &[u8], refused: Option<&str>) -> crate::TargetArtifact {
+        let fit = crate::Fit {
+            peak_model_bytes: 600 << 20,
+            process_peak_rss_bytes: 610 << 20,
+            host_p99_us: 1000,
+            speed_factor: 2.5,
+            estimated_p99_us: 2500,
+            max_model_memory_mb: Some(512),
+            max_p99_ms: None,
+            refused: refused.map(str::to_owned),
+        };
+        crate::TargetArtifact {
+            sha256: Sha256Digest::of(bytes),
+            size: bytes.len() as u64,
+            format: ModelFormat::Nnef,
+            inputs: vec![],
+            outputs: vec![],
+            selftest: None,
+            compiled_at: 7,
+            report: crate::CompileReport { fit: Some(fit), backend: "tract".into(), ..Default::default() },
+        }
+    }
+
+    #[test]
+    fn compiled_artifacts_go_to_their_profile_and_a_missing_or_misfit_one_is_refused() {
+        let (_dir, r) = approved_and_assigned();
+        // cam-1 is assigned the source: its artifact may not change under it.
+        let e = r.set_target("iris", 1, "rpi4", target(b"nnef", None)).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "iris:1 is assigned to cam-1, whose artifact this would change; unassign it from them first, or register and compile a new version"
+        );
+        assert!(r.version("iris", 1).unwrap().targets.is_empty(), "nothing stored");
+        r.unassign("cam-1", "iris").unwrap();
+        r.set_target("iris", 1, "rpi4", target(b"nnef", None)).unwrap();
+        r.assign("cam-1", "iris", 1).unwrap();
+        let v = r.version("iris", 1).unwrap();
+        let m = v.manifest_for("rpi4").unwrap();
+        assert_eq!(
+            (m.sha256, m.format, m.name.as_str(), m.version),
+            (Sha256Digest::of(b"nnef"), ModelFormat::Nnef, "iris", 1)
+        );
+        assert!(v.files().any(|f| f == Sha256Digest::of(b"nnef")));
+        // A device of a profile with none is refused, with what to run.
+        r.add_token(&[9; 16], &EnrollToken { profile: "rpi5".into(), ..token(50) }).unwrap();
+        r.enroll(&[9; 16], DeviceId::new("cam-9").unwrap(), Sha256Digest::of(b"cam-9"), "0.1", 1).unwrap();
+        let e = r.assign("cam-9", "iris", 1).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "iris:1 has no artifact for profile \"rpi5\" (compiled for rpi4); run: tern compile iris:1 --target rpi5"
+        );
+        // One that does not fit is refused with the numbers; cam-9 has
+        // nothing assigned, so storing it changes nothing it gets.
+        let why = "it takes 600.0 MiB (measured), the profile allows 512 MiB for a model";
+        r.set_target("iris", 1, "rpi5", target(b"big", Some(why))).unwrap();
+        let e = r.assign("cam-9", "iris", 1).unwrap_err();
+        assert_eq!(e.to_string(), format!("iris:1 does not fit profile \"rpi5\": {why}"));
+        assert!(r.device("cam-9").unwrap().desired.is_empty());
+        // A version only compiling makes runnable never goes out as source.
+        let mut raw = new_version(b"raw");
+        raw.needs_compiling = Some("raw tract refuses it".into());
+        r.register("det", raw).unwrap();
+        r.set_status("det", 1, Approval::Approved, 3, false).unwrap();
+        let e = r.assign("cam-1", "det", 1).unwrap_err();
+        assert!(
+            e.to_string().starts_with("det:1 has no artifact for profile \"rpi4\" (compiled for no profile yet)"),
+            "{e}"
+        );
     }
 
     fn token(expires_at: u64) -> EnrollToken {

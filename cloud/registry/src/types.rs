@@ -46,6 +46,10 @@ pub struct NewVersion {
     pub meta: BTreeMap<String, String>,
     /// Its golden vectors, in the artifact store.
     pub selftest: Option<SelfTestRef>,
+    /// See [`ModelVersion::needs_compiling`].
+    pub needs_compiling: Option<String>,
+    /// See [`ModelVersion::compile_shapes`].
+    pub compile_shapes: BTreeMap<String, Vec<usize>>,
     /// Registration time (Unix seconds).
     pub now: u64,
 }
@@ -81,11 +85,33 @@ pub struct ModelVersion {
     /// it (absent for versions registered before there were any).
     #[serde(default)]
     pub selftest: Option<SelfTestRef>,
+    /// Why the source does not run on an agent as registered (raw tract
+    /// refuses it) although `tern compile` makes it loadable; devices get
+    /// only its compiled artifacts.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub needs_compiling: Option<String>,
+    /// Input shapes given at registration: what `tern compile` pins when
+    /// its command line gives none.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub compile_shapes: BTreeMap<String, Vec<usize>>,
+    /// Compiled artifacts by device profile (`tern compile NAME:V --target
+    /// PROFILE`).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub targets: BTreeMap<String, TargetArtifact>,
+}
+
+/// What a device of one profile is sent for a version.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Artifact<'a> {
+    /// The registered source, as it is.
+    Source,
+    /// The artifact compiled for the device's profile.
+    Compiled(&'a TargetArtifact),
 }
 
 impl ModelVersion {
-    /// The manifest the registry signs for devices (without an update
-    /// policy: the coordinator adds its own).
+    /// The manifest of the source as registered (without an update policy:
+    /// the coordinator adds its own).
     pub fn manifest(&self) -> ModelManifest {
         ModelManifest {
             name: self.name.clone(),
@@ -100,6 +126,145 @@ impl ModelVersion {
             update: None,
         }
     }
+
+    /// What a device of `profile` gets: its profile's compiled artifact;
+    /// the source only while the version has no compiled artifact at all
+    /// and the source runs as registered.
+    pub fn artifact_for(&self, profile: &str) -> crate::Result<Artifact<'_>> {
+        if let Some(t) = self.targets.get(profile) {
+            return Ok(Artifact::Compiled(t));
+        }
+        if self.targets.is_empty() && self.needs_compiling.is_none() {
+            return Ok(Artifact::Source);
+        }
+        Err(crate::RegistryError::NoArtifact {
+            name: self.name.clone(),
+            version: self.version,
+            profile: profile.to_owned(),
+            compiled_for: if self.targets.is_empty() {
+                "no profile yet".into()
+            } else {
+                self.targets.keys().cloned().collect::<Vec<_>>().join(", ")
+            },
+        })
+    }
+
+    /// The manifest a device of `profile` is sent.
+    pub fn manifest_for(&self, profile: &str) -> crate::Result<ModelManifest> {
+        Ok(match self.artifact_for(profile)? {
+            Artifact::Source => self.manifest(),
+            Artifact::Compiled(t) => ModelManifest {
+                sha256: t.sha256,
+                size: t.size,
+                format: t.format,
+                inputs: t.inputs.clone(),
+                outputs: t.outputs.clone(),
+                selftest: t.selftest,
+                ..self.manifest()
+            },
+        })
+    }
+
+    /// Every file a device may fetch for this version: the source, each
+    /// compiled artifact, and their golden vectors.
+    pub fn files(&self) -> impl Iterator<Item = Sha256Digest> + '_ {
+        let own = [Some(self.sha256), self.selftest.map(|s| s.sha256)];
+        let targets = self.targets.values().flat_map(|t| [Some(t.sha256), t.selftest.map(|s| s.sha256)]);
+        own.into_iter().chain(targets).flatten()
+    }
+}
+
+/// An artifact compiled from a version's source for one device profile,
+/// with what `tern compile` measured.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TargetArtifact {
+    /// Artifact digest.
+    pub sha256: Sha256Digest,
+    /// Artifact size in bytes.
+    pub size: u64,
+    /// Artifact format.
+    pub format: ModelFormat,
+    /// Its input signature (pinned shapes; declared constants gone).
+    pub inputs: Vec<TensorSpec>,
+    /// Its output signature.
+    pub outputs: Vec<TensorSpec>,
+    /// Its golden vectors, computed by the registry from the artifact.
+    pub selftest: Option<SelfTestRef>,
+    /// When it was stored (Unix seconds).
+    pub compiled_at: u64,
+    /// What `tern compile` reported.
+    pub report: CompileReport,
+}
+
+/// What `tern compile` measured for one artifact.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+pub struct CompileReport {
+    /// Input shapes it was compiled for.
+    #[serde(default)]
+    pub shapes: BTreeMap<String, Vec<usize>>,
+    /// Inputs folded in as constants.
+    #[serde(default)]
+    pub consts: BTreeMap<String, String>,
+    /// The source's size in bytes.
+    pub source_bytes: u64,
+    /// Error per output against the source, over `cases` seeded input sets.
+    pub errors: Vec<OutputError>,
+    /// Seeded input sets compared.
+    pub cases: u32,
+    /// The tolerance it passed.
+    pub tolerance: f64,
+    /// The backend the agent should run it on.
+    pub backend: String,
+    /// Latency per backend, measured on the compiling machine.
+    #[serde(default)]
+    pub latency: BTreeMap<String, Latency>,
+    /// The fit check against the profile's budget.
+    #[serde(default)]
+    pub fit: Option<Fit>,
+}
+
+/// How far one compiled output is from the source's.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct OutputError {
+    /// The output's name.
+    pub output: String,
+    /// Largest `|compiled − source|`.
+    pub max_abs: f64,
+    /// Largest `|compiled − source| / (1 + |source|)`.
+    pub max_scaled: f64,
+}
+
+/// Latency of one backend, in microseconds.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct Latency {
+    /// Median.
+    pub p50_us: u64,
+    /// 99th percentile.
+    pub p99_us: u64,
+    /// Runs measured.
+    pub runs: u32,
+}
+
+/// A compiled artifact against its profile's budget.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Fit {
+    /// Memory the model took in a child process that loaded and ran it
+    /// (peak resident set after, minus resident set before the load).
+    pub peak_model_bytes: u64,
+    /// That process's peak resident set with the model loaded.
+    pub process_peak_rss_bytes: u64,
+    /// p99 on the compiling machine, in microseconds.
+    pub host_p99_us: u64,
+    /// The profile's speed factor (device time / this machine's time).
+    pub speed_factor: f64,
+    /// `host_p99_us × speed_factor`: an estimate, not a measurement.
+    pub estimated_p99_us: u64,
+    /// The profile's budget for one model's memory, in MiB.
+    pub max_model_memory_mb: Option<u64>,
+    /// The profile's p99 budget, in milliseconds.
+    pub max_p99_ms: Option<u64>,
+    /// Why it does not fit; `None`: it fits.
+    pub refused: Option<String>,
 }
 
 /// What a device's agent said it can do, in its last `Hello`.

@@ -32,12 +32,22 @@ pub const MAX_TIMESTAMP_LIFE: u64 = 31 * 86_400;
 /// Where a model version's artifact sits in the registry's repository:
 /// `NAME/VERSION/model.{onnx,nnef.tar,tbm}`.
 pub fn target_path(name: &str, version: u32, format: tern_proto::ModelFormat) -> String {
-    let ext = match format {
+    format!("{name}/{version}/model.{}", extension(format))
+}
+
+/// The target path of a version's artifact compiled for one device
+/// profile: `NAME/VERSION/PROFILE/model.EXT`. An agent looks for its own
+/// profile's path first, then for [`target_path`].
+pub fn profile_target_path(name: &str, version: u32, profile: &str, format: tern_proto::ModelFormat) -> String {
+    format!("{name}/{version}/{profile}/model.{}", extension(format))
+}
+
+fn extension(format: tern_proto::ModelFormat) -> &'static str {
+    match format {
         tern_proto::ModelFormat::Onnx => "onnx",
         tern_proto::ModelFormat::Nnef => "nnef.tar",
         tern_proto::ModelFormat::Burn => "tbm",
-    };
-    format!("{name}/{version}/model.{ext}")
+    }
 }
 
 /// A top-level role.

@@ -16,10 +16,12 @@ use serde_json::json;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use tern_proto::{
-    DeviceId, EnrollTokenText, MAX_GOLDEN_BYTES, MAX_GOLDEN_CASES, ManifestEncoding, ModelRef, SelfTestRef,
-    Sha256Digest, decode_tensors, encode_golden,
+    DeviceId, EnrollTokenText, MAX_GOLDEN_BYTES, MAX_GOLDEN_CASES, ManifestEncoding, ModelFormat, ModelRef,
+    SelfTestRef, Sha256Digest, decode_tensors, encode_golden,
 };
-use tern_registry::{Approval, Device, EnrollToken, ModelVersion, NewVersion, RegistryError};
+use tern_registry::{
+    Approval, CompileReport, Device, EnrollToken, ModelVersion, NewVersion, RegistryError, TargetArtifact,
+};
 use tern_runtime::sniff_format;
 use tracing::info;
 
@@ -46,6 +48,9 @@ impl From<RegistryError> for ApiError {
             RegistryError::NotApproved { .. }
             | RegistryError::DeviceExists(_)
             | RegistryError::Unsupported { .. }
+            | RegistryError::NoArtifact { .. }
+            | RegistryError::DoesNotFit { .. }
+            | RegistryError::CompiledInUse { .. }
             | RegistryError::Deployed { .. } => StatusCode::CONFLICT,
             RegistryError::DigestMismatch { .. } => StatusCode::BAD_REQUEST,
             RegistryError::TokenUnknown | RegistryError::TokenUsed(_) | RegistryError::TokenExpired(_) => {
@@ -85,6 +90,7 @@ pub fn router(state: Arc<State>) -> Router {
         .route("/v1/models/{name}/versions", post(register))
         .route("/v1/models/{name}/versions/{version}", get(show_version))
         .route("/v1/models/{name}/versions/{version}/{decision}", post(decide))
+        .route("/v1/models/{name}/versions/{version}/targets/{profile}", put(set_target))
         .route("/v1/tokens", post(new_token))
         .route("/v1/status", get(status))
         .route("/v1/tuf", get(tuf_repository))
@@ -161,6 +167,67 @@ struct RegisterBody {
     /// Golden output tolerance in millionths.
     #[serde(default)]
     tolerance_ppm: Option<u32>,
+    /// Input shapes to compile it for (and to check that compiling helps
+    /// a source raw tract refuses).
+    #[serde(default)]
+    shapes: BTreeMap<String, Vec<usize>>,
+}
+
+/// Refuses a manifest without a canonical form in every encoding.
+fn check_canonical(m: &tern_proto::ModelManifest) -> ApiResult<()> {
+    for encoding in [ManifestEncoding::CanonicalJson, ManifestEncoding::Postcard] {
+        m.signed_bytes(encoding).map_err(|e| {
+            ApiError(StatusCode::UNPROCESSABLE_ENTITY, format!("model refused ({}): its manifest {e}", m.format))
+        })?;
+    }
+    Ok(())
+}
+
+/// The golden vectors of `model` (encoded), on `references` or, with none,
+/// on seeded inputs: of those, as many as fit (none if not even one does,
+/// and agents then run it once on zeros). Reference sets the user chose are
+/// all kept or refused.
+fn golden_vectors(
+    model: &dyn tern_runtime::Backend,
+    sha: &Sha256Digest,
+    references: Vec<Vec<tern_proto::Tensor>>,
+    format: ModelFormat,
+) -> ApiResult<Option<Vec<u8>>> {
+    let random = references.is_empty();
+    let mut cases = golden::compute(model, sha, references).map_err(|e| {
+        let hint = if random { "; give inputs it can run with --reference FILE" } else { "" };
+        let what = if random { "seeded random inputs that fit its signature" } else { "its reference inputs" };
+        ApiError(StatusCode::UNPROCESSABLE_ENTITY, format!("model refused ({format}): it failed on {what}: {e}{hint}"))
+    })?;
+    loop {
+        match encode_golden(&cases) {
+            Ok(g) => return Ok(Some(g)),
+            Err(_) if random && cases.len() > 1 => cases.truncate(cases.len() / 2),
+            Err(e) if random => {
+                tracing::warn!("no golden vectors: {e} for one seeded case");
+                return Ok(None);
+            }
+            Err(e) => {
+                let m = format!("model refused ({format}): {e}; use fewer or smaller reference sets");
+                return Err(ApiError(StatusCode::UNPROCESSABLE_ENTITY, m));
+            }
+        }
+    }
+}
+
+/// Stores golden vectors in the artifact store.
+async fn store_golden(
+    state: &Arc<State>,
+    golden: Option<Vec<u8>>,
+    tolerance_ppm: u32,
+) -> ApiResult<Option<SelfTestRef>> {
+    let Some(golden) = golden else { return Ok(None) };
+    let size = golden.len() as u64;
+    let st = state.clone();
+    let sha256 = tokio::task::spawn_blocking(move || st.artifacts.put(&golden, None))
+        .await
+        .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))??;
+    Ok(Some(SelfTestRef { sha256, size, tolerance_ppm }))
 }
 
 async fn register(
@@ -194,64 +261,49 @@ async fn register(
         references.push(decode_tensors(&bytes).map_err(|e| bad(format!("reference inputs {sha}: {e}")))?);
     }
     // The same loader as on the device: a model the agents cannot run is
-    // refused here. Its answers on the golden inputs are what agents check.
+    // refused here, unless compiling makes it loadable (then only its
+    // compiled artifacts reach devices). Its answers on the golden inputs
+    // are what agents check.
     let format = sniff_format(&bytes);
     let sha = body.sha256;
-    let (model, golden) = tokio::task::spawn_blocking(move || {
-        let model = tern_runtime::load(format, bytes)
-            .map_err(|e| ApiError(StatusCode::UNPROCESSABLE_ENTITY, format!("model refused ({format}): {e}")))?;
-        let random = references.is_empty();
-        let cases = golden::compute(model.as_ref(), &sha, references).map_err(|e| {
-            let hint = if random { "; give inputs it can run with --reference FILE" } else { "" };
-            let what = if random { "seeded random inputs that fit its signature" } else { "its reference inputs" };
-            ApiError(
-                StatusCode::UNPROCESSABLE_ENTITY,
-                format!("model refused ({format}): it failed on {what}: {e}{hint}"),
-            )
-        })?;
-        // Seeded cases of a model with large inputs may not all fit: fewer
-        // do; if not even one does, the version has none (agents then run it
-        // once on zeros). Reference sets the user chose are all kept or refused.
-        let mut cases = cases;
-        let golden = loop {
-            match encode_golden(&cases) {
-                Ok(g) => break Some(g),
-                Err(_) if random && cases.len() > 1 => cases.truncate(cases.len() / 2),
-                Err(e) if random => {
-                    tracing::warn!("no golden vectors: {e} for one seeded case");
-                    break None;
-                }
-                Err(e) => {
-                    let m = format!("model refused ({format}): {e}; use fewer or smaller reference sets");
-                    return Err(ApiError(StatusCode::UNPROCESSABLE_ENTITY, m));
-                }
+    let shapes = body.shapes.clone();
+    let (signature, needs_compiling, golden) = tokio::task::spawn_blocking(move || {
+        let model = match tern_runtime::load(format, bytes.clone()) {
+            Ok(m) => m,
+            Err(e) if format == ModelFormat::Onnx => {
+                let raw = e.to_string();
+                let (inputs, outputs) = tern_compile::probe(&bytes, &shapes).map_err(|c| {
+                    ApiError(
+                        StatusCode::UNPROCESSABLE_ENTITY,
+                        format!("model refused ({format}): {raw}; and compiling does not help: {c}"),
+                    )
+                })?;
+                let why = format!("raw tract refuses it: {raw}");
+                return Ok::<_, ApiError>(((inputs, outputs), Some(why), None));
+            }
+            Err(e) => {
+                return Err(ApiError(StatusCode::UNPROCESSABLE_ENTITY, format!("model refused ({format}): {e}")));
             }
         };
-        Ok::<_, ApiError>((model, golden))
+        let golden = golden_vectors(model.as_ref(), &sha, references, format)?;
+        Ok(((model.inputs().to_vec(), model.outputs().to_vec()), None, golden))
     })
     .await
     .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))??;
-    let selftest = match golden {
-        Some(golden) => {
-            let size = golden.len() as u64;
-            let st = state.clone();
-            let sha256 = tokio::task::spawn_blocking(move || st.artifacts.put(&golden, None))
-                .await
-                .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))??;
-            let tolerance_ppm = body.tolerance_ppm.unwrap_or(golden::DEFAULT_TOLERANCE_PPM);
-            Some(SelfTestRef { sha256, size, tolerance_ppm })
-        }
-        None => None,
-    };
+    let tolerance_ppm = body.tolerance_ppm.unwrap_or(golden::DEFAULT_TOLERANCE_PPM);
+    let selftest = store_golden(&state, golden, tolerance_ppm).await?;
+    let (inputs, outputs) = signature;
     let new = NewVersion {
         sha256: body.sha256,
         size,
         format,
-        inputs: model.inputs().to_vec(),
-        outputs: model.outputs().to_vec(),
+        inputs,
+        outputs,
         card: body.card,
         meta: body.meta,
         selftest,
+        needs_compiling,
+        compile_shapes: body.shapes,
         now: unix_now(),
     };
     // Every agent must be able to verify its manifest: refuse what has no
@@ -268,14 +320,82 @@ async fn register(
         selftest: new.selftest,
         update: Some(state.policy),
     };
-    for encoding in [ManifestEncoding::CanonicalJson, ManifestEncoding::Postcard] {
-        probe.signed_bytes(encoding).map_err(|e| {
-            ApiError(StatusCode::UNPROCESSABLE_ENTITY, format!("model refused ({format}): its manifest {e}"))
-        })?;
-    }
+    check_canonical(&probe)?;
     let n = name.clone();
     let v = blocking(&state, move |s| s.registry.register(&n, new)).await?;
     info!(model = %name, version = v.version, sha256 = %v.sha256, "model version registered");
+    Ok((StatusCode::CREATED, Json(v)))
+}
+
+#[derive(Deserialize)]
+struct TargetBody {
+    /// The compiled artifact, uploaded.
+    sha256: Sha256Digest,
+    report: CompileReport,
+}
+
+/// Stores a compiled artifact for one profile: loaded with the agents'
+/// loader, its golden vectors computed here, its fit judged against this
+/// coordinator's copy of the profile from the measured numbers.
+async fn set_target(
+    Ext(state): Ext<Arc<State>>,
+    Path((name, version, profile)): Path<(String, u32, String)>,
+    body: Result<Json<TargetBody>, JsonRejection>,
+) -> ApiResult<(StatusCode, Json<ModelVersion>)> {
+    let body = json_body(body)?;
+    let settings =
+        tern_compile::profiles::get(&profile).map_err(|e| ApiError(StatusCode::NOT_FOUND, e.to_string()))?.compile;
+    let (n, v) = (name.clone(), version);
+    let record = blocking(&state, move |s| s.registry.version(&n, v)).await?;
+    let mut report = body.report;
+    if report.fit.is_none() {
+        return Err(bad(
+            "a compiled artifact needs its fit check: store it with `tern compile NAME:V --target PROFILE`",
+        ));
+    }
+    if report.backend != "tract" {
+        return Err(bad(format!("backend {:?}: agents run compiled artifacts on tract", report.backend)));
+    }
+    let path = state.artifacts.path(&body.sha256);
+    let bytes = tokio::fs::read(&path).await.map_err(|_| {
+        ApiError(StatusCode::NOT_FOUND, format!("no artifact with sha256 {}; upload it first", body.sha256))
+    })?;
+    let size = bytes.len() as u64;
+    let format = sniff_format(&bytes);
+    let sha = body.sha256;
+    let (inputs, outputs, golden) = tokio::task::spawn_blocking(move || {
+        let model = tern_runtime::load(format, bytes)
+            .map_err(|e| ApiError(StatusCode::UNPROCESSABLE_ENTITY, format!("artifact refused ({format}): {e}")))?;
+        let golden = golden_vectors(model.as_ref(), &sha, Vec::new(), format)?;
+        Ok::<_, ApiError>((model.inputs().to_vec(), model.outputs().to_vec(), golden))
+    })
+    .await
+    .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))??;
+    if let Some(fit) = &mut report.fit {
+        fit.speed_factor = settings.speed_factor;
+        fit.estimated_p99_us = settings.estimate_p99_us(fit.host_p99_us);
+        fit.max_model_memory_mb = settings.max_model_memory_mb;
+        fit.max_p99_ms = settings.max_p99_ms;
+        fit.refused = settings.refusal(fit.peak_model_bytes, fit.estimated_p99_us);
+    }
+    let tolerance_ppm = record.selftest.map_or(golden::DEFAULT_TOLERANCE_PPM, |t| t.tolerance_ppm);
+    let selftest = store_golden(&state, golden, tolerance_ppm).await?;
+    let target =
+        TargetArtifact { sha256: sha, size, format, inputs, outputs, selftest, compiled_at: unix_now(), report };
+    let manifest = tern_proto::ModelManifest {
+        sha256: target.sha256,
+        size,
+        format,
+        inputs: target.inputs.clone(),
+        outputs: target.outputs.clone(),
+        selftest,
+        update: Some(state.policy),
+        ..record.manifest()
+    };
+    check_canonical(&manifest)?;
+    let p = profile.clone();
+    let v = blocking(&state, move |s| s.registry.set_target(&name, version, &p, target)).await?;
+    info!(model = %v.name, version, %profile, sha256 = %sha, "compiled artifact stored");
     Ok((StatusCode::CREATED, Json(v)))
 }
 

@@ -124,7 +124,14 @@ impl State {
                 warn!(device = %id, model = %name, version = v, status = %record.status, "not sending a version that is not approved");
                 continue;
             }
-            let manifest = ModelManifest { update: Some(self.policy), ..record.manifest() };
+            let manifest = match record.manifest_for(&device.profile) {
+                Ok(m) => m,
+                Err(e) => {
+                    warn!(device = %id, model = %name, version = v, "not sending a version the device cannot be sent: {e}");
+                    continue;
+                }
+            };
+            let manifest = ModelManifest { update: Some(self.policy), ..manifest };
             models.push(self.signer.sign(&manifest, encoding)?);
         }
         Ok(DesiredState { generation: device.generation, models })

@@ -548,12 +548,10 @@ async fn artifact(
     // A device may fetch only the files (artifact, golden vectors) of
     // versions assigned to it.
     let device = state.registry.device(id.as_str())?;
-    let assigned = device.desired.iter().any(|(name, v)| {
-        state
-            .registry
-            .version(name, *v)
-            .is_ok_and(|v| v.sha256 == req.sha256 || v.selftest.is_some_and(|t| t.sha256 == req.sha256))
-    });
+    let assigned = device
+        .desired
+        .iter()
+        .any(|(name, v)| state.registry.version(name, *v).is_ok_and(|v| v.files().any(|f| f == req.sha256)));
     if !assigned {
         let m = format!("artifact {} is not assigned to {id}", req.sha256);
         return reject(send, remote, version, ErrorCode::NotFound, m).await;

@@ -157,7 +157,7 @@ impl TufRepo {
         if roots == 0 {
             return Ok(None);
         }
-        let fingerprint = (roots, approved(versions).map(|v| (target_path(v), v.sha256)).collect::<Vec<_>>());
+        let fingerprint = (roots, listed(versions).into_iter().map(|l| (l.path, l.sha256)).collect::<Vec<_>>());
         let fresh = || {
             self.latest
                 .lock()
@@ -211,16 +211,18 @@ impl TufRepo {
         write_atomic(&counters_path, &serde_json::to_vec(&c)?, false).context("writing tuf/counters.json")?;
         let mut targets = BTreeMap::new();
         let mut files = Vec::new();
-        for v in approved(versions) {
-            let path = target_path(v);
-            let custom = serde_json::json!({ "tern": { "name": v.name, "version": v.version, "format": v.format } });
+        for l in listed(versions) {
+            let mut tern = serde_json::json!({ "name": l.name, "version": l.version, "format": l.format });
+            if let Some(p) = &l.profile {
+                tern["profile"] = serde_json::json!(p);
+            }
             let file = TargetFile {
-                length: v.size,
-                hashes: [("sha256".to_string(), v.sha256.to_hex())].into(),
-                custom: Some(custom),
+                length: l.size,
+                hashes: [("sha256".to_string(), l.sha256.to_hex())].into(),
+                custom: Some(serde_json::json!({ "tern": tern })),
             };
-            files.push((path.clone(), v.sha256));
-            targets.insert(path, file);
+            files.push((l.path.clone(), l.sha256));
+            targets.insert(l.path, file);
         }
         let key = |r: Role| &self.keys[&r];
         let targets_json = sign_metadata(
@@ -267,7 +269,69 @@ fn approved(versions: &[ModelVersion]) -> impl Iterator<Item = &ModelVersion> {
     versions.iter().filter(|v| v.status == Approval::Approved)
 }
 
-/// Where a version's artifact sits in the repository.
+/// Where a version's source sits in the repository.
 pub fn target_path(v: &ModelVersion) -> String {
     tern_trust::tuf::target_path(&v.name, v.version, v.format)
+}
+
+/// One file the targets metadata lists.
+struct Listed {
+    name: String,
+    version: u32,
+    path: String,
+    sha256: tern_proto::Sha256Digest,
+    size: u64,
+    format: tern_proto::ModelFormat,
+    profile: Option<String>,
+}
+
+/// Every file of the approved versions: each source at its
+/// [`target_path`], each compiled artifact at its profile's path. A
+/// compiled artifact is also listed at the plain path when that path is
+/// free and no other artifact of its format claims it, so that agents from
+/// before per-profile paths verify it too.
+fn listed(versions: &[ModelVersion]) -> Vec<Listed> {
+    let mut out = Vec::new();
+    for v in approved(versions) {
+        out.push(Listed {
+            name: v.name.clone(),
+            version: v.version,
+            path: target_path(v),
+            sha256: v.sha256,
+            size: v.size,
+            format: v.format,
+            profile: None,
+        });
+        for (profile, t) in &v.targets {
+            let path = tern_trust::tuf::profile_target_path(&v.name, v.version, profile, t.format);
+            out.push(Listed {
+                name: v.name.clone(),
+                version: v.version,
+                path,
+                sha256: t.sha256,
+                size: t.size,
+                format: t.format,
+                profile: Some(profile.clone()),
+            });
+        }
+        let mut formats: Vec<_> = v.targets.values().map(|t| t.format).filter(|f| *f != v.format).collect();
+        formats.dedup();
+        for f in formats {
+            let mut same = v.targets.values().filter(|t| t.format == f);
+            let first = same.next().expect("a target of this format");
+            if same.all(|t| t.sha256 == first.sha256) {
+                let path = tern_trust::tuf::target_path(&v.name, v.version, f);
+                out.push(Listed {
+                    name: v.name.clone(),
+                    version: v.version,
+                    path,
+                    sha256: first.sha256,
+                    size: first.size,
+                    format: f,
+                    profile: None,
+                });
+            }
+        }
+    }
+    out
 }
