@@ -104,7 +104,12 @@ pub fn compile_onnx(
     shapes: &BTreeMap<String, Vec<usize>>,
     consts: &BTreeMap<String, Tensor>,
 ) -> Result<Vec<u8>, RuntimeError> {
-    let mut model = tract_onnx::onnx().model_for_read(&mut &*bytes).map_err(load_err)?;
+    let onnx = tract_onnx::onnx();
+    let mut proto = onnx.proto_model_for_read(&mut &*bytes).map_err(load_err)?;
+    if let Some(graph) = proto.graph.as_mut() {
+        fold_ifs(graph, consts);
+    }
+    let mut model = onnx.model_for_proto_model(&proto).map_err(load_err)?;
     pin(&mut model, shapes)?;
     for (name, value) in consts {
         let id = model.node_id_by_name(name).map_err(load_err)?;
@@ -117,6 +122,50 @@ pub fn compile_onnx(
     }
     let typed = model.into_typed().and_then(|m| m.into_decluttered()).map_err(load_err)?;
     crate::tract_backend::nnef().write_to_tar(&typed, Vec::new()).map_err(load_err)
+}
+
+/// Replaces each `If` whose condition is one of `consts` by the branch it
+/// takes, in the protobuf, before tract sees it: tract types both branches
+/// of an `If`, and refuses one whose branches differ in shape (a mode flag
+/// that switches the output) even when the condition is known. Repeated
+/// until none is left, for `If`s nested in a taken branch. Returns how many
+/// were folded.
+fn fold_ifs(graph: &mut tract_onnx::pb::GraphProto, consts: &BTreeMap<String, Tensor>) -> usize {
+    use tract_onnx::pb::NodeProto;
+    let cond = |node: &NodeProto| -> Option<bool> {
+        if node.op_type != "If" || !node.domain.is_empty() {
+            return None;
+        }
+        let t = consts.get(node.input.first()?)?;
+        match &t.data {
+            tern_proto::TensorData::Bool(v) if v.len() == 1 => Some(v[0]),
+            _ => None,
+        }
+    };
+    let mut folded = 0;
+    while let Some(at) = graph.node.iter().position(|n| cond(n).is_some()) {
+        let node = graph.node.remove(at);
+        let which = if cond(&node) == Some(true) { "then_branch" } else { "else_branch" };
+        let Some(branch) = node.attribute.iter().find(|a| a.name == which).and_then(|a| a.g.clone()) else {
+            // Malformed: leave it for tract to report.
+            graph.node.insert(at, node);
+            break;
+        };
+        let mut inlined = branch.node;
+        for (out, from) in node.output.iter().zip(&branch.output) {
+            inlined.push(NodeProto {
+                input: vec![from.name.clone()],
+                output: vec![out.clone()],
+                name: format!("{}.{}", node.name, out),
+                op_type: "Identity".into(),
+                ..NodeProto::default()
+            });
+        }
+        graph.initializer.extend(branch.initializer);
+        graph.node.splice(at..at, inlined);
+        folded += 1;
+    }
+    folded
 }
 
 fn pin(model: &mut InferenceModel, shapes: &BTreeMap<String, Vec<usize>>) -> Result<(), RuntimeError> {

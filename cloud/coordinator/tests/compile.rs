@@ -53,6 +53,25 @@ fn a_model_that_cannot_be_made_concrete_is_refused_with_the_node_and_nothing_wri
     assert!(!out.exists());
     let bad = compile(&["--file", src.to_str().unwrap(), "--input-shape", "image=1,4", "--out", out.to_str().unwrap()]);
     assert!(String::from_utf8_lossy(&bad.stderr).contains("the model has no input \"image\""));
+    // With its condition declared constant, the `If` is replaced by the
+    // branch it takes (whose output shape differs from the other's, which
+    // tract alone refuses), and the result agrees with the source.
+    for (mode, width) in [("true", 4), ("false", 1)] {
+        let out = work.path().join(format!("mode-{mode}.nnef.tar"));
+        let run = Command::new(tern_bin())
+            .args(["--json", "compile", "--file", src.to_str().unwrap(), "--input-shape", "x=2,4"])
+            .args(["--const", &format!("mode={mode}"), "--out", out.to_str().unwrap()])
+            .output()
+            .unwrap();
+        assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
+        let r: serde_json::Value = serde_json::from_slice(&run.stdout).unwrap();
+        assert_eq!(r["inputs"], serde_json::json!(["x: f32[2,4]"]), "mode left the signature: {r}");
+        assert_eq!(r["report"]["errors"][0]["max_abs"], 0.0, "{r}");
+        let nnef = tern_runtime::TractModel::nnef(&std::fs::read(&out).unwrap()).unwrap();
+        let x = tern_proto::Tensor { shape: vec![2, 4], data: tern_proto::TensorData::F32(vec![1.0; 8]) };
+        let y = tern_runtime::Backend::run(&nnef, vec![x]).unwrap();
+        assert_eq!(y[0].shape, vec![2, width], "mode={mode}");
+    }
 }
 
 /// PaddleOCR's PP-OCRv4 text detector, as the `rapidocr-onnxruntime` wheel
