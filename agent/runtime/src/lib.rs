@@ -11,6 +11,8 @@ mod guard;
 mod inputs;
 #[cfg(feature = "onnx")]
 mod onnx;
+#[cfg(feature = "onnxruntime")]
+pub mod ort_backend;
 mod tract_backend;
 
 #[cfg(feature = "burn")]

@@ -69,6 +69,8 @@ pub struct Compiled {
     pub inputs: Vec<TensorSpec>,
     /// Error per output against the source.
     pub errors: Vec<OutputError>,
+    /// The declared constants, parsed: the source's inputs they replace.
+    pub consts: BTreeMap<String, Tensor>,
 }
 
 /// Why a model did not compile. Each is found before the artifact is
@@ -207,7 +209,7 @@ pub fn compile(source: &[u8], opts: &Options) -> Result<Compiled, CompileError> 
             tolerance: opts.tolerance,
         });
     }
-    Ok(Compiled { nnef, source_bytes: source.len(), inputs: compiled.inputs().to_vec(), errors })
+    Ok(Compiled { nnef, source_bytes: source.len(), inputs: compiled.inputs().to_vec(), errors, consts })
 }
 
 /// Whether compiling makes a source loadable that the agent's loader

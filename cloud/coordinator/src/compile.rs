@@ -53,6 +53,10 @@ pub struct CompileArgs {
     /// Seed of those inputs.
     #[arg(long, default_value_t = 0)]
     seed: u64,
+    /// A libonnxruntime on this machine (e.g. the one the `onnxruntime`
+    /// wheel ships): the source is also timed on onnxruntime, one thread.
+    #[arg(long, env = "TERN_ONNXRUNTIME")]
+    onnxruntime: Option<PathBuf>,
 }
 
 pub(crate) fn parse_shape(s: &str) -> Result<(String, Vec<usize>), String> {
@@ -141,7 +145,30 @@ pub fn run(args: CompileArgs, client: impl FnOnce() -> Result<Client>, json_out:
     let work = tempfile::tempdir()?;
     let artifact = work.path().join("model.nnef.tar");
     std::fs::write(&artifact, &c.nnef)?;
-    let probe = probe_child(&artifact)?;
+    // One input set for every backend: the compiled signature's, and for
+    // the source the same with the declared constants in their places.
+    let inputs = tern_runtime::random_inputs(&c.inputs, &mut tern_runtime::SplitMix(opts.seed ^ 0x5eed));
+    let inputs_file = work.path().join("inputs.tensors");
+    std::fs::write(&inputs_file, tern_proto::encode_tensors(&inputs).map_err(|e| anyhow::anyhow!("{e}"))?)?;
+    let probe = probe_child(&artifact, &inputs_file, None)?;
+    let mut latency = BTreeMap::from([("tract".to_string(), probe.latency())]);
+    if let Some(lib) = &args.onnxruntime {
+        let declared = tern_runtime::onnx_inputs(&source).map_err(|e| anyhow::anyhow!("{e}"))?;
+        let mut free = inputs.iter().cloned();
+        let mut full = Vec::new();
+        for spec in &declared {
+            match c.consts.get(&spec.name) {
+                Some(t) => full.push(t.clone()),
+                None => full.extend(free.next()),
+            }
+        }
+        let source_file = work.path().join("source.onnx");
+        std::fs::write(&source_file, &source)?;
+        let full_file = work.path().join("source-inputs.tensors");
+        std::fs::write(&full_file, tern_proto::encode_tensors(&full).map_err(|e| anyhow::anyhow!("{e}"))?)?;
+        let ort = probe_child(&source_file, &full_file, Some(lib)).context("timing the source on onnxruntime")?;
+        latency.insert("onnxruntime".into(), ort.latency());
+    }
     pb.inc(1);
     let fit = profile.as_ref().map(|p| {
         let s = &p.compile;
@@ -170,8 +197,7 @@ pub fn run(args: CompileArgs, client: impl FnOnce() -> Result<Client>, json_out:
         cases: u32::from(args.cases),
         tolerance: opts.tolerance,
         backend: "tract".into(),
-        latency: [("tract".to_string(), Latency { p50_us: probe.p50_us, p99_us: probe.p99_us, runs: probe.runs })]
-            .into(),
+        latency,
         fit,
     };
     if let Some(out) = &args.out {
@@ -236,13 +262,23 @@ fn print_report(r: &CompileReport, bytes: u64, inputs: &[String], probe: &Probe)
         t.add_row([e.output.clone(), format!("{:.3e}", e.max_abs), format!("{:.3e}", e.max_scaled)]);
     }
     out(format!("against the source on {} seeded input sets (tolerance {:e}):\n{t}", r.cases, r.tolerance));
+    let mut t = comfy_table::Table::new();
+    t.load_preset(comfy_table::presets::NOTHING).set_header([
+        "backend (this machine, one thread)",
+        "p50",
+        "p99",
+        "runs",
+    ]);
+    for (backend, l) in &r.latency {
+        let ms = |us: u64| format!("{:.2} ms", us as f64 / 1000.0);
+        t.add_row([backend.clone(), ms(l.p50_us), ms(l.p99_us), l.runs.to_string()]);
+    }
+    out(t);
     out(format!(
-        "on this machine ({} runs, tract): p50 {:.2} ms, p99 {:.2} ms; the model took {:.1} MiB in a child process (peak RSS {:.1} MiB)",
-        probe.runs,
-        probe.p50_us as f64 / 1000.0,
-        probe.p99_us as f64 / 1000.0,
+        "the compiled model took {:.1} MiB in a child process on tract (its peak RSS {:.1} MiB); agents run it on {}",
         probe.peak_rss_bytes.saturating_sub(probe.rss_before_bytes) as f64 / (1 << 20) as f64,
         probe.peak_rss_bytes as f64 / (1 << 20) as f64,
+        r.backend,
     ));
     if let Some(f) = &r.fit {
         out(format!(
@@ -271,10 +307,22 @@ pub struct Probe {
     pub runs: u32,
 }
 
-/// Runs `tern probe-model FILE` and reads its answer.
-fn probe_child(file: &Path) -> Result<Probe> {
+impl Probe {
+    fn latency(&self) -> Latency {
+        Latency { p50_us: self.p50_us, p99_us: self.p99_us, runs: self.runs }
+    }
+}
+
+/// Runs `tern probe-model FILE --inputs INPUTS [--onnxruntime LIB]` and
+/// reads its answer.
+fn probe_child(file: &Path, inputs: &Path, onnxruntime: Option<&Path>) -> Result<Probe> {
     let exe = std::env::current_exe().context("finding this program to run the probe")?;
-    let out = Command::new(exe).arg("probe-model").arg(file).output().context("starting the probe")?;
+    let mut cmd = Command::new(exe);
+    cmd.arg("probe-model").arg(file).arg("--inputs").arg(inputs);
+    if let Some(lib) = onnxruntime {
+        cmd.arg("--onnxruntime").arg(lib);
+    }
+    let out = cmd.output().context("starting the probe")?;
     if !out.status.success() {
         bail!("the probe failed ({}): {}", out.status, String::from_utf8_lossy(&out.stderr).trim());
     }
@@ -282,20 +330,28 @@ fn probe_child(file: &Path) -> Result<Probe> {
 }
 
 /// Measures a model in this process (the child `tern compile` starts):
-/// loads it with the agents' loader, runs it on seeded inputs for about a
-/// second (at least 10 runs, at most 1,000), prints a [`Probe`] as JSON.
-pub fn probe_model(file: &Path) -> Result<()> {
+/// loads it with the agents' loader (or on onnxruntime, one thread, from
+/// `onnxruntime`), runs it on `inputs` for about a second (at least 10
+/// runs, at most 1,000), prints a [`Probe`] as JSON.
+pub fn probe_model(file: &Path, inputs: &Path, onnxruntime: Option<&Path>) -> Result<()> {
     let rss_before_bytes = status_kib("VmRSS")? * 1024;
+    let inputs = std::fs::read(inputs).with_context(|| format!("reading {}", inputs.display()))?;
+    let inputs = tern_proto::decode_tensors(&inputs).map_err(|e| anyhow::anyhow!("{e}"))?;
     let bytes = std::fs::read(file).with_context(|| format!("reading {}", file.display()))?;
-    let format = tern_runtime::sniff_format(&bytes);
-    let model = tern_runtime::load(format, bytes).map_err(|e| anyhow::anyhow!("{e}"))?;
-    let mut rng = tern_runtime::SplitMix(1);
+    let model: Box<dyn tern_runtime::Backend> = match onnxruntime {
+        Some(lib) => {
+            tern_runtime::ort_backend::init(lib).map_err(|e| anyhow::anyhow!("{e}"))?;
+            Box::new(tern_runtime::ort_backend::OrtModel::onnx(&bytes, 1).map_err(|e| anyhow::anyhow!("{e}"))?)
+        }
+        None => tern_runtime::load(tern_runtime::sniff_format(&bytes), bytes).map_err(|e| anyhow::anyhow!("{e}"))?,
+    };
+    tern_runtime::check_inputs(model.inputs(), &inputs).map_err(|e| anyhow::anyhow!("{e}"))?;
     let mut times = Vec::new();
     let start = Instant::now();
     while times.len() < 10 || (times.len() < 1000 && start.elapsed() < Duration::from_secs(1)) {
-        let inputs = tern_runtime::random_inputs(model.inputs(), &mut rng);
         let t = Instant::now();
-        tern_runtime::run_guarded(model.as_ref(), inputs).map_err(|e| anyhow::anyhow!("run {}: {e}", times.len()))?;
+        tern_runtime::run_guarded(model.as_ref(), inputs.clone())
+            .map_err(|e| anyhow::anyhow!("run {}: {e}", times.len()))?;
         times.push(t.elapsed().as_micros() as u64);
     }
     let peak_rss_bytes = status_kib("VmHWM")? * 1024;

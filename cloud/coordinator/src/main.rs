@@ -59,6 +59,12 @@ enum Cmd {
     ProbeModel {
         /// The artifact.
         file: PathBuf,
+        /// The input set to run it on (binary tensor encoding).
+        #[arg(long)]
+        inputs: PathBuf,
+        /// Run it on onnxruntime from this library instead.
+        #[arg(long)]
+        onnxruntime: Option<PathBuf>,
     },
 }
 
@@ -113,9 +119,9 @@ fn main() -> ExitCode {
             let (data_dir, admin, token_file) = (cli.data_dir, cli.admin, cli.token_file);
             compile::run(args, || cli::Client::new(&data_dir, admin, token_file.as_deref()), cli.json)
         }
-        Cmd::ProbeModel { file } => {
+        Cmd::ProbeModel { file, inputs, onnxruntime } => {
             init_logs("warn");
-            compile::probe_model(&file)
+            compile::probe_model(&file, &inputs, onnxruntime.as_deref())
         }
     };
     match result {

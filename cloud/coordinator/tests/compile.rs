@@ -120,8 +120,16 @@ fn a_real_detector_raw_tract_refuses_is_registered_compiled_for_its_profile_and_
 
     // Compiled for rpi4 (at the shapes given at registration), checked
     // against the source, measured, judged against rpi4's budget.
-    let r = coord.json(&["compile", "det:1", "--target", "rpi4", "--cases", "2"]);
+    let ort =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target/models/onnxruntime/libonnxruntime.so");
+    let r =
+        coord.json(&["compile", "det:1", "--target", "rpi4", "--cases", "2", "--onnxruntime", ort.to_str().unwrap()]);
     let report = &r["report"];
+    // Timed on both backends this machine has (the source on onnxruntime).
+    for backend in ["tract", "onnxruntime"] {
+        assert!(report["latency"][backend]["p50_us"].as_u64().unwrap() > 0, "{backend}: {r}");
+    }
+    assert_eq!(report["backend"], "tract", "what agents run: {r}");
     assert_eq!(r["inputs"], serde_json::json!(["x: f32[1,3,64,64]"]), "{r}");
     assert!(report["errors"][0]["max_scaled"].as_f64().unwrap() <= 1e-4, "{r}");
     assert!(report["latency"]["tract"]["runs"].as_u64().unwrap() >= 10, "{r}");

@@ -1,0 +1,162 @@
+//! onnxruntime through `ort` (feature `onnxruntime`): the library is loaded
+//! at run time from a path the caller gives (a device's own
+//! `libonnxruntime.so`); nothing of it is linked or downloaded at build
+//! time, and without it this backend is simply unavailable.
+
+use crate::{Backend, RuntimeError, Tensor, TensorData};
+use ort::session::Session;
+use ort::value::{DynValue, TensorElementType, ValueType};
+use std::path::Path;
+use std::sync::{Mutex, OnceLock};
+use tern_proto::{DType, TensorSpec};
+
+/// The loaded library's environment, once per process (onnxruntime allows
+/// one), or why it could not be loaded.
+static ENV: OnceLock<Result<(ort::environment::Environment, String), String>> = OnceLock::new();
+
+/// Loads `libonnxruntime` from `library` for this process, once; later
+/// calls return the first outcome whatever path they give. The answer is
+/// the library's path and version. A library older than the C API this
+/// build needs (onnxruntime 1.22) is refused with its version.
+pub fn init(library: &Path) -> Result<String, RuntimeError> {
+    let outcome = ENV.get_or_init(|| {
+        let env = ort::init_from(library)
+            .map_err(|e| format!("{e}"))?
+            .with_name("tern")
+            .build()
+            .map_err(|e| format!("{e}"))?;
+        Ok((env, format!("{} ({})", library.display(), ort::info())))
+    });
+    match outcome {
+        Ok((_, what)) => Ok(what.clone()),
+        Err(e) => Err(RuntimeError::Load(format!("onnxruntime: {e}"))),
+    }
+}
+
+/// An ONNX model on onnxruntime's CPU execution provider.
+pub struct OrtModel {
+    session: Mutex<Session>,
+    inputs: Vec<TensorSpec>,
+    outputs: Vec<TensorSpec>,
+}
+
+fn err(e: impl std::fmt::Display) -> RuntimeError {
+    RuntimeError::Load(format!("onnxruntime: {e}"))
+}
+
+fn run_err(e: impl std::fmt::Display) -> RuntimeError {
+    RuntimeError::Run(format!("onnxruntime: {e}"))
+}
+
+fn spec(name: &str, ty: &ValueType) -> Result<TensorSpec, RuntimeError> {
+    let ValueType::Tensor { ty, shape, .. } = ty else {
+        return Err(err(format!("{name:?} is not a tensor ({ty}); only tensor inputs and outputs are served")));
+    };
+    let dtype = dtype(*ty).ok_or_else(|| err(format!("{name:?} has element type {ty}, which Tern does not carry")))?;
+    let shape = shape.iter().map(|d| u64::try_from(*d).ok()).collect();
+    Ok(TensorSpec { name: name.to_owned(), dtype, shape })
+}
+
+fn dtype(t: TensorElementType) -> Option<DType> {
+    Some(match t {
+        TensorElementType::Float32 => DType::F32,
+        TensorElementType::Float64 => DType::F64,
+        TensorElementType::Int8 => DType::I8,
+        TensorElementType::Int16 => DType::I16,
+        TensorElementType::Int32 => DType::I32,
+        TensorElementType::Int64 => DType::I64,
+        TensorElementType::Uint8 => DType::U8,
+        TensorElementType::Uint16 => DType::U16,
+        TensorElementType::Uint32 => DType::U32,
+        TensorElementType::Uint64 => DType::U64,
+        TensorElementType::Bool => DType::Bool,
+        _ => return None,
+    })
+}
+
+impl OrtModel {
+    /// Loads an ONNX model; [`init`] must have succeeded. `threads` is
+    /// onnxruntime's intra-op thread count (0: its default).
+    pub fn onnx(bytes: &[u8], threads: usize) -> Result<Self, RuntimeError> {
+        let env = match ENV.get() {
+            Some(Ok((env, _))) => env,
+            Some(Err(e)) => return Err(err(e)),
+            None => return Err(RuntimeError::Load("onnxruntime is not loaded in this process".into())),
+        };
+        let mut builder = Session::builder(env).map_err(err)?;
+        if threads > 0 {
+            builder = builder.with_intra_threads(threads).map_err(err)?;
+        }
+        let session = builder.commit_from_memory(bytes).map_err(err)?;
+        let inputs = session.inputs().iter().map(|o| spec(o.name(), o.dtype())).collect::<Result<_, _>>()?;
+        let outputs = session.outputs().iter().map(|o| spec(o.name(), o.dtype())).collect::<Result<_, _>>()?;
+        Ok(Self { session: Mutex::new(session), inputs, outputs })
+    }
+}
+
+fn value(t: Tensor) -> Result<DynValue, RuntimeError> {
+    let shape: Vec<i64> = t.shape.iter().map(|d| *d as i64).collect();
+    macro_rules! v {
+        ($v:expr) => {
+            ort::value::Tensor::from_array((shape, $v)).map(|t| t.into_dyn()).map_err(run_err)
+        };
+    }
+    match t.data {
+        TensorData::F32(v) => v!(v),
+        TensorData::F64(v) => v!(v),
+        TensorData::I8(v) => v!(v),
+        TensorData::I16(v) => v!(v),
+        TensorData::I32(v) => v!(v),
+        TensorData::I64(v) => v!(v),
+        TensorData::U8(v) => v!(v),
+        TensorData::U16(v) => v!(v),
+        TensorData::U32(v) => v!(v),
+        TensorData::U64(v) => v!(v),
+        TensorData::Bool(v) => v!(v),
+    }
+}
+
+fn tensor(name: &str, v: &DynValue) -> Result<Tensor, RuntimeError> {
+    let ValueType::Tensor { ty, .. } = v.dtype() else {
+        return Err(run_err(format!("output {name:?} is not a tensor")));
+    };
+    macro_rules! t {
+        ($t:ty, $d:ident) => {{
+            let (shape, data) = v.try_extract_tensor::<$t>().map_err(run_err)?;
+            Tensor { shape: shape.iter().map(|d| *d as usize).collect(), data: TensorData::$d(data.to_vec()) }
+        }};
+    }
+    Ok(match ty {
+        TensorElementType::Float32 => t!(f32, F32),
+        TensorElementType::Float64 => t!(f64, F64),
+        TensorElementType::Int8 => t!(i8, I8),
+        TensorElementType::Int16 => t!(i16, I16),
+        TensorElementType::Int32 => t!(i32, I32),
+        TensorElementType::Int64 => t!(i64, I64),
+        TensorElementType::Uint8 => t!(u8, U8),
+        TensorElementType::Uint16 => t!(u16, U16),
+        TensorElementType::Uint32 => t!(u32, U32),
+        TensorElementType::Uint64 => t!(u64, U64),
+        TensorElementType::Bool => t!(bool, Bool),
+        other => return Err(run_err(format!("output {name:?} has element type {other}"))),
+    })
+}
+
+impl Backend for OrtModel {
+    fn inputs(&self) -> &[TensorSpec] {
+        &self.inputs
+    }
+
+    fn outputs(&self) -> &[TensorSpec] {
+        &self.outputs
+    }
+
+    fn run(&self, inputs: Vec<Tensor>) -> Result<Vec<Tensor>, RuntimeError> {
+        let named: Vec<(String, DynValue)> =
+            self.inputs.iter().zip(inputs).map(|(s, t)| Ok((s.name.clone(), value(t)?))).collect::<Result<_, _>>()?;
+        // A session runs one request at a time through `ort`'s API.
+        let mut session = self.session.lock().map_err(|_| run_err("a run panicked earlier"))?;
+        let out = session.run(named).map_err(run_err)?;
+        self.outputs.iter().map(|o| tensor(&o.name, &out[o.name.as_str()])).collect()
+    }
+}

@@ -1,0 +1,62 @@
+//! The optional onnxruntime backend (feature `onnxruntime`) on the library
+//! the `onnxruntime` wheel on PyPI ships (`scripts/fetch-models` puts it in
+//! target/models/onnxruntime/; `TERN_ONNXRUNTIME` points elsewhere): the
+//! same answers as tract on real models, and clear errors for a library
+//! that is not there.
+#![cfg(feature = "onnxruntime")]
+
+use tern_proto::DType;
+use tern_runtime::ort_backend::{OrtModel, init};
+use tern_runtime::{Backend, SplitMix, TractModel, random_inputs};
+
+fn fixture(name: &str) -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures").join(name)
+}
+
+fn library() -> std::path::PathBuf {
+    let path = std::env::var_os("TERN_ONNXRUNTIME").map(std::path::PathBuf::from).unwrap_or_else(|| {
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target/models/onnxruntime/libonnxruntime.so")
+    });
+    assert!(path.is_file(), "{} is missing: run scripts/fetch-models (scripts/test does)", path.display());
+    path
+}
+
+/// One process, one environment: every case runs in this one test.
+#[test]
+fn onnxruntime_loads_from_the_wheel_s_library_and_agrees_with_tract() {
+    // Not loaded yet: a clear error, not a crash.
+    let e = OrtModel::onnx(&std::fs::read(fixture("iris.onnx")).unwrap(), 1).err().unwrap();
+    assert_eq!(e.to_string(), "cannot load model: onnxruntime is not loaded in this process");
+    let what = init(&library()).unwrap();
+    assert!(what.contains("libonnxruntime.so (ORT Build Info: "), "{what}");
+    // Later calls keep the first library, whatever they name.
+    assert_eq!(init(std::path::Path::new("/nonexistent/libonnxruntime.so")).unwrap(), what);
+
+    let mut rng = SplitMix(7);
+    for (name, threads) in [("iris.onnx", 1), ("scorer-a.onnx", 0), ("lstm.onnx", 1)] {
+        let bytes = std::fs::read(fixture(name)).unwrap();
+        let ort = OrtModel::onnx(&bytes, threads).unwrap();
+        let tract = TractModel::onnx(&bytes).unwrap();
+        let names = |b: &dyn Backend| b.outputs().iter().map(|o| (o.name.clone(), o.dtype)).collect::<Vec<_>>();
+        assert_eq!(names(&ort), names(&tract), "{name}");
+        assert_eq!(ort.inputs()[0].dtype, DType::F32, "{name}");
+        for _ in 0..3 {
+            let inputs = random_inputs(tract.inputs(), &mut rng);
+            let (a, b) = (ort.run(inputs.clone()).unwrap(), tract.run(inputs).unwrap());
+            for (x, y) in a.iter().zip(&b) {
+                assert_eq!(x.shape, y.shape, "{name}");
+                match (&x.data, &y.data) {
+                    (tern_proto::TensorData::F32(p), tern_proto::TensorData::F32(q)) => {
+                        for (p, q) in p.iter().zip(q) {
+                            assert!((p - q).abs() <= 1e-4 * (1.0 + q.abs()), "{name}: {p} vs {q}");
+                        }
+                    }
+                    (p, q) => assert_eq!(p, q, "{name}"),
+                }
+            }
+        }
+    }
+    // Bytes that are not a model: refused with onnxruntime's reason.
+    let e = OrtModel::onnx(b"not a model", 1).err().unwrap().to_string();
+    assert!(e.starts_with("cannot load model: onnxruntime: "), "{e}");
+}
