@@ -23,6 +23,10 @@ struct Profile {
     max_batch: Option<usize>,
     #[serde(default)]
     request_memory_mb: Option<usize>,
+    #[serde(default)]
+    onnxruntime: Option<String>,
+    #[serde(default)]
+    onnxruntime_providers: Vec<String>,
     /// What `tern compile` checks against; the agent has no use for it.
     #[serde(default)]
     #[allow(dead_code)]
@@ -47,7 +51,7 @@ fn main() {
         let p: Profile = toml::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
         writeln!(
             out,
-            "    ({name:?}, Profile {{ version: {}, arch: {:?}, description: {:?}, cores: {:?}, memory_mb: {:?}, accelerators: &{:?}, threads_per_model: {}, queue_per_model: {}, max_batch: {:?}, request_memory_mb: {:?} }}),",
+            "    ({name:?}, Profile {{ version: {}, arch: {:?}, description: {:?}, cores: {:?}, memory_mb: {:?}, accelerators: &{:?}, threads_per_model: {}, queue_per_model: {}, max_batch: {:?}, request_memory_mb: {:?}, onnxruntime: {:?}, onnxruntime_providers: &{:?} }}),",
             p.version,
             p.arch,
             p.description,
@@ -58,6 +62,8 @@ fn main() {
             p.queue_per_model,
             p.max_batch,
             p.request_memory_mb,
+            p.onnxruntime,
+            p.onnxruntime_providers,
         )
         .unwrap();
     }

@@ -49,6 +49,7 @@ fn m(name: &str, version: u32) -> ModelManifest {
             tolerance_ppm: 100,
         }),
         update: Some(policy()),
+        alternative: None,
     }
 }
 
@@ -1116,6 +1117,7 @@ fn tested_with_window(window: MaintenanceWindow, t0: Instant, local: Option<Loca
     }
     let v2 = ModelManifest {
         update: Some(UpdatePolicy { window: Some(window), shadow_requests: 0, ..policy() }),
+        alternative: None,
         ..m("iris", 2)
     };
     s.set_desired(2, vec![v2], t0);

@@ -294,6 +294,7 @@ async fn list(State(shared): State<Arc<Shared>>) -> Json<Value> {
                 "queue": s.gate.queue(),
                 "max_body": { "json": s.limits.json_body, "binary": s.limits.binary_body },
                 "sha256": s.manifest.sha256,
+                "format": s.manifest.format,
                 "inputs": s.backend.inputs(),
                 "outputs": s.backend.outputs(),
                 "requests": s.requests.load(Ordering::Relaxed),

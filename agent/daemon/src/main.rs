@@ -104,6 +104,12 @@ enum Cmd {
         /// How long one health hook check may take before it counts as failed.
         #[arg(long, default_value_t = 2000, value_parser = clap::value_parser!(u64).range(1..=600_000))]
         health_hook_timeout_ms: u64,
+        /// The device's libonnxruntime: loaded at start (default: the device
+        /// profile's `onnxruntime`), it runs ONNX artifacts, and the
+        /// onnxruntime artifacts a version offers in place of its tract one.
+        /// If it cannot be loaded the agent says why and runs tract.
+        #[arg(long, env = "TERN_ONNXRUNTIME")]
+        onnxruntime: Option<PathBuf>,
     },
 }
 
@@ -152,13 +158,14 @@ fn main() -> ExitCode {
                 formats,
                 health_hook,
                 health_hook_timeout_ms,
+                onnxruntime,
             } => {
                 let asked = profiles::Asked { threads, queue, max_batch, max_elements, request_memory_mb };
                 let hooks = runner::Hooks {
                     by_model: health_hook.into_iter().collect(),
                     timeout: std::time::Duration::from_millis(health_hook_timeout_ms),
                 };
-                run(&cli.data_dir, listen, socket, asked, formats, hooks).await
+                run(&cli.data_dir, listen, socket, asked, formats, hooks, onnxruntime).await
             }
         }
     });
@@ -219,13 +226,16 @@ async fn run(
     asked: profiles::Asked,
     formats: Vec<ModelFormat>,
     hooks: runner::Hooks,
+    onnxruntime: Option<PathBuf>,
 ) -> Result<()> {
+    let identity = Arc::new(identity::Identity::load(data_dir)?);
+    let profile = profiles::lookup(&identity.info.profile);
+    let onnxruntime = onnxruntime.or_else(|| profile.and_then(|p| p.onnxruntime).map(PathBuf::from));
+    let prefer = onnxruntime.and_then(|lib| load_onnxruntime(&lib, profile.map_or(&[], |p| p.onnxruntime_providers)));
     let formats = if formats.is_empty() { tern_runtime::formats() } else { formats };
     if let Some(f) = formats.iter().find(|f| !tern_runtime::supports(**f)) {
         anyhow::bail!("--formats: this agent build cannot run {f} artifacts");
     }
-    let identity = Arc::new(identity::Identity::load(data_dir)?);
-    let profile = profiles::lookup(&identity.info.profile);
     match &profile {
         Some(p) => {
             info!(profile = %identity.info.profile, description = %p.description, arch = %p.arch, cores = ?p.cores,
@@ -314,7 +324,8 @@ async fn run(
         identity.info.device_id.clone(),
         identity.info.profile.clone(),
         &data_dir.join("identity"),
-    )?;
+    )?
+    .preferring(prefer);
     let live = Arc::new(Mutex::new(BTreeSet::new()));
     let persister = store::Persister::spawn(store.clone(), live.clone())?;
     let work = Arc::new(DaemonWork { store: store.clone(), conn_rx });
@@ -344,6 +355,28 @@ async fn run(
 }
 
 /// Downloads over the coordinator session, loads from `models/`.
+/// Loads the device's onnxruntime; the backend to prefer if it loaded.
+fn load_onnxruntime(lib: &Path, providers: &[&str]) -> Option<String> {
+    #[cfg(feature = "onnxruntime")]
+    let loaded = match tern_runtime::ort_backend::init(lib, providers) {
+        Ok(what) => {
+            info!(library = %what, ?providers, "onnxruntime loaded: it runs ONNX artifacts");
+            Some("onnxruntime".into())
+        }
+        Err(e) => {
+            warn!("{e}; running tract only");
+            None
+        }
+    };
+    #[cfg(not(feature = "onnxruntime"))]
+    let loaded = {
+        let _ = providers;
+        warn!(library = %lib.display(), "this agent build has no onnxruntime backend; running tract only");
+        None
+    };
+    loaded
+}
+
 struct DaemonWork {
     store: Arc<store::Store>,
     conn_rx: watch::Receiver<link::Session>,

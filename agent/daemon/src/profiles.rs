@@ -25,6 +25,10 @@ pub struct Profile {
     pub max_batch: Option<usize>,
     /// Request memory of the local API, in MiB.
     pub request_memory_mb: Option<usize>,
+    /// Where the device's libonnxruntime is, if it has one.
+    pub onnxruntime: Option<&'static str>,
+    /// onnxruntime execution providers to ask for before the CPU.
+    pub onnxruntime_providers: &'static [&'static str],
 }
 
 include!(concat!(env!("OUT_DIR"), "/profiles.rs"));

@@ -802,6 +802,7 @@ mod tests {
             created_at: 0,
             selftest: Some(SelfTestRef { sha256: Sha256Digest::of(&g), size: g.len() as u64, tolerance_ppm: 100 }),
             update: None,
+            alternative: None,
         }
     }
 
@@ -918,6 +919,7 @@ mod tests {
         let agent = Agent::start_with(Stand { slow: None, factor: |_| 1.0 }, FullAtProbation);
         let quick = |v| ModelManifest {
             update: Some(tern_proto::UpdatePolicy { probation_secs: 0, ..Default::default() }),
+            alternative: None,
             ..manifest(v)
         };
         agent.desire(1, quick(1)).await;

@@ -167,6 +167,9 @@ impl From<StoredManifest> for ModelManifest {
             created_at: m.created_at,
             selftest: m.selftest,
             update: m.update,
+            // What the agent runs is stored: a chosen alternative is in the
+            // fields above already.
+            alternative: None,
         }
     }
 }
@@ -726,6 +729,7 @@ mod tests {
             created_at: 1_700_000_000,
             selftest: None,
             update: None,
+            alternative: None,
         }
     }
 
@@ -792,6 +796,7 @@ mod tests {
                 candidate: Some(ModelManifest {
                     selftest: Some(SelfTestRef { sha256: Sha256Digest::of(b"golden"), size: 9, tolerance_ppm: 100 }),
                     update: Some(UpdatePolicy { probation_secs: 7, ..UpdatePolicy::default() }),
+                    alternative: None,
                     ..m("iris", 3)
                 }),
                 stage: Stage::GaveUp { reason: "self-test failed".into(), rolled_back: false },

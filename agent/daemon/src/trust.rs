@@ -74,6 +74,9 @@ pub struct Trust {
     device: DeviceId,
     /// The device's profile: its compiled artifacts have their own targets.
     profile: String,
+    /// A backend this agent has whose alternative artifacts it runs in
+    /// place of a version's main one (`onnxruntime` once loaded).
+    prefer: Option<String>,
     tuf: Option<TrustedSet>,
     /// Whether a desired state signed for this device was ever taken: from
     /// then on an unsigned one (an older wire) is refused.
@@ -95,6 +98,7 @@ impl Trust {
             registry_key,
             device,
             profile: String::new(),
+            prefer: None,
             tuf: None,
             signed: false,
             dir: None,
@@ -132,7 +136,24 @@ impl Trust {
             info!(root = set.root().body.version, "TUF root trusted");
         }
         let signed = dir.join(SIGNED_FILE).exists();
-        Ok(Self { registry_key, device, profile, tuf, signed, dir: Some(dir.to_path_buf()), unsaved: false, broken })
+        Ok(Self {
+            registry_key,
+            device,
+            profile,
+            prefer: None,
+            tuf,
+            signed,
+            dir: Some(dir.to_path_buf()),
+            unsaved: false,
+            broken,
+        })
+    }
+
+    /// Takes a version's alternative for `backend` in place of its main
+    /// artifact, when it has one (checked like the main one).
+    pub fn preferring(mut self, backend: Option<String>) -> Self {
+        self.prefer = backend;
+        self
     }
 
     /// The trust state to persist if it changed since last asked (taken
@@ -175,6 +196,9 @@ impl Trust {
             None => None,
         };
         let manifests = verify_manifests(&self.registry_key, &state.models)?;
+        // What this agent will run, each checked against TUF below.
+        let manifests: Vec<ModelManifest> =
+            manifests.into_iter().map(|m| self.prefer.as_deref().and_then(|b| m.for_backend(b)).unwrap_or(m)).collect();
         let refreshed = match (tuf, &self.tuf) {
             (Some(meta), trusted) => Some(refresh(trusted.as_ref(), meta, &self.registry_key, clock)?),
             (None, Some(t)) => {
@@ -302,6 +326,7 @@ mod tests {
             created_at: 0,
             selftest: None,
             update: None,
+            alternative: None,
         };
         DesiredState { generation, models: vec![key.sign(&m, ManifestEncoding::CanonicalJson).unwrap()] }
     }

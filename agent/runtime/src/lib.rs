@@ -20,7 +20,7 @@ pub use burn_backend::BurnModel;
 pub use guard::run_guarded;
 pub use inputs::{SplitMix, random_inputs};
 #[cfg(feature = "onnx")]
-pub use onnx::{ReferenceModel, compile_onnx, onnx_inputs, onnx_to_nnef};
+pub use onnx::{ReferenceModel, compile_onnx, onnx_inputs, onnx_to_nnef, onnx_with_consts};
 pub use tern_proto::{Tensor, TensorData};
 pub use tract_backend::TractModel;
 
@@ -65,11 +65,15 @@ pub fn sniff_format(bytes: &[u8]) -> ModelFormat {
     }
 }
 
-/// Loads an artifact of any format this build runs. It takes the bytes: a
+/// Loads an artifact of any format this build runs; ONNX on onnxruntime
+/// (one thread a run) once [`ort_backend::init`] has loaded it in this
+/// process, else on tract. It takes the bytes: a
 /// built-in model's weights reuse their buffer, and every format frees them
 /// once loaded, so a load holds about one copy of the model at its peak.
 pub fn load(format: ModelFormat, bytes: Vec<u8>) -> Result<Box<dyn Backend>, RuntimeError> {
     match format {
+        #[cfg(feature = "onnxruntime")]
+        ModelFormat::Onnx if ort_backend::loaded() => Ok(Box::new(ort_backend::OrtModel::onnx(&bytes, 1)?)),
         ModelFormat::Onnx | ModelFormat::Nnef => Ok(Box::new(TractModel::load(format, &bytes)?)),
         #[cfg(feature = "burn")]
         ModelFormat::Burn => Ok(Box::new(BurnModel::load(bytes)?)),
@@ -89,6 +93,10 @@ pub fn backends() -> Vec<&'static str> {
     if cfg!(feature = "onnx") {
         out.push("tract-onnx");
     }
+    #[cfg(feature = "onnxruntime")]
+    if ort_backend::loaded() {
+        out.push("onnxruntime");
+    }
     if cfg!(feature = "flex") {
         out.push("burn-flex");
     } else if cfg!(feature = "ndarray") {
@@ -101,9 +109,16 @@ pub fn backends() -> Vec<&'static str> {
 pub fn supports(format: ModelFormat) -> bool {
     match format {
         ModelFormat::Nnef => true,
-        ModelFormat::Onnx => cfg!(feature = "onnx"),
+        ModelFormat::Onnx => cfg!(feature = "onnx") || onnxruntime_loaded(),
         ModelFormat::Burn => cfg!(feature = "burn"),
     }
+}
+
+fn onnxruntime_loaded() -> bool {
+    #[cfg(feature = "onnxruntime")]
+    return ort_backend::loaded();
+    #[cfg(not(feature = "onnxruntime"))]
+    false
 }
 
 /// Checks count, element type and shape of `inputs` against `specs`, with

@@ -124,6 +124,55 @@ pub fn compile_onnx(
     crate::tract_backend::nnef().write_to_tar(&typed, Vec::new()).map_err(load_err)
 }
 
+/// The source as onnxruntime should run it on a device: each input in
+/// `consts` made an initializer holding that value (no longer an input)
+/// and each `If` on one replaced by the branch it takes, so that it has the
+/// compiled artifact's signature. Shapes stay as the source declares them.
+pub fn onnx_with_consts(bytes: &[u8], consts: &BTreeMap<String, Tensor>) -> Result<Vec<u8>, RuntimeError> {
+    use tract_onnx::pb::TensorProto;
+    let mut proto = tract_onnx::onnx().proto_model_for_read(&mut &*bytes).map_err(load_err)?;
+    let graph = proto.graph.as_mut().ok_or_else(|| RuntimeError::Load("the model has no graph".into()))?;
+    fold_ifs(graph, consts);
+    for (name, t) in consts {
+        let before = graph.input.len();
+        graph.input.retain(|i| i.name != *name);
+        if graph.input.len() == before {
+            return Err(RuntimeError::Load(format!("the model has no input {name:?}")));
+        }
+        let (data_type, raw_data) = raw(t);
+        graph.initializer.retain(|i| i.name != *name);
+        graph.initializer.push(TensorProto {
+            dims: t.shape.iter().map(|d| *d as i64).collect(),
+            data_type,
+            raw_data,
+            name: name.clone(),
+            ..TensorProto::default()
+        });
+    }
+    Ok(prost::Message::encode_to_vec(&proto))
+}
+
+/// ONNX's element type code and little-endian bytes of `t`.
+fn raw(t: &Tensor) -> (i32, Vec<u8>) {
+    use tern_proto::TensorData as D;
+    fn le<T: Copy, const N: usize>(v: &[T], f: fn(T) -> [u8; N]) -> Vec<u8> {
+        v.iter().flat_map(|x| f(*x)).collect()
+    }
+    match &t.data {
+        D::F32(v) => (1, le(v, f32::to_le_bytes)),
+        D::U8(v) => (2, v.clone()),
+        D::I8(v) => (3, le(v, i8::to_le_bytes)),
+        D::U16(v) => (4, le(v, u16::to_le_bytes)),
+        D::I16(v) => (5, le(v, i16::to_le_bytes)),
+        D::I32(v) => (6, le(v, i32::to_le_bytes)),
+        D::I64(v) => (7, le(v, i64::to_le_bytes)),
+        D::Bool(v) => (9, v.iter().map(|b| u8::from(*b)).collect()),
+        D::F64(v) => (11, le(v, f64::to_le_bytes)),
+        D::U32(v) => (12, le(v, u32::to_le_bytes)),
+        D::U64(v) => (13, le(v, u64::to_le_bytes)),
+    }
+}
+
 /// Replaces each `If` whose condition is one of `consts` by the branch it
 /// takes, in the protobuf, before tract sees it: tract types both branches
 /// of an `If`, and refuses one whose branches differ in shape (a mode flag

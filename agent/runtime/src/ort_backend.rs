@@ -12,25 +12,53 @@ use tern_proto::{DType, TensorSpec};
 
 /// The loaded library's environment, once per process (onnxruntime allows
 /// one), or why it could not be loaded.
-static ENV: OnceLock<Result<(ort::environment::Environment, String), String>> = OnceLock::new();
+static ENV: OnceLock<Result<Loaded, String>> = OnceLock::new();
+
+struct Loaded {
+    env: ort::environment::Environment,
+    what: String,
+    providers: Vec<Provider>,
+}
+
+/// An execution provider sessions ask for before the CPU one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Provider {
+    TensorRt,
+    Cuda,
+}
 
 /// Loads `libonnxruntime` from `library` for this process, once; later
-/// calls return the first outcome whatever path they give. The answer is
-/// the library's path and version. A library older than the C API this
+/// calls return the first outcome whatever they give. `providers` (from
+/// the device profile: `tensorrt`, `cuda`) are asked for first by every
+/// session; a library built without one falls back to the CPU. The answer
+/// names the library and its build. A library older than the C API this
 /// build needs (onnxruntime 1.22) is refused with its version.
-pub fn init(library: &Path) -> Result<String, RuntimeError> {
+pub fn init(library: &Path, providers: &[&str]) -> Result<String, RuntimeError> {
     let outcome = ENV.get_or_init(|| {
+        let providers = providers
+            .iter()
+            .map(|p| match *p {
+                "tensorrt" => Ok(Provider::TensorRt),
+                "cuda" => Ok(Provider::Cuda),
+                other => Err(format!("unknown execution provider {other:?} (known: tensorrt, cuda)")),
+            })
+            .collect::<Result<Vec<_>, _>>()?;
         let env = ort::init_from(library)
             .map_err(|e| format!("{e}"))?
             .with_name("tern")
             .build()
             .map_err(|e| format!("{e}"))?;
-        Ok((env, format!("{} ({})", library.display(), ort::info())))
+        Ok(Loaded { env, what: format!("{} ({})", library.display(), ort::info()), providers })
     });
     match outcome {
-        Ok((_, what)) => Ok(what.clone()),
+        Ok(l) => Ok(l.what.clone()),
         Err(e) => Err(RuntimeError::Load(format!("onnxruntime: {e}"))),
     }
+}
+
+/// Whether [`init`] loaded a library in this process.
+pub fn loaded() -> bool {
+    matches!(ENV.get(), Some(Ok(_)))
 }
 
 /// An ONNX model on onnxruntime's CPU execution provider.
@@ -78,12 +106,23 @@ impl OrtModel {
     /// Loads an ONNX model; [`init`] must have succeeded. `threads` is
     /// onnxruntime's intra-op thread count (0: its default).
     pub fn onnx(bytes: &[u8], threads: usize) -> Result<Self, RuntimeError> {
-        let env = match ENV.get() {
-            Some(Ok((env, _))) => env,
+        let loaded = match ENV.get() {
+            Some(Ok(l)) => l,
             Some(Err(e)) => return Err(err(e)),
             None => return Err(RuntimeError::Load("onnxruntime is not loaded in this process".into())),
         };
-        let mut builder = Session::builder(env).map_err(err)?;
+        let mut builder = Session::builder(&loaded.env).map_err(err)?;
+        if !loaded.providers.is_empty() {
+            let eps: Vec<ort::ep::ExecutionProviderDispatch> = loaded
+                .providers
+                .iter()
+                .map(|p| match p {
+                    Provider::TensorRt => ort::ep::TensorRT::default().build(),
+                    Provider::Cuda => ort::ep::CUDA::default().build(),
+                })
+                .collect();
+            builder = builder.with_execution_providers(eps).map_err(err)?;
+        }
         if threads > 0 {
             builder = builder.with_intra_threads(threads).map_err(err)?;
         }

@@ -27,10 +27,10 @@ fn onnxruntime_loads_from_the_wheel_s_library_and_agrees_with_tract() {
     // Not loaded yet: a clear error, not a crash.
     let e = OrtModel::onnx(&std::fs::read(fixture("iris.onnx")).unwrap(), 1).err().unwrap();
     assert_eq!(e.to_string(), "cannot load model: onnxruntime is not loaded in this process");
-    let what = init(&library()).unwrap();
+    let what = init(&library(), &[]).unwrap();
     assert!(what.contains("libonnxruntime.so (ORT Build Info: "), "{what}");
     // Later calls keep the first library, whatever they name.
-    assert_eq!(init(std::path::Path::new("/nonexistent/libonnxruntime.so")).unwrap(), what);
+    assert_eq!(init(std::path::Path::new("/nonexistent/libonnxruntime.so"), &["cuda"]).unwrap(), what);
 
     let mut rng = SplitMix(7);
     for (name, threads) in [("iris.onnx", 1), ("scorer-a.onnx", 0), ("lstm.onnx", 1)] {

@@ -10,7 +10,7 @@ fn a_library_that_is_not_onnxruntime_leaves_the_backend_unavailable_with_the_rea
     let dir = tempfile::tempdir().unwrap();
     let fake = dir.path().join("libonnxruntime.so");
     std::fs::write(&fake, b"not a shared library").unwrap();
-    let e = init(&fake).unwrap_err().to_string();
+    let e = init(&fake, &[]).unwrap_err().to_string();
     assert!(e.starts_with("cannot load model: onnxruntime: failed to load from `"), "{e}");
     assert!(e.contains("libonnxruntime.so"), "{e}");
     let model =

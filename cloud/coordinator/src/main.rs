@@ -65,6 +65,12 @@ enum Cmd {
         /// Run it on onnxruntime from this library instead.
         #[arg(long)]
         onnxruntime: Option<PathBuf>,
+        /// Outputs its first answer must match (binary tensor encoding).
+        #[arg(long)]
+        expect: Option<PathBuf>,
+        /// How far from them, in millionths of 1 + |expected|.
+        #[arg(long, default_value_t = 100)]
+        tolerance_ppm: u32,
     },
 }
 
@@ -119,9 +125,9 @@ fn main() -> ExitCode {
             let (data_dir, admin, token_file) = (cli.data_dir, cli.admin, cli.token_file);
             compile::run(args, || cli::Client::new(&data_dir, admin, token_file.as_deref()), cli.json)
         }
-        Cmd::ProbeModel { file, inputs, onnxruntime } => {
+        Cmd::ProbeModel { file, inputs, onnxruntime, expect, tolerance_ppm } => {
             init_logs("warn");
-            compile::probe_model(&file, &inputs, onnxruntime.as_deref())
+            compile::probe_model(&file, &inputs, onnxruntime.as_deref(), expect.as_deref(), tolerance_ppm)
         }
     };
     match result {

@@ -129,7 +129,6 @@ fn a_real_detector_raw_tract_refuses_is_registered_compiled_for_its_profile_and_
     for backend in ["tract", "onnxruntime"] {
         assert!(report["latency"][backend]["p50_us"].as_u64().unwrap() > 0, "{backend}: {r}");
     }
-    assert_eq!(report["backend"], "tract", "what agents run: {r}");
     assert_eq!(r["inputs"], serde_json::json!(["x: f32[1,3,64,64]"]), "{r}");
     assert!(report["errors"][0]["max_scaled"].as_f64().unwrap() <= 1e-4, "{r}");
     assert!(report["latency"]["tract"]["runs"].as_u64().unwrap() >= 10, "{r}");
@@ -151,16 +150,48 @@ fn a_real_detector_raw_tract_refuses_is_registered_compiled_for_its_profile_and_
     }
     assert_eq!(targets.matches(sha).count(), 2, "{targets}");
 
-    // The agent gets the rpi4 artifact, self-tests it and serves it.
-    coord.ok(&["fleet", "assign", "cam-01", "det:1"]);
-    agent.start();
-    agent.wait_serving("det", 1);
-    let zeros = vec!["0.5"; 3 * 64 * 64].join(",");
-    let (status, answer) =
-        agent.post("/v1/models/det:predict", &format!(r#"{{"inputs":[{{"shape":[1,3,64,64],"data":[{zeros}]}}]}}"#));
-    assert_eq!(status, 200, "{answer}");
-    assert_eq!(answer["outputs"][0]["shape"], serde_json::json!([1, 1, 64, 64]), "{answer}");
+    // onnxruntime was the faster here: offered beside the tract artifact.
+    assert_eq!(report["backend"], "onnxruntime", "{r}");
+    let stored = coord.json(&["model", "show", "det:1"]);
+    let alt = &stored["targets"]["rpi4"]["alternative"];
+    assert_eq!(
+        (&alt["backend"], &alt["format"]),
+        (&serde_json::json!("onnxruntime"), &serde_json::json!("onnx")),
+        "{stored}"
+    );
+    // Listed at rpi4's path for its format, and nowhere else.
+    let targets = std::fs::read_to_string(work.path().join("repo/targets.json")).unwrap();
+    assert!(targets.contains("\"det/1/rpi4/model.onnx\""), "{targets}");
+    assert_eq!(targets.matches(alt["sha256"].as_str().unwrap()).count(), 1, "{targets}");
+
+    // cam-01's onnxruntime cannot be loaded: it gets the rpi4 artifact,
+    // self-tests it and serves it on tract. cam-02 has the library: it runs the
+    // onnxruntime artifact, on the same golden vectors.
+    let mut ort_agent = Agent::enrolled(&coord, "cam-02");
+    for (id, agent, args) in [
+        ("cam-01", &mut agent, vec!["--onnxruntime", "/nonexistent/libonnxruntime.so"]),
+        ("cam-02", &mut ort_agent, vec!["--onnxruntime", ort.to_str().unwrap()]),
+    ] {
+        coord.ok(&["fleet", "assign", id, "det:1"]);
+        agent.start_with(&args);
+        agent.wait_serving("det", 1);
+        let zeros = vec!["0.5"; 3 * 64 * 64].join(",");
+        let (status, answer) = agent
+            .post("/v1/models/det:predict", &format!(r#"{{"inputs":[{{"shape":[1,3,64,64],"data":[{zeros}]}}]}}"#));
+        assert_eq!(status, 200, "{id}: {answer}");
+        assert_eq!(answer["outputs"][0]["shape"], serde_json::json!([1, 1, 64, 64]), "{id}: {answer}");
+    }
+    let served = |agent: &Agent| {
+        let m = agent.models();
+        let det = m["models"].as_array().unwrap().iter().find(|m| m["name"] == "det").cloned().unwrap();
+        (det["format"].as_str().unwrap().to_owned(), det["sha256"].as_str().unwrap().to_owned())
+    };
+    assert_eq!(served(&agent), ("nnef".to_owned(), r["sha256"].as_str().unwrap().to_owned()));
+    assert_eq!(served(&ort_agent), ("onnx".to_owned(), alt["sha256"].as_str().unwrap().to_owned()));
+    assert!(ort_agent.logs().contains("onnxruntime loaded"), "{}", ort_agent.logs());
+    let logs = agent.logs();
+    assert!(logs.contains("/nonexistent/libonnxruntime.so") && logs.contains("running tract only"), "{logs}");
     // A recompile would change what cam-01 runs: refused while assigned.
     let e = coord.fails(&["compile", "det:1", "--target", "rpi4", "--cases", "1"]);
-    assert!(e.contains("det:1 is assigned to cam-01, whose artifact this would change"), "{e}");
+    assert!(e.contains("det:1 is assigned to cam-01, cam-02, whose artifact this would change"), "{e}");
 }

@@ -605,6 +605,7 @@ mod tests {
             selftest: None,
             compiled_at: 7,
             report: crate::CompileReport { fit: Some(fit), backend: "tract".into(), ..Default::default() },
+            alternative: None,
         }
     }
 

@@ -124,6 +124,7 @@ impl ModelVersion {
             created_at: self.created_at,
             selftest: self.selftest,
             update: None,
+            alternative: None,
         }
     }
 
@@ -160,6 +161,7 @@ impl ModelVersion {
                 inputs: t.inputs.clone(),
                 outputs: t.outputs.clone(),
                 selftest: t.selftest,
+                alternative: t.alternative.clone(),
                 ..self.manifest()
             },
         })
@@ -169,7 +171,10 @@ impl ModelVersion {
     /// compiled artifact, and their golden vectors.
     pub fn files(&self) -> impl Iterator<Item = Sha256Digest> + '_ {
         let own = [Some(self.sha256), self.selftest.map(|s| s.sha256)];
-        let targets = self.targets.values().flat_map(|t| [Some(t.sha256), t.selftest.map(|s| s.sha256)]);
+        let targets = self
+            .targets
+            .values()
+            .flat_map(|t| [Some(t.sha256), t.selftest.map(|s| s.sha256), t.alternative.as_ref().map(|a| a.sha256)]);
         own.into_iter().chain(targets).flatten()
     }
 }
@@ -194,6 +199,10 @@ pub struct TargetArtifact {
     pub compiled_at: u64,
     /// What `tern compile` reported.
     pub report: CompileReport,
+    /// The same model for another backend (onnxruntime), which agents that
+    /// have it run instead.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub alternative: Option<tern_proto::Alternative>,
 }
 
 /// What `tern compile` measured for one artifact.

@@ -26,9 +26,9 @@ pub use frame::{
 pub use golden::{GoldenCase, MAX_GOLDEN_BYTES, MAX_GOLDEN_CASES, compare_outputs, decode_golden, encode_golden};
 pub use ids::{DeviceId, IdError, ModelRef, Sha256Digest};
 pub use manifest::{
-    DEFAULT_READY_SECS, DEFAULT_SHADOW_TOLERANCE_PPM, DType, LocalTime, MINUTES_PER_DAY, MaintenanceWindow,
-    ManifestEncoding, ManifestError, ModelFormat, ModelManifest, SelfTestRef, ShadowCompare, SignedManifest,
-    TensorSpec, UpdatePolicy,
+    Alternative, DEFAULT_READY_SECS, DEFAULT_SHADOW_TOLERANCE_PPM, DType, LocalTime, MINUTES_PER_DAY,
+    MaintenanceWindow, ManifestEncoding, ManifestError, ModelFormat, ModelManifest, SelfTestRef, ShadowCompare,
+    SignedManifest, TensorSpec, UpdatePolicy,
 };
 pub use msg::{
     ArtifactHeader, DesiredState, EnrollRequest, EnrollResponse, ErrorCode, FetchArtifact, Hello, MAX_HISTORY, Message,

@@ -148,9 +148,43 @@ pub struct ModelManifest {
     /// (absent: [`UpdatePolicy::default`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub update: Option<UpdatePolicy>,
+    /// The same model for another backend, which an agent that has that
+    /// backend may run instead (onnxruntime where the device has the
+    /// library); an agent without it, or from before this field, runs the
+    /// artifact above. Same signature, same golden vectors.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub alternative: Option<Alternative>,
+}
+
+/// An artifact of a version for one backend (see
+/// [`ModelManifest::alternative`]).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct Alternative {
+    /// The backend that runs it: `onnxruntime`.
+    pub backend: String,
+    /// Digest of the artifact's bytes.
+    pub sha256: Sha256Digest,
+    /// Size of the artifact in bytes.
+    pub size: u64,
+    /// Artifact format.
+    pub format: ModelFormat,
 }
 
 impl ModelManifest {
+    /// The manifest as an agent with `backend` runs it: its alternative for
+    /// that backend in place of the artifact (and no alternative left);
+    /// `None` if it has none for that backend.
+    pub fn for_backend(&self, backend: &str) -> Option<ModelManifest> {
+        let alt = self.alternative.as_ref().filter(|a| a.backend == backend)?;
+        Some(ModelManifest {
+            sha256: alt.sha256,
+            size: alt.size,
+            format: alt.format,
+            alternative: None,
+            ..self.clone()
+        })
+    }
+
     /// The update policy in force for this version.
     pub fn policy(&self) -> UpdatePolicy {
         self.update.unwrap_or_default()

@@ -308,6 +308,7 @@ impl From<ModelManifest> for cur_m::ModelManifest {
             created_at: m.created_at,
             selftest: None,
             update: None,
+            alternative: None,
         }
     }
 }

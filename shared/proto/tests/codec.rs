@@ -43,6 +43,7 @@ fn manifest() -> impl Strategy<Value = ModelManifest> {
             created_at,
             selftest: None,
             update: None,
+            alternative: None,
         })
 }
 

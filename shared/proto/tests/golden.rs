@@ -66,6 +66,7 @@ fn manifest() -> ModelManifest {
         created_at: 1_700_000_000,
         selftest: None,
         update: None,
+        alternative: None,
     }
 }
 

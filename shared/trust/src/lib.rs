@@ -156,6 +156,7 @@ mod tests {
             created_at: 1_700_000_000,
             selftest: None,
             update: None,
+            alternative: None,
         }
     }
 

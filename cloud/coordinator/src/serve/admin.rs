@@ -319,6 +319,7 @@ async fn register(
         created_at: new.now,
         selftest: new.selftest,
         update: Some(state.policy),
+        alternative: None,
     };
     check_canonical(&probe)?;
     let n = name.clone();
@@ -332,6 +333,15 @@ struct TargetBody {
     /// The compiled artifact, uploaded.
     sha256: Sha256Digest,
     report: CompileReport,
+    /// The same model for onnxruntime, uploaded.
+    #[serde(default)]
+    alternative: Option<AlternativeBody>,
+}
+
+#[derive(Deserialize)]
+struct AlternativeBody {
+    backend: String,
+    sha256: Sha256Digest,
 }
 
 /// Stores a compiled artifact for one profile: loaded with the agents'
@@ -353,8 +363,10 @@ async fn set_target(
             "a compiled artifact needs its fit check: store it with `tern compile NAME:V --target PROFILE`",
         ));
     }
-    if report.backend != "tract" {
-        return Err(bad(format!("backend {:?}: agents run compiled artifacts on tract", report.backend)));
+    match (&body.alternative, report.backend.as_str()) {
+        (None, "tract") | (Some(_), "tract" | "onnxruntime") => {}
+        (None, other) => return Err(bad(format!("backend {other:?} needs its artifact (alternative)"))),
+        (Some(_), other) => return Err(bad(format!("backend {other:?}: agents run tract or onnxruntime"))),
     }
     let path = state.artifacts.path(&body.sha256);
     let bytes = tokio::fs::read(&path).await.map_err(|_| {
@@ -371,6 +383,45 @@ async fn set_target(
     })
     .await
     .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))??;
+    let alternative = match body.alternative {
+        None => None,
+        Some(a) => {
+            if a.backend != "onnxruntime" {
+                return Err(bad(format!("alternative for backend {:?}: only onnxruntime has one", a.backend)));
+            }
+            let path = state.artifacts.path(&a.sha256);
+            let onnx = tokio::fs::read(&path).await.map_err(|_| {
+                ApiError(StatusCode::NOT_FOUND, format!("no artifact with sha256 {}; upload it first", a.sha256))
+            })?;
+            let declared = tern_runtime::onnx_inputs(&onnx)
+                .map_err(|e| ApiError(StatusCode::UNPROCESSABLE_ENTITY, format!("alternative refused (onnx): {e}")))?;
+            let fits = declared.len() == inputs.len()
+                && declared.iter().zip(&inputs).all(|(d, i)| {
+                    d.name == i.name
+                        && d.dtype == i.dtype
+                        && d.shape.len() == i.shape.len()
+                        && d.shape.iter().zip(&i.shape).all(|(d, i)| d.is_none() || d == i)
+                });
+            if !fits {
+                let list =
+                    |s: &[tern_proto::TensorSpec]| s.iter().map(|s| s.to_string()).collect::<Vec<_>>().join(", ");
+                return Err(ApiError(
+                    StatusCode::UNPROCESSABLE_ENTITY,
+                    format!(
+                        "alternative refused: its inputs ({}) are not the artifact's ({})",
+                        list(&declared),
+                        list(&inputs)
+                    ),
+                ));
+            }
+            Some(tern_proto::Alternative {
+                backend: a.backend,
+                sha256: a.sha256,
+                size: onnx.len() as u64,
+                format: ModelFormat::Onnx,
+            })
+        }
+    };
     if let Some(fit) = &mut report.fit {
         fit.speed_factor = settings.speed_factor;
         fit.estimated_p99_us = settings.estimate_p99_us(fit.host_p99_us);
@@ -380,8 +431,17 @@ async fn set_target(
     }
     let tolerance_ppm = record.selftest.map_or(golden::DEFAULT_TOLERANCE_PPM, |t| t.tolerance_ppm);
     let selftest = store_golden(&state, golden, tolerance_ppm).await?;
-    let target =
-        TargetArtifact { sha256: sha, size, format, inputs, outputs, selftest, compiled_at: unix_now(), report };
+    let target = TargetArtifact {
+        sha256: sha,
+        size,
+        format,
+        inputs,
+        outputs,
+        selftest,
+        compiled_at: unix_now(),
+        report,
+        alternative,
+    };
     let manifest = tern_proto::ModelManifest {
         sha256: target.sha256,
         size,
@@ -390,6 +450,7 @@ async fn set_target(
         outputs: target.outputs.clone(),
         selftest,
         update: Some(state.policy),
+        alternative: target.alternative.clone(),
         ..record.manifest()
     };
     check_canonical(&manifest)?;

@@ -303,19 +303,19 @@ fn listed(versions: &[ModelVersion]) -> Vec<Listed> {
             profile: None,
         });
         for (profile, t) in &v.targets {
-            let path = tern_trust::tuf::profile_target_path(&v.name, v.version, profile, t.format);
-            out.push(Listed {
-                name: v.name.clone(),
-                version: v.version,
-                path,
-                sha256: t.sha256,
-                size: t.size,
-                format: t.format,
-                profile: Some(profile.clone()),
-            });
+            let alt = t.alternative.as_ref().map(|a| (a.sha256, a.size, a.format));
+            for (sha256, size, format) in std::iter::once((t.sha256, t.size, t.format)).chain(alt) {
+                let path = tern_trust::tuf::profile_target_path(&v.name, v.version, profile, format);
+                let profile = Some(profile.clone());
+                out.push(Listed { name: v.name.clone(), version: v.version, path, sha256, size, format, profile });
+            }
         }
-        let mut formats: Vec<_> = v.targets.values().map(|t| t.format).filter(|f| *f != v.format).collect();
-        formats.dedup();
+        let mut formats = Vec::new();
+        for f in v.targets.values().map(|t| t.format).filter(|f| *f != v.format) {
+            if !formats.contains(&f) {
+                formats.push(f);
+            }
+        }
         for f in formats {
             let mut same = v.targets.values().filter(|t| t.format == f);
             let first = same.next().expect("a target of this format");
