@@ -119,6 +119,9 @@ pub enum CompileError {
     /// and operator that block it.
     #[error("cannot compile: {0}")]
     Blocked(String),
+    /// A tolerance that is not a number in (0, 1].
+    #[error("tolerance {0:e}: give a number above 0 and at most 1")]
+    Tolerance(f64),
     /// The source could not be run to check the compiled artifact against.
     #[error("cannot run the source model to check against: {0}")]
     Reference(String),
@@ -138,8 +141,15 @@ pub enum CompileError {
     },
 }
 
-/// Compiles an ONNX source with `opts`; see the crate's description.
-pub fn compile(source: &[u8], opts: &Options) -> Result<Compiled, CompileError> {
+/// Most elements one pinned input may have (a quarter GiB of f32): shapes
+/// are the user's, and the source and the artifact are run on them.
+pub const MAX_INPUT_ELEMENTS: usize = 1 << 26;
+
+/// Checks `opts` against the source's inputs: every shape and const names
+/// one, shapes fit its rank and fixed dimensions and stay under
+/// [`MAX_INPUT_ELEMENTS`], consts parse. Returns the declared inputs and
+/// the parsed consts.
+pub fn prepare(source: &[u8], opts: &Options) -> Result<(Vec<TensorSpec>, BTreeMap<String, Tensor>), CompileError> {
     let declared = tern_runtime::onnx_inputs(source).map_err(|e| CompileError::Source(e.to_string()))?;
     let listing = || declared.iter().map(|s| s.to_string()).collect::<Vec<_>>().join(", ");
     let find = |name: &str| {
@@ -152,7 +162,8 @@ pub fn compile(source: &[u8], opts: &Options) -> Result<Compiled, CompileError> 
         let spec = find(name)?;
         let fits = spec.shape.len() == shape.len()
             && spec.shape.iter().zip(shape).all(|(d, g)| d.is_none_or(|d| d == *g as u64));
-        if !fits {
+        let elements = shape.iter().try_fold(1usize, |n, d| n.checked_mul(*d));
+        if !fits || elements.is_none_or(|n| n > MAX_INPUT_ELEMENTS) {
             return Err(CompileError::Shape { given: shape.clone(), spec: spec.to_string() });
         }
     }
@@ -162,9 +173,37 @@ pub fn compile(source: &[u8], opts: &Options) -> Result<Compiled, CompileError> 
         let shape = opts.shapes.get(name).cloned();
         consts.insert(name.clone(), parse_const(spec, shape, value)?);
     }
+    if !(opts.tolerance.is_finite() && opts.tolerance > 0.0 && opts.tolerance <= 1.0) {
+        return Err(CompileError::Tolerance(opts.tolerance));
+    }
+    Ok((declared, consts))
+}
+
+/// Compiles an ONNX source with `opts`; see the crate's description.
+pub fn compile(source: &[u8], opts: &Options) -> Result<Compiled, CompileError> {
+    let (declared, consts) = prepare(source, opts)?;
     let nnef =
         tern_runtime::compile_onnx(source, &opts.shapes, &consts).map_err(|e| CompileError::Blocked(e.to_string()))?;
-    let compiled = TractModel::nnef(&nnef).map_err(|e| CompileError::Blocked(e.to_string()))?;
+    let (inputs, errors) = check_prepared(source, &nnef, opts, &declared, &consts)?;
+    Ok(Compiled { nnef, source_bytes: source.len(), inputs, errors, consts })
+}
+
+/// Runs a compiled artifact beside its source on `opts`' seeded inputs and
+/// returns its error per output; refused above `opts.tolerance`. What the
+/// registry does with an artifact `tern compile` hands it.
+pub fn check(source: &[u8], nnef: &[u8], opts: &Options) -> Result<Vec<OutputError>, CompileError> {
+    let (declared, consts) = prepare(source, opts)?;
+    check_prepared(source, nnef, opts, &declared, &consts).map(|(_, e)| e)
+}
+
+fn check_prepared(
+    source: &[u8],
+    nnef: &[u8],
+    opts: &Options,
+    declared: &[TensorSpec],
+    consts: &BTreeMap<String, Tensor>,
+) -> Result<(Vec<TensorSpec>, Vec<OutputError>), CompileError> {
+    let compiled = TractModel::nnef(nnef).map_err(|e| CompileError::Blocked(e.to_string()))?;
     let reference = ReferenceModel::onnx(source, &opts.shapes).map_err(|e| CompileError::Reference(e.to_string()))?;
     let mut errors: Vec<OutputError> = reference
         .outputs()
@@ -209,7 +248,7 @@ pub fn compile(source: &[u8], opts: &Options) -> Result<Compiled, CompileError> 
             tolerance: opts.tolerance,
         });
     }
-    Ok(Compiled { nnef, source_bytes: source.len(), inputs: compiled.inputs().to_vec(), errors, consts })
+    Ok((compiled.inputs().to_vec(), errors))
 }
 
 /// Whether compiling makes a source loadable that the agent's loader

@@ -204,9 +204,6 @@ pub fn run(args: CompileArgs, client: impl FnOnce() -> Result<Client>, json_out:
         latency,
         fit,
     };
-    if let Some(out) = &args.out {
-        tern_durable::write_atomic(out, &c.nnef, false).with_context(|| format!("writing {}", out.display()))?;
-    }
     pb.inc(1);
 
     let sha256 = Sha256Digest::of(&c.nnef);
@@ -225,6 +222,10 @@ pub fn run(args: CompileArgs, client: impl FnOnce() -> Result<Client>, json_out:
         }
         _ => None,
     };
+    // Written once the registry has taken it, so a refusal leaves nothing.
+    if let Some(out) = &args.out {
+        tern_durable::write_atomic(out, &c.nnef, false).with_context(|| format!("writing {}", out.display()))?;
+    }
     pb.finish_and_clear();
     // The registry judged the fit with its own copy of the profile.
     let report = match (&stored, &args.target) {
@@ -255,10 +256,11 @@ pub fn run(args: CompileArgs, client: impl FnOnce() -> Result<Client>, json_out:
         _ => {}
     }
     if let Some(why) = report.fit.as_ref().and_then(|f| f.refused.as_ref()) {
-        out(format!(
-            "does not fit {}: {why}; devices of that profile will not be assigned it",
-            args.target.unwrap_or_default()
-        ));
+        let target = args.target.unwrap_or_default();
+        match stored {
+            Some(_) => out(format!("does not fit {target}: {why}; devices of that profile will not be assigned it")),
+            None => out(format!("does not fit {target}: {why}")),
+        }
     }
     Ok(())
 }

@@ -97,6 +97,8 @@ fn a_real_detector_raw_tract_refuses_is_registered_compiled_for_its_profile_and_
     coord.ok(&["registry", "sign-root", "--key", key.to_str().unwrap(), "--generate"]);
     // Raw tract refuses its open height and width; pinned, it compiles: so
     // it is registered as needing compiling rather than refused.
+    let e = coord.fails(&["model", "register", "det", "--file", det, "--input-shape", "x=1,3,40000,40000"]);
+    assert!(e.contains("--input-shape: shape [1, 3, 40000, 40000] does not fit input x: f32[?,3,?,?]"), "{e}");
     let v = coord.json(&["model", "register", "det", "--file", det, "--input-shape", "x=1,3,64,64"]);
     let why = v["needs_compiling"].as_str().unwrap_or_default();
     assert!(why.starts_with("raw tract refuses it: "), "{v}");
@@ -194,4 +196,71 @@ fn a_real_detector_raw_tract_refuses_is_registered_compiled_for_its_profile_and_
     // A recompile would change what cam-01 runs: refused while assigned.
     let e = coord.fails(&["compile", "det:1", "--target", "rpi4", "--cases", "1"]);
     assert!(e.contains("det:1 is assigned to cam-01, cam-02, whose artifact this would change"), "{e}");
+}
+
+#[test]
+fn the_registry_checks_a_compiled_artifact_against_the_source_itself() {
+    let coord = Coord::start();
+    assert_eq!(coord.register_fixture("scorer", "scorer-a.onnx"), 1);
+    let token = coord.admin_token();
+    let http = ureq::Agent::config_builder().http_status_as_error(false).build().new_agent();
+    let upload = |bytes: Vec<u8>| -> String {
+        let mut r = http
+            .post(format!("{}/v1/artifacts", coord.admin))
+            .header("authorization", format!("Bearer {token}"))
+            .send(&bytes[..])
+            .unwrap();
+        r.body_mut().read_json::<serde_json::Value>().unwrap()["sha256"].as_str().unwrap().to_owned()
+    };
+    let put = |body: serde_json::Value| -> (u16, String) {
+        let mut r = http
+            .put(format!("{}/v1/models/scorer/versions/1/targets/rpi4", coord.admin))
+            .header("authorization", format!("Bearer {token}"))
+            .send_json(body)
+            .unwrap();
+        (r.status().as_u16(), r.body_mut().read_to_string().unwrap())
+    };
+    // An artifact of another model (scorer-b, same signature): its own
+    // report says it is exact; the registry runs it beside the source.
+    let work = tempfile::tempdir().unwrap();
+    let other = work.path().join("b.nnef.tar");
+    let b = fixture("scorer-b.onnx");
+    let run = compile(&["--file", b.to_str().unwrap(), "--input-shape", "x=1,4", "--out", other.to_str().unwrap()]);
+    assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
+    let sha = upload(std::fs::read(&other).unwrap());
+    let fit = serde_json::json!({ "peak_model_bytes": 1, "process_peak_rss_bytes": 1, "host_p99_us": 1,
+        "speed_factor": 1.0, "estimated_p99_us": 1, "max_model_memory_mb": null, "max_p99_ms": null, "refused": null });
+    let report = serde_json::json!({ "shapes": { "x": [1, 4] }, "source_bytes": 1, "cases": 4, "tolerance": 1e-4,
+        "errors": [{ "output": "scores", "max_abs": 0.0, "max_scaled": 0.0 }], "backend": "tract", "fit": fit });
+    let (status, said) = put(serde_json::json!({ "sha256": sha, "report": report }));
+    assert_eq!(status, 422, "{said}");
+    assert!(said.contains("artifact refused: output") && said.contains("differs from the source's"), "{said}");
+    // An "onnxruntime alternative" that is not the source with its
+    // constants folded in is refused too, with the real artifact.
+    let own = work.path().join("a.nnef.tar");
+    let a = fixture("scorer-a.onnx");
+    let run = compile(&["--file", a.to_str().unwrap(), "--input-shape", "x=1,4", "--out", own.to_str().unwrap()]);
+    assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
+    let sha = upload(std::fs::read(&own).unwrap());
+    let wrong = upload(std::fs::read(&b).unwrap());
+    let alt = serde_json::json!({ "backend": "onnxruntime", "sha256": wrong });
+    let (status, said) = put(serde_json::json!({ "sha256": sha, "report": report, "alternative": alt }));
+    assert_eq!(status, 422, "{said}");
+    assert!(said.contains("not the source with the declared constants folded in"), "{said}");
+    assert!(coord.json(&["model", "show", "scorer:1"])["targets"].is_null(), "nothing stored");
+    // The real artifact is taken, with the registry's own errors.
+    let (status, said) = put(serde_json::json!({ "sha256": sha, "report": report }));
+    assert_eq!(status, 201, "{said}");
+    let v: serde_json::Value = serde_json::from_str(&said).unwrap();
+    assert_eq!(v["targets"]["rpi4"]["report"]["cases"], 4, "{v}");
+    // A tolerance that is no bound is refused, for the client and the registry.
+    let x = work.path().join("x.tar");
+    let e = compile(&["--file", a.to_str().unwrap(), "--tolerance", "NaN", "--out", x.to_str().unwrap()]);
+    assert!(String::from_utf8_lossy(&e.stderr).contains("tolerance NaN: give a number above 0 and at most 1"));
+    assert!(!x.exists());
+    let mut loose = report.clone();
+    loose["tolerance"] = serde_json::json!(1e300);
+    let (status, said) = put(serde_json::json!({ "sha256": sha, "report": loose }));
+    assert_eq!(status, 422, "{said}");
+    assert!(said.contains("tolerance 1e300"), "{said}");
 }

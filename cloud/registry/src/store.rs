@@ -106,6 +106,7 @@ impl Registry {
                 selftest: new.selftest,
                 needs_compiling: new.needs_compiling.clone(),
                 compile_shapes: new.compile_shapes.clone(),
+                tolerance_ppm: new.tolerance_ppm,
                 targets: BTreeMap::new(),
             };
             let key = version_key(name, version);
@@ -267,43 +268,50 @@ impl Registry {
         profile: &str,
         artifact: TargetArtifact,
     ) -> Result<ModelVersion> {
+        self.version(name, version)?;
         let key = version_key(name, version);
-        let affected = |v: &ModelVersion| -> Result<Vec<DeviceId>> {
+        // Every device listed now is read again inside the transaction, so
+        // an assignment of one of them that commits first is seen; one that
+        // commits after reads the new record (assign reads the version in
+        // its transaction) and gets the new artifact from the start. Only a
+        // device enrolled after this listing and assigned before the commit
+        // slips through: its agent then sees a new artifact of the version
+        // and takes it as any update, verified and staged.
+        let ids: Vec<DeviceId> = self.devices()?.into_iter().map(|d| d.id).collect();
+        let result = (&self.models, &self.devices).transaction(|(models, devices)| {
+            let Some(raw) = models.get(&key)? else {
+                return abort(RegistryError::UnknownVersion { name: name.to_owned(), version });
+            };
+            let mut v: ModelVersion = match decode(&key, &raw) {
+                Ok(v) => v,
+                Err(e) => return abort(e),
+            };
             let all = v.targets.is_empty() && v.needs_compiling.is_none();
-            Ok(self
-                .devices()?
-                .into_iter()
-                .filter(|d| d.desired.get(name) == Some(&version) && (all || d.profile == profile))
-                .map(|d| d.id)
-                .collect())
-        };
-        let refuse = |ids: Vec<DeviceId>| {
-            let ids: Vec<&str> = ids.iter().map(DeviceId::as_str).collect();
-            Err(RegistryError::CompiledInUse { name: name.to_owned(), version, devices: ids.join(", ") })
-        };
-        loop {
-            let before = self.version(name, version)?;
-            let ids = affected(&before)?;
-            if !ids.is_empty() {
-                return refuse(ids);
+            let mut affected = Vec::new();
+            for id in &ids {
+                let Some(raw) = devices.get(id.as_str())? else { continue };
+                let d: Device = match decode(id.as_str().as_bytes(), &raw) {
+                    Ok(d) => d,
+                    Err(e) => return abort(e),
+                };
+                if d.desired.get(name) == Some(&version) && (all || d.profile == profile) {
+                    affected.push(d.id.as_str().to_owned());
+                }
             }
-            let mut after = before.clone();
-            after.targets.insert(profile.to_owned(), artifact.clone());
-            let swapped = self.models.compare_and_swap(&key, Some(encode(&before)), Some(encode(&after)))?;
-            if swapped.is_err() {
-                continue;
+            if !affected.is_empty() {
+                return abort(RegistryError::CompiledInUse {
+                    name: name.to_owned(),
+                    version,
+                    devices: affected.join(", "),
+                });
             }
-            // A device assigned the version meanwhile saw the old record:
-            // put it back and refuse.
-            let late = affected(&before)?;
-            if !late.is_empty() {
-                let _ = self.models.compare_and_swap(&key, Some(encode(&after)), Some(encode(&before)))?;
-                self.sync()?;
-                return refuse(late);
-            }
-            self.sync()?;
-            return Ok(after);
-        }
+            v.targets.insert(profile.to_owned(), artifact.clone());
+            models.insert(key.as_slice(), encode(&v))?;
+            Ok(v)
+        });
+        let v = unwrap_tx(result)?;
+        self.sync()?;
+        Ok(v)
     }
 
     /// The devices assigned `name:version`.
@@ -581,6 +589,7 @@ mod tests {
             selftest: None,
             needs_compiling: None,
             compile_shapes: BTreeMap::new(),
+            tolerance_ppm: None,
             now: 100,
         }
     }

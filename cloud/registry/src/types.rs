@@ -50,6 +50,8 @@ pub struct NewVersion {
     pub needs_compiling: Option<String>,
     /// See [`ModelVersion::compile_shapes`].
     pub compile_shapes: BTreeMap<String, Vec<usize>>,
+    /// See [`ModelVersion::tolerance_ppm`].
+    pub tolerance_ppm: Option<u32>,
     /// Registration time (Unix seconds).
     pub now: u64,
 }
@@ -94,6 +96,11 @@ pub struct ModelVersion {
     /// its command line gives none.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub compile_shapes: BTreeMap<String, Vec<usize>>,
+    /// The golden tolerance given at registration of a source that needs
+    /// compiling (it has no golden vectors of its own): its compiled
+    /// artifacts' self-tests use it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tolerance_ppm: Option<u32>,
     /// Compiled artifacts by device profile (`tern compile NAME:V --target
     /// PROFILE`).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]

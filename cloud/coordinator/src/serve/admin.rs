@@ -20,7 +20,7 @@ use tern_proto::{
     SelfTestRef, Sha256Digest, decode_tensors, encode_golden,
 };
 use tern_registry::{
-    Approval, CompileReport, Device, EnrollToken, ModelVersion, NewVersion, RegistryError, TargetArtifact,
+    Approval, CompileReport, Device, EnrollToken, ModelVersion, NewVersion, OutputError, RegistryError, TargetArtifact,
 };
 use tern_runtime::sniff_format;
 use tracing::info;
@@ -192,10 +192,11 @@ fn golden_vectors(
     sha: &Sha256Digest,
     references: Vec<Vec<tern_proto::Tensor>>,
     format: ModelFormat,
+    hint: &str,
 ) -> ApiResult<Option<Vec<u8>>> {
     let random = references.is_empty();
     let mut cases = golden::compute(model, sha, references).map_err(|e| {
-        let hint = if random { "; give inputs it can run with --reference FILE" } else { "" };
+        let hint = if random { hint } else { "" };
         let what = if random { "seeded random inputs that fit its signature" } else { "its reference inputs" };
         ApiError(StatusCode::UNPROCESSABLE_ENTITY, format!("model refused ({format}): it failed on {what}: {e}{hint}"))
     })?;
@@ -267,9 +268,23 @@ async fn register(
     let format = sniff_format(&bytes);
     let sha = body.sha256;
     let shapes = body.shapes.clone();
+    let given_references = !references.is_empty();
     let (signature, needs_compiling, golden) = tokio::task::spawn_blocking(move || {
+        if !shapes.is_empty() {
+            if format != ModelFormat::Onnx {
+                return Err(bad(format!("input shapes are for ONNX sources; this is {format}")));
+            }
+            let opts = tern_compile::Options { shapes: shapes.clone(), ..tern_compile::Options::default() };
+            tern_compile::prepare(&bytes, &opts).map_err(|e| bad(format!("--input-shape: {e}")))?;
+        }
         let model = match tern_runtime::load(format, bytes.clone()) {
             Ok(m) => m,
+            Err(e) if format == ModelFormat::Onnx && given_references => {
+                return Err(ApiError(
+                    StatusCode::UNPROCESSABLE_ENTITY,
+                    format!("model refused ({format}): {e}; reference inputs are for sources agents run as they are (its compiled artifacts get seeded golden vectors)"),
+                ));
+            }
             Err(e) if format == ModelFormat::Onnx => {
                 let raw = e.to_string();
                 let (inputs, outputs) = tern_compile::probe(&bytes, &shapes).map_err(|c| {
@@ -285,7 +300,7 @@ async fn register(
                 return Err(ApiError(StatusCode::UNPROCESSABLE_ENTITY, format!("model refused ({format}): {e}")));
             }
         };
-        let golden = golden_vectors(model.as_ref(), &sha, references, format)?;
+        let golden = golden_vectors(model.as_ref(), &sha, references, format, "; give inputs it can run with --reference FILE")?;
         Ok(((model.inputs().to_vec(), model.outputs().to_vec()), None, golden))
     })
     .await
@@ -302,6 +317,7 @@ async fn register(
         card: body.card,
         meta: body.meta,
         selftest,
+        tolerance_ppm: needs_compiling.as_ref().map(|_| tolerance_ppm),
         needs_compiling,
         compile_shapes: body.shapes,
         now: unix_now(),
@@ -368,60 +384,82 @@ async fn set_target(
         (None, other) => return Err(bad(format!("backend {other:?} needs its artifact (alternative)"))),
         (Some(_), other) => return Err(bad(format!("backend {other:?}: agents run tract or onnxruntime"))),
     }
-    let path = state.artifacts.path(&body.sha256);
-    let bytes = tokio::fs::read(&path).await.map_err(|_| {
-        ApiError(StatusCode::NOT_FOUND, format!("no artifact with sha256 {}; upload it first", body.sha256))
-    })?;
+    if record.format != ModelFormat::Onnx {
+        return Err(bad(format!(
+            "{}:{} is {}: only ONNX sources are compiled",
+            record.name, record.version, record.format
+        )));
+    }
+    let read = |sha: Sha256Digest, what: &'static str| {
+        let path = state.artifacts.path(&sha);
+        async move {
+            tokio::fs::read(&path)
+                .await
+                .map_err(|_| ApiError(StatusCode::NOT_FOUND, format!("no {what} with sha256 {sha}; upload it first")))
+        }
+    };
+    let source = read(record.sha256, "source").await?;
+    let bytes = read(body.sha256, "artifact").await?;
+    let offered = match &body.alternative {
+        Some(a) if a.backend != "onnxruntime" => {
+            return Err(bad(format!("alternative for backend {:?}: only onnxruntime has one", a.backend)));
+        }
+        Some(a) => Some((a.sha256, read(a.sha256, "alternative").await?)),
+        None => None,
+    };
     let size = bytes.len() as u64;
     let format = sniff_format(&bytes);
     let sha = body.sha256;
-    let (inputs, outputs, golden) = tokio::task::spawn_blocking(move || {
+    // The registry's own check, on its own seeded inputs: the artifact
+    // against the source at the shapes and constants it was compiled for
+    // (what the client measured is not taken on its word), and the
+    // onnxruntime alternative must be exactly the source with those
+    // constants folded in.
+    let opts = tern_compile::Options {
+        shapes: report.shapes.clone(),
+        consts: report.consts.clone(),
+        tolerance: report.tolerance,
+        cases: tern_compile::DEFAULT_CASES,
+        seed: u64::from_le_bytes(sha.0[..8].try_into().expect("8 bytes")),
+    };
+    let (inputs, outputs, golden, errors, alternative) = tokio::task::spawn_blocking(move || {
+        let refused = |e: tern_compile::CompileError| {
+            ApiError(StatusCode::UNPROCESSABLE_ENTITY, format!("artifact refused: {e}"))
+        };
+        let errors = tern_compile::check(&source, &bytes, &opts).map_err(refused)?;
+        let alternative = match offered {
+            None => None,
+            Some((alt_sha, alt)) => {
+                let (_, consts) = tern_compile::prepare(&source, &opts).map_err(refused)?;
+                let expected = tern_runtime::onnx_with_consts(&source, &consts)
+                    .map_err(|e| ApiError(StatusCode::UNPROCESSABLE_ENTITY, format!("alternative refused: {e}")))?;
+                if expected != alt {
+                    return Err(ApiError(
+                        StatusCode::UNPROCESSABLE_ENTITY,
+                        "alternative refused: it is not the source with the declared constants folded in".into(),
+                    ));
+                }
+                let size = alt.len() as u64;
+                Some(tern_proto::Alternative {
+                    backend: "onnxruntime".into(),
+                    sha256: alt_sha,
+                    size,
+                    format: ModelFormat::Onnx,
+                })
+            }
+        };
         let model = tern_runtime::load(format, bytes)
             .map_err(|e| ApiError(StatusCode::UNPROCESSABLE_ENTITY, format!("artifact refused ({format}): {e}")))?;
-        let golden = golden_vectors(model.as_ref(), &sha, Vec::new(), format)?;
-        Ok::<_, ApiError>((model.inputs().to_vec(), model.outputs().to_vec(), golden))
+        let golden = golden_vectors(model.as_ref(), &sha, Vec::new(), format, "")?;
+        Ok::<_, ApiError>((model.inputs().to_vec(), model.outputs().to_vec(), golden, errors, alternative))
     })
     .await
     .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))??;
-    let alternative = match body.alternative {
-        None => None,
-        Some(a) => {
-            if a.backend != "onnxruntime" {
-                return Err(bad(format!("alternative for backend {:?}: only onnxruntime has one", a.backend)));
-            }
-            let path = state.artifacts.path(&a.sha256);
-            let onnx = tokio::fs::read(&path).await.map_err(|_| {
-                ApiError(StatusCode::NOT_FOUND, format!("no artifact with sha256 {}; upload it first", a.sha256))
-            })?;
-            let declared = tern_runtime::onnx_inputs(&onnx)
-                .map_err(|e| ApiError(StatusCode::UNPROCESSABLE_ENTITY, format!("alternative refused (onnx): {e}")))?;
-            let fits = declared.len() == inputs.len()
-                && declared.iter().zip(&inputs).all(|(d, i)| {
-                    d.name == i.name
-                        && d.dtype == i.dtype
-                        && d.shape.len() == i.shape.len()
-                        && d.shape.iter().zip(&i.shape).all(|(d, i)| d.is_none() || d == i)
-                });
-            if !fits {
-                let list =
-                    |s: &[tern_proto::TensorSpec]| s.iter().map(|s| s.to_string()).collect::<Vec<_>>().join(", ");
-                return Err(ApiError(
-                    StatusCode::UNPROCESSABLE_ENTITY,
-                    format!(
-                        "alternative refused: its inputs ({}) are not the artifact's ({})",
-                        list(&declared),
-                        list(&inputs)
-                    ),
-                ));
-            }
-            Some(tern_proto::Alternative {
-                backend: a.backend,
-                sha256: a.sha256,
-                size: onnx.len() as u64,
-                format: ModelFormat::Onnx,
-            })
-        }
-    };
+    report.errors = errors
+        .into_iter()
+        .map(|e| OutputError { output: e.name, max_abs: e.max_abs, max_scaled: e.max_scaled })
+        .collect();
+    report.cases = tern_compile::DEFAULT_CASES as u32;
     if let Some(fit) = &mut report.fit {
         fit.speed_factor = settings.speed_factor;
         fit.estimated_p99_us = settings.estimate_p99_us(fit.host_p99_us);
@@ -429,7 +467,8 @@ async fn set_target(
         fit.max_p99_ms = settings.max_p99_ms;
         fit.refused = settings.refusal(fit.peak_model_bytes, fit.estimated_p99_us);
     }
-    let tolerance_ppm = record.selftest.map_or(golden::DEFAULT_TOLERANCE_PPM, |t| t.tolerance_ppm);
+    let tolerance_ppm =
+        record.selftest.map(|t| t.tolerance_ppm).or(record.tolerance_ppm).unwrap_or(golden::DEFAULT_TOLERANCE_PPM);
     let selftest = store_golden(&state, golden, tolerance_ppm).await?;
     let target = TargetArtifact {
         sha256: sha,

@@ -545,13 +545,16 @@ async fn artifact(
     req: FetchArtifact,
     mut send: SendStream,
 ) -> Result<()> {
-    // A device may fetch only the files (artifact, golden vectors) of
-    // versions assigned to it.
+    // A device may fetch only the files (artifact, golden vectors, the
+    // alternative) of the versions assigned to it, as its profile gets them.
     let device = state.registry.device(id.as_str())?;
-    let assigned = device
-        .desired
-        .iter()
-        .any(|(name, v)| state.registry.version(name, *v).is_ok_and(|v| v.files().any(|f| f == req.sha256)));
+    let assigned = device.desired.iter().any(|(name, v)| {
+        state.registry.version(name, *v).ok().and_then(|v| v.manifest_for(&device.profile).ok()).is_some_and(|m| {
+            m.sha256 == req.sha256
+                || m.selftest.is_some_and(|t| t.sha256 == req.sha256)
+                || m.alternative.is_some_and(|a| a.sha256 == req.sha256)
+        })
+    });
     if !assigned {
         let m = format!("artifact {} is not assigned to {id}", req.sha256);
         return reject(send, remote, version, ErrorCode::NotFound, m).await;
