@@ -306,6 +306,22 @@ def compile_models() -> None:
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])],
     )
     onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), OUT / "scale-by.onnx")
+    # rate-if.onnx: mode-if's branches on Equal(sr, Constant 16000), as
+    # silero-vad branches on its sample rate: sr i64[] constant in use.
+    g = helper.make_graph(
+        [
+            helper.make_node("Constant", [], ["sixteen_k"], value=numpy_helper.from_array(np.array(16000, np.int64))),
+            helper.make_node("Equal", ["sr", "sixteen_k"], ["is_16k"]),
+            helper.make_node("If", ["is_16k"], ["y"], then_branch=then_g, else_branch=else_g),
+        ],
+        "rate_if",
+        [
+            helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4]),
+            helper.make_tensor_value_info("sr", TensorProto.INT64, []),
+        ],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+    )
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), OUT / "rate-if.onnx")
 
 
 def main() -> None:

@@ -52,6 +52,10 @@ struct Args {
     /// agent and for onnxruntime; the benchmark fails above it.
     #[arg(long, default_value_t = 1e-4)]
     tolerance: f64,
+    /// A libonnxruntime: a second agent, started with it, serves the ONNX
+    /// source on onnxruntime, timed over its Unix socket too.
+    #[arg(long)]
+    onnxruntime: Option<PathBuf>,
 }
 
 struct Stats {
@@ -213,9 +217,10 @@ fn cli(bin: &Path, data: &Path, args: &[&str]) -> Result<String> {
     Ok(String::from_utf8(out.stdout)?)
 }
 
-/// Starts a coordinator and an agent, deploys `nnef` to it, and returns
-/// the processes with the agent's HTTP address and socket path.
-fn deploy(bin: &Path, root: &Path, nnef: &Path) -> Result<(Procs, String, PathBuf)> {
+/// Starts a coordinator and an agent (with `agent_args`), deploys `model`
+/// to it, and returns the processes with the agent's HTTP address and
+/// socket path.
+fn deploy(bin: &Path, root: &Path, model: &Path, agent_args: &[&str]) -> Result<(Procs, String, PathBuf)> {
     let (coord, agent) = (root.join("coordinator"), root.join("agent"));
     let mut procs = Procs(Vec::new());
     let log = |n: &str| std::fs::File::create(root.join(n));
@@ -244,12 +249,14 @@ fn deploy(bin: &Path, root: &Path, nnef: &Path) -> Result<(Procs, String, PathBu
         .arg(&agent)
         .output()?;
     ensure!(out.status.success(), "enroll: {}", String::from_utf8_lossy(&out.stderr));
-    cli(bin, &coord, &["model", "register", "bench", "--file", nnef.to_str().context("path")?])?;
+    cli(bin, &coord, &["model", "register", "bench", "--file", model.to_str().context("path")?])?;
     cli(bin, &coord, &["model", "approve", "bench:1"])?;
     cli(bin, &coord, &["fleet", "assign", "bench", "bench:1"])?;
     procs.0.push(
         Command::new(bin.join("tern-agent"))
-            .args(["run", "--listen", "127.0.0.1:0", "--threads", "1", "--data-dir"])
+            .args(["run", "--listen", "127.0.0.1:0", "--threads", "1"])
+            .args(agent_args)
+            .arg("--data-dir")
             .arg(&agent)
             .env("RUST_LOG", "warn")
             .stderr(log("agent.log")?)
@@ -298,7 +305,7 @@ fn main() -> Result<()> {
     let nnef_path = tmp.path().join("model.nnef.tar");
     std::fs::write(&nnef_path, &nnef)?;
     let compiled = tern_runtime::TractModel::nnef(&nnef)?;
-    let (procs, http, socket) = deploy(&bin, tmp.path(), &nnef_path)?;
+    let (procs, http, socket) = deploy(&bin, tmp.path(), &nnef_path, &[])?;
     let body = encode_tensors(std::slice::from_ref(&input)).map_err(anyhow::Error::msg)?;
     let path = "/v1/models/bench:predict";
     let stream = UnixStream::connect(&socket)?;
@@ -331,6 +338,24 @@ fn main() -> Result<()> {
         Ok(serde_json::from_value(ort["latencies_ms"].clone())?)
     };
 
+    // 4. With --onnxruntime: a second agent serving the ONNX source on it.
+    let mut ort_agent = match &args.onnxruntime {
+        Some(lib) => {
+            let root = tmp.path().join("onnxruntime");
+            std::fs::create_dir_all(&root)?;
+            let lib = lib.to_str().context("path")?;
+            let (procs, _, socket) = deploy(&bin, &root, &args.model, &["--onnxruntime", lib])?;
+            let stream = UnixStream::connect(&socket)?;
+            let mut c = Http1 { read: BufReader::new(stream.try_clone()?), write: stream, timings: vec![] };
+            let out = decode_tensors(&c.post(path, &body)?).map_err(anyhow::Error::msg)?;
+            let diff =
+                first_output_f32(&out[0]).iter().zip(&reference).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+            Some((procs, c, diff))
+        }
+        None => None,
+    };
+    let mut over_ort_agent = vec![];
+
     uds.timings.clear();
     let (mut raw, mut in_process, mut over_uds, mut over_http, mut ort_ms) = (vec![], vec![], vec![], vec![], vec![]);
     let mut floor = vec![];
@@ -349,6 +374,9 @@ fn main() -> Result<()> {
         uds.timings.drain(mark..mark + args.warmup);
         over_http.extend(time_runs(per_round, args.warmup, || tcp.post(path, &body).map(drop))?);
         ort_ms.extend(ort_round(&mut ort)?);
+        if let Some((_, c, _)) = &mut ort_agent {
+            over_ort_agent.extend(time_runs(per_round, args.warmup, || c.post(path, &body).map(drop))?);
+        }
         let work = Duration::from_secs_f64(stats(raw.clone()).p50 / 1e3);
         floor.extend(socket_floor(work, per_round, args.warmup)?);
     }
@@ -362,7 +390,12 @@ fn main() -> Result<()> {
         format!("onnxruntime {} (1 thread)", ort["version"].as_str().unwrap_or("?")),
     ];
     let uds_runs = over_uds.len();
-    let all = [stats(raw), stats(in_process), stats(over_uds), stats(over_http), stats(ort_ms)];
+    let mut labels = labels.to_vec();
+    let mut all = vec![stats(raw), stats(in_process), stats(over_uds), stats(over_http), stats(ort_ms)];
+    if ort_agent.is_some() {
+        labels.push("tern-agent on onnxruntime (1 thread), Unix socket".into());
+        all.push(stats(over_ort_agent));
+    }
     let mut table = format!(
         "\n### {} — input {:?}, {} runs per path in {rounds} interleaved rounds ({} warm-up runs each)\n\n| path | p50 ms | p99 ms | throughput /s | p50 vs raw tract |\n|---|---|---|---|---|\n",
         args.name,
@@ -398,11 +431,18 @@ fn main() -> Result<()> {
         args.tolerance,
         ort["max_abs_diff"].as_f64().unwrap_or(f64::NAN)
     );
+    if let Some((_, _, diff)) = &ort_agent {
+        table += &format!(
+            "The agent on onnxruntime: max |Δ| = {diff:.2e}; its p50 is {:.2}× onnxruntime's from Python.\n",
+            all[5].p50 / all[4].p50
+        );
+    }
     print!("{table}");
     if let Some(out) = &args.out {
         std::fs::OpenOptions::new().create(true).append(true).open(out)?.write_all(table.as_bytes())?;
     }
     let ort_diff = ort["max_abs_diff"].as_f64().unwrap_or(f64::INFINITY);
+    let agent_diff = agent_diff.max(ort_agent.as_ref().map_or(0.0, |(_, _, d)| *d));
     ensure!(
         f64::from(agent_diff) <= args.tolerance && ort_diff <= args.tolerance,
         "outputs disagree beyond the tolerance of {:e}: agent {agent_diff:e}, onnxruntime {ort_diff:e}",

@@ -98,6 +98,9 @@ mod tests {
         }
         assert_eq!(lookup("rpi4").unwrap().arch, "aarch64");
         assert!(lookup("toaster").is_none());
+        // Only Jetson asks onnxruntime for GPU execution providers.
+        assert_eq!(lookup("jetson-orin-nano").unwrap().onnxruntime_providers, ["tensorrt", "cuda"]);
+        assert!(lookup("rpi4").unwrap().onnxruntime_providers.is_empty());
     }
 
     #[test]

@@ -181,20 +181,16 @@ fn raw(t: &Tensor) -> (i32, Vec<u8>) {
 /// were folded.
 fn fold_ifs(graph: &mut tract_onnx::pb::GraphProto, consts: &BTreeMap<String, Tensor>) -> usize {
     use tract_onnx::pb::NodeProto;
-    let cond = |node: &NodeProto| -> Option<bool> {
+    fn cond(graph: &tract_onnx::pb::GraphProto, consts: &BTreeMap<String, Tensor>, node: &NodeProto) -> Option<bool> {
         if node.op_type != "If" || !node.domain.is_empty() {
             return None;
         }
-        let t = consts.get(node.input.first()?)?;
-        match &t.data {
-            tern_proto::TensorData::Bool(v) if v.len() == 1 => Some(v[0]),
-            _ => None,
-        }
-    };
+        known_bool(graph, consts, node.input.first()?, 0)
+    }
     let mut folded = 0;
-    while let Some(at) = graph.node.iter().position(|n| cond(n).is_some()) {
+    while let Some((at, taken)) = graph.node.iter().enumerate().find_map(|(i, n)| Some((i, cond(graph, consts, n)?))) {
         let node = graph.node.remove(at);
-        let which = if cond(&node) == Some(true) { "then_branch" } else { "else_branch" };
+        let which = if taken { "then_branch" } else { "else_branch" };
         let Some(branch) = node.attribute.iter().find(|a| a.name == which).and_then(|a| a.g.clone()) else {
             // Malformed: leave it for tract to report.
             graph.node.insert(at, node);
@@ -215,6 +211,86 @@ fn fold_ifs(graph: &mut tract_onnx::pb::GraphProto, consts: &BTreeMap<String, Te
         folded += 1;
     }
     folded
+}
+
+/// The value of boolean `name` when it follows from `consts` alone: a
+/// declared constant itself, or `Equal`, `Not` or `Identity` of such values
+/// and the graph's constants (a sample rate compared with 16000).
+fn known_bool(
+    graph: &tract_onnx::pb::GraphProto,
+    consts: &BTreeMap<String, Tensor>,
+    name: &str,
+    depth: usize,
+) -> Option<bool> {
+    if depth > 16 {
+        return None;
+    }
+    if let Some(t) = consts.get(name) {
+        return match &t.data {
+            tern_proto::TensorData::Bool(v) if v.len() == 1 => Some(v[0]),
+            _ => None,
+        };
+    }
+    let node = graph.node.iter().find(|n| n.output.iter().any(|o| o == name))?;
+    if !node.domain.is_empty() {
+        return None;
+    }
+    match node.op_type.as_str() {
+        "Identity" => known_bool(graph, consts, node.input.first()?, depth + 1),
+        "Not" => known_bool(graph, consts, node.input.first()?, depth + 1).map(|b| !b),
+        "Equal" => {
+            let a = known_scalar(graph, consts, node.input.first()?)?;
+            let b = known_scalar(graph, consts, node.input.get(1)?)?;
+            Some(a == b)
+        }
+        _ => None,
+    }
+}
+
+/// A one-element number from `consts`, an initializer or a `Constant` node.
+fn known_scalar(graph: &tract_onnx::pb::GraphProto, consts: &BTreeMap<String, Tensor>, name: &str) -> Option<f64> {
+    use tern_proto::TensorData as D;
+    if let Some(t) = consts.get(name) {
+        let one = |n: usize| (n == 1).then_some(());
+        return match &t.data {
+            D::F32(v) => one(v.len()).map(|_| f64::from(v[0])),
+            D::F64(v) => one(v.len()).map(|_| v[0]),
+            D::I32(v) => one(v.len()).map(|_| f64::from(v[0])),
+            D::I64(v) => one(v.len()).map(|_| v[0] as f64),
+            _ => None,
+        };
+    }
+    if let Some(t) = graph.initializer.iter().find(|t| t.name == name) {
+        return proto_scalar(t);
+    }
+    let node = graph.node.iter().find(|n| n.op_type == "Constant" && n.output.iter().any(|o| o == name))?;
+    node.attribute.iter().find(|a| a.name == "value").and_then(|a| a.t.as_ref()).and_then(proto_scalar)
+}
+
+fn proto_scalar(t: &tract_onnx::pb::TensorProto) -> Option<f64> {
+    if t.dims.iter().product::<i64>() != 1 {
+        return None;
+    }
+    let raw = |n: usize| t.raw_data.get(..n);
+    match t.data_type {
+        1 => t
+            .float_data
+            .first()
+            .map(|x| f64::from(*x))
+            .or_else(|| Some(f64::from(f32::from_le_bytes(raw(4)?.try_into().ok()?)))),
+        6 => t
+            .int32_data
+            .first()
+            .map(|x| f64::from(*x))
+            .or_else(|| Some(f64::from(i32::from_le_bytes(raw(4)?.try_into().ok()?)))),
+        7 => t
+            .int64_data
+            .first()
+            .map(|x| *x as f64)
+            .or_else(|| Some(i64::from_le_bytes(raw(8)?.try_into().ok()?) as f64)),
+        11 => t.double_data.first().copied().or_else(|| Some(f64::from_le_bytes(raw(8)?.try_into().ok()?))),
+        _ => None,
+    }
 }
 
 fn pin(model: &mut InferenceModel, shapes: &BTreeMap<String, Vec<usize>>) -> Result<(), RuntimeError> {

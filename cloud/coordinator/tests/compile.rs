@@ -56,16 +56,21 @@ fn a_model_that_cannot_be_made_concrete_is_refused_with_the_node_and_nothing_wri
     // With its condition declared constant, the `If` is replaced by the
     // branch it takes (whose output shape differs from the other's, which
     // tract alone refuses), and the result agrees with the source.
-    for (mode, width) in [("true", 4), ("false", 1)] {
-        let out = work.path().join(format!("mode-{mode}.nnef.tar"));
+    // So is one on Equal(sr, 16000) with sr declared constant (rate-if.onnx,
+    // as silero-vad branches on its sample rate).
+    let rate = fixture("rate-if.onnx");
+    let cases = [(&src, "mode=true", 4), (&src, "mode=false", 1), (&rate, "sr=16000", 4), (&rate, "sr=8000", 1)];
+    for (i, (src, konst, width)) in cases.into_iter().enumerate() {
+        let mode = konst;
+        let out = work.path().join(format!("case-{i}.nnef.tar"));
         let run = Command::new(tern_bin())
             .args(["--json", "compile", "--file", src.to_str().unwrap(), "--input-shape", "x=2,4"])
-            .args(["--const", &format!("mode={mode}"), "--out", out.to_str().unwrap()])
+            .args(["--const", konst, "--out", out.to_str().unwrap()])
             .output()
             .unwrap();
         assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
         let r: serde_json::Value = serde_json::from_slice(&run.stdout).unwrap();
-        assert_eq!(r["inputs"], serde_json::json!(["x: f32[2,4]"]), "mode left the signature: {r}");
+        assert_eq!(r["inputs"], serde_json::json!(["x: f32[2,4]"]), "{konst} left the signature: {r}");
         assert_eq!(r["report"]["errors"][0]["max_abs"], 0.0, "{r}");
         let nnef = tern_runtime::TractModel::nnef(&std::fs::read(&out).unwrap()).unwrap();
         let x = tern_proto::Tensor { shape: vec![2, 4], data: tern_proto::TensorData::F32(vec![1.0; 8]) };
