@@ -236,6 +236,8 @@ async fn run(
     if let Some(f) = formats.iter().find(|f| !tern_runtime::supports(**f)) {
         anyhow::bail!("--formats: this agent build cannot run {f} artifacts");
     }
+    // Alternatives are ONNX: taken only where ONNX is.
+    let prefer = prefer.filter(|_| formats.contains(&ModelFormat::Onnx));
     match &profile {
         Some(p) => {
             info!(profile = %identity.info.profile, description = %p.description, arch = %p.arch, cores = ?p.cores,

@@ -124,12 +124,17 @@ pub fn compile_onnx(
     crate::tract_backend::nnef().write_to_tar(&typed, Vec::new()).map_err(load_err)
 }
 
-/// The source as onnxruntime should run it on a device: each input in
-/// `consts` made an initializer holding that value (no longer an input)
-/// and each `If` on one replaced by the branch it takes, so that it has the
-/// compiled artifact's signature. Shapes stay as the source declares them.
-pub fn onnx_with_consts(bytes: &[u8], consts: &BTreeMap<String, Tensor>) -> Result<Vec<u8>, RuntimeError> {
-    use tract_onnx::pb::TensorProto;
+/// The source as onnxruntime should run it on a device, with the compiled
+/// artifact's signature: each input in `consts` made an initializer holding
+/// that value (no longer an input), each `If` on one replaced by the branch
+/// it takes, and each input in `shapes` declared with that shape.
+pub fn onnx_with_consts(
+    bytes: &[u8],
+    consts: &BTreeMap<String, Tensor>,
+    shapes: &BTreeMap<String, Vec<usize>>,
+) -> Result<Vec<u8>, RuntimeError> {
+    use tract_onnx::pb::tensor_shape_proto::{Dimension, dimension};
+    use tract_onnx::pb::{TensorProto, TensorShapeProto, type_proto};
     let mut proto = tract_onnx::onnx().proto_model_for_read(&mut &*bytes).map_err(load_err)?;
     let graph = proto.graph.as_mut().ok_or_else(|| RuntimeError::Load("the model has no graph".into()))?;
     fold_ifs(graph, consts);
@@ -148,6 +153,21 @@ pub fn onnx_with_consts(bytes: &[u8], consts: &BTreeMap<String, Tensor>) -> Resu
             name: name.clone(),
             ..TensorProto::default()
         });
+    }
+    for (name, shape) in shapes {
+        let input = graph
+            .input
+            .iter_mut()
+            .find(|i| i.name == *name)
+            .ok_or_else(|| RuntimeError::Load(format!("the model has no input {name:?}")))?;
+        let Some(type_proto::Value::TensorType(t)) = input.r#type.as_mut().and_then(|t| t.value.as_mut()) else {
+            return Err(RuntimeError::Load(format!("input {name:?} is not a tensor")));
+        };
+        let dim = shape
+            .iter()
+            .map(|d| Dimension { value: Some(dimension::Value::DimValue(*d as i64)), ..Dimension::default() })
+            .collect();
+        t.shape = Some(TensorShapeProto { dim });
     }
     Ok(prost::Message::encode_to_vec(&proto))
 }
@@ -268,7 +288,7 @@ fn known_scalar(graph: &tract_onnx::pb::GraphProto, consts: &BTreeMap<String, Te
 }
 
 fn proto_scalar(t: &tract_onnx::pb::TensorProto) -> Option<f64> {
-    if t.dims.iter().product::<i64>() != 1 {
+    if t.dims.iter().try_fold(1i64, |n, d| n.checked_mul(*d)) != Some(1) {
         return None;
     }
     let raw = |n: usize| t.raw_data.get(..n);

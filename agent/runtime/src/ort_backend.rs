@@ -193,8 +193,9 @@ impl Backend for OrtModel {
     fn run(&self, inputs: Vec<Tensor>) -> Result<Vec<Tensor>, RuntimeError> {
         let named: Vec<(String, DynValue)> =
             self.inputs.iter().zip(inputs).map(|(s, t)| Ok((s.name.clone(), value(t)?))).collect::<Result<_, _>>()?;
-        // A session runs one request at a time through `ort`'s API.
-        let mut session = self.session.lock().map_err(|_| run_err("a run panicked earlier"))?;
+        // A session runs one request at a time through `ort`'s API. A panic
+        // in an earlier run leaves the session as onnxruntime left it.
+        let mut session = self.session.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         let out = session.run(named).map_err(run_err)?;
         self.outputs.iter().map(|o| tensor(&o.name, &out[o.name.as_str()])).collect()
     }

@@ -56,6 +56,24 @@ fn onnxruntime_loads_from_the_wheel_s_library_and_agrees_with_tract() {
             }
         }
     }
+    // The source with a constant folded in and its shape pinned (what
+    // agents with onnxruntime get): the compiled signature, the branch
+    // the constant takes.
+    for (sr, width) in [(16000i64, 4), (8000, 1)] {
+        let consts =
+            [("sr".to_string(), tern_proto::Tensor { shape: vec![], data: tern_proto::TensorData::I64(vec![sr]) })];
+        let shapes = [("x".to_string(), vec![2, 4])];
+        let onnx = tern_runtime::onnx_with_consts(
+            &std::fs::read(fixture("rate-if.onnx")).unwrap(),
+            &consts.into_iter().collect(),
+            &shapes.into_iter().collect(),
+        )
+        .unwrap();
+        let ort = OrtModel::onnx(&onnx, 1).unwrap();
+        assert_eq!(ort.inputs().iter().map(|s| s.to_string()).collect::<Vec<_>>(), ["x: f32[2,4]"], "sr={sr}");
+        let x = tern_proto::Tensor { shape: vec![2, 4], data: tern_proto::TensorData::F32(vec![1.0; 8]) };
+        assert_eq!(ort.run(vec![x]).unwrap()[0].shape, vec![2, width], "sr={sr}");
+    }
     // Bytes that are not a model: refused with onnxruntime's reason.
     let e = OrtModel::onnx(b"not a model", 1).err().unwrap().to_string();
     assert!(e.starts_with("cannot load model: onnxruntime: "), "{e}");

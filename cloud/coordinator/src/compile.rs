@@ -54,9 +54,23 @@ pub struct CompileArgs {
     #[arg(long, default_value_t = 0)]
     seed: u64,
     /// A libonnxruntime on this machine (e.g. the one the `onnxruntime`
-    /// wheel ships): the source is also timed on onnxruntime, one thread.
+    /// wheel ships): the source with its constants folded is also run on
+    /// onnxruntime, one thread, checked against the compiled artifact and
+    /// timed.
     #[arg(long, env = "TERN_ONNXRUNTIME")]
     onnxruntime: Option<PathBuf>,
+    /// Which backend agents that have onnxruntime should run: the faster
+    /// one here (`fastest`), or `onnxruntime` or `tract` whatever the times.
+    #[arg(long, value_enum, default_value_t = Prefer::Fastest)]
+    prefer: Prefer,
+}
+
+/// See [`CompileArgs::prefer`].
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Prefer {
+    Fastest,
+    Onnxruntime,
+    Tract,
 }
 
 pub(crate) fn parse_shape(s: &str) -> Result<(String, Vec<usize>), String> {
@@ -156,9 +170,11 @@ pub fn run(args: CompileArgs, client: impl FnOnce() -> Result<Client>, json_out:
     // in (the compiled signature) is timed on it, checked against the
     // compiled artifact's answers, and offered to agents that have it when
     // it is the faster.
-    let mut alternative = None;
+    let mut alternative = false;
+    let mut onnxruntime_failed = None;
     if let Some(lib) = &args.onnxruntime {
-        let onnx = tern_runtime::onnx_with_consts(&source, &c.consts).map_err(|e| anyhow::anyhow!("{e}"))?;
+        let onnx =
+            tern_runtime::onnx_with_consts(&source, &c.consts, &opts.shapes).map_err(|e| anyhow::anyhow!("{e}"))?;
         let onnx_file = work.path().join("model.onnx");
         std::fs::write(&onnx_file, &onnx)?;
         let compiled = tern_runtime::TractModel::nnef(&c.nnef).map_err(|e| anyhow::anyhow!("{e}"))?;
@@ -166,12 +182,21 @@ pub fn run(args: CompileArgs, client: impl FnOnce() -> Result<Client>, json_out:
         let want_file = work.path().join("want.tensors");
         std::fs::write(&want_file, tern_proto::encode_tensors(&want).map_err(|e| anyhow::anyhow!("{e}"))?)?;
         let tolerance_ppm = (opts.tolerance * 1e6).round().clamp(0.0, u32::MAX as f64) as u32;
-        let ort = probe_child(&onnx_file, &inputs_file, Some((lib, &want_file, tolerance_ppm)))
-            .context("running the model on onnxruntime")?;
-        latency.insert("onnxruntime".into(), ort.latency());
-        if ort.p50_us < probe.p50_us {
-            alternative = Some(onnx);
+        // A model onnxruntime cannot run (or answers otherwise) is stored
+        // for tract alone, and the report says why.
+        match probe_child(&onnx_file, &inputs_file, Some((lib, &want_file, tolerance_ppm))) {
+            Ok(ort) => {
+                latency.insert("onnxruntime".into(), ort.latency());
+                alternative = match args.prefer {
+                    Prefer::Fastest => ort.p50_us < probe.p50_us,
+                    Prefer::Onnxruntime => true,
+                    Prefer::Tract => false,
+                };
+            }
+            Err(e) => onnxruntime_failed = Some(format!("{e:#}")),
         }
+    } else {
+        anyhow::ensure!(args.prefer != Prefer::Onnxruntime, "--prefer onnxruntime needs --onnxruntime LIB to check it");
     }
     pb.inc(1);
     let fit = profile.as_ref().map(|p| {
@@ -200,7 +225,7 @@ pub fn run(args: CompileArgs, client: impl FnOnce() -> Result<Client>, json_out:
             .collect(),
         cases: u32::from(args.cases),
         tolerance: opts.tolerance,
-        backend: if alternative.is_some() { "onnxruntime".into() } else { "tract".into() },
+        backend: if alternative { "onnxruntime".into() } else { "tract".into() },
         latency,
         fit,
     };
@@ -211,10 +236,8 @@ pub fn run(args: CompileArgs, client: impl FnOnce() -> Result<Client>, json_out:
         (Some(client), Some(v), Some(target)) => {
             pb.set_message(format!("storing the artifact for {target}"));
             client.upload(c.nnef.clone())?;
-            let alternative = match &alternative {
-                Some(onnx) => Some(json!({ "backend": "onnxruntime", "sha256": client.upload(onnx.clone())? })),
-                None => None,
-            };
+            // The registry builds the alternative from the source itself.
+            let alternative = alternative.then(|| json!({ "backend": "onnxruntime" }));
             let path = format!("/v1/models/{}/versions/{}/targets/{target}", v.name, v.version);
             let body = json!({ "sha256": sha256, "report": report, "alternative": alternative });
             let v: ModelVersion = client.send("PUT", &path, &body)?;
@@ -243,11 +266,15 @@ pub fn run(args: CompileArgs, client: impl FnOnce() -> Result<Client>, json_out:
             "inputs": inputs,
             "report": report,
             "probe": probe,
+            "onnxruntime_error": onnxruntime_failed,
         });
         out(serde_json::to_string_pretty(&doc)?);
         return Ok(());
     }
     print_report(&report, c.nnef.len() as u64, &inputs, &probe);
+    if let Some(e) = &onnxruntime_failed {
+        out(format!("onnxruntime: {e}; agents run it on tract"));
+    }
     match (&stored, &args.target, &args.out) {
         (Some(v), Some(t), _) => {
             out(format!("stored as {}:{}'s artifact for {t} (sha256 {sha256})", v.name, v.version))

@@ -354,10 +354,10 @@ struct TargetBody {
     alternative: Option<AlternativeBody>,
 }
 
+/// Asks for an alternative for `backend`: the registry builds it.
 #[derive(Deserialize)]
 struct AlternativeBody {
     backend: String,
-    sha256: Sha256Digest,
 }
 
 /// Stores a compiled artifact for one profile: loaded with the agents'
@@ -400,13 +400,10 @@ async fn set_target(
     };
     let source = read(record.sha256, "source").await?;
     let bytes = read(body.sha256, "artifact").await?;
-    let offered = match &body.alternative {
-        Some(a) if a.backend != "onnxruntime" => {
-            return Err(bad(format!("alternative for backend {:?}: only onnxruntime has one", a.backend)));
-        }
-        Some(a) => Some((a.sha256, read(a.sha256, "alternative").await?)),
-        None => None,
-    };
+    if let Some(a) = body.alternative.as_ref().filter(|a| a.backend != "onnxruntime") {
+        return Err(bad(format!("alternative for backend {:?}: only onnxruntime has one", a.backend)));
+    }
+    let wants_alternative = body.alternative.is_some();
     let size = bytes.len() as u64;
     let format = sniff_format(&bytes);
     let sha = body.sha256;
@@ -420,33 +417,22 @@ async fn set_target(
         consts: report.consts.clone(),
         tolerance: report.tolerance,
         cases: tern_compile::DEFAULT_CASES,
-        seed: u64::from_le_bytes(sha.0[..8].try_into().expect("8 bytes")),
+        seed: u64::from_le_bytes(super::random::<8>()),
     };
     let (inputs, outputs, golden, errors, alternative) = tokio::task::spawn_blocking(move || {
         let refused = |e: tern_compile::CompileError| {
             ApiError(StatusCode::UNPROCESSABLE_ENTITY, format!("artifact refused: {e}"))
         };
         let errors = tern_compile::check(&source, &bytes, &opts).map_err(refused)?;
-        let alternative = match offered {
-            None => None,
-            Some((alt_sha, alt)) => {
-                let (_, consts) = tern_compile::prepare(&source, &opts).map_err(refused)?;
-                let expected = tern_runtime::onnx_with_consts(&source, &consts)
-                    .map_err(|e| ApiError(StatusCode::UNPROCESSABLE_ENTITY, format!("alternative refused: {e}")))?;
-                if expected != alt {
-                    return Err(ApiError(
-                        StatusCode::UNPROCESSABLE_ENTITY,
-                        "alternative refused: it is not the source with the declared constants folded in".into(),
-                    ));
-                }
-                let size = alt.len() as u64;
-                Some(tern_proto::Alternative {
-                    backend: "onnxruntime".into(),
-                    sha256: alt_sha,
-                    size,
-                    format: ModelFormat::Onnx,
-                })
-            }
+        // The onnxruntime alternative: the source with the declared
+        // constants folded in and the shapes pinned, built here.
+        let alternative = if wants_alternative {
+            let (_, consts) = tern_compile::prepare(&source, &opts).map_err(refused)?;
+            let onnx = tern_runtime::onnx_with_consts(&source, &consts, &opts.shapes)
+                .map_err(|e| ApiError(StatusCode::UNPROCESSABLE_ENTITY, format!("alternative refused: {e}")))?;
+            Some(onnx)
+        } else {
+            None
         };
         let model = tern_runtime::load(format, bytes)
             .map_err(|e| ApiError(StatusCode::UNPROCESSABLE_ENTITY, format!("artifact refused ({format}): {e}")))?;
@@ -455,6 +441,17 @@ async fn set_target(
     })
     .await
     .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))??;
+    let alternative = match alternative {
+        Some(onnx) => {
+            let size = onnx.len() as u64;
+            let st = state.clone();
+            let sha256 = tokio::task::spawn_blocking(move || st.artifacts.put(&onnx, None))
+                .await
+                .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))??;
+            Some(tern_proto::Alternative { backend: "onnxruntime".into(), sha256, size, format: ModelFormat::Onnx })
+        }
+        None => None,
+    };
     report.errors = errors
         .into_iter()
         .map(|e| OutputError { output: e.name, max_abs: e.max_abs, max_scaled: e.max_scaled })
