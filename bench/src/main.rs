@@ -220,7 +220,15 @@ fn cli(bin: &Path, data: &Path, args: &[&str]) -> Result<String> {
 /// Starts a coordinator and an agent (with `agent_args`), deploys `model`
 /// to it, and returns the processes with the agent's HTTP address and
 /// socket path.
-fn deploy(bin: &Path, root: &Path, model: &Path, agent_args: &[&str]) -> Result<(Procs, String, PathBuf)> {
+/// `compile`, if given, are the arguments of a `tern compile bench:1
+/// --target generic-linux` run before the assignment.
+fn deploy(
+    bin: &Path,
+    root: &Path,
+    model: &Path,
+    agent_args: &[&str],
+    compile: Option<&[&str]>,
+) -> Result<(Procs, String, PathBuf)> {
     let (coord, agent) = (root.join("coordinator"), root.join("agent"));
     let mut procs = Procs(Vec::new());
     let log = |n: &str| std::fs::File::create(root.join(n));
@@ -234,7 +242,7 @@ fn deploy(bin: &Path, root: &Path, model: &Path, agent_args: &[&str]) -> Result<
     );
     let ep: Value =
         wait_for("coordinator", || serde_json::from_slice(&std::fs::read(coord.join("serve.json")).ok()?).ok())?;
-    let token = cli(bin, &coord, &["fleet", "token", "--group", "bench", "--profile", "bench"])?;
+    let token = cli(bin, &coord, &["fleet", "token", "--group", "bench", "--profile", "generic-linux"])?;
     let out = Command::new(bin.join("tern-agent"))
         .args([
             "enroll",
@@ -251,6 +259,11 @@ fn deploy(bin: &Path, root: &Path, model: &Path, agent_args: &[&str]) -> Result<
     ensure!(out.status.success(), "enroll: {}", String::from_utf8_lossy(&out.stderr));
     cli(bin, &coord, &["model", "register", "bench", "--file", model.to_str().context("path")?])?;
     cli(bin, &coord, &["model", "approve", "bench:1"])?;
+    if let Some(extra) = compile {
+        let mut args = vec!["compile", "bench:1", "--target", "generic-linux"];
+        args.extend_from_slice(extra);
+        cli(bin, &coord, &args)?;
+    }
     cli(bin, &coord, &["fleet", "assign", "bench", "bench:1"])?;
     procs.0.push(
         Command::new(bin.join("tern-agent"))
@@ -271,6 +284,15 @@ fn deploy(bin: &Path, root: &Path, model: &Path, agent_args: &[&str]) -> Result<
         v["models"].as_array()?.iter().any(|m| m["state"] == "serving").then_some(())
     })?;
     Ok((procs, http, PathBuf::from(api["socket"].as_str().context("socket")?)))
+}
+
+fn onnx_input_name(onnx: &[u8]) -> Result<String> {
+    let inputs = tern_runtime::onnx_inputs(onnx)?;
+    Ok(inputs.first().context("the model has no input")?.name.clone())
+}
+
+fn shape_arg_of(shape: &[usize]) -> String {
+    shape.iter().map(|d| d.to_string()).collect::<Vec<_>>().join(",")
 }
 
 fn main() -> Result<()> {
@@ -305,7 +327,7 @@ fn main() -> Result<()> {
     let nnef_path = tmp.path().join("model.nnef.tar");
     std::fs::write(&nnef_path, &nnef)?;
     let compiled = tern_runtime::TractModel::nnef(&nnef)?;
-    let (procs, http, socket) = deploy(&bin, tmp.path(), &nnef_path, &[])?;
+    let (procs, http, socket) = deploy(&bin, tmp.path(), &nnef_path, &[], None)?;
     let body = encode_tensors(std::slice::from_ref(&input)).map_err(anyhow::Error::msg)?;
     let path = "/v1/models/bench:predict";
     let stream = UnixStream::connect(&socket)?;
@@ -344,7 +366,11 @@ fn main() -> Result<()> {
             let root = tmp.path().join("onnxruntime");
             std::fs::create_dir_all(&root)?;
             let lib = lib.to_str().context("path")?;
-            let (procs, _, socket) = deploy(&bin, &root, &args.model, &["--onnxruntime", lib])?;
+            // The source, compiled for generic-linux at this shape with its
+            // onnxruntime alternative, as `tern compile` stores it.
+            let shape = format!("{}={}", onnx_input_name(&onnx)?, shape_arg_of(&shape));
+            let compile = ["--input-shape", shape.as_str(), "--onnxruntime", lib, "--prefer", "onnxruntime"];
+            let (procs, _, socket) = deploy(&bin, &root, &args.model, &["--onnxruntime", lib], Some(&compile))?;
             let stream = UnixStream::connect(&socket)?;
             let mut c = Http1 { read: BufReader::new(stream.try_clone()?), write: stream, timings: vec![] };
             let out = decode_tensors(&c.post(path, &body)?).map_err(anyhow::Error::msg)?;
