@@ -637,7 +637,7 @@ mod tests {
             (m.sha256, m.format, m.name.as_str(), m.version),
             (Sha256Digest::of(b"nnef"), ModelFormat::Nnef, "iris", 1)
         );
-        assert!(v.files().any(|f| f == Sha256Digest::of(b"nnef")));
+        assert!(m.files().any(|f| f == Sha256Digest::of(b"nnef")));
         // A device of a profile with none is refused, with what to run.
         r.add_token(&[9; 16], &EnrollToken { profile: "rpi5".into(), ..token(50) }).unwrap();
         r.enroll(&[9; 16], DeviceId::new("cam-9").unwrap(), Sha256Digest::of(b"cam-9"), "0.1", 1).unwrap();

@@ -161,28 +161,8 @@ impl ModelVersion {
     pub fn manifest_for(&self, profile: &str) -> crate::Result<ModelManifest> {
         Ok(match self.artifact_for(profile)? {
             Artifact::Source => self.manifest(),
-            Artifact::Compiled(t) => ModelManifest {
-                sha256: t.sha256,
-                size: t.size,
-                format: t.format,
-                inputs: t.inputs.clone(),
-                outputs: t.outputs.clone(),
-                selftest: t.selftest,
-                alternative: t.alternative.clone(),
-                ..self.manifest()
-            },
+            Artifact::Compiled(t) => t.manifest(self),
         })
-    }
-
-    /// Every file a device may fetch for this version: the source, each
-    /// compiled artifact, and their golden vectors.
-    pub fn files(&self) -> impl Iterator<Item = Sha256Digest> + '_ {
-        let own = [Some(self.sha256), self.selftest.map(|s| s.sha256)];
-        let targets = self
-            .targets
-            .values()
-            .flat_map(|t| [Some(t.sha256), t.selftest.map(|s| s.sha256), t.alternative.as_ref().map(|a| a.sha256)]);
-        own.into_iter().chain(targets).flatten()
     }
 }
 
@@ -210,6 +190,22 @@ pub struct TargetArtifact {
     /// have it run instead.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub alternative: Option<tern_proto::Alternative>,
+}
+
+impl TargetArtifact {
+    /// The manifest of `version` that sends this artifact.
+    pub fn manifest(&self, version: &ModelVersion) -> ModelManifest {
+        ModelManifest {
+            sha256: self.sha256,
+            size: self.size,
+            format: self.format,
+            inputs: self.inputs.clone(),
+            outputs: self.outputs.clone(),
+            selftest: self.selftest,
+            alternative: self.alternative.clone(),
+            ..version.manifest()
+        }
+    }
 }
 
 /// What `tern compile` measured for one artifact.

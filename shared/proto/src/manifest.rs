@@ -171,6 +171,14 @@ pub struct Alternative {
 }
 
 impl ModelManifest {
+    /// Every file an agent may fetch for it: the artifact, its golden
+    /// vectors, its alternative.
+    pub fn files(&self) -> impl Iterator<Item = Sha256Digest> + '_ {
+        [Some(self.sha256), self.selftest.map(|t| t.sha256), self.alternative.as_ref().map(|a| a.sha256)]
+            .into_iter()
+            .flatten()
+    }
+
     /// The manifest as an agent with `backend` runs it: its alternative for
     /// that backend in place of the artifact (and no alternative left);
     /// `None` if it has none for that backend.

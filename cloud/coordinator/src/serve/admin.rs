@@ -478,18 +478,7 @@ async fn set_target(
         report,
         alternative,
     };
-    let manifest = tern_proto::ModelManifest {
-        sha256: target.sha256,
-        size,
-        format,
-        inputs: target.inputs.clone(),
-        outputs: target.outputs.clone(),
-        selftest,
-        update: Some(state.policy),
-        alternative: target.alternative.clone(),
-        ..record.manifest()
-    };
-    check_canonical(&manifest)?;
+    check_canonical(&tern_proto::ModelManifest { update: Some(state.policy), ..target.manifest(&record) })?;
     let p = profile.clone();
     let v = blocking(&state, move |s| s.registry.set_target(&name, version, &p, target)).await?;
     info!(model = %v.name, version, %profile, sha256 = %sha, "compiled artifact stored");

@@ -549,11 +549,8 @@ async fn artifact(
     // alternative) of the versions assigned to it, as its profile gets them.
     let device = state.registry.device(id.as_str())?;
     let assigned = device.desired.iter().any(|(name, v)| {
-        state.registry.version(name, *v).ok().and_then(|v| v.manifest_for(&device.profile).ok()).is_some_and(|m| {
-            m.sha256 == req.sha256
-                || m.selftest.is_some_and(|t| t.sha256 == req.sha256)
-                || m.alternative.is_some_and(|a| a.sha256 == req.sha256)
-        })
+        let manifest = state.registry.version(name, *v).ok().and_then(|v| v.manifest_for(&device.profile).ok());
+        manifest.is_some_and(|m| m.files().any(|f| f == req.sha256))
     });
     if !assigned {
         let m = format!("artifact {} is not assigned to {id}", req.sha256);
