@@ -322,6 +322,30 @@ def compile_models() -> None:
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
     )
     onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), OUT / "rate-if.onnx")
+    # dropout-train.onnx: Dropout with training_mode a constant true and
+    # ratio 0.5: it loads, and every run fails (tract runs Dropout only
+    # for inference), so registration must refuse it.
+    g = helper.make_graph(
+        [helper.make_node("Dropout", ["x", "ratio", "training"], ["y"])],
+        "dropout_train",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])],
+        [
+            numpy_helper.from_array(np.array(0.5, np.float32), "ratio"),
+            numpy_helper.from_array(np.array(True), "training"),
+        ],
+    )
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), OUT / "dropout-train.onnx")
+    # attention.onnx: one opset-23 Attention over (batch 1, 4 heads, 8
+    # positions, 16 per head); tract-onnx's `transformers` operators load it.
+    qkv = [helper.make_tensor_value_info(n, TensorProto.FLOAT, [1, 4, 8, 16]) for n in "qkv"]
+    g = helper.make_graph(
+        [helper.make_node("Attention", ["q", "k", "v"], ["y"])],
+        "attention",
+        qkv,
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 8, 16])],
+    )
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 23)]), OUT / "attention.onnx")
 
 
 def main() -> None:

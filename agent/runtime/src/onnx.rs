@@ -8,11 +8,25 @@ use tern_proto::TensorSpec;
 use tract_onnx::prelude::*;
 use tract_onnx::tract_hir::infer::Factoid;
 
+/// tract's ONNX parser. Models run on the thread that calls them (the
+/// agent's API threads), so the one operator that would spread over rayon's
+/// global pool, the flash attention kernel behind ONNX `Attention`, is held
+/// to the calling thread; `TRACT_FLASH_SDPA_ST=0` in the environment
+/// overrides that.
+fn parser() -> tract_onnx::Onnx {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        // Fails only if another config in the process set it otherwise; that one stands.
+        let _ = tract_onnx::tract_core::knobs::set_config_global("TRACT_FLASH_SDPA_ST", "true");
+    });
+    tract_onnx::onnx()
+}
+
 /// Parses an ONNX model into a decluttered typed model. Dimensions left open
 /// (unnamed, or given as -1) become symbols (`N` for the first axis), unless
 /// `pinned` gives the input shapes, which then replace the model's own.
 pub(crate) fn typed(bytes: &[u8], pinned: Option<&[Vec<usize>]>) -> Result<TypedModel, RuntimeError> {
-    let mut model = tract_onnx::onnx().model_for_read(&mut &*bytes).map_err(load_err)?;
+    let mut model = parser().model_for_read(&mut &*bytes).map_err(load_err)?;
     if let Some(shapes) = pinned
         && shapes.len() != model.inputs.len()
     {
@@ -63,7 +77,7 @@ pub fn onnx_to_nnef(bytes: &[u8], pinned: Option<&[Vec<usize>]>) -> Result<Vec<u
 /// The inputs an ONNX model declares, as it declares them: dimensions it
 /// leaves open (unnamed, named or -1) are `None`.
 pub fn onnx_inputs(bytes: &[u8]) -> Result<Vec<TensorSpec>, RuntimeError> {
-    let model = tract_onnx::onnx().model_for_read(&mut &*bytes).map_err(load_err)?;
+    let model = parser().model_for_read(&mut &*bytes).map_err(load_err)?;
     (0..model.inputs.len())
         .map(|ix| {
             let fact = model.input_fact(ix).map_err(load_err)?;
@@ -104,7 +118,7 @@ pub fn compile_onnx(
     shapes: &BTreeMap<String, Vec<usize>>,
     consts: &BTreeMap<String, Tensor>,
 ) -> Result<Vec<u8>, RuntimeError> {
-    let onnx = tract_onnx::onnx();
+    let onnx = parser();
     let mut proto = onnx.proto_model_for_read(&mut &*bytes).map_err(load_err)?;
     if let Some(graph) = proto.graph.as_mut() {
         fold_ifs(graph, consts);
@@ -135,7 +149,7 @@ pub fn onnx_with_consts(
 ) -> Result<Vec<u8>, RuntimeError> {
     use tract_onnx::pb::tensor_shape_proto::{Dimension, dimension};
     use tract_onnx::pb::{TensorProto, TensorShapeProto, type_proto};
-    let mut proto = tract_onnx::onnx().proto_model_for_read(&mut &*bytes).map_err(load_err)?;
+    let mut proto = parser().proto_model_for_read(&mut &*bytes).map_err(load_err)?;
     let graph = proto.graph.as_mut().ok_or_else(|| RuntimeError::Load("the model has no graph".into()))?;
     fold_ifs(graph, consts);
     for (name, t) in consts {
@@ -170,6 +184,20 @@ pub fn onnx_with_consts(
         t.shape = Some(TensorShapeProto { dim });
     }
     Ok(prost::Message::encode_to_vec(&proto))
+}
+
+/// Decodes a serialized ONNX `TensorProto` (the `.pb` files of ONNX's
+/// test data, or a reference input written with `onnx.numpy_helper`).
+pub fn onnx_tensor(bytes: &[u8]) -> Result<Tensor, RuntimeError> {
+    let proto: tract_onnx::pb::TensorProto = prost::Message::decode(bytes).map_err(load_err)?;
+    // tract's loader reaches `unimplemented!` for raw string bytes; with
+    // panic=abort that would end the process.
+    if proto.data_type == tract_onnx::pb::tensor_proto::DataType::String as i32 && !proto.raw_data.is_empty() {
+        return Err(RuntimeError::Load("a string TensorProto with raw_data".into()));
+    }
+    let t = tract_onnx::tensor::load_tensor(&tract_onnx::data_resolver::FopenDataResolver, &proto, None)
+        .map_err(load_err)?;
+    from_tract(&t.into_tvalue()).map_err(|e| RuntimeError::Load(e.to_string()))
 }
 
 /// ONNX's element type code and little-endian bytes of `t`.
@@ -340,7 +368,7 @@ impl ReferenceModel {
     /// The source model with the inputs in `shapes` pinned (as the
     /// compiled one is), all its inputs still inputs.
     pub fn onnx(bytes: &[u8], shapes: &BTreeMap<String, Vec<usize>>) -> Result<Self, RuntimeError> {
-        let mut model = tract_onnx::onnx().model_for_read(&mut &*bytes).map_err(load_err)?;
+        let mut model = parser().model_for_read(&mut &*bytes).map_err(load_err)?;
         pin(&mut model, shapes)?;
         let inputs = onnx_inputs(bytes)?;
         let outputs = model

@@ -122,3 +122,34 @@ fn reused_run_states_give_the_same_answers_as_fresh_ones() {
         }
     }
 }
+
+#[test]
+fn onnx_tensor_protos_decode_and_bad_ones_are_errors_not_panics() {
+    use tract_onnx::pb::TensorProto;
+    let enc = |t: TensorProto| prost::Message::encode_to_vec(&t);
+    let ints = enc(TensorProto { dims: vec![2], data_type: 7, int64_data: vec![3, -1], ..TensorProto::default() });
+    assert_eq!(tern_runtime::onnx_tensor(&ints).unwrap(), Tensor::new(vec![2], TensorData::I64(vec![3, -1])).unwrap());
+    let raw = [1.5f32, -2.0].iter().flat_map(|x| x.to_le_bytes()).collect();
+    let floats = enc(TensorProto { dims: vec![1, 2], data_type: 1, raw_data: raw, ..TensorProto::default() });
+    assert_eq!(
+        tern_runtime::onnx_tensor(&floats).unwrap(),
+        Tensor::new(vec![1, 2], TensorData::F32(vec![1.5, -2.0])).unwrap()
+    );
+    let strings =
+        enc(TensorProto { dims: vec![1], data_type: 8, string_data: vec![b"a".to_vec()], ..TensorProto::default() });
+    let raw_strings =
+        enc(TensorProto { dims: vec![1], data_type: 8, raw_data: b"abc".to_vec(), ..TensorProto::default() });
+    let short = enc(TensorProto { dims: vec![4], data_type: 1, raw_data: vec![0; 3], ..TensorProto::default() });
+    let unknown = enc(TensorProto { dims: vec![1], data_type: 9999, ..TensorProto::default() });
+    for bad in [strings, raw_strings, short, unknown, vec![0xff, 0xff, 0xff]] {
+        assert!(matches!(tern_runtime::onnx_tensor(&bad), Err(RuntimeError::Load(_))), "{bad:?}");
+    }
+}
+
+#[test]
+fn attention_loads_from_onnx_but_compiling_it_to_nnef_is_refused_naming_the_operator() {
+    let bytes = std::fs::read(fixture("attention.onnx")).unwrap();
+    TractModel::onnx(&bytes).unwrap();
+    let err = tern_runtime::compile_onnx(&bytes, &Default::default(), &Default::default()).unwrap_err();
+    assert!(matches!(&err, RuntimeError::Load(m) if m.contains("SDPA")), "{err}");
+}

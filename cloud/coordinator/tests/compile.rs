@@ -267,3 +267,14 @@ fn the_registry_checks_a_compiled_artifact_against_the_source_itself() {
     assert_eq!(status, 422, "{said}");
     assert!(said.contains("tolerance 1e300"), "{said}");
 }
+
+#[test]
+fn a_model_that_loads_but_fails_on_every_run_is_refused_at_registration() {
+    let coord = Coord::start();
+    let run = coord.cli(&["model", "register", "drop", "--file", fixture("dropout-train.onnx").to_str().unwrap()]);
+    let said = String::from_utf8_lossy(&run.stderr);
+    assert!(!run.status.success(), "training-mode Dropout was accepted");
+    assert!(said.contains("Dropout in training mode"), "{said}");
+    let listed = coord.json(&["model", "list"]);
+    assert_eq!(listed.as_array().map(Vec::len), Some(0), "{listed}");
+}
