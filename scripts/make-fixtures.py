@@ -348,6 +348,30 @@ def compile_models() -> None:
     onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 23)]), OUT / "attention.onnx")
 
 
+def half_model() -> None:
+    """half.onnx: f16 in, y = 2x + 0.5 in f16 and the same cast to f32 out."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    g = helper.make_graph(
+        [
+            helper.make_node("Mul", ["x", "two"], ["x2"]),
+            helper.make_node("Add", ["x2", "half"], ["y"]),
+            helper.make_node("Cast", ["y"], ["y32"], to=TensorProto.FLOAT),
+        ],
+        "half",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT16, [None, 4])],
+        [
+            helper.make_tensor_value_info("y", TensorProto.FLOAT16, [None, 4]),
+            helper.make_tensor_value_info("y32", TensorProto.FLOAT, [None, 4]),
+        ],
+        [
+            numpy_helper.from_array(np.array(2.0, np.float16), "two"),
+            numpy_helper.from_array(np.array(0.5, np.float16), "half"),
+        ],
+    )
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), OUT / "half.onnx")
+
+
 def main() -> None:
     from skl2onnx import to_onnx
     from sklearn.datasets import load_iris
@@ -444,4 +468,4 @@ def builtin_models(classifier, x, rows) -> None:
 if __name__ == "__main__":
     import sys
 
-    {"recurrent": recurrent_models, "wide": wide_model, "staged": staged_models, "oversized": oversized_model, "compile": compile_models}.get(" ".join(sys.argv[1:]), main)()
+    {"recurrent": recurrent_models, "wide": wide_model, "staged": staged_models, "oversized": oversized_model, "compile": compile_models, "half": half_model}.get(" ".join(sys.argv[1:]), main)()

@@ -10,6 +10,7 @@ fuzz_target!(|data: &[u8]| {
         TensorSpec { name: "X".into(), dtype: DType::F32, shape: vec![None, Some(4)] },
         TensorSpec { name: "ids".into(), dtype: DType::I64, shape: vec![None, None] },
         TensorSpec { name: "mask".into(), dtype: DType::Bool, shape: vec![Some(2)] },
+        TensorSpec { name: "half".into(), dtype: DType::F16, shape: vec![None, Some(3)] },
     ];
     let limits = RequestLimits::new(&specs, Limits { max_batch: 8, max_elements: 64 });
     if let Ok(tensors) = decode_json(data, &specs, &limits) {

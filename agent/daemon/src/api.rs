@@ -501,6 +501,8 @@ enum Data<'a> {
     U32(&'a [u32]),
     U64(&'a [u64]),
     Bool(&'a [bool]),
+    /// `f16` and `bf16`, as the numbers they hold.
+    Half(Vec<f32>),
 }
 
 impl<'a> Output<'a> {
@@ -517,6 +519,8 @@ impl<'a> Output<'a> {
             TensorData::U32(v) => Data::U32(v),
             TensorData::U64(v) => Data::U64(v),
             TensorData::Bool(v) => Data::Bool(v),
+            TensorData::F16(v) => Data::Half(v.iter().map(|x| x.to_f32()).collect()),
+            TensorData::BF16(v) => Data::Half(v.iter().map(|x| x.to_f32()).collect()),
         };
         Self { name: spec.map(|s| s.name.as_str()), dtype: t.dtype(), shape: &t.shape, data }
     }
@@ -560,6 +564,8 @@ fn nonfinite(inputs: &[Tensor]) -> u64 {
         .map(|t| match &t.data {
             TensorData::F32(v) => v.iter().filter(|x| !x.is_finite()).count(),
             TensorData::F64(v) => v.iter().filter(|x| !x.is_finite()).count(),
+            TensorData::F16(v) => v.iter().filter(|x| !x.is_finite()).count(),
+            TensorData::BF16(v) => v.iter().filter(|x| !x.is_finite()).count(),
             _ => 0,
         } as u64)
         .sum()

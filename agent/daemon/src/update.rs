@@ -78,6 +78,8 @@ fn zero_inputs(m: &ModelManifest) -> Vec<Tensor> {
                 DType::U32 => TensorData::U32(vec![0; n]),
                 DType::U64 => TensorData::U64(vec![0; n]),
                 DType::Bool => TensorData::Bool(vec![false; n]),
+                DType::F16 => TensorData::F16(vec![tern_proto::f16::ZERO; n]),
+                DType::BF16 => TensorData::BF16(vec![tern_proto::bf16::ZERO; n]),
             };
             Tensor { shape, data }
         })
@@ -132,13 +134,7 @@ pub fn agree(candidate: &[Tensor], serving: &[Tensor], how: ShadowCompare, toler
             }
             let classes = s.shape.last().copied().unwrap_or(1);
             let top1 = classes > 1 && how != ShadowCompare::Relative;
-            let floats = |t: &Tensor| -> Option<Vec<f64>> {
-                match &t.data {
-                    TensorData::F32(v) => Some(v.iter().map(|x| f64::from(*x)).collect()),
-                    TensorData::F64(v) => Some(v.clone()),
-                    _ => None,
-                }
-            };
+            let floats = |t: &Tensor| t.data.is_float().then(|| t.data.to_f64());
             let tol = f64::from(tolerance_ppm) * 1e-6;
             match (floats(c), floats(s)) {
                 (Some(a), Some(b)) if top1 => {

@@ -285,7 +285,7 @@ fn close(got: &Tensor, want: &Tensor) -> Result<(), String> {
     if got.dtype() != want.dtype() {
         return Err(format!("element type {}, expected {}", got.dtype(), want.dtype()));
     }
-    let (g, w) = (floats(&got.data), floats(&want.data));
+    let (g, w) = (got.data.to_f64(), want.data.to_f64());
     for (i, (a, b)) in g.iter().zip(&w).enumerate() {
         let ok = (a.is_nan() && b.is_nan()) || a == b || (a - b).abs() <= 1e-7 + 1e-3 * b.abs();
         if !ok {
@@ -293,22 +293,6 @@ fn close(got: &Tensor, want: &Tensor) -> Result<(), String> {
         }
     }
     Ok(())
-}
-
-fn floats(d: &TensorData) -> Vec<f64> {
-    match d {
-        TensorData::F32(v) => v.iter().map(|x| f64::from(*x)).collect(),
-        TensorData::F64(v) => v.clone(),
-        TensorData::I8(v) => v.iter().map(|x| f64::from(*x)).collect(),
-        TensorData::I16(v) => v.iter().map(|x| f64::from(*x)).collect(),
-        TensorData::I32(v) => v.iter().map(|x| f64::from(*x)).collect(),
-        TensorData::I64(v) => v.iter().map(|x| *x as f64).collect(),
-        TensorData::U8(v) => v.iter().map(|x| f64::from(*x)).collect(),
-        TensorData::U16(v) => v.iter().map(|x| f64::from(*x)).collect(),
-        TensorData::U32(v) => v.iter().map(|x| f64::from(*x)).collect(),
-        TensorData::U64(v) => v.iter().map(|x| *x as f64).collect(),
-        TensorData::Bool(v) => v.iter().map(|x| f64::from(u8::from(*x))).collect(),
-    }
 }
 
 fn markdown(rows: &[Row], backend: &str) -> String {

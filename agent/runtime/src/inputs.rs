@@ -44,6 +44,8 @@ pub fn random_inputs(specs: &[TensorSpec], rng: &mut SplitMix) -> Vec<Tensor> {
                 DType::U32 => TensorData::U32((0..n).map(|_| bit(rng) as u32).collect()),
                 DType::U64 => TensorData::U64((0..n).map(|_| bit(rng)).collect()),
                 DType::Bool => TensorData::Bool((0..n).map(|_| bit(rng) == 1).collect()),
+                DType::F16 => TensorData::F16((0..n).map(|_| tern_proto::f16::from_f64(rng.unit())).collect()),
+                DType::BF16 => TensorData::BF16((0..n).map(|_| tern_proto::bf16::from_f64(rng.unit())).collect()),
             };
             Tensor { shape, data }
         })

@@ -195,9 +195,31 @@ pub fn onnx_tensor(bytes: &[u8]) -> Result<Tensor, RuntimeError> {
     if proto.data_type == tract_onnx::pb::tensor_proto::DataType::String as i32 && !proto.raw_data.is_empty() {
         return Err(RuntimeError::Load("a string TensorProto with raw_data".into()));
     }
+    if proto.data_type == tract_onnx::pb::tensor_proto::DataType::Bfloat16 as i32 {
+        return bf16_tensor(&proto);
+    }
     let t = tract_onnx::tensor::load_tensor(&tract_onnx::data_resolver::FopenDataResolver, &proto, None)
         .map_err(load_err)?;
     from_tract(&t.into_tvalue()).map_err(|e| RuntimeError::Load(e.to_string()))
+}
+
+/// A bfloat16 `TensorProto`, which tract's loader does not know: two
+/// bytes an element in `raw_data`, or each in the low half of an `int32_data`.
+fn bf16_tensor(proto: &tract_onnx::pb::TensorProto) -> Result<Tensor, RuntimeError> {
+    let shape = proto
+        .dims
+        .iter()
+        .map(|d| usize::try_from(*d).map_err(|_| RuntimeError::Load(format!("dimension {d} in a TensorProto"))))
+        .collect::<Result<Vec<usize>, _>>()?;
+    let bits: Vec<u16> = if proto.raw_data.is_empty() {
+        proto.int32_data.iter().map(|x| *x as u16).collect()
+    } else if proto.raw_data.len().is_multiple_of(2) {
+        proto.raw_data.chunks_exact(2).map(|c| u16::from_le_bytes([c[0], c[1]])).collect()
+    } else {
+        return Err(RuntimeError::Load(format!("{} raw bytes of bfloat16", proto.raw_data.len())));
+    };
+    let data = tern_proto::TensorData::BF16(bits.into_iter().map(tern_proto::bf16::from_bits).collect());
+    Tensor::new(shape, data).map_err(RuntimeError::Load)
 }
 
 /// ONNX's element type code and little-endian bytes of `t`.
@@ -218,6 +240,8 @@ fn raw(t: &Tensor) -> (i32, Vec<u8>) {
         D::F64(v) => (11, le(v, f64::to_le_bytes)),
         D::U32(v) => (12, le(v, u32::to_le_bytes)),
         D::U64(v) => (13, le(v, u64::to_le_bytes)),
+        D::F16(v) => (10, le(v, tern_proto::f16::to_le_bytes)),
+        D::BF16(v) => (16, le(v, tern_proto::bf16::to_le_bytes)),
     }
 }
 

@@ -98,6 +98,8 @@ fn dtype(t: TensorElementType) -> Option<DType> {
         TensorElementType::Uint32 => DType::U32,
         TensorElementType::Uint64 => DType::U64,
         TensorElementType::Bool => DType::Bool,
+        TensorElementType::Float16 => DType::F16,
+        TensorElementType::Bfloat16 => DType::BF16,
         _ => return None,
     })
 }
@@ -152,6 +154,8 @@ fn value(t: Tensor) -> Result<DynValue, RuntimeError> {
         TensorData::U32(v) => v!(v),
         TensorData::U64(v) => v!(v),
         TensorData::Bool(v) => v!(v),
+        TensorData::F16(v) => v!(v),
+        TensorData::BF16(v) => v!(v),
     }
 }
 
@@ -177,6 +181,8 @@ fn tensor(name: &str, v: &DynValue) -> Result<Tensor, RuntimeError> {
         TensorElementType::Uint32 => t!(u32, U32),
         TensorElementType::Uint64 => t!(u64, U64),
         TensorElementType::Bool => t!(bool, Bool),
+        TensorElementType::Float16 => t!(tern_proto::f16, F16),
+        TensorElementType::Bfloat16 => t!(tern_proto::bf16, BF16),
         other => return Err(run_err(format!("output {name:?} has element type {other}"))),
     })
 }

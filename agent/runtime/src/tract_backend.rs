@@ -95,6 +95,7 @@ pub(crate) fn to_dtype(dt: DatumType) -> Option<DType> {
         DatumType::U32 => DType::U32,
         DatumType::U64 => DType::U64,
         DatumType::Bool => DType::Bool,
+        DatumType::F16 => DType::F16,
         _ => return None,
     })
 }
@@ -113,6 +114,8 @@ pub(crate) fn to_tract(t: Tensor) -> Result<TValue, RuntimeError> {
         TensorData::U32(v) => tract_ndarray::ArrayD::from_shape_vec(shape, v).map(|a| a.into_tvalue()),
         TensorData::U64(v) => tract_ndarray::ArrayD::from_shape_vec(shape, v).map(|a| a.into_tvalue()),
         TensorData::Bool(v) => tract_ndarray::ArrayD::from_shape_vec(shape, v).map(|a| a.into_tvalue()),
+        TensorData::F16(v) => tract_ndarray::ArrayD::from_shape_vec(shape, v).map(|a| a.into_tvalue()),
+        TensorData::BF16(_) => return Err(RuntimeError::Signature("tract has no bf16 tensors".into())),
     };
     r.map_err(|e| RuntimeError::Signature(format!("tensor data does not fit its shape: {e}")))
 }
@@ -140,6 +143,7 @@ pub(crate) fn from_tract(v: &TValue) -> Result<Tensor, RuntimeError> {
         DatumType::U32 => TensorData::U32(view.as_slice::<u32>().map_err(run)?.to_vec()),
         DatumType::U64 => TensorData::U64(view.as_slice::<u64>().map_err(run)?.to_vec()),
         DatumType::Bool => TensorData::Bool(view.as_slice::<bool>().map_err(run)?.to_vec()),
+        DatumType::F16 => TensorData::F16(view.as_slice::<tern_proto::f16>().map_err(run)?.to_vec()),
         other => return Err(RuntimeError::Run(format!("model produced unsupported element type {other:?}"))),
     };
     Ok(Tensor { shape, data })

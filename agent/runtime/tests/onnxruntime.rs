@@ -33,13 +33,14 @@ fn onnxruntime_loads_from_the_wheel_s_library_and_agrees_with_tract() {
     assert_eq!(init(std::path::Path::new("/nonexistent/libonnxruntime.so"), &["cuda"]).unwrap(), what);
 
     let mut rng = SplitMix(7);
-    for (name, threads) in [("iris.onnx", 1), ("scorer-a.onnx", 0), ("lstm.onnx", 1)] {
+    for (name, threads) in [("iris.onnx", 1), ("scorer-a.onnx", 0), ("lstm.onnx", 1), ("half.onnx", 1)] {
         let bytes = std::fs::read(fixture(name)).unwrap();
         let ort = OrtModel::onnx(&bytes, threads).unwrap();
         let tract = TractModel::onnx(&bytes).unwrap();
         let names = |b: &dyn Backend| b.outputs().iter().map(|o| (o.name.clone(), o.dtype)).collect::<Vec<_>>();
         assert_eq!(names(&ort), names(&tract), "{name}");
-        assert_eq!(ort.inputs()[0].dtype, DType::F32, "{name}");
+        let dtype = if name == "half.onnx" { DType::F16 } else { DType::F32 };
+        assert_eq!((ort.inputs()[0].dtype, tract.inputs()[0].dtype), (dtype, dtype), "{name}");
         for _ in 0..3 {
             let inputs = random_inputs(tract.inputs(), &mut rng);
             let (a, b) = (ort.run(inputs.clone()).unwrap(), tract.run(inputs).unwrap());

@@ -153,3 +153,44 @@ fn attention_loads_from_onnx_but_compiling_it_to_nnef_is_refused_naming_the_oper
     let err = tern_runtime::compile_onnx(&bytes, &Default::default(), &Default::default()).unwrap_err();
     assert!(matches!(&err, RuntimeError::Load(m) if m.contains("SDPA")), "{err}");
 }
+
+#[test]
+fn half_precision_tensors_go_in_and_out_of_tract_and_bfloat16_is_refused_by_name() {
+    use tern_proto::{bf16, f16};
+    let model = TractModel::onnx(&std::fs::read(fixture("half.onnx")).unwrap()).unwrap();
+    assert_eq!(model.inputs()[0].dtype, DType::F16);
+    assert_eq!(model.outputs().iter().map(|o| o.dtype).collect::<Vec<_>>(), [DType::F16, DType::F32]);
+    let x = [1.0f32, 0.1, -3.0, 100.0].map(f16::from_f32).to_vec();
+    let out = model.run(vec![Tensor::new(vec![1, 4], TensorData::F16(x)).unwrap()]).unwrap();
+    // onnxruntime's answer for the same input.
+    let want = [2.5f32, 0.700_195_3, -5.5, 200.5];
+    assert_eq!(out[0].data, TensorData::F16(want.map(f16::from_f32).to_vec()));
+    assert_eq!(out[1].data, TensorData::F32(want.to_vec()));
+    let b = Tensor::new(vec![1, 4], TensorData::BF16(vec![bf16::ONE; 4])).unwrap();
+    let e = model.run(vec![b]).unwrap_err();
+    assert!(e.to_string().contains("bf16"), "{e}");
+}
+
+#[test]
+fn bfloat16_tensor_protos_decode_from_raw_bytes_and_from_int32_data() {
+    use tract_onnx::pb::TensorProto;
+    let enc = |t: TensorProto| prost::Message::encode_to_vec(&t);
+    let want = Tensor::new(vec![2], TensorData::BF16(vec![tern_proto::bf16::ONE, tern_proto::bf16::NEG_ONE])).unwrap();
+    let raw = enc(TensorProto {
+        dims: vec![2],
+        data_type: 16,
+        raw_data: vec![0x80, 0x3f, 0x80, 0xbf],
+        ..TensorProto::default()
+    });
+    assert_eq!(tern_runtime::onnx_tensor(&raw).unwrap(), want);
+    let ints =
+        enc(TensorProto { dims: vec![2], data_type: 16, int32_data: vec![0x3f80, 0xbf80], ..TensorProto::default() });
+    assert_eq!(tern_runtime::onnx_tensor(&ints).unwrap(), want);
+    let odd =
+        enc(TensorProto { dims: vec![2], data_type: 16, raw_data: vec![0x80, 0x3f, 0x80], ..TensorProto::default() });
+    let short = enc(TensorProto { dims: vec![3], data_type: 16, int32_data: vec![0x3f80], ..TensorProto::default() });
+    let negative = enc(TensorProto { dims: vec![-1], data_type: 16, ..TensorProto::default() });
+    for bad in [odd, short, negative] {
+        assert!(matches!(tern_runtime::onnx_tensor(&bad), Err(RuntimeError::Load(_))), "{bad:?}");
+    }
+}

@@ -300,19 +300,7 @@ fn distance(want: &Tensor, got: &Tensor) -> Option<(f64, f64)> {
 }
 
 fn values(t: &Tensor) -> Vec<f64> {
-    match &t.data {
-        TensorData::F32(v) => v.iter().map(|x| *x as f64).collect(),
-        TensorData::F64(v) => v.clone(),
-        TensorData::I8(v) => v.iter().map(|x| *x as f64).collect(),
-        TensorData::I16(v) => v.iter().map(|x| *x as f64).collect(),
-        TensorData::I32(v) => v.iter().map(|x| *x as f64).collect(),
-        TensorData::I64(v) => v.iter().map(|x| *x as f64).collect(),
-        TensorData::U8(v) => v.iter().map(|x| *x as f64).collect(),
-        TensorData::U16(v) => v.iter().map(|x| *x as f64).collect(),
-        TensorData::U32(v) => v.iter().map(|x| *x as f64).collect(),
-        TensorData::U64(v) => v.iter().map(|x| *x as f64).collect(),
-        TensorData::Bool(v) => v.iter().map(|x| *x as u8 as f64).collect(),
-    }
+    t.data.to_f64()
 }
 
 /// Parses a const for `spec`. Its shape: `shape` if given, else the
@@ -347,6 +335,8 @@ fn parse_const(spec: &TensorSpec, shape: Option<Vec<usize>>, value: &str) -> Res
         DType::U16 => TensorData::U16(all(&parts).ok_or_else(bad)?),
         DType::U32 => TensorData::U32(all(&parts).ok_or_else(bad)?),
         DType::U64 => TensorData::U64(all(&parts).ok_or_else(bad)?),
+        DType::F16 => TensorData::F16(all(&parts).ok_or_else(bad)?),
+        DType::BF16 => TensorData::BF16(all(&parts).ok_or_else(bad)?),
         DType::Bool => TensorData::Bool(
             parts
                 .iter()

@@ -221,3 +221,29 @@ fn two_models_of_one_artifact_download_it_once() {
     let downloads = agent.logs().matches("artifact downloaded").count();
     assert_eq!(downloads, 1, "{}", agent.logs());
 }
+
+#[test]
+fn a_half_precision_model_registers_deploys_and_answers_in_json_and_binary() {
+    // fixtures/half.onnx: y = 2x + 0.5 in f16, and y cast to f32. The
+    // expected values are onnxruntime's for the same input.
+    let (coord, agent) = serving(&[], "half.onnx", "half");
+    let want = [2.5f32, 0.700_195_3, -5.5, 200.5];
+    let show = coord.json(&["model", "show", "half:1"]);
+    assert_eq!(show["inputs"][0]["dtype"], "f16", "{show}");
+    let (status, answer) =
+        agent.post("/v1/models/half:predict", r#"{"inputs":[{"shape":[1,4],"data":[1,0.1,-3,100]}]}"#);
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(answer["outputs"][0]["dtype"], "f16", "{answer}");
+    assert_eq!(answer["outputs"][1]["dtype"], "f32", "{answer}");
+    for out in [&answer["outputs"][0], &answer["outputs"][1]] {
+        let got: Vec<f32> = serde_json::from_value(out["data"].clone()).unwrap();
+        assert_eq!(got, want, "{answer}");
+    }
+    let x = [1.0f32, 0.1, -3.0, 100.0].map(tern_proto::f16::from_f32).to_vec();
+    let input = tern_proto::Tensor::new(vec![1, 4], tern_proto::TensorData::F16(x)).unwrap();
+    let (status, _, body) = agent.post_tensors("/v1/models/half:predict", &[input]);
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+    let out = tern_proto::decode_tensors(&body).unwrap();
+    assert_eq!(out[0].data, tern_proto::TensorData::F16(want.map(tern_proto::f16::from_f32).to_vec()));
+    assert_eq!(out[1].data, tern_proto::TensorData::F32(want.to_vec()));
+}

@@ -92,7 +92,7 @@ fn the_new_agent_works_with_a_coordinator_held_to_version_1_and_both_serve_side_
     assert!(d["capabilities"].is_null(), "a v1 session carries no capabilities: {d}");
     drop(agent);
 
-    // A current coordinator serves a v4 agent and a v1 device at once.
+    // A current coordinator serves a current agent and a v1 device at once.
     let coord = Coord::start();
     let mut new = Agent::enrolled(&coord, "cam-02");
     let old = Agent::enrolled(&coord, "cam-03");
@@ -113,8 +113,8 @@ fn the_new_agent_works_with_a_coordinator_held_to_version_1_and_both_serve_side_
         let next = tokio::time::timeout(Duration::from_secs(10), reader.next()).await.unwrap().unwrap();
         assert!(matches!(&next, Some(Message::Desired(d)) if d.generation == 2), "{next:?}");
     });
-    let v4 = coord.device("cam-02");
-    assert_eq!(v4["capabilities"]["wire_version"], 4, "{v4}");
+    let current = coord.device("cam-02");
+    assert_eq!(current["capabilities"]["wire_version"], WireVersion::CURRENT.0, "{current}");
     wait_for("cam-02 to report its generation", Duration::from_secs(10), || {
         (coord.device("cam-02")["reported_generation"] == 1).then_some(())
     });
@@ -147,6 +147,38 @@ fn the_new_agent_takes_unsigned_states_from_a_coordinator_held_to_version_3_unti
     agent.wait_serving("iris", 1);
     assert!(agent.logs().contains("wire=v3"), "{}", agent.logs());
     assert!(!agent.data().join("identity/tuf.json").exists());
+}
+
+#[test]
+fn a_half_precision_model_is_not_sent_below_version_5_and_not_assigned_once_the_device_said_so() {
+    let coord = Coord::start_with(&["--max-wire-version", "4"]);
+    let mut agent = Agent::enrolled(&coord, "cam-01");
+    coord.register_iris("iris");
+    coord.register_fixture("half", "half.onnx");
+    // Not heard from yet, so nothing says what its agent speaks.
+    coord.ok(&["fleet", "assign", "cam-01", "iris:1"]);
+    coord.ok(&["fleet", "assign", "cam-01", "half:1"]);
+    agent.start();
+    agent.wait_serving("iris", 1);
+    assert!(agent.logs().contains("wire=v4"), "{}", agent.logs());
+    wait_for("the coordinator to hold half back", Duration::from_secs(10), || {
+        coord
+            .log()
+            .contains("not sending a version whose tensors this session's wire version cannot name")
+            .then_some(())
+    });
+    let names: Vec<String> =
+        agent.models()["models"].as_array().unwrap().iter().map(|m| m["name"].as_str().unwrap().to_owned()).collect();
+    assert_eq!(names, ["iris"]);
+    wait_for("cam-01's capabilities", Duration::from_secs(10), || {
+        (coord.device("cam-01")["capabilities"]["wire_version"] == 4).then_some(())
+    });
+    coord.register_fixture("half", "half.onnx");
+    let err = coord.fails(&["fleet", "assign", "cam-01", "half:2"]);
+    assert!(
+        err.contains("cam-01's agent speaks wire version 4, which cannot carry half:2's tensor x: f16[?,4] (needs 5)"),
+        "{err}"
+    );
 }
 
 /// The new agent against the first release's coordinator, when its build

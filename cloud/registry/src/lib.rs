@@ -72,6 +72,25 @@ pub enum RegistryError {
         /// What the agent runs.
         runs: String,
     },
+    /// The device's agent last spoke a wire version that cannot name an
+    /// element type of the version's signature.
+    #[error(
+        "{device}'s agent speaks wire version {wire_version}, which cannot carry {name}:{version}'s tensor {tensor} (needs {needs}); upgrade the agent"
+    )]
+    WireTooOld {
+        /// Device id.
+        device: String,
+        /// Model name.
+        name: String,
+        /// Version.
+        version: u32,
+        /// The first tensor it cannot carry.
+        tensor: String,
+        /// The wire version of the device's last session.
+        wire_version: u16,
+        /// The wire version the tensor needs.
+        needs: u16,
+    },
     /// The version has no artifact a device of this profile can be sent.
     #[error(
         "{name}:{version} has no artifact for profile {profile:?} (compiled for {compiled_for}); run: tern compile {name}:{version} --target {profile}"

@@ -493,8 +493,8 @@ impl Registry {
                 Ok(d) => d,
                 Err(e) => return abort(e),
             };
-            let format = match v.artifact_for(&d.profile) {
-                Ok(Artifact::Source) => v.format,
+            let (format, signature) = match v.artifact_for(&d.profile) {
+                Ok(Artifact::Source) => (v.format, [&v.inputs, &v.outputs]),
                 Ok(Artifact::Compiled(t)) => {
                     if let Some(why) = t.report.fit.as_ref().and_then(|f| f.refused.clone()) {
                         return abort(RegistryError::DoesNotFit {
@@ -504,7 +504,7 @@ impl Registry {
                             why,
                         });
                     }
-                    t.format
+                    (t.format, [&t.inputs, &t.outputs])
                 }
                 Err(e) => return abort(e),
             };
@@ -516,6 +516,19 @@ impl Registry {
                     version,
                     format,
                     runs: if runs.is_empty() { "no format".into() } else { runs.join(", ") },
+                });
+            }
+            let too_new = d.capabilities.as_ref().and_then(|caps| {
+                signature.into_iter().flatten().find(|s| caps.wire_version < s.dtype.since().0).map(|s| (caps, s))
+            });
+            if let Some((caps, spec)) = too_new {
+                return abort(RegistryError::WireTooOld {
+                    device: id.to_owned(),
+                    name: name.to_owned(),
+                    version,
+                    tensor: spec.to_string(),
+                    wire_version: caps.wire_version,
+                    needs: spec.dtype.since().0,
                 });
             }
             d.desired.insert(name.to_owned(), version);
@@ -817,6 +830,27 @@ mod tests {
             "cam-2's agent runs nnef; iris:1 is onnx (register its NNEF form, which every agent runs)"
         );
         assert_eq!(r.device("cam-2").unwrap().reported_generation, Some(0));
+    }
+
+    #[test]
+    fn a_half_precision_model_is_not_assigned_to_an_agent_on_an_older_wire_version() {
+        let (_dir, r) = approved_and_assigned();
+        let half = tern_proto::TensorSpec { name: "x".into(), dtype: tern_proto::DType::F16, shape: vec![Some(4)] };
+        r.register("half", NewVersion { outputs: vec![half], ..new_version(b"h") }).unwrap();
+        r.set_status("half", 1, Approval::Approved, 2, false).unwrap();
+        let caps =
+            |wire_version| crate::Capabilities { formats: vec![ModelFormat::Onnx], backends: vec![], wire_version };
+        let hello =
+            |wire| Report { agent_version: Some("0.3".into()), capabilities: Some(caps(wire)), ..Report::default() };
+        r.seen("cam-2", 5, &hello(4)).unwrap();
+        let err = r.assign("cam-2", "half", 1).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "cam-2's agent speaks wire version 4, which cannot carry half:1's tensor x: f16[4] (needs 5); upgrade the agent"
+        );
+        assert!(r.device("cam-2").unwrap().desired.is_empty());
+        r.seen("cam-2", 6, &hello(5)).unwrap();
+        assert_eq!(r.assign("cam-2", "half", 1).unwrap().desired.get("half"), Some(&1));
     }
 
     #[test]

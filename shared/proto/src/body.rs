@@ -59,7 +59,7 @@ fn element_size(d: DType) -> usize {
     match d {
         DType::F32 | DType::I32 | DType::U32 => 4,
         DType::F64 | DType::I64 | DType::U64 => 8,
-        DType::I16 | DType::U16 => 2,
+        DType::I16 | DType::U16 | DType::F16 | DType::BF16 => 2,
         DType::I8 | DType::U8 | DType::Bool => 1,
     }
 }
@@ -269,6 +269,19 @@ impl Element for f64 {
     const WHAT: &'static str = "number";
 }
 
+macro_rules! half_element {
+    ($($t:ty),*) => {$(
+        // Rounded to the nearest value the type holds; beyond its range, infinite.
+        impl Element for $t {
+            fn from_i64(n: i64) -> Option<Self> { Some(<$t>::from_f64(n as f64)) }
+            fn from_u64(n: u64) -> Option<Self> { Some(<$t>::from_f64(n as f64)) }
+            fn from_f64(x: f64) -> Option<Self> { Some(<$t>::from_f64(x)) }
+            const WHAT: &'static str = "number";
+        }
+    )*};
+}
+half_element!(half::f16, half::bf16);
+
 impl Element for bool {
     fn from_i64(_n: i64) -> Option<Self> {
         None
@@ -403,6 +416,8 @@ fn elements(name: &str, raw: &RawValue, dtype: DType, max: usize, declared: usiz
         DType::U32 => TensorData::U32(parse(name, raw, max, cap)?),
         DType::U64 => TensorData::U64(parse(name, raw, max, cap)?),
         DType::Bool => TensorData::Bool(parse(name, raw, max, cap)?),
+        DType::F16 => TensorData::F16(parse(name, raw, max, cap)?),
+        DType::BF16 => TensorData::BF16(parse(name, raw, max, cap)?),
     })
 }
 
@@ -437,6 +452,24 @@ mod tests {
         let a = decode_json(flat, &iris(), &limits()).unwrap();
         assert_eq!(a, decode_json(nested, &iris(), &limits()).unwrap());
         assert_eq!(a[0].data, TensorData::F32(vec![1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.5]));
+    }
+
+    #[test]
+    fn half_precision_inputs_round_to_the_nearest_value_they_hold() {
+        let spec = |dtype| vec![TensorSpec { name: "h".into(), dtype, shape: vec![Some(4)] }];
+        let body = br#"{"inputs":[{"shape":[4],"data":[1, 0.1, 70000, -2.5]}]}"#;
+        let l = |s: &[TensorSpec]| RequestLimits::new(s, Limits { max_batch: 8, max_elements: 100 });
+        let f16s = spec(DType::F16);
+        let t = decode_json(body, &f16s, &l(&f16s)).unwrap();
+        let want = [1.0, 0.1, f32::INFINITY, -2.5].map(half::f16::from_f32);
+        assert_eq!(t[0].data, TensorData::F16(want.to_vec()));
+        let bf16s = spec(DType::BF16);
+        let t = decode_json(body, &bf16s, &l(&bf16s)).unwrap();
+        let want = [1.0, 0.1, 70000.0, -2.5].map(half::bf16::from_f32);
+        assert_eq!(t[0].data, TensorData::BF16(want.to_vec()));
+        assert_eq!(l(&f16s).decoded, 8, "two bytes an element");
+        let e = decode_json(br#"{"inputs":[{"shape":[4],"data":[1,true,3,4]}]}"#, &f16s, &l(&f16s)).unwrap_err();
+        assert_eq!(e, JsonError::Bad("input \"h\": element 1 (true) is not a number".into()));
     }
 
     #[test]

@@ -113,6 +113,12 @@ pub fn compare_outputs(got: &[Tensor], want: &[Tensor], tolerance_ppm: u32) -> R
                 first_far(&mut a.iter().zip(b).map(|(x, y)| (f64::from(*x), f64::from(*y))))
             }
             (TensorData::F64(a), TensorData::F64(b)) => first_far(&mut a.iter().copied().zip(b.iter().copied())),
+            (TensorData::F16(a), TensorData::F16(b)) => {
+                first_far(&mut a.iter().zip(b).map(|(x, y)| (x.to_f64(), y.to_f64())))
+            }
+            (TensorData::BF16(a), TensorData::BF16(b)) => {
+                first_far(&mut a.iter().zip(b).map(|(x, y)| (x.to_f64(), y.to_f64())))
+            }
             (a, b) if a.dtype() != b.dtype() => {
                 return Err(format!("output {i}: {}, golden {}", a.dtype(), b.dtype()));
             }
@@ -161,5 +167,14 @@ mod tests {
         assert!(compare_outputs(&[t(vec![f32::NAN])], &[t(vec![f32::NAN])], 0).is_ok());
         assert!(compare_outputs(&[t(vec![f32::INFINITY])], &[t(vec![f32::INFINITY])], 0).is_ok());
         assert!(compare_outputs(&[t(vec![f32::INFINITY])], &[t(vec![-f32::INFINITY])], 100).is_err());
+        let h = |v: &[f32]| {
+            Tensor::new(vec![v.len()], TensorData::F16(v.iter().map(|x| half::f16::from_f32(*x)).collect()))
+        };
+        let want = [h(&[1.0, f32::NAN]).unwrap()];
+        assert!(compare_outputs(&[h(&[1.0, f32::NAN]).unwrap()], &want, 0).is_ok());
+        assert!(compare_outputs(&[h(&[1.001, f32::NAN]).unwrap()], &want, 1000).is_ok());
+        assert!(compare_outputs(&[h(&[1.01, f32::NAN]).unwrap()], &want, 1000).unwrap_err().contains("element 0"));
+        let b = Tensor::new(vec![1], TensorData::BF16(vec![half::bf16::from_f32(f32::NAN)])).unwrap();
+        assert!(compare_outputs(std::slice::from_ref(&b), std::slice::from_ref(&b), 0).is_ok());
     }
 }

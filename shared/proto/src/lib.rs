@@ -24,6 +24,7 @@ pub use frame::{
     FrameDecoder, FrameError, FrameHeader, HEADER_LEN, MAGIC, MAX_FRAME_LEN, decode_frame, decode_payload, encode_frame,
 };
 pub use golden::{GoldenCase, MAX_GOLDEN_BYTES, MAX_GOLDEN_CASES, compare_outputs, decode_golden, encode_golden};
+pub use half::{bf16, f16};
 pub use ids::{DeviceId, IdError, ModelRef, Sha256Digest};
 pub use manifest::{
     Alternative, DEFAULT_READY_SECS, DEFAULT_SHADOW_TOLERANCE_PPM, DType, LocalTime, MINUTES_PER_DAY,
@@ -60,10 +61,16 @@ impl WireVersion {
     /// Version 4: version 3 and the signed desired state with the TUF
     /// metadata ([`Message::SignedDesired`]), which replaces `Desired`.
     pub const V4: WireVersion = WireVersion(4);
+    /// Version 5: version 4, and manifests may name `f16` and `bf16`
+    /// element types (and golden vectors carry them); frames encode as in
+    /// version 4. A manifest that names them is not sent to an older agent,
+    /// which would refuse the whole desired state over it.
+    pub const V5: WireVersion = WireVersion(5);
     /// The newest version this build speaks.
-    pub const CURRENT: WireVersion = WireVersion::V4;
+    pub const CURRENT: WireVersion = WireVersion::V5;
     /// Every version this build speaks, newest first.
-    pub const SUPPORTED: &'static [WireVersion] = &[WireVersion::V4, WireVersion::V3, WireVersion::V2, WireVersion::V1];
+    pub const SUPPORTED: &'static [WireVersion] =
+        &[WireVersion::V5, WireVersion::V4, WireVersion::V3, WireVersion::V2, WireVersion::V1];
 
     /// The ALPN protocol name of this version.
     pub fn alpn(self) -> Vec<u8> {
@@ -111,7 +118,8 @@ mod tests {
         assert_eq!(WireVersion::from_alpn(b"h3"), None);
         assert_eq!(WireVersion::up_to(WireVersion::V1), [WireVersion::V1]);
         assert_eq!(WireVersion::up_to(WireVersion(9)), WireVersion::SUPPORTED);
-        assert_eq!(WireVersion::highest_shared(WireVersion::SUPPORTED, &[1, 2, 3, 4, 5]), Some(WireVersion::V4));
+        assert_eq!(WireVersion::highest_shared(WireVersion::SUPPORTED, &[1, 2, 3, 4, 5, 6]), Some(WireVersion::V5));
+        assert_eq!(WireVersion::highest_shared(WireVersion::SUPPORTED, &[1, 2, 3, 4]), Some(WireVersion::V4));
         assert_eq!(WireVersion::highest_shared(WireVersion::SUPPORTED, &[1, 2, 3]), Some(WireVersion::V3));
         assert_eq!(WireVersion::highest_shared(WireVersion::SUPPORTED, &[1, 2]), Some(WireVersion::V2));
         assert_eq!(WireVersion::highest_shared(WireVersion::SUPPORTED, &[1]), Some(WireVersion::V1));

@@ -62,12 +62,26 @@ pub enum DType {
     U64,
     /// Boolean.
     Bool,
+    /// 16-bit IEEE 754 float (binary16).
+    F16,
+    /// bfloat16: f32's sign and exponent, 7 bits of mantissa.
+    BF16,
 }
 
 impl fmt::Display for DType {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let s = serde_name(self);
         f.write_str(s)
+    }
+}
+
+impl DType {
+    /// The first wire version whose manifests may name this element type.
+    pub fn since(self) -> crate::WireVersion {
+        match self {
+            DType::F16 | DType::BF16 => crate::WireVersion::V5,
+            _ => crate::WireVersion::V1,
+        }
     }
 }
 
@@ -84,6 +98,8 @@ fn serde_name(d: &DType) -> &'static str {
         DType::U32 => "u32",
         DType::U64 => "u64",
         DType::Bool => "bool",
+        DType::F16 => "f16",
+        DType::BF16 => "bf16",
     }
 }
 
@@ -171,6 +187,12 @@ pub struct Alternative {
 }
 
 impl ModelManifest {
+    /// The first wire version whose agents can read it: the newest
+    /// [`DType::since`] of its signature.
+    pub fn since(&self) -> crate::WireVersion {
+        self.inputs.iter().chain(&self.outputs).map(|s| s.dtype.since()).max().unwrap_or(crate::WireVersion::V1)
+    }
+
     /// Every file an agent may fetch for it: the artifact, its golden
     /// vectors, its alternative.
     pub fn files(&self) -> impl Iterator<Item = Sha256Digest> + '_ {

@@ -1,6 +1,7 @@
 //! Dense tensors, and their binary encoding for the agent's local API.
 
 use crate::DType;
+use half::{bf16, f16};
 
 /// A dense tensor in row-major order.
 #[derive(Debug, Clone, PartialEq)]
@@ -26,6 +27,8 @@ pub enum TensorData {
     U32(Vec<u32>),
     U64(Vec<u64>),
     Bool(Vec<bool>),
+    F16(Vec<f16>),
+    BF16(Vec<bf16>),
 }
 
 impl TensorData {
@@ -43,6 +46,8 @@ impl TensorData {
             TensorData::U32(v) => v.len(),
             TensorData::U64(v) => v.len(),
             TensorData::Bool(v) => v.len(),
+            TensorData::F16(v) => v.len(),
+            TensorData::BF16(v) => v.len(),
         }
     }
 
@@ -65,7 +70,34 @@ impl TensorData {
             TensorData::U32(_) => DType::U32,
             TensorData::U64(_) => DType::U64,
             TensorData::Bool(_) => DType::Bool,
+            TensorData::F16(_) => DType::F16,
+            TensorData::BF16(_) => DType::BF16,
         }
+    }
+
+    /// The elements as `f64`, for comparing and summarising. `i64` and
+    /// `u64` beyond 2^53 lose their low bits; booleans are 0 and 1.
+    pub fn to_f64(&self) -> Vec<f64> {
+        match self {
+            TensorData::F32(v) => v.iter().map(|x| f64::from(*x)).collect(),
+            TensorData::F64(v) => v.clone(),
+            TensorData::I8(v) => v.iter().map(|x| f64::from(*x)).collect(),
+            TensorData::I16(v) => v.iter().map(|x| f64::from(*x)).collect(),
+            TensorData::I32(v) => v.iter().map(|x| f64::from(*x)).collect(),
+            TensorData::I64(v) => v.iter().map(|x| *x as f64).collect(),
+            TensorData::U8(v) => v.iter().map(|x| f64::from(*x)).collect(),
+            TensorData::U16(v) => v.iter().map(|x| f64::from(*x)).collect(),
+            TensorData::U32(v) => v.iter().map(|x| f64::from(*x)).collect(),
+            TensorData::U64(v) => v.iter().map(|x| *x as f64).collect(),
+            TensorData::Bool(v) => v.iter().map(|x| f64::from(u8::from(*x))).collect(),
+            TensorData::F16(v) => v.iter().map(|x| x.to_f64()).collect(),
+            TensorData::BF16(v) => v.iter().map(|x| x.to_f64()).collect(),
+        }
+    }
+
+    /// Whether the element type is a floating-point one.
+    pub fn is_float(&self) -> bool {
+        matches!(self, TensorData::F32(_) | TensorData::F64(_) | TensorData::F16(_) | TensorData::BF16(_))
     }
 }
 
@@ -105,6 +137,8 @@ fn dtype_code(d: DType) -> u8 {
         DType::U32 => 9,
         DType::U64 => 10,
         DType::Bool => 11,
+        DType::F16 => 12,
+        DType::BF16 => 13,
     }
 }
 
@@ -121,6 +155,8 @@ fn dtype_of(code: u8) -> Option<(DType, usize)> {
         9 => (DType::U32, 4),
         10 => (DType::U64, 8),
         11 => (DType::Bool, 1),
+        12 => (DType::F16, 2),
+        13 => (DType::BF16, 2),
         _ => return None,
     })
 }
@@ -144,7 +180,7 @@ macro_rules! from_le {
 
 /// Encodes tensors as `"TT" | version 1 | count u8`, then per tensor
 /// `dtype u8 | rank u8 | rank × dim u32 LE | elements little-endian`.
-/// Booleans are one byte, 0 or 1.
+/// Booleans are one byte, 0 or 1; `f16` and `bf16` their two bytes of bits.
 pub fn encode_tensors(tensors: &[Tensor]) -> Result<Vec<u8>, String> {
     let count = u8::try_from(tensors.len()).map_err(|_| "at most 255 tensors".to_string())?;
     let mut out =
@@ -170,6 +206,8 @@ pub fn encode_tensors(tensors: &[Tensor]) -> Result<Vec<u8>, String> {
             TensorData::U32(v) => le_bytes!(out, v),
             TensorData::U64(v) => le_bytes!(out, v),
             TensorData::Bool(v) => out.extend(v.iter().map(|b| u8::from(*b))),
+            TensorData::F16(v) => le_bytes!(out, v),
+            TensorData::BF16(v) => le_bytes!(out, v),
         }
     }
     Ok(out)
@@ -230,6 +268,8 @@ pub fn decode_tensors(bytes: &[u8]) -> Result<Vec<Tensor>, String> {
                     })
                     .collect::<Result<_, _>>()?,
             ),
+            DType::F16 => TensorData::F16(from_le!(raw, f16)),
+            DType::BF16 => TensorData::BF16(from_le!(raw, bf16)),
         };
         out.push(Tensor { shape, data });
     }

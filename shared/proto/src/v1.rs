@@ -457,6 +457,9 @@ impl TryFrom<&cur_m::TensorSpec> for TensorSpec {
             cur_m::DType::U32 => DType::U32,
             cur_m::DType::U64 => DType::U64,
             cur_m::DType::Bool => DType::Bool,
+            cur_m::DType::F16 | cur_m::DType::BF16 => {
+                return Err(format!("{}: version 1 has no {} tensors", t.name, t.dtype));
+            }
         };
         Ok(TensorSpec { name: t.name.clone(), dtype, shape: t.shape.clone() })
     }

@@ -313,3 +313,22 @@ fn version_4_is_version_3_and_the_signed_desired_state_which_older_versions_refu
     let e = decode_frame(&as_v3, MAX_FRAME_LEN, WireVersion::V3).unwrap_err();
     assert!(e.to_string().contains("SignedDesired is not in wire v3"), "{e}");
 }
+
+#[test]
+fn version_5_frames_are_version_4_frames() {
+    let mut frames: Vec<(String, Message, Vec<u8>)> = GOLDEN_V2
+        .iter()
+        .map(|(kind, hex)| {
+            let mut bytes = hex::decode(hex).unwrap();
+            bytes[2] = 4;
+            (kind.to_string(), v2_expected(kind), bytes)
+        })
+        .collect();
+    frames.push(("SignedDesired".into(), signed_desired(), hex::decode(GOLDEN_V4_SIGNED_DESIRED).unwrap()));
+    for (kind, msg, v4) in frames {
+        let mut v5 = v4.clone();
+        v5[2] = 5;
+        assert_eq!(encode_frame(&msg, WireVersion::V5).unwrap(), v5, "{kind}");
+        assert_eq!(decode_frame(&v5, MAX_FRAME_LEN, WireVersion::V5).unwrap().unwrap().0, msg, "{kind}");
+    }
+}

@@ -48,6 +48,7 @@ impl From<RegistryError> for ApiError {
             RegistryError::NotApproved { .. }
             | RegistryError::DeviceExists(_)
             | RegistryError::Unsupported { .. }
+            | RegistryError::WireTooOld { .. }
             | RegistryError::NoArtifact { .. }
             | RegistryError::DoesNotFit { .. }
             | RegistryError::CompiledInUse { .. }
@@ -173,9 +174,15 @@ struct RegisterBody {
     shapes: BTreeMap<String, Vec<usize>>,
 }
 
-/// Refuses a manifest without a canonical form in every encoding.
+/// Refuses a manifest without a canonical form in every encoding its
+/// agents may take: postcard (version 1) only where version 1 can name its
+/// tensors (newer ones are never sent to version-1 agents).
 fn check_canonical(m: &tern_proto::ModelManifest) -> ApiResult<()> {
+    let v1 = m.since() == tern_proto::WireVersion::V1;
     for encoding in [ManifestEncoding::CanonicalJson, ManifestEncoding::Postcard] {
+        if encoding == ManifestEncoding::Postcard && !v1 {
+            continue;
+        }
         m.signed_bytes(encoding).map_err(|e| {
             ApiError(StatusCode::UNPROCESSABLE_ENTITY, format!("model refused ({}): its manifest {e}", m.format))
         })?;

@@ -43,12 +43,13 @@ pub struct ServeArgs {
     /// Fleet name, shown in the CA certificate (first start only).
     #[arg(long, default_value = "default")]
     pub fleet: String,
-    /// The newest wire version to speak with agents (1 to 4): older agents
+    /// The newest wire version to speak with agents (1 to 5): older agents
     /// are always served in theirs; pin a lower one to hold a fleet on an
-    /// older protocol while it is upgraded (below 4, desired states are not
-    /// signed as a whole and carry no TUF metadata; below 3, agents keep
-    /// their update history to themselves).
-    #[arg(long, default_value_t = WireVersion::CURRENT.0, value_parser = clap::value_parser!(u16).range(1..=4))]
+    /// older protocol while it is upgraded (below 5, models with `f16` or
+    /// `bf16` tensors are not sent; below 4, desired states are not signed
+    /// as a whole and carry no TUF metadata; below 3, agents keep their
+    /// update history to themselves).
+    #[arg(long, default_value_t = WireVersion::CURRENT.0, value_parser = clap::value_parser!(u16).range(1..=5))]
     pub max_wire_version: u16,
     /// Connections at most, devices included.
     #[arg(long, default_value_t = 20_000)]
@@ -131,6 +132,10 @@ impl State {
                     continue;
                 }
             };
+            if manifest.since() > version {
+                warn!(device = %id, model = %name, version = v, wire = %version, needs = %manifest.since(), "not sending a version whose tensors this session's wire version cannot name");
+                continue;
+            }
             let manifest = ModelManifest { update: Some(self.policy), ..manifest };
             models.push(self.signer.sign(&manifest, encoding)?);
         }
