@@ -336,14 +336,14 @@ def compile_models() -> None:
         ],
     )
     onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), OUT / "dropout-train.onnx")
-    # attention.onnx: one opset-23 Attention over (batch 1, 4 heads, 8
+    # attention.onnx: one opset-23 Attention over (batch 1, 4 heads, 64
     # positions, 16 per head); tract-onnx's `transformers` operators load it.
-    qkv = [helper.make_tensor_value_info(n, TensorProto.FLOAT, [1, 4, 8, 16]) for n in "qkv"]
+    qkv = [helper.make_tensor_value_info(n, TensorProto.FLOAT, [1, 4, 64, 16]) for n in "qkv"]
     g = helper.make_graph(
         [helper.make_node("Attention", ["q", "k", "v"], ["y"])],
         "attention",
         qkv,
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 8, 16])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 64, 16])],
     )
     onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 23)]), OUT / "attention.onnx")
 
@@ -385,6 +385,7 @@ def main() -> None:
     staged_models()
     oversized_model()
     compile_models()
+    half_model()
     OUT.mkdir(exist_ok=True)
     x, y = load_iris(return_X_y=True)
     x = x.astype(np.float32)

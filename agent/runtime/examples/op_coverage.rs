@@ -126,9 +126,7 @@ fn init_ort(_: &Path) -> String {
     fatal("built without the onnxruntime feature")
 }
 
-/// Operator names, snake-cased, of the tests whose graph is one node: a
-/// test's operator is the longest of them its name starts with, so an
-/// `_expanded` test (its function body, many nodes) counts for its operator.
+/// The operator of each test whose graph is one node, by test name.
 fn single_ops(tests: &[PathBuf]) -> BTreeMap<String, String> {
     let mut out = BTreeMap::new();
     for t in tests {
@@ -136,7 +134,8 @@ fn single_ops(tests: &[PathBuf]) -> BTreeMap<String, String> {
         let Ok(proto) = tract_onnx::onnx().proto_model_for_read(&mut &*bytes) else { continue };
         let Some(graph) = proto.graph else { continue };
         if let [node] = graph.node.as_slice() {
-            out.insert(snake(&node.op_type), node.op_type.clone());
+            let name = t.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+            out.insert(name, node.op_type.clone());
         }
     }
     out
@@ -156,13 +155,27 @@ fn snake(op: &str) -> String {
     s
 }
 
-fn op_of(name: &str, ops: &BTreeMap<String, String>, first_node: &str) -> String {
+/// A test's operator: its own node's for a one-node graph; for
+/// `test_X_expanded` (a function body, many nodes) that of `test_X`; else
+/// the longest operator name, snake-cased, the test's name starts with;
+/// else its first node's.
+fn op_of(name: &str, ops: &BTreeMap<String, String>, nodes: &[String]) -> String {
+    if let [only] = nodes {
+        return only.clone();
+    }
+    if let Some(i) = name.find("_expanded")
+        && let Some(op) = ops.get(&name[..i])
+    {
+        return op.clone();
+    }
     let bare = name.strip_prefix("test_").unwrap_or(name);
-    ops.iter()
+    let by_snake: BTreeMap<String, &String> = ops.values().map(|o| (snake(o), o)).collect();
+    by_snake
+        .iter()
         .filter(|(k, _)| bare == k.as_str() || bare.starts_with(&format!("{k}_")))
         .max_by_key(|(k, _)| k.len())
-        .map(|(_, v)| v.clone())
-        .unwrap_or_else(|| first_node.to_string())
+        .map(|(_, v)| (*v).clone())
+        .unwrap_or_else(|| nodes.first().cloned().unwrap_or_default())
 }
 
 fn run_test(dir: &Path, ops: &BTreeMap<String, String>, on_ort: bool) -> Row {
@@ -177,7 +190,8 @@ fn run_test(dir: &Path, ops: &BTreeMap<String, String>, on_ort: bool) -> Row {
         Err(e) => return row(String::new(), Outcome::Refused, format!("{e:#}")),
     };
     let graph = proto.graph.unwrap_or_default();
-    let op = op_of(&test, ops, graph.node.first().map(|n| n.op_type.as_str()).unwrap_or(""));
+    let nodes: Vec<String> = graph.node.iter().map(|n| n.op_type.clone()).collect();
+    let op = op_of(&test, ops, &nodes);
     let initialized: BTreeSet<&str> = graph.initializer.iter().map(|i| i.name.as_str()).collect();
     let is_tensor = |v: &tract_onnx::pb::ValueInfoProto| {
         matches!(

@@ -44,10 +44,34 @@ pub fn random_inputs(specs: &[TensorSpec], rng: &mut SplitMix) -> Vec<Tensor> {
                 DType::U32 => TensorData::U32((0..n).map(|_| bit(rng) as u32).collect()),
                 DType::U64 => TensorData::U64((0..n).map(|_| bit(rng)).collect()),
                 DType::Bool => TensorData::Bool((0..n).map(|_| bit(rng) == 1).collect()),
-                DType::F16 => TensorData::F16((0..n).map(|_| tern_proto::f16::from_f64(rng.unit())).collect()),
-                DType::BF16 => TensorData::BF16((0..n).map(|_| tern_proto::bf16::from_f64(rng.unit())).collect()),
+                // Rounded to nearest, u close to 1 would become 1: kept below it.
+                DType::F16 => TensorData::F16(
+                    (0..n)
+                        .map(|_| tern_proto::f16::from_f64(rng.unit()).min(tern_proto::f16::from_bits(0x3bff)))
+                        .collect(),
+                ),
+                DType::BF16 => TensorData::BF16(
+                    (0..n)
+                        .map(|_| tern_proto::bf16::from_f64(rng.unit()).min(tern_proto::bf16::from_bits(0x3f7f)))
+                        .collect(),
+                ),
             };
             Tensor { shape, data }
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn half_precision_inputs_stay_below_one() {
+        let spec = |dtype| TensorSpec { name: "x".into(), dtype, shape: vec![Some(1 << 16)] };
+        let mut rng = SplitMix(3);
+        for t in random_inputs(&[spec(DType::F16), spec(DType::BF16)], &mut rng) {
+            let v = t.data.to_f64();
+            assert!(v.iter().all(|x| (0.0..1.0).contains(x)), "{:?}", v.iter().copied().fold(0.0, f64::max));
+        }
+    }
 }

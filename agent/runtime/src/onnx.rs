@@ -9,15 +9,19 @@ use tract_onnx::prelude::*;
 use tract_onnx::tract_hir::infer::Factoid;
 
 /// tract's ONNX parser. Models run on the thread that calls them (the
-/// agent's API threads), so the one operator that would spread over rayon's
-/// global pool, the flash attention kernel behind ONNX `Attention`, is held
-/// to the calling thread; `TRACT_FLASH_SDPA_ST=0` in the environment
+/// agent's API threads; the coordinator's golden vectors and checks too),
+/// so the one operator that would spread over rayon's global pool, the
+/// flash attention kernel behind ONNX `Attention`, is held to the calling
+/// thread for the whole process; `TRACT_FLASH_SDPA_ST=0` in the environment
 /// overrides that.
 fn parser() -> tract_onnx::Onnx {
     static ONCE: std::sync::Once = std::sync::Once::new();
     ONCE.call_once(|| {
-        // Fails only if another config in the process set it otherwise; that one stands.
-        let _ = tract_onnx::tract_core::knobs::set_config_global("TRACT_FLASH_SDPA_ST", "true");
+        // Fails if the knob is not registered (tract renamed it) or another
+        // config in the process set it otherwise; `attention.rs` notices
+        // the first, and in the second that config stands.
+        let set = tract_onnx::tract_core::knobs::set_config_global("TRACT_FLASH_SDPA_ST", "true");
+        debug_assert!(set.is_ok(), "{set:?}");
     });
     tract_onnx::onnx()
 }

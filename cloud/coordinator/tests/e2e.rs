@@ -226,7 +226,16 @@ fn two_models_of_one_artifact_download_it_once() {
 fn a_half_precision_model_registers_deploys_and_answers_in_json_and_binary() {
     // fixtures/half.onnx: y = 2x + 0.5 in f16, and y cast to f32. The
     // expected values are onnxruntime's for the same input.
-    let (coord, agent) = serving(&[], "half.onnx", "half");
+    let coord = Coord::start();
+    let mut agent = Agent::enrolled(&coord, "cam-01");
+    coord.register_fixture("half", "half.onnx");
+    agent.start();
+    // Only a device known to speak wire version 5 is assigned it.
+    wait_for("cam-01's capabilities", Duration::from_secs(10), || {
+        (coord.device("cam-01")["capabilities"]["wire_version"] == 5).then_some(())
+    });
+    coord.ok(&["fleet", "assign", "cam-01", "half:1"]);
+    agent.wait_serving("half", 1);
     let want = [2.5f32, 0.700_195_3, -5.5, 200.5];
     let show = coord.json(&["model", "show", "half:1"]);
     assert_eq!(show["inputs"][0]["dtype"], "f16", "{show}");

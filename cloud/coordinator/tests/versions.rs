@@ -150,35 +150,41 @@ fn the_new_agent_takes_unsigned_states_from_a_coordinator_held_to_version_3_unti
 }
 
 #[test]
-fn a_half_precision_model_is_not_sent_below_version_5_and_not_assigned_once_the_device_said_so() {
-    let coord = Coord::start_with(&["--max-wire-version", "4"]);
+fn a_half_precision_model_goes_only_to_sessions_of_version_5_and_an_older_one_unloads_it() {
+    let coord = Coord::start();
     let mut agent = Agent::enrolled(&coord, "cam-01");
     coord.register_iris("iris");
     coord.register_fixture("half", "half.onnx");
-    // Not heard from yet, so nothing says what its agent speaks.
+    // Not heard from yet: nothing says what its agent speaks.
+    let err = coord.fails(&["fleet", "assign", "cam-01", "half:1"]);
+    assert!(err.contains("needs wire version 5, and its agent has not said which wire versions it speaks"), "{err}");
+    agent.start();
+    wait_for("cam-01's capabilities", Duration::from_secs(10), || {
+        (coord.device("cam-01")["capabilities"]["wire_version"] == 5).then_some(())
+    });
     coord.ok(&["fleet", "assign", "cam-01", "iris:1"]);
     coord.ok(&["fleet", "assign", "cam-01", "half:1"]);
-    agent.start();
-    agent.wait_serving("iris", 1);
+    agent.wait_serving("half", 1);
+    // The coordinator restarted held to version 4 cannot name f16 to the
+    // agent: it leaves half out, and the agent unloads it.
+    let quic = coord.quic.clone();
+    let coord = Coord::start_in(coord.stop_gently(), &["--quic-listen", &quic, "--max-wire-version", "4"])
+        .map_err(|(_, log)| log)
+        .unwrap();
+    wait_for("half to be unloaded", Duration::from_secs(20), || {
+        let names: Vec<String> =
+            agent.models()["models"].as_array()?.iter().filter_map(|m| Some(m["name"].as_str()?.to_owned())).collect();
+        (names == ["iris"]).then_some(())
+    });
     assert!(agent.logs().contains("wire=v4"), "{}", agent.logs());
-    wait_for("the coordinator to hold half back", Duration::from_secs(10), || {
-        coord
-            .log()
-            .contains("not sending a version whose tensors this session's wire version cannot name")
-            .then_some(())
-    });
-    let names: Vec<String> =
-        agent.models()["models"].as_array().unwrap().iter().map(|m| m["name"].as_str().unwrap().to_owned()).collect();
-    assert_eq!(names, ["iris"]);
-    wait_for("cam-01's capabilities", Duration::from_secs(10), || {
-        (coord.device("cam-01")["capabilities"]["wire_version"] == 4).then_some(())
-    });
+    assert!(
+        coord.log().contains("not sending a version whose tensors this session's wire version cannot name"),
+        "{}",
+        coord.log()
+    );
     coord.register_fixture("half", "half.onnx");
     let err = coord.fails(&["fleet", "assign", "cam-01", "half:2"]);
-    assert!(
-        err.contains("cam-01's agent speaks wire version 4, which cannot carry half:2's tensor x: f16[?,4] (needs 5)"),
-        "{err}"
-    );
+    assert!(err.contains("cam-01 cannot be sent half:2: its tensor x: f16[?,4] needs wire version 5, and its last session spoke wire version 4"), "{err}");
 }
 
 /// The new agent against the first release's coordinator, when its build

@@ -74,9 +74,7 @@ pub enum RegistryError {
     },
     /// The device's agent last spoke a wire version that cannot name an
     /// element type of the version's signature.
-    #[error(
-        "{device}'s agent speaks wire version {wire_version}, which cannot carry {name}:{version}'s tensor {tensor} (needs {needs}); upgrade the agent"
-    )]
+    #[error("{device} cannot be sent {name}:{version}: its tensor {tensor} needs wire version {needs}, and {session}")]
     WireTooOld {
         /// Device id.
         device: String,
@@ -86,8 +84,8 @@ pub enum RegistryError {
         version: u32,
         /// The first tensor it cannot carry.
         tensor: String,
-        /// The wire version of the device's last session.
-        wire_version: u16,
+        /// What is known of the device's wire version, in words.
+        session: String,
         /// The wire version the tensor needs.
         needs: u16,
     },

@@ -518,16 +518,28 @@ impl Registry {
                     runs: if runs.is_empty() { "no format".into() } else { runs.join(", ") },
                 });
             }
-            let too_new = d.capabilities.as_ref().and_then(|caps| {
-                signature.into_iter().flatten().find(|s| caps.wire_version < s.dtype.since().0).map(|s| (caps, s))
+            // Only a device known to speak the version gets it: the
+            // coordinator leaves a manifest an older session cannot name
+            // out of the desired state, and the agent would unload the
+            // model of that name.
+            let wire = d.capabilities.as_ref().map(|c| c.wire_version);
+            let too_new = signature.into_iter().flatten().find(|s| {
+                let since = s.dtype.since();
+                since > tern_proto::WireVersion::V1 && wire.is_none_or(|w| w < since.0)
             });
-            if let Some((caps, spec)) = too_new {
+            if let Some(spec) = too_new {
+                let session = match wire {
+                    Some(w) => format!(
+                        "its last session spoke wire version {w}; upgrade its agent, or raise the coordinator's --max-wire-version"
+                    ),
+                    None => "its agent has not said which wire versions it speaks (it has not connected since it enrolled, or it speaks version 1); assign it once it has connected".into(),
+                };
                 return abort(RegistryError::WireTooOld {
                     device: id.to_owned(),
                     name: name.to_owned(),
                     version,
                     tensor: spec.to_string(),
-                    wire_version: caps.wire_version,
+                    session,
                     needs: spec.dtype.since().0,
                 });
             }
@@ -833,11 +845,20 @@ mod tests {
     }
 
     #[test]
-    fn a_half_precision_model_is_not_assigned_to_an_agent_on_an_older_wire_version() {
+    fn a_half_precision_model_is_assigned_only_to_a_device_known_to_speak_wire_version_5() {
         let (_dir, r) = approved_and_assigned();
         let half = tern_proto::TensorSpec { name: "x".into(), dtype: tern_proto::DType::F16, shape: vec![Some(4)] };
-        r.register("half", NewVersion { outputs: vec![half], ..new_version(b"h") }).unwrap();
+        let f32s = tern_proto::TensorSpec { name: "y".into(), dtype: tern_proto::DType::F32, shape: vec![Some(4)] };
+        r.register("plain", NewVersion { outputs: vec![f32s.clone()], ..new_version(b"p") }).unwrap();
+        r.set_status("plain", 1, Approval::Approved, 2, false).unwrap();
+        r.assign("cam-2", "plain", 1).unwrap();
+        r.register("half", NewVersion { inputs: vec![f32s], outputs: vec![half], ..new_version(b"h") }).unwrap();
         r.set_status("half", 1, Approval::Approved, 2, false).unwrap();
+        let err = r.assign("cam-2", "half", 1).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "cam-2 cannot be sent half:1: its tensor x: f16[4] needs wire version 5, and its agent has not said which wire versions it speaks (it has not connected since it enrolled, or it speaks version 1); assign it once it has connected"
+        );
         let caps =
             |wire_version| crate::Capabilities { formats: vec![ModelFormat::Onnx], backends: vec![], wire_version };
         let hello =
@@ -846,10 +867,13 @@ mod tests {
         let err = r.assign("cam-2", "half", 1).unwrap_err();
         assert_eq!(
             err.to_string(),
-            "cam-2's agent speaks wire version 4, which cannot carry half:1's tensor x: f16[4] (needs 5); upgrade the agent"
+            "cam-2 cannot be sent half:1: its tensor x: f16[4] needs wire version 5, and its last session spoke wire version 4; upgrade its agent, or raise the coordinator's --max-wire-version"
         );
-        assert!(r.device("cam-2").unwrap().desired.is_empty());
-        r.seen("cam-2", 6, &hello(5)).unwrap();
+        // A version-1 Hello says nothing: unknown again.
+        r.seen("cam-2", 6, &Report { agent_version: Some("0.1.0".into()), ..Report::default() }).unwrap();
+        assert!(r.assign("cam-2", "half", 1).unwrap_err().to_string().contains("has not said"));
+        assert!(!r.device("cam-2").unwrap().desired.contains_key("half"));
+        r.seen("cam-2", 7, &hello(5)).unwrap();
         assert_eq!(r.assign("cam-2", "half", 1).unwrap().desired.get("half"), Some(&1));
     }
 
