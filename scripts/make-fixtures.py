@@ -349,7 +349,7 @@ def compile_models() -> None:
 
 
 def half_model() -> None:
-    """half.onnx: f16 in, y = 2x + 0.5 in f16 and the same cast to f32 out."""
+    """half.onnx: f16 in, y = 2x + 0.5 in f16 and the same cast to f32 out; bf16.onnx."""
     from onnx import TensorProto, helper, numpy_helper
 
     g = helper.make_graph(
@@ -370,6 +370,20 @@ def half_model() -> None:
         ],
     )
     onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), OUT / "half.onnx")
+    # bf16.onnx: bf16 in and out, y = x + 0.5 computed in f32 (onnxruntime's
+    # CPU kernels have no bf16 Add; tract has no bf16 at all).
+    g = helper.make_graph(
+        [
+            helper.make_node("Cast", ["x"], ["x32"], to=TensorProto.FLOAT),
+            helper.make_node("Add", ["x32", "half"], ["y32"]),
+            helper.make_node("Cast", ["y32"], ["y"], to=TensorProto.BFLOAT16),
+        ],
+        "bf16",
+        [helper.make_tensor_value_info("x", TensorProto.BFLOAT16, [None, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.BFLOAT16, [None, 4])],
+        [numpy_helper.from_array(np.array(0.5, np.float32), "half")],
+    )
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), OUT / "bf16.onnx")
 
 
 def main() -> None:

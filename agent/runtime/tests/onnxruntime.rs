@@ -75,6 +75,14 @@ fn onnxruntime_loads_from_the_wheel_s_library_and_agrees_with_tract() {
         let x = tern_proto::Tensor { shape: vec![2, 4], data: tern_proto::TensorData::F32(vec![1.0; 8]) };
         assert_eq!(ort.run(vec![x]).unwrap()[0].shape, vec![2, width], "sr={sr}");
     }
+    // bf16 in and out, which tract cannot run (fixtures/bf16.onnx: x + 0.5).
+    let ort = OrtModel::onnx(&std::fs::read(fixture("bf16.onnx")).unwrap(), 1).unwrap();
+    assert_eq!((ort.inputs()[0].dtype, ort.outputs()[0].dtype), (DType::BF16, DType::BF16));
+    let x = [1.0f32, 0.1, -3.0, 100.0].map(tern_proto::bf16::from_f32);
+    let want = x.map(|v| tern_proto::bf16::from_f32(v.to_f32() + 0.5)).to_vec();
+    let input = tern_proto::Tensor::new(vec![1, 4], tern_proto::TensorData::BF16(x.to_vec())).unwrap();
+    assert_eq!(ort.run(vec![input]).unwrap()[0].data, tern_proto::TensorData::BF16(want));
+    assert!(TractModel::onnx(&std::fs::read(fixture("bf16.onnx")).unwrap()).is_err(), "tract has no bf16");
     // Bytes that are not a model: refused with onnxruntime's reason.
     let e = OrtModel::onnx(b"not a model", 1).err().unwrap().to_string();
     assert!(e.starts_with("cannot load model: onnxruntime: "), "{e}");
