@@ -284,7 +284,7 @@ fn distance(want: &Tensor, got: &Tensor) -> Option<(f64, f64)> {
     if want.shape != got.shape || want.dtype() != got.dtype() {
         return None;
     }
-    let (w, g) = (values(want), values(got));
+    let (w, g) = (want.data.to_f64(), got.data.to_f64());
     Some(w.iter().zip(&g).fold((0.0f64, 0.0f64), |(a, s), (w, g)| {
         let d = (w - g).abs();
         // NaN in both is agreement; in one only, the worst error.
@@ -297,10 +297,6 @@ fn distance(want: &Tensor, got: &Tensor) -> Option<(f64, f64)> {
         };
         (a.max(d), s.max(d / (1.0 + w.abs())))
     }))
-}
-
-fn values(t: &Tensor) -> Vec<f64> {
-    t.data.to_f64()
 }
 
 /// Parses a const for `spec`. Its shape: `shape` if given, else the

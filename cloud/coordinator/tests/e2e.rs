@@ -231,9 +231,7 @@ fn a_half_precision_model_registers_deploys_and_answers_in_json_and_binary() {
     coord.register_fixture("half", "half.onnx");
     agent.start();
     // Only a device known to speak wire version 5 is assigned it.
-    wait_for("cam-01's capabilities", Duration::from_secs(10), || {
-        (coord.device("cam-01")["capabilities"]["wire_version"] == 5).then_some(())
-    });
+    coord.wait_wire_version("cam-01", 5);
     coord.ok(&["fleet", "assign", "cam-01", "half:1"]);
     agent.wait_serving("half", 1);
     let want = [2.5f32, 0.700_195_3, -5.5, 200.5];

@@ -159,9 +159,7 @@ fn a_half_precision_model_goes_only_to_sessions_of_version_5_and_an_older_one_un
     let err = coord.fails(&["fleet", "assign", "cam-01", "half:1"]);
     assert!(err.contains("needs wire version 5, and its agent has not said which wire versions it speaks"), "{err}");
     agent.start();
-    wait_for("cam-01's capabilities", Duration::from_secs(10), || {
-        (coord.device("cam-01")["capabilities"]["wire_version"] == 5).then_some(())
-    });
+    coord.wait_wire_version("cam-01", 5);
     coord.ok(&["fleet", "assign", "cam-01", "iris:1"]);
     coord.ok(&["fleet", "assign", "cam-01", "half:1"]);
     agent.wait_serving("half", 1);

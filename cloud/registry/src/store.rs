@@ -522,13 +522,12 @@ impl Registry {
             // coordinator leaves a manifest an older session cannot name
             // out of the desired state, and the agent would unload the
             // model of that name.
-            let wire = d.capabilities.as_ref().map(|c| c.wire_version);
-            let too_new = signature.into_iter().flatten().find(|s| {
-                let since = s.dtype.since();
-                since > tern_proto::WireVersion::V1 && wire.is_none_or(|w| w < since.0)
-            });
-            if let Some(spec) = too_new {
-                let session = match wire {
+            // A device that has not said (none since enrolling, or a
+            // version-1 Hello) counts as version 1.
+            let said = d.capabilities.as_ref().map(|c| c.wire_version);
+            let wire = said.unwrap_or(tern_proto::WireVersion::V1.0);
+            if let Some(spec) = signature.into_iter().flatten().find(|s| wire < s.dtype.since().0) {
+                let session = match said {
                     Some(w) => format!(
                         "its last session spoke wire version {w}; upgrade its agent, or raise the coordinator's --max-wire-version"
                     ),

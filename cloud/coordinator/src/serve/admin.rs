@@ -178,11 +178,12 @@ struct RegisterBody {
 /// agents may take: postcard (version 1) only where version 1 can name its
 /// tensors (newer ones are never sent to version-1 agents).
 fn check_canonical(m: &tern_proto::ModelManifest) -> ApiResult<()> {
-    let v1 = m.since() == tern_proto::WireVersion::V1;
-    for encoding in [ManifestEncoding::CanonicalJson, ManifestEncoding::Postcard] {
-        if encoding == ManifestEncoding::Postcard && !v1 {
-            continue;
-        }
+    let encodings: &[ManifestEncoding] = if m.since() == tern_proto::WireVersion::V1 {
+        &[ManifestEncoding::CanonicalJson, ManifestEncoding::Postcard]
+    } else {
+        &[ManifestEncoding::CanonicalJson]
+    };
+    for &encoding in encodings {
         m.signed_bytes(encoding).map_err(|e| {
             ApiError(StatusCode::UNPROCESSABLE_ENTITY, format!("model refused ({}): its manifest {e}", m.format))
         })?;

@@ -339,6 +339,14 @@ impl Coord {
         self.json(&["fleet", "list"]).as_array().unwrap().iter().find(|d| d["id"] == id).cloned().unwrap_or(Value::Null)
     }
 
+    /// Waits until device `id` has said, in a session of wire `version`,
+    /// what its agent can do.
+    pub fn wait_wire_version(&self, id: &str, version: u16) {
+        wait_for(&format!("{id}'s capabilities"), Duration::from_secs(10), || {
+            (self.device(id)["capabilities"]["wire_version"] == version).then_some(())
+        });
+    }
+
     /// `GET /v1/status`: connections, anonymous connections, sessions.
     pub fn status(&self) -> Value {
         ureq::get(format!("{}/v1/status", self.admin))
