@@ -168,6 +168,10 @@ fn leave_a_download_unfinished(coord: &Coord, agent: &mut Agent, sha: &str) {
     wait_for("the download to fail", Duration::from_secs(20), || {
         agent.models()["models"].as_array()?.iter().any(|m| m["state"] == "failed").then_some(())
     });
+    // The candidate's slot reaches the disk on the persister thread, which
+    // nothing outside the agent can see: a kill before it lands leaves the
+    // partial file unreferenced, and the next start rightly removes it.
+    std::thread::sleep(Duration::from_millis(500));
     agent.proc.as_mut().unwrap().kill9();
     std::fs::rename(&aside, &artifact).unwrap();
 }
