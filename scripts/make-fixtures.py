@@ -9,7 +9,7 @@ independent of tract) for the end-to-end tests to compare against.
     python3 scripts/make-fixtures.py
 
 The outputs are committed so that the demo and the tests need no Python.
-`python3 scripts/make-fixtures.py recurrent` (or `wide`, `staged`, `compile`)
+`python3 scripts/make-fixtures.py recurrent` (or `wide`, `staged`, `compile`, `zipmap`)
 rebuilds only the recurrent models (or wide.onnx, or the scorer-*.onnx
 versions); their bytes come out the same every time.
 """
@@ -322,6 +322,33 @@ def compile_models() -> None:
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
     )
     onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), OUT / "rate-if.onnx")
+    # shape-if.onnx: x f32[N, 4] -> If(Shape(x)[0] == 1): then Squeeze
+    # axis 0 (f32[4]), else x itself (f32[N, 4]), as PyTorch's exports
+    # squeeze only an axis that is 1 (silero-vad has such `If`s nested in
+    # its sample-rate one). Only the pinned shape decides the branch.
+    squeeze_g = helper.make_graph(
+        [helper.make_node("Squeeze", ["x", "axis0"], ["s"])],
+        "squeeze", [], [helper.make_tensor_value_info("s", TensorProto.FLOAT, [4])],
+        [numpy_helper.from_array(np.array([0], np.int64), "axis0")],
+    )
+    keep_g = helper.make_graph(
+        [helper.make_node("Identity", ["x"], ["k"])],
+        "keep", [], [helper.make_tensor_value_info("k", TensorProto.FLOAT, ["N", 4])],
+    )
+    g = helper.make_graph(
+        [
+            helper.make_node("Shape", ["x"], ["shape"]),
+            helper.make_node("Constant", [], ["zero"], value=numpy_helper.from_array(np.array(0, np.int64))),
+            helper.make_node("Gather", ["shape", "zero"], ["rows"], axis=0),
+            helper.make_node("Constant", [], ["one"], value=numpy_helper.from_array(np.array(1, np.int64))),
+            helper.make_node("Equal", ["rows", "one"], ["single"]),
+            helper.make_node("If", ["single"], ["y"], then_branch=squeeze_g, else_branch=keep_g),
+        ],
+        "shape_if",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+    )
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), OUT / "shape-if.onnx")
     # dropout-train.onnx: Dropout with training_mode a constant true and
     # ratio 0.5: it loads, and every run fails (tract runs Dropout only
     # for inference), so registration must refuse it.
@@ -386,6 +413,35 @@ def half_model() -> None:
     onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), OUT / "bf16.onnx")
 
 
+def zipmap_model() -> None:
+    """iris-zipmap.onnx: fixtures/iris.onnx with the output skl2onnx writes
+    by default (`zipmap` on): its `probabilities` f32[N, 3] through an
+    ONNX-ML ZipMap (classes 0, 1, 2) into `output_probability`, a sequence
+    of one map from class to probability per row, which tract does not
+    run. Built from the committed iris.onnx, so its bytes do not depend on
+    the scikit-learn version.
+    """
+    from onnx import helper
+
+    m = onnx.load(OUT / "iris.onnx")
+    g = m.graph
+    g.node.append(
+        helper.make_node("ZipMap", ["probabilities"], ["output_probability"], domain="ai.onnx.ml", classlabels_int64s=[0, 1, 2])
+    )
+    seq = helper.make_sequence_type_proto(helper.make_map_type_proto(onnx.TensorProto.INT64, helper.make_tensor_type_proto(onnx.TensorProto.FLOAT, None)))
+    out = [o for o in g.output if o.name != "probabilities"]
+    del g.output[:]
+    g.output.extend(out + [helper.make_value_info("output_probability", seq)])
+    onnx.checker.check_model(m)
+    onnx.save(m, OUT / "iris-zipmap.onnx")
+    # iris-metadata.onnx: iris.onnx with a metadata property holding a
+    # quote and line breaks, as PP-OCRv4's recognizer keeps its character
+    # list, which tract's NNEF writer does not escape.
+    m = onnx.load(OUT / "iris.onnx")
+    onnx.helper.set_model_props(m, {"character": "'\n\"\na\nb"})
+    onnx.save(m, OUT / "iris-metadata.onnx")
+
+
 def main() -> None:
     from skl2onnx import to_onnx
     from sklearn.datasets import load_iris
@@ -438,6 +494,7 @@ def main() -> None:
     (OUT / "iris.expected.json").write_text(json.dumps(expected, indent=1) + "\n")
     print(f"wrote {path} ({path.stat().st_size} bytes), outputs {names}, accuracy {model.score(x, y):.3f}")
     builtin_models(model, x, rows)
+    zipmap_model()
 
 
 def weights_json(family: dict, model) -> dict:
@@ -483,4 +540,4 @@ def builtin_models(classifier, x, rows) -> None:
 if __name__ == "__main__":
     import sys
 
-    {"recurrent": recurrent_models, "wide": wide_model, "staged": staged_models, "oversized": oversized_model, "compile": compile_models, "half": half_model}.get(" ".join(sys.argv[1:]), main)()
+    {"recurrent": recurrent_models, "wide": wide_model, "staged": staged_models, "oversized": oversized_model, "compile": compile_models, "half": half_model, "zipmap": zipmap_model}.get(" ".join(sys.argv[1:]), main)()

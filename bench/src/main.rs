@@ -5,16 +5,17 @@
 //! onnxruntime from PyPI in single-thread mode; prints a markdown table,
 //! and fails if their outputs differ from raw tract's beyond `--tolerance`.
 
-use anyhow::{Context, Result, bail, ensure};
+use anyhow::{Context, Result, ensure};
 use clap::Parser;
 use serde_json::Value;
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufReader, Read, Write};
 use std::net::TcpStream;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
-use tern_proto::{TENSORS_MEDIA_TYPE, Tensor, TensorData, decode_tensors, encode_tensors};
+use tern_bench::{Http1, Procs, cli, stats, time_runs, wait_for};
+use tern_proto::{Tensor, TensorData, decode_tensors, encode_tensors};
 use tract_onnx::prelude::*;
 
 #[derive(Parser)]
@@ -56,31 +57,6 @@ struct Args {
     /// source on onnxruntime, timed over its Unix socket too.
     #[arg(long)]
     onnxruntime: Option<PathBuf>,
-}
-
-struct Stats {
-    p50: f64,
-    p99: f64,
-    mean: f64,
-}
-
-fn stats(mut ms: Vec<f64>) -> Stats {
-    ms.sort_by(f64::total_cmp);
-    let q = |p: f64| ms[((ms.len() as f64 - 1.0) * p).round() as usize];
-    Stats { p50: q(0.5), p99: q(0.99), mean: ms.iter().sum::<f64>() / ms.len() as f64 }
-}
-
-fn time_runs(iters: usize, warmup: usize, mut f: impl FnMut() -> Result<()>) -> Result<Vec<f64>> {
-    for _ in 0..warmup {
-        f()?;
-    }
-    let mut out = Vec::with_capacity(iters);
-    for _ in 0..iters {
-        let t = Instant::now();
-        f()?;
-        out.push(t.elapsed().as_secs_f64() * 1e3);
-    }
-    Ok(out)
 }
 
 /// The least any out-of-process server can add on this machine: a one-byte
@@ -132,89 +108,6 @@ fn first_output_f32(t: &Tensor) -> Vec<f32> {
         TensorData::I64(v) => v.iter().map(|x| *x as f32).collect(),
         other => vec![f32::NAN; other.len()],
     }
-}
-
-/// A keep-alive HTTP/1.1 client, the same for the Unix socket and TCP, so
-/// that the two agent paths differ only in the transport.
-struct Http1<S: Read + Write> {
-    write: S,
-    read: BufReader<S>,
-    /// `(queue, run, handler)` ms from each answer's Server-Timing header.
-    timings: Vec<[f64; 3]>,
-}
-
-fn server_timing(v: &str) -> Option<[f64; 3]> {
-    let mut out = [f64::NAN; 3];
-    for part in v.split(',') {
-        let (name, dur) = part.trim().split_once(";dur=")?;
-        let i = ["queue", "run", "handler"].iter().position(|n| *n == name)?;
-        out[i] = dur.trim().parse().ok()?;
-    }
-    Some(out)
-}
-
-impl<S: Read + Write> Http1<S> {
-    fn post(&mut self, path: &str, body: &[u8]) -> Result<Vec<u8>> {
-        let mut req = format!(
-            "POST {path} HTTP/1.1\r\nHost: agent\r\nContent-Type: {TENSORS_MEDIA_TYPE}\r\nContent-Length: {}\r\n\r\n",
-            body.len()
-        )
-        .into_bytes();
-        req.extend_from_slice(body);
-        self.write.write_all(&req)?;
-        let mut line = String::new();
-        self.read.read_line(&mut line)?;
-        let status: u16 = line.split(' ').nth(1).context("no status line")?.parse()?;
-        let mut len = None;
-        loop {
-            line.clear();
-            self.read.read_line(&mut line)?;
-            if line == "\r\n" || line.is_empty() {
-                break;
-            }
-            if let Some((k, v)) = line.split_once(':') {
-                if k.eq_ignore_ascii_case("content-length") {
-                    len = Some(v.trim().parse::<usize>()?);
-                } else if k.eq_ignore_ascii_case("server-timing") {
-                    self.timings.extend(server_timing(v));
-                }
-            }
-        }
-        let mut out = vec![0; len.context("response without content-length")?];
-        self.read.read_exact(&mut out)?;
-        ensure!(status == 200, "agent answered {status}: {}", String::from_utf8_lossy(&out));
-        Ok(out)
-    }
-}
-
-struct Procs(Vec<Child>);
-
-impl Drop for Procs {
-    fn drop(&mut self) {
-        for c in &mut self.0 {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
-fn wait_for<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> Result<T> {
-    let start = Instant::now();
-    loop {
-        if let Some(v) = f() {
-            return Ok(v);
-        }
-        if start.elapsed() > Duration::from_secs(60) {
-            bail!("timed out waiting for {what}");
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
-fn cli(bin: &Path, data: &Path, args: &[&str]) -> Result<String> {
-    let out = Command::new(bin.join("tern")).arg("--data-dir").arg(data).args(args).output()?;
-    ensure!(out.status.success(), "tern {args:?}: {}", String::from_utf8_lossy(&out.stderr));
-    Ok(String::from_utf8(out.stdout)?)
 }
 
 /// Starts a coordinator and an agent (with `agent_args`), deploys `model`

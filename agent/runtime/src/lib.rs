@@ -20,7 +20,9 @@ pub use burn_backend::BurnModel;
 pub use guard::run_guarded;
 pub use inputs::{SplitMix, random_inputs};
 #[cfg(feature = "onnx")]
-pub use onnx::{ReferenceModel, compile_onnx, onnx_inputs, onnx_tensor, onnx_to_nnef, onnx_with_consts};
+pub use onnx::{
+    ReferenceModel, compile_onnx, onnx_inputs, onnx_tensor, onnx_to_nnef, onnx_with_consts, plain_output_rewrites,
+};
 pub use tern_proto::{Tensor, TensorData};
 pub use tract_backend::TractModel;
 

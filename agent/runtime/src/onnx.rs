@@ -115,7 +115,12 @@ pub fn onnx_inputs(bytes: &[u8]) -> Result<Vec<TensorSpec>, RuntimeError> {
 /// Compiles an ONNX model for a device: each input in `shapes` gets that
 /// shape, each input in `consts` becomes that constant (no longer an
 /// input, so a branch on it is resolved and shapes that follow from it are
-/// folded), then tract types, declutters and writes it as NNEF (tar).
+/// folded), each `If` whose condition is then known (on a constant, or on
+/// a dimension of a pinned shape, as PyTorch's exports test whether an axis
+/// is 1) is replaced by the branch it takes, each output a `ZipMap` makes a
+/// map of becomes the tensor it maps (see [`plain_output_rewrites`]), the
+/// model's metadata properties are left out, then tract types, declutters
+/// and writes it as NNEF (tar).
 /// Names are the model's input names; the caller checks them first.
 pub fn compile_onnx(
     bytes: &[u8],
@@ -124,28 +129,26 @@ pub fn compile_onnx(
 ) -> Result<Vec<u8>, RuntimeError> {
     let onnx = parser();
     let mut proto = onnx.proto_model_for_read(&mut &*bytes).map_err(load_err)?;
-    if let Some(graph) = proto.graph.as_mut() {
-        fold_ifs(graph, consts);
-    }
+    plain_outputs(&mut proto);
+    resolve_ifs(&mut proto, shapes, consts);
+    // tract writes ONNX metadata into the NNEF as string properties without
+    // escaping a `'` (PP-OCRv4's recognizer keeps its character list there)
+    // and then cannot read the archive back; the source, with its metadata,
+    // stays in the registry.
+    proto.metadata_props.clear();
     let mut model = onnx.model_for_proto_model(&proto).map_err(load_err)?;
     pin(&mut model, shapes)?;
-    for (name, value) in consts {
-        let id = model.node_id_by_name(name).map_err(load_err)?;
-        let t = to_tract(value.clone())?.into_arc_tensor();
-        model.node_mut(id).op = Box::new(tract_onnx::tract_core::ops::konst::Const::new(t.clone()).map_err(load_err)?);
-        model
-            .set_outlet_fact(OutletId::new(id, 0), InferenceFact::from(TypedFact::try_from(t).map_err(load_err)?))
-            .map_err(load_err)?;
-        model.inputs.retain(|o| o.node != id);
-    }
+    set_consts(&mut model, consts)?;
     let typed = model.into_typed().and_then(|m| m.into_decluttered()).map_err(load_err)?;
     crate::tract_backend::nnef().write_to_tar(&typed, Vec::new()).map_err(load_err)
 }
 
 /// The source as onnxruntime should run it on a device, with the compiled
-/// artifact's signature: each input in `consts` made an initializer holding
-/// that value (no longer an input), each `If` on one replaced by the branch
-/// it takes, and each input in `shapes` declared with that shape.
+/// artifact's signature: its outputs as [`compile_onnx`] makes them plain
+/// tensors, each input in `consts` made an initializer holding
+/// that value (no longer an input), each `If` known at compile time
+/// replaced by the branch it takes (see [`compile_onnx`]), and each input
+/// in `shapes` declared with that shape.
 pub fn onnx_with_consts(
     bytes: &[u8],
     consts: &BTreeMap<String, Tensor>,
@@ -154,8 +157,9 @@ pub fn onnx_with_consts(
     use tract_onnx::pb::tensor_shape_proto::{Dimension, dimension};
     use tract_onnx::pb::{TensorProto, TensorShapeProto, type_proto};
     let mut proto = parser().proto_model_for_read(&mut &*bytes).map_err(load_err)?;
+    plain_outputs(&mut proto);
+    resolve_ifs(&mut proto, shapes, consts);
     let graph = proto.graph.as_mut().ok_or_else(|| RuntimeError::Load("the model has no graph".into()))?;
-    fold_ifs(graph, consts);
     for (name, t) in consts {
         let before = graph.input.len();
         graph.input.retain(|i| i.name != *name);
@@ -188,6 +192,63 @@ pub fn onnx_with_consts(
         t.shape = Some(TensorShapeProto { dim });
     }
     Ok(prost::Message::encode_to_vec(&proto))
+}
+
+/// What [`compile_onnx`] rewrites in `bytes`' outputs, one line each:
+/// every graph output that an ONNX-ML `ZipMap` makes of a probability
+/// tensor (skl2onnx's classifiers by default: a sequence of one map from
+/// class to probability per row) becomes that tensor, under the output's
+/// name, a column per class in the order the line gives. Outputs that are
+/// not tensors otherwise are left for tract to refuse.
+pub fn plain_output_rewrites(bytes: &[u8]) -> Result<Vec<String>, RuntimeError> {
+    let mut proto = parser().proto_model_for_read(&mut &*bytes).map_err(load_err)?;
+    Ok(plain_outputs(&mut proto))
+}
+
+/// See [`plain_output_rewrites`]. A `ZipMap` whose map has another
+/// consumer, or that has no class labels, is left as it is.
+fn plain_outputs(proto: &mut tract_onnx::pb::ModelProto) -> Vec<String> {
+    use tract_onnx::pb::{NodeProto, TypeProto, type_proto};
+    let Some(graph) = proto.graph.as_mut() else { return vec![] };
+    let mut said = vec![];
+    for ix in 0..graph.output.len() {
+        let name = graph.output[ix].name.clone();
+        let zipmap = |n: &NodeProto| {
+            n.op_type == "ZipMap" && n.domain == "ai.onnx.ml" && n.output.first() == Some(&name) && n.input.len() == 1
+        };
+        let Some(at) = graph.node.iter().position(zipmap) else { continue };
+        if graph.node.iter().any(|n| n.input.contains(&name)) {
+            continue;
+        }
+        let attr = |a: &str| graph.node[at].attribute.iter().find(|x| x.name == a);
+        let labels: Vec<String> = match (attr("classlabels_int64s"), attr("classlabels_strings")) {
+            (Some(a), _) if !a.ints.is_empty() => a.ints.iter().map(i64::to_string).collect(),
+            (_, Some(a)) if !a.strings.is_empty() => {
+                a.strings.iter().map(|s| format!("{:?}", String::from_utf8_lossy(s))).collect()
+            }
+            _ => continue,
+        };
+        let node = graph.node.remove(at);
+        graph.node.insert(
+            at,
+            NodeProto {
+                input: node.input.clone(),
+                output: vec![name.clone()],
+                name: format!("{name}.tensor"),
+                op_type: "Identity".into(),
+                ..NodeProto::default()
+            },
+        );
+        graph.value_info.retain(|v| v.name != name);
+        let tensor = type_proto::Tensor { elem_type: 1, shape: None };
+        graph.output[ix].r#type =
+            Some(TypeProto { value: Some(type_proto::Value::TensorType(tensor)), ..TypeProto::default() });
+        said.push(format!(
+            "output {name:?}: the ZipMap (one map from class to probability per row) is replaced by the f32 probability tensor it maps, one column per class; column i is class {}",
+            labels.join(", ")
+        ));
+    }
+    said
 }
 
 /// Decodes a serialized ONNX `TensorProto` (the `.pb` files of ONNX's
@@ -249,29 +310,167 @@ fn raw(t: &Tensor) -> (i32, Vec<u8>) {
     }
 }
 
-/// Replaces each `If` whose condition is one of `consts` by the branch it
-/// takes, in the protobuf, before tract sees it: tract types both branches
-/// of an `If`, and refuses one whose branches differ in shape (a mode flag
-/// that switches the output) even when the condition is known. Repeated
-/// until none is left, for `If`s nested in a taken branch. Returns how many
-/// were folded.
-fn fold_ifs(graph: &mut tract_onnx::pb::GraphProto, consts: &BTreeMap<String, Tensor>) -> usize {
+/// Rounds of [`resolve_ifs`]' analysis: each inlines the `If`s whose
+/// condition the last one found, which may make nested ones known.
+const IF_ROUNDS: usize = 16;
+
+/// Replaces each `If` whose condition is known before any input is given
+/// by the branch it takes, in the protobuf, before tract types it: tract
+/// types both branches of an `If`, and refuses one whose branches differ in
+/// shape (a mode flag that switches the output, a squeeze only when an axis
+/// is 1) even when the condition is known. A condition is known when it
+/// follows from `consts` alone, or when tract's analysis of the model, with
+/// `shapes` pinned and `consts` set, gives it a value. Returns how many were
+/// folded; an `If` left is for tract to type or report.
+fn resolve_ifs(
+    proto: &mut tract_onnx::pb::ModelProto,
+    shapes: &BTreeMap<String, Vec<usize>>,
+    consts: &BTreeMap<String, Tensor>,
+) -> usize {
+    let Some(graph) = proto.graph.as_mut() else { return 0 };
+    let mut folded = fold_ifs(graph, |g, cond| known_bool(g, consts, cond, 0));
+    for _ in 0..IF_ROUNDS {
+        let known = analysed_conditions(proto, shapes, consts);
+        let Some(graph) = proto.graph.as_mut() else { break };
+        let n = fold_ifs(graph, |_, cond| known.get(cond).copied());
+        if n == 0 {
+            break;
+        }
+        folded += n;
+    }
+    folded
+}
+
+/// The value tract's analysis gives each top-level `If`'s condition, by
+/// the condition's tensor name, where it gives one. Nothing when the model
+/// does not load (its error is reported when it is typed).
+fn analysed_conditions(
+    proto: &tract_onnx::pb::ModelProto,
+    shapes: &BTreeMap<String, Vec<usize>>,
+    consts: &BTreeMap<String, Tensor>,
+) -> BTreeMap<String, bool> {
+    let Some(graph) = proto.graph.as_ref() else { return BTreeMap::new() };
+    let conds: std::collections::BTreeSet<&str> = graph
+        .node
+        .iter()
+        .filter(|n| n.op_type == "If" && n.domain.is_empty())
+        .filter_map(|n| n.input.first().map(String::as_str))
+        .collect();
+    if conds.is_empty() {
+        return BTreeMap::new();
+    }
+    let Ok(mut model) = parser().model_for_proto_model(proto) else { return BTreeMap::new() };
+    if pin(&mut model, shapes).is_err() || set_consts(&mut model, consts).is_err() {
+        return BTreeMap::new();
+    }
+    // Only with every input's shape known: with a dimension left symbolic,
+    // tract could decide a condition on symbols the inputs share (two
+    // inputs' lengths equal), which the artifacts would not enforce.
+    let concrete = (0..model.inputs.len()).all(|ix| {
+        model
+            .input_fact(ix)
+            .ok()
+            .and_then(|f| f.shape.concretize())
+            .is_some_and(|dims| dims.iter().all(|d| d.to_i64().is_ok()))
+    });
+    if !concrete {
+        return BTreeMap::new();
+    }
+    // Obstinate: a node that fails to analyse (often the `If` itself) does
+    // not stop the facts before it, the condition among them. A panic in
+    // tract's analysis of an uploaded model leaves its `If`s to tract's
+    // own typing, which reports them.
+    let analysed = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        let _ = model.analyse(true);
+    }));
+    if analysed.is_err() {
+        return BTreeMap::new();
+    }
+    let mut known = BTreeMap::new();
+    for node in model.nodes() {
+        for (ix, output) in node.outputs.iter().enumerate() {
+            let Some(label) = model.outlet_label(OutletId::new(node.id, ix)).filter(|l| conds.contains(l)) else {
+                continue;
+            };
+            let value = output.fact.value.concretize().filter(|v| v.len() == 1);
+            if let Some(b) = value.and_then(|v| v.cast_to::<bool>().ok().and_then(|b| truth(&b))) {
+                known.insert(label.to_owned(), b);
+            }
+        }
+    }
+    known
+}
+
+fn truth(t: &tract_onnx::prelude::Tensor) -> Option<bool> {
+    t.try_as_plain_ram().ok()?.as_slice::<bool>().ok()?.first().copied()
+}
+
+/// Makes each input in `consts` that constant, out of the inputs.
+fn set_consts(model: &mut InferenceModel, consts: &BTreeMap<String, Tensor>) -> Result<(), RuntimeError> {
+    for (name, value) in consts {
+        let id = model.node_id_by_name(name).map_err(load_err)?;
+        let t = to_tract(value.clone())?.into_arc_tensor();
+        model.node_mut(id).op = Box::new(tract_onnx::tract_core::ops::konst::Const::new(t.clone()).map_err(load_err)?);
+        model
+            .set_outlet_fact(OutletId::new(id, 0), InferenceFact::from(TypedFact::try_from(t).map_err(load_err)?))
+            .map_err(load_err)?;
+        model.inputs.retain(|o| o.node != id);
+    }
+    Ok(())
+}
+
+/// Replaces each top-level `If` for whose condition (by name) `known`
+/// gives a value by the branch it takes, the `If`s nested in a taken
+/// branch included. A branch that defines a name (node, output or
+/// initializer) the graph already has is left folded in its `If`: tract
+/// keys initializers by name, and inlining it would shadow the outer one
+/// for every consumer. Returns how many were folded.
+fn fold_ifs(
+    graph: &mut tract_onnx::pb::GraphProto,
+    known: impl Fn(&tract_onnx::pb::GraphProto, &str) -> Option<bool>,
+) -> usize {
     use tract_onnx::pb::NodeProto;
-    fn cond(graph: &tract_onnx::pb::GraphProto, consts: &BTreeMap<String, Tensor>, node: &NodeProto) -> Option<bool> {
+    let cond = |graph: &tract_onnx::pb::GraphProto, node: &NodeProto| {
         if node.op_type != "If" || !node.domain.is_empty() {
             return None;
         }
-        known_bool(graph, consts, node.input.first()?, 0)
-    }
+        known(graph, node.input.first()?)
+    };
     let mut folded = 0;
-    while let Some((at, taken)) = graph.node.iter().enumerate().find_map(|(i, n)| Some((i, cond(graph, consts, n)?))) {
-        let node = graph.node.remove(at);
-        let which = if taken { "then_branch" } else { "else_branch" };
-        let Some(branch) = node.attribute.iter().find(|a| a.name == which).and_then(|a| a.g.clone()) else {
-            // Malformed: leave it for tract to report.
-            graph.node.insert(at, node);
-            break;
+    let mut at = 0;
+    // Each fold removes one `If` from the finite protobuf tree and the
+    // nodes it inlines are looked at next: the loop ends.
+    while at < graph.node.len() {
+        let Some(taken) = cond(graph, &graph.node[at]) else {
+            at += 1;
+            continue;
         };
+        let which = if taken { "then_branch" } else { "else_branch" };
+        let node = &graph.node[at];
+        let Some(branch) = node.attribute.iter().find(|a| a.name == which).and_then(|a| a.g.as_ref()) else {
+            // Malformed: left for tract to report.
+            at += 1;
+            continue;
+        };
+        let outer: std::collections::BTreeSet<&str> = graph
+            .initializer
+            .iter()
+            .map(|t| t.name.as_str())
+            .chain(graph.input.iter().map(|i| i.name.as_str()))
+            .chain(graph.node.iter().flat_map(|n| n.output.iter().map(String::as_str).chain([n.name.as_str()])))
+            .filter(|n| !n.is_empty())
+            .collect();
+        let defines = branch
+            .initializer
+            .iter()
+            .map(|t| t.name.as_str())
+            .chain(branch.node.iter().flat_map(|n| n.output.iter().map(String::as_str).chain([n.name.as_str()])));
+        if defines.filter(|n| !n.is_empty()).any(|n| outer.contains(n)) {
+            at += 1;
+            continue;
+        }
+        let branch = branch.clone();
+        let node = graph.node.remove(at);
         let mut inlined = branch.node;
         for (out, from) in node.output.iter().zip(&branch.output) {
             inlined.push(NodeProto {
@@ -396,7 +595,10 @@ impl ReferenceModel {
     /// The source model with the inputs in `shapes` pinned (as the
     /// compiled one is), all its inputs still inputs.
     pub fn onnx(bytes: &[u8], shapes: &BTreeMap<String, Vec<usize>>) -> Result<Self, RuntimeError> {
-        let mut model = parser().model_for_read(&mut &*bytes).map_err(load_err)?;
+        let onnx = parser();
+        let mut proto = onnx.proto_model_for_read(&mut &*bytes).map_err(load_err)?;
+        plain_outputs(&mut proto);
+        let mut model = onnx.model_for_proto_model(&proto).map_err(load_err)?;
         pin(&mut model, shapes)?;
         let inputs = onnx_inputs(bytes)?;
         let outputs = model

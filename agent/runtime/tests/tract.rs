@@ -194,3 +194,16 @@ fn bfloat16_tensor_protos_decode_from_raw_bytes_and_from_int32_data() {
         assert!(matches!(tern_runtime::onnx_tensor(&bad), Err(RuntimeError::Load(_))), "{bad:?}");
     }
 }
+
+#[test]
+fn a_model_whose_metadata_holds_a_quote_compiles_to_nnef_that_reads_back() {
+    // tract writes ONNX metadata as NNEF string properties without
+    // escaping `'`, and then cannot parse its own archive; compiling leaves
+    // the metadata with the source.
+    let src = std::fs::read(fixture("iris-metadata.onnx")).unwrap();
+    let shapes = std::collections::BTreeMap::from([("X".to_owned(), vec![1, 4])]);
+    let nnef = tern_runtime::compile_onnx(&src, &shapes, &Default::default()).unwrap();
+    let model = TractModel::nnef(&nnef).unwrap();
+    let x = Tensor { shape: vec![1, 4], data: TensorData::F32(vec![5.0, 3.0, 1.5, 0.2]) };
+    assert_eq!(model.run(vec![x]).unwrap()[0].data, TensorData::I64(vec![0]));
+}

@@ -1,7 +1,8 @@
 //! Compilation of a source model for a device target, as SageMaker Neo
 //! did: the input shapes made concrete, inputs the user declares constant
-//! folded in (a branch on them resolved), tract's declutter passes run, the
-//! result written as NNEF, then run beside the source on seeded inputs and
+//! folded in (a branch on them resolved, and any other branch a pinned
+//! shape decides), map outputs made plain tensors, tract's declutter passes
+//! run, the result written as NNEF, then run beside the source on seeded inputs and
 //! refused if its outputs differ beyond a tolerance.
 
 pub mod profiles;
@@ -71,6 +72,9 @@ pub struct Compiled {
     pub errors: Vec<OutputError>,
     /// The declared constants, parsed: the source's inputs they replace.
     pub consts: BTreeMap<String, Tensor>,
+    /// Outputs made plain tensors, one line each
+    /// ([`tern_runtime::plain_output_rewrites`]).
+    pub rewrites: Vec<String>,
 }
 
 /// Why a model did not compile. Each is found before the artifact is
@@ -185,7 +189,8 @@ pub fn compile(source: &[u8], opts: &Options) -> Result<Compiled, CompileError> 
     let nnef =
         tern_runtime::compile_onnx(source, &opts.shapes, &consts).map_err(|e| CompileError::Blocked(e.to_string()))?;
     let (inputs, errors) = check_prepared(source, &nnef, opts, &declared, &consts)?;
-    Ok(Compiled { nnef, source_bytes: source.len(), inputs, errors, consts })
+    let rewrites = tern_runtime::plain_output_rewrites(source).map_err(|e| CompileError::Source(e.to_string()))?;
+    Ok(Compiled { nnef, source_bytes: source.len(), inputs, errors, consts, rewrites })
 }
 
 /// Runs a compiled artifact beside its source on `opts`' seeded inputs and
@@ -253,15 +258,18 @@ fn check_prepared(
 
 /// Whether compiling makes a source loadable that the agent's loader
 /// refuses as it is: compiled with `shapes`, then, if that fails and some
-/// input still has open dimensions, with each of those pinned to 1. On
-/// success, the source's signature (inputs, outputs).
+/// input still has open dimensions, with each of those pinned to 1; with
+/// `consts` declared constant (an `If` on one resolved) either way. On
+/// success, the source's signature (inputs, outputs; the constants still
+/// among the inputs, as the source declares them).
 pub fn probe(
     source: &[u8],
     shapes: &BTreeMap<String, Vec<usize>>,
+    consts: &BTreeMap<String, String>,
 ) -> Result<(Vec<TensorSpec>, Vec<TensorSpec>), CompileError> {
     let declared = tern_runtime::onnx_inputs(source).map_err(|e| CompileError::Source(e.to_string()))?;
     let once = |shapes: &BTreeMap<String, Vec<usize>>| {
-        compile(source, &Options { shapes: shapes.clone(), cases: 1, ..Options::default() })
+        compile(source, &Options { shapes: shapes.clone(), consts: consts.clone(), cases: 1, ..Options::default() })
     };
     if let Some(e) = once(shapes).err() {
         let mut pinned = shapes.clone();

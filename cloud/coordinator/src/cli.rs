@@ -50,6 +50,12 @@ pub enum ModelCmd {
         /// (without: open dimensions pinned to 1).
         #[arg(long = "input-shape", value_parser = crate::compile::parse_shape)]
         shapes: Vec<(String, Vec<usize>)>,
+        /// An input constant in use, repeatable: --const sr=16000. What
+        /// `tern compile` folds in by default; and for a source raw tract
+        /// refuses, declared constant in the check that compiling helps
+        /// (an `If` on it resolved).
+        #[arg(long = "const", value_parser = crate::compile::parse_const)]
+        consts: Vec<(String, String)>,
     },
     /// All models and versions.
     List,
@@ -356,6 +362,10 @@ fn show_version(v: &ModelVersion) {
         let shapes: Vec<String> = v.compile_shapes.iter().map(|(n, d)| format!("{n}={d:?}")).collect();
         out(format!("  compile shapes  {}", shapes.join(" ")));
     }
+    if !v.compile_consts.is_empty() {
+        let consts: Vec<String> = v.compile_consts.iter().map(|(n, c)| format!("{n}={c}")).collect();
+        out(format!("  compile consts  {}", consts.join(" ")));
+    }
     if !v.targets.is_empty() {
         let mut t =
             table(&["target", "format", "size", "backend", "max error", "p50 here", "est. p99", "model memory", "fit"]);
@@ -387,7 +397,7 @@ fn show_version(v: &ModelVersion) {
 
 pub fn model(c: &Client, cmd: ModelCmd, json: bool) -> Result<()> {
     match cmd {
-        ModelCmd::Register { name, file, card, meta, references, tolerance_ppm, shapes } => {
+        ModelCmd::Register { name, file, card, meta, references, tolerance_ppm, shapes, consts } => {
             ModelRef::check_name(&name)?;
             let bytes = std::fs::read(&file).with_context(|| format!("reading {}", file.display()))?;
             let card = card
@@ -404,7 +414,7 @@ pub fn model(c: &Client, cmd: ModelCmd, json: bool) -> Result<()> {
             let v: ModelVersion = c.send(
                 "POST",
                 &format!("/v1/models/{name}/versions"),
-                &json!({ "sha256": sha256, "card": card, "meta": meta, "references": refs, "tolerance_ppm": tolerance_ppm, "shapes": shapes.into_iter().collect::<BTreeMap<_, _>>() }),
+                &json!({ "sha256": sha256, "card": card, "meta": meta, "references": refs, "tolerance_ppm": tolerance_ppm, "shapes": shapes.into_iter().collect::<BTreeMap<_, _>>(), "consts": consts.into_iter().collect::<BTreeMap<_, _>>() }),
             )?;
             if json {
                 return print_json(&v);

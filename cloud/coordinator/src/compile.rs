@@ -41,7 +41,7 @@ pub struct CompileArgs {
     shapes: Vec<(String, Vec<usize>)>,
     /// An input that is constant in use, repeatable: --const mode=true,
     /// --const rate=16000 (comma-separated for several elements). It
-    /// leaves the signature.
+    /// leaves the signature. Default: those declared at registration.
     #[arg(long = "const", value_parser = parse_const)]
     consts: Vec<(String, String)>,
     /// Largest accepted |compiled − source| / (1 + |source|) per element.
@@ -83,7 +83,7 @@ pub(crate) fn parse_shape(s: &str) -> Result<(String, Vec<usize>), String> {
     Ok((name.to_owned(), dims))
 }
 
-fn parse_const(s: &str) -> Result<(String, String), String> {
+pub(crate) fn parse_const(s: &str) -> Result<(String, String), String> {
     s.split_once('=')
         .filter(|(n, _)| !n.is_empty())
         .map(|(n, v)| (n.to_owned(), v.to_owned()))
@@ -144,9 +144,15 @@ pub fn run(args: CompileArgs, client: impl FnOnce() -> Result<Client>, json_out:
             }
         }
     }
+    let mut consts: BTreeMap<String, String> = args.consts.into_iter().collect();
+    if consts.is_empty()
+        && let Some(v) = &version
+    {
+        consts = v.compile_consts.clone();
+    }
     let opts = tern_compile::Options {
         shapes,
-        consts: args.consts.into_iter().collect(),
+        consts,
         tolerance: args.tolerance,
         cases: usize::from(args.cases),
         seed: args.seed,
@@ -217,6 +223,7 @@ pub fn run(args: CompileArgs, client: impl FnOnce() -> Result<Client>, json_out:
     let report = CompileReport {
         shapes: opts.shapes.clone(),
         consts: opts.consts.clone(),
+        rewrites: c.rewrites.clone(),
         source_bytes: c.source_bytes as u64,
         errors: c
             .errors
@@ -294,6 +301,9 @@ pub fn run(args: CompileArgs, client: impl FnOnce() -> Result<Client>, json_out:
 
 fn print_report(r: &CompileReport, bytes: u64, inputs: &[String], probe: &Probe) {
     out(format!("compiled: {bytes} bytes (the source is {} bytes); inputs: {}", r.source_bytes, inputs.join(", ")));
+    for line in &r.rewrites {
+        out(format!("rewritten: {line}"));
+    }
     let mut t = comfy_table::Table::new();
     t.load_preset(comfy_table::presets::NOTHING).set_header(["output", "max abs error", "max scaled error"]);
     for e in &r.errors {

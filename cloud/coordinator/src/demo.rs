@@ -128,6 +128,7 @@ pub fn run(args: DemoArgs) -> Result<()> {
             references: vec![],
             tolerance_ppm: 100,
             shapes: vec![],
+            consts: vec![],
         },
         false,
     )?;

@@ -1,6 +1,8 @@
 //! `tern compile` on real ONNX files: an open batch axis pinned, the NNEF
 //! it writes registered and served by an agent; a model whose `If` cannot
-//! be made concrete refused with the node that blocks it, nothing written.
+//! be made concrete refused with the node that blocks it, nothing written;
+//! `If`s a constant or a pinned shape decides resolved; skl2onnx's ZipMap
+//! made a tensor; a device whose onnxruntime is too old runs tract.
 
 mod common;
 
@@ -76,6 +78,25 @@ fn a_model_that_cannot_be_made_concrete_is_refused_with_the_node_and_nothing_wri
         let x = tern_proto::Tensor { shape: vec![2, 4], data: tern_proto::TensorData::F32(vec![1.0; 8]) };
         let y = tern_runtime::Backend::run(&nnef, vec![x]).unwrap();
         assert_eq!(y[0].shape, vec![2, width], "mode={mode}");
+    }
+    // An `If` on a dimension (squeeze an axis only when it is 1, as
+    // PyTorch exports it): the pinned shape decides the branch, and tract,
+    // which types both branches, would refuse their different ranks.
+    let shape_if = fixture("shape-if.onnx");
+    let open =
+        compile(&["--file", shape_if.to_str().unwrap(), "--out", work.path().join("open.tar").to_str().unwrap()]);
+    assert!(!open.status.success(), "with N open the branch is not known");
+    let e = String::from_utf8_lossy(&open.stderr);
+    assert!(e.contains("cannot compile") && e.contains("If"), "{e}");
+    for (rows, want) in [(1, vec![4]), (3, vec![3, 4])] {
+        let out = work.path().join(format!("shape-{rows}.nnef.tar"));
+        let shape = format!("x={rows},4");
+        let run =
+            compile(&["--file", shape_if.to_str().unwrap(), "--input-shape", &shape, "--out", out.to_str().unwrap()]);
+        assert!(run.status.success(), "{shape}: {}", String::from_utf8_lossy(&run.stderr));
+        let nnef = tern_runtime::TractModel::nnef(&std::fs::read(&out).unwrap()).unwrap();
+        let x = tern_proto::Tensor { shape: vec![rows, 4], data: tern_proto::TensorData::F32(vec![1.0; rows * 4]) };
+        assert_eq!(tern_runtime::Backend::run(&nnef, vec![x]).unwrap()[0].shape, want, "{shape}");
     }
 }
 
@@ -171,12 +192,17 @@ fn a_real_detector_raw_tract_refuses_is_registered_compiled_for_its_profile_and_
     assert!(targets.contains("\"det/1/rpi4/model.onnx\""), "{targets}");
     assert_eq!(targets.matches(alt["sha256"].as_str().unwrap()).count(), 1, "{targets}");
 
-    // cam-01's onnxruntime cannot be loaded: it gets the rpi4 artifact,
-    // self-tests it and serves it on tract. cam-02 has the library: it runs the
-    // onnxruntime artifact, on the same golden vectors.
+    // cam-01's onnxruntime is 1.19, older than the C API the backend needs:
+    // it gets the rpi4 artifact, self-tests it and serves it on tract.
+    // cam-02 has a library that fits: it runs the onnxruntime artifact, on
+    // the same golden vectors.
+    let old = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../target/models/onnxruntime-1.19/libonnxruntime.so")
+        .canonicalize()
+        .expect("scripts/fetch-models fetches onnxruntime 1.19.2's library");
     let mut ort_agent = Agent::enrolled(&coord, "cam-02");
     for (id, agent, args) in [
-        ("cam-01", &mut agent, vec!["--onnxruntime", "/nonexistent/libonnxruntime.so"]),
+        ("cam-01", &mut agent, vec!["--onnxruntime", old.to_str().unwrap()]),
         ("cam-02", &mut ort_agent, vec!["--onnxruntime", ort.to_str().unwrap()]),
     ] {
         coord.ok(&["fleet", "assign", id, "det:1"]);
@@ -197,7 +223,8 @@ fn a_real_detector_raw_tract_refuses_is_registered_compiled_for_its_profile_and_
     assert_eq!(served(&ort_agent), ("onnx".to_owned(), alt["sha256"].as_str().unwrap().to_owned()));
     assert!(ort_agent.logs().contains("onnxruntime loaded"), "{}", ort_agent.logs());
     let logs = agent.logs();
-    assert!(logs.contains("/nonexistent/libonnxruntime.so") && logs.contains("running tract only"), "{logs}");
+    assert!(logs.contains("expected version >= '1.22.x', but got '1.19.2'"), "{logs}");
+    assert!(logs.contains(old.to_str().unwrap()) && logs.contains("running tract only"), "{logs}");
     // A recompile would change what cam-01 runs: refused while assigned.
     let e = coord.fails(&["compile", "det:1", "--target", "rpi4", "--cases", "1"]);
     assert!(e.contains("det:1 is assigned to cam-01, cam-02, whose artifact this would change"), "{e}");
@@ -277,4 +304,107 @@ fn a_model_that_loads_but_fails_on_every_run_is_refused_at_registration() {
     assert!(said.contains("Dropout in training mode"), "{said}");
     let listed = coord.json(&["model", "list"]);
     assert_eq!(listed.as_array().map(Vec::len), Some(0), "{listed}");
+}
+
+/// skl2onnx's default export of a classifier (`fixtures/iris-zipmap.onnx`):
+/// its probabilities leave through a ZipMap as a sequence of maps, which
+/// tract does not run and Tern's tensors cannot carry.
+#[test]
+fn a_zipmap_output_is_compiled_to_the_probability_tensor_and_served_on_both_backends() {
+    let coord = Coord::start();
+    let src = fixture("iris-zipmap.onnx");
+    let v = coord.json(&["model", "register", "iris", "--file", src.to_str().unwrap()]);
+    let why = v["needs_compiling"].as_str().unwrap_or_default();
+    assert!(why.contains("compiling rewrites output \"output_probability\": the ZipMap"), "{v}");
+    let outputs: Vec<&str> = v["outputs"].as_array().unwrap().iter().map(|o| o["name"].as_str().unwrap()).collect();
+    assert_eq!(outputs, ["label", "output_probability"], "{v}");
+    coord.ok(&["model", "approve", "iris:1"]);
+    let ort =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target/models/onnxruntime/libonnxruntime.so");
+    let r = coord.json(&[
+        "compile",
+        "iris:1",
+        "--target",
+        "rpi4",
+        "--input-shape",
+        "X=1,4",
+        "--onnxruntime",
+        ort.to_str().unwrap(),
+        "--prefer",
+        "onnxruntime",
+    ]);
+    let rewrites = &r["report"]["rewrites"];
+    assert_eq!(rewrites.as_array().map(Vec::len), Some(1), "{r}");
+    assert!(
+        rewrites[0]
+            .as_str()
+            .unwrap()
+            .contains("f32 probability tensor it maps, one column per class; column i is class 0, 1, 2"),
+        "{r}"
+    );
+    assert_eq!(r["report"]["backend"], "onnxruntime", "onnxruntime ran the rewritten source: {r}");
+    let work = tempfile::tempdir().unwrap();
+    let out = work.path().join("iris.nnef.tar");
+    let said = coord.ok(&[
+        "compile",
+        "--file",
+        src.to_str().unwrap(),
+        "--input-shape",
+        "X=1,4",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(said.contains("rewritten: output \"output_probability\": the ZipMap"), "{said}");
+    // What onnxruntime from Python answers for this flower, as a map.
+    let expected: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(fixture("iris.expected.json")).unwrap()).unwrap();
+    let want: Vec<f64> = expected["outputs"]["probabilities"]["data"].as_array().unwrap()[18..21]
+        .iter()
+        .map(|x| x.as_f64().unwrap())
+        .collect();
+    let mut tract_agent = Agent::enrolled(&coord, "cam-01");
+    let mut ort_agent = Agent::enrolled(&coord, "cam-02");
+    for (id, agent, args) in
+        [("cam-01", &mut tract_agent, vec![]), ("cam-02", &mut ort_agent, vec!["--onnxruntime", ort.to_str().unwrap()])]
+    {
+        coord.ok(&["fleet", "assign", id, "iris:1"]);
+        agent.start_with(&args);
+        agent.wait_serving("iris", 1);
+        let (status, answer) =
+            agent.post("/v1/models/iris:predict", r#"{"inputs":[{"shape":[1,4],"data":[5.0,3.0,1.5,0.2]}]}"#);
+        assert_eq!(status, 200, "{id}: {answer}");
+        let p = &answer["outputs"][1];
+        assert_eq!(
+            (&p["name"], &p["shape"]),
+            (&serde_json::json!("output_probability"), &serde_json::json!([1, 3])),
+            "{id}: {answer}"
+        );
+        for (got, want) in p["data"].as_array().unwrap().iter().zip(&want) {
+            assert!((got.as_f64().unwrap() - want).abs() < 1e-5, "{id}: {answer} against {want:?}");
+        }
+        assert_eq!(answer["outputs"][0]["data"][0], 0, "{id}: setosa: {answer}");
+    }
+    let format = |agent: &Agent| agent.models()["models"][0]["format"].as_str().unwrap().to_owned();
+    assert_eq!((format(&tract_agent), format(&ort_agent)), ("nnef".to_owned(), "onnx".to_owned()));
+}
+
+/// A source whose `If` on a sample rate only resolves with the rate
+/// constant (`fixtures/rate-if.onnx`, as silero-vad): registration is told
+/// the constant, and `tern compile` folds it in by default.
+#[test]
+fn constants_declared_at_registration_let_it_in_and_are_what_compile_folds_by_default() {
+    let coord = Coord::start();
+    let src = fixture("rate-if.onnx");
+    let e = coord.fails(&["model", "register", "rate", "--file", src.to_str().unwrap()]);
+    assert!(e.contains("compiling does not help"), "{e}");
+    let e = coord.fails(&["model", "register", "rate", "--file", src.to_str().unwrap(), "--const", "rate=1"]);
+    assert!(e.contains("the model has no input \"rate\""), "{e}");
+    let v = coord.json(&["model", "register", "rate", "--file", src.to_str().unwrap(), "--const", "sr=16000"]);
+    assert!(v["needs_compiling"].is_string(), "{v}");
+    assert_eq!(v["compile_consts"], serde_json::json!({ "sr": "16000" }), "{v}");
+    assert!(coord.ok(&["model", "show", "rate:1"]).contains("compile consts  sr=16000"));
+    coord.ok(&["model", "approve", "rate:1"]);
+    let r = coord.json(&["compile", "rate:1", "--target", "generic-linux", "--input-shape", "x=2,4", "--cases", "1"]);
+    assert_eq!(r["inputs"], serde_json::json!(["x: f32[2,4]"]), "sr folded in: {r}");
+    assert_eq!(r["report"]["consts"], serde_json::json!({ "sr": "16000" }), "{r}");
 }

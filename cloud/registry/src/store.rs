@@ -106,6 +106,7 @@ impl Registry {
                 selftest: new.selftest,
                 needs_compiling: new.needs_compiling.clone(),
                 compile_shapes: new.compile_shapes.clone(),
+                compile_consts: new.compile_consts.clone(),
                 tolerance_ppm: new.tolerance_ppm,
                 targets: BTreeMap::new(),
             };
@@ -613,6 +614,7 @@ mod tests {
             selftest: None,
             needs_compiling: None,
             compile_shapes: BTreeMap::new(),
+            compile_consts: BTreeMap::new(),
             tolerance_ppm: None,
             now: 100,
         }

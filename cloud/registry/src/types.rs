@@ -50,6 +50,8 @@ pub struct NewVersion {
     pub needs_compiling: Option<String>,
     /// See [`ModelVersion::compile_shapes`].
     pub compile_shapes: BTreeMap<String, Vec<usize>>,
+    /// See [`ModelVersion::compile_consts`].
+    pub compile_consts: BTreeMap<String, String>,
     /// See [`ModelVersion::tolerance_ppm`].
     pub tolerance_ppm: Option<u32>,
     /// Registration time (Unix seconds).
@@ -96,6 +98,10 @@ pub struct ModelVersion {
     /// its command line gives none.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub compile_shapes: BTreeMap<String, Vec<usize>>,
+    /// Inputs declared constant at registration (`--const`): what `tern
+    /// compile` folds in when its command line declares none.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub compile_consts: BTreeMap<String, String>,
     /// The golden tolerance given at registration of a source that needs
     /// compiling (it has no golden vectors of its own): its compiled
     /// artifacts' self-tests use it.
@@ -217,6 +223,9 @@ pub struct CompileReport {
     /// Inputs folded in as constants.
     #[serde(default)]
     pub consts: BTreeMap<String, String>,
+    /// Outputs made plain tensors, one line each (`tern_runtime::plain_output_rewrites`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub rewrites: Vec<String>,
     /// The source's size in bytes.
     pub source_bytes: u64,
     /// Error per output against the source, over `cases` seeded input sets.

@@ -172,6 +172,10 @@ struct RegisterBody {
     /// a source raw tract refuses).
     #[serde(default)]
     shapes: BTreeMap<String, Vec<usize>>,
+    /// Inputs constant in use (`--const`), for the same check and as
+    /// `tern compile`'s default.
+    #[serde(default)]
+    consts: BTreeMap<String, String>,
 }
 
 /// Refuses a manifest without a canonical form in every encoding its
@@ -276,14 +280,17 @@ async fn register(
     let format = sniff_format(&bytes);
     let sha = body.sha256;
     let shapes = body.shapes.clone();
+    let consts = body.consts.clone();
     let given_references = !references.is_empty();
     let (signature, needs_compiling, golden) = tokio::task::spawn_blocking(move || {
-        if !shapes.is_empty() {
+        if !shapes.is_empty() || !consts.is_empty() {
             if format != ModelFormat::Onnx {
-                return Err(bad(format!("input shapes are for ONNX sources; this is {format}")));
+                return Err(bad(format!("input shapes and consts are for ONNX sources; this is {format}")));
             }
-            let opts = tern_compile::Options { shapes: shapes.clone(), ..tern_compile::Options::default() };
-            tern_compile::prepare(&bytes, &opts).map_err(|e| bad(format!("--input-shape: {e}")))?;
+            let opts =
+                tern_compile::Options { shapes: shapes.clone(), consts: consts.clone(), ..tern_compile::Options::default() };
+            let flags = if consts.is_empty() { "--input-shape" } else { "--input-shape / --const" };
+            tern_compile::prepare(&bytes, &opts).map_err(|e| bad(format!("{flags}: {e}")))?;
         }
         let model = match tern_runtime::load(format, bytes.clone()) {
             Ok(m) => m,
@@ -295,13 +302,16 @@ async fn register(
             }
             Err(e) if format == ModelFormat::Onnx => {
                 let raw = e.to_string();
-                let (inputs, outputs) = tern_compile::probe(&bytes, &shapes).map_err(|c| {
+                let (inputs, outputs) = tern_compile::probe(&bytes, &shapes, &consts).map_err(|c| {
                     ApiError(
                         StatusCode::UNPROCESSABLE_ENTITY,
                         format!("model refused ({format}): {raw}; and compiling does not help: {c}"),
                     )
                 })?;
-                let why = format!("raw tract refuses it: {raw}");
+                let mut why = format!("raw tract refuses it: {raw}");
+                for line in tern_runtime::plain_output_rewrites(&bytes).unwrap_or_default() {
+                    why += &format!("; compiling rewrites {line}");
+                }
                 return Ok::<_, ApiError>(((inputs, outputs), Some(why), None));
             }
             Err(e) => {
@@ -328,6 +338,7 @@ async fn register(
         tolerance_ppm: needs_compiling.as_ref().map(|_| tolerance_ppm),
         needs_compiling,
         compile_shapes: body.shapes,
+        compile_consts: body.consts,
         now: unix_now(),
     };
     // Every agent must be able to verify its manifest: refuse what has no
@@ -432,6 +443,8 @@ async fn set_target(
             ApiError(StatusCode::UNPROCESSABLE_ENTITY, format!("artifact refused: {e}"))
         };
         let errors = tern_compile::check(&source, &bytes, &opts).map_err(refused)?;
+        let rewrites = tern_runtime::plain_output_rewrites(&source)
+            .map_err(|e| refused(tern_compile::CompileError::Source(e.to_string())))?;
         // The onnxruntime alternative: the source with the declared
         // constants folded in and the shapes pinned, built here.
         let alternative = if wants_alternative {
@@ -445,7 +458,7 @@ async fn set_target(
         let model = tern_runtime::load(format, bytes)
             .map_err(|e| ApiError(StatusCode::UNPROCESSABLE_ENTITY, format!("artifact refused ({format}): {e}")))?;
         let golden = golden_vectors(model.as_ref(), &sha, Vec::new(), format, "")?;
-        Ok::<_, ApiError>((model.inputs().to_vec(), model.outputs().to_vec(), golden, errors, alternative))
+        Ok::<_, ApiError>((model.inputs().to_vec(), model.outputs().to_vec(), golden, (errors, rewrites), alternative))
     })
     .await
     .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))??;
@@ -460,6 +473,8 @@ async fn set_target(
         }
         None => None,
     };
+    let (errors, rewrites) = errors;
+    report.rewrites = rewrites;
     report.errors = errors
         .into_iter()
         .map(|e| OutputError { output: e.name, max_abs: e.max_abs, max_scaled: e.max_scaled })
