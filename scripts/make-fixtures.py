@@ -9,7 +9,7 @@ independent of tract) for the end-to-end tests to compare against.
     python3 scripts/make-fixtures.py
 
 The outputs are committed so that the demo and the tests need no Python.
-`python3 scripts/make-fixtures.py recurrent` (or `wide`, `staged`, `compile`, `zipmap`)
+`python3 scripts/make-fixtures.py recurrent` (or `wide`, `staged`, `compile`, `zipmap`, `drift`)
 rebuilds only the recurrent models (or wide.onnx, or the scorer-*.onnx
 versions); their bytes come out the same every time.
 """
@@ -349,6 +349,21 @@ def compile_models() -> None:
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
     )
     onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), OUT / "shape-if.onnx")
+    # log-relu.onnx: y = Log(Relu(x - 0.5)), -inf wherever x <= 0.5 (about
+    # half of the seeded inputs, which are in [0, 1)), in the source and in
+    # any faithful artifact: the same infinity on both sides agrees.
+    g = helper.make_graph(
+        [
+            helper.make_node("Sub", ["x", "mid"], ["c"]),
+            helper.make_node("Relu", ["c"], ["r"]),
+            helper.make_node("Log", ["r"], ["y"]),
+        ],
+        "log_relu",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8])],
+        [numpy_helper.from_array(np.array(0.5, np.float32), "mid")],
+    )
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), OUT / "log-relu.onnx")
     # dropout-train.onnx: Dropout with training_mode a constant true and
     # ratio 0.5: it loads, and every run fails (tract runs Dropout only
     # for inference), so registration must refuse it.
@@ -440,6 +455,57 @@ def zipmap_model() -> None:
     m = onnx.load(OUT / "iris.onnx")
     onnx.helper.set_model_props(m, {"character": "'\n\"\na\nb"})
     onnx.save(m, OUT / "iris-metadata.onnx")
+
+
+def drift_reference() -> None:
+    """drift.expected.json: two samples and the distances an independent
+    implementation gives for them, for shared/drift's tests: the KS
+    statistic from scipy's `ks_2samp`, PSI and the bins it is taken on by
+    the documented formula (docs/drift.md) with numpy, Jensen-Shannon from
+    scipy, Model Monitor's categorical L-infinity as Deequ's
+    `Distance.categoricalDistance` computes it. Seeded: the same every time.
+    """
+    from scipy.spatial.distance import jensenshannon
+    from scipy.stats import ks_2samp
+
+    rng = np.random.default_rng(17)
+    # Rounded so that both samples have ties within and between them.
+    a = np.round(rng.normal(0.0, 1.0, 1500), 2)
+    b = np.round(rng.normal(0.3, 1.2, 1100), 2)
+    bins = 10
+    s = np.sort(a)
+    n = len(s)
+    interior = [s[-(-j * n // bins) - 1] for j in range(1, bins)]
+    cuts = sorted(set([np.nextafter(s[0], -np.inf)] + interior + [s[-1]]))
+    # Bin i holds values in (cuts[i-1], cuts[i]].
+    count = lambda x: np.bincount(np.searchsorted(cuts, x, side="left"), minlength=len(cuts) + 1)
+    ca, cb = count(a), count(b)
+    pa = np.maximum(ca / ca.sum(), 1e-4)
+    pb = np.maximum(cb / cb.sum(), 1e-4)
+    psi = float(np.sum((pb - pa) * np.log(pb / pa)))
+    js = float(jensenshannon(ca / ca.sum(), cb / cb.sum(), base=2) ** 2)
+    cat_a = rng.choice([0.0, 1.0, 2.0, 3.0], 800, p=[0.4, 0.3, 0.2, 0.1])
+    cat_b = rng.choice([0.0, 1.0, 2.0, 3.0, 7.0], 600, p=[0.25, 0.3, 0.2, 0.15, 0.1])
+    # Deequ: the union of categories, each side's share (0 where absent).
+    union = sorted(set(cat_a) | set(cat_b))
+    linf = max(abs(np.mean(cat_a == c) - np.mean(cat_b == c)) for c in union)
+    expected = {
+        "a": a.tolist(),
+        "b": b.tolist(),
+        "bins": bins,
+        "cuts": [float(c) for c in cuts],
+        "counts_a": ca.tolist(),
+        "counts_b": cb.tolist(),
+        "ks": float(ks_2samp(a, b).statistic),
+        "psi": psi,
+        "js": js,
+        "mean_shift": float(abs(b.mean() - a.mean()) / a.std()),
+        "categorical_a": cat_a.tolist(),
+        "categorical_b": cat_b.tolist(),
+        "categorical_linf": float(linf),
+    }
+    (OUT / "drift.expected.json").write_text(json.dumps(expected) + "\n")
+    print("wrote drift.expected.json")
 
 
 def main() -> None:
@@ -540,4 +606,4 @@ def builtin_models(classifier, x, rows) -> None:
 if __name__ == "__main__":
     import sys
 
-    {"recurrent": recurrent_models, "wide": wide_model, "staged": staged_models, "oversized": oversized_model, "compile": compile_models, "half": half_model, "zipmap": zipmap_model}.get(" ".join(sys.argv[1:]), main)()
+    {"recurrent": recurrent_models, "wide": wide_model, "staged": staged_models, "oversized": oversized_model, "compile": compile_models, "half": half_model, "zipmap": zipmap_model, "drift": drift_reference}.get(" ".join(sys.argv[1:]), main)()

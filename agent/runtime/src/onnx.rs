@@ -139,7 +139,13 @@ pub fn compile_onnx(
     let mut model = onnx.model_for_proto_model(&proto).map_err(load_err)?;
     pin(&mut model, shapes)?;
     set_consts(&mut model, consts)?;
-    let typed = model.into_typed().and_then(|m| m.into_decluttered()).map_err(load_err)?;
+    // An uploaded model that makes tract's typing panic is refused with an
+    // error, not a crash of `tern compile` (where panics unwind).
+    let typed = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        model.into_typed().and_then(|m| m.into_decluttered())
+    }))
+    .map_err(|_| RuntimeError::Load("tract panicked typing the model".into()))?
+    .map_err(load_err)?;
     crate::tract_backend::nnef().write_to_tar(&typed, Vec::new()).map_err(load_err)
 }
 
@@ -313,6 +319,9 @@ fn raw(t: &Tensor) -> (i32, Vec<u8>) {
 /// Rounds of [`resolve_ifs`]' analysis: each inlines the `If`s whose
 /// condition the last one found, which may make nested ones known.
 const IF_ROUNDS: usize = 16;
+/// Top-level `If`s past which none is resolved (left to tract): finding a
+/// condition looks through the graph, and real exports have a few.
+const MAX_IFS: usize = 256;
 
 /// Replaces each `If` whose condition is known before any input is given
 /// by the branch it takes, in the protobuf, before tract types it: tract
@@ -328,6 +337,9 @@ fn resolve_ifs(
     consts: &BTreeMap<String, Tensor>,
 ) -> usize {
     let Some(graph) = proto.graph.as_mut() else { return 0 };
+    if graph.node.iter().filter(|n| n.op_type == "If").count() > MAX_IFS {
+        return 0;
+    }
     let mut folded = fold_ifs(graph, |g, cond| known_bool(g, consts, cond, 0));
     for _ in 0..IF_ROUNDS {
         let known = analysed_conditions(proto, shapes, consts);
@@ -438,6 +450,16 @@ fn fold_ifs(
     };
     let mut folded = 0;
     let mut at = 0;
+    // Every name the graph defines, kept as branches are inlined (the
+    // folded `If`'s own name stays: a harmless over-approximation).
+    let mut outer: std::collections::BTreeSet<String> = graph
+        .initializer
+        .iter()
+        .map(|t| t.name.clone())
+        .chain(graph.input.iter().map(|i| i.name.clone()))
+        .chain(graph.node.iter().flat_map(|n| n.output.iter().cloned().chain([n.name.clone()])))
+        .filter(|n| !n.is_empty())
+        .collect();
     // Each fold removes one `If` from the finite protobuf tree and the
     // nodes it inlines are looked at next: the loop ends.
     while at < graph.node.len() {
@@ -452,23 +474,18 @@ fn fold_ifs(
             at += 1;
             continue;
         };
-        let outer: std::collections::BTreeSet<&str> = graph
+        let defines: Vec<String> = branch
             .initializer
             .iter()
-            .map(|t| t.name.as_str())
-            .chain(graph.input.iter().map(|i| i.name.as_str()))
-            .chain(graph.node.iter().flat_map(|n| n.output.iter().map(String::as_str).chain([n.name.as_str()])))
+            .map(|t| t.name.clone())
+            .chain(branch.node.iter().flat_map(|n| n.output.iter().cloned().chain([n.name.clone()])))
             .filter(|n| !n.is_empty())
             .collect();
-        let defines = branch
-            .initializer
-            .iter()
-            .map(|t| t.name.as_str())
-            .chain(branch.node.iter().flat_map(|n| n.output.iter().map(String::as_str).chain([n.name.as_str()])));
-        if defines.filter(|n| !n.is_empty()).any(|n| outer.contains(n)) {
+        if defines.iter().any(|n| outer.contains(n)) {
             at += 1;
             continue;
         }
+        outer.extend(defines);
         let branch = branch.clone();
         let node = graph.node.remove(at);
         let mut inlined = branch.node;
@@ -516,22 +533,42 @@ fn known_bool(
         "Equal" => {
             let a = known_scalar(graph, consts, node.input.first()?)?;
             let b = known_scalar(graph, consts, node.input.get(1)?)?;
-            Some(a == b)
+            Some(match (a, b) {
+                // Integers as integers: past 2^53 two differ as f64 cannot.
+                (Scalar::Int(a), Scalar::Int(b)) => a == b,
+                (a, b) => a.as_f64() == b.as_f64(),
+            })
         }
         _ => None,
     }
 }
 
+/// A one-element number.
+#[derive(Clone, Copy)]
+enum Scalar {
+    Int(i64),
+    Float(f64),
+}
+
+impl Scalar {
+    fn as_f64(self) -> f64 {
+        match self {
+            Scalar::Int(i) => i as f64,
+            Scalar::Float(x) => x,
+        }
+    }
+}
+
 /// A one-element number from `consts`, an initializer or a `Constant` node.
-fn known_scalar(graph: &tract_onnx::pb::GraphProto, consts: &BTreeMap<String, Tensor>, name: &str) -> Option<f64> {
+fn known_scalar(graph: &tract_onnx::pb::GraphProto, consts: &BTreeMap<String, Tensor>, name: &str) -> Option<Scalar> {
     use tern_proto::TensorData as D;
     if let Some(t) = consts.get(name) {
         let one = |n: usize| (n == 1).then_some(());
         return match &t.data {
-            D::F32(v) => one(v.len()).map(|_| f64::from(v[0])),
-            D::F64(v) => one(v.len()).map(|_| v[0]),
-            D::I32(v) => one(v.len()).map(|_| f64::from(v[0])),
-            D::I64(v) => one(v.len()).map(|_| v[0] as f64),
+            D::F32(v) => one(v.len()).map(|_| Scalar::Float(f64::from(v[0]))),
+            D::F64(v) => one(v.len()).map(|_| Scalar::Float(v[0])),
+            D::I32(v) => one(v.len()).map(|_| Scalar::Int(i64::from(v[0]))),
+            D::I64(v) => one(v.len()).map(|_| Scalar::Int(v[0])),
             _ => None,
         };
     }
@@ -542,7 +579,7 @@ fn known_scalar(graph: &tract_onnx::pb::GraphProto, consts: &BTreeMap<String, Te
     node.attribute.iter().find(|a| a.name == "value").and_then(|a| a.t.as_ref()).and_then(proto_scalar)
 }
 
-fn proto_scalar(t: &tract_onnx::pb::TensorProto) -> Option<f64> {
+fn proto_scalar(t: &tract_onnx::pb::TensorProto) -> Option<Scalar> {
     if t.dims.iter().try_fold(1i64, |n, d| n.checked_mul(*d)) != Some(1) {
         return None;
     }
@@ -552,18 +589,26 @@ fn proto_scalar(t: &tract_onnx::pb::TensorProto) -> Option<f64> {
             .float_data
             .first()
             .map(|x| f64::from(*x))
-            .or_else(|| Some(f64::from(f32::from_le_bytes(raw(4)?.try_into().ok()?)))),
+            .or_else(|| Some(f64::from(f32::from_le_bytes(raw(4)?.try_into().ok()?))))
+            .map(Scalar::Float),
         6 => t
             .int32_data
             .first()
-            .map(|x| f64::from(*x))
-            .or_else(|| Some(f64::from(i32::from_le_bytes(raw(4)?.try_into().ok()?)))),
+            .map(|x| i64::from(*x))
+            .or_else(|| Some(i64::from(i32::from_le_bytes(raw(4)?.try_into().ok()?))))
+            .map(Scalar::Int),
         7 => t
             .int64_data
             .first()
-            .map(|x| *x as f64)
-            .or_else(|| Some(i64::from_le_bytes(raw(8)?.try_into().ok()?) as f64)),
-        11 => t.double_data.first().copied().or_else(|| Some(f64::from_le_bytes(raw(8)?.try_into().ok()?))),
+            .copied()
+            .or_else(|| Some(i64::from_le_bytes(raw(8)?.try_into().ok()?)))
+            .map(Scalar::Int),
+        11 => t
+            .double_data
+            .first()
+            .copied()
+            .or_else(|| Some(f64::from_le_bytes(raw(8)?.try_into().ok()?)))
+            .map(Scalar::Float),
         _ => None,
     }
 }

@@ -294,16 +294,18 @@ fn distance(want: &Tensor, got: &Tensor) -> Option<(f64, f64)> {
     }
     let (w, g) = (want.data.to_f64(), got.data.to_f64());
     Some(w.iter().zip(&g).fold((0.0f64, 0.0f64), |(a, s), (w, g)| {
-        let d = (w - g).abs();
-        // NaN in both is agreement; in one only, the worst error.
-        let d = if w.is_nan() && g.is_nan() {
-            0.0
-        } else if d.is_nan() {
-            f64::INFINITY
+        // The same value (an infinity included) or NaN in both is
+        // agreement; anything else not finite on either side is the worst
+        // error (never NaN, which `max` would pass over).
+        let (d, scaled) = if w == g || (w.is_nan() && g.is_nan()) {
+            (0.0, 0.0)
+        } else if !w.is_finite() || !g.is_finite() {
+            (f64::INFINITY, f64::INFINITY)
         } else {
-            d
+            let d = (w - g).abs();
+            (d, d / (1.0 + w.abs()))
         };
-        (a.max(d), s.max(d / (1.0 + w.abs())))
+        (a.max(d), s.max(scaled))
     }))
 }
 
@@ -320,7 +322,10 @@ fn parse_const(spec: &TensorSpec, shape: Option<Vec<usize>>, value: &str) -> Res
             None => return Err(err(format!("input {spec} has open dimensions: give its shape with --input-shape"))),
         },
     };
-    let n: usize = shape.iter().product();
+    let n = shape.iter().try_fold(1usize, |n, d| n.checked_mul(*d)).filter(|n| *n <= MAX_INPUT_ELEMENTS);
+    let Some(n) = n else {
+        return Err(err(format!("shape {shape:?} has more than {MAX_INPUT_ELEMENTS} elements")));
+    };
     if n != parts.len() {
         return Err(err(format!("{} values for shape {shape:?} ({n} needed)", parts.len())));
     }
@@ -354,4 +359,29 @@ fn parse_const(spec: &TensorSpec, shape: Option<Vec<usize>>, value: &str) -> Res
         ),
     };
     Ok(Tensor { shape, data })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tern_proto::TensorData;
+
+    fn t(v: Vec<f32>) -> Tensor {
+        Tensor::new(vec![v.len()], TensorData::F32(v)).unwrap()
+    }
+
+    #[test]
+    fn a_value_that_is_not_finite_on_one_side_is_the_worst_error() {
+        let inf = f32::INFINITY;
+        assert_eq!(distance(&t(vec![inf, -inf, f32::NAN, 1.0]), &t(vec![inf, -inf, f32::NAN, 1.0])), Some((0.0, 0.0)));
+        for (w, g) in [(inf, 1.0), (1.0, inf), (-inf, inf), (f32::NAN, 1.0), (1.0, f32::NAN), (inf, f32::NAN)] {
+            assert_eq!(
+                distance(&t(vec![0.5, w]), &t(vec![0.5, g])),
+                Some((f64::INFINITY, f64::INFINITY)),
+                "{w} vs {g}"
+            );
+        }
+        let (abs, scaled) = distance(&t(vec![3.0]), &t(vec![3.5])).unwrap();
+        assert_eq!((abs, scaled), (0.5, 0.125));
+    }
 }

@@ -57,3 +57,11 @@ fn an_input_constant_in_use_is_folded_in_and_leaves_the_signature() {
     let x = Tensor::new(vec![2, 4], TensorData::F32(vec![1.0; 8])).unwrap();
     assert_eq!(m.run(vec![x]).unwrap()[0].data, TensorData::F32(vec![3.0; 8]));
 }
+
+#[test]
+fn the_same_infinity_on_both_sides_agrees() {
+    // Log(Relu(x - 0.5)) is -inf wherever x <= 0.5, in the source and the
+    // artifact.
+    let c = compile(&fixture("log-relu.onnx"), &Options::default()).unwrap();
+    assert!(c.errors.iter().all(|e| e.max_abs == 0.0 && e.max_scaled == 0.0), "{:?}", c.errors);
+}

@@ -35,13 +35,14 @@ pub struct CompileArgs {
     #[arg(long)]
     out: Option<PathBuf>,
     /// An input's shape, repeatable: --input-shape image=1,3,320,320.
-    /// Default: the shapes given at registration, else the profile's batch
-    /// for an open first axis.
+    /// Added to the shapes given at registration (a flag replaces the one
+    /// of its input); an open first axis none names gets the profile's batch.
     #[arg(long = "input-shape", value_parser = parse_shape)]
     shapes: Vec<(String, Vec<usize>)>,
     /// An input that is constant in use, repeatable: --const mode=true,
     /// --const rate=16000 (comma-separated for several elements). It
-    /// leaves the signature. Default: those declared at registration.
+    /// leaves the signature. Added to those declared at registration (a
+    /// flag replaces the one of its input).
     #[arg(long = "const", value_parser = parse_const)]
     consts: Vec<(String, String)>,
     /// Largest accepted |compiled − source| / (1 + |source|) per element.
@@ -123,14 +124,12 @@ pub fn run(args: CompileArgs, client: impl FnOnce() -> Result<Client>, json_out:
     };
     pb.inc(1);
 
-    // Shapes: the flags, else those given at registration; then the
-    // profile's batch for an open first axis no shape names.
-    let mut shapes: BTreeMap<String, Vec<usize>> = args.shapes.into_iter().collect();
-    if shapes.is_empty()
-        && let Some(v) = &version
-    {
-        shapes = v.compile_shapes.clone();
-    }
+    // Shapes and consts: those given at registration, each one the flags
+    // name replaced; then the profile's batch for an open first axis no
+    // shape names.
+    let mut shapes: BTreeMap<String, Vec<usize>> =
+        version.as_ref().map(|v| v.compile_shapes.clone()).unwrap_or_default();
+    shapes.extend(args.shapes);
     if let Some(batch) = profile.as_ref().and_then(|p| p.compile.batch) {
         let declared = tern_runtime::onnx_inputs(&source).map_err(|e| anyhow::anyhow!("{e}"))?;
         for spec in &declared {
@@ -144,12 +143,8 @@ pub fn run(args: CompileArgs, client: impl FnOnce() -> Result<Client>, json_out:
             }
         }
     }
-    let mut consts: BTreeMap<String, String> = args.consts.into_iter().collect();
-    if consts.is_empty()
-        && let Some(v) = &version
-    {
-        consts = v.compile_consts.clone();
-    }
+    let mut consts: BTreeMap<String, String> = version.as_ref().map(|v| v.compile_consts.clone()).unwrap_or_default();
+    consts.extend(args.consts);
     let opts = tern_compile::Options {
         shapes,
         consts,

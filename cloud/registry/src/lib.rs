@@ -89,6 +89,21 @@ pub enum RegistryError {
         /// The wire version the tensor needs.
         needs: u16,
     },
+    /// The device's profile's artifact is listed only at its profile's
+    /// path, and its agent speaks wire version 4, which does not look there.
+    #[error(
+        "{device} cannot be sent {name}:{version}: its {profile} artifact differs from another profile's, so it is listed only at its profile's path, which an agent speaking wire version 4 does not look up; upgrade its agent"
+    )]
+    ProfilePathOnly {
+        /// Device id.
+        device: String,
+        /// Model name.
+        name: String,
+        /// Version.
+        version: u32,
+        /// The device's profile.
+        profile: String,
+    },
     /// The version has no artifact a device of this profile can be sent.
     #[error(
         "{name}:{version} has no artifact for profile {profile:?} (compiled for {compiled_for}); run: tern compile {name}:{version} --target {profile}"

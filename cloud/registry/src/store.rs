@@ -543,6 +543,14 @@ impl Registry {
                     needs: spec.dtype.since().0,
                 });
             }
+            if wire == tern_proto::WireVersion::V4.0 && !v.plain_path_serves(&d.profile) {
+                return abort(RegistryError::ProfilePathOnly {
+                    device: id.to_owned(),
+                    name: name.to_owned(),
+                    version,
+                    profile: d.profile.clone(),
+                });
+            }
             d.desired.insert(name.to_owned(), version);
             d.next_generation();
             devices.insert(id, encode(&d))?;
@@ -689,6 +697,37 @@ mod tests {
             e.to_string().starts_with("det:1 has no artifact for profile \"rpi4\" (compiled for no profile yet)"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn an_artifact_only_at_its_profiles_path_is_not_assigned_to_a_wire_4_agent() {
+        let (_dir, r) = approved_and_assigned();
+        r.unassign("cam-1", "iris").unwrap();
+        r.set_target("iris", 1, "rpi4", target(b"nnef-a", None)).unwrap();
+        let caps = |wire_version| crate::Capabilities {
+            formats: vec![ModelFormat::Nnef, ModelFormat::Onnx],
+            backends: vec![],
+            wire_version,
+        };
+        let hello =
+            |wire| Report { agent_version: Some("0.3".into()), capabilities: Some(caps(wire)), ..Report::default() };
+        r.seen("cam-2", 5, &hello(4)).unwrap();
+        // One profile: the artifact is listed at the plain path as well.
+        assert!(r.version("iris", 1).unwrap().plain_path_serves("rpi4"));
+        r.assign("cam-2", "iris", 1).unwrap();
+        r.unassign("cam-2", "iris").unwrap();
+        // Another profile's artifact differs: only the profile paths list
+        // them, and a wire-4 agent (issue 15's) looks only at the plain one.
+        r.set_target("iris", 1, "jetson-orin", target(b"nnef-b", None)).unwrap();
+        assert!(!r.version("iris", 1).unwrap().plain_path_serves("rpi4"));
+        let e = r.assign("cam-2", "iris", 1).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "cam-2 cannot be sent iris:1: its rpi4 artifact differs from another profile's, so it is listed only at its profile's path, which an agent speaking wire version 4 does not look up; upgrade its agent"
+        );
+        assert!(!r.device("cam-2").unwrap().desired.contains_key("iris"));
+        r.seen("cam-2", 6, &hello(5)).unwrap();
+        r.assign("cam-2", "iris", 1).unwrap();
     }
 
     fn token(expires_at: u64) -> EnrollToken {

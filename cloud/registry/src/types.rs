@@ -163,6 +163,31 @@ impl ModelVersion {
         })
     }
 
+    /// Whether what a device of `profile` gets is also listed at the
+    /// version's plain target path (`NAME/V/model.EXT`), the only one an
+    /// agent speaking wire version 4 looks up: the source, or a compiled
+    /// artifact in another format than the source's that every profile's
+    /// artifact of that format equals.
+    pub fn plain_path_serves(&self, profile: &str) -> bool {
+        match self.artifact_for(profile) {
+            Ok(Artifact::Source) => true,
+            Ok(Artifact::Compiled(t)) => self.plain_target(t.format).is_some_and(|p| p.sha256 == t.sha256),
+            Err(_) => false,
+        }
+    }
+
+    /// The compiled artifact listed at the plain target path of `format`:
+    /// one every profile's artifact of that format equals, in a format
+    /// other than the source's (whose path lists the source).
+    pub fn plain_target(&self, format: ModelFormat) -> Option<&TargetArtifact> {
+        if format == self.format {
+            return None;
+        }
+        let mut same = self.targets.values().filter(|t| t.format == format);
+        let first = same.next()?;
+        same.all(|t| t.sha256 == first.sha256).then_some(first)
+    }
+
     /// The manifest a device of `profile` is sent.
     pub fn manifest_for(&self, profile: &str) -> crate::Result<ModelManifest> {
         Ok(match self.artifact_for(profile)? {

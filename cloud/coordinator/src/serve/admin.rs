@@ -49,6 +49,7 @@ impl From<RegistryError> for ApiError {
             | RegistryError::DeviceExists(_)
             | RegistryError::Unsupported { .. }
             | RegistryError::WireTooOld { .. }
+            | RegistryError::ProfilePathOnly { .. }
             | RegistryError::NoArtifact { .. }
             | RegistryError::DoesNotFit { .. }
             | RegistryError::CompiledInUse { .. }

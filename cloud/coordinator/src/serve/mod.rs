@@ -132,6 +132,14 @@ impl State {
                     continue;
                 }
             };
+            // An agent of wire version 4 looks an artifact up at the plain
+            // path only, and refuses the whole state over one it cannot
+            // find there (assign refuses such a device; this covers a
+            // profile compiled differently after it was assigned).
+            if version == WireVersion::V4 && !record.plain_path_serves(&device.profile) {
+                warn!(device = %id, model = %name, version = v, "not sending a version whose artifact for this profile is listed only at the profile's path, which a wire-4 agent does not look up");
+                continue;
+            }
             if manifest.since() > version {
                 warn!(device = %id, model = %name, version = v, wire = %version, needs = %manifest.since(), "not sending a version whose tensors this session's wire version cannot name");
                 continue;

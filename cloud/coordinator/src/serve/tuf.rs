@@ -317,9 +317,7 @@ fn listed(versions: &[ModelVersion]) -> Vec<Listed> {
             }
         }
         for f in formats {
-            let mut same = v.targets.values().filter(|t| t.format == f);
-            let first = same.next().expect("a target of this format");
-            if same.all(|t| t.sha256 == first.sha256) {
+            if let Some(first) = v.plain_target(f) {
                 let path = tern_trust::tuf::target_path(&v.name, v.version, f);
                 out.push(Listed {
                     name: v.name.clone(),
