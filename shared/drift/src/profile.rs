@@ -316,7 +316,11 @@ impl Profile {
         match (&feature.kind, summary) {
             (Kind::Numeric { cuts }, Summary::Numeric(s)) => {
                 if x.is_finite() {
-                    s.counts[cuts.partition_point(|c| *c < x)] += 1;
+                    // A profile made on another layout has other bins.
+                    let Some(count) = s.counts.get_mut(cuts.partition_point(|c| *c < x)) else {
+                        return Err(DriftError::Invalid(format!("feature {:?}: not this layout's bins", feature.name)));
+                    };
+                    *count += 1;
                     s.moments.push(x);
                     if let Some(sketch) = &mut s.sketch {
                         sketch.push(x);
@@ -332,7 +336,13 @@ impl Profile {
                     // -0.0 is the category 0.0.
                     let x = x + 0.0;
                     let at = values.binary_search_by(|v| v.total_cmp(&x)).unwrap_or(values.len());
-                    s.counts[at] += 1;
+                    let Some(count) = s.counts.get_mut(at) else {
+                        return Err(DriftError::Invalid(format!(
+                            "feature {:?}: not this layout's categories",
+                            feature.name
+                        )));
+                    };
+                    *count += 1;
                 }
             }
             (kind, _) => return Err(wrong_kind(feature, kind, "numeric or categorical")),
@@ -391,8 +401,15 @@ impl Profile {
         } else {
             1.0 / scores.iter().map(|x| f64::from(x - top).exp()).sum::<f64>()
         };
+        let bin = ((confidence * CONFIDENCE_BINS as f64) as usize).min(CONFIDENCE_BINS - 1);
+        let Some(tenth) = s.confidence.get_mut(bin) else {
+            return Err(DriftError::Invalid(format!(
+                "feature {:?}: not {CONFIDENCE_BINS} confidence bins",
+                feature.name
+            )));
+        };
+        *tenth += 1;
         s.counts[best] += 1;
-        s.confidence[((confidence * CONFIDENCE_BINS as f64) as usize).min(CONFIDENCE_BINS - 1)] += 1;
         Ok(())
     }
 
@@ -613,8 +630,9 @@ fn distances(name: &str, baseline: &Summary, window: &Summary) -> Distances {
                 .filter_map(|(b, w)| distance::mean_shift(b, w))
                 .fold(None, |acc: Option<f64>, x| Some(acc.map_or(x, |a| a.max(x))));
         }
-        // compare() checked the window against the layout.
-        _ => unreachable!("summaries of different kinds"),
+        // compare() checked the window against the layout; a baseline
+        // built by hand whose profile does not fit it gets no distances.
+        _ => {}
     }
     d
 }
