@@ -616,6 +616,11 @@ impl<W: Work> Runner<W> {
                     // What was let go of since the start of this round (a
                     // commit here drops the version before last) may go now.
                     *self.live.lock().expect("lock") = self.slots.referenced();
+                    // The steps that led here are queued first: the writer
+                    // writes history before slots, so no state reaches the
+                    // disk without the step that made it (a SIGKILL between
+                    // the two writes lost a commit's step).
+                    self.record_history();
                     self.persister.persist(self.slots.persisted());
                 }
             }
