@@ -355,7 +355,9 @@ fn a_zipmap_output_is_compiled_to_the_probability_tensor_and_served_on_both_back
         out.to_str().unwrap(),
     ]);
     assert!(said.contains("rewritten: output \"output_probability\": the ZipMap"), "{said}");
-    // What onnxruntime from Python answers for this flower, as a map.
+    // What onnxruntime from Python answers for this flower from iris.onnx's
+    // probability tensor, the one the ZipMap (appended to it to make the
+    // fixture) maps: the rewrite must give it back.
     let expected: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(fixture("iris.expected.json")).unwrap()).unwrap();
     let want: Vec<f64> = expected["outputs"]["probabilities"]["data"].as_array().unwrap()[18..21]
