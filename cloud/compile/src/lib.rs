@@ -293,18 +293,9 @@ fn distance(want: &Tensor, got: &Tensor) -> Option<(f64, f64)> {
         return None;
     }
     let (w, g) = (want.data.to_f64(), got.data.to_f64());
+    // Never NaN, which `max` would pass over: the golden check's rule.
     Some(w.iter().zip(&g).fold((0.0f64, 0.0f64), |(a, s), (w, g)| {
-        // The same value (an infinity included) or NaN in both is
-        // agreement; anything else not finite on either side is the worst
-        // error (never NaN, which `max` would pass over).
-        let (d, scaled) = if w == g || (w.is_nan() && g.is_nan()) {
-            (0.0, 0.0)
-        } else if !w.is_finite() || !g.is_finite() {
-            (f64::INFINITY, f64::INFINITY)
-        } else {
-            let d = (w - g).abs();
-            (d, d / (1.0 + w.abs()))
-        };
+        let (d, scaled) = tern_proto::element_error(*w, *g);
         (a.max(d), s.max(scaled))
     }))
 }

@@ -580,8 +580,6 @@ fn distances(name: &str, baseline: &Summary, window: &Summary) -> Distances {
         linf_error: None,
         mean_shift: None,
     };
-    let robust =
-        |linf: Option<f64>, n: u64, m: u64| linf.map(|l| distance::linf_robust(l, n, m, distance::DEFAULT_C_ALPHA));
     match (baseline, window) {
         (Summary::Numeric(b), Summary::Numeric(w)) => {
             d.n = w.moments.n;
@@ -601,27 +599,12 @@ fn distances(name: &str, baseline: &Summary, window: &Summary) -> Distances {
                 ),
                 _ => (distance::linf_bins(&b.counts, &w.counts), None),
             };
-            d.linf_robust = robust(d.linf, b.moments.n, w.moments.n);
+            d.linf_robust =
+                d.linf.map(|l| distance::linf_robust(l, b.moments.n, w.moments.n, distance::DEFAULT_C_ALPHA));
             d.mean_shift = distance::mean_shift(&b.moments, &w.moments);
         }
-        (Summary::Categorical(b), Summary::Categorical(w)) => {
-            let seen: u64 = w.counts.iter().sum();
-            d.n = seen;
-            d.missing_rate = rate(w.missing, seen);
-            d.psi = distance::psi(&b.counts, &w.counts);
-            d.js = distance::jensen_shannon(&b.counts, &w.counts);
-            d.linf = distance::linf_categorical(&b.counts, &w.counts);
-            d.linf_robust = robust(d.linf, b.counts.iter().sum(), seen);
-        }
-        (Summary::Classes(b), Summary::Classes(w)) => {
-            let seen: u64 = w.counts.iter().sum();
-            d.n = seen;
-            d.missing_rate = rate(w.missing, seen);
-            d.psi = distance::psi(&b.counts, &w.counts);
-            d.js = distance::jensen_shannon(&b.counts, &w.counts);
-            d.linf = distance::linf_categorical(&b.counts, &w.counts);
-            d.linf_robust = robust(d.linf, b.counts.iter().sum(), seen);
-        }
+        (Summary::Categorical(b), Summary::Categorical(w)) => counted(&mut d, &b.counts, &w.counts, w.missing),
+        (Summary::Classes(b), Summary::Classes(w)) => counted(&mut d, &b.counts, &w.counts, w.missing),
         (Summary::Image(b), Summary::Image(w)) => {
             d.n = w.first().map_or(0, |m| m.n);
             d.mean_shift = b
@@ -635,6 +618,17 @@ fn distances(name: &str, baseline: &Summary, window: &Summary) -> Distances {
         _ => {}
     }
     d
+}
+
+/// The distances of counts over categories (or classes).
+fn counted(d: &mut Distances, baseline: &[u64], window: &[u64], missing: u64) {
+    let seen: u64 = window.iter().sum();
+    d.n = seen;
+    d.missing_rate = rate(missing, seen);
+    d.psi = distance::psi(baseline, window);
+    d.js = distance::jensen_shannon(baseline, window);
+    d.linf = distance::linf_categorical(baseline, window);
+    d.linf_robust = d.linf.map(|l| distance::linf_robust(l, baseline.iter().sum(), seen, distance::DEFAULT_C_ALPHA));
 }
 
 /// Builds a baseline from reference data, one feature at a time.

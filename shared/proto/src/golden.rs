@@ -93,6 +93,20 @@ pub fn decode_golden(bytes: &[u8]) -> Result<Vec<GoldenCase>, String> {
 const F16_FLOOR: f64 = 2.0 / 1024.0;
 const BF16_FLOOR: f64 = 2.0 / 128.0;
 
+/// How far `got` is from `want`, as `(|got − want|, |got − want| / (1 + |want|))`:
+/// 0 where they are equal (the same infinity included) or both NaN, infinite
+/// where anything else on either side is not finite.
+pub fn element_error(want: f64, got: f64) -> (f64, f64) {
+    if want == got || (want.is_nan() && got.is_nan()) {
+        (0.0, 0.0)
+    } else if !want.is_finite() || !got.is_finite() {
+        (f64::INFINITY, f64::INFINITY)
+    } else {
+        let d = (got - want).abs();
+        (d, d / (1.0 + want.abs()))
+    }
+}
+
 /// Checks `got` against `want`: same count, shapes and types; finite floats
 /// within `tolerance_ppm` millionths of `1 + |want|` (for `f16` and `bf16`
 /// at least two steps of the type), infinities equal, NaN where NaN,
@@ -108,10 +122,7 @@ pub fn compare_outputs(got: &[Tensor], want: &[Tensor], tolerance_ppm: u32) -> R
             return Err(format!("output {i}: shape {:?}, golden {:?}", g.shape, w.shape));
         }
         let first_far_within = |a: &mut dyn Iterator<Item = (f64, f64)>, tol: f64| {
-            a.enumerate().find(|(_, (g, w))| {
-                let near = g.is_finite() && w.is_finite() && (g - w).abs() <= tol * (1.0 + w.abs());
-                !(g == w || near || (g.is_nan() && w.is_nan()))
-            })
+            a.enumerate().find(|(_, (g, w))| element_error(*w, *g).1 > tol)
         };
         let first_far = |a: &mut dyn Iterator<Item = (f64, f64)>| first_far_within(a, tol);
         let far = match (&g.data, &w.data) {

@@ -23,7 +23,9 @@ pub use canonical::{CanonicalError, canonical_json};
 pub use frame::{
     FrameDecoder, FrameError, FrameHeader, HEADER_LEN, MAGIC, MAX_FRAME_LEN, decode_frame, decode_payload, encode_frame,
 };
-pub use golden::{GoldenCase, MAX_GOLDEN_BYTES, MAX_GOLDEN_CASES, compare_outputs, decode_golden, encode_golden};
+pub use golden::{
+    GoldenCase, MAX_GOLDEN_BYTES, MAX_GOLDEN_CASES, compare_outputs, decode_golden, element_error, encode_golden,
+};
 pub use half::{bf16, f16};
 pub use ids::{DeviceId, IdError, ModelRef, Sha256Digest};
 pub use manifest::{
