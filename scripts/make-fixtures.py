@@ -508,6 +508,46 @@ def drift_reference() -> None:
     print("wrote drift.expected.json")
 
 
+def breast_cancer() -> None:
+    """breast-cancer.onnx: scikit-learn's breast-cancer data (30 numeric
+    features) on the split `tests/drift.rs` makes again (test_size 0.3,
+    random_state 0, stratified): a small MLP fit on standardized features,
+    exported with skl2onnx (label int64[N], probabilities float[N, 2], no
+    ZipMap) with the standardization put in front as Sub and Div (tract has
+    no ONNX-ML `Scaler`)."""
+    from onnx import helper, numpy_helper
+    from skl2onnx import to_onnx
+    from sklearn.datasets import load_breast_cancer
+    from sklearn.model_selection import train_test_split
+    from sklearn.neural_network import MLPClassifier
+    from sklearn.preprocessing import StandardScaler
+
+    data = load_breast_cancer()
+    x_train, x_test, y_train, y_test = train_test_split(
+        data.data.astype(np.float32), data.target, test_size=0.3, random_state=0, stratify=data.target
+    )
+    scaler = StandardScaler().fit(x_train)
+    clf = MLPClassifier(hidden_layer_sizes=(8,), max_iter=2000, random_state=3).fit(scaler.transform(x_train), y_train)
+    onx = to_onnx(clf, x_train[:1], options={"zipmap": False}, target_opset={"": 17, "ai.onnx.ml": 3})
+    g = onx.graph
+    inner = g.input[0].name
+    raw = "features"
+    for n in g.node:
+        n.input[:] = ["scaled" if i == inner else i for i in n.input]
+    g.initializer.extend([
+        numpy_helper.from_array(scaler.mean_.astype(np.float32), "mean"),
+        numpy_helper.from_array(scaler.scale_.astype(np.float32), "scale"),
+    ])
+    g.node.insert(0, helper.make_node("Div", ["centered", "scale"], ["scaled"]))
+    g.node.insert(0, helper.make_node("Sub", [raw, "mean"], ["centered"]))
+    g.input[0].name = raw
+    onnx.checker.check_model(onx)
+    (OUT / "breast-cancer.onnx").write_bytes(onx.SerializeToString())
+    sess = ort.InferenceSession(str(OUT / "breast-cancer.onnx"), providers=["CPUExecutionProvider"])
+    label = sess.run(None, {raw: x_test})[0]
+    print(f"wrote breast-cancer.onnx, held-out accuracy {np.mean(label == y_test):.3f}")
+
+
 def main() -> None:
     from skl2onnx import to_onnx
     from sklearn.datasets import load_iris
@@ -606,4 +646,4 @@ def builtin_models(classifier, x, rows) -> None:
 if __name__ == "__main__":
     import sys
 
-    {"recurrent": recurrent_models, "wide": wide_model, "staged": staged_models, "oversized": oversized_model, "compile": compile_models, "half": half_model, "zipmap": zipmap_model, "drift": drift_reference}.get(" ".join(sys.argv[1:]), main)()
+    {"recurrent": recurrent_models, "wide": wide_model, "staged": staged_models, "oversized": oversized_model, "compile": compile_models, "half": half_model, "zipmap": zipmap_model, "drift": drift_reference, "breast-cancer": breast_cancer}.get(" ".join(sys.argv[1:]), main)()

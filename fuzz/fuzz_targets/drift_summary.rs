@@ -5,7 +5,8 @@
 use std::sync::OnceLock;
 
 use libfuzzer_sys::fuzz_target;
-use tern_drift::{Baseline, BaselineBuilder, Profile};
+use tern_drift::{Baseline, BaselineBuilder, ModelBaseline, Profile};
+use tern_proto::{DType, Tensor, TensorData, TensorSpec};
 
 fn baseline() -> &'static Baseline {
     static B: OnceLock<Baseline> = OnceLock::new();
@@ -36,5 +37,18 @@ fuzz_target!(|data: &[u8]| {
         let own = other.profile.clone();
         w.merge(&other.layout, &own).expect("its own profile merges");
         other.compare(&w).expect("a baseline compares with itself");
+    }
+    if let Ok(model) = ModelBaseline::decode(data) {
+        // Bound to a small signature, if it fits: a request never panics.
+        let inputs = [TensorSpec { name: "x".into(), dtype: DType::F32, shape: vec![None, Some(4)] }];
+        let outputs = [TensorSpec { name: "y".into(), dtype: DType::F32, shape: vec![None, Some(3)] }];
+        if let Ok(binding) = model.bind(&inputs, &outputs) {
+            let mut w = model.baseline.window(Some(8), 3);
+            let x = Tensor::new(vec![2, 4], TensorData::F32(vec![0.5; 8])).unwrap();
+            let y = Tensor::new(vec![2, 3], TensorData::F32(vec![0.2, 0.3, 0.5, 1.0, 0.0, 0.0])).unwrap();
+            let _ = binding.observe(&model.baseline, &mut w, &[x], &[y]);
+            model.baseline.compare(&w).expect("a window on the baseline compares");
+        }
+        assert_eq!(ModelBaseline::decode(&model.encode()).ok().as_ref(), Some(&model));
     }
 });

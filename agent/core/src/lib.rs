@@ -8,7 +8,13 @@
 //! with [`Action`]s to perform and a status to report. The daemon serves only
 //! what the core told it to install, and persists what [`Slots::persisted`]
 //! returns, so a restart finds every model the agent knew about.
+//!
+//! [`monitor`] windows a served version's requests against its training
+//! baseline and raises and clears alerts, with the same discipline.
 
+pub mod monitor;
+#[cfg(test)]
+mod monitor_tests;
 mod slots;
 
 pub use slots::{

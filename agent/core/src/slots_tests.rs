@@ -50,6 +50,7 @@ fn m(name: &str, version: u32) -> ModelManifest {
         }),
         update: Some(policy()),
         alternative: None,
+        baseline: None,
     }
 }
 
@@ -1118,6 +1119,7 @@ fn tested_with_window(window: MaintenanceWindow, t0: Instant, local: Option<Loca
     let v2 = ModelManifest {
         update: Some(UpdatePolicy { window: Some(window), shadow_requests: 0, ..policy() }),
         alternative: None,
+        baseline: None,
         ..m("iris", 2)
     };
     s.set_desired(2, vec![v2], t0);

@@ -58,6 +58,8 @@ pub struct Served {
     /// Where its update stands: [`COMMITTED`], [`ON_PROBATION`] or
     /// [`ROLLING_BACK`].
     pub update: AtomicU8,
+    /// Its drift windows, where the version has a baseline.
+    pub drift: Option<crate::drift::Drift>,
 }
 
 /// The committed version.
@@ -84,6 +86,7 @@ impl Served {
             nonfinite_inputs: AtomicU64::new(0),
             latency: Latency::default(),
             update: AtomicU8::new(COMMITTED),
+            drift: None,
         }
     }
 }
@@ -206,6 +209,8 @@ pub struct Shared {
     pub shadows: RwLock<BTreeMap<String, Arc<Shadow>>>,
     /// Where defer lease requests go (the main loop, once it runs).
     pub leases: std::sync::OnceLock<tokio::sync::mpsc::Sender<LeaseRequest>>,
+    /// How versions with a baseline are windowed and alerted on.
+    pub monitor: tern_agent_core::monitor::MonitorConfig,
 }
 
 impl Shared {
@@ -228,6 +233,7 @@ impl Shared {
             budget: Budget::new(budget),
             shadows: Default::default(),
             leases: Default::default(),
+            monitor: Default::default(),
         }
     }
 
@@ -267,10 +273,25 @@ pub fn router(shared: Arc<Shared>) -> Router {
     Router::new()
         .route("/v1/models", get(list))
         .route("/v1/models/{target}", post(predict))
+        .route("/v1/models/{name}/drift", get(drift))
         .fallback(|| async {
             ApiError(StatusCode::NOT_FOUND, "no such route; try GET /v1/models or POST /v1/models/NAME:predict".into())
         })
         .with_state(shared)
+}
+
+/// `GET /v1/models/NAME/drift`: the serving version's drift windows and
+/// alerts.
+async fn drift(State(shared): State<Arc<Shared>>, Path(name): Path<String>) -> Result<Json<Value>, ApiError> {
+    let served = shared.models.read().expect("lock").get(&name).cloned();
+    let served = served.ok_or_else(|| ApiError(StatusCode::NOT_FOUND, format!("no model named {name:?} is loaded")))?;
+    match &served.drift {
+        Some(d) => Ok(Json(d.json())),
+        None => Err(ApiError(
+            StatusCode::NOT_FOUND,
+            format!("{name}:{} has no baseline (register it with --baseline)", served.manifest.version),
+        )),
+    }
 }
 
 async fn list(State(shared): State<Arc<Shared>>) -> Json<Value> {
@@ -585,6 +606,9 @@ async fn run(
     if bad_values > 0 {
         served.nonfinite_inputs.fetch_add(bad_values, Ordering::Relaxed);
     }
+    if let Some(d) = &served.drift {
+        d.inputs(&inputs);
+    }
     let (result, timing) =
         served.gate.run(served.backend.as_ref(), inputs, || conn.map(|c| c.busy())).await.map_err(|e| {
             served.busy.fetch_add(1, Ordering::Relaxed);
@@ -592,8 +616,12 @@ async fn run(
         })?;
     served.requests.fetch_add(1, Ordering::Relaxed);
     served.latency.record(timing.ran);
+    let ran_us = timing.ran.as_micros() as u64;
     match result {
         Ok(outputs) => {
+            if let Some(d) = &served.drift {
+                d.answered(&outputs, ran_us);
+            }
             if !served.healthy.swap(true, Ordering::Relaxed) {
                 tracing::info!(model = %name, "healthy again");
                 shared.health_changed.notify_one();
@@ -601,6 +629,9 @@ async fn run(
             Ok((outputs, timing))
         }
         Err(e) => {
+            if let Some(d) = &served.drift {
+                d.failed(ran_us);
+            }
             served.errors.fetch_add(1, Ordering::Relaxed);
             *served.last_error.lock().expect("lock") = Some(e.to_string());
             if served.healthy.swap(false, Ordering::Relaxed) {

@@ -4,6 +4,7 @@
 //! local HTTP API and Unix socket.
 
 mod api;
+mod drift;
 mod gate;
 mod hook;
 mod identity;
@@ -110,6 +111,24 @@ enum Cmd {
         /// If it cannot be loaded the agent says why and runs tract.
         #[arg(long, env = "TERN_ONNXRUNTIME")]
         onnxruntime: Option<PathBuf>,
+        /// A version with a baseline is windowed against it: a window
+        /// closes after this many rows (samples) …
+        #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1..=10_000_000))]
+        drift_window_rows: u64,
+        /// … or after this many seconds, whichever comes first.
+        #[arg(long, default_value_t = 300, value_parser = clap::value_parser!(u64).range(1..=86_400))]
+        drift_window_secs: u64,
+        /// An alert rule, repeatable: NAME=VALUE, or NAME=off. Thresholds
+        /// per window: feature_drift (robust L-infinity of an input feature,
+        /// default 0.1), image_shift (an image channel's mean shift in
+        /// baseline standard deviations, 0.5), missing_rate (over the
+        /// baseline's, 0.1), output_drift (0.1), p99_ms (off), error_rate
+        /// (0.05), low_confidence (share of answers under `confidence`,
+        /// 0.5, over the baseline's: 0.1); raise_windows (windows in a row
+        /// above a threshold that raise an alert, 1), clear_windows (below
+        /// clear_ratio × the threshold that clear it, 2; clear_ratio 0.8).
+        #[arg(long = "alert")]
+        alerts: Vec<String>,
     },
 }
 
@@ -159,13 +178,25 @@ fn main() -> ExitCode {
                 health_hook,
                 health_hook_timeout_ms,
                 onnxruntime,
+                drift_window_rows,
+                drift_window_secs,
+                alerts,
             } => {
                 let asked = profiles::Asked { threads, queue, max_batch, max_elements, request_memory_mb };
+                let mut monitor = tern_agent_core::monitor::MonitorConfig {
+                    window_rows: drift_window_rows,
+                    window_ms: drift_window_secs * 1000,
+                    ..Default::default()
+                };
+                for a in &alerts {
+                    monitor.rules.set(a).map_err(|e| anyhow::anyhow!("--alert {e}"))?;
+                }
                 let hooks = runner::Hooks {
                     by_model: health_hook.into_iter().collect(),
                     timeout: std::time::Duration::from_millis(health_hook_timeout_ms),
                 };
-                run(&cli.data_dir, listen, socket, asked, formats, hooks, onnxruntime).await
+                let serving = Serving { formats, hooks, onnxruntime, monitor };
+                run(&cli.data_dir, listen, socket, asked, serving).await
             }
         }
     });
@@ -219,15 +250,23 @@ fn record_panics(data_dir: &Path) {
     }));
 }
 
+/// How `run` serves models: formats taken, health hooks, onnxruntime,
+/// drift windows and alert rules.
+struct Serving {
+    formats: Vec<ModelFormat>,
+    hooks: runner::Hooks,
+    onnxruntime: Option<PathBuf>,
+    monitor: tern_agent_core::monitor::MonitorConfig,
+}
+
 async fn run(
     data_dir: &Path,
     listen: SocketAddr,
     socket: Option<PathBuf>,
     asked: profiles::Asked,
-    formats: Vec<ModelFormat>,
-    hooks: runner::Hooks,
-    onnxruntime: Option<PathBuf>,
+    serving: Serving,
 ) -> Result<()> {
+    let Serving { formats, hooks, onnxruntime, monitor } = serving;
     let identity = Arc::new(identity::Identity::load(data_dir)?);
     let profile = profiles::lookup(&identity.info.profile);
     let onnxruntime = onnxruntime.or_else(|| profile.and_then(|p| p.onnxruntime).map(PathBuf::from));
@@ -299,14 +338,17 @@ async fn run(
     let (conn_tx, conn_rx) = watch::channel(None);
     let (link_tx, link_rx) = mpsc::channel(16);
 
-    let shared = Arc::new(api::Shared::new(
+    let mut shared = api::Shared::new(
         identity.info.device_id.clone(),
         status_rx.clone(),
         sizing.threads,
         sizing.queue,
         sizing.limits,
         sizing.request_memory,
-    ));
+    );
+    shared.monitor = monitor;
+    let shared = Arc::new(shared);
+    tokio::spawn(drift::close_old_windows(shared.clone()));
     let socket = socket.unwrap_or_else(|| data_dir.join("agent.sock"));
     let tcp =
         tokio::net::TcpListener::bind(listen).await.with_context(|| format!("binding the local API on {listen}"))?;
@@ -392,16 +434,21 @@ impl runner::Work for DaemonWork {
             link::fetch(store.clone(), conn_rx.clone(), artifact).await?;
             if let Some(t) = m.selftest {
                 let golden = link::Wanted { sha256: t.sha256, size: t.size, what: "golden vectors" };
-                link::fetch(store, conn_rx, golden).await?;
+                link::fetch(store.clone(), conn_rx.clone(), golden).await?;
+            }
+            if let Some(b) = m.baseline {
+                let baseline = link::Wanted { sha256: b.sha256, size: b.size, what: "baseline" };
+                link::fetch(store, conn_rx, baseline).await?;
             }
             Ok(())
         })
     }
 
-    /// Hashes both files again: what is on disk now is what was signed.
+    /// Hashes its files again: what is on disk now is what was signed.
     fn verify(&self, m: &ModelManifest) -> Result<(), String> {
         let files = std::iter::once(("artifact", m.sha256, m.size))
-            .chain(m.selftest.map(|t| ("golden vectors", t.sha256, t.size)));
+            .chain(m.selftest.map(|t| ("golden vectors", t.sha256, t.size)))
+            .chain(m.baseline.map(|b| ("baseline", b.sha256, b.size)));
         for (what, sha, size) in files {
             let path = self.store.model_path(&sha);
             let len = std::fs::metadata(&path).map_err(|e| format!("{what}: {}: {e}", path.display()))?.len();
@@ -425,6 +472,10 @@ impl runner::Work for DaemonWork {
 
     fn golden(&self, m: &ModelManifest) -> Result<Option<Vec<u8>>, String> {
         m.selftest.map(|t| self.read_verified(t.sha256, "golden vectors")).transpose()
+    }
+
+    fn baseline(&self, m: &ModelManifest) -> Result<Option<Vec<u8>>, String> {
+        m.baseline.map(|b| self.read_verified(b.sha256, "baseline")).transpose()
     }
 }
 

@@ -38,6 +38,12 @@ pub trait Work: Send + Sync + 'static {
     fn load(&self, m: &ModelManifest) -> Result<Arc<dyn Backend>, String>;
     /// The verified golden vectors of `m`, if it has any. Blocks.
     fn golden(&self, m: &ModelManifest) -> Result<Option<Vec<u8>>, String>;
+    /// The verified baseline of `m`, if it has one. Blocks (a file of at
+    /// most 1 MiB).
+    fn baseline(&self, m: &ModelManifest) -> Result<Option<Vec<u8>>, String> {
+        let _ = m;
+        Ok(None)
+    }
 }
 
 /// The result of a piece of work, back on the main loop.
@@ -286,7 +292,24 @@ impl<W: Work> Runner<W> {
     fn install(&mut self, m: ModelManifest, backend: Arc<dyn Backend>) {
         let (name, version) = (m.name.clone(), m.version);
         let gate = Gate::new(self.shared.threads, self.shared.queue);
-        let served = Arc::new(Served::new(m, backend, gate, &self.shared.limits));
+        let drift = match self.work.baseline(&m) {
+            Ok(Some(bytes)) => {
+                let seed = u64::from_le_bytes(
+                    Sha256Digest::of(self.shared.device.as_str().as_bytes()).0[..8].try_into().expect("8 bytes"),
+                );
+                crate::drift::Drift::new(&m, &bytes, self.shared.monitor.clone(), seed ^ u64::from(version))
+                    .inspect_err(|e| warn!(model = %name, version, "no drift statistics: {e}"))
+                    .ok()
+            }
+            Ok(None) => None,
+            Err(e) => {
+                warn!(model = %name, version, "no drift statistics: {e}");
+                None
+            }
+        };
+        let mut served = Served::new(m, backend, gate, &self.shared.limits);
+        served.drift = drift;
+        let served = Arc::new(served);
         self.shared.shadows.write().expect("lock").remove(&name);
         // In-flight requests finish on the old version, which the freeing
         // thread frees after the last of them.
@@ -808,6 +831,7 @@ mod tests {
             selftest: Some(SelfTestRef { sha256: Sha256Digest::of(&g), size: g.len() as u64, tolerance_ppm: 100 }),
             update: None,
             alternative: None,
+            baseline: None,
         }
     }
 
@@ -925,6 +949,7 @@ mod tests {
         let quick = |v| ModelManifest {
             update: Some(tern_proto::UpdatePolicy { probation_secs: 0, ..Default::default() }),
             alternative: None,
+            baseline: None,
             ..manifest(v)
         };
         agent.desire(1, quick(1)).await;

@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Condvar, Mutex, mpsc};
 use tern_agent_core::{Persisted, PersistedSlot, Stage};
 use tern_durable::{sync_dir, sync_sled};
-use tern_proto::{DType, ModelFormat, ModelManifest, SelfTestRef, Sha256Digest, TensorSpec, UpdatePolicy};
+use tern_proto::{BaselineRef, DType, ModelFormat, ModelManifest, SelfTestRef, Sha256Digest, TensorSpec, UpdatePolicy};
 use tracing::{error, info, warn};
 
 /// Schema 1 (agents up to ae5a7d0): a JSON list of the active manifests.
@@ -126,6 +126,8 @@ struct StoredManifest {
     selftest: Option<SelfTestRef>,
     #[serde(default)]
     update: Option<UpdatePolicy>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    baseline: Option<BaselineRef>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -149,6 +151,7 @@ impl From<&ModelManifest> for StoredManifest {
             created_at: m.created_at,
             selftest: m.selftest,
             update: m.update,
+            baseline: m.baseline,
         }
     }
 }
@@ -170,6 +173,7 @@ impl From<StoredManifest> for ModelManifest {
             // What the agent runs is stored: a chosen alternative is in the
             // fields above already.
             alternative: None,
+            baseline: m.baseline,
         }
     }
 }
@@ -668,6 +672,7 @@ impl Persister {
                         for m in [&s.active, &s.previous, &s.candidate].into_iter().flatten() {
                             keep.insert(m.sha256);
                             keep.extend(m.selftest.map(|t| t.sha256));
+                            keep.extend(m.baseline.map(|b| b.sha256));
                         }
                     }
                     store.collect(&keep, &live);
@@ -730,6 +735,7 @@ mod tests {
             selftest: None,
             update: None,
             alternative: None,
+            baseline: None,
         }
     }
 
@@ -797,6 +803,7 @@ mod tests {
                     selftest: Some(SelfTestRef { sha256: Sha256Digest::of(b"golden"), size: 9, tolerance_ppm: 100 }),
                     update: Some(UpdatePolicy { probation_secs: 7, ..UpdatePolicy::default() }),
                     alternative: None,
+                    baseline: None,
                     ..m("iris", 3)
                 }),
                 stage: Stage::GaveUp { reason: "self-test failed".into(), rolled_back: false },

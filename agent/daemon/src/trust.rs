@@ -327,6 +327,7 @@ mod tests {
             selftest: None,
             update: None,
             alternative: None,
+            baseline: None,
         };
         DesiredState { generation, models: vec![key.sign(&m, ManifestEncoding::CanonicalJson).unwrap()] }
     }

@@ -56,6 +56,23 @@ pub enum ModelCmd {
         /// (an `If` on it resolved).
         #[arg(long = "const", value_parser = crate::compile::parse_const)]
         consts: Vec<(String, String)>,
+        /// The training data's baseline, computed here and registered with
+        /// the version (devices window their requests against it): a CSV
+        /// with a header, one column per feature of the model's one input,
+        /// in order (an empty cell or NaN is missing), or a .npy of input
+        /// samples ([samples, …]: rank-2 inputs by column, NCHW images by
+        /// channel). Complete rows are run through the model for its
+        /// output distribution (where raw tract runs it). Or SageMaker Model
+        /// Monitor's statistics.json (its features the columns of the
+        /// model's one input, in order; no outputs).
+        #[arg(long)]
+        baseline: Option<PathBuf>,
+        /// A baseline CSV column that holds category codes, repeatable.
+        #[arg(long = "categorical", requires = "baseline")]
+        categorical: Vec<String>,
+        /// Quantile bins per numeric baseline feature.
+        #[arg(long, default_value_t = tern_drift::DEFAULT_BINS, requires = "baseline", value_parser = parse_bins)]
+        bins: usize,
     },
     /// All models and versions.
     List,
@@ -310,12 +327,12 @@ pub fn out(text: impl std::fmt::Display) {
     let _ = writeln!(std::io::stdout().lock(), "{text}");
 }
 
-fn print_json(v: &impl Serialize) -> Result<()> {
+pub(crate) fn print_json(v: &impl Serialize) -> Result<()> {
     out(serde_json::to_string_pretty(v)?);
     Ok(())
 }
 
-fn table(header: &[&str]) -> Table {
+pub(crate) fn table(header: &[&str]) -> Table {
     let mut t = Table::new();
     t.load_preset(UTF8_FULL_CONDENSED).set_header(header.to_vec());
     t
@@ -395,9 +412,28 @@ fn show_version(v: &ModelVersion) {
     }
 }
 
+fn parse_bins(s: &str) -> Result<usize, String> {
+    match s.parse::<usize>() {
+        Ok(n) if (1..=tern_drift::MAX_BINS - 2).contains(&n) => Ok(n),
+        _ => Err(format!("give 1 to {} bins", tern_drift::MAX_BINS - 2)),
+    }
+}
+
 pub fn model(c: &Client, cmd: ModelCmd, json: bool) -> Result<()> {
     match cmd {
-        ModelCmd::Register { name, file, card, meta, references, tolerance_ppm, shapes, consts } => {
+        ModelCmd::Register {
+            name,
+            file,
+            card,
+            meta,
+            references,
+            tolerance_ppm,
+            shapes,
+            consts,
+            baseline,
+            categorical,
+            bins,
+        } => {
             ModelRef::check_name(&name)?;
             let bytes = std::fs::read(&file).with_context(|| format!("reading {}", file.display()))?;
             let card = card
@@ -409,17 +445,36 @@ pub fn model(c: &Client, cmd: ModelCmd, json: bool) -> Result<()> {
                 tern_proto::decode_tensors(&r).map_err(|e| anyhow::anyhow!("{}: {e}", p.display()))?;
                 refs.push(c.upload(r)?);
             }
+            let shapes: BTreeMap<String, Vec<usize>> = shapes.into_iter().collect();
+            let consts: BTreeMap<String, String> = consts.into_iter().collect();
+            let baseline = baseline
+                .map(|data| {
+                    let model = crate::baseline::load(&bytes, &shapes, &consts)?;
+                    let opts = crate::baseline::Options { categorical, bins };
+                    crate::baseline::build(&data, &model, &opts)
+                })
+                .transpose()?;
+            let baseline_sha = baseline.as_ref().map(|(b, _)| c.upload(b.encode())).transpose()?;
             let sha256 = c.upload(bytes)?;
             let meta: BTreeMap<String, String> = meta.into_iter().collect();
             let v: ModelVersion = c.send(
                 "POST",
                 &format!("/v1/models/{name}/versions"),
-                &json!({ "sha256": sha256, "card": card, "meta": meta, "references": refs, "tolerance_ppm": tolerance_ppm, "shapes": shapes.into_iter().collect::<BTreeMap<_, _>>(), "consts": consts.into_iter().collect::<BTreeMap<_, _>>() }),
+                &json!({ "sha256": sha256, "card": card, "meta": meta, "references": refs, "tolerance_ppm": tolerance_ppm, "shapes": shapes, "consts": consts, "baseline": baseline_sha }),
             )?;
             if json {
                 return print_json(&v);
             }
             out(format!("registered {}:{} (pending approval)", v.name, v.version));
+            if let Some((_, r)) = &baseline {
+                out(format!(
+                    "baseline: {} rows, {} run through the model, {} features{}",
+                    r.rows,
+                    r.run,
+                    r.features.len(),
+                    r.outputs_skipped.as_ref().map(|w| format!(" (no outputs: {w})")).unwrap_or_default()
+                ));
+            }
             show_version(&v);
         }
         ModelCmd::List => {

@@ -129,6 +129,9 @@ pub fn run(args: DemoArgs) -> Result<()> {
             tolerance_ppm: 100,
             shapes: vec![],
             consts: vec![],
+            baseline: None,
+            categorical: vec![],
+            bins: tern_drift::DEFAULT_BINS,
         },
         false,
     )?;

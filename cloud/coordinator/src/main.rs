@@ -1,10 +1,12 @@
 //! `tern`: the Tern coordinator (`tern serve`) and the admin CLI that drives
 //! it (`tern model …`, `tern fleet …`, `tern registry …`), plus `tern demo`.
 
+mod baseline;
 mod cli;
 mod compile;
 mod demo;
 mod fsutil;
+mod monitor;
 mod serve;
 
 use clap::{Parser, Subcommand};
@@ -42,6 +44,10 @@ enum Cmd {
     /// Enrollment tokens, devices and their desired models.
     #[command(subcommand)]
     Fleet(cli::FleetCmd),
+    /// Training baselines in SageMaker Model Monitor's files, and datasets
+    /// checked against them.
+    #[command(subcommand)]
+    Monitor(monitor::MonitorCmd),
     /// The registry's TUF repository: sign its root offline, export it.
     #[command(subcommand)]
     Registry(cli::RegistryCmd),
@@ -101,6 +107,11 @@ fn main() -> ExitCode {
             init_logs("warn");
             cli::Client::new(&cli.data_dir, cli.admin, cli.token_file.as_deref())
                 .and_then(|c| cli::model(&c, cmd, cli.json))
+        }
+        Cmd::Monitor(cmd) => {
+            init_logs("warn");
+            cli::Client::new(&cli.data_dir, cli.admin, cli.token_file.as_deref())
+                .and_then(|c| monitor::run(&c, cmd, cli.json))
         }
         Cmd::Fleet(cmd) => {
             init_logs("warn");

@@ -109,6 +109,9 @@ impl Registry {
                 compile_consts: new.compile_consts.clone(),
                 tolerance_ppm: new.tolerance_ppm,
                 targets: BTreeMap::new(),
+                baseline: new.baseline,
+                baseline_full: new.baseline_full,
+                constraints: None,
             };
             let key = version_key(name, version);
             // A concurrent registration that took this number makes us retry with the next.
@@ -255,6 +258,25 @@ impl Registry {
             Ok((record, changed))
         });
         unwrap_tx(result)
+    }
+
+    /// Sets (or, with `None`, clears) the Model Monitor constraints of a
+    /// version (`tern monitor import-constraints`): a file in the artifact
+    /// store. They are the coordinator's: no manifest carries them.
+    pub fn set_constraints(&self, name: &str, version: u32, constraints: Option<Sha256Digest>) -> Result<ModelVersion> {
+        let key = version_key(name, version);
+        loop {
+            let Some(raw) = self.models.get(&key)? else {
+                return Err(RegistryError::UnknownVersion { name: name.to_owned(), version });
+            };
+            let mut record: ModelVersion = decode(&key, &raw)?;
+            record.constraints = constraints;
+            // A concurrent change to the record makes us read it again.
+            if self.models.compare_and_swap(&key, Some(raw), Some(encode(&record)))?.is_ok() {
+                self.sync()?;
+                return Ok(record);
+            }
+        }
     }
 
     /// Stores `artifact` as `name:version`'s compiled artifact for
@@ -624,6 +646,8 @@ mod tests {
             compile_shapes: BTreeMap::new(),
             compile_consts: BTreeMap::new(),
             tolerance_ppm: None,
+            baseline: None,
+            baseline_full: None,
             now: 100,
         }
     }

@@ -2,7 +2,8 @@ use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::fmt;
 use tern_proto::{
-    DeviceId, ModelFormat, ModelManifest, ModelStatus, Refusal, SelfTestRef, Sha256Digest, TensorSpec, UpdateEvent,
+    BaselineRef, DeviceId, ModelFormat, ModelManifest, ModelStatus, Refusal, SelfTestRef, Sha256Digest, TensorSpec,
+    UpdateEvent,
 };
 
 /// Whether a version may be deployed.
@@ -54,6 +55,10 @@ pub struct NewVersion {
     pub compile_consts: BTreeMap<String, String>,
     /// See [`ModelVersion::tolerance_ppm`].
     pub tolerance_ppm: Option<u32>,
+    /// See [`ModelVersion::baseline`].
+    pub baseline: Option<BaselineRef>,
+    /// See [`ModelVersion::baseline_full`].
+    pub baseline_full: Option<BaselineRef>,
     /// Registration time (Unix seconds).
     pub now: u64,
 }
@@ -111,6 +116,20 @@ pub struct ModelVersion {
     /// PROFILE`).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub targets: BTreeMap<String, TargetArtifact>,
+    /// The training data's baseline (`--baseline` at registration)
+    /// without its quantile sketches: the file every manifest of the
+    /// version sends devices.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub baseline: Option<BaselineRef>,
+    /// The same baseline as uploaded, with its sketches: what the
+    /// coordinator compares fleet windows against.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub baseline_full: Option<BaselineRef>,
+    /// Model Monitor constraints imported for it (a `constraints.json` in
+    /// the artifact store), which `tern monitor check` and
+    /// `export-constraints` use in place of suggested ones.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub constraints: Option<Sha256Digest>,
 }
 
 /// What a device of one profile is sent for a version.
@@ -138,6 +157,7 @@ impl ModelVersion {
             selftest: self.selftest,
             update: None,
             alternative: None,
+            baseline: self.baseline,
         }
     }
 

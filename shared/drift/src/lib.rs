@@ -5,11 +5,14 @@
 
 pub mod distance;
 pub mod kll;
+pub mod model;
 pub mod moments;
 mod profile;
+pub mod sagemaker;
 
 pub use distance::{DEFAULT_C_ALPHA, PSI_FLOOR};
 pub use kll::Kll;
+pub use model::{Binding, Collector, ModelBaseline, Plan, Source};
 pub use moments::Moments;
 pub use profile::{
     Baseline, BaselineBuilder, CONFIDENCE_BINS, CategoricalSummary, ClassSummary, Distances, Feature, Kind, Layout,

@@ -77,6 +77,18 @@ impl Layout {
         self.features.iter().position(|f| f.name == name)
     }
 
+    /// A layout of `features`, checked.
+    pub(crate) fn of(features: Vec<Feature>) -> Result<Self, DriftError> {
+        let layout = Self { features };
+        layout.check()?;
+        Ok(layout)
+    }
+
+    /// A layout whose bins are not placed yet (for binding only).
+    pub(crate) fn unchecked(features: Vec<Feature>) -> Self {
+        Self { features }
+    }
+
     fn check(&self) -> Result<(), DriftError> {
         if self.features.len() > MAX_FEATURES {
             return Err(too_many("features", self.features.len(), MAX_FEATURES));
@@ -717,6 +729,12 @@ impl BaselineBuilder {
             p.observe(&layout, 0, *x)?;
         }
         self.add(name, kind, p.features.remove(0))
+    }
+
+    /// A feature counted elsewhere on its final bins.
+    pub(crate) fn profiled(&mut self, name: &str, kind: Kind, summary: Summary) -> Result<&mut Self, DriftError> {
+        Layout::of(vec![Feature { name: name.to_owned(), kind: kind.clone() }])?;
+        self.add(name, kind, summary)
     }
 
     /// An image input: `channels[c]` holds every reference pixel of

@@ -29,7 +29,7 @@ pub use golden::{
 pub use half::{bf16, f16};
 pub use ids::{DeviceId, IdError, ModelRef, Sha256Digest};
 pub use manifest::{
-    Alternative, DEFAULT_READY_SECS, DEFAULT_SHADOW_TOLERANCE_PPM, DType, LocalTime, MINUTES_PER_DAY,
+    Alternative, BaselineRef, DEFAULT_READY_SECS, DEFAULT_SHADOW_TOLERANCE_PPM, DType, LocalTime, MINUTES_PER_DAY,
     MaintenanceWindow, ManifestEncoding, ManifestError, ModelFormat, ModelManifest, SelfTestRef, ShadowCompare,
     SignedManifest, TensorSpec, UpdatePolicy,
 };

@@ -170,6 +170,22 @@ pub struct ModelManifest {
     /// artifact above. Same signature, same golden vectors.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub alternative: Option<Alternative>,
+    /// The training data's baseline (`tern_drift::ModelBaseline`'s file),
+    /// which the agent windows this version's requests against (absent: no
+    /// drift statistics). Agents from before this field neither fetch nor
+    /// check it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub baseline: Option<BaselineRef>,
+}
+
+/// A model version's baseline file, fetched like an artifact and checked
+/// against this digest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct BaselineRef {
+    /// Digest of the file.
+    pub sha256: Sha256Digest,
+    /// Its size in bytes.
+    pub size: u64,
 }
 
 /// An artifact of a version for one backend (see
@@ -194,11 +210,16 @@ impl ModelManifest {
     }
 
     /// Every file an agent may fetch for it: the artifact, its golden
-    /// vectors, its alternative.
+    /// vectors, its alternative, its baseline.
     pub fn files(&self) -> impl Iterator<Item = Sha256Digest> + '_ {
-        [Some(self.sha256), self.selftest.map(|t| t.sha256), self.alternative.as_ref().map(|a| a.sha256)]
-            .into_iter()
-            .flatten()
+        [
+            Some(self.sha256),
+            self.selftest.map(|t| t.sha256),
+            self.alternative.as_ref().map(|a| a.sha256),
+            self.baseline.map(|b| b.sha256),
+        ]
+        .into_iter()
+        .flatten()
     }
 
     /// The manifest as an agent with `backend` runs it: its alternative for

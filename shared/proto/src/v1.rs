@@ -309,6 +309,7 @@ impl From<ModelManifest> for cur_m::ModelManifest {
             selftest: None,
             update: None,
             alternative: None,
+            baseline: None,
         }
     }
 }

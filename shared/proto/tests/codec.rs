@@ -52,6 +52,7 @@ fn manifest() -> impl Strategy<Value = ModelManifest> {
             selftest: None,
             update: None,
             alternative: None,
+            baseline: None,
         })
 }
 

@@ -67,6 +67,7 @@ fn manifest() -> ModelManifest {
         selftest: None,
         update: None,
         alternative: None,
+        baseline: None,
     }
 }
 

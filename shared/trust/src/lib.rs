@@ -157,6 +157,7 @@ mod tests {
             selftest: None,
             update: None,
             alternative: None,
+            baseline: None,
         }
     }
 

@@ -16,8 +16,8 @@ use serde_json::json;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use tern_proto::{
-    DeviceId, EnrollTokenText, MAX_GOLDEN_BYTES, MAX_GOLDEN_CASES, ManifestEncoding, ModelFormat, ModelRef,
-    SelfTestRef, Sha256Digest, decode_tensors, encode_golden,
+    BaselineRef, DeviceId, EnrollTokenText, MAX_GOLDEN_BYTES, MAX_GOLDEN_CASES, ManifestEncoding, ModelFormat,
+    ModelRef, SelfTestRef, Sha256Digest, TensorSpec, decode_tensors, encode_golden,
 };
 use tern_registry::{
     Approval, CompileReport, Device, EnrollToken, ModelVersion, NewVersion, OutputError, RegistryError, TargetArtifact,
@@ -93,6 +93,7 @@ pub fn router(state: Arc<State>) -> Router {
         .route("/v1/models/{name}/versions/{version}", get(show_version))
         .route("/v1/models/{name}/versions/{version}/{decision}", post(decide))
         .route("/v1/models/{name}/versions/{version}/targets/{profile}", put(set_target))
+        .route("/v1/models/{name}/versions/{version}/constraints", put(set_constraints).delete(clear_constraints))
         .route("/v1/tokens", post(new_token))
         .route("/v1/status", get(status))
         .route("/v1/tuf", get(tuf_repository))
@@ -177,6 +178,9 @@ struct RegisterBody {
     /// `tern compile`'s default.
     #[serde(default)]
     consts: BTreeMap<String, String>,
+    /// An uploaded training baseline (`tern_drift::ModelBaseline`'s file).
+    #[serde(default)]
+    baseline: Option<Sha256Digest>,
 }
 
 /// Refuses a manifest without a canonical form in every encoding its
@@ -242,6 +246,47 @@ async fn store_golden(
         .await
         .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))??;
     Ok(Some(SelfTestRef { sha256, size, tolerance_ppm }))
+}
+
+/// The most bytes of a baseline as uploaded (with its sketches).
+const MAX_BASELINE_BYTES: u64 = 64 << 20;
+/// The most bytes of the baseline devices get (without sketches): it
+/// travels to every device with the version.
+const MAX_DEVICE_BASELINE_BYTES: usize = 1 << 20;
+
+/// Checks an uploaded baseline against the model's signature and stores
+/// the copy devices get, without its sketches: `(full, device)`.
+async fn store_baseline(
+    state: &Arc<State>,
+    sha: Sha256Digest,
+    inputs: Vec<TensorSpec>,
+    outputs: Vec<TensorSpec>,
+) -> ApiResult<(BaselineRef, BaselineRef)> {
+    let path = state.artifacts.path(&sha);
+    let size = tokio::fs::metadata(&path)
+        .await
+        .map_err(|_| ApiError(StatusCode::NOT_FOUND, format!("no baseline with sha256 {sha}; upload it first")))?
+        .len();
+    if size > MAX_BASELINE_BYTES {
+        return Err(bad(format!("baseline of {size} bytes is over {MAX_BASELINE_BYTES}")));
+    }
+    let bytes = tokio::fs::read(&path).await.map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+    let st = state.clone();
+    tokio::task::spawn_blocking(move || {
+        let full = tern_drift::ModelBaseline::decode(&bytes).map_err(|e| bad(format!("baseline {sha}: {e}")))?;
+        full.bind(&inputs, &outputs).map_err(|e| bad(format!("baseline does not fit the model: {e}")))?;
+        let device = full.without_sketches().encode();
+        if device.len() > MAX_DEVICE_BASELINE_BYTES {
+            return Err(bad(format!(
+                "the devices' baseline is {} bytes, over {MAX_DEVICE_BASELINE_BYTES}: fewer features or bins",
+                device.len()
+            )));
+        }
+        let device_ref = BaselineRef { sha256: st.artifacts.put(&device, None)?, size: device.len() as u64 };
+        Ok((BaselineRef { sha256: sha, size }, device_ref))
+    })
+    .await
+    .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
 }
 
 async fn register(
@@ -325,8 +370,12 @@ async fn register(
     .await
     .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))??;
     let tolerance_ppm = body.tolerance_ppm.unwrap_or(golden::DEFAULT_TOLERANCE_PPM);
-    let selftest = store_golden(&state, golden, tolerance_ppm).await?;
     let (inputs, outputs) = signature;
+    let baseline = match body.baseline {
+        Some(sha) => Some(store_baseline(&state, sha, inputs.clone(), outputs.clone()).await?),
+        None => None,
+    };
+    let selftest = store_golden(&state, golden, tolerance_ppm).await?;
     let new = NewVersion {
         sha256: body.sha256,
         size,
@@ -340,6 +389,8 @@ async fn register(
         needs_compiling,
         compile_shapes: body.shapes,
         compile_consts: body.consts,
+        baseline: baseline.map(|(_, device)| device),
+        baseline_full: baseline.map(|(full, _)| full),
         now: unix_now(),
     };
     // Every agent must be able to verify its manifest: refuse what has no
@@ -356,6 +407,7 @@ async fn register(
         selftest: new.selftest,
         update: Some(state.policy),
         alternative: None,
+        baseline: new.baseline,
     };
     check_canonical(&probe)?;
     let n = name.clone();
@@ -560,6 +612,51 @@ async fn decide(
     let unassigned_from: Vec<DeviceId> = changed.into_iter().map(|d| d.id).collect();
     info!(model = %name, version, %status, unassigned_from = ?unassigned_from, "approval changed");
     Ok(Json(Decided { version: v, unassigned_from }))
+}
+
+/// The most bytes of a `constraints.json`.
+const MAX_CONSTRAINTS_BYTES: usize = 4 << 20;
+
+/// `PUT .../constraints`: Model Monitor constraints for a version with a
+/// baseline, checked field for field and against its features.
+async fn set_constraints(
+    Ext(state): Ext<Arc<State>>,
+    Path((name, version)): Path<(String, u32)>,
+    body: Bytes,
+) -> ApiResult<Json<ModelVersion>> {
+    if body.len() > MAX_CONSTRAINTS_BYTES {
+        return Err(bad(format!("constraints of {} bytes are over {MAX_CONSTRAINTS_BYTES}", body.len())));
+    }
+    let constraints: tern_drift::sagemaker::Constraints =
+        serde_json::from_slice(&body).map_err(|e| bad(format!("not Model Monitor's constraints.json schema: {e}")))?;
+    let n = name.clone();
+    let record = blocking(&state, move |s| s.registry.version(&n, version)).await?;
+    let Some(full) = record.baseline_full else {
+        return Err(bad(format!("{name}:{version} has no baseline: register it with --baseline")));
+    };
+    let bytes = tokio::fs::read(state.artifacts.path(&full.sha256))
+        .await
+        .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, format!("reading its baseline: {e}")))?;
+    let st = state.clone();
+    let sha = tokio::task::spawn_blocking(move || {
+        let model = tern_drift::ModelBaseline::decode(&bytes)
+            .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, format!("its baseline: {e}")))?;
+        constraints.check(&model).map_err(|e| bad(format!("constraints do not fit the baseline: {e}")))?;
+        Ok::<_, ApiError>(st.artifacts.put(&body, None)?)
+    })
+    .await
+    .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))??;
+    let n = name.clone();
+    let v = blocking(&state, move |s| s.registry.set_constraints(&n, version, Some(sha))).await?;
+    info!(model = %name, version, constraints = %sha, "constraints imported");
+    Ok(Json(v))
+}
+
+async fn clear_constraints(
+    Ext(state): Ext<Arc<State>>,
+    Path((name, version)): Path<(String, u32)>,
+) -> ApiResult<Json<ModelVersion>> {
+    Ok(Json(blocking(&state, move |s| s.registry.set_constraints(&name, version, None)).await?))
 }
 
 #[derive(Deserialize)]

@@ -570,6 +570,12 @@ impl Agent {
         })
     }
 
+    /// GETs a JSON answer; returns status and it.
+    pub fn get(&self, path: &str) -> (u16, Value) {
+        let mut resp = Self::client().get(format!("{}{path}", self.http)).call().unwrap();
+        (resp.status().as_u16(), resp.body_mut().read_json().unwrap())
+    }
+
     /// POSTs raw bytes; returns status and the JSON answer.
     pub fn post(&self, path: &str, body: &str) -> (u16, Value) {
         let mut resp = Self::client()

@@ -1,0 +1,223 @@
+//! `tern monitor`: a version's baseline in SageMaker Model Monitor's files
+//! (export and import of `statistics.json` / `constraints.json`), and a
+//! dataset checked against it into `constraint_violations.json`.
+
+use crate::cli::{Client, out};
+use anyhow::{Context, Result, bail};
+use clap::Subcommand;
+use std::path::{Path, PathBuf};
+use tern_drift::sagemaker::{Constraints, Statistics, Violation, Violations};
+use tern_drift::{ModelBaseline, Source};
+use tern_proto::ModelRef;
+use tern_registry::ModelVersion;
+
+#[derive(Subcommand)]
+pub enum MonitorCmd {
+    /// Write a version's baseline as Model Monitor's statistics.json and
+    /// constraints.json into DIR (the imported constraints, or those Model
+    /// Monitor's baselining would suggest). Image inputs and model outputs
+    /// have no counterpart there and are left out (named).
+    ExportConstraints {
+        /// NAME:VERSION.
+        target: ModelRef,
+        /// The folder to write both files into (made if missing).
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Set a version's constraints from Model Monitor's constraints.json
+    /// (read field for field: a field of another schema is an error naming
+    /// its line and column; every feature must be one of the baseline's).
+    ImportConstraints {
+        /// NAME:VERSION.
+        target: ModelRef,
+        /// The constraints.json.
+        file: PathBuf,
+    },
+    /// Check a CSV dataset (a header naming the baseline's features)
+    /// against a version's baseline and constraints, and write the
+    /// violations as Model Monitor's constraint_violations.json.
+    Check {
+        /// NAME:VERSION.
+        target: ModelRef,
+        /// The dataset.
+        #[arg(long)]
+        data: PathBuf,
+        /// Where to write constraint_violations.json (default: print the
+        /// violations only).
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+}
+
+/// A Model Monitor file, parsed field for field, its errors naming the file.
+pub fn read_json<T: serde::de::DeserializeOwned>(path: &Path, what: &str) -> Result<T> {
+    let text = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+    serde_json::from_slice(&text).with_context(|| format!("{}: not Model Monitor's {what} schema", path.display()))
+}
+
+fn baseline(c: &Client, v: &ModelVersion) -> Result<ModelBaseline> {
+    let Some(full) = v.baseline_full else {
+        bail!("{}:{} has no baseline: register it with --baseline", v.name, v.version)
+    };
+    let bytes = c.get_bytes(&format!("/v1/artifacts/{}", full.sha256.to_hex()))?;
+    Ok(ModelBaseline::decode(&bytes)?)
+}
+
+fn constraints(c: &Client, v: &ModelVersion, model: &ModelBaseline) -> Result<Constraints> {
+    match v.constraints {
+        Some(sha) => Ok(serde_json::from_slice(&c.get_bytes(&format!("/v1/artifacts/{}", sha.to_hex()))?)?),
+        None => Ok(Constraints::suggest(model)),
+    }
+}
+
+pub fn run(c: &Client, cmd: MonitorCmd, json: bool) -> Result<()> {
+    match cmd {
+        MonitorCmd::ExportConstraints { target, out: dir } => {
+            let v: ModelVersion = c.get(&format!("/v1/models/{}/versions/{}", target.name, target.version))?;
+            let model = baseline(c, &v)?;
+            let (stats, left_out) = Statistics::of(&model);
+            let cons = constraints(c, &v, &model)?;
+            std::fs::create_dir_all(&dir).with_context(|| format!("making {}", dir.display()))?;
+            for (name, body) in [
+                ("statistics.json", serde_json::to_vec_pretty(&stats)?),
+                ("constraints.json", serde_json::to_vec_pretty(&cons)?),
+            ] {
+                let path = dir.join(name);
+                std::fs::write(&path, body).with_context(|| format!("writing {}", path.display()))?;
+            }
+            if json {
+                return crate::cli::print_json(&serde_json::json!({
+                    "statistics": dir.join("statistics.json"),
+                    "constraints": dir.join("constraints.json"),
+                    "features": stats.features.len(),
+                    "left_out": left_out,
+                    "constraints_imported": v.constraints.is_some(),
+                }));
+            }
+            out(format!(
+                "wrote {} and {} ({} features; constraints {})",
+                dir.join("statistics.json").display(),
+                dir.join("constraints.json").display(),
+                stats.features.len(),
+                if v.constraints.is_some() { "as imported" } else { "suggested from the baseline" }
+            ));
+            if !left_out.is_empty() {
+                out(format!("left out (no Model Monitor counterpart): {}", left_out.join(", ")));
+            }
+        }
+        MonitorCmd::ImportConstraints { target, file } => {
+            let cons: Constraints = read_json(&file, "constraints.json")?;
+            let v: ModelVersion =
+                c.send("PUT", &format!("/v1/models/{}/versions/{}/constraints", target.name, target.version), &cons)?;
+            if json {
+                return crate::cli::print_json(&v);
+            }
+            out(format!("{target}: {} feature constraints imported", cons.features.len()));
+        }
+        MonitorCmd::Check { target, data, out: path } => {
+            let v: ModelVersion = c.get(&format!("/v1/models/{}/versions/{}", target.name, target.version))?;
+            let model = baseline(c, &v)?;
+            let cons = constraints(c, &v, &model)?;
+            let violations = check_csv(&model, &cons, &data)?;
+            if let Some(p) = &path {
+                std::fs::write(p, serde_json::to_vec_pretty(&violations)?)
+                    .with_context(|| format!("writing {}", p.display()))?;
+            }
+            if json {
+                return crate::cli::print_json(&violations);
+            }
+            if violations.violations.is_empty() {
+                out(format!("{target}: no violations in {}", data.display()));
+            } else {
+                let mut t = crate::cli::table(&["feature", "check", "description"]);
+                for x in &violations.violations {
+                    t.add_row(vec![x.feature_name.clone(), x.constraint_check_type.clone(), x.description.clone()]);
+                }
+                out(t);
+            }
+        }
+    }
+    Ok(())
+}
+
+/// A CSV's violations: columns missing from it or extra in it, values of
+/// another type than a numeric feature's, then the constraints' checks on
+/// the window its rows make.
+pub fn check_csv(model: &ModelBaseline, cons: &Constraints, data: &Path) -> Result<Violations> {
+    let shown = data.display().to_string();
+    let bytes = std::fs::read(data).with_context(|| format!("reading {shown}"))?;
+    let mut reader = csv::ReaderBuilder::new().has_headers(true).from_reader(bytes.as_slice());
+    let header: Vec<String> = reader
+        .headers()
+        .with_context(|| format!("{shown}: reading its header"))?
+        .iter()
+        .map(|h| h.trim().to_owned())
+        .collect();
+    let layout = &model.baseline.layout;
+    let mut extra = Vec::new();
+    let mut columns = Vec::new();
+    for (j, h) in header.iter().enumerate() {
+        match layout.index(h) {
+            Some(i) if matches!(model.sources[i], Source::InputColumn { .. }) => columns.push((j, i)),
+            _ => extra.push(h.clone()),
+        }
+    }
+    let mut v = Vec::new();
+    for (f, s) in layout.features().iter().zip(&model.sources) {
+        if matches!(s, Source::InputColumn { .. }) && !header.contains(&f.name) {
+            v.push(Violation::new(
+                &f.name,
+                "missing_column_check",
+                format!("column {:?} is not in the dataset", f.name),
+            ));
+        }
+    }
+    for h in &extra {
+        v.push(Violation::new(h, "extra_column_check", format!("column {h:?} is not in the baseline")));
+    }
+    let global = cons.monitoring_config.clone().unwrap_or_default();
+    let mut window = model.baseline.window(Some(tern_drift::BASELINE_K), 1);
+    let mut mistyped = vec![0u64; layout.features().len()];
+    let mut present = vec![0u64; layout.features().len()];
+    for (r, record) in reader.records().enumerate() {
+        let record = record.with_context(|| format!("{shown}: reading row {}", r + 1))?;
+        for &(j, i) in &columns {
+            let field = record.get(j).unwrap_or("").trim();
+            let x = if field.is_empty() || field.eq_ignore_ascii_case("nan") || field == "NA" {
+                f64::NAN
+            } else {
+                present[i] += 1;
+                match field.parse::<f64>() {
+                    Ok(x) => x,
+                    Err(_) => {
+                        mistyped[i] += 1;
+                        continue;
+                    }
+                }
+            };
+            window.observe(layout, i, x)?;
+        }
+    }
+    for (i, f) in layout.features().iter().enumerate() {
+        if present[i] == 0 {
+            continue;
+        }
+        let threshold = cons
+            .features
+            .iter()
+            .find(|c| c.name == f.name)
+            .map(|c| c.monitoring_config_overrides.clone().unwrap_or_default().effective(Some(&global)))
+            .transpose()?
+            .map_or(1.0, |e| e.datatype_check_threshold);
+        let typed = 1.0 - mistyped[i] as f64 / present[i] as f64;
+        if typed < threshold {
+            v.push(Violation::new(
+                &f.name,
+                "data_type_check",
+                format!("{typed:.6} of its values are numbers, below the threshold {threshold}"),
+            ));
+        }
+    }
+    v.extend(cons.violations(model, &window)?.violations);
+    Ok(Violations { violations: v })
+}
