@@ -548,6 +548,30 @@ def breast_cancer() -> None:
     print(f"wrote breast-cancer.onnx, held-out accuracy {np.mean(label == y_test):.3f}")
 
 
+def tiny_image() -> None:
+    """tiny-image.onnx: an NCHW image classifier small enough to write by
+    hand: image f32[N, 3, 4, 4] → the mean of each channel → softmax →
+    probs f32[N, 3] (for `--baseline images.npy` in tests/drift.rs)."""
+    from onnx import TensorProto, helper
+
+    nodes = [
+        helper.make_node("GlobalAveragePool", ["image"], ["pooled"]),
+        helper.make_node("Flatten", ["pooled"], ["flat"], axis=1),
+        helper.make_node("Softmax", ["flat"], ["probs"], axis=1),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "tiny-image",
+        [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["N", 3, 4, 4])],
+        [helper.make_tensor_value_info("probs", TensorProto.FLOAT, ["N", 3])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    onnx.save(model, OUT / "tiny-image.onnx")
+    print("wrote tiny-image.onnx")
+
+
 def main() -> None:
     from skl2onnx import to_onnx
     from sklearn.datasets import load_iris
@@ -646,4 +670,4 @@ def builtin_models(classifier, x, rows) -> None:
 if __name__ == "__main__":
     import sys
 
-    {"recurrent": recurrent_models, "wide": wide_model, "staged": staged_models, "oversized": oversized_model, "compile": compile_models, "half": half_model, "zipmap": zipmap_model, "drift": drift_reference, "breast-cancer": breast_cancer}.get(" ".join(sys.argv[1:]), main)()
+    {"recurrent": recurrent_models, "wide": wide_model, "staged": staged_models, "oversized": oversized_model, "compile": compile_models, "half": half_model, "zipmap": zipmap_model, "drift": drift_reference, "breast-cancer": breast_cancer, "tiny-image": tiny_image}.get(" ".join(sys.argv[1:]), main)()

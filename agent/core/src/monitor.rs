@@ -138,6 +138,20 @@ pub enum Rule {
     LowConfidence,
 }
 
+impl Rule {
+    /// Its name, as telemetry and the APIs spell it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Rule::FeatureDrift => "feature_drift",
+            Rule::MissingRate => "missing_rate",
+            Rule::OutputDrift => "output_drift",
+            Rule::P99Latency => "p99_latency",
+            Rule::ErrorRate => "error_rate",
+            Rule::LowConfidence => "low_confidence",
+        }
+    }
+}
+
 /// One alert: a rule, on one feature (or the whole model).
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct AlertKey {

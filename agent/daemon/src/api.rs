@@ -211,6 +211,8 @@ pub struct Shared {
     pub leases: std::sync::OnceLock<tokio::sync::mpsc::Sender<LeaseRequest>>,
     /// How versions with a baseline are windowed and alerted on.
     pub monitor: tern_agent_core::monitor::MonitorConfig,
+    /// Where their windows and alerts go for the coordinator.
+    pub outbox: std::sync::OnceLock<Arc<crate::outbox::Outbox>>,
 }
 
 impl Shared {
@@ -234,6 +236,7 @@ impl Shared {
             shadows: Default::default(),
             leases: Default::default(),
             monitor: Default::default(),
+            outbox: Default::default(),
         }
     }
 
@@ -274,10 +277,17 @@ pub fn router(shared: Arc<Shared>) -> Router {
         .route("/v1/models", get(list))
         .route("/v1/models/{target}", post(predict))
         .route("/v1/models/{name}/drift", get(drift))
+        .route("/v1/telemetry", get(telemetry))
         .fallback(|| async {
             ApiError(StatusCode::NOT_FOUND, "no such route; try GET /v1/models or POST /v1/models/NAME:predict".into())
         })
         .with_state(shared)
+}
+
+/// `GET /v1/telemetry`: records waiting on disk for the coordinator.
+async fn telemetry(State(shared): State<Arc<Shared>>) -> Json<Value> {
+    let (held, stream) = shared.outbox.get().map_or((0, 0), |o| (o.held(), o.stream()));
+    Json(serde_json::json!({ "held": held, "stream": format!("{stream:016x}") }))
 }
 
 /// `GET /v1/models/NAME/drift`: the serving version's drift windows and

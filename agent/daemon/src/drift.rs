@@ -3,13 +3,14 @@
 //! the run, windows closed by row count inline and by age on a timer; the
 //! last windows and the alerts raised kept for `GET /v1/models/NAME/drift`.
 
+use crate::outbox::Outbox;
 use serde_json::{Value, json};
 use std::collections::VecDeque;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 use tern_agent_core::monitor::{Change, Monitor, MonitorConfig, WindowReport};
 use tern_drift::ModelBaseline;
-use tern_proto::{ModelManifest, Tensor};
+use tern_proto::{AlertChange, ModelManifest, TelemetryBody, Tensor, WindowSummary};
 use tracing::{info, warn};
 
 /// Closed windows kept for the local API.
@@ -21,6 +22,7 @@ pub struct Drift {
     version: u32,
     epoch: Instant,
     inner: Mutex<Inner>,
+    outbox: Option<Arc<Outbox>>,
 }
 
 struct Inner {
@@ -34,7 +36,13 @@ fn unix_now() -> u64 {
 
 impl Drift {
     /// Windows for `m`, from its verified baseline file.
-    pub fn new(m: &ModelManifest, baseline: &[u8], config: MonitorConfig, seed: u64) -> Result<Self, String> {
+    pub fn new(
+        m: &ModelManifest,
+        baseline: &[u8],
+        config: MonitorConfig,
+        seed: u64,
+        outbox: Option<Arc<Outbox>>,
+    ) -> Result<Self, String> {
         let baseline = ModelBaseline::decode(baseline).map_err(|e| format!("baseline: {e}"))?;
         let monitor = Monitor::new(baseline, &m.inputs, &m.outputs, config, seed, 0).map_err(|e| e.to_string())?;
         Ok(Self {
@@ -42,6 +50,7 @@ impl Drift {
             version: m.version,
             epoch: Instant::now(),
             inner: Mutex::new(Inner { monitor, recent: VecDeque::new() }),
+            outbox,
         })
     }
 
@@ -85,6 +94,32 @@ impl Drift {
                 Change::Cleared => {
                     info!(model = %self.name, version = self.version, ?rule, feature = %feature, value = c.value, "alert cleared")
                 }
+            }
+        }
+        if let Some(outbox) = &self.outbox {
+            let profile =
+                if report.rows == 0 { Vec::new() } else { report.profile.clone().without_sketches().encode() };
+            outbox.push(TelemetryBody::Window(WindowSummary {
+                model: self.name.clone(),
+                version: self.version,
+                seq: report.seq,
+                millis: report.closed_ms - report.opened_ms,
+                rows: report.rows,
+                requests: report.requests,
+                errors: report.errors,
+                p99_us: report.p99_us,
+                profile,
+            }));
+            for c in &report.changes {
+                outbox.push(TelemetryBody::Alert(AlertChange {
+                    model: self.name.clone(),
+                    version: self.version,
+                    rule: c.key.rule.name().to_owned(),
+                    feature: c.key.feature.clone(),
+                    raised: c.change == Change::Raised,
+                    value: c.value,
+                    threshold: c.threshold,
+                }));
             }
         }
         if inner.recent.len() == RECENT {

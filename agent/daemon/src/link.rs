@@ -64,7 +64,13 @@ pub struct Reports {
     /// The recent update steps: on every change, on sessions of wire
     /// version 3 on (older coordinators cannot take them).
     pub history: watch::Receiver<Vec<UpdateEvent>>,
+    /// Telemetry to send, on sessions of wire version 6 on.
+    pub outbox: Arc<crate::outbox::Outbox>,
 }
+
+/// The most encoded record bytes one telemetry batch carries (the
+/// coordinator refuses a device's frames above 128 KiB).
+const TELEMETRY_BYTES: usize = 96 << 10;
 
 /// Keeps a session with the coordinator up, forever. Publishes the live
 /// connection (for downloads) on `conn_tx`; sends the reports; forwards
@@ -106,7 +112,7 @@ async fn session(
     to_main: &mpsc::Sender<FromLink>,
     welcomed: &mut Option<std::time::Instant>,
 ) -> Result<()> {
-    let Reports { status: status_rx, history: history_rx } = reports;
+    let Reports { status: status_rx, history: history_rx, outbox } = reports;
     let addr = resolve(&identity.info.coordinator).await?;
     // The floor stands in for a clock that was never set; a set clock is
     // used as it reads (so a floor pushed too far cannot lock it out).
@@ -172,6 +178,12 @@ async fn session(
     }
     let mut heartbeat = tokio::time::interval(Duration::from_secs(30));
     heartbeat.tick().await;
+    let telemetry = version >= WireVersion::V6;
+    // The highest id sent and not yet acknowledged: one batch in flight.
+    let mut in_flight: Option<u64> = None;
+    let ready = outbox.ready.clone();
+    // Whatever is buffered goes first.
+    ready.notify_one();
     loop {
         // `reader.next()` is cancel-safe: a status tick that wins mid-frame
         // loses none of the frame's bytes.
@@ -188,10 +200,29 @@ async fn session(
                     let incoming = Incoming { state: s.state, signed: Some((s.signature, s.tuf)), wire: version };
                     to_main.send(FromLink::Desired(incoming)).await.map_err(|_| anyhow!("agent is stopping"))?;
                 }
+                Some(Message::TelemetryAck(a)) if telemetry && a.stream == outbox.stream() => {
+                    debug!(up_to = a.up_to, "telemetry acknowledged");
+                    let o = outbox.clone();
+                    tokio::task::spawn_blocking(move || o.acknowledged(a.up_to)).await?;
+                    if in_flight.is_some_and(|sent| a.up_to >= sent) {
+                        in_flight = None;
+                        ready.notify_one();
+                    }
+                }
                 Some(Message::Error(e)) => warn!("coordinator: {}", e.message),
                 Some(other) => warn!("ignoring unexpected {} on the control stream", other.kind()),
                 None => return Ok(()),
             },
+            _ = ready.notified(), if telemetry && in_flight.is_none() => {
+                let o = outbox.clone();
+                let records = tokio::task::spawn_blocking(move || o.oldest(tern_proto::MAX_TELEMETRY_BATCH, TELEMETRY_BYTES)).await?;
+                if let Some(last) = records.last() {
+                    in_flight = Some(last.id);
+                    debug!(records = records.len(), up_to = last.id, "sending telemetry");
+                    let batch = tern_proto::TelemetryBatch { stream: outbox.stream(), records };
+                    write_msg(&mut send, &Message::Telemetry(batch), version).await?;
+                }
+            }
             changed = status_rx.changed() => {
                 changed.map_err(|_| anyhow!("agent is stopping"))?;
                 let report = status_rx.borrow_and_update().clone();

@@ -10,6 +10,7 @@ mod hook;
 mod identity;
 mod link;
 mod models_thread;
+mod outbox;
 mod profiles;
 mod runner;
 mod serve;
@@ -129,6 +130,11 @@ enum Cmd {
         /// clear_ratio × the threshold that clear it, 2; clear_ratio 0.8).
         #[arg(long = "alert")]
         alerts: Vec<String>,
+        /// Telemetry records (drift windows, alert changes) kept on disk
+        /// while the coordinator cannot take them; past this the oldest are
+        /// dropped (and the count sent).
+        #[arg(long, default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..=10_000_000))]
+        telemetry_buffer: u64,
     },
 }
 
@@ -181,6 +187,7 @@ fn main() -> ExitCode {
                 drift_window_rows,
                 drift_window_secs,
                 alerts,
+                telemetry_buffer,
             } => {
                 let asked = profiles::Asked { threads, queue, max_batch, max_elements, request_memory_mb };
                 let mut monitor = tern_agent_core::monitor::MonitorConfig {
@@ -195,7 +202,7 @@ fn main() -> ExitCode {
                     by_model: health_hook.into_iter().collect(),
                     timeout: std::time::Duration::from_millis(health_hook_timeout_ms),
                 };
-                let serving = Serving { formats, hooks, onnxruntime, monitor };
+                let serving = Serving { formats, hooks, onnxruntime, monitor, telemetry_buffer };
                 run(&cli.data_dir, listen, socket, asked, serving).await
             }
         }
@@ -257,6 +264,7 @@ struct Serving {
     hooks: runner::Hooks,
     onnxruntime: Option<PathBuf>,
     monitor: tern_agent_core::monitor::MonitorConfig,
+    telemetry_buffer: u64,
 }
 
 async fn run(
@@ -266,7 +274,7 @@ async fn run(
     asked: profiles::Asked,
     serving: Serving,
 ) -> Result<()> {
-    let Serving { formats, hooks, onnxruntime, monitor } = serving;
+    let Serving { formats, hooks, onnxruntime, monitor, telemetry_buffer } = serving;
     let identity = Arc::new(identity::Identity::load(data_dir)?);
     let profile = profiles::lookup(&identity.info.profile);
     let onnxruntime = onnxruntime.or_else(|| profile.and_then(|p| p.onnxruntime).map(PathBuf::from));
@@ -347,6 +355,8 @@ async fn run(
         sizing.request_memory,
     );
     shared.monitor = monitor;
+    let outbox = outbox::Outbox::open(store.clone(), telemetry_buffer)?;
+    let _ = shared.outbox.set(outbox.clone());
     let shared = Arc::new(shared);
     tokio::spawn(drift::close_old_windows(shared.clone()));
     let socket = socket.unwrap_or_else(|| data_dir.join("agent.sock"));
@@ -382,7 +392,7 @@ async fn run(
         identity.clone(),
         formats,
         conn_tx,
-        link::Reports { status: status_rx, history: history_rx },
+        link::Reports { status: status_rx, history: history_rx, outbox },
         link_tx,
     ));
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;

@@ -297,9 +297,15 @@ impl<W: Work> Runner<W> {
                 let seed = u64::from_le_bytes(
                     Sha256Digest::of(self.shared.device.as_str().as_bytes()).0[..8].try_into().expect("8 bytes"),
                 );
-                crate::drift::Drift::new(&m, &bytes, self.shared.monitor.clone(), seed ^ u64::from(version))
-                    .inspect_err(|e| warn!(model = %name, version, "no drift statistics: {e}"))
-                    .ok()
+                crate::drift::Drift::new(
+                    &m,
+                    &bytes,
+                    self.shared.monitor.clone(),
+                    seed ^ u64::from(version),
+                    self.shared.outbox.get().cloned(),
+                )
+                .inspect_err(|e| warn!(model = %name, version, "no drift statistics: {e}"))
+                .ok()
             }
             Ok(None) => None,
             Err(e) => {

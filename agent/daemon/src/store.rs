@@ -229,6 +229,16 @@ pub struct Store {
 }
 
 impl Store {
+    /// The tree the telemetry buffer keeps its records in.
+    pub fn telemetry(&self) -> Result<sled::Tree> {
+        Ok(self.db.open_tree("telemetry")?)
+    }
+
+    /// Makes everything written to the store's database durable.
+    pub fn sync(&self) -> Result<()> {
+        Ok(sync_sled(&self.db, &self.root.join("state"))?)
+    }
+
     /// Opens (creating) the store under `data_dir`, migrating the slots
     /// from an older schema first.
     pub fn open(data_dir: &Path) -> Result<Self> {

@@ -48,6 +48,9 @@ enum Cmd {
     /// checked against them.
     #[command(subcommand)]
     Monitor(monitor::MonitorCmd),
+    /// Alerts raised on devices: list, acknowledge.
+    #[command(subcommand)]
+    Alerts(monitor::AlertsCmd),
     /// The registry's TUF repository: sign its root offline, export it.
     #[command(subcommand)]
     Registry(cli::RegistryCmd),
@@ -112,6 +115,11 @@ fn main() -> ExitCode {
             init_logs("warn");
             cli::Client::new(&cli.data_dir, cli.admin, cli.token_file.as_deref())
                 .and_then(|c| monitor::run(&c, cmd, cli.json))
+        }
+        Cmd::Alerts(cmd) => {
+            init_logs("warn");
+            cli::Client::new(&cli.data_dir, cli.admin, cli.token_file.as_deref())
+                .and_then(|c| monitor::alerts(&c, cmd, cli.json))
         }
         Cmd::Fleet(cmd) => {
             init_logs("warn");

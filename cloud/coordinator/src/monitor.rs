@@ -13,6 +13,25 @@ use tern_registry::ModelVersion;
 
 #[derive(Subcommand)]
 pub enum MonitorCmd {
+    /// The fleet's drift from a version's baseline: the devices' windows of
+    /// the last --secs merged, per feature its distance, threshold and
+    /// status, and a sparkline of the distance over the span.
+    Drift {
+        /// NAME or NAME:VERSION (default: the newest version with windows).
+        target: String,
+        /// Only devices of this group.
+        #[arg(long)]
+        group: Option<String>,
+        /// Only this device.
+        #[arg(long)]
+        device: Option<String>,
+        /// The span, in seconds back from now.
+        #[arg(long, default_value_t = 3600)]
+        secs: u64,
+        /// Buckets of the sparkline.
+        #[arg(long, default_value_t = 24)]
+        buckets: usize,
+    },
     /// Write a version's baseline as Model Monitor's statistics.json and
     /// constraints.json into DIR (the imported constraints, or those Model
     /// Monitor's baselining would suggest). Image inputs and model outputs
@@ -70,8 +89,128 @@ fn constraints(c: &Client, v: &ModelVersion, model: &ModelBaseline) -> Result<Co
     }
 }
 
+/// Alerts raised on devices.
+#[derive(Subcommand)]
+pub enum AlertsCmd {
+    /// Alerts open or not yet acknowledged (all of them with --all).
+    List {
+        /// Every alert kept.
+        #[arg(long)]
+        all: bool,
+    },
+    /// Acknowledge an alert.
+    Ack {
+        /// Its id (from `tern alerts list`).
+        id: u64,
+    },
+}
+
+/// A sparkline of `values` against `threshold`: eight heights up to twice
+/// the threshold (or the largest value, if higher), a space where a bucket
+/// had no data.
+pub fn sparkline(values: &[Option<f64>], threshold: f64) -> String {
+    const BARS: [char; 8] = ['▁', '▂', '▃', '▄', '▅', '▆', '▇', '█'];
+    let top = values.iter().flatten().copied().fold(threshold * 2.0, f64::max).max(f64::MIN_POSITIVE);
+    values
+        .iter()
+        .map(|v| match v {
+            None => ' ',
+            Some(x) => BARS[((x.max(0.0) / top * 7.0).round() as usize).min(7)],
+        })
+        .collect()
+}
+
+pub fn alerts(c: &Client, cmd: AlertsCmd, json: bool) -> Result<()> {
+    match cmd {
+        AlertsCmd::List { all } => {
+            let alerts: Vec<tern_registry::Alert> = c.get(&format!("/v1/alerts?all={all}"))?;
+            if json {
+                return crate::cli::print_json(&alerts);
+            }
+            let mut t = crate::cli::table(&["id", "device", "model", "rule", "feature", "value", "threshold", "state"]);
+            for a in &alerts {
+                let state = match (a.cleared_at_ms, a.acked_at) {
+                    (None, None) => "open",
+                    (None, Some(_)) => "open, acked",
+                    (Some(_), None) => "cleared",
+                    (Some(_), Some(_)) => "cleared, acked",
+                };
+                t.add_row(vec![
+                    a.id.to_string(),
+                    a.device.to_string(),
+                    format!("{}:{}", a.model, a.version),
+                    a.rule.clone(),
+                    a.feature.clone(),
+                    format!("{:.3}", a.value),
+                    format!("{}", a.threshold),
+                    state.into(),
+                ]);
+            }
+            out(t);
+        }
+        AlertsCmd::Ack { id } => {
+            let a: tern_registry::Alert = c.send("POST", &format!("/v1/alerts/{id}/ack"), &serde_json::json!({}))?;
+            if json {
+                return crate::cli::print_json(&a);
+            }
+            out(format!("alert {id} acknowledged ({} on {}: {} {})", a.rule, a.device, a.model, a.feature));
+        }
+    }
+    Ok(())
+}
+
 pub fn run(c: &Client, cmd: MonitorCmd, json: bool) -> Result<()> {
     match cmd {
+        MonitorCmd::Drift { target, group, device, secs, buckets } => {
+            let (name, version) = match target.split_once(':') {
+                Some((n, v)) => (n.to_owned(), Some(v.parse::<u32>().with_context(|| format!("version {v:?}"))?)),
+                None => (target.clone(), None),
+            };
+            ModelRef::check_name(&name)?;
+            let mut q = format!("secs={secs}&buckets={buckets}");
+            if let Some(v) = version {
+                q += &format!("&version={v}");
+            }
+            for (k, v) in [("group", &group), ("device", &device)] {
+                if let Some(v) = v {
+                    anyhow::ensure!(
+                        v.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_'),
+                        "--{k} {v:?}: letters, digits, - and _ only"
+                    );
+                    q += &format!("&{k}={v}");
+                }
+            }
+            let view: serde_json::Value = c.get(&format!("/v1/monitor/drift/{name}?{q}"))?;
+            if json {
+                return crate::cli::print_json(&view);
+            }
+            out(format!(
+                "{}:{} — {} devices, {} windows, {} rows in the last {} s ({} s a bar)",
+                view["model"].as_str().unwrap_or(""),
+                view["version"],
+                view["devices"],
+                view["windows"],
+                view["rows"],
+                view["secs"],
+                view["bucket_secs"]
+            ));
+            let mut t = crate::cli::table(&["feature", "kind", "n", "distance", "threshold", "status", "over time"]);
+            for f in view["features"].as_array().into_iter().flatten() {
+                let threshold = f["threshold"].as_f64().unwrap_or(0.1);
+                let series: Vec<Option<f64>> =
+                    f["series"].as_array().into_iter().flatten().map(serde_json::Value::as_f64).collect();
+                t.add_row(vec![
+                    f["feature"].as_str().unwrap_or("").to_owned(),
+                    f["kind"].as_str().unwrap_or("").to_owned(),
+                    f["n"].to_string(),
+                    f["distance"].as_f64().map_or("-".into(), |d| format!("{d:.3}")),
+                    format!("{threshold}"),
+                    f["status"].as_str().unwrap_or("").to_owned(),
+                    sparkline(&series, threshold),
+                ]);
+            }
+            out(t);
+        }
         MonitorCmd::ExportConstraints { target, out: dir } => {
             let v: ModelVersion = c.get(&format!("/v1/models/{}/versions/{}", target.name, target.version))?;
             let model = baseline(c, &v)?;

@@ -58,6 +58,14 @@ fn stream(agent: &Agent, rows: &[Vec<f64>]) {
     }
 }
 
+/// Waits until the agent holds no telemetry for the coordinator.
+fn wait_delivered(agent: &Agent) {
+    common::wait_for("telemetry delivered", std::time::Duration::from_secs(30), || {
+        let (_, t) = agent.get("/v1/telemetry");
+        (t["held"] == 0).then_some(())
+    });
+}
+
 /// The windows closed so far, oldest first.
 fn windows(agent: &Agent) -> Vec<Value> {
     let (status, drift) = agent.get("/v1/models/bc/drift");
@@ -133,6 +141,47 @@ fn a_shifted_feature_raises_its_alert_and_the_others_stay_quiet() {
     let firing: Vec<&Value> = drift["alerts"].as_array().unwrap().iter().collect();
     assert!(firing.iter().any(|a| a["rule"] == "feature_drift" && a["feature"] == "mean radius"), "{drift}");
     assert!(agent.logs().contains("alert raised"), "the agent logs the alert");
+
+    // The windows and the alert reach the coordinator (wire 6 telemetry).
+    // Three passes more of shifted rows: most of the hour is shifted then.
+    for _ in 0..3 {
+        stream(&agent, &shifted);
+    }
+    wait_delivered(&agent);
+    let alerts = coord.json(&["alerts", "list"]);
+    let ours: Vec<&Value> = alerts
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|a| a["rule"] == "feature_drift" && a["feature"] == "mean radius" && a["device"] == "cam-01")
+        .collect();
+    assert_eq!(ours.len(), 1, "{alerts}");
+    let id = ours[0]["id"].as_u64().unwrap();
+    assert!(coord.ok(&["alerts", "list"]).contains("mean radius"));
+    coord.ok(&["alerts", "ack", &id.to_string()]);
+    let acked = coord.json(&["alerts", "list", "--all"]);
+    assert!(acked.as_array().unwrap().iter().any(|a| a["id"] == id && a["acked_at"].is_u64()), "{acked}");
+    let fleet = coord.json(&["monitor", "drift", "bc:1", "--buckets", "4"]);
+    assert_eq!(fleet["devices"], 1);
+    let (_, kept) = coord.admin_get("/v1/monitor/windows/bc?device=cam-01");
+    let kept: Vec<Value> = serde_json::from_str(&kept).unwrap();
+    assert_eq!(fleet["windows"].as_u64().unwrap() as usize, kept.len());
+    assert_eq!(fleet["rows"].as_u64().unwrap(), kept.iter().map(|w| w["rows"].as_u64().unwrap()).sum::<u64>());
+    let row = |f: &str| fleet["features"].as_array().unwrap().iter().find(|x| x["feature"] == f).unwrap().clone();
+    assert_eq!(row("mean radius")["status"], "drift", "{fleet}");
+    assert_eq!(row("mean texture")["status"], "ok", "{fleet}");
+    assert_eq!(row("mean radius")["series"].as_array().unwrap().len(), 4);
+    assert_eq!(coord.json(&["monitor", "drift", "bc:1", "--group", "lab"])["devices"], 1);
+    let elsewhere = coord.json(&["monitor", "drift", "bc:1", "--group", "depot"]);
+    assert_eq!((elsewhere["devices"].as_u64(), elsewhere["windows"].as_u64()), (Some(0), Some(0)));
+    assert_eq!(coord.json(&["monitor", "drift", "bc:1", "--device", "cam-02"])["windows"], 0);
+    let table = coord.ok(&["monitor", "drift", "bc"]);
+    assert!(table.contains("mean radius") && table.contains("drift") && table.contains("1 devices"), "{table}");
+    let (status, metrics) = coord.admin_get("/metrics");
+    assert_eq!(status, 200, "{metrics}");
+    assert!(metrics.contains("tern_drift_linf{model=\"bc\",version=\"1\",feature=\"mean radius\"}"), "{metrics}");
+    assert!(metrics.contains("tern_alerts_raised_total{model=\"bc\",rule=\"feature_drift\"} 1"), "{metrics}");
+    assert!(metrics.contains("tern_devices_connected 1"), "{metrics}");
     // What the note reports: detection delay in windows, false alarms per
     // feature-window over the unshifted windows, and the margins.
     let robust = |w: &Value, input: bool| -> f64 {
@@ -363,4 +412,88 @@ fn differs(a: &Value, b: &Value, at: &str) -> Option<String> {
         }
         _ => (a != b).then(|| format!("{at}: {a} vs {b}")),
     }
+}
+
+#[test]
+fn telemetry_buffered_offline_survives_sigkill_and_arrives_once_in_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let coord = registered(dir.path());
+    coord.ok(&["model", "approve", "bc:1"]);
+    let mut agent = Agent::enrolled(&coord, "cam-01");
+    coord.ok(&["fleet", "assign", "cam-01", "bc:1"]);
+    agent.start_with(&["--drift-window-rows", "10"]);
+    agent.wait_serving("bc", 1);
+    let heldout = rows(&dir.path().join("heldout.csv"));
+    stream(&agent, &heldout[..20]);
+    wait_delivered(&agent);
+    let quic = coord.quic.clone();
+    let coord_dir = coord.stop_gently();
+    // Offline: five windows closed and buffered.
+    stream(&agent, &heldout[20..70]);
+    common::wait_for("five windows on disk", std::time::Duration::from_secs(10), || {
+        let (_, t) = agent.get("/v1/telemetry");
+        (t["held"] == 5).then_some(())
+    });
+    agent.proc.as_mut().unwrap().kill9();
+    agent.start_with(&["--drift-window-rows", "10"]);
+    agent.wait_answering("bc", 1);
+    let (_, t) = agent.get("/v1/telemetry");
+    assert_eq!(t["held"], 5, "the buffer survived SIGKILL: {t}");
+    stream(&agent, &heldout[70..90]);
+    let coord = Coord::start_in(coord_dir, &["--quic-listen", &quic]).map_err(|(_, log)| log).unwrap();
+    wait_delivered(&agent);
+    let (status, body) = coord.admin_get("/v1/monitor/windows/bc?device=cam-01");
+    assert_eq!(status, 200, "{body}");
+    let windows: Vec<Value> = serde_json::from_str(&body).unwrap();
+    let records: Vec<u64> = windows.iter().map(|w| w["record"].as_u64().unwrap()).collect();
+    assert_eq!(records, (1..=9).collect::<Vec<_>>(), "every window once, in order");
+    assert!(windows.iter().all(|w| w["rows"] == 10), "{windows:?}");
+}
+
+#[test]
+fn npy_samples_make_a_baseline_by_column_or_by_image_channel() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let script = r#"
+import sys, numpy as np
+rng = np.random.default_rng(5)
+np.save(sys.argv[1] + "/images.npy", rng.random((20, 3, 4, 4), dtype=np.float32))
+np.save(sys.argv[1] + "/rows.npy", rng.normal(14.0, 3.0, (50, 30)).astype(np.float32))
+np.save(sys.argv[1] + "/wrong.npy", rng.random((5, 4, 4, 3), dtype=np.float32))
+"#;
+    let out = std::process::Command::new(python()).args(["-c", script, d.to_str().unwrap()]).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let coord = Coord::start();
+    let register = |name: &str, model: &str, data: &str| {
+        coord.cli(&[
+            "model",
+            "register",
+            name,
+            "--file",
+            fixture(model).to_str().unwrap(),
+            "--baseline",
+            d.join(data).to_str().unwrap(),
+        ])
+    };
+    let ok = register("img", "tiny-image.onnx", "images.npy");
+    let said = String::from_utf8_lossy(&ok.stdout);
+    assert!(ok.status.success(), "{}", String::from_utf8_lossy(&ok.stderr));
+    assert!(said.contains("baseline: 20 rows, 20 run through the model, 2 features"), "{said}");
+    let said = coord.ok(&["monitor", "export-constraints", "img:1", "--out", d.join("img").to_str().unwrap()]);
+    assert!(said.contains("left out (no Model Monitor counterpart): image, output:probs"), "{said}");
+    let ok = register("bc", "breast-cancer.onnx", "rows.npy");
+    assert!(ok.status.success(), "{}", String::from_utf8_lossy(&ok.stderr));
+    assert!(String::from_utf8_lossy(&ok.stdout).contains("50 rows, 50 run through the model, 32 features"));
+    let stats: Value = serde_json::from_str(
+        &std::fs::read_to_string({
+            coord.ok(&["monitor", "export-constraints", "bc:1", "--out", d.join("bc").to_str().unwrap()]);
+            d.join("bc/statistics.json")
+        })
+        .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(stats["features"][29]["name"], "features[29]");
+    let bad = register("img", "tiny-image.onnx", "wrong.npy");
+    let e = String::from_utf8_lossy(&bad.stderr);
+    assert!(!bad.status.success() && e.contains("wrong.npy") && e.contains("axis 1 is 4, input"), "{e}");
 }

@@ -5,10 +5,12 @@
 
 mod artifacts;
 mod store;
+mod telemetry;
 mod types;
 
 pub use artifacts::Artifacts;
 pub use store::Registry;
+pub use telemetry::{Alert, StoredWindow, Taken, WINDOWS_KEPT};
 pub use types::{
     Approval, Artifact, Capabilities, CompileReport, Device, EnrollToken, Fit, HistoryEntry, Latency,
     MAX_DEVICE_HISTORY, ModelVersion, NewVersion, OutputError, Report, TargetArtifact,
@@ -185,6 +187,9 @@ pub enum RegistryError {
     /// The sled database failed.
     #[error("registry storage: {0}")]
     Storage(#[from] sled::Error),
+    /// No alert has that id.
+    #[error("no alert {0}")]
+    UnknownAlert(u64),
     /// Reading or writing the artifact folder failed.
     #[error("artifact storage: {0}")]
     Io(#[from] std::io::Error),

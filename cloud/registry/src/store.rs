@@ -36,11 +36,11 @@ fn version_key(name: &str, version: u32) -> Vec<u8> {
     k
 }
 
-fn encode<T: Serialize>(v: &T) -> Vec<u8> {
+pub(crate) fn encode<T: Serialize>(v: &T) -> Vec<u8> {
     serde_json::to_vec(v).expect("registry records serialize")
 }
 
-fn decode<T: DeserializeOwned>(key: &[u8], bytes: &[u8]) -> Result<T> {
+pub(crate) fn decode<T: DeserializeOwned>(key: &[u8], bytes: &[u8]) -> Result<T> {
     serde_json::from_slice(bytes).map_err(|e| RegistryError::Corrupt {
         key: String::from_utf8_lossy(key).replace('\0', ":"),
         reason: e.to_string(),
@@ -77,6 +77,10 @@ impl Registry {
             db,
             path,
         })
+    }
+
+    pub(crate) fn db(&self) -> &sled::Db {
+        &self.db
     }
 
     /// Makes everything written so far durable.

@@ -34,9 +34,10 @@ pub use manifest::{
     SignedManifest, TensorSpec, UpdatePolicy,
 };
 pub use msg::{
-    ArtifactHeader, DesiredState, EnrollRequest, EnrollResponse, ErrorCode, FetchArtifact, Hello, MAX_HISTORY, Message,
-    ModelState, ModelStatus, Refusal, SignedDesired, StatusReport, TufMetadata, UpdateEvent, UpdateHistory, Welcome,
-    WireError, root_intro_statement,
+    AlertChange, ArtifactHeader, DesiredState, EnrollRequest, EnrollResponse, ErrorCode, FetchArtifact, Hello,
+    MAX_HISTORY, MAX_TELEMETRY_BATCH, Message, ModelState, ModelStatus, Refusal, SignedDesired, StatusReport,
+    TelemetryAck, TelemetryBatch, TelemetryBody, TelemetryRecord, TufMetadata, UpdateEvent, UpdateHistory, Welcome,
+    WindowSummary, WireError, root_intro_statement,
 };
 pub use tensor::{TENSORS_MEDIA_TYPE, Tensor, TensorData, decode_tensors, encode_tensors};
 pub use token::{EnrollTokenText, TokenError};
@@ -68,11 +69,16 @@ impl WireVersion {
     /// version 4. A manifest that names them is not sent to an older agent,
     /// which would refuse the whole desired state over it.
     pub const V5: WireVersion = WireVersion(5);
+    /// Version 6: version 5 and the agent's telemetry
+    /// ([`Message::Telemetry`], drift windows and alerts, each with an id)
+    /// and its acknowledgement ([`Message::TelemetryAck`]), appended after
+    /// the others.
+    pub const V6: WireVersion = WireVersion(6);
     /// The newest version this build speaks.
-    pub const CURRENT: WireVersion = WireVersion::V5;
+    pub const CURRENT: WireVersion = WireVersion::V6;
     /// Every version this build speaks, newest first.
     pub const SUPPORTED: &'static [WireVersion] =
-        &[WireVersion::V5, WireVersion::V4, WireVersion::V3, WireVersion::V2, WireVersion::V1];
+        &[WireVersion::V6, WireVersion::V5, WireVersion::V4, WireVersion::V3, WireVersion::V2, WireVersion::V1];
 
     /// The ALPN protocol name of this version.
     pub fn alpn(self) -> Vec<u8> {
@@ -120,7 +126,8 @@ mod tests {
         assert_eq!(WireVersion::from_alpn(b"h3"), None);
         assert_eq!(WireVersion::up_to(WireVersion::V1), [WireVersion::V1]);
         assert_eq!(WireVersion::up_to(WireVersion(9)), WireVersion::SUPPORTED);
-        assert_eq!(WireVersion::highest_shared(WireVersion::SUPPORTED, &[1, 2, 3, 4, 5, 6]), Some(WireVersion::V5));
+        assert_eq!(WireVersion::highest_shared(WireVersion::SUPPORTED, &[1, 2, 3, 4, 5, 6, 7]), Some(WireVersion::V6));
+        assert_eq!(WireVersion::highest_shared(WireVersion::SUPPORTED, &[1, 2, 3, 4, 5]), Some(WireVersion::V5));
         assert_eq!(WireVersion::highest_shared(WireVersion::SUPPORTED, &[1, 2, 3, 4]), Some(WireVersion::V4));
         assert_eq!(WireVersion::highest_shared(WireVersion::SUPPORTED, &[1, 2, 3]), Some(WireVersion::V3));
         assert_eq!(WireVersion::highest_shared(WireVersion::SUPPORTED, &[1, 2]), Some(WireVersion::V2));

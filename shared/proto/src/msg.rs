@@ -33,6 +33,12 @@ pub enum Message {
     /// [`Message::Desired`]): the desired state signed for this device, with
     /// the registry's TUF metadata.
     SignedDesired(SignedDesired),
+    /// Agent → coordinator (wire version 6 on): telemetry records, oldest
+    /// first, each with the id the coordinator acknowledges.
+    Telemetry(TelemetryBatch),
+    /// Coordinator → agent (wire version 6 on): every record up to this id
+    /// is stored.
+    TelemetryAck(TelemetryAck),
 }
 
 impl Message {
@@ -50,6 +56,8 @@ impl Message {
             Message::Error(_) => "Error",
             Message::History(_) => "History",
             Message::SignedDesired(_) => "SignedDesired",
+            Message::Telemetry(_) => "Telemetry",
+            Message::TelemetryAck(_) => "TelemetryAck",
         }
     }
 
@@ -58,9 +66,104 @@ impl Message {
         match self {
             Message::History(_) => crate::WireVersion::V3,
             Message::SignedDesired(_) => crate::WireVersion::V4,
+            Message::Telemetry(_) | Message::TelemetryAck(_) => crate::WireVersion::V6,
             _ => crate::WireVersion::V1,
         }
     }
+}
+
+/// Telemetry records a device sends, oldest first (at most
+/// [`MAX_TELEMETRY_BATCH`]).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TelemetryBatch {
+    /// The device's record stream: drawn at random when its buffer is made,
+    /// so that a device whose state was wiped (and whose ids start again)
+    /// is not taken for one sending old records again.
+    pub stream: u64,
+    /// The records, by increasing id.
+    pub records: Vec<TelemetryRecord>,
+}
+
+/// Most records one [`TelemetryBatch`] carries.
+pub const MAX_TELEMETRY_BATCH: usize = 64;
+
+/// One telemetry record. Ids increase by one per record on a device and
+/// are never reused, so the coordinator keeps each once whatever is sent
+/// again.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TelemetryRecord {
+    /// Its id on the device.
+    pub id: u64,
+    /// When it was made, by the device's clock (Unix milliseconds).
+    pub at_ms: u64,
+    /// What it says.
+    pub body: TelemetryBody,
+}
+
+/// What a telemetry record says.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum TelemetryBody {
+    /// A drift window closed.
+    Window(WindowSummary),
+    /// An alert was raised or cleared.
+    Alert(AlertChange),
+    /// Records the device dropped, its buffer full (the oldest go first).
+    Dropped(u64),
+}
+
+/// A closed drift window of one model version.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct WindowSummary {
+    /// Model name.
+    pub model: String,
+    /// Version.
+    pub version: u32,
+    /// Windows of this version the device closed before it since it
+    /// started serving it.
+    pub seq: u64,
+    /// How long it was open, in milliseconds.
+    pub millis: u64,
+    /// Rows counted.
+    pub rows: u64,
+    /// Requests answered or failed.
+    pub requests: u64,
+    /// Requests that failed.
+    pub errors: u64,
+    /// The p99 run time in microseconds.
+    pub p99_us: Option<u64>,
+    /// The window's summaries on the version's baseline layout
+    /// (`tern_drift::Profile`, postcard, without sketches); empty when it
+    /// counted no rows.
+    pub profile: Vec<u8>,
+}
+
+/// An alert raised or cleared on a device.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AlertChange {
+    /// Model name.
+    pub model: String,
+    /// Version.
+    pub version: u32,
+    /// The rule (`feature_drift`, `missing_rate`, `output_drift`,
+    /// `p99_latency`, `error_rate`, `low_confidence`).
+    pub rule: String,
+    /// The feature, or empty for the whole model.
+    pub feature: String,
+    /// Raised (true) or cleared.
+    pub raised: bool,
+    /// The metric in the window that changed it.
+    pub value: f64,
+    /// Its threshold.
+    pub threshold: f64,
+}
+
+/// The coordinator has stored every record up to `up_to`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TelemetryAck {
+    /// The stream the ids are of.
+    pub stream: u64,
+    /// The highest id stored.
+    pub up_to: u64,
 }
 
 /// The agent's most recent update steps, oldest first. It sends them all

@@ -388,6 +388,8 @@ impl TryFrom<&cur::Message> for Message {
             cur::Message::Error(e) => Message::Error(WireError { code: e.code.into(), message: e.message.clone() }),
             cur::Message::History(_) => return Err("History is not in wire v1".into()),
             cur::Message::SignedDesired(_) => return Err("SignedDesired is not in wire v1".into()),
+            cur::Message::Telemetry(_) => return Err("Telemetry is not in wire v1".into()),
+            cur::Message::TelemetryAck(_) => return Err("TelemetryAck is not in wire v1".into()),
         })
     }
 }

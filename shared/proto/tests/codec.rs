@@ -123,7 +123,39 @@ fn message() -> impl Strategy<Value = Message> {
         (digest(), any::<u64>(), any::<u64>())
             .prop_map(|(sha256, size, offset)| { Message::ArtifactHeader(ArtifactHeader { sha256, size, offset }) }),
         ".{0,80}".prop_map(|m| Message::Error(WireError::new(ErrorCode::NotFound, m))),
+        (any::<u64>(), prop::collection::vec(record(), 0..4))
+            .prop_map(|(stream, records)| Message::Telemetry(TelemetryBatch { stream, records })),
+        (any::<u64>(), any::<u64>()).prop_map(|(stream, up_to)| Message::TelemetryAck(TelemetryAck { stream, up_to })),
     ]
+}
+
+fn record() -> impl Strategy<Value = TelemetryRecord> {
+    let window = (
+        ".{0,12}",
+        any::<u32>(),
+        any::<[u64; 5]>(),
+        prop::option::of(any::<u64>()),
+        prop::collection::vec(any::<u8>(), 0..64),
+    )
+        .prop_map(|(model, version, [seq, millis, rows, requests, errors], p99_us, profile)| {
+            TelemetryBody::Window(WindowSummary {
+                model,
+                version,
+                seq,
+                millis,
+                rows,
+                requests,
+                errors,
+                p99_us,
+                profile,
+            })
+        });
+    let alert = (".{0,12}", any::<u32>(), "[a-z_]{1,14}", ".{0,12}", any::<bool>(), -1e9f64..1e9, -1e9f64..1e9)
+        .prop_map(|(model, version, rule, feature, raised, value, threshold)| {
+            TelemetryBody::Alert(AlertChange { model, version, rule, feature, raised, value, threshold })
+        });
+    let body = prop_oneof![window, alert, any::<u64>().prop_map(TelemetryBody::Dropped)];
+    (any::<u64>(), any::<u64>(), body).prop_map(|(id, at_ms, body)| TelemetryRecord { id, at_ms, body })
 }
 
 proptest! {
@@ -146,7 +178,8 @@ proptest! {
         } else {
             let json_signed = matches!(&msg, Message::Desired(d)
                 if d.models.iter().any(|m| m.encoding == ManifestEncoding::CanonicalJson));
-            prop_assert!(json_signed, "only JSON-signed manifests have no version-1 form");
+            let newer = msg.since() > WireVersion::V1;
+            prop_assert!(json_signed || newer, "only JSON-signed manifests and newer messages have no version-1 form");
         }
     }
 

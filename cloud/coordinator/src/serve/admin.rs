@@ -44,6 +44,7 @@ impl From<RegistryError> for ApiError {
             | RegistryError::UnknownVersion { .. }
             | RegistryError::UnknownDevice(_)
             | RegistryError::UnknownArtifact(_)
+            | RegistryError::UnknownAlert(_)
             | RegistryError::NotAssigned { .. } => StatusCode::NOT_FOUND,
             RegistryError::NotApproved { .. }
             | RegistryError::DeviceExists(_)
@@ -95,6 +96,11 @@ pub fn router(state: Arc<State>) -> Router {
         .route("/v1/models/{name}/versions/{version}/targets/{profile}", put(set_target))
         .route("/v1/models/{name}/versions/{version}/constraints", put(set_constraints).delete(clear_constraints))
         .route("/v1/tokens", post(new_token))
+        .route("/metrics", get(metrics))
+        .route("/v1/alerts", get(list_alerts))
+        .route("/v1/alerts/{id}/ack", post(ack_alert))
+        .route("/v1/monitor/drift/{name}", get(drift_view))
+        .route("/v1/monitor/windows/{name}", get(list_windows))
         .route("/v1/status", get(status))
         .route("/v1/tuf", get(tuf_repository))
         .route("/v1/artifacts/{sha256}", get(artifact))
@@ -612,6 +618,62 @@ async fn decide(
     let unassigned_from: Vec<DeviceId> = changed.into_iter().map(|d| d.id).collect();
     info!(model = %name, version, %status, unassigned_from = ?unassigned_from, "approval changed");
     Ok(Json(Decided { version: v, unassigned_from }))
+}
+
+async fn metrics(Ext(state): Ext<Arc<State>>) -> ApiResult<Response> {
+    let alerts = blocking(&state, |s| s.registry.alerts(false)).await?;
+    let text = state.metrics.render(state.sessions.len(), &alerts);
+    Ok(([(axum::http::header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], text)
+        .into_response())
+}
+
+#[derive(Deserialize)]
+struct AlertsQuery {
+    #[serde(default)]
+    all: bool,
+}
+
+async fn list_alerts(
+    Ext(state): Ext<Arc<State>>,
+    Query(q): Query<AlertsQuery>,
+) -> ApiResult<Json<Vec<tern_registry::Alert>>> {
+    Ok(Json(blocking(&state, move |s| s.registry.alerts(q.all)).await?))
+}
+
+async fn ack_alert(Ext(state): Ext<Arc<State>>, Path(id): Path<u64>) -> ApiResult<Json<tern_registry::Alert>> {
+    let a = blocking(&state, move |s| s.registry.ack_alert(id, unix_now())).await?;
+    info!(alert = id, model = %a.model, device = %a.device, "alert acknowledged");
+    Ok(Json(a))
+}
+
+#[derive(Deserialize)]
+struct WindowsQuery {
+    version: Option<u32>,
+    device: Option<String>,
+}
+
+/// The windows kept of a model, oldest first, without their summaries.
+async fn list_windows(
+    Ext(state): Ext<Arc<State>>,
+    Path(name): Path<String>,
+    Query(q): Query<WindowsQuery>,
+) -> ApiResult<Json<Vec<tern_registry::StoredWindow>>> {
+    let mut w = blocking(&state, move |s| s.registry.windows(&name, q.version, q.device.as_deref())).await?;
+    w.iter_mut().for_each(|w| w.profile.clear());
+    Ok(Json(w))
+}
+
+async fn drift_view(
+    Ext(state): Ext<Arc<State>>,
+    Path(name): Path<String>,
+    Query(q): Query<super::drift::Query>,
+) -> ApiResult<Json<super::drift::View>> {
+    let st = state.clone();
+    let v = tokio::task::spawn_blocking(move || super::drift::view(&st, &name, &q, unix_now()))
+        .await
+        .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
+        .map_err(|e| ApiError(StatusCode::NOT_FOUND, format!("{e:#}")))?;
+    Ok(Json(v))
 }
 
 /// The most bytes of a `constraints.json`.

@@ -3,9 +3,11 @@
 //! endpoint serves agents and an HTTP admin API on loopback serves the CLI.
 
 mod admin;
+mod drift;
 mod golden;
 mod keys;
 mod limits;
+mod metrics;
 mod quic;
 mod sessions;
 pub mod tuf;
@@ -49,7 +51,7 @@ pub struct ServeArgs {
     /// `bf16` tensors are not sent, and agents unload them; below 4,
     /// desired states are not signed as a whole and carry no TUF metadata;
     /// below 3, agents keep their update history to themselves).
-    #[arg(long, default_value_t = WireVersion::CURRENT.0, value_parser = clap::value_parser!(u16).range(1..=5))]
+    #[arg(long, default_value_t = WireVersion::CURRENT.0, value_parser = clap::value_parser!(u16).range(1..=6))]
     pub max_wire_version: u16,
     /// Connections at most, devices included.
     #[arg(long, default_value_t = 20_000)]
@@ -91,6 +93,9 @@ pub struct Endpoints {
 }
 
 /// State shared by the QUIC and admin sides.
+/// Full baselines by model version (`None`: it has none).
+pub type Baselines = std::collections::HashMap<(String, u32), Option<Arc<tern_drift::ModelBaseline>>>;
+
 pub struct State {
     pub registry: Registry,
     pub artifacts: Artifacts,
@@ -107,9 +112,29 @@ pub struct State {
     pub policy: UpdatePolicy,
     /// The TUF repository of approved artifacts.
     pub tuf: tuf::TufRepo,
+    /// What `GET /metrics` shows.
+    pub metrics: metrics::Metrics,
+    /// Versions' full baselines, read once (`None`: it has none).
+    pub baselines: std::sync::Mutex<Baselines>,
 }
 
 impl State {
+    /// The full baseline of `model:version`, if it has one (read from the
+    /// artifact store once). Blocks.
+    pub fn baseline(&self, model: &str, version: u32) -> Option<Arc<tern_drift::ModelBaseline>> {
+        let key = (model.to_owned(), version);
+        if let Some(b) = self.baselines.lock().expect("lock").get(&key) {
+            return b.clone();
+        }
+        let record = self.registry.version(model, version).ok()?;
+        let b = record.baseline_full.and_then(|r| {
+            let bytes = std::fs::read(self.artifacts.path(&r.sha256)).ok()?;
+            tern_drift::ModelBaseline::decode(&bytes).ok().map(Arc::new)
+        });
+        self.baselines.lock().expect("lock").insert(key, b.clone());
+        b
+    }
+
     /// The signed desired state of a device, for a session of wire
     /// `version`: postcard-signed manifests for version 1, canonical JSON
     /// after. A version that is not approved is never sent (rejecting an
@@ -249,6 +274,8 @@ pub async fn run(data_dir: PathBuf, args: ServeArgs) -> Result<()> {
         session_quiet: std::time::Duration::from_secs(args.session_quiet_secs),
         policy,
         tuf,
+        metrics: Default::default(),
+        baselines: Default::default(),
     });
     tokio::spawn(quic::accept_loop(endpoint.clone(), state.clone()));
     let app = admin::router(state.clone());

@@ -339,6 +339,66 @@ fn clean_models(models: Vec<ModelStatus>) -> Vec<ModelStatus> {
         .collect()
 }
 
+/// Stores a device's telemetry off the async runtime: at most
+/// [`tern_proto::MAX_TELEMETRY_BATCH`] records, text cleaned, and only
+/// windows and alerts of versions the registry has (a device cannot make
+/// it keep records under names of its own choosing).
+async fn take_telemetry(
+    state: &Arc<State>,
+    id: &DeviceId,
+    mut batch: tern_proto::TelemetryBatch,
+) -> Result<tern_registry::Taken> {
+    use tern_proto::TelemetryBody;
+    batch.records.truncate(tern_proto::MAX_TELEMETRY_BATCH);
+    let (st, device) = (state.clone(), id.clone());
+    let taken = tokio::task::spawn_blocking(move || {
+        let id = device;
+        for r in &mut batch.records {
+            match &mut r.body {
+                TelemetryBody::Window(w) => w.model = clean(&w.model),
+                TelemetryBody::Alert(a) => {
+                    a.model = clean(&a.model);
+                    a.rule = clean(&a.rule);
+                    a.feature = clean(&a.feature);
+                }
+                TelemetryBody::Dropped(_) => {}
+            }
+        }
+        let bytes = postcard::to_stdvec(&batch.records).map_or(0, |v| v.len() as u64);
+        let known = |model: &str, version: u32| st.registry.version(model, version).is_ok();
+        let taken = st.registry.take_telemetry(&id, &batch, unix_now(), known)?;
+        let mut distances = Vec::new();
+        for w in taken.windows.iter().filter(|w| !w.profile.is_empty()) {
+            let Some(b) = st.baseline(&w.model, w.version) else { continue };
+            let Ok(profile) = tern_drift::Profile::decode(&w.profile, &b.baseline.layout) else {
+                warn!(device = %id, model = %w.model, version = w.version, "a window that does not fit its baseline");
+                continue;
+            };
+            for d in b.baseline.compare(&profile).unwrap_or_default() {
+                if let Some(linf) = d.linf {
+                    distances.push(super::metrics::Distance {
+                        model: w.model.clone(),
+                        version: w.version,
+                        feature: d.feature,
+                        linf,
+                    });
+                }
+            }
+        }
+        st.metrics.telemetry(&id, &taken, bytes, &distances);
+        Ok::<_, anyhow::Error>(taken)
+    })
+    .await??;
+    for a in &taken.raised {
+        warn!(device = %a.device, model = %a.model, version = a.version, rule = %a.rule, feature = %a.feature,
+            value = a.value, threshold = a.threshold, "alert raised on a device");
+    }
+    if taken.dropped > 0 {
+        warn!(device = %id, dropped = taken.dropped, "the device's telemetry buffer overflowed");
+    }
+    Ok(taken)
+}
+
 /// Records a report off the async runtime (the registry writes to sled).
 async fn seen(state: &Arc<State>, id: &DeviceId, report: Report) -> Result<Device> {
     let (st, id) = (state.clone(), id.to_string());
@@ -469,6 +529,13 @@ async fn session(
                     let d = seen(state, id, Report { history: Some(events), ..Report::default() }).await?;
                     quiet.as_mut().reset(tokio::time::Instant::now() + state.session_quiet);
                     debug!(device = %d.id, steps = d.history.len(), "update history");
+                }
+                Some(Message::Telemetry(batch)) if version >= WireVersion::V6 => {
+                    let stream = batch.stream;
+                    let taken = take_telemetry(state, id, batch).await?;
+                    quiet.as_mut().reset(tokio::time::Instant::now() + state.session_quiet);
+                    debug!(device = %id, new = taken.new, again = taken.again, up_to = taken.up_to, "telemetry");
+                    write(send, Message::TelemetryAck(tern_proto::TelemetryAck { stream, up_to: taken.up_to })).await?;
                 }
                 Some(other) => {
                     let m = format!("{} is not allowed on the control stream", other.kind());

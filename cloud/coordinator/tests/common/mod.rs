@@ -275,6 +275,17 @@ impl Coord {
         logs_in(self.dir.path())
     }
 
+    /// GETs an admin API path with the admin token: status and body.
+    pub fn admin_get(&self, path: &str) -> (u16, String) {
+        let agent = ureq::Agent::config_builder().http_status_as_error(false).build().new_agent();
+        let mut resp = agent
+            .get(format!("{}{path}", self.admin))
+            .header("authorization", format!("Bearer {}", self.admin_token()))
+            .call()
+            .unwrap();
+        (resp.status().as_u16(), resp.body_mut().read_to_string().unwrap())
+    }
+
     pub fn admin_token(&self) -> String {
         std::fs::read_to_string(self.data().join("admin.token")).unwrap().trim().to_owned()
     }
@@ -341,9 +352,10 @@ impl Coord {
 
     /// Waits until device `id` has said, in a session of wire `version`,
     /// what its agent can do.
+    /// Waits until `id`'s session speaks wire `version` or later.
     pub fn wait_wire_version(&self, id: &str, version: u16) {
         wait_for(&format!("{id}'s capabilities"), Duration::from_secs(10), || {
-            (self.device(id)["capabilities"]["wire_version"] == version).then_some(())
+            (self.device(id)["capabilities"]["wire_version"].as_u64()? >= u64::from(version)).then_some(())
         });
     }
 
