@@ -399,7 +399,9 @@ impl Monitor {
             let (next, change) = state.next(reading, rules);
             *state = next;
             if let Some(change) = change {
-                report.changes.push(AlertEvent { key, change, value: value.unwrap_or(0.0), threshold });
+                // Finite on the wire: a constant baseline channel gives an infinite shift.
+                let value = value.map_or(0.0, |v| if v.is_nan() { 0.0 } else { v.clamp(-f64::MAX, f64::MAX) });
+                report.changes.push(AlertEvent { key, change, value, threshold });
             }
         }
         self.seq += 1;

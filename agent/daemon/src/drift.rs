@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 use tern_agent_core::monitor::{Change, Monitor, MonitorConfig, WindowReport};
 use tern_drift::ModelBaseline;
-use tern_proto::{AlertChange, ModelManifest, TelemetryBody, Tensor, WindowSummary};
+use tern_proto::{AlertChange, ModelManifest, MonitorStarted, TelemetryBody, Tensor, WindowSummary};
 use tracing::{info, warn};
 
 /// Closed windows kept for the local API.
@@ -45,6 +45,10 @@ impl Drift {
     ) -> Result<Self, String> {
         let baseline = ModelBaseline::decode(baseline).map_err(|e| format!("baseline: {e}"))?;
         let monitor = Monitor::new(baseline, &m.inputs, &m.outputs, config, seed, 0).map_err(|e| e.to_string())?;
+        if let Some(o) = &outbox {
+            // Alerts of the model raised before this start stand no more.
+            o.push(TelemetryBody::Started(MonitorStarted { model: m.name.clone(), version: m.version }));
+        }
         Ok(Self {
             name: m.name.clone(),
             version: m.version,
@@ -103,7 +107,7 @@ impl Drift {
                 model: self.name.clone(),
                 version: self.version,
                 seq: report.seq,
-                millis: report.closed_ms - report.opened_ms,
+                millis: report.closed_ms.saturating_sub(report.opened_ms),
                 rows: report.rows,
                 requests: report.requests,
                 errors: report.errors,
@@ -140,7 +144,7 @@ impl Drift {
                 json!({
                     "seq": w.seq,
                     "closed_at": closed_at,
-                    "secs": (w.closed_ms - w.opened_ms) as f64 / 1000.0,
+                    "secs": w.closed_ms.saturating_sub(w.opened_ms) as f64 / 1000.0,
                     "rows": w.rows,
                     "requests": w.requests,
                     "errors": w.errors,

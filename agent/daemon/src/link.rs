@@ -219,7 +219,7 @@ async fn session(
                 if let Some(last) = records.last() {
                     in_flight = Some(last.id);
                     debug!(records = records.len(), up_to = last.id, "sending telemetry");
-                    let batch = tern_proto::TelemetryBatch { stream: outbox.stream(), records };
+                    let batch = tern_proto::TelemetryBatch { stream: outbox.stream(), dropped: outbox.dropped(), records };
                     write_msg(&mut send, &Message::Telemetry(batch), version).await?;
                 }
             }

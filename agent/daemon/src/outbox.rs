@@ -1,8 +1,9 @@
 //! Telemetry store-and-forward: drift windows and alert changes queued in
 //! sled on their own thread (numbered, fsynced), sent to the coordinator in
-//! id order while a session is up, and removed once it acknowledges them.
-//! The buffer is bounded: when full the oldest record goes and the count of
-//! those dropped travels as a record of its own.
+//! id order while a session is up (only records already fsynced, so no id
+//! is ever sent that a power cut could hand out again), and removed once it
+//! acknowledges them. The buffer is bounded: when full the oldest records
+//! go, and a running count of those dropped travels with every batch.
 
 use crate::store::Store;
 use anyhow::{Context, Result};
@@ -28,7 +29,20 @@ fn record_key(id: u64) -> [u8; 9] {
 }
 
 fn read_u64(tree: &sled::Tree, key: &[u8]) -> Result<Option<u64>> {
-    Ok(tree.get(key)?.map(|v| v.as_ref().try_into().map(u64::from_be_bytes)).transpose().ok().flatten())
+    match tree.get(key)? {
+        None => Ok(None),
+        Some(v) => match <[u8; 8]>::try_from(v.as_ref()) {
+            Ok(b) => Ok(Some(u64::from_be_bytes(b))),
+            Err(_) => anyhow::bail!("telemetry buffer: {} is not 8 bytes", String::from_utf8_lossy(key)),
+        },
+    }
+}
+
+fn last_id(tree: &sled::Tree) -> Result<u64> {
+    Ok(match tree.scan_prefix([RECORD]).keys().next_back() {
+        Some(k) => u64::from_be_bytes(k?[1..].try_into().context("a record key of 9 bytes")?),
+        None => 0,
+    })
 }
 
 /// The buffer.
@@ -42,7 +56,9 @@ pub struct Outbox {
     unqueued: Arc<AtomicU64>,
     /// Records on disk.
     held: Arc<AtomicU64>,
-    /// Serializes removals with the thread's bound enforcement.
+    /// The highest id fsynced: what may be sent.
+    durable: Arc<AtomicU64>,
+    /// Serializes removals with the thread's writes.
     lock: Arc<Mutex<()>>,
 }
 
@@ -62,6 +78,8 @@ impl Outbox {
             }
         };
         let held = tree.scan_prefix([RECORD]).count() as u64;
+        // After a restart what is there is what the disk kept.
+        let durable = Arc::new(AtomicU64::new(last_id(&tree)?));
         let (tx, rx) = std::sync::mpsc::sync_channel::<(u64, TelemetryBody)>(QUEUE);
         let outbox = Arc::new(Self {
             tree: tree.clone(),
@@ -70,6 +88,7 @@ impl Outbox {
             ready: Arc::new(Notify::new()),
             unqueued: Arc::new(AtomicU64::new(0)),
             held: Arc::new(AtomicU64::new(held)),
+            durable: durable.clone(),
             lock: Arc::new(Mutex::new(())),
         });
         let (ready, unqueued, held, lock) =
@@ -81,9 +100,16 @@ impl Outbox {
                     // What else is waiting goes to disk with it, in one sync.
                     let mut batch = vec![first];
                     batch.extend(rx.try_iter().take(QUEUE));
+                    let n = batch.len() as u64;
                     let _guard = lock.lock().expect("lock");
-                    if let Err(e) = write(&tree, &store, batch, max, &unqueued, &held) {
-                        error!("telemetry buffer: {e:#}");
+                    let pending = unqueued.swap(0, Ordering::Relaxed);
+                    match write(&tree, &store, batch, max, pending, &held) {
+                        Ok(last) => durable.store(last, Ordering::Release),
+                        Err(e) => {
+                            // Counted as dropped with the next write.
+                            unqueued.fetch_add(n + pending, Ordering::Relaxed);
+                            error!("telemetry buffer: {e:#}");
+                        }
                     }
                     drop(_guard);
                     ready.notify_one();
@@ -113,17 +139,31 @@ impl Outbox {
         self.held.load(Ordering::Relaxed)
     }
 
-    /// The oldest records on disk: at most `max` of them, together at most
-    /// `max_bytes` encoded (at least one).
+    /// Records dropped so far on this stream (a running count).
+    pub fn dropped(&self) -> u64 {
+        read_u64(&self.tree, DROPPED).ok().flatten().unwrap_or(0)
+    }
+
+    /// The oldest records fsynced: at most `max` of them, together at most
+    /// `max_bytes` encoded. A record larger than `max_bytes` alone is
+    /// dropped (and counted): the coordinator could never take it.
     pub fn oldest(&self, max: usize, max_bytes: usize) -> Vec<TelemetryRecord> {
+        let _guard = self.lock.lock().expect("lock");
+        let durable = self.durable.load(Ordering::Acquire);
         let mut out = Vec::new();
         let mut bytes = 0;
-        for kv in self.tree.scan_prefix([RECORD]).take(max) {
+        let mut drop_keys = Vec::new();
+        for kv in self.tree.range(record_key(0)..=record_key(durable)).take(max) {
             let Ok((k, v)) = kv else { break };
+            if v.len() > max_bytes {
+                warn!(bytes = v.len(), "telemetry buffer: dropping a record too large to send");
+                drop_keys.push(k);
+                continue;
+            }
             match postcard::from_bytes::<TelemetryRecord>(&v) {
                 Ok(r) => {
                     bytes += v.len();
-                    if bytes > max_bytes && !out.is_empty() {
+                    if bytes > max_bytes {
                         break;
                     }
                     out.push(r);
@@ -131,9 +171,18 @@ impl Outbox {
                 Err(e) => {
                     // Written by this agent: only a damaged disk gets here.
                     warn!("telemetry buffer: dropping an unreadable record: {e}");
-                    let _ = self.tree.remove(k);
-                    self.held.fetch_sub(1, Ordering::Relaxed);
+                    drop_keys.push(k);
                 }
+            }
+        }
+        if !drop_keys.is_empty() {
+            let n = drop_keys.len() as u64;
+            let mut batch = sled::Batch::default();
+            drop_keys.into_iter().for_each(|k| batch.remove(k));
+            let dropped = self.dropped() + n;
+            batch.insert(DROPPED, &dropped.to_be_bytes());
+            if self.tree.apply_batch(batch).is_ok() {
+                self.held.fetch_sub(n, Ordering::Relaxed);
             }
         }
         out
@@ -158,45 +207,39 @@ impl Outbox {
     }
 }
 
-/// Numbers, bounds and writes a batch of records, durably.
+/// Numbers, bounds and writes a batch of records, durably; returns the
+/// highest id now on disk.
 fn write(
     tree: &sled::Tree,
     store: &Store,
     bodies: Vec<(u64, TelemetryBody)>,
     max: u64,
-    unqueued: &AtomicU64,
+    unqueued: u64,
     held: &AtomicU64,
-) -> Result<()> {
+) -> Result<u64> {
     let mut next = read_u64(tree, NEXT)?.unwrap_or(1);
-    let mut dropped = read_u64(tree, DROPPED)?.unwrap_or(0) + unqueued.swap(0, Ordering::Relaxed);
+    let mut dropped = read_u64(tree, DROPPED)?.unwrap_or(0) + unqueued;
     let mut batch = sled::Batch::default();
-    let mut added = 0u64;
-    let mut records = Vec::new();
+    let mut ids = Vec::new();
     for (at_ms, body) in bodies {
-        if dropped > 0 {
-            records.push(TelemetryRecord { id: next, at_ms, body: TelemetryBody::Dropped(dropped) });
-            next += 1;
-            dropped = 0;
-        }
-        records.push(TelemetryRecord { id: next, at_ms, body });
+        let r = TelemetryRecord { id: next, at_ms, body };
+        batch.insert(&record_key(r.id), postcard::to_stdvec(&r)?);
+        ids.push(r.id);
         next += 1;
     }
-    for r in &records {
-        batch.insert(&record_key(r.id), postcard::to_stdvec(r)?);
-        added += 1;
-    }
-    // Over the bound: the oldest go, counted for the next record to say.
+    let added = ids.len() as u64;
+    // Over the bound: the oldest go, counted.
     let over = (held.load(Ordering::Relaxed) + added).saturating_sub(max);
     let mut removed = 0;
     for k in tree.scan_prefix([RECORD]).keys().flatten().take(over as usize) {
         batch.remove(k);
         removed += 1;
     }
-    // Still over (the batch itself is larger than the bound): its own oldest.
-    let mut own = records.iter();
+    // Still over (the batch alone is larger than the bound): its own oldest.
+    let mut own = ids.iter();
     while removed < over {
-        let Some(r) = own.next() else { break };
-        batch.remove(&record_key(r.id));
+        let Some(id) = own.next() else { break };
+        batch.remove(&record_key(*id));
         removed += 1;
     }
     dropped += removed;
@@ -205,11 +248,65 @@ fn write(
     tree.apply_batch(batch)?;
     store.sync()?;
     held.store(held.load(Ordering::Relaxed) + added - removed, Ordering::Relaxed);
-    Ok(())
+    Ok(next - 1)
 }
 
 /// Random bytes from the kernel.
 fn getrandom(buf: &mut [u8]) -> Result<()> {
     use std::io::Read;
     std::fs::File::open("/dev/urandom")?.read_exact(buf).context("reading /dev/urandom")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tern_proto::MonitorStarted;
+
+    fn body(i: u32) -> TelemetryBody {
+        TelemetryBody::Started(MonitorStarted { model: format!("m{i}"), version: i })
+    }
+
+    fn wait_until(what: &str, f: impl Fn() -> bool) {
+        for _ in 0..500 {
+            if f() {
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        panic!("{what}");
+    }
+
+    #[test]
+    fn a_full_buffer_drops_the_oldest_and_counts_them_and_ids_go_on_after_a_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(Store::open(dir.path()).unwrap());
+        let outbox = Outbox::open(store.clone(), 3).unwrap();
+        let stream = outbox.stream();
+        for i in 0..5 {
+            outbox.push(body(i));
+        }
+        wait_until("five records written", || outbox.oldest(10, 1 << 20).last().is_some_and(|r| r.id == 5));
+        let ids: Vec<u64> = outbox.oldest(10, 1 << 20).iter().map(|r| r.id).collect();
+        assert_eq!(ids, vec![3, 4, 5], "the oldest two went");
+        assert_eq!((outbox.held(), outbox.dropped()), (3, 2));
+        // At most `max` records, and within the byte budget (one record
+        // alone over it is dropped, counted).
+        assert_eq!(outbox.oldest(2, 1 << 20).len(), 2);
+        outbox.acknowledged(4);
+        let ids: Vec<u64> = outbox.oldest(10, 1 << 20).iter().map(|r| r.id).collect();
+        assert_eq!(ids, vec![5]);
+        assert!(outbox.oldest(10, 4).is_empty());
+        assert_eq!((outbox.held(), outbox.dropped()), (0, 3));
+        outbox.push(body(9));
+        wait_until("the sixth record", || outbox.oldest(10, 1 << 20).len() == 1);
+        drop(outbox);
+        // The same store again, as after a restart: the stream, the count
+        // and the numbering go on.
+        let again = Outbox::open(store, 3).unwrap();
+        assert_eq!((again.stream(), again.held(), again.dropped()), (stream, 1, 3));
+        again.push(body(10));
+        wait_until("the seventh record", || again.oldest(10, 1 << 20).len() == 2);
+        let ids: Vec<u64> = again.oldest(10, 1 << 20).iter().map(|r| r.id).collect();
+        assert_eq!(ids, vec![6, 7]);
+    }
 }

@@ -236,3 +236,63 @@ fn a_control_session_that_goes_quiet_is_closed() {
         tokio::time::timeout(Duration::from_secs(6), dev.conn.closed()).await.expect("a quiet session stayed open");
     });
 }
+
+#[test]
+fn forged_telemetry_is_acknowledged_and_kept_out() {
+    use tern_proto::{AlertChange, TelemetryAck, TelemetryBatch, TelemetryBody, TelemetryRecord, WindowSummary};
+    let coord = Coord::start();
+    let agent = Agent::enrolled(&coord, "cam-03");
+    coord.register_iris("iris");
+    let rt = runtime();
+    rt.block_on(async {
+        let dev = RawDevice::connect(&coord, &agent, tern_proto::WireVersion::SUPPORTED).await.unwrap();
+        let (mut send, mut reader, first) = dev.ask(&hello("raw")).await.unwrap();
+        assert!(matches!(first, Some(Message::Welcome(_))), "{first:?}");
+        let _desired = reader.next().await.unwrap();
+        let alert = |id, model: &str, rule: &str, feature: &str, value| TelemetryRecord {
+            id,
+            at_ms: 1,
+            body: TelemetryBody::Alert(AlertChange {
+                model: model.into(),
+                version: 1,
+                rule: rule.into(),
+                feature: feature.into(),
+                raised: true,
+                value,
+                threshold: 0.1,
+            }),
+        };
+        let window = TelemetryRecord {
+            id: 4,
+            at_ms: 1,
+            body: TelemetryBody::Window(WindowSummary {
+                model: "iris".into(),
+                version: 1,
+                seq: 0,
+                millis: 1,
+                rows: 1,
+                requests: 1,
+                errors: 0,
+                p99_us: None,
+                profile: vec![0xff; 1000],
+            }),
+        };
+        // Not assigned iris; a model that does not exist; a rule no agent
+        // has; NaN; a profile that fits no layout.
+        let records = vec![
+            alert(1, "iris", "feature_drift", "x", f64::NAN),
+            alert(2, "ghost", "feature_drift", "x", 1.0),
+            alert(3, "iris", "made_up", "", 1.0),
+            window,
+        ];
+        let batch = TelemetryBatch { stream: 42, dropped: 0, records };
+        tern_net::write_msg(&mut send, &Message::Telemetry(batch), dev.version).await.unwrap();
+        let ack = tokio::time::timeout(Duration::from_secs(10), reader.next()).await.unwrap().unwrap();
+        assert_eq!(ack, Some(Message::TelemetryAck(TelemetryAck { stream: 42, up_to: 4 })));
+    });
+    assert_eq!(coord.json(&["alerts", "list", "--all"]), serde_json::json!([]));
+    let (status, windows) = coord.admin_get("/v1/monitor/windows/iris");
+    assert_eq!((status, windows.as_str()), (200, "[]"));
+    let (status, _) = coord.admin_get("/metrics");
+    assert_eq!(status, 200);
+}

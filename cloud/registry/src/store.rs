@@ -26,6 +26,8 @@ pub struct Registry {
     /// Certificate SHA-256 → id of the removed device it belonged to.
     revoked: sled::Tree,
     tokens: sled::Tree,
+    /// Held while a telemetry batch is stored.
+    telemetry: std::sync::Mutex<()>,
 }
 
 fn version_key(name: &str, version: u32) -> Vec<u8> {
@@ -74,6 +76,7 @@ impl Registry {
             certs: db.open_tree("certs")?,
             revoked: db.open_tree("revoked")?,
             tokens: db.open_tree("tokens")?,
+            telemetry: std::sync::Mutex::new(()),
             db,
             path,
         })
@@ -81,6 +84,10 @@ impl Registry {
 
     pub(crate) fn db(&self) -> &sled::Db {
         &self.db
+    }
+
+    pub(crate) fn telemetry_lock(&self) -> &std::sync::Mutex<()> {
+        &self.telemetry
     }
 
     /// Makes everything written so far durable.

@@ -1,13 +1,27 @@
 //! Device telemetry in the registry: drift windows per model version and
-//! device (a week of them at five-minute windows), and alerts raised and
-//! cleared, acknowledged by operators. A record is kept once: its key is
+//! device (the latest [`WINDOWS_KEPT`]), and alerts raised and cleared,
+//! acknowledged by operators (the latest [`ALERTS_KEPT`]). A record is kept once: its key is
 //! the device, its record stream and its id, and ids at or below the
 //! stream's last stored one are dropped as sent again.
 
 use crate::store::{decode, encode};
 use crate::{Registry, Result};
 use serde::{Deserialize, Serialize};
-use tern_proto::{DeviceId, TelemetryBatch, TelemetryBody};
+use sled::Transactional;
+use sled::transaction::TransactionalTree;
+use tern_proto::{AlertChange, DeviceId, TelemetryBatch, TelemetryBody};
+
+/// Marks the alert stored under `id` cleared at `at_ms`.
+fn clear(alerts: &TransactionalTree, id: &[u8], at_ms: u64) -> std::result::Result<(), TxError> {
+    if let Some(raw) = alerts.get(id)? {
+        // One that does not read back is left as it is.
+        if let Ok(mut alert) = decode::<Alert>(id, &raw) {
+            alert.cleared_at_ms = Some(at_ms);
+            alerts.insert(id, encode(&alert))?;
+        }
+    }
+    Ok(())
+}
 
 /// Windows kept per model version and device; older ones are dropped.
 pub const WINDOWS_KEPT: usize = 2016;
@@ -82,14 +96,20 @@ pub struct Taken {
     pub windows: Vec<StoredWindow>,
     /// Alerts raised.
     pub raised: Vec<Alert>,
-    /// Records the device said it dropped.
+    /// Records the device dropped since its last batch.
     pub dropped: u64,
 }
+
+/// Alerts kept; past this the oldest cleared ones go.
+pub const ALERTS_KEPT: usize = 10_000;
 
 #[derive(Serialize, Deserialize)]
 struct StreamState {
     stream: u64,
     last: u64,
+    /// The device's running count of dropped records, as last seen.
+    #[serde(default)]
+    dropped: u64,
 }
 
 fn window_prefix(model: &str, version: Option<u32>) -> Vec<u8> {
@@ -101,123 +121,196 @@ fn window_prefix(model: &str, version: Option<u32>) -> Vec<u8> {
     k
 }
 
+fn device_windows(model: &str, version: u32, device: &DeviceId) -> Vec<u8> {
+    let mut k = window_prefix(model, Some(version));
+    k.push(0);
+    k.extend_from_slice(device.as_str().as_bytes());
+    k.push(0);
+    k
+}
+
 fn open_key(device: &DeviceId, model: &str, version: u32, rule: &str, feature: &str) -> Vec<u8> {
     format!("{}\0{model}\0{version}\0{rule}\0{feature}", device.as_str()).into_bytes()
 }
 
+/// A float that JSON can hold (serde_json writes NaN and infinities as
+/// `null`, which then does not read back).
+fn finite(x: f64) -> f64 {
+    if x.is_nan() { 0.0 } else { x.clamp(-f64::MAX, f64::MAX) }
+}
+
+/// An open alert's key and id.
+type OpenAlert = (sled::IVec, sled::IVec);
+
+type TxError = sled::transaction::ConflictableTransactionError<crate::RegistryError>;
+
 impl Registry {
-    /// Stores a batch from `device`; `now` in Unix seconds. Windows and
-    /// alerts of a model version `keep` refuses are counted as taken (so
-    /// they are acknowledged) but not stored.
+    /// Stores a batch from `device`; `now` in Unix seconds. Records `keep`
+    /// refuses (a version the device was not given, a rule or feature it
+    /// does not have, a profile that does not fit) are counted as taken, so
+    /// that they are acknowledged, but not stored. One batch is stored
+    /// whole or not at all, one batch at a time. `keep` runs before the
+    /// transaction and may read the registry.
     pub fn take_telemetry(
         &self,
         device: &DeviceId,
         batch: &TelemetryBatch,
         now: u64,
-        keep: impl Fn(&str, u32) -> bool,
+        keep: impl Fn(&TelemetryBody) -> bool,
     ) -> Result<Taken> {
+        let _one_at_a_time = self.telemetry_lock().lock().expect("lock");
         let streams = self.db().open_tree("telemetry_streams")?;
         let windows = self.db().open_tree("windows")?;
         let alerts = self.db().open_tree("alerts")?;
         let open = self.db().open_tree("alerts_open")?;
         let key = device.as_str().as_bytes();
-        let mut state = match streams.get(key)? {
-            Some(raw) => decode::<StreamState>(key, &raw)?,
-            None => StreamState { stream: batch.stream, last: 0 },
-        };
-        // A new stream: the device's buffer was made again (its state
-        // wiped); its ids start over.
-        if state.stream != batch.stream {
-            state = StreamState { stream: batch.stream, last: 0 };
-        }
-        let mut taken = Taken::default();
+        // Judged before: sled holds every tree while a transaction runs, so
+        // `keep` (which may read the registry) cannot run inside one.
+        let wanted: Vec<bool> = batch.records.iter().map(|r| keep(&r.body)).collect();
+        let mut ids = Vec::new();
+        // What a `Started` ends, read before: a transaction cannot scan.
+        let mut standing: Vec<(Vec<u8>, Vec<OpenAlert>)> = Vec::new();
         for r in &batch.records {
-            if r.id <= state.last {
-                taken.again += 1;
-                continue;
-            }
-            state.last = r.id;
-            taken.new += 1;
-            let wanted = match &r.body {
-                TelemetryBody::Window(w) => keep(&w.model, w.version),
-                TelemetryBody::Alert(a) => keep(&a.model, a.version),
-                TelemetryBody::Dropped(_) => true,
-            };
-            if !wanted {
-                continue;
-            }
             match &r.body {
-                TelemetryBody::Window(w) => {
-                    let stored = StoredWindow {
-                        device: device.clone(),
-                        record: r.id,
-                        model: w.model.clone(),
-                        version: w.version,
-                        at_ms: r.at_ms,
-                        received_at: now,
-                        millis: w.millis,
-                        rows: w.rows,
-                        requests: w.requests,
-                        errors: w.errors,
-                        p99_us: w.p99_us,
-                        profile: w.profile.clone(),
-                    };
-                    let mut k = window_prefix(&w.model, Some(w.version));
-                    k.push(0);
-                    k.extend_from_slice(device.as_str().as_bytes());
-                    k.push(0);
-                    let per_device = k.clone();
-                    k.extend_from_slice(&now.to_be_bytes());
-                    k.extend_from_slice(&r.id.to_be_bytes());
-                    windows.insert(k, encode(&stored))?;
-                    // Oldest first (by the time taken): past the limit they go.
-                    let held = windows.scan_prefix(&per_device).keys().count();
-                    for old in windows.scan_prefix(&per_device).keys().take(held.saturating_sub(WINDOWS_KEPT)) {
-                        windows.remove(old?)?;
-                    }
-                    taken.windows.push(stored);
+                TelemetryBody::Alert(AlertChange { raised: true, .. }) => ids.push(self.db().generate_id()?),
+                TelemetryBody::Started(s) => {
+                    let prefix = format!("{}\0{}\0", device.as_str(), s.model).into_bytes();
+                    let now_open = open.scan_prefix(&prefix).collect::<std::result::Result<_, _>>()?;
+                    standing.push((prefix, now_open));
                 }
-                TelemetryBody::Alert(a) => {
-                    let ok = open_key(device, &a.model, a.version, &a.rule, &a.feature);
-                    match (a.raised, open.get(&ok)?) {
-                        // Raised again while open (sent twice): one alert.
-                        (true, Some(_)) => {}
-                        (true, None) => {
-                            let id = self.db().generate_id()?;
-                            let alert = Alert {
-                                id,
-                                device: device.clone(),
-                                model: a.model.clone(),
-                                version: a.version,
-                                rule: a.rule.clone(),
-                                feature: a.feature.clone(),
-                                value: a.value,
-                                threshold: a.threshold,
-                                raised_at_ms: r.at_ms,
-                                cleared_at_ms: None,
-                                acked_at: None,
-                            };
-                            alerts.insert(id.to_be_bytes(), encode(&alert))?;
-                            open.insert(&ok, &id.to_be_bytes())?;
-                            taken.raised.push(alert);
-                        }
-                        (false, Some(id)) => {
-                            if let Some(raw) = alerts.get(&id)? {
-                                let mut alert: Alert = decode(&id, &raw)?;
-                                alert.cleared_at_ms = Some(r.at_ms);
-                                alerts.insert(&id, encode(&alert))?;
-                            }
-                            open.remove(&ok)?;
-                        }
-                        (false, None) => {}
-                    }
-                }
-                TelemetryBody::Dropped(n) => taken.dropped += n,
+                _ => {}
             }
         }
-        streams.insert(key, encode(&state))?;
+        let result = (&streams, &windows, &alerts, &open).transaction(|(streams, windows, alerts, open)| {
+            let mut state = match streams.get(key)? {
+                Some(raw) => decode::<StreamState>(key, &raw).map_err(TxError::Abort)?,
+                None => StreamState { stream: batch.stream, last: 0, dropped: 0 },
+            };
+            // A new stream: the device's buffer was made again (its state
+            // wiped); its ids start over.
+            if state.stream != batch.stream {
+                state = StreamState { stream: batch.stream, last: 0, dropped: 0 };
+            }
+            let mut taken = Taken { dropped: batch.dropped.saturating_sub(state.dropped), ..Taken::default() };
+            state.dropped = state.dropped.max(batch.dropped);
+            let mut ids = ids.iter();
+            let mut standing = standing.iter();
+            // Alerts this batch opened, which a later `Started` ends too.
+            let mut opened: Vec<(Vec<u8>, [u8; 8])> = Vec::new();
+            for (r, wanted) in batch.records.iter().zip(&wanted) {
+                if r.id <= state.last {
+                    taken.again += 1;
+                    continue;
+                }
+                state.last = r.id;
+                taken.new += 1;
+                if !wanted {
+                    continue;
+                }
+                match &r.body {
+                    TelemetryBody::Window(w) => {
+                        let stored = StoredWindow {
+                            device: device.clone(),
+                            record: r.id,
+                            model: w.model.clone(),
+                            version: w.version,
+                            // The device's clock, never after the arrival.
+                            at_ms: r.at_ms.min(now.saturating_mul(1000)),
+                            received_at: now,
+                            millis: w.millis,
+                            rows: w.rows,
+                            requests: w.requests,
+                            errors: w.errors,
+                            p99_us: w.p99_us,
+                            profile: w.profile.clone(),
+                        };
+                        let mut k = device_windows(&w.model, w.version, device);
+                        k.extend_from_slice(&batch.stream.to_be_bytes());
+                        k.extend_from_slice(&r.id.to_be_bytes());
+                        windows.insert(k, encode(&stored))?;
+                        taken.windows.push(stored);
+                    }
+                    TelemetryBody::Alert(a) => {
+                        let ok = open_key(device, &a.model, a.version, &a.rule, &a.feature);
+                        match (a.raised, open.get(&ok)?) {
+                            // Raised again while open: one alert.
+                            (true, Some(_)) => {}
+                            (true, None) => {
+                                let id = *ids.next().expect("an id per raised alert");
+                                let alert = Alert {
+                                    id,
+                                    device: device.clone(),
+                                    model: a.model.clone(),
+                                    version: a.version,
+                                    rule: a.rule.clone(),
+                                    feature: a.feature.clone(),
+                                    value: finite(a.value),
+                                    threshold: finite(a.threshold),
+                                    raised_at_ms: r.at_ms,
+                                    cleared_at_ms: None,
+                                    acked_at: None,
+                                };
+                                alerts.insert(&id.to_be_bytes(), encode(&alert))?;
+                                open.insert(ok.clone(), &id.to_be_bytes())?;
+                                opened.push((ok, id.to_be_bytes()));
+                                taken.raised.push(alert);
+                            }
+                            (false, Some(id)) => {
+                                clear(alerts, &id, r.at_ms)?;
+                                open.remove(ok)?;
+                            }
+                            (false, None) => {}
+                        }
+                    }
+                    TelemetryBody::Started(_) => {
+                        // Every alert of the model open on this device ends.
+                        let (prefix, before) = standing.next().expect("one scan per Started");
+                        for (ok, id) in before {
+                            if open.get(ok)?.is_some() {
+                                clear(alerts, id, r.at_ms)?;
+                                open.remove(ok)?;
+                            }
+                        }
+                        for (ok, id) in opened.iter().filter(|(k, _)| k.starts_with(prefix)) {
+                            if open.get(ok.as_slice())?.is_some() {
+                                clear(alerts, id, r.at_ms)?;
+                                open.remove(ok.as_slice())?;
+                            }
+                        }
+                    }
+                }
+            }
+            streams.insert(key, encode(&state))?;
+            taken.up_to = state.last;
+            Ok(taken)
+        });
+        let taken = result.map_err(|e| match e {
+            sled::transaction::TransactionError::Abort(e) => e,
+            sled::transaction::TransactionError::Storage(e) => crate::RegistryError::Storage(e),
+        })?;
+        // Retention, after: a crash here only keeps a few more.
+        for w in &taken.windows {
+            let prefix = device_windows(&w.model, w.version, device);
+            let held = windows.scan_prefix(&prefix).keys().count();
+            for old in windows.scan_prefix(&prefix).keys().take(held.saturating_sub(WINDOWS_KEPT)) {
+                windows.remove(old?)?;
+            }
+        }
+        if !taken.raised.is_empty() && alerts.len() > ALERTS_KEPT {
+            let over = alerts.len() - ALERTS_KEPT;
+            let mut gone = 0;
+            for kv in alerts.iter() {
+                let (k, v) = kv?;
+                if gone == over {
+                    break;
+                }
+                if decode::<Alert>(&k, &v).is_ok_and(|a| a.cleared_at_ms.is_some()) {
+                    alerts.remove(k)?;
+                    gone += 1;
+                }
+            }
+        }
         self.sync()?;
-        taken.up_to = state.last;
         Ok(taken)
     }
 
@@ -244,7 +337,8 @@ impl Registry {
         let mut out = Vec::new();
         for kv in alerts.iter().rev() {
             let (k, v) = kv?;
-            let a: Alert = decode(&k, &v)?;
+            // One record that does not read back hides no other.
+            let Ok(a) = decode::<Alert>(&k, &v) else { continue };
             if all || a.cleared_at_ms.is_none() || a.acked_at.is_none() {
                 out.push(a);
             }
@@ -262,5 +356,98 @@ impl Registry {
         alerts.insert(key, encode(&a))?;
         self.sync()?;
         Ok(a)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tern_proto::{MonitorStarted, TelemetryRecord, WindowSummary};
+
+    fn window(id: u64) -> TelemetryRecord {
+        let w = WindowSummary {
+            model: "m".into(),
+            version: 1,
+            seq: id,
+            millis: 10,
+            rows: 5,
+            requests: 1,
+            errors: 0,
+            p99_us: Some(3),
+            profile: vec![],
+        };
+        TelemetryRecord { id, at_ms: id * 1000, body: TelemetryBody::Window(w) }
+    }
+
+    fn alert(id: u64, raised: bool, value: f64) -> TelemetryRecord {
+        let a = AlertChange {
+            model: "m".into(),
+            version: 1,
+            rule: "feature_drift".into(),
+            feature: "x".into(),
+            raised,
+            value,
+            threshold: 0.1,
+        };
+        TelemetryRecord { id, at_ms: id * 1000, body: TelemetryBody::Alert(a) }
+    }
+
+    fn batch(stream: u64, dropped: u64, records: Vec<TelemetryRecord>) -> TelemetryBatch {
+        TelemetryBatch { stream, dropped, records }
+    }
+
+    #[test]
+    fn records_sent_again_are_kept_once_and_a_new_stream_starts_over() {
+        let dir = tempfile::tempdir().unwrap();
+        let r = Registry::open(dir.path().join("db")).unwrap();
+        let dev: DeviceId = "cam-1".parse().unwrap();
+        let all = |_: &TelemetryBody| true;
+        let t = r.take_telemetry(&dev, &batch(7, 0, vec![window(1), window(2)]), 100, all).unwrap();
+        assert_eq!((t.up_to, t.new, t.again), (2, 2, 0));
+        let t = r.take_telemetry(&dev, &batch(7, 3, vec![window(2), window(3)]), 101, all).unwrap();
+        assert_eq!((t.up_to, t.new, t.again, t.dropped), (3, 1, 1, 3));
+        let t = r.take_telemetry(&dev, &batch(7, 3, vec![window(4)]), 102, all).unwrap();
+        assert_eq!(t.dropped, 0, "the running count did not grow");
+        let records: Vec<u64> = r.windows("m", Some(1), None).unwrap().iter().map(|w| w.record).collect();
+        assert_eq!(records, vec![1, 2, 3, 4]);
+        // The device's state was wiped: its ids start again on a new stream.
+        let t = r.take_telemetry(&dev, &batch(8, 0, vec![window(1)]), 103, all).unwrap();
+        assert_eq!((t.up_to, t.new), (1, 1));
+        assert_eq!(r.windows("m", Some(1), Some("cam-1")).unwrap().len(), 5);
+        // Refused records are acknowledged but not kept.
+        let t = r.take_telemetry(&dev, &batch(8, 0, vec![window(2)]), 104, |_| false).unwrap();
+        assert_eq!((t.up_to, t.new, t.windows.len()), (2, 1, 0));
+        assert_eq!(r.windows("m", None, None).unwrap().len(), 5);
+    }
+
+    #[test]
+    fn alerts_open_once_clear_and_end_when_the_monitor_starts_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let r = Registry::open(dir.path().join("db")).unwrap();
+        let dev: DeviceId = "cam-1".parse().unwrap();
+        let all = |_: &TelemetryBody| true;
+        // An infinite value (a constant baseline channel) is stored finite.
+        let t = r.take_telemetry(&dev, &batch(1, 0, vec![alert(1, true, f64::INFINITY), alert(2, true, 0.3)]), 1, all);
+        assert_eq!(t.unwrap().raised.len(), 1, "raised twice while open: one alert");
+        let open = r.alerts(false).unwrap();
+        assert_eq!(open.len(), 1);
+        assert_eq!(open[0].value, f64::MAX);
+        r.take_telemetry(&dev, &batch(1, 0, vec![alert(3, false, 0.0)]), 2, all).unwrap();
+        assert_eq!(r.alerts(false).unwrap()[0].cleared_at_ms, Some(3000));
+        let a = r.ack_alert(open[0].id, 5).unwrap();
+        assert_eq!(a.acked_at, Some(5));
+        assert!(r.alerts(false).unwrap().is_empty(), "cleared and acknowledged");
+        assert_eq!(r.alerts(true).unwrap().len(), 1);
+        // Raised again, then the agent restarts: the alert ends.
+        r.take_telemetry(&dev, &batch(1, 0, vec![alert(4, true, 0.5)]), 6, all).unwrap();
+        let started = TelemetryRecord {
+            id: 5,
+            at_ms: 9000,
+            body: TelemetryBody::Started(MonitorStarted { model: "m".into(), version: 2 }),
+        };
+        r.take_telemetry(&dev, &batch(1, 0, vec![started]), 7, all).unwrap();
+        let all_alerts = r.alerts(true).unwrap();
+        assert!(all_alerts.iter().all(|a| a.cleared_at_ms.is_some()), "{all_alerts:?}");
+        assert!(matches!(r.ack_alert(999, 1), Err(crate::RegistryError::UnknownAlert(999))));
     }
 }

@@ -2,7 +2,7 @@
 //! or output each feature is read from, the file that carries both, and the
 //! collector that builds one from reference data run through the model.
 
-use crate::profile::{Feature, Kind, Layout, Profile};
+use crate::profile::{Feature, Kind, Layout, Profile, Summary};
 use crate::{Baseline, BaselineBuilder, DriftError};
 use serde::{Deserialize, Serialize};
 use tern_proto::{Tensor, TensorData, TensorSpec};
@@ -127,6 +127,31 @@ impl ModelBaseline {
             profile: self.baseline.profile.clone().without_sketches(),
         };
         Self { baseline, sources: self.sources.clone() }
+    }
+
+    /// The most bytes a window on this layout can take encoded without
+    /// sketches (what a device sends per window): every count at its
+    /// largest.
+    pub fn max_window_bytes(&self) -> usize {
+        let mut w = self.baseline.window(None, 0);
+        for s in &mut w.features {
+            match s {
+                Summary::Numeric(n) => {
+                    n.counts.iter_mut().for_each(|c| *c = u64::MAX);
+                    (n.missing, n.moments.n) = (u64::MAX, u64::MAX);
+                }
+                Summary::Categorical(c) => {
+                    c.counts.iter_mut().for_each(|c| *c = u64::MAX);
+                    c.missing = u64::MAX;
+                }
+                Summary::Image(channels) => channels.iter_mut().for_each(|m| m.n = u64::MAX),
+                Summary::Classes(c) => {
+                    c.counts.iter_mut().chain(c.confidence.iter_mut()).for_each(|c| *c = u64::MAX);
+                    c.missing = u64::MAX;
+                }
+            }
+        }
+        postcard::to_stdvec(&w).map_or(usize::MAX, |v| v.len())
     }
 
     /// Binds the sources to a model's signature, checking that each tensor

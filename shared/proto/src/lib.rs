@@ -35,9 +35,9 @@ pub use manifest::{
 };
 pub use msg::{
     AlertChange, ArtifactHeader, DesiredState, EnrollRequest, EnrollResponse, ErrorCode, FetchArtifact, Hello,
-    MAX_HISTORY, MAX_TELEMETRY_BATCH, Message, ModelState, ModelStatus, Refusal, SignedDesired, StatusReport,
-    TelemetryAck, TelemetryBatch, TelemetryBody, TelemetryRecord, TufMetadata, UpdateEvent, UpdateHistory, Welcome,
-    WindowSummary, WireError, root_intro_statement,
+    MAX_HISTORY, MAX_TELEMETRY_BATCH, Message, ModelState, ModelStatus, MonitorStarted, Refusal, SignedDesired,
+    StatusReport, TelemetryAck, TelemetryBatch, TelemetryBody, TelemetryRecord, TufMetadata, UpdateEvent,
+    UpdateHistory, Welcome, WindowSummary, WireError, root_intro_statement,
 };
 pub use tensor::{TENSORS_MEDIA_TYPE, Tensor, TensorData, decode_tensors, encode_tensors};
 pub use token::{EnrollTokenText, TokenError};

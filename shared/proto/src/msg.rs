@@ -80,6 +80,9 @@ pub struct TelemetryBatch {
     /// so that a device whose state was wiped (and whose ids start again)
     /// is not taken for one sending old records again.
     pub stream: u64,
+    /// Records of this stream the device dropped so far, its buffer full
+    /// (the oldest go first) or its disk failing: a running count.
+    pub dropped: u64,
     /// The records, by increasing id.
     pub records: Vec<TelemetryRecord>,
 }
@@ -107,8 +110,19 @@ pub enum TelemetryBody {
     Window(WindowSummary),
     /// An alert was raised or cleared.
     Alert(AlertChange),
-    /// Records the device dropped, its buffer full (the oldest go first).
-    Dropped(u64),
+    /// The device started windowing a version afresh (it restarted, or
+    /// took the version in): no alert of the model raised before is
+    /// standing any more.
+    Started(MonitorStarted),
+}
+
+/// See [`TelemetryBody::Started`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MonitorStarted {
+    /// Model name.
+    pub model: String,
+    /// The version now windowed.
+    pub version: u32,
 }
 
 /// A closed drift window of one model version.

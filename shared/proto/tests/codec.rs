@@ -123,8 +123,8 @@ fn message() -> impl Strategy<Value = Message> {
         (digest(), any::<u64>(), any::<u64>())
             .prop_map(|(sha256, size, offset)| { Message::ArtifactHeader(ArtifactHeader { sha256, size, offset }) }),
         ".{0,80}".prop_map(|m| Message::Error(WireError::new(ErrorCode::NotFound, m))),
-        (any::<u64>(), prop::collection::vec(record(), 0..4))
-            .prop_map(|(stream, records)| Message::Telemetry(TelemetryBatch { stream, records })),
+        (any::<u64>(), any::<u64>(), prop::collection::vec(record(), 0..4))
+            .prop_map(|(stream, dropped, records)| Message::Telemetry(TelemetryBatch { stream, dropped, records })),
         (any::<u64>(), any::<u64>()).prop_map(|(stream, up_to)| Message::TelemetryAck(TelemetryAck { stream, up_to })),
     ]
 }
@@ -154,7 +154,9 @@ fn record() -> impl Strategy<Value = TelemetryRecord> {
         .prop_map(|(model, version, rule, feature, raised, value, threshold)| {
             TelemetryBody::Alert(AlertChange { model, version, rule, feature, raised, value, threshold })
         });
-    let body = prop_oneof![window, alert, any::<u64>().prop_map(TelemetryBody::Dropped)];
+    let started = (".{0,12}", any::<u32>())
+        .prop_map(|(model, version)| TelemetryBody::Started(MonitorStarted { model, version }));
+    let body = prop_oneof![window, alert, started];
     (any::<u64>(), any::<u64>(), body).prop_map(|(id, at_ms, body)| TelemetryRecord { id, at_ms, body })
 }
 

@@ -94,7 +94,10 @@ pub fn router(state: Arc<State>) -> Router {
         .route("/v1/models/{name}/versions/{version}", get(show_version))
         .route("/v1/models/{name}/versions/{version}/{decision}", post(decide))
         .route("/v1/models/{name}/versions/{version}/targets/{profile}", put(set_target))
-        .route("/v1/models/{name}/versions/{version}/constraints", put(set_constraints).delete(clear_constraints))
+        .route(
+            "/v1/models/{name}/versions/{version}/constraints",
+            put(set_constraints).delete(clear_constraints).layer(DefaultBodyLimit::max(MAX_CONSTRAINTS_BYTES)),
+        )
         .route("/v1/tokens", post(new_token))
         .route("/metrics", get(metrics))
         .route("/v1/alerts", get(list_alerts))
@@ -256,6 +259,9 @@ async fn store_golden(
 
 /// The most bytes of a baseline as uploaded (with its sketches).
 const MAX_BASELINE_BYTES: u64 = 64 << 20;
+/// The most bytes one window on a baseline may take (a telemetry record
+/// travels in a frame of at most 128 KiB with others).
+const MAX_WINDOW_BYTES: usize = 64 << 10;
 /// The most bytes of the baseline devices get (without sketches): it
 /// travels to every device with the version.
 const MAX_DEVICE_BASELINE_BYTES: usize = 1 << 20;
@@ -281,6 +287,14 @@ async fn store_baseline(
     tokio::task::spawn_blocking(move || {
         let full = tern_drift::ModelBaseline::decode(&bytes).map_err(|e| bad(format!("baseline {sha}: {e}")))?;
         full.bind(&inputs, &outputs).map_err(|e| bad(format!("baseline does not fit the model: {e}")))?;
+        // A device sends each window in one telemetry record, which must fit
+        // in one frame.
+        let window = full.max_window_bytes();
+        if window > MAX_WINDOW_BYTES {
+            return Err(bad(format!(
+                "a window on this baseline can take {window} bytes, over the {MAX_WINDOW_BYTES} a device may send: fewer features, bins or categories"
+            )));
+        }
         let device = full.without_sketches().encode();
         if device.len() > MAX_DEVICE_BASELINE_BYTES {
             return Err(bad(format!(

@@ -128,7 +128,10 @@ pub fn view(state: &Arc<State>, name: &str, q: &Query, now: u64) -> anyhow::Resu
     let mut per_bucket = vec![model.baseline.window(None, 0); buckets];
     let (mut windows, mut rows) = (0, 0);
     let mut devices = std::collections::BTreeSet::new();
-    for w in all.iter().filter(|w| w.version == version && w.received_at >= from) {
+    // When the device closed it (its clock, never after the arrival): a
+    // window buffered through an outage counts where it was made.
+    let closed = |w: &tern_registry::StoredWindow| (w.at_ms / 1000).min(w.received_at);
+    for w in all.iter().filter(|w| w.version == version && closed(w) >= from) {
         if let Some(g) = &q.group {
             let group = groups
                 .entry(w.device.clone())
@@ -144,7 +147,7 @@ pub fn view(state: &Arc<State>, name: &str, q: &Query, now: u64) -> anyhow::Resu
         if total.merge(layout, &p).is_err() {
             continue;
         }
-        let b = (((w.received_at - from) / bucket_secs) as usize).min(buckets - 1);
+        let b = ((closed(w).saturating_sub(from) / bucket_secs) as usize).min(buckets - 1);
         let _ = per_bucket[b].merge(layout, &p);
         windows += 1;
         rows += w.rows;

@@ -45,12 +45,13 @@ pub struct ServeArgs {
     /// Fleet name, shown in the CA certificate (first start only).
     #[arg(long, default_value = "default")]
     pub fleet: String,
-    /// The newest wire version to speak with agents (1 to 5): older agents
+    /// The newest wire version to speak with agents (1 to 6): older agents
     /// are always served in theirs; pin a lower one to hold a fleet on an
     /// older protocol while it is upgraded (below 5, models with `f16` or
     /// `bf16` tensors are not sent, and agents unload them; below 4,
     /// desired states are not signed as a whole and carry no TUF metadata;
-    /// below 3, agents keep their update history to themselves).
+    /// below 3, agents keep their update history to themselves; below 6,
+    /// agents keep their drift windows and alerts buffered).
     #[arg(long, default_value_t = WireVersion::CURRENT.0, value_parser = clap::value_parser!(u16).range(1..=6))]
     pub max_wire_version: u16,
     /// Connections at most, devices included.

@@ -339,10 +339,15 @@ fn clean_models(models: Vec<ModelStatus>) -> Vec<ModelStatus> {
         .collect()
 }
 
-/// Stores a device's telemetry off the async runtime: at most
-/// [`tern_proto::MAX_TELEMETRY_BATCH`] records, text cleaned, and only
-/// windows and alerts of versions the registry has (a device cannot make
-/// it keep records under names of its own choosing).
+/// Rules an agent raises alerts on (`tern_agent_core::monitor::Rule`).
+const RULES: &[&str] =
+    &["feature_drift", "missing_rate", "output_drift", "p99_latency", "error_rate", "low_confidence"];
+
+/// Stores a device's telemetry off the async runtime. Only what the device
+/// could have made is kept: windows and alerts of versions it was given or
+/// says it serves, rules the agent knows, features of the version's
+/// baseline, profiles that fit its layout (a device cannot make the
+/// registry keep records under names or in shapes of its own choosing).
 async fn take_telemetry(
     state: &Arc<State>,
     id: &DeviceId,
@@ -353,27 +358,36 @@ async fn take_telemetry(
     let (st, device) = (state.clone(), id.clone());
     let taken = tokio::task::spawn_blocking(move || {
         let id = device;
-        for r in &mut batch.records {
-            match &mut r.body {
-                TelemetryBody::Window(w) => w.model = clean(&w.model),
-                TelemetryBody::Alert(a) => {
-                    a.model = clean(&a.model);
-                    a.rule = clean(&a.rule);
-                    a.feature = clean(&a.feature);
-                }
-                TelemetryBody::Dropped(_) => {}
-            }
-        }
         let bytes = postcard::to_stdvec(&batch.records).map_or(0, |v| v.len() as u64);
-        let known = |model: &str, version: u32| st.registry.version(model, version).is_ok();
-        let taken = st.registry.take_telemetry(&id, &batch, unix_now(), known)?;
+        let d = st.registry.device(id.as_str())?;
+        let given = |model: &str, version: u32| {
+            d.desired.get(model) == Some(&version) || d.reported.iter().any(|m| m.name == model && m.version == version)
+        };
+        let keep = |body: &TelemetryBody| match body {
+            TelemetryBody::Window(w) => {
+                given(&w.model, w.version)
+                    && (w.profile.is_empty()
+                        || st
+                            .baseline(&w.model, w.version)
+                            .is_some_and(|b| tern_drift::Profile::decode(&w.profile, &b.baseline.layout).is_ok()))
+            }
+            TelemetryBody::Alert(a) => {
+                given(&a.model, a.version)
+                    && RULES.contains(&a.rule.as_str())
+                    && ((a.feature.is_empty() && matches!(a.rule.as_str(), "p99_latency" | "error_rate"))
+                        || st
+                            .baseline(&a.model, a.version)
+                            .is_some_and(|b| b.baseline.layout.index(&a.feature).is_some()))
+            }
+            TelemetryBody::Started(s) => {
+                d.desired.contains_key(&s.model) || d.reported.iter().any(|m| m.name == s.model)
+            }
+        };
+        let taken = st.registry.take_telemetry(&id, &batch, unix_now(), keep)?;
         let mut distances = Vec::new();
         for w in taken.windows.iter().filter(|w| !w.profile.is_empty()) {
             let Some(b) = st.baseline(&w.model, w.version) else { continue };
-            let Ok(profile) = tern_drift::Profile::decode(&w.profile, &b.baseline.layout) else {
-                warn!(device = %id, model = %w.model, version = w.version, "a window that does not fit its baseline");
-                continue;
-            };
+            let Ok(profile) = tern_drift::Profile::decode(&w.profile, &b.baseline.layout) else { continue };
             for d in b.baseline.compare(&profile).unwrap_or_default() {
                 if let Some(linf) = d.linf {
                     distances.push(super::metrics::Distance {

@@ -350,9 +350,8 @@ impl Coord {
         self.json(&["fleet", "list"]).as_array().unwrap().iter().find(|d| d["id"] == id).cloned().unwrap_or(Value::Null)
     }
 
-    /// Waits until device `id` has said, in a session of wire `version`,
-    /// what its agent can do.
-    /// Waits until `id`'s session speaks wire `version` or later.
+    /// Waits until device `id` has said, in a session of wire `version` or
+    /// later, what its agent can do.
     pub fn wait_wire_version(&self, id: &str, version: u16) {
         wait_for(&format!("{id}'s capabilities"), Duration::from_secs(10), || {
             (self.device(id)["capabilities"]["wire_version"].as_u64()? >= u64::from(version)).then_some(())
