@@ -223,6 +223,7 @@ impl Shared {
         queue: usize,
         limits: Limits,
         budget: usize,
+        monitor: tern_agent_core::monitor::MonitorConfig,
     ) -> Self {
         Self {
             device,
@@ -235,7 +236,7 @@ impl Shared {
             budget: Budget::new(budget),
             shadows: Default::default(),
             leases: Default::default(),
-            monitor: Default::default(),
+            monitor,
             outbox: Default::default(),
         }
     }

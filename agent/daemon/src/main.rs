@@ -346,18 +346,20 @@ async fn run(
     let (conn_tx, conn_rx) = watch::channel(None);
     let (link_tx, link_rx) = mpsc::channel(16);
 
-    let mut shared = api::Shared::new(
+    // Built straight into its Arc: `Shared` is large, and a local held
+    // across an await would copy it into this future (and its initial
+    // value into the binary).
+    let shared = Arc::new(api::Shared::new(
         identity.info.device_id.clone(),
         status_rx.clone(),
         sizing.threads,
         sizing.queue,
         sizing.limits,
         sizing.request_memory,
-    );
-    shared.monitor = monitor;
+        monitor,
+    ));
     let outbox = outbox::Outbox::open(store.clone(), telemetry_buffer)?;
     let _ = shared.outbox.set(outbox.clone());
-    let shared = Arc::new(shared);
     tokio::spawn(drift::close_old_windows(shared.clone()));
     let socket = socket.unwrap_or_else(|| data_dir.join("agent.sock"));
     let tcp =

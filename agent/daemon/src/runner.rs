@@ -859,7 +859,15 @@ mod tests {
             let report = StatusReport { models: vec![], generation: 0, refused: None };
             let (status_tx, status) = watch::channel(report);
             let limits = Limits::default();
-            let shared = Arc::new(Shared::new(DeviceId::new("cam-01").unwrap(), status.clone(), 1, 1, limits, 1 << 20));
+            let shared = Arc::new(Shared::new(
+                DeviceId::new("cam-01").unwrap(),
+                status.clone(),
+                1,
+                1,
+                limits,
+                1 << 20,
+                Default::default(),
+            ));
             let live = Arc::new(Mutex::new(BTreeSet::new()));
             let persister = Persister::spawn(store, live.clone()).unwrap();
             let slots = Slots::new(&[ModelFormat::Onnx]);
