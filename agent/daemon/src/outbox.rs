@@ -38,13 +38,6 @@ fn read_u64(tree: &sled::Tree, key: &[u8]) -> Result<Option<u64>> {
     }
 }
 
-fn last_id(tree: &sled::Tree) -> Result<u64> {
-    Ok(match tree.scan_prefix([RECORD]).keys().next_back() {
-        Some(k) => u64::from_be_bytes(k?[1..].try_into().context("a record key of 9 bytes")?),
-        None => 0,
-    })
-}
-
 /// The buffer.
 pub struct Outbox {
     tree: sled::Tree,
@@ -78,8 +71,11 @@ impl Outbox {
             }
         };
         let held = tree.scan_prefix([RECORD]).count() as u64;
-        // After a restart what is there is what the disk kept.
-        let durable = Arc::new(AtomicU64::new(last_id(&tree)?));
+        // After a restart what is there is what the disk kept: ids below
+        // the next one (written with the records). Not found by iterating
+        // backwards: sled's reverse scan brings a 1 MiB constant into the
+        // binary.
+        let durable = Arc::new(AtomicU64::new(read_u64(&tree, NEXT)?.unwrap_or(1).saturating_sub(1)));
         let (tx, rx) = std::sync::mpsc::sync_channel::<(u64, TelemetryBody)>(QUEUE);
         let outbox = Arc::new(Self {
             tree: tree.clone(),
