@@ -437,9 +437,12 @@ fn telemetry_buffered_offline_survives_sigkill_and_arrives_once_in_order() {
     agent.proc.as_mut().unwrap().kill9();
     agent.start_with(&["--drift-window-rows", "10"]);
     agent.wait_answering("bc", 1);
-    // The five windows survived, and the new process said it started.
-    let (_, t) = agent.get("/v1/telemetry");
-    assert_eq!(t["held"], 6, "the buffer survived SIGKILL: {t}");
+    // The five windows survived, and the new process says it started (its
+    // record written on the outbox thread, soon after).
+    common::wait_for("the buffer after SIGKILL", std::time::Duration::from_secs(10), || {
+        let (_, t) = agent.get("/v1/telemetry");
+        (t["held"] == 6).then_some(())
+    });
     stream(&agent, &heldout[70..90]);
     let coord = Coord::start_in(coord_dir, &["--quic-listen", &quic]).map_err(|(_, log)| log).unwrap();
     wait_delivered(&agent);
