@@ -207,13 +207,7 @@ fn csv_table(bytes: &[u8], input: &TensorSpec, opts: &Options, shown: &str) -> R
         "{shown}: a CSV fills an input of rank 2 (rows × features); {input} has rank {} (give a .npy)",
         input.shape.len()
     );
-    let mut reader = csv::ReaderBuilder::new().has_headers(true).flexible(true).from_reader(bytes);
-    let header: Vec<String> = reader
-        .headers()
-        .with_context(|| format!("{shown}: reading its header"))?
-        .iter()
-        .map(|h| h.trim().to_owned())
-        .collect();
+    let (mut reader, header) = csv_reader(bytes, true, shown)?;
     if let Some(i) = header.iter().position(|h| h.is_empty()) {
         bail!("{shown} line 1: column {} has no name", i + 1);
     }
@@ -252,7 +246,7 @@ fn csv_table(bytes: &[u8], input: &TensorSpec, opts: &Options, shown: &str) -> R
         let mut all = true;
         for (field, name) in record.iter().zip(&header) {
             let field = field.trim();
-            let x = if field.is_empty() || field.eq_ignore_ascii_case("nan") || field == "NA" {
+            let x = if is_missing(field) {
                 all = false;
                 f64::NAN
             } else {
@@ -275,6 +269,25 @@ fn csv_table(bytes: &[u8], input: &TensorSpec, opts: &Options, shown: &str) -> R
         })
         .collect();
     Ok(Table { shape: vec![complete.len(), header.len()], values, features, complete })
+}
+
+/// A CSV reader over `bytes` (`flexible`: rows of any length, for the
+/// caller to judge) and its header, trimmed.
+pub fn csv_reader<'a>(bytes: &'a [u8], flexible: bool, shown: &str) -> Result<(csv::Reader<&'a [u8]>, Vec<String>)> {
+    let mut reader = csv::ReaderBuilder::new().has_headers(true).flexible(flexible).from_reader(bytes);
+    let header = reader
+        .headers()
+        .with_context(|| format!("{shown}: reading its header"))?
+        .iter()
+        .map(|h| h.trim().to_owned())
+        .collect();
+    Ok((reader, header))
+}
+
+/// Whether a (trimmed) CSV cell stands for a missing value: empty, `nan`
+/// in any case, or `NA`.
+pub fn is_missing(field: &str) -> bool {
+    field.is_empty() || field.eq_ignore_ascii_case("nan") || field == "NA"
 }
 
 fn npy(bytes: &[u8], input: &TensorSpec) -> Result<Table> {

@@ -285,13 +285,7 @@ pub fn run(c: &Client, cmd: MonitorCmd, json: bool) -> Result<()> {
 pub fn check_csv(model: &ModelBaseline, cons: &Constraints, data: &Path) -> Result<Violations> {
     let shown = data.display().to_string();
     let bytes = std::fs::read(data).with_context(|| format!("reading {shown}"))?;
-    let mut reader = csv::ReaderBuilder::new().has_headers(true).from_reader(bytes.as_slice());
-    let header: Vec<String> = reader
-        .headers()
-        .with_context(|| format!("{shown}: reading its header"))?
-        .iter()
-        .map(|h| h.trim().to_owned())
-        .collect();
+    let (mut reader, header) = crate::baseline::csv_reader(&bytes, false, &shown)?;
     let layout = &model.baseline.layout;
     let mut extra = Vec::new();
     let mut columns = Vec::new();
@@ -322,7 +316,7 @@ pub fn check_csv(model: &ModelBaseline, cons: &Constraints, data: &Path) -> Resu
         let record = record.with_context(|| format!("{shown}: reading row {}", r + 1))?;
         for &(j, i) in &columns {
             let field = record.get(j).unwrap_or("").trim();
-            let x = if field.is_empty() || field.eq_ignore_ascii_case("nan") || field == "NA" {
+            let x = if crate::baseline::is_missing(field) {
                 f64::NAN
             } else {
                 present[i] += 1;
