@@ -285,10 +285,11 @@ pub fn router(shared: Arc<Shared>) -> Router {
         .with_state(shared)
 }
 
-/// `GET /v1/telemetry`: records waiting on disk for the coordinator.
+/// `GET /v1/telemetry`: records waiting on disk for the coordinator, and
+/// those made but not yet on disk.
 async fn telemetry(State(shared): State<Arc<Shared>>) -> Json<Value> {
-    let (held, stream) = shared.outbox.get().map_or((0, 0), |o| (o.held(), o.stream()));
-    Json(serde_json::json!({ "held": held, "stream": format!("{stream:016x}") }))
+    let (held, queued, stream) = shared.outbox.get().map_or((0, 0, 0), |o| (o.held(), o.queued(), o.stream()));
+    Json(serde_json::json!({ "held": held, "queued": queued, "stream": format!("{stream:016x}") }))
 }
 
 /// `GET /v1/models/NAME/drift`: the serving version's drift windows and

@@ -49,6 +49,8 @@ pub struct Outbox {
     unqueued: Arc<AtomicU64>,
     /// Records on disk.
     held: Arc<AtomicU64>,
+    /// Records queued for the thread and not yet written (or dropped).
+    queued: Arc<AtomicU64>,
     /// The highest id fsynced: what may be sent.
     durable: Arc<AtomicU64>,
     /// Serializes removals with the thread's writes.
@@ -84,11 +86,13 @@ impl Outbox {
             ready: Arc::new(Notify::new()),
             unqueued: Arc::new(AtomicU64::new(0)),
             held: Arc::new(AtomicU64::new(held)),
+            queued: Arc::new(AtomicU64::new(0)),
             durable: durable.clone(),
             lock: Arc::new(Mutex::new(())),
         });
         let (ready, unqueued, held, lock) =
             (outbox.ready.clone(), outbox.unqueued.clone(), outbox.held.clone(), outbox.lock.clone());
+        let queued = outbox.queued.clone();
         std::thread::Builder::new()
             .name("outbox".into())
             .spawn(move || {
@@ -108,6 +112,7 @@ impl Outbox {
                         }
                     }
                     drop(_guard);
+                    queued.fetch_sub(n, Ordering::Relaxed);
                     ready.notify_one();
                 }
             })
@@ -125,9 +130,17 @@ impl Outbox {
     pub fn push(&self, body: TelemetryBody) {
         let at_ms =
             std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
+        // Counted before it is sent: the thread may take it at once.
+        self.queued.fetch_add(1, Ordering::Relaxed);
         if self.queue.try_send((at_ms, body)).is_err() {
+            self.queued.fetch_sub(1, Ordering::Relaxed);
             self.unqueued.fetch_add(1, Ordering::Relaxed);
         }
+    }
+
+    /// Records pushed and not yet written to disk.
+    pub fn queued(&self) -> u64 {
+        self.queued.load(Ordering::Relaxed)
     }
 
     /// Records on disk.

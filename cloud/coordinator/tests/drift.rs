@@ -58,12 +58,22 @@ fn stream(agent: &Agent, rows: &[Vec<f64>]) {
     }
 }
 
-/// Waits until the agent holds no telemetry for the coordinator.
+/// Waits until the agent holds no telemetry for the coordinator, on disk
+/// or on its way there.
 fn wait_delivered(agent: &Agent) {
     common::wait_for("telemetry delivered", std::time::Duration::from_secs(30), || {
         let (_, t) = agent.get("/v1/telemetry");
-        (t["held"] == 0).then_some(())
+        (t["held"] == 0 && t["queued"] == 0).then_some(())
     });
+}
+
+/// Waits until every record the agent made is on disk; returns how many
+/// it holds.
+fn written(agent: &Agent) -> Value {
+    common::wait_for("telemetry written", std::time::Duration::from_secs(10), || {
+        let (_, t) = agent.get("/v1/telemetry");
+        (t["queued"] == 0).then(|| t["held"].clone())
+    })
 }
 
 /// The windows closed so far, oldest first.
@@ -430,19 +440,13 @@ fn telemetry_buffered_offline_survives_sigkill_and_arrives_once_in_order() {
     let coord_dir = coord.stop_gently();
     // Offline: five windows closed and buffered.
     stream(&agent, &heldout[20..70]);
-    common::wait_for("five windows on disk", std::time::Duration::from_secs(10), || {
-        let (_, t) = agent.get("/v1/telemetry");
-        (t["held"] == 5).then_some(())
-    });
+    assert_eq!(written(&agent), 5, "five windows on disk");
     agent.proc.as_mut().unwrap().kill9();
     agent.start_with(&["--drift-window-rows", "10"]);
     agent.wait_answering("bc", 1);
     // The five windows survived, and the new process says it started (its
     // record written on the outbox thread, soon after).
-    common::wait_for("the buffer after SIGKILL", std::time::Duration::from_secs(10), || {
-        let (_, t) = agent.get("/v1/telemetry");
-        (t["held"] == 6).then_some(())
-    });
+    assert_eq!(written(&agent), 6, "the buffer after SIGKILL");
     stream(&agent, &heldout[70..90]);
     let coord = Coord::start_in(coord_dir, &["--quic-listen", &quic]).map_err(|(_, log)| log).unwrap();
     wait_delivered(&agent);
