@@ -213,6 +213,8 @@ pub struct Shared {
     pub monitor: tern_agent_core::monitor::MonitorConfig,
     /// Where their windows and alerts go for the coordinator.
     pub outbox: std::sync::OnceLock<Arc<crate::outbox::Outbox>>,
+    /// The bytes each link carried per day (set once at start).
+    pub traffic: std::sync::OnceLock<Arc<crate::traffic::Traffic>>,
 }
 
 impl Shared {
@@ -238,6 +240,7 @@ impl Shared {
             leases: Default::default(),
             monitor,
             outbox: Default::default(),
+            traffic: Default::default(),
         }
     }
 
@@ -285,11 +288,13 @@ pub fn router(shared: Arc<Shared>) -> Router {
         .with_state(shared)
 }
 
-/// `GET /v1/telemetry`: records waiting on disk for the coordinator, and
-/// those made but not yet on disk.
+/// `GET /v1/telemetry`: records waiting on disk for the coordinator, those
+/// made but not yet on disk, and the bytes each link carried per day (as
+/// counted when a session last reported or ended).
 async fn telemetry(State(shared): State<Arc<Shared>>) -> Json<Value> {
     let (held, queued, stream) = shared.outbox.get().map_or((0, 0, 0), |o| (o.held(), o.queued(), o.stream()));
-    Json(serde_json::json!({ "held": held, "queued": queued, "stream": format!("{stream:016x}") }))
+    let traffic = shared.traffic.get().map(|t| t.days()).unwrap_or_default();
+    Json(serde_json::json!({ "held": held, "queued": queued, "stream": format!("{stream:016x}"), "traffic": traffic }))
 }
 
 /// `GET /v1/models/NAME/drift`: the serving version's drift windows and

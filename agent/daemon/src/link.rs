@@ -4,6 +4,7 @@
 
 use crate::identity::{Identity, resolve};
 use crate::store::Store;
+use crate::traffic::{Meter, Traffic, today};
 use crate::trust::Incoming;
 use anyhow::{Context, Result, anyhow, bail};
 use std::sync::Arc;
@@ -59,13 +60,110 @@ pub enum FromLink {
 
 /// What the agent reports, as the main loop publishes it.
 pub struct Reports {
-    /// The status: on every change and every 30 s.
+    /// The status: on every change (and, on sessions of wire version 6
+    /// and older, every 30 s).
     pub status: watch::Receiver<StatusReport>,
     /// The recent update steps: on every change, on sessions of wire
     /// version 3 on (older coordinators cannot take them).
     pub history: watch::Receiver<Vec<UpdateEvent>>,
     /// Telemetry to send, on sessions of wire version 6 on.
     pub outbox: Arc<crate::outbox::Outbox>,
+    /// The bytes the link carried, counted here and sent on sessions of
+    /// wire version 7 on.
+    pub traffic: Arc<Traffic>,
+}
+
+/// How the link keeps its session alive.
+#[derive(Debug, Clone, Copy)]
+pub struct Pace {
+    /// QUIC keep-alives and idle timeout.
+    pub liveness: tern_net::Liveness,
+    /// The longest the control stream stays silent on sessions of wire
+    /// version 7 on (on older ones, 30 s: their coordinators expect it).
+    pub heartbeat: Duration,
+    /// Metered: no session is held; one is opened this often (and at
+    /// start) to send what the agent has and take any new desired state,
+    /// and closed once nothing is left to do.
+    pub metered: Option<Duration>,
+}
+
+/// How long a metered session must have had nothing to do before it is
+/// closed: long enough for a desired state just taken to start its
+/// downloads.
+const METERED_SETTLE: Duration = Duration::from_secs(3);
+
+/// Downloads running now (a metered session stays up for them).
+static DOWNLOADS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// Counts a download as running while it lives.
+pub struct Downloading;
+
+impl Downloading {
+    /// Counts one more running.
+    pub fn start() -> Downloading {
+        DOWNLOADS.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        Downloading
+    }
+}
+
+impl Drop for Downloading {
+    fn drop(&mut self) {
+        DOWNLOADS.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+/// The heartbeat coordinators of wire version 6 and older expect.
+const OLD_HEARTBEAT: Duration = Duration::from_secs(30);
+
+/// How connections to coordinators of wire version 6 and older are kept
+/// alive: their idle timeout is 20 s.
+const OLDER_LIVENESS: tern_net::Liveness =
+    tern_net::Liveness { keep_alive: Duration::from_secs(5), idle: Duration::from_secs(20) };
+
+/// Whether the last coordinator this agent connected to spoke wire 6 or
+/// older.
+static OLDER_COORDINATOR: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Counts what a connection carried into [`Traffic`]; the rest of it, and
+/// the counts written down, when the session ends whichever way.
+struct Counting {
+    conn: quinn::Connection,
+    meter: Meter,
+    traffic: Arc<Traffic>,
+    saved_at: Option<std::time::Instant>,
+}
+
+/// How often a session of wire 6 or older (a status every 30 s) writes the
+/// counts down: each write is two fsyncs, and flash wears. From wire 7 on
+/// they are written with every heartbeat.
+const SAVE_EVERY: Duration = Duration::from_secs(300);
+
+impl Counting {
+    fn count(&mut self) {
+        let (sent, received) = self.meter.take(&self.conn);
+        self.traffic.add("quic", today(), sent, received);
+    }
+
+    /// Counts, and writes the counts down off the runtime if `now` or if
+    /// they were not written in the last [`SAVE_EVERY`].
+    fn save(&mut self, now: bool) {
+        self.count();
+        if !now && self.saved_at.is_some_and(|at| at.elapsed() < SAVE_EVERY) {
+            return;
+        }
+        self.saved_at = Some(std::time::Instant::now());
+        let traffic = self.traffic.clone();
+        tokio::task::spawn_blocking(move || traffic.save());
+    }
+}
+
+impl Drop for Counting {
+    /// Written at once: a drop as the agent stops comes when the runtime
+    /// takes no more blocking work (and the file is a few hundred bytes).
+    fn drop(&mut self) {
+        self.count();
+        self.traffic.save();
+    }
 }
 
 /// The most encoded record bytes one telemetry batch carries (the
@@ -80,12 +178,23 @@ pub async fn run(
     formats: Vec<ModelFormat>,
     conn_tx: watch::Sender<Session>,
     mut reports: Reports,
+    pace: Pace,
     to_main: mpsc::Sender<FromLink>,
 ) {
     let mut backoff = Duration::from_millis(250);
+    // A metered link retries no more often than it would connect anyway.
+    let longest = pace.metered.unwrap_or(Duration::from_secs(30)).max(Duration::from_secs(30));
     loop {
         let mut welcomed = None;
-        let ended = session(&identity, &formats, &conn_tx, &mut reports, &to_main, &mut welcomed).await;
+        let opened = tokio::time::Instant::now();
+        let ended = session(&identity, &formats, &conn_tx, &mut reports, pace, &to_main, &mut welcomed).await;
+        if let (Some(every), Ok(())) = (pace.metered, &ended) {
+            conn_tx.send_replace(None);
+            backoff = Duration::from_millis(250);
+            info!(next_in = ?every.saturating_sub(opened.elapsed()), "metered session closed: nothing more to send");
+            tokio::time::sleep_until(opened + every).await;
+            continue;
+        }
         // A session that stayed up a while starts the back-off over (a
         // coordinator restarted now and then is not one that stays down);
         // one that fails soon after its Welcome, every time, does not.
@@ -100,7 +209,7 @@ pub async fn run(
         }
         conn_tx.send_replace(None);
         tokio::time::sleep(wait).await;
-        backoff = (backoff * 2).min(Duration::from_secs(30));
+        backoff = (backoff * 2).min(longest);
     }
 }
 
@@ -109,10 +218,11 @@ async fn session(
     formats: &[ModelFormat],
     conn_tx: &watch::Sender<Session>,
     reports: &mut Reports,
+    pace: Pace,
     to_main: &mpsc::Sender<FromLink>,
     welcomed: &mut Option<std::time::Instant>,
 ) -> Result<()> {
-    let Reports { status: status_rx, history: history_rx, outbox } = reports;
+    let Reports { status: status_rx, history: history_rx, outbox, traffic } = reports;
     let addr = resolve(&identity.info.coordinator).await?;
     // The floor stands in for a clock that was never set; a set clock is
     // used as it reads (so a floor pushed too far cannot lock it out).
@@ -122,8 +232,13 @@ async fn session(
     } else {
         identity.time_floor.load(std::sync::atomic::Ordering::Relaxed)
     };
-    let config =
-        tern_net::device_client_config_at_least(&identity.ca_der, &identity.cert_der, &identity.key_der, floor)?;
+    let config = tern_net::device_client_config_at_least(
+        &identity.ca_der,
+        &identity.cert_der,
+        &identity.key_der,
+        floor,
+        if OLDER_COORDINATOR.load(std::sync::atomic::Ordering::Relaxed) { OLDER_LIVENESS } else { pace.liveness },
+    )?;
     let endpoint = tern_net::client_endpoint(addr)?;
     let conn = endpoint
         .connect_with(config, addr, tern_net::COORDINATOR_NAME)
@@ -131,7 +246,20 @@ async fn session(
         .await
         .map_err(NetError::from)
         .with_context(|| format!("connecting to {addr}"))?;
+    let mut counting =
+        Counting { conn: conn.clone(), meter: Meter::default(), traffic: traffic.clone(), saved_at: None };
     let version = tern_net::wire_version(&conn)?;
+    // A coordinator of wire 6 or older drops a connection idle for 20 s:
+    // the agent connects again with the keep-alive it expects, and goes
+    // back to its own once a coordinator speaks 7.
+    let older = version < WireVersion::V7;
+    let was_older = OLDER_COORDINATOR.swap(older, std::sync::atomic::Ordering::Relaxed);
+    if older && !was_older && pace.liveness.keep_alive > OLDER_LIVENESS.keep_alive {
+        conn.close(0u32.into(), b"reconnecting with a shorter keep-alive");
+        bail!(
+            "the coordinator speaks wire {version}, which drops connections idle for 20 s; connecting again with a 5 s keep-alive"
+        );
+    }
     let (mut send, recv) = conn.open_bi().await.map_err(NetError::from)?;
     let mut reader = FrameReader::new(recv, version);
     let hello = Hello {
@@ -176,8 +304,23 @@ async fn session(
     if history && !steps.is_empty() {
         write_msg(&mut send, &Message::History(UpdateHistory { events: steps }), version).await?;
     }
-    let mut heartbeat = tokio::time::interval(Duration::from_secs(30));
+    // From wire 7 on the heartbeat is the traffic report, and says how
+    // often it comes; before, it is the status, every 30 s.
+    let counts = version >= WireVersion::V7;
+    let every = if counts { pace.heartbeat } else { pace.heartbeat.min(OLD_HEARTBEAT) };
+    let traffic_report = |counting: &mut Counting| {
+        counting.count();
+        let heartbeat_secs = u32::try_from(every.as_secs()).unwrap_or(u32::MAX);
+        Message::Traffic(tern_proto::TrafficReport { heartbeat_secs, days: counting.traffic.days() })
+    };
+    if counts {
+        write_msg(&mut send, &traffic_report(&mut counting), version).await?;
+    }
+    let mut heartbeat = tokio::time::interval(every);
     heartbeat.tick().await;
+    // Metered: when anything last happened on the session.
+    let mut busy_at = tokio::time::Instant::now();
+    let mut settle = tokio::time::interval(Duration::from_secs(1));
     let telemetry = version >= WireVersion::V6;
     // The highest id sent and not yet acknowledged: one batch in flight.
     let mut in_flight: Option<u64> = None;
@@ -188,7 +331,7 @@ async fn session(
         // `reader.next()` is cancel-safe: a status tick that wins mid-frame
         // loses none of the frame's bytes.
         tokio::select! {
-            msg = reader.next() => match msg? {
+            msg = reader.next() => match msg.inspect(|_| busy_at = tokio::time::Instant::now())? {
                 Some(Message::Desired(state)) => {
                     debug!(generation = state.generation, models = state.models.len(), "desired state received");
                     let incoming = Incoming { state, signed: None, wire: version };
@@ -225,17 +368,43 @@ async fn session(
             }
             changed = status_rx.changed() => {
                 changed.map_err(|_| anyhow!("agent is stopping"))?;
+                busy_at = tokio::time::Instant::now();
                 let report = status_rx.borrow_and_update().clone();
                 write_msg(&mut send, &Message::Status(fitted(report, version)), version).await?;
             }
             changed = history_rx.changed(), if history => {
                 changed.map_err(|_| anyhow!("agent is stopping"))?;
+                busy_at = tokio::time::Instant::now();
                 let events = history_rx.borrow_and_update().clone();
                 write_msg(&mut send, &Message::History(UpdateHistory { events }), version).await?;
             }
+            _ = settle.tick(), if pace.metered.is_some() => {
+                // Below wire 6 records stay buffered whatever happens.
+                let sent_all = !telemetry || (in_flight.is_none() && outbox.held() == 0 && outbox.queued() == 0);
+                let idle = sent_all && DOWNLOADS.load(std::sync::atomic::Ordering::SeqCst) == 0;
+                if !idle {
+                    busy_at = tokio::time::Instant::now();
+                } else if busy_at.elapsed() >= METERED_SETTLE {
+                    // What changed last is sent before the session goes.
+                    if counts {
+                        write_msg(&mut send, &traffic_report(&mut counting), version).await?;
+                    }
+                    // Closed once the coordinator has acknowledged every
+                    // byte (it ends the session when it reads the end).
+                    send.finish().ok();
+                    let _ = tokio::time::timeout(ANSWER_WITHIN, send.stopped()).await;
+                    conn.close(0u32.into(), b"metered: nothing more to send");
+                    return Ok(());
+                }
+            }
             _ = heartbeat.tick() => {
-                let report = status_rx.borrow().clone();
-                write_msg(&mut send, &Message::Status(fitted(report, version)), version).await?;
+                let msg = if counts {
+                    traffic_report(&mut counting)
+                } else {
+                    Message::Status(fitted(status_rx.borrow().clone(), version))
+                };
+                write_msg(&mut send, &msg, version).await?;
+                counting.save(counts);
             }
         }
     }

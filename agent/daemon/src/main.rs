@@ -15,6 +15,7 @@ mod profiles;
 mod runner;
 mod serve;
 mod store;
+mod traffic;
 mod trust;
 mod update;
 
@@ -44,6 +45,8 @@ struct Cli {
     cmd: Cmd,
 }
 
+// Parsed once at start: the size of the larger variant costs nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand)]
 enum Cmd {
     /// Enroll this device with a coordinator using a one-time token.
@@ -135,6 +138,27 @@ enum Cmd {
         /// dropped (and the count sent).
         #[arg(long, default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..=10_000_000))]
         telemetry_buffer: u64,
+        /// Send a QUIC keep-alive after this many seconds without traffic
+        /// (each costs about 60 bytes each way).
+        #[arg(long, default_value_t = 25, value_parser = clap::value_parser!(u64).range(1..=3_600))]
+        keep_alive_secs: u64,
+        /// Take the coordinator for gone after this many seconds without
+        /// hearing from it (at most 120, the coordinator's own limit; more
+        /// than --keep-alive-secs).
+        #[arg(long, default_value_t = 60, value_parser = clap::value_parser!(u64).range(2..=120))]
+        idle_timeout_secs: u64,
+        /// Report to the coordinator at least this often, in seconds (the
+        /// status goes on every change anyway); coordinators of wire
+        /// version 6 and older are reported to every 30 s.
+        #[arg(long, default_value_t = 300, value_parser = clap::value_parser!(u64).range(1..=1_200))]
+        heartbeat_secs: u64,
+        /// For a metered link: hold no session, but open one at start and
+        /// then every this many seconds to send what the agent has (drift
+        /// windows, alerts, status) and take any new desired state, and
+        /// close it once nothing is left to do (downloads included). The
+        /// coordinator's changes wait for the next one.
+        #[arg(long, value_name = "SECS", value_parser = clap::value_parser!(u64).range(10..=86_400))]
+        metered: Option<u64>,
     },
 }
 
@@ -188,7 +212,24 @@ fn main() -> ExitCode {
                 drift_window_secs,
                 alerts,
                 telemetry_buffer,
+                keep_alive_secs,
+                idle_timeout_secs,
+                heartbeat_secs,
+                metered,
             } => {
+                if keep_alive_secs >= idle_timeout_secs {
+                    anyhow::bail!(
+                        "--keep-alive-secs ({keep_alive_secs}) must be less than --idle-timeout-secs ({idle_timeout_secs})"
+                    );
+                }
+                let pace = link::Pace {
+                    liveness: tern_net::Liveness {
+                        keep_alive: std::time::Duration::from_secs(keep_alive_secs),
+                        idle: std::time::Duration::from_secs(idle_timeout_secs),
+                    },
+                    heartbeat: std::time::Duration::from_secs(heartbeat_secs),
+                    metered: metered.map(std::time::Duration::from_secs),
+                };
                 let asked = profiles::Asked { threads, queue, max_batch, max_elements, request_memory_mb };
                 let mut monitor = tern_agent_core::monitor::MonitorConfig {
                     window_rows: drift_window_rows,
@@ -202,7 +243,7 @@ fn main() -> ExitCode {
                     by_model: health_hook.into_iter().collect(),
                     timeout: std::time::Duration::from_millis(health_hook_timeout_ms),
                 };
-                let serving = Serving { formats, hooks, onnxruntime, monitor, telemetry_buffer };
+                let serving = Serving { formats, hooks, onnxruntime, monitor, telemetry_buffer, pace };
                 run(&cli.data_dir, listen, socket, asked, serving).await
             }
         }
@@ -265,6 +306,7 @@ struct Serving {
     onnxruntime: Option<PathBuf>,
     monitor: tern_agent_core::monitor::MonitorConfig,
     telemetry_buffer: u64,
+    pace: link::Pace,
 }
 
 async fn run(
@@ -274,7 +316,7 @@ async fn run(
     asked: profiles::Asked,
     serving: Serving,
 ) -> Result<()> {
-    let Serving { formats, hooks, onnxruntime, monitor, telemetry_buffer } = serving;
+    let Serving { formats, hooks, onnxruntime, monitor, telemetry_buffer, pace } = serving;
     let identity = Arc::new(identity::Identity::load(data_dir)?);
     let profile = profiles::lookup(&identity.info.profile);
     let onnxruntime = onnxruntime.or_else(|| profile.and_then(|p| p.onnxruntime).map(PathBuf::from));
@@ -360,6 +402,8 @@ async fn run(
     ));
     let outbox = outbox::Outbox::open(store.clone(), telemetry_buffer)?;
     let _ = shared.outbox.set(outbox.clone());
+    let traffic = Arc::new(traffic::Traffic::open(data_dir.join("traffic.json")));
+    let _ = shared.traffic.set(traffic.clone());
     tokio::spawn(drift::close_old_windows(shared.clone()));
     let socket = socket.unwrap_or_else(|| data_dir.join("agent.sock"));
     let tcp =
@@ -394,7 +438,8 @@ async fn run(
         identity.clone(),
         formats,
         conn_tx,
-        link::Reports { status: status_rx, history: history_rx, outbox },
+        link::Reports { status: status_rx, history: history_rx, outbox, traffic },
+        pace,
         link_tx,
     ));
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
@@ -442,6 +487,8 @@ impl runner::Work for DaemonWork {
     fn fetch(&self, m: ModelManifest) -> runner::Fetching {
         let (store, conn_rx) = (self.store.clone(), self.conn_rx.clone());
         Box::pin(async move {
+            // A metered session stays up from the first file to the last.
+            let _running = link::Downloading::start();
             let artifact = link::Wanted { sha256: m.sha256, size: m.size, what: "artifact" };
             link::fetch(store.clone(), conn_rx.clone(), artifact).await?;
             if let Some(t) = m.selftest {

@@ -184,6 +184,44 @@ fn utc(ms: u64) -> String {
     at.format(&time::format_description::well_known::Rfc3339).unwrap_or_else(|_| ms.to_string())
 }
 
+/// Bytes in decimal units, as link budgets are written.
+fn decimal_bytes(n: u64) -> String {
+    match n {
+        0..1_000 => format!("{n} B"),
+        1_000..1_000_000 => format!("{:.1} kB", n as f64 / 1e3),
+        1_000_000..1_000_000_000 => format!("{:.1} MB", n as f64 / 1e6),
+        _ => format!("{:.1} GB", n as f64 / 1e9),
+    }
+}
+
+/// Per link, the last whole day the device reported (else today so far):
+/// `quic 2026-12-02 ↑412.1 kB ↓380.2 kB`.
+fn traffic_lines(days: &[tern_proto::LinkDay]) -> Vec<String> {
+    let mut links: Vec<&str> = days.iter().map(|d| d.link.as_str()).collect();
+    links.sort_unstable();
+    links.dedup();
+    links
+        .into_iter()
+        .filter_map(|link| {
+            let mut of: Vec<_> = days.iter().filter(|d| d.link == link).collect();
+            of.sort_by_key(|d| std::cmp::Reverse(d.day));
+            let (d, so_far) = match of.as_slice() {
+                [today, before, ..] if before.day.checked_add(1) == Some(today.day) => (*before, ""),
+                [today, ..] => (*today, " so far"),
+                [] => return None,
+            };
+            let date = utc(u64::from(d.day) * 86_400_000);
+            let date = date.split('T').next().unwrap_or_default();
+            Some(format!(
+                "{} {date}{so_far} ↑{} ↓{}",
+                printable(link),
+                decimal_bytes(d.sent),
+                decimal_bytes(d.received)
+            ))
+        })
+        .collect()
+}
+
 fn parse_kv(s: &str) -> Result<(String, String), String> {
     s.split_once('=')
         .filter(|(k, _)| !k.is_empty())
@@ -614,7 +652,7 @@ pub fn fleet(c: &Client, cmd: FleetCmd, json: bool) -> Result<()> {
             if json {
                 return print_json(&ds);
             }
-            let mut t = table(&["device", "group", "profile", "last seen", "serving", "desired", "agent"]);
+            let mut t = table(&["device", "group", "profile", "last seen", "serving", "desired", "agent", "bytes/day"]);
             for d in &ds {
                 let mut serving: Vec<String> = d
                     .reported
@@ -653,6 +691,7 @@ pub fn fleet(c: &Client, cmd: FleetCmd, json: bool) -> Result<()> {
                     serving.join("\n"),
                     desired.join("\n"),
                     agent,
+                    traffic_lines(&d.traffic).join("\n"),
                 ]);
             }
             out(t);

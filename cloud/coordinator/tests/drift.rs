@@ -96,11 +96,43 @@ fn raised_inputs(w: &Value) -> Vec<String> {
         .collect()
 }
 
+/// A webhook receiver: answers 503 to the first POST and 200 to the
+/// others; sends on each body as it came.
+fn hook_server() -> (String, std::sync::mpsc::Receiver<Value>) {
+    use std::io::{BufRead, Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}/hook", listener.local_addr().unwrap());
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for (n, conn) in listener.incoming().enumerate() {
+            let Ok(mut conn) = conn else { continue };
+            let mut reader = std::io::BufReader::new(conn.try_clone().unwrap());
+            let mut len = 0;
+            loop {
+                let mut line = String::new();
+                if reader.read_line(&mut line).unwrap_or(0) == 0 || line.trim_end().is_empty() {
+                    break;
+                }
+                if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+                    len = v.trim().parse().unwrap();
+                }
+            }
+            let mut body = vec![0; len];
+            reader.read_exact(&mut body).unwrap();
+            let status = if n == 0 { "503 Service Unavailable" } else { "200 OK" };
+            write!(conn, "HTTP/1.1 {status}\r\ncontent-length: 0\r\nconnection: close\r\n\r\n").unwrap();
+            let _ = tx.send(serde_json::from_slice(&body).unwrap());
+        }
+    });
+    (url, rx)
+}
+
 #[test]
 fn a_shifted_feature_raises_its_alert_and_the_others_stay_quiet() {
     let dir = tempfile::tempdir().unwrap();
     split(dir.path());
-    let coord = Coord::start();
+    let (hook, posted) = hook_server();
+    let coord = Coord::start_with(&["--webhook", &hook]);
     let train = dir.path().join("train.csv");
     let model = fixture("breast-cancer.onnx");
     let out = coord.ok(&[
@@ -167,6 +199,13 @@ fn a_shifted_feature_raises_its_alert_and_the_others_stay_quiet() {
         .collect();
     assert_eq!(ours.len(), 1, "{alerts}");
     let id = ours[0]["id"].as_u64().unwrap();
+    // The webhook heard of it: refused once (503), taken when tried again.
+    let first = posted.recv_timeout(std::time::Duration::from_secs(20)).expect("a webhook POST");
+    let again = posted.recv_timeout(std::time::Duration::from_secs(20)).expect("the POST tried again");
+    assert_eq!(first, again);
+    assert_eq!(first["event"], "alert_raised", "{first}");
+    assert_eq!((first["alert"]["id"].as_u64(), &first["alert"]["feature"]), (Some(id), &ours[0]["feature"]));
+    assert_eq!(first["alert"]["device"], "cam-01");
     assert!(coord.ok(&["alerts", "list"]).contains("mean radius"));
     coord.ok(&["alerts", "ack", &id.to_string()]);
     let acked = coord.json(&["alerts", "list", "--all"]);
@@ -192,6 +231,14 @@ fn a_shifted_feature_raises_its_alert_and_the_others_stay_quiet() {
     assert!(metrics.contains("tern_drift_linf{model=\"bc\",version=\"1\",feature=\"mean radius\"}"), "{metrics}");
     assert!(metrics.contains("tern_alerts_raised_total{model=\"bc\",rule=\"feature_drift\"} 1"), "{metrics}");
     assert!(metrics.contains("tern_devices_connected 1"), "{metrics}");
+    assert!(metrics.contains("tern_webhook_delivered_total 1"), "{metrics}");
+    // Unshifted again: the device clears the alert, and the webhook hears.
+    stream(&agent, &heldout);
+    stream(&agent, &heldout);
+    wait_delivered(&agent);
+    let cleared = posted.recv_timeout(std::time::Duration::from_secs(20)).expect("the cleared alert's POST");
+    assert_eq!((&cleared["event"], cleared["alert"]["id"].as_u64()), (&"alert_cleared".into(), Some(id)), "{cleared}");
+    assert!(cleared["alert"]["cleared_at_ms"].is_u64(), "{cleared}");
     // What the note reports: detection delay in windows, false alarms per
     // feature-window over the unshifted windows, and the margins.
     let robust = |w: &Value, input: bool| -> f64 {

@@ -287,7 +287,9 @@ fn a_download_cut_off_again_and_again_resumes_where_it_was_and_verifies() {
     agent.listen = format!("{}:0", ns.ns_ip);
     assert_eq!(coord.register_fixture("scorer", "scorer-a.onnx"), 1);
     coord.ok(&["fleet", "assign", "cam-01", "scorer:1"]);
-    agent.start();
+    // An idle timeout of 20 s (the default is 60 s), so that a cut of 22 s
+    // ends the connection.
+    agent.start_with(&["--keep-alive-secs", "5", "--idle-timeout-secs", "20"]);
     agent.wait_serving("scorer", 1);
 
     let work = tempfile::tempdir().unwrap();
@@ -312,7 +314,7 @@ fn a_download_cut_off_again_and_again_resumes_where_it_was_and_verifies() {
         std::thread::sleep(Duration::from_millis(300 + rng.below(900)));
         let Some(at) = partial() else { break };
         offsets.push(at);
-        // Every fourth cut outlasts QUIC's 20 s idle timeout: the
+        // Every fourth cut outlasts the agent's 20 s idle timeout: the
         // connection dies and the download starts again from what is on
         // disk; the others are over before either side gives up.
         let long = i % 4 == 3;

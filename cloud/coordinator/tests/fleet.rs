@@ -248,3 +248,83 @@ fn the_admin_token_is_never_taken_from_the_command_line() {
         .unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
 }
+
+#[test]
+fn agents_count_their_traffic_per_day_and_say_how_often_they_will_speak() {
+    // The coordinator would close a session silent for 2 s; the agent says
+    // it reports every 3 s, and is given three of those.
+    let coord = Coord::start_with(&["--session-quiet-secs", "2"]);
+    let mut agent = Agent::enrolled(&coord, "cam-01");
+    coord.register_iris("iris");
+    coord.ok(&["fleet", "assign", "cam-01", "iris:1"]);
+    agent.start_with(&["--heartbeat-secs", "3"]);
+    agent.wait_serving("iris", 1);
+    let model = std::fs::metadata(fixture("iris.onnx")).unwrap().len();
+    let quic = |d: &serde_json::Value| {
+        let t = d["traffic"].as_array()?.iter().find(|x| x["link"] == "quic")?.clone();
+        Some((t["day"].as_u64()?, t["sent"].as_u64()?, t["received"].as_u64()?))
+    };
+    // The download went over the link: what came in holds the model.
+    let (day, sent, _) = wait_for("a traffic report with the download", Duration::from_secs(20), || {
+        quic(&coord.device("cam-01")).filter(|(_, _, r)| *r > model)
+    });
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs();
+    assert_eq!(day, now / 86_400, "counted on today's date (UTC)");
+    assert!(sent > 1200, "the handshake alone is over 1200 bytes: {sent}");
+    std::thread::sleep(Duration::from_secs(8));
+    assert_eq!(agent.logs().matches("connected to coordinator").count(), 1, "{}", agent.logs());
+    assert!(!coord.log().contains("no frame from the device"), "{}", coord.log());
+    // The local API counts the same link; the table shows today so far.
+    let (_, local) = agent.get("/v1/telemetry");
+    assert!(local["traffic"].as_array().unwrap().iter().any(|x| x["link"] == "quic"), "{local}");
+    let table = coord.ok(&["fleet", "list"]);
+    assert!(table.contains("bytes/day") && table.contains("so far ↑"), "{table}");
+    // Killed and started again, the agent counts on from what it wrote down.
+    let (_, before, _) = quic(&coord.device("cam-01")).unwrap();
+    agent.proc.as_mut().unwrap().kill9();
+    agent.start_with(&["--heartbeat-secs", "3"]);
+    wait_for("the count to carry on", Duration::from_secs(20), || {
+        let (_, after, _) = quic(&coord.device("cam-01"))?;
+        (after > before && agent.logs().matches("connected to coordinator").count() == 2).then_some(())
+    });
+    let saved: Vec<tern_proto::LinkDay> =
+        serde_json::from_slice(&std::fs::read(agent.data().join("traffic.json")).unwrap()).unwrap();
+    assert!(saved.iter().any(|d| d.link == "quic" && d.sent >= before), "{saved:?}");
+}
+
+#[test]
+fn a_metered_agent_holds_no_session_and_takes_changes_at_its_next_one() {
+    let coord = Coord::start();
+    let mut agent = Agent::enrolled(&coord, "cam-01");
+    coord.register_iris("iris");
+    agent.start_with(&["--metered", "10"]);
+    let closed = || {
+        let s = coord.status();
+        (s["sessions"] == 0 && s["connections"] == 0).then_some(())
+    };
+    // It reports, then hangs up.
+    wait_for("the first session's report", Duration::from_secs(20), || {
+        coord.device("cam-01")["traffic"].as_array().filter(|t| !t.is_empty()).map(|_| ())
+    });
+    wait_for("the session to close", Duration::from_secs(10), closed);
+    // A change waits for the next session, which stays up for the download
+    // and the report of it.
+    coord.ok(&["fleet", "assign", "cam-01", "iris:1"]);
+    let assigned = std::time::Instant::now();
+    agent.wait_serving("iris", 1);
+    assert!(assigned.elapsed() < Duration::from_secs(20), "taken after {:?}", assigned.elapsed());
+    wait_for("serving reported", Duration::from_secs(20), || {
+        let d = coord.device("cam-01");
+        d["reported"].as_array()?.iter().any(|m| m["name"] == "iris" && m["state"] == "serving").then_some(())
+    });
+    wait_for("the session to close again", Duration::from_secs(10), closed);
+    let logs = agent.logs();
+    let sessions = logs.matches("connected to coordinator").count();
+    let ended = logs.matches("metered session closed").count();
+    assert!(sessions >= 2 && ended >= 2, "{sessions} sessions, {ended} closed: {logs}");
+    assert!(!logs.contains("retrying"), "a metered session ended in an error: {logs}");
+    // The coordinator read each session to its end and closed it.
+    let log = coord.log();
+    let ends: Vec<&str> = log.lines().filter(|l| l.contains("device disconnected")).collect();
+    assert!(ends.len() >= 2 && ends.iter().all(|l| l.contains("disconnected: closed")), "{ends:#?}");
+}

@@ -138,6 +138,23 @@ fn the_new_agent_speaks_version_2_to_a_coordinator_held_to_it_and_keeps_its_hist
 }
 
 #[test]
+fn the_new_agent_keeps_a_session_of_version_6_alive_as_such_a_coordinator_expects() {
+    // A coordinator of version 6 drops connections idle for 20 s: the agent
+    // connects once more with a 5 s keep-alive, and reports no traffic.
+    let coord = Coord::start_with(&["--max-wire-version", "6"]);
+    let mut agent = Agent::enrolled(&coord, "cam-01");
+    coord.register_iris("iris");
+    coord.ok(&["fleet", "assign", "cam-01", "iris:1"]);
+    agent.start();
+    agent.wait_serving("iris", 1);
+    let logs = agent.logs();
+    assert!(logs.contains("wire=v6"), "{logs}");
+    assert_eq!(logs.matches("connecting again with a 5 s keep-alive").count(), 1, "{logs}");
+    assert_eq!(logs.matches("connected to coordinator").count(), 1, "{logs}");
+    assert_eq!(coord.device("cam-01")["traffic"], serde_json::json!([]));
+}
+
+#[test]
 fn the_new_agent_takes_unsigned_states_from_a_coordinator_held_to_version_3_until_it_trusts_a_tuf_root() {
     let coord = Coord::start_with(&["--max-wire-version", "3"]);
     let mut agent = Agent::enrolled(&coord, "cam-01");

@@ -405,6 +405,7 @@ impl Registry {
                 refused: None,
                 capabilities: None,
                 history: Vec::new(),
+                traffic: Vec::new(),
             };
             tokens.insert(&tkey, encode(&token))?;
             devices.insert(id.as_str(), encode(&device))?;
@@ -624,6 +625,9 @@ impl Registry {
             }
             if let Some(r) = &report.refused {
                 d.refused = r.clone();
+            }
+            if let Some(t) = &report.traffic {
+                d.traffic = t.clone();
             }
             // The agent sends its recent steps whole each time: each is kept once.
             for e in report.history.iter().flatten() {

@@ -11,16 +11,17 @@ use sled::Transactional;
 use sled::transaction::TransactionalTree;
 use tern_proto::{AlertChange, DeviceId, TelemetryBatch, TelemetryBody};
 
-/// Marks the alert stored under `id` cleared at `at_ms`.
-fn clear(alerts: &TransactionalTree, id: &[u8], at_ms: u64) -> std::result::Result<(), TxError> {
+/// Marks the alert stored under `id` cleared at `at_ms`; it, as now stored.
+fn clear(alerts: &TransactionalTree, id: &[u8], at_ms: u64) -> std::result::Result<Option<Alert>, TxError> {
     if let Some(raw) = alerts.get(id)? {
         // One that does not read back is left as it is.
         if let Ok(mut alert) = decode::<Alert>(id, &raw) {
             alert.cleared_at_ms = Some(at_ms);
             alerts.insert(id, encode(&alert))?;
+            return Ok(Some(alert));
         }
     }
-    Ok(())
+    Ok(None)
 }
 
 /// Windows kept per model version and device; older ones are dropped.
@@ -96,6 +97,8 @@ pub struct Taken {
     pub windows: Vec<StoredWindow>,
     /// Alerts raised.
     pub raised: Vec<Alert>,
+    /// Alerts cleared (by the device, or ended by a restart).
+    pub cleared: Vec<Alert>,
     /// Records the device dropped since its last batch.
     pub dropped: u64,
 }
@@ -256,7 +259,7 @@ impl Registry {
                                 taken.raised.push(alert);
                             }
                             (false, Some(id)) => {
-                                clear(alerts, &id, r.at_ms)?;
+                                taken.cleared.extend(clear(alerts, &id, r.at_ms)?);
                                 open.remove(ok)?;
                             }
                             (false, None) => {}
@@ -267,13 +270,13 @@ impl Registry {
                         let (prefix, before) = standing.next().expect("one scan per Started");
                         for (ok, id) in before {
                             if open.get(ok)?.is_some() {
-                                clear(alerts, id, r.at_ms)?;
+                                taken.cleared.extend(clear(alerts, id, r.at_ms)?);
                                 open.remove(ok)?;
                             }
                         }
                         for (ok, id) in opened.iter().filter(|(k, _)| k.starts_with(prefix)) {
                             if open.get(ok.as_slice())?.is_some() {
-                                clear(alerts, id, r.at_ms)?;
+                                taken.cleared.extend(clear(alerts, id, r.at_ms)?);
                                 open.remove(ok.as_slice())?;
                             }
                         }

@@ -2,8 +2,8 @@ use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::fmt;
 use tern_proto::{
-    BaselineRef, DeviceId, ModelFormat, ModelManifest, ModelStatus, Refusal, SelfTestRef, Sha256Digest, TensorSpec,
-    UpdateEvent,
+    BaselineRef, DeviceId, LinkDay, ModelFormat, ModelManifest, ModelStatus, Refusal, SelfTestRef, Sha256Digest,
+    TensorSpec, UpdateEvent,
 };
 
 /// Whether a version may be deployed.
@@ -383,6 +383,10 @@ pub struct Device {
     /// [`MAX_DEVICE_HISTORY`]; agents of wire version 3 on report them).
     #[serde(default)]
     pub history: Vec<HistoryEntry>,
+    /// The bytes its agent counted per link and day (UTC) in its latest
+    /// report: today's and the day before (agents of wire version 7 on).
+    #[serde(default)]
+    pub traffic: Vec<LinkDay>,
 }
 
 impl Device {
@@ -425,6 +429,8 @@ pub struct Report {
     pub capabilities: Option<Capabilities>,
     /// Its recent update steps; those already kept are not kept twice.
     pub history: Option<Vec<UpdateEvent>>,
+    /// Its traffic counts, which replace those kept.
+    pub traffic: Option<Vec<LinkDay>>,
 }
 
 /// A one-time enrollment token, stored by the hash of its secret.

@@ -20,8 +20,31 @@ fn provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
-/// Idle time after which either side drops a connection.
-const IDLE: u32 = 20_000;
+/// The longest idle time the coordinator allows a connection: a
+/// connection idles out after the lower of both sides' limits, and agents
+/// ask for less (see [`Liveness`]).
+const SERVER_IDLE: u32 = 120_000;
+
+/// How an agent keeps its connection alive: it sends a keep-alive after
+/// `keep_alive` without traffic, and takes the connection for dead after
+/// `idle` without hearing from the coordinator. Every keep-alive costs
+/// about 60 bytes each way: at 25 s about 200 kB a day.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Liveness {
+    /// Time without traffic after which the agent sends a keep-alive.
+    pub keep_alive: Duration,
+    /// Time without hearing from the peer after which the connection is dead.
+    pub idle: Duration,
+}
+
+impl Default for Liveness {
+    /// A keep-alive every 25 s (within the UDP mappings of most NATs; one
+    /// that forgets sooner costs the coordinator its way to the device only
+    /// until the next one, as QUIC follows the new address), dead after 60 s.
+    fn default() -> Self {
+        Liveness { keep_alive: Duration::from_secs(25), idle: Duration::from_secs(60) }
+    }
+}
 /// How much a peer may send on one stream before we have read it: control
 /// frames are small, and the coordinator reads each stream as it arrives
 /// (larger ones flow as it reads). Received data is held in the packets it
@@ -57,21 +80,23 @@ fn server_transport() -> Arc<TransportConfig> {
     // Agents keep their sessions alive; the coordinator does not keep
     // anyone's connection alive for them.
     t.keep_alive_interval(None);
-    t.max_idle_timeout(Some(IdleTimeout::from(VarInt::from_u32(IDLE))));
+    t.max_idle_timeout(Some(IdleTimeout::from(VarInt::from_u32(SERVER_IDLE))));
     Arc::new(t)
 }
 
 /// The agent's transport: it accepts no streams and no datagrams from the
 /// coordinator, and bounds what a download may have in flight.
-fn client_transport() -> Arc<TransportConfig> {
+fn client_transport(liveness: Liveness) -> Arc<TransportConfig> {
     let mut t = TransportConfig::default();
     t.max_concurrent_uni_streams(VarInt::from_u32(0));
     t.max_concurrent_bidi_streams(VarInt::from_u32(0));
     t.stream_receive_window(VarInt::from_u32(CLIENT_STREAM_WINDOW));
     t.receive_window(VarInt::from_u32(CLIENT_WINDOW));
     t.datagram_receive_buffer_size(None);
-    t.keep_alive_interval(Some(Duration::from_secs(5)));
-    t.max_idle_timeout(Some(IdleTimeout::from(VarInt::from_u32(IDLE))));
+    t.keep_alive_interval(Some(liveness.keep_alive));
+    // Below the coordinator's limit, which bounds it anyway.
+    let idle = u32::try_from(liveness.idle.as_millis()).unwrap_or(u32::MAX).min(SERVER_IDLE);
+    t.max_idle_timeout(Some(IdleTimeout::from(VarInt::from_u32(idle))));
     Arc::new(t)
 }
 
@@ -139,12 +164,12 @@ pub fn server_config(
     Ok(config)
 }
 
-fn client(tls: rustls::ClientConfig, versions: &[WireVersion]) -> Result<ClientConfig, NetError> {
+fn client(tls: rustls::ClientConfig, versions: &[WireVersion], liveness: Liveness) -> Result<ClientConfig, NetError> {
     let mut tls = tls;
     tls.alpn_protocols = alpn(versions);
     let quic = QuicClientConfig::try_from(tls).map_err(|e| NetError::Tls(e.to_string()))?;
     let mut config = ClientConfig::new(Arc::new(quic));
-    config.transport_config(client_transport());
+    config.transport_config(client_transport(liveness));
     Ok(config)
 }
 
@@ -161,7 +186,7 @@ pub fn device_client_config_speaking(
     key_der: &[u8],
     versions: &[WireVersion],
 ) -> Result<ClientConfig, NetError> {
-    device_config(ca_der, cert_der, key_der, versions, 0)
+    device_config(ca_der, cert_der, key_der, versions, 0, Liveness::default())
 }
 
 /// An enrolled device's configuration that checks the coordinator's
@@ -170,13 +195,15 @@ pub fn device_client_config_speaking(
 /// would otherwise find every certificate not yet valid. The floor is a
 /// time the device knows has passed (see the agent's `identity/time-floor`);
 /// while it is stale, a certificate that expired since is still taken.
+/// The connection is kept alive as `liveness` says.
 pub fn device_client_config_at_least(
     ca_der: &[u8],
     cert_der: &[u8],
     key_der: &[u8],
     time_floor: u64,
+    liveness: Liveness,
 ) -> Result<ClientConfig, NetError> {
-    device_config(ca_der, cert_der, key_der, WireVersion::SUPPORTED, time_floor)
+    device_config(ca_der, cert_der, key_der, WireVersion::SUPPORTED, time_floor, liveness)
 }
 
 fn device_config(
@@ -185,6 +212,7 @@ fn device_config(
     key_der: &[u8],
     versions: &[WireVersion],
     time_floor: u64,
+    liveness: Liveness,
 ) -> Result<ClientConfig, NetError> {
     let inner = WebPkiServerVerifier::builder_with_provider(roots(ca_der)?, provider())
         .build()
@@ -194,7 +222,7 @@ fn device_config(
         .dangerous()
         .with_custom_certificate_verifier(Arc::new(AtLeast { inner, floor: time_floor }))
         .with_client_auth_cert(vec![CertificateDer::from(cert_der.to_vec())], key(key_der))?;
-    client(tls, versions)
+    client(tls, versions, liveness)
 }
 
 /// WebPKI verification of the server, at the later of the clock and a floor.
@@ -255,7 +283,7 @@ pub fn enroll_client_config_speaking(ca_pin: [u8; 32], versions: &[WireVersion])
         .dangerous()
         .with_custom_certificate_verifier(Arc::new(PinnedCa { pin: ca_pin, provider: provider() }))
         .with_no_client_auth();
-    client(tls, versions)
+    client(tls, versions, Liveness::default())
 }
 
 /// Verifies the server's chain against the one CA certificate it presents

@@ -34,10 +34,10 @@ pub use manifest::{
     SignedManifest, TensorSpec, UpdatePolicy,
 };
 pub use msg::{
-    AlertChange, ArtifactHeader, DesiredState, EnrollRequest, EnrollResponse, ErrorCode, FetchArtifact, Hello,
-    MAX_HISTORY, MAX_TELEMETRY_BATCH, Message, ModelState, ModelStatus, MonitorStarted, Refusal, SignedDesired,
-    StatusReport, TelemetryAck, TelemetryBatch, TelemetryBody, TelemetryRecord, TufMetadata, UpdateEvent,
-    UpdateHistory, Welcome, WindowSummary, WireError, root_intro_statement,
+    AlertChange, ArtifactHeader, DesiredState, EnrollRequest, EnrollResponse, ErrorCode, FetchArtifact, Hello, LinkDay,
+    MAX_HISTORY, MAX_TELEMETRY_BATCH, MAX_TRAFFIC_DAYS, Message, ModelState, ModelStatus, MonitorStarted, Refusal,
+    SignedDesired, StatusReport, TelemetryAck, TelemetryBatch, TelemetryBody, TelemetryRecord, TrafficReport,
+    TufMetadata, UpdateEvent, UpdateHistory, Welcome, WindowSummary, WireError, root_intro_statement,
 };
 pub use tensor::{TENSORS_MEDIA_TYPE, Tensor, TensorData, decode_tensors, encode_tensors};
 pub use token::{EnrollTokenText, TokenError};
@@ -74,11 +74,23 @@ impl WireVersion {
     /// and its acknowledgement ([`Message::TelemetryAck`]), appended after
     /// the others.
     pub const V6: WireVersion = WireVersion(6);
+    /// Version 7: version 6 and the agent's traffic counts
+    /// ([`Message::Traffic`]), which also say how long it may stay silent:
+    /// on older versions it reports every 30 s, as their coordinators
+    /// expect.
+    pub const V7: WireVersion = WireVersion(7);
     /// The newest version this build speaks.
-    pub const CURRENT: WireVersion = WireVersion::V6;
+    pub const CURRENT: WireVersion = WireVersion::V7;
     /// Every version this build speaks, newest first.
-    pub const SUPPORTED: &'static [WireVersion] =
-        &[WireVersion::V6, WireVersion::V5, WireVersion::V4, WireVersion::V3, WireVersion::V2, WireVersion::V1];
+    pub const SUPPORTED: &'static [WireVersion] = &[
+        WireVersion::V7,
+        WireVersion::V6,
+        WireVersion::V5,
+        WireVersion::V4,
+        WireVersion::V3,
+        WireVersion::V2,
+        WireVersion::V1,
+    ];
 
     /// The ALPN protocol name of this version.
     pub fn alpn(self) -> Vec<u8> {
@@ -126,12 +138,16 @@ mod tests {
         assert_eq!(WireVersion::from_alpn(b"h3"), None);
         assert_eq!(WireVersion::up_to(WireVersion::V1), [WireVersion::V1]);
         assert_eq!(WireVersion::up_to(WireVersion(9)), WireVersion::SUPPORTED);
-        assert_eq!(WireVersion::highest_shared(WireVersion::SUPPORTED, &[1, 2, 3, 4, 5, 6, 7]), Some(WireVersion::V6));
+        assert_eq!(
+            WireVersion::highest_shared(WireVersion::SUPPORTED, &[1, 2, 3, 4, 5, 6, 7, 8]),
+            Some(WireVersion::V7)
+        );
+        assert_eq!(WireVersion::highest_shared(WireVersion::SUPPORTED, &[1, 2, 3, 4, 5, 6]), Some(WireVersion::V6));
         assert_eq!(WireVersion::highest_shared(WireVersion::SUPPORTED, &[1, 2, 3, 4, 5]), Some(WireVersion::V5));
         assert_eq!(WireVersion::highest_shared(WireVersion::SUPPORTED, &[1, 2, 3, 4]), Some(WireVersion::V4));
         assert_eq!(WireVersion::highest_shared(WireVersion::SUPPORTED, &[1, 2, 3]), Some(WireVersion::V3));
         assert_eq!(WireVersion::highest_shared(WireVersion::SUPPORTED, &[1, 2]), Some(WireVersion::V2));
         assert_eq!(WireVersion::highest_shared(WireVersion::SUPPORTED, &[1]), Some(WireVersion::V1));
-        assert_eq!(WireVersion::highest_shared(WireVersion::SUPPORTED, &[7]), None);
+        assert_eq!(WireVersion::highest_shared(WireVersion::SUPPORTED, &[8]), None);
     }
 }

@@ -39,6 +39,9 @@ pub enum Message {
     /// Coordinator → agent (wire version 6 on): every record up to this id
     /// is stored.
     TelemetryAck(TelemetryAck),
+    /// Agent → coordinator (wire version 7 on): the bytes it sent and
+    /// received per day on each link, and how often it will speak.
+    Traffic(TrafficReport),
 }
 
 impl Message {
@@ -58,6 +61,7 @@ impl Message {
             Message::SignedDesired(_) => "SignedDesired",
             Message::Telemetry(_) => "Telemetry",
             Message::TelemetryAck(_) => "TelemetryAck",
+            Message::Traffic(_) => "Traffic",
         }
     }
 
@@ -67,6 +71,7 @@ impl Message {
             Message::History(_) => crate::WireVersion::V3,
             Message::SignedDesired(_) => crate::WireVersion::V4,
             Message::Telemetry(_) | Message::TelemetryAck(_) => crate::WireVersion::V6,
+            Message::Traffic(_) => crate::WireVersion::V7,
             _ => crate::WireVersion::V1,
         }
     }
@@ -178,6 +183,37 @@ pub struct TelemetryAck {
     pub stream: u64,
     /// The highest id stored.
     pub up_to: u64,
+}
+
+/// What an agent counted on its links, sent on the control stream at
+/// least every `heartbeat_secs`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TrafficReport {
+    /// The longest the agent stays silent on the control stream: the
+    /// coordinator waits a few of these before it takes the session for
+    /// dead.
+    pub heartbeat_secs: u32,
+    /// Per link, today's count and the previous day's (at most
+    /// [`MAX_TRAFFIC_DAYS`]).
+    pub days: Vec<LinkDay>,
+}
+
+/// Most entries one [`TrafficReport`] carries.
+pub const MAX_TRAFFIC_DAYS: usize = 8;
+
+/// The bytes one link carried in one day (UTC), counted at the IP layer:
+/// what the link's transport sent and received plus its IP and UDP
+/// headers, on the sessions it opened (not failed attempts).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LinkDay {
+    /// The link: `quic` (the control session and its downloads).
+    pub link: String,
+    /// The day, as days since 1970-01-01 (UTC) by the device's clock.
+    pub day: u32,
+    /// Bytes the device sent.
+    pub sent: u64,
+    /// Bytes the device received.
+    pub received: u64,
 }
 
 /// The agent's most recent update steps, oldest first. It sends them all

@@ -390,6 +390,7 @@ impl TryFrom<&cur::Message> for Message {
             cur::Message::SignedDesired(_) => return Err("SignedDesired is not in wire v1".into()),
             cur::Message::Telemetry(_) => return Err("Telemetry is not in wire v1".into()),
             cur::Message::TelemetryAck(_) => return Err("TelemetryAck is not in wire v1".into()),
+            cur::Message::Traffic(_) => return Err("Traffic is not in wire v1".into()),
         })
     }
 }

@@ -126,7 +126,18 @@ fn message() -> impl Strategy<Value = Message> {
         (any::<u64>(), any::<u64>(), prop::collection::vec(record(), 0..4))
             .prop_map(|(stream, dropped, records)| Message::Telemetry(TelemetryBatch { stream, dropped, records })),
         (any::<u64>(), any::<u64>()).prop_map(|(stream, up_to)| Message::TelemetryAck(TelemetryAck { stream, up_to })),
+        (any::<u32>(), prop::collection::vec(link_day(), 0..4))
+            .prop_map(|(heartbeat_secs, days)| Message::Traffic(TrafficReport { heartbeat_secs, days })),
     ]
+}
+
+fn link_day() -> impl Strategy<Value = LinkDay> {
+    ("[a-z]{0,8}", any::<u32>(), any::<u64>(), any::<u64>()).prop_map(|(link, day, sent, received)| LinkDay {
+        link,
+        day,
+        sent,
+        received,
+    })
 }
 
 fn record() -> impl Strategy<Value = TelemetryRecord> {

@@ -1,8 +1,9 @@
 //! The coordinator's Prometheus metrics (`GET /metrics` on the admin
 //! listener, text exposition): devices connected, telemetry records and
 //! bytes per device, records devices dropped, alerts raised per model and
-//! rule and open now, and per model version and feature the largest L∞
-//! distance from the baseline among the devices' latest windows.
+//! rule and open now, per model version and feature the largest L∞
+//! distance from the baseline among the devices' latest windows, and what
+//! became of webhook notices.
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -61,6 +62,8 @@ pub struct Metrics {
     drift: Family<DriftLabel, Gauge<f64, AtomicU64>>,
     /// Per (model, version, feature), each device's latest L∞.
     latest: Mutex<HashMap<DriftLabel, HashMap<String, f64>>>,
+    /// What became of webhook notices.
+    pub webhook: super::webhook::Outcomes,
 }
 
 impl Default for Metrics {
@@ -75,6 +78,7 @@ impl Default for Metrics {
             open: Family::default(),
             drift: Family::default(),
             latest: Mutex::new(HashMap::new()),
+            webhook: Default::default(),
             registry: Registry::default(),
         };
         registry.register("devices_connected", "Devices with a control session", m.connected.clone());
@@ -88,6 +92,9 @@ impl Default for Metrics {
             "Largest L-infinity distance from the baseline among the devices' latest windows",
             m.drift.clone(),
         );
+        registry.register("webhook_delivered", "Alert notices the webhook took", m.webhook.delivered.clone());
+        registry.register("webhook_failed", "Alert notices given up on", m.webhook.failed.clone());
+        registry.register("webhook_dropped", "Alert notices dropped, the queue full", m.webhook.dropped.clone());
         Self { registry, ..m }
     }
 }

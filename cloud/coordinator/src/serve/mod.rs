@@ -11,6 +11,7 @@ mod metrics;
 mod quic;
 mod sessions;
 pub mod tuf;
+mod webhook;
 
 pub use keys::random;
 
@@ -52,7 +53,7 @@ pub struct ServeArgs {
     /// desired states are not signed as a whole and carry no TUF metadata;
     /// below 3, agents keep their update history to themselves; below 6,
     /// agents keep their drift windows and alerts buffered).
-    #[arg(long, default_value_t = WireVersion::CURRENT.0, value_parser = clap::value_parser!(u16).range(1..=6))]
+    #[arg(long, default_value_t = WireVersion::CURRENT.0, value_parser = clap::value_parser!(u16).range(1..=7))]
     pub max_wire_version: u16,
     /// Connections at most, devices included.
     #[arg(long, default_value_t = 20_000)]
@@ -70,9 +71,20 @@ pub struct ServeArgs {
     #[arg(long, default_value_t = 32)]
     pub max_per_address: usize,
     /// Close a device's control session after this many seconds without a
-    /// frame from it (agents report every 30 s).
+    /// frame from it (agents of wire version 6 and older report every 30 s;
+    /// newer ones say how often they will, and are given three of those, up
+    /// to an hour, never less than this).
     #[arg(long, default_value_t = 90, value_parser = clap::value_parser!(u64).range(1..=86_400))]
     pub session_quiet_secs: u64,
+    /// POST every alert raised or cleared on a device to this URL as JSON
+    /// (`{"event": "alert_raised" | "alert_cleared", "alert": {…}}`), in
+    /// order; repeatable (a queue each). Plain http only. Failures that may
+    /// pass (no connection, timeouts, 408, 429, 5xx) are tried again, 6
+    /// times in all, 1 to 16 s apart; at most 1024 notices wait per URL,
+    /// past that new ones are dropped (counted in /metrics); those waiting
+    /// when the coordinator stops are not sent.
+    #[arg(long = "webhook", value_name = "URL", value_parser = webhook::parse_url)]
+    pub webhooks: Vec<String>,
     /// How agents take updates (TOML: deadlines in seconds per stage,
     /// shadow and probation limits; keys as in README's "Staged updates");
     /// keys left out keep their defaults, unknown keys and out-of-range
@@ -117,6 +129,8 @@ pub struct State {
     pub metrics: metrics::Metrics,
     /// Versions' full baselines, read once (`None`: it has none).
     pub baselines: std::sync::Mutex<Baselines>,
+    /// Where alerts are POSTed.
+    pub webhook: webhook::Webhook,
 }
 
 impl State {
@@ -259,6 +273,7 @@ pub async fn run(data_dir: PathBuf, args: ServeArgs) -> Result<()> {
     info!(quic = %endpoints.quic, admin = %endpoints.admin, data_dir = %data_dir.display(),
         wire = ?versions.iter().map(|v| v.0).collect::<Vec<_>>(), "coordinator ready");
 
+    let metrics = metrics::Metrics::default();
     let state = Arc::new(State {
         registry,
         artifacts,
@@ -275,7 +290,9 @@ pub async fn run(data_dir: PathBuf, args: ServeArgs) -> Result<()> {
         session_quiet: std::time::Duration::from_secs(args.session_quiet_secs),
         policy,
         tuf,
-        metrics: Default::default(),
+        webhook: webhook::Webhook::start(args.webhooks.clone(), metrics.webhook.clone())
+            .context("starting the webhook thread")?,
+        metrics,
         baselines: Default::default(),
     });
     tokio::spawn(quic::accept_loop(endpoint.clone(), state.clone()));

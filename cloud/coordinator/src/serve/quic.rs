@@ -331,6 +331,28 @@ fn clean(s: &str) -> String {
     s.chars().filter(|c| !c.is_control()).take(MAX_REPORTED_TEXT).collect()
 }
 
+/// Links an agent counts traffic on.
+const LINKS: &[&str] = &["quic"];
+
+/// The entries of a traffic report kept: of known links, once per day, a
+/// few.
+fn clean_traffic(days: Vec<tern_proto::LinkDay>) -> Vec<tern_proto::LinkDay> {
+    let mut kept: Vec<tern_proto::LinkDay> = Vec::new();
+    for d in days.into_iter().filter(|d| LINKS.contains(&d.link.as_str())) {
+        if kept.len() < tern_proto::MAX_TRAFFIC_DAYS && !kept.iter().any(|k| k.link == d.link && k.day == d.day) {
+            kept.push(d);
+        }
+    }
+    kept
+}
+
+/// Three of the agent's heartbeats, and never less than the coordinator's
+/// own limit nor more than an hour.
+fn silence_for(floor: std::time::Duration, heartbeat_secs: u32) -> std::time::Duration {
+    let asked = std::time::Duration::from_secs(3 * u64::from(heartbeat_secs.min(1200)));
+    asked.max(floor)
+}
+
 fn clean_models(models: Vec<ModelStatus>) -> Vec<ModelStatus> {
     models
         .into_iter()
@@ -406,6 +428,10 @@ async fn take_telemetry(
     for a in &taken.raised {
         warn!(device = %a.device, model = %a.model, version = a.version, rule = %a.rule, feature = %a.feature,
             value = a.value, threshold = a.threshold, "alert raised on a device");
+        state.webhook.alert("alert_raised", a);
+    }
+    for a in &taken.cleared {
+        state.webhook.alert("alert_cleared", a);
     }
     if taken.dropped > 0 {
         warn!(device = %id, dropped = taken.dropped, "the device's telemetry buffer overflowed");
@@ -493,7 +519,10 @@ async fn session(
     wake.mark_unchanged();
     let (msg, mut sent_tuf) = desired_message(state, id, version).await?;
     write(send, msg).await?;
-    let quiet = tokio::time::sleep(state.session_quiet);
+    // How long the device may stay silent: `--session-quiet-secs`, or
+    // longer for an agent that says it speaks less often (wire 7 on).
+    let mut silence = state.session_quiet;
+    let quiet = tokio::time::sleep(silence);
     tokio::pin!(quiet);
     // From wire 4 on: newer TUF metadata (a rotated root, a fresh timestamp
     // before the held one expires) is sent with the state again.
@@ -505,7 +534,7 @@ async fn session(
         tokio::select! {
             _ = &mut quiet => {
                 conn.close(close::IDLE.into(), b"no frame on the control session for too long");
-                return Err(anyhow!("no frame from the device for {:?}", state.session_quiet));
+                return Err(anyhow!("no frame from the device for {silence:?}"));
             }
             msg = reader.next() => match msg.context("control stream")? {
                 Some(Message::Status(r)) => {
@@ -518,7 +547,7 @@ async fn session(
                         ..Report::default()
                     };
                     let d = seen(state, id, report).await?;
-                    quiet.as_mut().reset(tokio::time::Instant::now() + state.session_quiet);
+                    quiet.as_mut().reset(tokio::time::Instant::now() + silence);
                     debug!(device = %d.id, models = ?d.reported, generation = ?d.reported_generation, "status");
                     if d.reported_generation.is_some_and(|g| g > d.generation) {
                         warn!(device = %d.id, applied = ?d.reported_generation, desired = d.generation,
@@ -541,13 +570,20 @@ async fn session(
                         })
                         .collect();
                     let d = seen(state, id, Report { history: Some(events), ..Report::default() }).await?;
-                    quiet.as_mut().reset(tokio::time::Instant::now() + state.session_quiet);
+                    quiet.as_mut().reset(tokio::time::Instant::now() + silence);
                     debug!(device = %d.id, steps = d.history.len(), "update history");
+                }
+                Some(Message::Traffic(t)) if version >= WireVersion::V7 => {
+                    silence = silence_for(state.session_quiet, t.heartbeat_secs);
+                    let days = clean_traffic(t.days);
+                    seen(state, id, Report { traffic: Some(days), ..Report::default() }).await?;
+                    quiet.as_mut().reset(tokio::time::Instant::now() + silence);
+                    debug!(device = %id, heartbeat_secs = t.heartbeat_secs, "traffic");
                 }
                 Some(Message::Telemetry(batch)) if version >= WireVersion::V6 => {
                     let stream = batch.stream;
                     let taken = take_telemetry(state, id, batch).await?;
-                    quiet.as_mut().reset(tokio::time::Instant::now() + state.session_quiet);
+                    quiet.as_mut().reset(tokio::time::Instant::now() + silence);
                     debug!(device = %id, new = taken.new, again = taken.again, up_to = taken.up_to, "telemetry");
                     write(send, Message::TelemetryAck(tern_proto::TelemetryAck { stream, up_to: taken.up_to })).await?;
                 }
