@@ -243,5 +243,53 @@ fn the_new_agent_works_with_the_first_release_coordinator() {
     // Version 1 carries no update policy: a minute of probation, answering.
     agent.wait_answering("iris", 1);
     assert!(agent.logs().contains("wire=v1"));
+    // That coordinator drops a connection idle for 20 s: the agent's
+    // session outlives that, with the keep-alive the agent took for it.
+    std::thread::sleep(Duration::from_secs(45));
+    let logs = agent.logs();
+    assert_eq!(logs.matches("connecting again with a 5 s keep-alive").count(), 1, "{logs}");
+    assert_eq!(logs.matches("connected to coordinator").count(), 1, "{logs}");
+    serve.kill9();
+}
+
+/// The new agent against a coordinator of wire version 6 (commit 8f44489),
+/// which keeps no connection alive and drops one idle for 20 s, when its
+/// build is at hand: `TERN_V6_BIN_DIR=/path/to/its/target/debug`.
+#[test]
+#[ignore = "needs TERN_V6_BIN_DIR, a build of commit 8f44489; run with --ignored"]
+fn the_new_agent_keeps_its_session_to_a_wire_6_coordinator_alive() {
+    let old = std::env::var_os("TERN_V6_BIN_DIR").expect("TERN_V6_BIN_DIR: a folder with tern built from 8f44489");
+    let tern = std::path::Path::new(&old).join("tern");
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let mut serve = Proc(
+        std::process::Command::new(&tern)
+            .args(["serve", "--quic-listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0", "--data-dir"])
+            .arg(&data)
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let ep: serde_json::Value = wait_for("the wire-6 coordinator", Duration::from_secs(20), || {
+        serde_json::from_slice(&std::fs::read(data.join("serve.json")).ok()?).ok()
+    });
+    let out = std::process::Command::new(&tern)
+        .arg("--data-dir")
+        .arg(&data)
+        .args(["fleet", "token", "--group", "lab", "--profile", "rpi4"])
+        .output()
+        .unwrap();
+    let token = String::from_utf8(out.stdout).unwrap();
+    let mut agent = Agent::new();
+    let out = agent.enroll(ep["quic"].as_str().unwrap(), token.trim(), Some("cam-06"));
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    agent.start();
+    // Without the 5 s keep-alive the connection timed out every 20 s.
+    std::thread::sleep(Duration::from_secs(50));
+    let logs = agent.logs();
+    assert!(logs.contains("wire=v6"), "{logs}");
+    assert_eq!(logs.matches("connecting again with a 5 s keep-alive").count(), 1, "{logs}");
+    assert_eq!(logs.matches("connected to coordinator").count(), 1, "{logs}");
+    assert!(!logs.contains("timed out"), "{logs}");
     serve.kill9();
 }
