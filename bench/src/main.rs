@@ -127,7 +127,16 @@ fn deploy(
     let log = |n: &str| std::fs::File::create(root.join(n));
     procs.0.push(
         Command::new(bin.join("tern"))
-            .args(["serve", "--quic-listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0", "--data-dir"])
+            .args([
+                "serve",
+                "--quic-listen",
+                "127.0.0.1:0",
+                "--admin-listen",
+                "127.0.0.1:0",
+                "--mqtt-listen",
+                "127.0.0.1:0",
+                "--data-dir",
+            ])
             .arg(&coord)
             .stderr(log("coordinator.log")?)
             .stdout(Stdio::null())

@@ -71,6 +71,55 @@ pub struct Reports {
     /// The bytes the link carried, counted here and sent on sessions of
     /// wire version 7 on.
     pub traffic: Arc<Traffic>,
+    /// Where telemetry goes, as the coordinator last said.
+    pub route: Arc<Route>,
+}
+
+/// Where the agent sends telemetry: what the coordinator said on its last
+/// session of wire version 8 or later (kept in `route.json`, so a restart
+/// or a metered wake-up sends where the fleet wants before any session);
+/// QUIC on sessions of older coordinators, which cannot say.
+pub struct Route {
+    tx: watch::Sender<tern_proto::TelemetryRoute>,
+    path: std::path::PathBuf,
+}
+
+impl Route {
+    /// The route kept at `path`; QUIC if none is (or it is unreadable).
+    pub fn open(path: std::path::PathBuf) -> Route {
+        let kept = std::fs::read(&path).ok().and_then(|b| serde_json::from_slice(&b).ok()).unwrap_or_default();
+        Route { tx: watch::Sender::new(kept), path }
+    }
+
+    /// Follows changes.
+    pub fn watch(&self) -> watch::Receiver<tern_proto::TelemetryRoute> {
+        self.tx.subscribe()
+    }
+
+    /// Whether telemetry goes over MQTT (never in a build without it).
+    pub fn mqtt(&self) -> bool {
+        cfg!(feature = "mqtt") && self.tx.borrow().mqtt.is_some()
+    }
+
+    /// Takes what the coordinator said; written down when it changed.
+    fn set(&self, route: tern_proto::TelemetryRoute) {
+        if !cfg!(feature = "mqtt") && route.mqtt.is_some() {
+            warn!("the coordinator asks for telemetry over MQTT, which this build leaves out: sending it over QUIC");
+        }
+        if !self.tx.send_if_modified(|r| std::mem::replace(r, route.clone()) != route) {
+            return;
+        }
+        info!(mqtt = ?route.mqtt, "telemetry route changed");
+        let path = self.path.clone();
+        tokio::task::spawn_blocking(move || match serde_json::to_vec(&route) {
+            Ok(bytes) => {
+                if let Err(e) = tern_durable::write_atomic(&path, &bytes, false) {
+                    warn!("writing {}: {e}", path.display());
+                }
+            }
+            Err(e) => warn!("encoding the route: {e}"),
+        });
+    }
 }
 
 /// How the link keeps its session alive.
@@ -222,7 +271,7 @@ async fn session(
     to_main: &mpsc::Sender<FromLink>,
     welcomed: &mut Option<std::time::Instant>,
 ) -> Result<()> {
-    let Reports { status: status_rx, history: history_rx, outbox, traffic } = reports;
+    let Reports { status: status_rx, history: history_rx, outbox, traffic, route } = reports;
     let addr = resolve(&identity.info.coordinator).await?;
     // The floor stands in for a clock that was never set; a set clock is
     // used as it reads (so a floor pushed too far cannot lock it out).
@@ -296,6 +345,10 @@ async fn session(
         None => bail!("coordinator closed the session"),
     }
     conn_tx.send_replace(Some((conn.clone(), version)));
+    if version < WireVersion::V8 {
+        route.set(tern_proto::TelemetryRoute::default());
+    }
+    let mut route_rx = route.watch();
     // What the agent applied, at once: a Hello cannot say it.
     let report = status_rx.borrow_and_update().clone();
     write_msg(&mut send, &Message::Status(fitted(report, version)), version).await?;
@@ -343,6 +396,10 @@ async fn session(
                     let incoming = Incoming { state: s.state, signed: Some((s.signature, s.tuf)), wire: version };
                     to_main.send(FromLink::Desired(incoming)).await.map_err(|_| anyhow!("agent is stopping"))?;
                 }
+                Some(Message::Route(r)) if version >= WireVersion::V8 => {
+                    debug!(mqtt = ?r.mqtt, "telemetry route received");
+                    route.set(r);
+                }
                 Some(Message::TelemetryAck(a)) if telemetry && a.stream == outbox.stream() => {
                     debug!(up_to = a.up_to, "telemetry acknowledged");
                     let o = outbox.clone();
@@ -356,7 +413,11 @@ async fn session(
                 Some(other) => warn!("ignoring unexpected {} on the control stream", other.kind()),
                 None => return Ok(()),
             },
-            _ = ready.notified(), if telemetry && in_flight.is_none() => {
+            // A batch sent here stays in flight until acknowledged here,
+            // whatever the route does meanwhile (the coordinator keeps each
+            // record once, whichever way it came).
+            _ = route_rx.changed() => ready.notify_one(),
+            _ = ready.notified(), if telemetry && in_flight.is_none() && !route.mqtt() => {
                 let o = outbox.clone();
                 let records = tokio::task::spawn_blocking(move || o.oldest(tern_proto::MAX_TELEMETRY_BATCH, TELEMETRY_BYTES)).await?;
                 if let Some(last) = records.last() {
@@ -380,7 +441,9 @@ async fn session(
             }
             _ = settle.tick(), if pace.metered.is_some() => {
                 // Below wire 6 records stay buffered whatever happens.
-                let sent_all = !telemetry || (in_flight.is_none() && outbox.held() == 0 && outbox.queued() == 0);
+                // Over MQTT, the outbox is that link's to empty.
+                let sent_all = !telemetry
+                    || (in_flight.is_none() && (route.mqtt() || (outbox.held() == 0 && outbox.queued() == 0)));
                 let idle = sent_all && DOWNLOADS.load(std::sync::atomic::Ordering::SeqCst) == 0;
                 if !idle {
                     busy_at = tokio::time::Instant::now();

@@ -10,6 +10,8 @@ mod hook;
 mod identity;
 mod link;
 mod models_thread;
+#[cfg(feature = "mqtt")]
+mod mqtt;
 mod outbox;
 mod profiles;
 mod runner;
@@ -434,11 +436,14 @@ async fn run(
     let (history_tx, history_rx) = watch::channel(store.load_history());
     let runner =
         runner::Runner::new(slots, complete, work, shared, trust, persister, live, status_tx, history_tx, hooks);
+    let route = Arc::new(link::Route::open(data_dir.join("route.json")));
+    #[cfg(feature = "mqtt")]
+    tokio::spawn(mqtt::run(identity.clone(), outbox.clone(), route.watch(), pace.metered));
     tokio::spawn(link::run(
         identity.clone(),
         formats,
         conn_tx,
-        link::Reports { status: status_rx, history: history_rx, outbox, traffic },
+        link::Reports { status: status_rx, history: history_rx, outbox, traffic, route },
         pace,
         link_tx,
     ));

@@ -164,7 +164,16 @@ fn main() -> Result<()> {
     let mut procs = Procs(Vec::new());
     procs.0.push(
         Command::new(bin.join("tern"))
-            .args(["serve", "--quic-listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0", "--data-dir"])
+            .args([
+                "serve",
+                "--quic-listen",
+                "127.0.0.1:0",
+                "--admin-listen",
+                "127.0.0.1:0",
+                "--mqtt-listen",
+                "127.0.0.1:0",
+                "--data-dir",
+            ])
             .arg(&coord)
             .stderr(log("coordinator.log")?)
             .stdout(Stdio::null())

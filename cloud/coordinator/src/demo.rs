@@ -80,8 +80,17 @@ pub fn run(args: DemoArgs) -> Result<()> {
     let agent_dir = root.join("agent");
     let mut procs = Procs(Vec::new());
 
-    let serve_args =
-        ["serve", "--data-dir", path_str(&coord_dir)?, "--quic-listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"];
+    let serve_args = [
+        "serve",
+        "--data-dir",
+        path_str(&coord_dir)?,
+        "--quic-listen",
+        "127.0.0.1:0",
+        "--admin-listen",
+        "127.0.0.1:0",
+        "--mqtt-listen",
+        "127.0.0.1:0",
+    ];
     procs.0.push(spawn(&me, &serve_args, &root.join("coordinator.log"))?);
     let endpoints: Endpoints = wait_for("the coordinator to start", Duration::from_secs(20), || {
         std::fs::read(coord_dir.join("serve.json")).ok().and_then(|b| serde_json::from_slice(&b).ok())

@@ -7,6 +7,7 @@ mod compile;
 mod demo;
 mod fsutil;
 mod monitor;
+mod mosquitto;
 mod serve;
 
 use clap::{Parser, Subcommand};
@@ -51,6 +52,9 @@ enum Cmd {
     /// Alerts raised on devices: list, acknowledge.
     #[command(subcommand)]
     Alerts(monitor::AlertsCmd),
+    /// An external MQTT broker for the fleet: `mosquitto-config`.
+    #[command(subcommand)]
+    Broker(mosquitto::BrokerCmd),
     /// The registry's TUF repository: sign its root offline, export it.
     #[command(subcommand)]
     Registry(cli::RegistryCmd),
@@ -120,6 +124,11 @@ fn main() -> ExitCode {
             init_logs("warn");
             cli::Client::new(&cli.data_dir, cli.admin, cli.token_file.as_deref())
                 .and_then(|c| monitor::alerts(&c, cmd, cli.json))
+        }
+        Cmd::Broker(cmd) => {
+            init_logs("warn");
+            cli::Client::new(&cli.data_dir, cli.admin, cli.token_file.as_deref())
+                .and_then(|c| mosquitto::run(&c, cmd, cli.json))
         }
         Cmd::Fleet(cmd) => {
             init_logs("warn");

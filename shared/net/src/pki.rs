@@ -106,6 +106,23 @@ mod ca {
             Ok(csr.signed_by(&self.issuer)?.der().to_vec())
         }
 
+        /// Makes a client key and certificate with `name` as its subject
+        /// (the coordinator's own MQTT client, [`crate::COORDINATOR_CLIENT`]:
+        /// not a device id, so no enrolled device can be it).
+        pub fn issue_client(&self, name: &str, days: i64) -> Result<(Vec<u8>, Vec<u8>), NetError> {
+            let key = KeyPair::generate()?;
+            let mut params = CertificateParams::new(Vec::<String>::new())?;
+            params.distinguished_name.push(DnType::CommonName, name);
+            params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+            params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+            params.use_authority_key_identifier_extension = true;
+            let now = OffsetDateTime::now_utc();
+            params.not_before = now - Duration::hours(1);
+            params.not_after = now + Duration::days(days);
+            let cert = params.signed_by(&key, &self.issuer)?;
+            Ok((cert.der().to_vec(), key.serialize_der()))
+        }
+
         /// Makes the coordinator's server key and certificate, valid for
         /// [`crate::COORDINATOR_NAME`] and `extra_names`.
         pub fn issue_server(&self, extra_names: &[String]) -> Result<(Vec<u8>, Vec<u8>), NetError> {

@@ -16,6 +16,10 @@ use tern_proto::WireVersion;
 /// whatever address it dials: devices trust the fleet CA, not DNS.
 pub const COORDINATOR_NAME: &str = "coordinator.tern";
 
+/// The subject (and MQTT client id) of the coordinator's own MQTT client:
+/// brokers let it publish and subscribe under every device's topics.
+pub const COORDINATOR_CLIENT: &str = "client.coordinator.tern";
+
 fn provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
@@ -226,9 +230,33 @@ fn device_config(
     let tls = rustls::ClientConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .dangerous()
-        .with_custom_certificate_verifier(Arc::new(AtLeast { inner, floor: time_floor }))
+        .with_custom_certificate_verifier(Arc::new(AtLeast { inner, floor: time_floor, name: None }))
         .with_client_auth_cert(vec![CertificateDer::from(cert_der.to_vec())], key(key_der))?;
     client(tls, versions, liveness)
+}
+
+/// The TLS configuration of an MQTT client of the fleet (an agent, or the
+/// coordinator with its own client certificate): TLS 1.3, the fleet CA
+/// only, and the broker's certificate checked for [`COORDINATOR_NAME`]
+/// whatever address it was reached at (the embedded broker has the
+/// coordinator's certificate; `tern broker mosquitto-config` issues one
+/// with that name too), at `time_floor` as [`device_client_config_at_least`]
+/// does.
+pub fn mqtt_client_config(
+    ca_der: &[u8],
+    cert_der: &[u8],
+    key_der: &[u8],
+    time_floor: u64,
+) -> Result<rustls::ClientConfig, NetError> {
+    let inner = WebPkiServerVerifier::builder_with_provider(roots(ca_der)?, provider())
+        .build()
+        .map_err(|e| NetError::Tls(e.to_string()))?;
+    let name = ServerName::try_from(COORDINATOR_NAME).map_err(|e| NetError::Tls(e.to_string()))?;
+    Ok(rustls::ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(AtLeast { inner, floor: time_floor, name: Some(name) }))
+        .with_client_auth_cert(vec![CertificateDer::from(cert_der.to_vec())], key(key_der))?)
 }
 
 /// WebPKI verification of the server, at the later of the clock and a floor.
@@ -236,6 +264,8 @@ fn device_config(
 struct AtLeast {
     inner: Arc<WebPkiServerVerifier>,
     floor: u64,
+    /// The name checked in place of the one connected to.
+    name: Option<ServerName<'static>>,
 }
 
 impl ServerCertVerifier for AtLeast {
@@ -249,6 +279,7 @@ impl ServerCertVerifier for AtLeast {
     ) -> Result<ServerCertVerified, rustls::Error> {
         let now =
             if now.as_secs() < self.floor { UnixTime::since_unix_epoch(Duration::from_secs(self.floor)) } else { now };
+        let server_name = self.name.as_ref().unwrap_or(server_name);
         self.inner.verify_server_cert(end_entity, intermediates, server_name, ocsp, now)
     }
 
@@ -364,7 +395,7 @@ mod tests {
     fn verifier(ca: &FleetCa, floor: u64) -> AtLeast {
         let inner =
             WebPkiServerVerifier::builder_with_provider(roots(ca.cert_der()).unwrap(), provider()).build().unwrap();
-        AtLeast { inner, floor }
+        AtLeast { inner, floor, name: None }
     }
 
     fn at(v: &AtLeast, cert: &[u8], name: &str, clock: u64) -> Result<ServerCertVerified, rustls::Error> {
@@ -389,5 +420,35 @@ mod tests {
         let (other, _) = FleetCa::generate("other").unwrap();
         let (foreign, _) = other.issue_server(&[]).unwrap();
         assert!(at(&verifier(&ca, now), &foreign, COORDINATOR_NAME, clock_1970).is_err(), "another CA");
+    }
+}
+
+/// The host and port of an MQTT broker URL, `mqtts://HOST:PORT` (an IPv6
+/// host in brackets); the host may be empty (the agent then uses the host
+/// it reaches the coordinator at).
+pub fn mqtt_address(url: &str) -> Result<(String, u16), NetError> {
+    let bad = |why: &str| NetError::Tls(format!("MQTT broker URL {url:?}: {why} (expected mqtts://HOST:PORT)"));
+    let rest = url.strip_prefix("mqtts://").ok_or_else(|| bad("not mqtts://"))?;
+    let (host, port) = rest.rsplit_once(':').ok_or_else(|| bad("no port"))?;
+    let port: u16 = port.parse().map_err(|_| bad("the port is not a number"))?;
+    let host = host.strip_prefix('[').and_then(|h| h.strip_suffix(']')).unwrap_or(host);
+    if host.contains(['/', '@', '?', '#', '[', ']']) || port == 0 {
+        return Err(bad("not a host and port"));
+    }
+    Ok((host.to_owned(), port))
+}
+
+#[cfg(test)]
+mod mqtt_url_tests {
+    use super::mqtt_address;
+
+    #[test]
+    fn broker_urls_are_host_and_port() {
+        assert_eq!(mqtt_address("mqtts://broker.local:8883").unwrap(), ("broker.local".into(), 8883));
+        assert_eq!(mqtt_address("mqtts://[::1]:8883").unwrap(), ("::1".into(), 8883));
+        assert_eq!(mqtt_address("mqtts://:8883").unwrap(), (String::new(), 8883));
+        for bad in ["mqtt://h:1", "mqtts://h", "mqtts://h:x", "mqtts://h:0", "mqtts://u@h:1", "mqtts://h/x:1"] {
+            assert!(mqtt_address(bad).is_err(), "{bad}");
+        }
     }
 }

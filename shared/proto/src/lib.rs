@@ -36,8 +36,8 @@ pub use manifest::{
 pub use msg::{
     AlertChange, ArtifactHeader, DesiredState, EnrollRequest, EnrollResponse, ErrorCode, FetchArtifact, Hello, LinkDay,
     MAX_HISTORY, MAX_TELEMETRY_BATCH, MAX_TRAFFIC_DAYS, Message, ModelState, ModelStatus, MonitorStarted, Refusal,
-    SignedDesired, StatusReport, TelemetryAck, TelemetryBatch, TelemetryBody, TelemetryRecord, TrafficReport,
-    TufMetadata, UpdateEvent, UpdateHistory, Welcome, WindowSummary, WireError, root_intro_statement,
+    SignedDesired, StatusReport, TelemetryAck, TelemetryBatch, TelemetryBody, TelemetryRecord, TelemetryRoute,
+    TrafficReport, TufMetadata, UpdateEvent, UpdateHistory, Welcome, WindowSummary, WireError, root_intro_statement,
 };
 pub use tensor::{TENSORS_MEDIA_TYPE, Tensor, TensorData, decode_tensors, encode_tensors};
 pub use token::{EnrollTokenText, TokenError};
@@ -79,10 +79,16 @@ impl WireVersion {
     /// on older versions it reports every 30 s, as their coordinators
     /// expect.
     pub const V7: WireVersion = WireVersion(7);
+    /// Version 8: version 7 and the fleet's telemetry route
+    /// ([`Message::Route`]): over this link, or over an MQTT broker (whose
+    /// messages are frames of this version). Older agents keep theirs on
+    /// QUIC, which every coordinator takes.
+    pub const V8: WireVersion = WireVersion(8);
     /// The newest version this build speaks.
-    pub const CURRENT: WireVersion = WireVersion::V7;
+    pub const CURRENT: WireVersion = WireVersion::V8;
     /// Every version this build speaks, newest first.
     pub const SUPPORTED: &'static [WireVersion] = &[
+        WireVersion::V8,
         WireVersion::V7,
         WireVersion::V6,
         WireVersion::V5,
@@ -139,15 +145,16 @@ mod tests {
         assert_eq!(WireVersion::up_to(WireVersion::V1), [WireVersion::V1]);
         assert_eq!(WireVersion::up_to(WireVersion(9)), WireVersion::SUPPORTED);
         assert_eq!(
-            WireVersion::highest_shared(WireVersion::SUPPORTED, &[1, 2, 3, 4, 5, 6, 7, 8]),
-            Some(WireVersion::V7)
+            WireVersion::highest_shared(WireVersion::SUPPORTED, &[1, 2, 3, 4, 5, 6, 7, 8, 9]),
+            Some(WireVersion::V8)
         );
+        assert_eq!(WireVersion::highest_shared(WireVersion::SUPPORTED, &[1, 2, 3, 4, 5, 6, 7]), Some(WireVersion::V7));
         assert_eq!(WireVersion::highest_shared(WireVersion::SUPPORTED, &[1, 2, 3, 4, 5, 6]), Some(WireVersion::V6));
         assert_eq!(WireVersion::highest_shared(WireVersion::SUPPORTED, &[1, 2, 3, 4, 5]), Some(WireVersion::V5));
         assert_eq!(WireVersion::highest_shared(WireVersion::SUPPORTED, &[1, 2, 3, 4]), Some(WireVersion::V4));
         assert_eq!(WireVersion::highest_shared(WireVersion::SUPPORTED, &[1, 2, 3]), Some(WireVersion::V3));
         assert_eq!(WireVersion::highest_shared(WireVersion::SUPPORTED, &[1, 2]), Some(WireVersion::V2));
         assert_eq!(WireVersion::highest_shared(WireVersion::SUPPORTED, &[1]), Some(WireVersion::V1));
-        assert_eq!(WireVersion::highest_shared(WireVersion::SUPPORTED, &[8]), None);
+        assert_eq!(WireVersion::highest_shared(WireVersion::SUPPORTED, &[9]), None);
     }
 }

@@ -42,6 +42,9 @@ pub enum Message {
     /// Agent → coordinator (wire version 7 on): the bytes it sent and
     /// received per day on each link, and how often it will speak.
     Traffic(TrafficReport),
+    /// Coordinator → agent (wire version 8 on), after the Welcome: where
+    /// the agent sends its telemetry.
+    Route(TelemetryRoute),
 }
 
 impl Message {
@@ -62,6 +65,7 @@ impl Message {
             Message::Telemetry(_) => "Telemetry",
             Message::TelemetryAck(_) => "TelemetryAck",
             Message::Traffic(_) => "Traffic",
+            Message::Route(_) => "Route",
         }
     }
 
@@ -72,9 +76,20 @@ impl Message {
             Message::SignedDesired(_) => crate::WireVersion::V4,
             Message::Telemetry(_) | Message::TelemetryAck(_) => crate::WireVersion::V6,
             Message::Traffic(_) => crate::WireVersion::V7,
+            Message::Route(_) => crate::WireVersion::V8,
             _ => crate::WireVersion::V1,
         }
     }
+}
+
+/// Where a fleet's agents send telemetry, alerts and captured samples.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct TelemetryRoute {
+    /// An MQTT broker (`mqtts://HOST:PORT`): agents publish under
+    /// `tern/v1/<device>/` with their fleet certificate and take
+    /// acknowledgements on `tern/v1/<device>/ack`; each message is one
+    /// frame of wire version 8. `None`: on the QUIC control stream.
+    pub mqtt: Option<String>,
 }
 
 /// Telemetry records a device sends, oldest first (at most

@@ -391,6 +391,7 @@ impl TryFrom<&cur::Message> for Message {
             cur::Message::Telemetry(_) => return Err("Telemetry is not in wire v1".into()),
             cur::Message::TelemetryAck(_) => return Err("TelemetryAck is not in wire v1".into()),
             cur::Message::Traffic(_) => return Err("Traffic is not in wire v1".into()),
+            cur::Message::Route(_) => return Err("Route is not in wire v1".into()),
         })
     }
 }

@@ -128,6 +128,7 @@ fn message() -> impl Strategy<Value = Message> {
         (any::<u64>(), any::<u64>()).prop_map(|(stream, up_to)| Message::TelemetryAck(TelemetryAck { stream, up_to })),
         (any::<u32>(), prop::collection::vec(link_day(), 0..4))
             .prop_map(|(heartbeat_secs, days)| Message::Traffic(TrafficReport { heartbeat_secs, days })),
+        proptest::option::of("[a-z0-9:/.]{0,40}").prop_map(|mqtt| Message::Route(TelemetryRoute { mqtt })),
     ]
 }
 

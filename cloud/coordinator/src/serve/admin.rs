@@ -99,6 +99,7 @@ pub fn router(state: Arc<State>) -> Router {
             put(set_constraints).delete(clear_constraints).layer(DefaultBodyLimit::max(MAX_CONSTRAINTS_BYTES)),
         )
         .route("/v1/tokens", post(new_token))
+        .route("/v1/broker/server-certificate", post(broker_certificate))
         .route("/metrics", get(metrics))
         .route("/v1/alerts", get(list_alerts))
         .route("/v1/alerts/{id}/ack", post(ack_alert))
@@ -733,6 +734,31 @@ async fn clear_constraints(
     Path((name, version)): Path<(String, u32)>,
 ) -> ApiResult<Json<ModelVersion>> {
     Ok(Json(blocking(&state, move |s| s.registry.set_constraints(&name, version, None)).await?))
+}
+
+#[derive(Deserialize)]
+struct BrokerBody {
+    names: Vec<String>,
+}
+
+/// A server certificate from the fleet CA for an external MQTT broker
+/// (`tern broker mosquitto-config`): valid for `coordinator.tern`, which
+/// agents check, and the names asked for; with the CA certificate, PEM.
+async fn broker_certificate(
+    Ext(state): Ext<Arc<State>>,
+    body: Result<Json<BrokerBody>, JsonRejection>,
+) -> ApiResult<Json<serde_json::Value>> {
+    let body = json_body(body)?;
+    if body.names.len() > 16 || body.names.iter().any(|n| n.is_empty() || n.len() > 253) {
+        return Err(bad("names: at most 16, each 1 to 253 characters"));
+    }
+    let (cert, key) = state.ca.issue_server(&body.names).map_err(|e| bad(format!("names {:?}: {e}", body.names)))?;
+    info!(names = ?body.names, "server certificate issued for an MQTT broker");
+    Ok(Json(json!({
+        "ca": super::pem("CERTIFICATE", state.ca.cert_der()),
+        "cert": super::pem("CERTIFICATE", &cert),
+        "key": super::pem("PRIVATE KEY", &key),
+    })))
 }
 
 #[derive(Deserialize)]

@@ -1,7 +1,7 @@
 //! The coordinator's Prometheus metrics (`GET /metrics` on the admin
 //! listener, text exposition): devices connected, telemetry records and
 //! bytes per device, records devices dropped, alerts raised per model and
-//! rule and open now, per model version and feature the largest L∞
+//! rule and open now, batches per link, MQTT messages refused, per model version and feature the largest L∞
 //! distance from the baseline among the devices' latest windows, and what
 //! became of webhook notices.
 
@@ -18,6 +18,11 @@ use tern_proto::DeviceId;
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct DeviceLabel {
     device: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct LinkLabel {
+    link: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -57,6 +62,9 @@ pub struct Metrics {
     records: Family<DeviceLabel, Counter>,
     bytes: Family<DeviceLabel, Counter>,
     dropped: Family<DeviceLabel, Counter>,
+    batches: Family<LinkLabel, Counter>,
+    /// MQTT messages under device topics that were not taken.
+    pub mqtt_refused: Counter,
     raised: Family<AlertLabel, Counter>,
     open: Family<ModelLabel, Gauge>,
     drift: Family<DriftLabel, Gauge<f64, AtomicU64>>,
@@ -74,6 +82,8 @@ impl Default for Metrics {
             records: Family::default(),
             bytes: Family::default(),
             dropped: Family::default(),
+            batches: Family::default(),
+            mqtt_refused: Counter::default(),
             raised: Family::default(),
             open: Family::default(),
             drift: Family::default(),
@@ -85,6 +95,12 @@ impl Default for Metrics {
         registry.register("telemetry_records", "Telemetry records taken, per device", m.records.clone());
         registry.register("telemetry_bytes", "Encoded telemetry record bytes taken, per device", m.bytes.clone());
         registry.register("telemetry_dropped", "Records devices dropped from full buffers", m.dropped.clone());
+        registry.register("telemetry_batches", "Telemetry batches taken, per link (quic, mqtt)", m.batches.clone());
+        registry.register(
+            "mqtt_refused",
+            "MQTT messages under device topics not taken (undecodable, unknown device, not telemetry)",
+            m.mqtt_refused.clone(),
+        );
         registry.register("alerts_raised", "Alerts raised on devices, per model and rule", m.raised.clone());
         registry.register("alerts_open", "Alerts raised and not cleared, per model", m.open.clone());
         registry.register(
@@ -101,7 +117,15 @@ impl Default for Metrics {
 
 impl Metrics {
     /// Counts what a device's batch brought.
-    pub fn telemetry(&self, device: &DeviceId, taken: &tern_registry::Taken, bytes: u64, distances: &[Distance]) {
+    pub fn telemetry(
+        &self,
+        device: &DeviceId,
+        link: &str,
+        taken: &tern_registry::Taken,
+        bytes: u64,
+        distances: &[Distance],
+    ) {
+        self.batches.get_or_create(&LinkLabel { link: link.to_owned() }).inc();
         let d = DeviceLabel { device: device.to_string() };
         self.records.get_or_create(&d).inc_by(taken.new);
         self.bytes.get_or_create(&d).inc_by(bytes);

@@ -3,16 +3,19 @@
 //! endpoint serves agents and an HTTP admin API on loopback serves the CLI.
 
 mod admin;
+mod broker;
 mod drift;
 mod golden;
 mod keys;
 mod limits;
 mod metrics;
+mod mqtt;
 mod quic;
 mod sessions;
 pub mod tuf;
 mod webhook;
 
+pub use broker::pem;
 pub use keys::random;
 
 use crate::fsutil::unix_now;
@@ -46,14 +49,15 @@ pub struct ServeArgs {
     /// Fleet name, shown in the CA certificate (first start only).
     #[arg(long, default_value = "default")]
     pub fleet: String,
-    /// The newest wire version to speak with agents (1 to 6): older agents
+    /// The newest wire version to speak with agents (1 to 8): older agents
     /// are always served in theirs; pin a lower one to hold a fleet on an
     /// older protocol while it is upgraded (below 5, models with `f16` or
     /// `bf16` tensors are not sent, and agents unload them; below 4,
     /// desired states are not signed as a whole and carry no TUF metadata;
     /// below 3, agents keep their update history to themselves; below 6,
-    /// agents keep their drift windows and alerts buffered).
-    #[arg(long, default_value_t = WireVersion::CURRENT.0, value_parser = clap::value_parser!(u16).range(1..=7))]
+    /// agents keep their drift windows and alerts buffered; below 8, they
+    /// send them over QUIC whatever `--telemetry` says).
+    #[arg(long, default_value_t = WireVersion::CURRENT.0, value_parser = clap::value_parser!(u16).range(1..=8))]
     pub max_wire_version: u16,
     /// Connections at most, devices included.
     #[arg(long, default_value_t = 20_000)]
@@ -85,12 +89,57 @@ pub struct ServeArgs {
     /// when the coordinator stops are not sent.
     #[arg(long = "webhook", value_name = "URL", value_parser = webhook::parse_url)]
     pub webhooks: Vec<String>,
+    /// TCP address of the embedded MQTT broker: TLS 1.2 or 1.3, only
+    /// clients with a certificate of the fleet CA, each device kept to
+    /// `tern/v1/<its id>/` (`off`: none; ignored with `--mqtt-url`).
+    #[arg(long, default_value = "0.0.0.0:8883", value_parser = parse_listen)]
+    pub mqtt_listen: Listen,
+    /// An external MQTT broker to use instead (`mqtts://HOST:PORT`): it must
+    /// present a certificate of the fleet CA for `coordinator.tern`, take
+    /// the coordinator's client certificate (subject
+    /// `client.coordinator.tern`) and keep devices to their topics, as the
+    /// Mosquitto setup `tern broker mosquitto-config` writes does.
+    #[arg(long, value_name = "URL")]
+    pub mqtt_url: Option<String>,
+    /// How agents send telemetry (drift windows, alerts): `quic`, on their
+    /// control stream, or `mqtt`, published at QoS 1 to the broker
+    /// (`tern/v1/<device>/telemetry`, or `…/alerts` for a batch holding an
+    /// alert) and acknowledged on `tern/v1/<device>/ack`. Agents of wire
+    /// version 7 and older use QUIC whatever this says; the coordinator
+    /// takes both.
+    #[arg(long, value_enum, default_value_t = TelemetryLink::Quic)]
+    pub telemetry: TelemetryLink,
+    /// The broker URL agents are given with `--telemetry mqtt`
+    /// (`mqtts://HOST:PORT`; an empty host is the one they reach the
+    /// coordinator at). Default: `--mqtt-url`, or the embedded broker's port.
+    #[arg(long, value_name = "URL")]
+    pub mqtt_advertise: Option<String>,
     /// How agents take updates (TOML: deadlines in seconds per stage,
     /// shadow and probation limits; keys as in README's "Staged updates");
     /// keys left out keep their defaults, unknown keys and out-of-range
     /// values are refused. Signed into every manifest sent to agents.
     #[arg(long)]
     pub update_policy: Option<PathBuf>,
+}
+
+/// How a fleet's agents send telemetry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum TelemetryLink {
+    /// On the QUIC control stream.
+    Quic,
+    /// Over the MQTT broker.
+    Mqtt,
+}
+
+/// An address to listen on, or none (`off`).
+#[derive(Debug, Clone, Copy)]
+pub struct Listen(pub Option<SocketAddr>);
+
+fn parse_listen(s: &str) -> Result<Listen, String> {
+    if s == "off" {
+        return Ok(Listen(None));
+    }
+    s.parse().map(|a| Listen(Some(a))).map_err(|e| format!("{s:?}: {e} (an address such as 0.0.0.0:8883, or off)"))
 }
 
 /// What a running coordinator writes to `<data-dir>/serve.json`, so the CLI
@@ -101,6 +150,9 @@ pub struct Endpoints {
     pub quic: SocketAddr,
     /// Bound admin API address.
     pub admin: SocketAddr,
+    /// Bound address of the embedded MQTT broker, if one runs.
+    #[serde(default)]
+    pub mqtt: Option<SocketAddr>,
     /// Process id.
     pub pid: u32,
 }
@@ -131,6 +183,8 @@ pub struct State {
     pub baselines: std::sync::Mutex<Baselines>,
     /// Where alerts are POSTed.
     pub webhook: webhook::Webhook,
+    /// Where agents of wire 8 on are told to send telemetry.
+    pub route: tern_proto::TelemetryRoute,
 }
 
 impl State {
@@ -268,10 +322,52 @@ pub async fn run(data_dir: PathBuf, args: ServeArgs) -> Result<()> {
         .await
         .with_context(|| format!("binding the admin API on {}", args.admin_listen))?;
 
-    let endpoints = Endpoints { quic: endpoint.local_addr()?, admin: admin.local_addr()?, pid: std::process::id() };
+    let embedded = match (&args.mqtt_url, args.mqtt_listen.0) {
+        (None, Some(listen)) => Some(
+            broker::start(
+                &data_dir.join("broker"),
+                listen,
+                keys.ca.cert_der(),
+                (&server_cert, &server_key),
+                args.max_connections,
+            )
+            .await?,
+        ),
+        _ => None,
+    };
+    let broker = match (&args.mqtt_url, embedded) {
+        (Some(url), _) => Some(tern_net::mqtt_address(url)?),
+        (None, Some(bound)) => {
+            let host = if bound.ip().is_unspecified() { "127.0.0.1".to_owned() } else { bound.ip().to_string() };
+            Some((host, bound.port()))
+        }
+        (None, None) => None,
+    };
+    let route = match args.telemetry {
+        TelemetryLink::Quic => tern_proto::TelemetryRoute::default(),
+        TelemetryLink::Mqtt => {
+            let advertised = match (&args.mqtt_advertise, &args.mqtt_url, embedded) {
+                (Some(url), _, _) | (None, Some(url), _) => url.clone(),
+                (None, None, Some(bound)) => format!("mqtts://:{}", bound.port()),
+                (None, None, None) => anyhow::bail!("--telemetry mqtt needs a broker: --mqtt-listen or --mqtt-url"),
+            };
+            tern_net::mqtt_address(&advertised)?;
+            tern_proto::TelemetryRoute { mqtt: Some(advertised) }
+        }
+    };
+
+    let endpoints =
+        Endpoints { quic: endpoint.local_addr()?, admin: admin.local_addr()?, mqtt: embedded, pid: std::process::id() };
     write_atomic(&data_dir.join("serve.json"), &serde_json::to_vec_pretty(&endpoints)?, false)?;
-    info!(quic = %endpoints.quic, admin = %endpoints.admin, data_dir = %data_dir.display(),
-        wire = ?versions.iter().map(|v| v.0).collect::<Vec<_>>(), "coordinator ready");
+    info!(quic = %endpoints.quic, admin = %endpoints.admin, mqtt = ?endpoints.mqtt, data_dir = %data_dir.display(),
+        wire = ?versions.iter().map(|v| v.0).collect::<Vec<_>>(), telemetry = ?route.mqtt, "coordinator ready");
+    let mqtt_client = match &broker {
+        Some(_) => {
+            let (cert, key) = keys.ca.issue_client(tern_net::COORDINATOR_CLIENT, 825)?;
+            Some(tern_net::mqtt_client_config(keys.ca.cert_der(), &cert, &key, 0)?)
+        }
+        None => None,
+    };
 
     let metrics = metrics::Metrics::default();
     let state = Arc::new(State {
@@ -294,8 +390,12 @@ pub async fn run(data_dir: PathBuf, args: ServeArgs) -> Result<()> {
             .context("starting the webhook thread")?,
         metrics,
         baselines: Default::default(),
+        route,
     });
     tokio::spawn(quic::accept_loop(endpoint.clone(), state.clone()));
+    if let (Some((host, port)), Some(tls)) = (broker, mqtt_client) {
+        tokio::spawn(mqtt::run(state.clone(), host, port, tls));
+    }
     let app = admin::router(state.clone());
     axum::serve(admin, app).with_graceful_shutdown(shutdown()).await.context("admin API")?;
     endpoint.close(0u32.into(), b"coordinator shutting down");

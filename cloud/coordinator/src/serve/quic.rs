@@ -370,9 +370,10 @@ const RULES: &[&str] =
 /// says it serves, rules the agent knows, features of the version's
 /// baseline, profiles that fit its layout (a device cannot make the
 /// registry keep records under names or in shapes of its own choosing).
-async fn take_telemetry(
+pub(super) async fn take_telemetry(
     state: &Arc<State>,
     id: &DeviceId,
+    link: &'static str,
     mut batch: tern_proto::TelemetryBatch,
 ) -> Result<tern_registry::Taken> {
     use tern_proto::TelemetryBody;
@@ -421,7 +422,7 @@ async fn take_telemetry(
                 }
             }
         }
-        st.metrics.telemetry(&id, &taken, bytes, &distances);
+        st.metrics.telemetry(&id, link, &taken, bytes, &distances);
         Ok::<_, anyhow::Error>(taken)
     })
     .await??;
@@ -519,6 +520,9 @@ async fn session(
     wake.mark_unchanged();
     let (msg, mut sent_tuf) = desired_message(state, id, version).await?;
     write(send, msg).await?;
+    if version >= WireVersion::V8 {
+        write(send, Message::Route(state.route.clone())).await?;
+    }
     // How long the device may stay silent: `--session-quiet-secs`, or
     // longer for an agent that says it speaks less often (wire 7 on).
     let mut silence = state.session_quiet;
@@ -582,7 +586,7 @@ async fn session(
                 }
                 Some(Message::Telemetry(batch)) if version >= WireVersion::V6 => {
                     let stream = batch.stream;
-                    let taken = take_telemetry(state, id, batch).await?;
+                    let taken = take_telemetry(state, id, "quic", batch).await?;
                     quiet.as_mut().reset(tokio::time::Instant::now() + silence);
                     debug!(device = %id, new = taken.new, again = taken.again, up_to = taken.up_to, "telemetry");
                     write(send, Message::TelemetryAck(tern_proto::TelemetryAck { stream, up_to: taken.up_to })).await?;

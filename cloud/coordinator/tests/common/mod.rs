@@ -190,6 +190,8 @@ pub struct Coord {
     pub proc: Proc,
     pub quic: String,
     pub admin: String,
+    /// The embedded MQTT broker's address, if one runs.
+    pub mqtt: Option<String>,
 }
 
 impl Coord {
@@ -221,6 +223,11 @@ impl Coord {
         if !extra.contains(&"--quic-listen") {
             args.extend(["--quic-listen", "127.0.0.1:0"]);
         }
+        // Builds from before the embedded broker lack the flag.
+        let own = std::env::var_os("TERN_TEST_BIN_DIR").is_none();
+        if own && !extra.contains(&"--mqtt-listen") && !extra.contains(&"--mqtt-url") {
+            args.extend(["--mqtt-listen", "127.0.0.1:0"]);
+        }
         // Probation of 1 s (not the default minute), so that a test can wait
         // for each update to commit; builds from before staged updates lack
         // the flag.
@@ -247,6 +254,7 @@ impl Coord {
         Ok(Self {
             quic: ep["quic"].as_str().unwrap().to_owned(),
             admin: format!("http://{}", ep["admin"].as_str().unwrap()),
+            mqtt: ep["mqtt"].as_str().map(str::to_owned),
             dir,
             proc,
         })

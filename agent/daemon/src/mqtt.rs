@@ -1,0 +1,203 @@
+//! Telemetry over MQTT, when the fleet's route says so: the outbox's
+//! batches published at QoS 1 under `tern/v1/<device>/`, one in flight,
+//! each removed once the coordinator's acknowledgement comes back on
+//! `tern/v1/<device>/ack`.
+
+use crate::identity::Identity;
+use crate::outbox::Outbox;
+use anyhow::{Result, anyhow, bail};
+use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS, TlsConfiguration, Transport};
+use std::sync::Arc;
+use std::time::Duration;
+use tern_proto::{Message, TelemetryBody, TelemetryRoute, WireVersion};
+use tokio::sync::watch;
+use tokio::time::Instant;
+use tracing::{debug, info, warn};
+
+/// The wire version of every MQTT message.
+const WIRE: WireVersion = WireVersion::V8;
+
+/// The most encoded record bytes one batch carries, as on QUIC.
+const BATCH_BYTES: usize = 96 << 10;
+
+/// The most bytes of a message: a batch and its frame, or an
+/// acknowledgement.
+const MAX_PACKET: usize = 128 << 10;
+
+/// How long an acknowledgement may take before the batch is sent again.
+const ACK_WITHIN: Duration = Duration::from_secs(30);
+
+/// How long a metered connection stays with nothing left to send.
+const METERED_SETTLE: Duration = Duration::from_secs(3);
+
+/// MQTT keep-alive: the broker drops a client silent for 1.5 times it.
+const KEEP_ALIVE: Duration = Duration::from_secs(120);
+
+/// Sends the outbox over MQTT while the route names a broker, forever.
+/// Metered, a connection is opened every `metered` only if there are
+/// records, and closed once they are acknowledged.
+pub async fn run(
+    identity: Arc<Identity>,
+    outbox: Arc<Outbox>,
+    mut route: watch::Receiver<TelemetryRoute>,
+    metered: Option<Duration>,
+) {
+    let mut backoff = Duration::from_secs(1);
+    let mut next_metered = Instant::now();
+    loop {
+        let Some(url) = route.borrow_and_update().mqtt.clone() else {
+            if route.changed().await.is_err() {
+                return;
+            }
+            continue;
+        };
+        // Something to send first: an idle device holds no connection
+        // until its first record; metered, not until its next turn.
+        if let Some(every) = metered {
+            tokio::time::sleep_until(next_metered).await;
+            next_metered = Instant::now() + every;
+            if outbox.held() == 0 && outbox.queued() == 0 {
+                continue;
+            }
+        } else if outbox.held() == 0 {
+            tokio::select! {
+                _ = outbox.ready.notified() => {}
+                _ = route.changed() => {}
+            }
+            continue;
+        }
+        match session(&identity, &outbox, &url, &mut route, metered.is_some()).await {
+            Ok(()) => backoff = Duration::from_secs(1),
+            Err(e) => {
+                warn!(broker = %url, "MQTT telemetry: {e:#}; retrying in {backoff:?}");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(60));
+            }
+        }
+    }
+}
+
+/// The broker's host and port; an empty host is the coordinator's.
+fn broker(url: &str, coordinator: &str) -> Result<(String, u16)> {
+    let (host, port) = tern_net::mqtt_address(url)?;
+    if !host.is_empty() {
+        return Ok((host, port));
+    }
+    let (host, _) = coordinator.rsplit_once(':').ok_or_else(|| anyhow!("coordinator address {coordinator:?}"))?;
+    let host = host.strip_prefix('[').and_then(|h| h.strip_suffix(']')).unwrap_or(host);
+    Ok((host.to_owned(), port))
+}
+
+/// One connection: sends until the route changes or the connection fails
+/// (or, `metered`, nothing is left to send).
+async fn session(
+    identity: &Identity,
+    outbox: &Arc<Outbox>,
+    url: &str,
+    route: &mut watch::Receiver<TelemetryRoute>,
+    metered: bool,
+) -> Result<()> {
+    let id = identity.info.device_id.clone();
+    let (host, port) = broker(url, &identity.info.coordinator)?;
+    let floor = identity.time_floor.load(std::sync::atomic::Ordering::Relaxed);
+    let tls = tern_net::mqtt_client_config(&identity.ca_der, &identity.cert_der, &identity.key_der, floor)?;
+    let mut opts = MqttOptions::new(id.as_str(), host, port);
+    opts.set_keep_alive(KEEP_ALIVE);
+    opts.set_clean_session(true);
+    opts.set_max_packet_size(MAX_PACKET, MAX_PACKET);
+    opts.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(Arc::new(tls))));
+    let (client, mut events) = AsyncClient::new(opts, 8);
+    let (topic_ack, topic_telemetry, topic_alerts) =
+        (format!("tern/v1/{id}/ack"), format!("tern/v1/{id}/telemetry"), format!("tern/v1/{id}/alerts"));
+    let ready = outbox.ready.clone();
+    // Sending starts once the acknowledgements are subscribed to.
+    let mut subscribed = false;
+    let mut in_flight: Option<(u64, Instant)> = None;
+    let mut idle_since = Instant::now();
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tokio::select! {
+            event = events.poll() => match event.map_err(|e| anyhow!("{e}"))? {
+                Event::Incoming(Packet::ConnAck(_)) => {
+                    info!(broker = %url, "connected to the MQTT broker");
+                    client.try_subscribe(&topic_ack, QoS::AtLeastOnce)?;
+                }
+                Event::Incoming(Packet::SubAck(s)) => {
+                    if s.return_codes.iter().any(|c| matches!(c, rumqttc::SubscribeReasonCode::Failure)) {
+                        bail!("the broker refused the subscription to {topic_ack}");
+                    }
+                    subscribed = true;
+                    ready.notify_one();
+                }
+                Event::Incoming(Packet::Publish(p)) if p.topic == topic_ack => {
+                    let Some((Message::TelemetryAck(a), _)) = tern_proto::decode_frame(&p.payload, MAX_PACKET, WIRE)? else {
+                        warn!("ignoring a message on {topic_ack} that is not an acknowledgement");
+                        continue;
+                    };
+                    if a.stream != outbox.stream() {
+                        continue;
+                    }
+                    debug!(up_to = a.up_to, "telemetry acknowledged over MQTT");
+                    let o = outbox.clone();
+                    tokio::task::spawn_blocking(move || o.acknowledged(a.up_to)).await?;
+                    if in_flight.is_some_and(|(sent, _)| a.up_to >= sent) {
+                        in_flight = None;
+                        idle_since = Instant::now();
+                        ready.notify_one();
+                    }
+                }
+                _ => {}
+            },
+            _ = ready.notified(), if subscribed && in_flight.is_none() => {
+                let o = outbox.clone();
+                let records = tokio::task::spawn_blocking(move || o.oldest(tern_proto::MAX_TELEMETRY_BATCH, BATCH_BYTES)).await?;
+                let Some(last) = records.last() else { continue };
+                let alerts = records.iter().any(|r| matches!(r.body, TelemetryBody::Alert(_)));
+                in_flight = Some((last.id, Instant::now()));
+                debug!(records = records.len(), up_to = last.id, alerts, "sending telemetry over MQTT");
+                let batch = tern_proto::TelemetryBatch { stream: outbox.stream(), dropped: outbox.dropped(), records };
+                let frame = tern_proto::encode_frame(&Message::Telemetry(batch), WIRE)?;
+                // A batch holding an alert goes on `alerts`, so that a
+                // subscriber to alerts alone sees every one; one batch in
+                // flight keeps the two topics in order.
+                client.try_publish(if alerts { &topic_alerts } else { &topic_telemetry }, QoS::AtLeastOnce, false, frame)?;
+            }
+            _ = tick.tick() => {
+                if in_flight.is_some_and(|(_, at)| at.elapsed() >= ACK_WITHIN) {
+                    warn!("no acknowledgement over MQTT within {} s; sending the batch again", ACK_WITHIN.as_secs());
+                    in_flight = None;
+                    ready.notify_one();
+                }
+                let done = in_flight.is_none() && outbox.held() == 0 && outbox.queued() == 0;
+                if !done {
+                    idle_since = Instant::now();
+                } else if metered && idle_since.elapsed() >= METERED_SETTLE {
+                    let _ = client.try_disconnect();
+                    // The DISCONNECT goes out on the next poll.
+                    let _ = tokio::time::timeout(Duration::from_secs(2), events.poll()).await;
+                    info!("metered MQTT connection closed: nothing more to send");
+                    return Ok(());
+                }
+            }
+            changed = route.changed() => {
+                if changed.is_err() || route.borrow().mqtt.as_deref() != Some(url) {
+                    let _ = client.try_disconnect();
+                    let _ = tokio::time::timeout(Duration::from_secs(2), events.poll()).await;
+                    return Ok(());
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::broker;
+
+    #[test]
+    fn an_empty_host_is_the_coordinators() {
+        assert_eq!(broker("mqtts://:8883", "10.0.0.5:7443").unwrap(), ("10.0.0.5".into(), 8883));
+        assert_eq!(broker("mqtts://:8883", "[fd00::1]:7443").unwrap(), ("fd00::1".into(), 8883));
+        assert_eq!(broker("mqtts://broker:1884", "10.0.0.5:7443").unwrap(), ("broker".into(), 1884));
+    }
+}

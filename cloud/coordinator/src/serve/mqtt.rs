@@ -1,0 +1,116 @@
+//! The coordinator's MQTT client: takes the telemetry devices publish on
+//! `tern/v1/<device>/{telemetry,alerts}` (from the embedded broker or an
+//! external one) and acknowledges it on `tern/v1/<device>/ack`.
+
+use super::State;
+use anyhow::Result;
+use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS, TlsConfiguration, Transport};
+use std::sync::Arc;
+use std::time::Duration;
+use tern_proto::{DeviceId, Message, WireVersion};
+use tracing::{debug, info, warn};
+
+/// The wire version of every MQTT message.
+const WIRE: WireVersion = WireVersion::V8;
+
+/// The most bytes a device's message may have: as on its control stream.
+const MAX_MESSAGE: usize = 128 << 10;
+
+/// Batches being taken at once (each waits on the registry).
+const IN_HAND: usize = 64;
+
+/// The device and the kind of a topic the coordinator takes telemetry on.
+fn device_topic(topic: &str) -> Option<(DeviceId, &str)> {
+    let rest = topic.strip_prefix("tern/v1/")?;
+    let (id, kind) = rest.split_once('/')?;
+    matches!(kind, "telemetry" | "alerts").then_some(())?;
+    Some((DeviceId::new(id).ok()?, kind))
+}
+
+/// Connects to the broker at `host:port` as [`tern_net::COORDINATOR_CLIENT`]
+/// and takes telemetry until the process ends (reconnecting as needed).
+pub async fn run(state: Arc<State>, host: String, port: u16, tls: rustls::ClientConfig) {
+    let mut opts = MqttOptions::new(tern_net::COORDINATOR_CLIENT, host.clone(), port);
+    opts.set_keep_alive(Duration::from_secs(30));
+    // Kept while the coordinator is away: an external broker holds what
+    // devices publish meanwhile (they send it again unacknowledged anyway).
+    opts.set_clean_session(false);
+    opts.set_max_packet_size(MAX_MESSAGE + 1024, MAX_MESSAGE + 1024);
+    opts.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(Arc::new(tls))));
+    let (client, mut events) = AsyncClient::new(opts, 256);
+    let hands = Arc::new(tokio::sync::Semaphore::new(IN_HAND));
+    loop {
+        match events.poll().await {
+            Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                info!(broker = %format!("{host}:{port}"), "connected to the MQTT broker");
+                for topic in ["tern/v1/+/telemetry", "tern/v1/+/alerts"] {
+                    if let Err(e) = client.subscribe(topic, QoS::AtLeastOnce).await {
+                        warn!("subscribing to {topic}: {e}");
+                    }
+                }
+            }
+            Ok(Event::Incoming(Packet::Publish(p))) => {
+                let Ok(hand) = hands.clone().acquire_owned().await else { return };
+                let (state, client) = (state.clone(), client.clone());
+                tokio::spawn(async move {
+                    if let Err(e) = take(&state, &client, &p.topic, &p.payload).await {
+                        state.metrics.mqtt_refused.inc();
+                        debug!(topic = %p.topic, "MQTT message not taken: {e:#}");
+                    }
+                    drop(hand);
+                });
+            }
+            Ok(Event::Incoming(Packet::SubAck(s))) => {
+                if s.return_codes.iter().any(|c| matches!(c, rumqttc::SubscribeReasonCode::Failure)) {
+                    warn!(
+                        "the MQTT broker refused the coordinator's subscription: its ACL must let {} read tern/v1/#",
+                        tern_net::COORDINATOR_CLIENT
+                    );
+                }
+            }
+            Ok(_) => {}
+            Err(e) => {
+                warn!(broker = %format!("{host}:{port}"), "MQTT: {e}; connecting again in 1 s");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        }
+    }
+}
+
+/// Takes one device's message: a telemetry batch, acknowledged once stored.
+async fn take(state: &Arc<State>, client: &AsyncClient, topic: &str, payload: &[u8]) -> Result<()> {
+    let (id, _) = device_topic(topic).ok_or_else(|| anyhow::anyhow!("not a device's telemetry topic"))?;
+    let (msg, used) = tern_proto::decode_frame(payload, MAX_MESSAGE, WIRE)?
+        .ok_or_else(|| anyhow::anyhow!("a frame cut short ({} bytes)", payload.len()))?;
+    anyhow::ensure!(used == payload.len(), "{} bytes past the frame", payload.len() - used);
+    let Message::Telemetry(batch) = msg else { anyhow::bail!("{} is not telemetry", msg.kind()) };
+    // A removed device's certificate still passes the broker's TLS (it has
+    // no revocation list): `take_telemetry` takes only enrolled devices'.
+    let stream = batch.stream;
+    let taken = super::quic::take_telemetry(state, &id, "mqtt", batch).await?;
+    debug!(device = %id, new = taken.new, again = taken.again, up_to = taken.up_to, "telemetry over MQTT");
+    let ack = tern_proto::encode_frame(
+        &Message::TelemetryAck(tern_proto::TelemetryAck { stream, up_to: taken.up_to }),
+        WIRE,
+    )?;
+    client.publish(format!("tern/v1/{id}/ack"), QoS::AtLeastOnce, false, ack).await?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_device_telemetry_topics_are_taken() {
+        assert_eq!(
+            device_topic("tern/v1/cam-1/telemetry").map(|(d, k)| (d.to_string(), k)),
+            Some(("cam-1".into(), "telemetry"))
+        );
+        assert!(device_topic("tern/v1/cam-1/alerts").is_some());
+        assert!(device_topic("tern/v1/cam-1/ack").is_none());
+        assert!(device_topic("tern/v1/Cam/telemetry").is_none());
+        assert!(device_topic("tern/v1/cam-1/telemetry/x").is_none());
+        assert!(device_topic("tern/v2/cam-1/telemetry").is_none());
+    }
+}
