@@ -82,13 +82,16 @@ pub struct Reports {
 pub struct Route {
     tx: watch::Sender<tern_proto::TelemetryRoute>,
     path: std::path::PathBuf,
+    /// Held while writing: each write takes the route current then, so
+    /// writes finishing out of order still leave the last one on disk.
+    writing: Arc<std::sync::Mutex<()>>,
 }
 
 impl Route {
     /// The route kept at `path`; QUIC if none is (or it is unreadable).
     pub fn open(path: std::path::PathBuf) -> Route {
         let kept = std::fs::read(&path).ok().and_then(|b| serde_json::from_slice(&b).ok()).unwrap_or_default();
-        Route { tx: watch::Sender::new(kept), path }
+        Route { tx: watch::Sender::new(kept), path, writing: Arc::default() }
     }
 
     /// Follows changes.
@@ -110,14 +113,18 @@ impl Route {
             return;
         }
         info!(mqtt = ?route.mqtt, "telemetry route changed");
-        let path = self.path.clone();
-        tokio::task::spawn_blocking(move || match serde_json::to_vec(&route) {
-            Ok(bytes) => {
-                if let Err(e) = tern_durable::write_atomic(&path, &bytes, false) {
-                    warn!("writing {}: {e}", path.display());
+        let (path, current, writing) = (self.path.clone(), self.tx.subscribe(), self.writing.clone());
+        tokio::task::spawn_blocking(move || {
+            let _held = writing.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            let route = current.borrow().clone();
+            match serde_json::to_vec(&route) {
+                Ok(bytes) => {
+                    if let Err(e) = tern_durable::write_atomic(&path, &bytes, false) {
+                        warn!("writing {}: {e}", path.display());
+                    }
                 }
+                Err(e) => warn!("encoding the route: {e}"),
             }
-            Err(e) => warn!("encoding the route: {e}"),
         });
     }
 }

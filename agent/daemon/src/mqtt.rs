@@ -20,12 +20,17 @@ const WIRE: WireVersion = WireVersion::V8;
 /// The most encoded record bytes one batch carries, as on QUIC.
 const BATCH_BYTES: usize = 96 << 10;
 
-/// The most bytes of a message: a batch and its frame, or an
-/// acknowledgement.
-const MAX_PACKET: usize = 128 << 10;
+/// The most bytes of a packet: a batch, its frame and topic (as the
+/// coordinator's brokers take), or an acknowledgement.
+const MAX_PACKET: usize = 132 << 10;
 
-/// How long an acknowledgement may take before the batch is sent again.
+/// How long an acknowledgement may take before the batch is sent again;
+/// doubled at each miss, up to [`ACK_LONGEST`] (a coordinator away from
+/// the broker is not sent the same batch every 30 s all day).
 const ACK_WITHIN: Duration = Duration::from_secs(30);
+
+/// The longest wait for an acknowledgement before sending again.
+const ACK_LONGEST: Duration = Duration::from_secs(30 * 60);
 
 /// How long a metered connection stays with nothing left to send.
 const METERED_SETTLE: Duration = Duration::from_secs(3);
@@ -99,25 +104,42 @@ async fn session(
 ) -> Result<()> {
     let id = identity.info.device_id.clone();
     let (host, port) = broker(url, &identity.info.coordinator)?;
-    let floor = identity.time_floor.load(std::sync::atomic::Ordering::Relaxed);
+    // As on QUIC: the floor stands in for a clock that was never set.
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    let floor = if now >= tern_trust::tuf::PLAUSIBLE_CLOCK {
+        0
+    } else {
+        identity.time_floor.load(std::sync::atomic::Ordering::Relaxed)
+    };
     let tls = tern_net::mqtt_client_config(&identity.ca_der, &identity.cert_der, &identity.key_der, floor)?;
     let mut opts = MqttOptions::new(id.as_str(), host, port);
     opts.set_keep_alive(KEEP_ALIVE);
     opts.set_clean_session(true);
     opts.set_max_packet_size(MAX_PACKET, MAX_PACKET);
     opts.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(Arc::new(tls))));
-    let (client, mut events) = AsyncClient::new(opts, 8);
+    let (client, events) = AsyncClient::new(opts, 8);
+    // The event loop runs on its own task: its poll is not cancelled
+    // half-way through writing a batch by the other branches below.
+    let (tx, mut events_rx) = tokio::sync::mpsc::channel(16);
+    let pump = tokio::spawn(pump(events, tx));
+    let _stop = Abort(pump);
     let (topic_ack, topic_telemetry, topic_alerts) =
         (format!("tern/v1/{id}/ack"), format!("tern/v1/{id}/telemetry"), format!("tern/v1/{id}/alerts"));
     let ready = outbox.ready.clone();
     // Sending starts once the acknowledgements are subscribed to.
     let mut subscribed = false;
     let mut in_flight: Option<(u64, Instant)> = None;
+    let mut ack_within = ACK_WITHIN;
     let mut idle_since = Instant::now();
     let mut tick = tokio::time::interval(Duration::from_secs(1));
+    let close = async |client: &AsyncClient, events_rx: &mut tokio::sync::mpsc::Receiver<_>| {
+        let _ = client.try_disconnect();
+        // The DISCONNECT is out once the event loop ends.
+        let _ = tokio::time::timeout(Duration::from_secs(2), async { while events_rx.recv().await.is_some() {} }).await;
+    };
     loop {
         tokio::select! {
-            event = events.poll() => match event.map_err(|e| anyhow!("{e}"))? {
+            event = events_rx.recv() => match event.ok_or_else(|| anyhow!("the MQTT event loop ended"))?? {
                 Event::Incoming(Packet::ConnAck(_)) => {
                     info!(broker = %url, "connected to the MQTT broker");
                     client.try_subscribe(&topic_ack, QoS::AtLeastOnce)?;
@@ -130,7 +152,7 @@ async fn session(
                     ready.notify_one();
                 }
                 Event::Incoming(Packet::Publish(p)) if p.topic == topic_ack => {
-                    let Some((Message::TelemetryAck(a), _)) = tern_proto::decode_frame(&p.payload, MAX_PACKET, WIRE)? else {
+                    let Ok(Some((Message::TelemetryAck(a), _))) = tern_proto::decode_frame(&p.payload, MAX_PACKET, WIRE) else {
                         warn!("ignoring a message on {topic_ack} that is not an acknowledgement");
                         continue;
                     };
@@ -142,6 +164,7 @@ async fn session(
                     tokio::task::spawn_blocking(move || o.acknowledged(a.up_to)).await?;
                     if in_flight.is_some_and(|(sent, _)| a.up_to >= sent) {
                         in_flight = None;
+                        ack_within = ACK_WITHIN;
                         idle_since = Instant::now();
                         ready.notify_one();
                     }
@@ -163,8 +186,15 @@ async fn session(
                 client.try_publish(if alerts { &topic_alerts } else { &topic_telemetry }, QoS::AtLeastOnce, false, frame)?;
             }
             _ = tick.tick() => {
-                if in_flight.is_some_and(|(_, at)| at.elapsed() >= ACK_WITHIN) {
-                    warn!("no acknowledgement over MQTT within {} s; sending the batch again", ACK_WITHIN.as_secs());
+                if in_flight.is_some_and(|(_, at)| at.elapsed() >= ack_within) {
+                    if metered {
+                        // The coordinator is not taking them now: the next
+                        // turn tries again.
+                        close(&client, &mut events_rx).await;
+                        bail!("no acknowledgement over MQTT within {} s", ack_within.as_secs());
+                    }
+                    warn!("no acknowledgement over MQTT within {} s; sending the batch again", ack_within.as_secs());
+                    ack_within = (ack_within * 2).min(ACK_LONGEST);
                     in_flight = None;
                     ready.notify_one();
                 }
@@ -172,20 +202,38 @@ async fn session(
                 if !done {
                     idle_since = Instant::now();
                 } else if metered && idle_since.elapsed() >= METERED_SETTLE {
-                    let _ = client.try_disconnect();
-                    // The DISCONNECT goes out on the next poll.
-                    let _ = tokio::time::timeout(Duration::from_secs(2), events.poll()).await;
+                    close(&client, &mut events_rx).await;
                     info!("metered MQTT connection closed: nothing more to send");
                     return Ok(());
                 }
             }
             changed = route.changed() => {
                 if changed.is_err() || route.borrow().mqtt.as_deref() != Some(url) {
-                    let _ = client.try_disconnect();
-                    let _ = tokio::time::timeout(Duration::from_secs(2), events.poll()).await;
+                    close(&client, &mut events_rx).await;
                     return Ok(());
                 }
             }
+        }
+    }
+}
+
+/// Aborts the event loop's task when the session goes.
+struct Abort(tokio::task::JoinHandle<()>);
+
+impl Drop for Abort {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Polls the event loop, handing each event on, until it fails or the
+/// session is gone; a clean DISCONNECT ends it too.
+async fn pump(mut events: rumqttc::EventLoop, tx: tokio::sync::mpsc::Sender<Result<Event>>) {
+    loop {
+        let event = events.poll().await;
+        let end = matches!(event, Err(_) | Ok(Event::Outgoing(rumqttc::Outgoing::Disconnect)));
+        if tx.send(event.map_err(|e| anyhow!("{e}"))).await.is_err() || end {
+            return;
         }
     }
 }

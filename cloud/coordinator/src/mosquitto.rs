@@ -26,8 +26,8 @@ pub enum BrokerCmd {
         /// The address Mosquitto listens on.
         #[arg(long, default_value = "0.0.0.0:8883")]
         listen: SocketAddr,
-        /// Extra DNS names or IPs for the broker's certificate (agents check
-        /// `coordinator.tern`, which it always carries).
+        /// Extra DNS names or IPs for the broker's certificate (the fleet's
+        /// MQTT clients check `broker.tern`, which it always carries).
         #[arg(long = "name")]
         names: Vec<String>,
     },
@@ -81,7 +81,7 @@ fn config(listen: SocketAddr, ca: &Path, cert: &Path, key: &Path, acl: &Path) ->
 per_listener_settings false
 allow_anonymous false
 persistence false
-max_packet_size 262144
+max_packet_size 135168
 acl_file {acl}
 log_dest stderr
 

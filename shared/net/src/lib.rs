@@ -11,7 +11,7 @@ pub use framed::{FrameReader, write_msg};
 pub use pki::FleetCa;
 pub use pki::{DeviceKey, ca_fingerprint};
 pub use tls::{
-    COORDINATOR_CLIENT, COORDINATOR_NAME, DEVICE_STREAMS, Liveness, admit_device, client_endpoint,
+    BROKER_NAME, COORDINATOR_CLIENT, COORDINATOR_NAME, DEVICE_STREAMS, Liveness, admit_device, client_endpoint,
     device_client_config, device_client_config_at_least, device_client_config_speaking, enroll_client_config,
     enroll_client_config_speaking, mqtt_address, mqtt_client_config, peer_cert, server_config, wire_version,
 };

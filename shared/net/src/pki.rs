@@ -126,11 +126,23 @@ mod ca {
         /// Makes the coordinator's server key and certificate, valid for
         /// [`crate::COORDINATOR_NAME`] and `extra_names`.
         pub fn issue_server(&self, extra_names: &[String]) -> Result<(Vec<u8>, Vec<u8>), NetError> {
+            self.issue_server_named(crate::COORDINATOR_NAME, extra_names)
+        }
+
+        /// Makes an MQTT broker's server key and certificate, valid for
+        /// [`crate::BROKER_NAME`] (which MQTT clients of the fleet check)
+        /// and `extra_names`, not for the coordinator's name: a broker's
+        /// key cannot pass for the coordinator.
+        pub fn issue_broker(&self, extra_names: &[String]) -> Result<(Vec<u8>, Vec<u8>), NetError> {
+            self.issue_server_named(crate::BROKER_NAME, extra_names)
+        }
+
+        fn issue_server_named(&self, name: &str, extra_names: &[String]) -> Result<(Vec<u8>, Vec<u8>), NetError> {
             let key = KeyPair::generate()?;
-            let mut names = vec![crate::COORDINATOR_NAME.to_owned()];
+            let mut names = vec![name.to_owned()];
             names.extend(extra_names.iter().cloned());
             let mut params = CertificateParams::new(names)?;
-            params.distinguished_name.push(DnType::CommonName, crate::COORDINATOR_NAME);
+            params.distinguished_name.push(DnType::CommonName, name);
             params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
             params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
             params.use_authority_key_identifier_extension = true;

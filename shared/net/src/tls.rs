@@ -16,6 +16,10 @@ use tern_proto::WireVersion;
 /// whatever address it dials: devices trust the fleet CA, not DNS.
 pub const COORDINATOR_NAME: &str = "coordinator.tern";
 
+/// The name MQTT brokers' certificates carry and the fleet's MQTT clients
+/// check (`FleetCa::issue_broker`).
+pub const BROKER_NAME: &str = "broker.tern";
+
 /// The subject (and MQTT client id) of the coordinator's own MQTT client:
 /// brokers let it publish and subscribe under every device's topics.
 pub const COORDINATOR_CLIENT: &str = "client.coordinator.tern";
@@ -237,11 +241,10 @@ fn device_config(
 
 /// The TLS configuration of an MQTT client of the fleet (an agent, or the
 /// coordinator with its own client certificate): TLS 1.3, the fleet CA
-/// only, and the broker's certificate checked for [`COORDINATOR_NAME`]
-/// whatever address it was reached at (the embedded broker has the
-/// coordinator's certificate; `tern broker mosquitto-config` issues one
-/// with that name too), at `time_floor` as [`device_client_config_at_least`]
-/// does.
+/// only, and the broker's certificate checked for [`BROKER_NAME`] whatever
+/// address it was reached at (the embedded broker's and the one `tern
+/// broker mosquitto-config` issues carry it), at `time_floor` as
+/// [`device_client_config_at_least`] does.
 pub fn mqtt_client_config(
     ca_der: &[u8],
     cert_der: &[u8],
@@ -251,7 +254,7 @@ pub fn mqtt_client_config(
     let inner = WebPkiServerVerifier::builder_with_provider(roots(ca_der)?, provider())
         .build()
         .map_err(|e| NetError::Tls(e.to_string()))?;
-    let name = ServerName::try_from(COORDINATOR_NAME).map_err(|e| NetError::Tls(e.to_string()))?;
+    let name = ServerName::try_from(BROKER_NAME).map_err(|e| NetError::Tls(e.to_string()))?;
     Ok(rustls::ClientConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .dangerous()

@@ -742,8 +742,9 @@ struct BrokerBody {
 }
 
 /// A server certificate from the fleet CA for an external MQTT broker
-/// (`tern broker mosquitto-config`): valid for `coordinator.tern`, which
-/// agents check, and the names asked for; with the CA certificate, PEM.
+/// (`tern broker mosquitto-config`): valid for `broker.tern`, which the
+/// fleet's MQTT clients check, and the names asked for (never for the
+/// coordinator's name); with the CA certificate, PEM.
 async fn broker_certificate(
     Ext(state): Ext<Arc<State>>,
     body: Result<Json<BrokerBody>, JsonRejection>,
@@ -752,7 +753,7 @@ async fn broker_certificate(
     if body.names.len() > 16 || body.names.iter().any(|n| n.is_empty() || n.len() > 253) {
         return Err(bad("names: at most 16, each 1 to 253 characters"));
     }
-    let (cert, key) = state.ca.issue_server(&body.names).map_err(|e| bad(format!("names {:?}: {e}", body.names)))?;
+    let (cert, key) = state.ca.issue_broker(&body.names).map_err(|e| bad(format!("names {:?}: {e}", body.names)))?;
     info!(names = ?body.names, "server certificate issued for an MQTT broker");
     Ok(Json(json!({
         "ca": super::pem("CERTIFICATE", state.ca.cert_der()),

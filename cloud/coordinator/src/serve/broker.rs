@@ -12,9 +12,11 @@ use std::path::Path;
 use tern_net::COORDINATOR_CLIENT;
 use tracing::{info, warn};
 
-/// The most bytes one MQTT packet may have (a telemetry batch is at most
-/// 96 KiB of records).
-pub const MAX_PACKET: u32 = 256 << 10;
+/// The most bytes one MQTT packet may have: a telemetry batch (at most 96
+/// KiB of records) and its topic. Below what the coordinator's client
+/// takes, so no device can make the broker forward a packet the client
+/// refuses (which would cut it off).
+pub const MAX_PACKET: u32 = 132 << 10;
 
 /// Whether `username` (a certificate's subject) may publish to, or
 /// subscribe with, `topic`: a device under `tern/v1/<its id>/` only, the

@@ -95,7 +95,7 @@ pub struct ServeArgs {
     #[arg(long, default_value = "0.0.0.0:8883", value_parser = parse_listen)]
     pub mqtt_listen: Listen,
     /// An external MQTT broker to use instead (`mqtts://HOST:PORT`): it must
-    /// present a certificate of the fleet CA for `coordinator.tern`, take
+    /// present a certificate of the fleet CA for `broker.tern`, take
     /// the coordinator's client certificate (subject
     /// `client.coordinator.tern`) and keep devices to their topics, as the
     /// Mosquitto setup `tern broker mosquitto-config` writes does.
@@ -323,16 +323,11 @@ pub async fn run(data_dir: PathBuf, args: ServeArgs) -> Result<()> {
         .with_context(|| format!("binding the admin API on {}", args.admin_listen))?;
 
     let embedded = match (&args.mqtt_url, args.mqtt_listen.0) {
-        (None, Some(listen)) => Some(
-            broker::start(
-                &data_dir.join("broker"),
-                listen,
-                keys.ca.cert_der(),
-                (&server_cert, &server_key),
-                args.max_connections,
-            )
-            .await?,
-        ),
+        (None, Some(listen)) => {
+            let (cert, key) = keys.ca.issue_broker(&args.names)?;
+            let dir = data_dir.join("broker");
+            Some(broker::start(&dir, listen, keys.ca.cert_der(), (&cert, &key), args.max_connections).await?)
+        }
         _ => None,
     };
     let broker = match (&args.mqtt_url, embedded) {

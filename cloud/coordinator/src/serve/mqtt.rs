@@ -27,30 +27,42 @@ fn device_topic(topic: &str) -> Option<(DeviceId, &str)> {
     Some((DeviceId::new(id).ok()?, kind))
 }
 
+/// What the coordinator's client takes in one packet: more than any broker
+/// set up by Tern forwards (`broker::MAX_PACKET`, Mosquitto's
+/// `max_packet_size`), so an oversized device message is refused there.
+const MAX_INCOMING: usize = 256 << 10;
+
 /// Connects to the broker at `host:port` as [`tern_net::COORDINATOR_CLIENT`]
 /// and takes telemetry until the process ends (reconnecting as needed).
+/// Nothing in the loop waits on the batches it hands off: a message that
+/// finds every hand busy is dropped (the device sends it again), and
+/// acknowledgements that find the client's queue full are dropped too.
 pub async fn run(state: Arc<State>, host: String, port: u16, tls: rustls::ClientConfig) {
     let mut opts = MqttOptions::new(tern_net::COORDINATOR_CLIENT, host.clone(), port);
     opts.set_keep_alive(Duration::from_secs(30));
-    // Kept while the coordinator is away: an external broker holds what
-    // devices publish meanwhile (they send it again unacknowledged anyway).
-    opts.set_clean_session(false);
-    opts.set_max_packet_size(MAX_MESSAGE + 1024, MAX_MESSAGE + 1024);
+    // Devices send again what was not acknowledged: nothing need wait at
+    // the broker while the coordinator is away.
+    opts.set_clean_session(true);
+    opts.set_max_packet_size(MAX_INCOMING, MAX_INCOMING);
     opts.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(Arc::new(tls))));
-    let (client, mut events) = AsyncClient::new(opts, 256);
+    let (client, mut events) = AsyncClient::new(opts, 1024);
     let hands = Arc::new(tokio::sync::Semaphore::new(IN_HAND));
     loop {
         match events.poll().await {
             Ok(Event::Incoming(Packet::ConnAck(_))) => {
                 info!(broker = %format!("{host}:{port}"), "connected to the MQTT broker");
                 for topic in ["tern/v1/+/telemetry", "tern/v1/+/alerts"] {
-                    if let Err(e) = client.subscribe(topic, QoS::AtLeastOnce).await {
+                    if let Err(e) = client.try_subscribe(topic, QoS::AtLeastOnce) {
                         warn!("subscribing to {topic}: {e}");
                     }
                 }
             }
             Ok(Event::Incoming(Packet::Publish(p))) => {
-                let Ok(hand) = hands.clone().acquire_owned().await else { return };
+                let Ok(hand) = hands.clone().try_acquire_owned() else {
+                    state.metrics.mqtt_refused.inc();
+                    debug!(topic = %p.topic, "every hand busy: the MQTT message is dropped (the device sends it again)");
+                    continue;
+                };
                 let (state, client) = (state.clone(), client.clone());
                 tokio::spawn(async move {
                     if let Err(e) = take(&state, &client, &p.topic, &p.payload).await {
@@ -93,7 +105,7 @@ async fn take(state: &Arc<State>, client: &AsyncClient, topic: &str, payload: &[
         &Message::TelemetryAck(tern_proto::TelemetryAck { stream, up_to: taken.up_to }),
         WIRE,
     )?;
-    client.publish(format!("tern/v1/{id}/ack"), QoS::AtLeastOnce, false, ack).await?;
+    client.try_publish(format!("tern/v1/{id}/ack"), QoS::AtLeastOnce, false, ack)?;
     Ok(())
 }
 
