@@ -74,6 +74,15 @@ impl Identity {
         })
     }
 
+    /// The time the coordinator's or broker's certificate is checked at
+    /// when the clock reads earlier: the floor stands in for a clock that
+    /// was never set; a set clock is used as it reads (0: no floor), so a
+    /// floor pushed too far cannot lock it out.
+    pub fn tls_floor(&self) -> u64 {
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+        if now >= tern_trust::tuf::PLAUSIBLE_CLOCK { 0 } else { self.time_floor.load(Ordering::Relaxed) }
+    }
+
     /// After a session's `Welcome`: moves the floor to the clock if it is
     /// set, else to the coordinator's time (a coordinator cannot move the
     /// floor of a device whose clock is set, and a set clock ignores the

@@ -280,14 +280,7 @@ async fn session(
 ) -> Result<()> {
     let Reports { status: status_rx, history: history_rx, outbox, traffic, route } = reports;
     let addr = resolve(&identity.info.coordinator).await?;
-    // The floor stands in for a clock that was never set; a set clock is
-    // used as it reads (so a floor pushed too far cannot lock it out).
-    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
-    let floor = if now >= tern_trust::tuf::PLAUSIBLE_CLOCK {
-        0
-    } else {
-        identity.time_floor.load(std::sync::atomic::Ordering::Relaxed)
-    };
+    let floor = identity.tls_floor();
     let config = tern_net::device_client_config_at_least(
         &identity.ca_der,
         &identity.cert_der,

@@ -104,14 +104,8 @@ async fn session(
 ) -> Result<()> {
     let id = identity.info.device_id.clone();
     let (host, port) = broker(url, &identity.info.coordinator)?;
-    // As on QUIC: the floor stands in for a clock that was never set.
-    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
-    let floor = if now >= tern_trust::tuf::PLAUSIBLE_CLOCK {
-        0
-    } else {
-        identity.time_floor.load(std::sync::atomic::Ordering::Relaxed)
-    };
-    let tls = tern_net::mqtt_client_config(&identity.ca_der, &identity.cert_der, &identity.key_der, floor)?;
+    let tls =
+        tern_net::mqtt_client_config(&identity.ca_der, &identity.cert_der, &identity.key_der, identity.tls_floor())?;
     let mut opts = MqttOptions::new(id.as_str(), host, port);
     opts.set_keep_alive(KEEP_ALIVE);
     opts.set_clean_session(true);

@@ -57,6 +57,20 @@ mod ca {
         issuer: Issuer<'static, KeyPair>,
     }
 
+    /// A client certificate's parameters: `subject` as its common name,
+    /// client authentication only, valid from an hour ago for `days`.
+    fn client_params(subject: &str, days: i64) -> Result<CertificateParams, NetError> {
+        let mut params = CertificateParams::new(Vec::<String>::new())?;
+        params.distinguished_name.push(DnType::CommonName, subject);
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.use_authority_key_identifier_extension = true;
+        let now = OffsetDateTime::now_utc();
+        params.not_before = now - Duration::hours(1);
+        params.not_after = now + Duration::days(days);
+        Ok(params)
+    }
+
     impl FleetCa {
         /// Makes a new CA; returns it with its private key (PKCS#8 DER) to store.
         pub fn generate(fleet: &str) -> Result<(Self, Vec<u8>), NetError> {
@@ -92,16 +106,9 @@ mod ca {
         pub fn issue_device(&self, csr_der: &[u8], device_id: &str, days: i64) -> Result<Vec<u8>, NetError> {
             let der = CertificateSigningRequestDer::from(csr_der);
             let mut csr = CertificateSigningRequestParams::from_der(&der)?;
-            let mut params = CertificateParams::new(Vec::<String>::new())?;
-            params.distinguished_name.push(DnType::CommonName, device_id);
+            let mut params = client_params(device_id, days)?;
             params.distinguished_name.push(DnType::OrganizationName, "Tern device");
             params.subject_alt_names = vec![SanType::DnsName(format!("{device_id}.device.tern").try_into()?)];
-            params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
-            params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-            params.use_authority_key_identifier_extension = true;
-            let now = OffsetDateTime::now_utc();
-            params.not_before = now - Duration::hours(1);
-            params.not_after = now + Duration::days(days);
             csr.params = params;
             Ok(csr.signed_by(&self.issuer)?.der().to_vec())
         }
@@ -111,15 +118,7 @@ mod ca {
         /// not a device id, so no enrolled device can be it).
         pub fn issue_client(&self, name: &str, days: i64) -> Result<(Vec<u8>, Vec<u8>), NetError> {
             let key = KeyPair::generate()?;
-            let mut params = CertificateParams::new(Vec::<String>::new())?;
-            params.distinguished_name.push(DnType::CommonName, name);
-            params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
-            params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-            params.use_authority_key_identifier_extension = true;
-            let now = OffsetDateTime::now_utc();
-            params.not_before = now - Duration::hours(1);
-            params.not_after = now + Duration::days(days);
-            let cert = params.signed_by(&key, &self.issuer)?;
+            let cert = client_params(name, days)?.signed_by(&key, &self.issuer)?;
             Ok((cert.der().to_vec(), key.serialize_der()))
         }
 

@@ -19,12 +19,10 @@ const MAX_MESSAGE: usize = 128 << 10;
 /// Batches being taken at once (each waits on the registry).
 const IN_HAND: usize = 64;
 
-/// The device and the kind of a topic the coordinator takes telemetry on.
-fn device_topic(topic: &str) -> Option<(DeviceId, &str)> {
-    let rest = topic.strip_prefix("tern/v1/")?;
-    let (id, kind) = rest.split_once('/')?;
-    matches!(kind, "telemetry" | "alerts").then_some(())?;
-    Some((DeviceId::new(id).ok()?, kind))
+/// The device of a topic the coordinator takes telemetry on.
+fn device_topic(topic: &str) -> Option<DeviceId> {
+    let (id, kind) = topic.strip_prefix("tern/v1/")?.split_once('/')?;
+    matches!(kind, "telemetry" | "alerts").then(|| DeviceId::new(id).ok())?
 }
 
 /// What the coordinator's client takes in one packet: more than any broker
@@ -91,7 +89,7 @@ pub async fn run(state: Arc<State>, host: String, port: u16, tls: rustls::Client
 
 /// Takes one device's message: a telemetry batch, acknowledged once stored.
 async fn take(state: &Arc<State>, client: &AsyncClient, topic: &str, payload: &[u8]) -> Result<()> {
-    let (id, _) = device_topic(topic).ok_or_else(|| anyhow::anyhow!("not a device's telemetry topic"))?;
+    let id = device_topic(topic).ok_or_else(|| anyhow::anyhow!("not a device's telemetry topic"))?;
     let (msg, used) = tern_proto::decode_frame(payload, MAX_MESSAGE, WIRE)?
         .ok_or_else(|| anyhow::anyhow!("a frame cut short ({} bytes)", payload.len()))?;
     anyhow::ensure!(used == payload.len(), "{} bytes past the frame", payload.len() - used);
@@ -115,10 +113,7 @@ mod tests {
 
     #[test]
     fn only_device_telemetry_topics_are_taken() {
-        assert_eq!(
-            device_topic("tern/v1/cam-1/telemetry").map(|(d, k)| (d.to_string(), k)),
-            Some(("cam-1".into(), "telemetry"))
-        );
+        assert_eq!(device_topic("tern/v1/cam-1/telemetry").map(|d| d.to_string()), Some("cam-1".to_string()));
         assert!(device_topic("tern/v1/cam-1/alerts").is_some());
         assert!(device_topic("tern/v1/cam-1/ack").is_none());
         assert!(device_topic("tern/v1/Cam/telemetry").is_none());
