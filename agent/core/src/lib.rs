@@ -10,8 +10,11 @@
 //! returns, so a restart finds every model the agent knew about.
 //!
 //! [`monitor`] windows a served version's requests against its training
-//! baseline and raises and clears alerts, with the same discipline.
+//! baseline and raises and clears alerts, with the same discipline;
+//! [`feedback`] counts the ground truth apps post for past answers into
+//! model-quality windows.
 
+pub mod feedback;
 pub mod monitor;
 #[cfg(test)]
 mod monitor_tests;

@@ -51,6 +51,7 @@ fn m(name: &str, version: u32) -> ModelManifest {
         update: Some(policy()),
         alternative: None,
         baseline: None,
+        capture: None,
     }
 }
 
@@ -1120,6 +1121,7 @@ fn tested_with_window(window: MaintenanceWindow, t0: Instant, local: Option<Loca
         update: Some(UpdatePolicy { window: Some(window), shadow_requests: 0, ..policy() }),
         alternative: None,
         baseline: None,
+        capture: None,
         ..m("iris", 2)
     };
     s.set_desired(2, vec![v2], t0);

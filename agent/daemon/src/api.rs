@@ -1,6 +1,9 @@
 //! The local inference API for apps on the device, on 127.0.0.1 and on a
-//! Unix socket: `GET /v1/models`, `POST /v1/models/NAME:predict`, and
-//! `POST /v1/models/NAME:defer` / `NAME:release` for an app's defer lease.
+//! Unix socket: `GET /v1/models`, `POST /v1/models/NAME:predict` (each
+//! answer with its inference id), `POST /v1/models/NAME:feedback` (the
+//! ground truth of an answer), `GET /v1/models/NAME/drift` and
+//! `NAME/quality`, and `POST /v1/models/NAME:defer` / `NAME:release` for an
+//! app's defer lease.
 
 use crate::gate::{Gate, Timing};
 use crate::runner::{LeaseOp, LeaseRequest};
@@ -60,6 +63,8 @@ pub struct Served {
     pub update: AtomicU8,
     /// Its drift windows, where the version has a baseline.
     pub drift: Option<crate::drift::Drift>,
+    /// Its answers awaiting ground truth, quality windows and captures.
+    pub quality: crate::feedback::Quality,
 }
 
 /// The committed version.
@@ -74,7 +79,6 @@ impl Served {
     pub fn new(manifest: ModelManifest, backend: Arc<dyn Backend>, gate: Gate, limits: &Limits) -> Self {
         let limits = RequestLimits::new(backend.inputs(), *limits);
         Self {
-            manifest,
             backend,
             gate,
             limits,
@@ -85,6 +89,8 @@ impl Served {
             busy: AtomicU64::new(0),
             nonfinite_inputs: AtomicU64::new(0),
             latency: Latency::default(),
+            quality: crate::feedback::Quality::new(&manifest, Default::default(), None),
+            manifest,
             update: AtomicU8::new(COMMITTED),
             drift: None,
         }
@@ -215,6 +221,11 @@ pub struct Shared {
     pub outbox: std::sync::OnceLock<Arc<crate::outbox::Outbox>>,
     /// The bytes each link carried per day (set once at start).
     pub traffic: std::sync::OnceLock<Arc<crate::traffic::Traffic>>,
+    /// How long answers wait for their ground truth; quality windows.
+    pub feedback: tern_agent_core::feedback::FeedbackConfig,
+    /// The capture policy of each model's version in the last verified
+    /// desired state, by model name.
+    pub capture: RwLock<BTreeMap<String, (u32, tern_proto::CapturePolicy)>>,
 }
 
 impl Shared {
@@ -241,6 +252,8 @@ impl Shared {
             monitor,
             outbox: Default::default(),
             traffic: Default::default(),
+            feedback: Default::default(),
+            capture: Default::default(),
         }
     }
 
@@ -281,6 +294,7 @@ pub fn router(shared: Arc<Shared>) -> Router {
         .route("/v1/models", get(list))
         .route("/v1/models/{target}", post(predict))
         .route("/v1/models/{name}/drift", get(drift))
+        .route("/v1/models/{name}/quality", get(quality))
         .route("/v1/telemetry", get(telemetry))
         .fallback(|| async {
             ApiError(StatusCode::NOT_FOUND, "no such route; try GET /v1/models or POST /v1/models/NAME:predict".into())
@@ -295,6 +309,66 @@ async fn telemetry(State(shared): State<Arc<Shared>>) -> Json<Value> {
     let (held, queued, stream) = shared.outbox.get().map_or((0, 0, 0), |o| (o.held(), o.queued(), o.stream()));
     let traffic = shared.traffic.get().map(|t| t.days()).unwrap_or_default();
     Json(serde_json::json!({ "held": held, "queued": queued, "stream": format!("{stream:016x}"), "traffic": traffic }))
+}
+
+/// `GET /v1/models/NAME/quality`: answers of the serving version awaiting
+/// their ground truth, its last quality window, and its captures.
+async fn quality(State(shared): State<Arc<Shared>>, Path(name): Path<String>) -> Result<Json<Value>, ApiError> {
+    let served = shared
+        .models
+        .read()
+        .expect("lock")
+        .get(&name)
+        .cloned()
+        .ok_or_else(|| ApiError(StatusCode::NOT_FOUND, format!("no model named {name:?} is loaded")))?;
+    let mut v = served.quality.json();
+    v["model"] = json!(name);
+    v["version"] = json!(served.manifest.version);
+    Ok(Json(v))
+}
+
+/// Largest body of a feedback request.
+const FEEDBACK_BODY: usize = 64 << 10;
+
+/// `NAME:feedback` with `{"inference_id": ID, "label": N}` (or `labels`,
+/// one per row of the answer; `value` / `values` for a regressor): the
+/// ground truth of an answer of the serving version, counted once.
+async fn feedback(shared: &Shared, name: &str, req: Request) -> Result<Response, ApiError> {
+    let served = shared
+        .models
+        .read()
+        .expect("lock")
+        .get(name)
+        .cloned()
+        .ok_or_else(|| ApiError(StatusCode::NOT_FOUND, format!("no model named {name:?} is loaded")))?;
+    let mut held = None;
+    let body = read_body(req.into_body(), FEEDBACK_BODY, &shared.budget, &mut held).await?;
+    #[derive(serde::Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Post {
+        inference_id: String,
+        label: Option<i64>,
+        labels: Option<Vec<i64>>,
+        value: Option<f64>,
+        values: Option<Vec<f64>>,
+    }
+    let post: Post = serde_json::from_slice(&body)
+        .map_err(|e| bad(format!("expected {{\"inference_id\": ID, \"label\": N}} (or labels, value, values): {e}")))?;
+    use tern_agent_core::feedback::{FeedbackError, Truth};
+    let truth = match (post.label, post.labels, post.value, post.values) {
+        (Some(l), None, None, None) => Truth::Labels(vec![l]),
+        (None, Some(l), None, None) => Truth::Labels(l),
+        (None, None, Some(v), None) => Truth::Values(vec![v]),
+        (None, None, None, Some(v)) => Truth::Values(v),
+        _ => return Err(bad("give exactly one of label, labels, value, values")),
+    };
+    match served.quality.feedback(&post.inference_id, truth) {
+        Ok(rows) => {
+            Ok(Json(json!({ "model": name, "version": served.manifest.version, "counted": rows })).into_response())
+        }
+        Err(e @ FeedbackError::Unknown(_)) => Err(ApiError(StatusCode::NOT_FOUND, e.to_string())),
+        Err(e) => Err(bad(e.to_string())),
+    }
 }
 
 /// `GET /v1/models/NAME/drift`: the serving version's drift windows and
@@ -421,9 +495,14 @@ async fn predict(
         if let Some(name) = target.strip_suffix(":release") {
             return lease(&shared, name, req, false).await;
         }
+        if let Some(name) = target.strip_suffix(":feedback") {
+            return feedback(&shared, name, req).await;
+        }
         return Err(ApiError(
             StatusCode::NOT_FOUND,
-            format!("unknown action in {target:?}; use POST /v1/models/NAME:predict, NAME:defer or NAME:release"),
+            format!(
+                "unknown action in {target:?}; use POST /v1/models/NAME:predict, NAME:feedback, NAME:defer or NAME:release"
+            ),
         ));
     };
     // One guard: taking the read lock again while it is held can deadlock
@@ -467,7 +546,15 @@ async fn predict(
     let shadow = shared.shadows.read().expect("lock").get(name).cloned();
     let claim = shadow.as_ref().and_then(|s| s.claim());
     let copy = claim.as_ref().map(|_| inputs.clone());
+    let policy =
+        shared.capture.read().expect("lock").get(name).filter(|(v, _)| *v == served.manifest.version).map(|(_, p)| *p);
+    let captured = served.quality.draw(policy, &inputs).then(|| inputs.clone());
     let (outputs, timing) = run(&shared, &served, inputs, conn.as_ref()).await?;
+    let inference_id = crate::feedback::inference_id();
+    served.quality.answered(&inference_id, &outputs);
+    if let (Some(p), Some(ins)) = (policy, captured) {
+        served.quality.capture(p, &inference_id, &ins, &outputs);
+    }
     if let (Some(claim), Some(copy)) = (claim, copy) {
         claim.send(copy, outputs.clone(), timing.ran);
     }
@@ -489,6 +576,7 @@ async fn predict(
         let answer = Answer {
             model: name,
             version: served.manifest.version,
+            inference_id: &inference_id,
             outputs: outputs.iter().enumerate().map(|(i, t)| Output::of(served.backend.outputs().get(i), t)).collect(),
         };
         let bytes =
@@ -506,6 +594,9 @@ async fn predict(
     let mut response = Response::new(body);
     response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
     response.headers_mut().insert("server-timing", timing);
+    if let Ok(v) = HeaderValue::from_str(&inference_id) {
+        response.headers_mut().insert("x-tern-inference-id", v);
+    }
     Ok(response)
 }
 
@@ -514,6 +605,7 @@ async fn predict(
 struct Answer<'a> {
     model: &'a str,
     version: u32,
+    inference_id: &'a str,
     outputs: Vec<Output<'a>>,
 }
 

@@ -179,6 +179,7 @@ pub async fn close_old_windows(shared: std::sync::Arc<crate::api::Shared>) {
             if let Some(d) = &s.drift {
                 d.tick();
             }
+            s.quality.tick();
         }
     }
 }

@@ -80,11 +80,35 @@ pub struct Reports {
 /// or a metered wake-up sends where the fleet wants before any session);
 /// QUIC on sessions of older coordinators, which cannot say.
 pub struct Route {
-    tx: watch::Sender<tern_proto::TelemetryRoute>,
+    tx: watch::Sender<Routed>,
     path: std::path::PathBuf,
     /// Held while writing: each write takes the route current then, so
     /// writes finishing out of order still leave the last one on disk.
     writing: Arc<std::sync::Mutex<()>>,
+}
+
+/// A route and the wire version of the coordinator that gave it, which
+/// its MQTT messages are frames of (`route.json`; one written before wire
+/// 9 has no `wire`, and was given by a coordinator of wire 8).
+#[derive(Debug, Clone, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+pub struct Routed {
+    /// See [`tern_proto::TelemetryRoute::mqtt`].
+    pub mqtt: Option<String>,
+    /// The coordinator's wire version.
+    #[serde(default = "wire_8")]
+    pub wire: u16,
+}
+
+fn wire_8() -> u16 {
+    8
+}
+
+impl Routed {
+    /// The wire version its messages are frames of: the coordinator's,
+    /// at most this build's.
+    pub fn wire(&self) -> WireVersion {
+        WireVersion(self.wire.clamp(8, WireVersion::CURRENT.0))
+    }
 }
 
 impl Route {
@@ -95,7 +119,7 @@ impl Route {
     }
 
     /// Follows changes.
-    pub fn watch(&self) -> watch::Receiver<tern_proto::TelemetryRoute> {
+    pub fn watch(&self) -> watch::Receiver<Routed> {
         self.tx.subscribe()
     }
 
@@ -105,10 +129,11 @@ impl Route {
     }
 
     /// Takes what the coordinator said; written down when it changed.
-    fn set(&self, route: tern_proto::TelemetryRoute) {
+    fn set(&self, route: tern_proto::TelemetryRoute, wire: WireVersion) {
         if !cfg!(feature = "mqtt") && route.mqtt.is_some() {
             warn!("the coordinator asks for telemetry over MQTT, which this build leaves out: sending it over QUIC");
         }
+        let route = Routed { mqtt: route.mqtt, wire: wire.0 };
         if !self.tx.send_if_modified(|r| std::mem::replace(r, route.clone()) != route) {
             return;
         }
@@ -346,7 +371,7 @@ async fn session(
     }
     conn_tx.send_replace(Some((conn.clone(), version)));
     if version < WireVersion::V8 {
-        route.set(tern_proto::TelemetryRoute::default());
+        route.set(tern_proto::TelemetryRoute::default(), version);
     }
     let mut route_rx = route.watch();
     // What the agent applied, at once: a Hello cannot say it.
@@ -398,7 +423,7 @@ async fn session(
                 }
                 Some(Message::Route(r)) if version >= WireVersion::V8 => {
                     debug!(mqtt = ?r.mqtt, "telemetry route received");
-                    route.set(r);
+                    route.set(r, version);
                 }
                 Some(Message::TelemetryAck(a)) if telemetry && a.stream == outbox.stream() => {
                     debug!(up_to = a.up_to, "telemetry acknowledged");
@@ -419,7 +444,7 @@ async fn session(
             _ = route_rx.changed() => ready.notify_one(),
             _ = ready.notified(), if telemetry && in_flight.is_none() && !route.mqtt() => {
                 let o = outbox.clone();
-                let records = tokio::task::spawn_blocking(move || o.oldest(tern_proto::MAX_TELEMETRY_BATCH, TELEMETRY_BYTES)).await?;
+                let records = tokio::task::spawn_blocking(move || o.oldest(tern_proto::MAX_TELEMETRY_BATCH, TELEMETRY_BYTES, version)).await?;
                 if let Some(last) = records.last() {
                     in_flight = Some(last.id);
                     debug!(records = records.len(), up_to = last.id, "sending telemetry");

@@ -5,6 +5,7 @@
 
 mod api;
 mod drift;
+mod feedback;
 mod gate;
 mod hook;
 mod identity;
@@ -140,6 +141,19 @@ enum Cmd {
         /// dropped (and the count sent).
         #[arg(long, default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..=10_000_000))]
         telemetry_buffer: u64,
+        /// Of those, captured samples kept at most (each up to 48 KiB);
+        /// past this the oldest captured samples are dropped (and counted).
+        #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u64).range(1..=100_000))]
+        capture_buffer: u64,
+        /// Answers wait this many seconds for their ground truth
+        /// (`NAME:feedback`); at most 4096 per model are kept, the oldest
+        /// forgotten first.
+        #[arg(long, default_value_t = 3600, value_parser = clap::value_parser!(u64).range(1..=7 * 86_400))]
+        feedback_secs: u64,
+        /// A quality window (answers with their ground truth) closes after
+        /// this many rows, or after --drift-window-secs with at least one.
+        #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u64).range(1..=10_000_000))]
+        quality_window_rows: u64,
         /// Send a QUIC keep-alive after this many seconds without traffic
         /// (each costs about 60 bytes each way).
         #[arg(long, default_value_t = 25, value_parser = clap::value_parser!(u64).range(1..=3_600))]
@@ -214,6 +228,9 @@ fn main() -> ExitCode {
                 drift_window_secs,
                 alerts,
                 telemetry_buffer,
+                capture_buffer,
+                feedback_secs,
+                quality_window_rows,
                 keep_alive_secs,
                 idle_timeout_secs,
                 heartbeat_secs,
@@ -245,7 +262,22 @@ fn main() -> ExitCode {
                     by_model: health_hook.into_iter().collect(),
                     timeout: std::time::Duration::from_millis(health_hook_timeout_ms),
                 };
-                let serving = Serving { formats, hooks, onnxruntime, monitor, telemetry_buffer, pace };
+                let feedback = tern_agent_core::feedback::FeedbackConfig {
+                    keep: 4096,
+                    keep_ms: feedback_secs * 1000,
+                    window_rows: quality_window_rows,
+                    window_ms: drift_window_secs * 1000,
+                };
+                let serving = Serving {
+                    formats,
+                    hooks,
+                    onnxruntime,
+                    monitor,
+                    feedback,
+                    telemetry_buffer,
+                    capture_buffer,
+                    pace,
+                };
                 run(&cli.data_dir, listen, socket, asked, serving).await
             }
         }
@@ -307,7 +339,9 @@ struct Serving {
     hooks: runner::Hooks,
     onnxruntime: Option<PathBuf>,
     monitor: tern_agent_core::monitor::MonitorConfig,
+    feedback: tern_agent_core::feedback::FeedbackConfig,
     telemetry_buffer: u64,
+    capture_buffer: u64,
     pace: link::Pace,
 }
 
@@ -318,7 +352,7 @@ async fn run(
     asked: profiles::Asked,
     serving: Serving,
 ) -> Result<()> {
-    let Serving { formats, hooks, onnxruntime, monitor, telemetry_buffer, pace } = serving;
+    let Serving { formats, hooks, onnxruntime, monitor, feedback, telemetry_buffer, capture_buffer, pace } = serving;
     let identity = Arc::new(identity::Identity::load(data_dir)?);
     let profile = profiles::lookup(&identity.info.profile);
     let onnxruntime = onnxruntime.or_else(|| profile.and_then(|p| p.onnxruntime).map(PathBuf::from));
@@ -393,7 +427,7 @@ async fn run(
     // Built straight into its Arc: `Shared` is large, and a local held
     // across an await would copy it into this future (and its initial
     // value into the binary).
-    let shared = Arc::new(api::Shared::new(
+    let mut shared = api::Shared::new(
         identity.info.device_id.clone(),
         status_rx.clone(),
         sizing.threads,
@@ -401,8 +435,10 @@ async fn run(
         sizing.limits,
         sizing.request_memory,
         monitor,
-    ));
-    let outbox = outbox::Outbox::open(store.clone(), telemetry_buffer)?;
+    );
+    shared.feedback = feedback;
+    let shared = Arc::new(shared);
+    let outbox = outbox::Outbox::open(store.clone(), telemetry_buffer, capture_buffer)?;
     let _ = shared.outbox.set(outbox.clone());
     let traffic = Arc::new(traffic::Traffic::open(data_dir.join("traffic.json")));
     let _ = shared.traffic.set(traffic.clone());

@@ -9,13 +9,10 @@ use anyhow::{Result, anyhow, bail};
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS, TlsConfiguration, Transport};
 use std::sync::Arc;
 use std::time::Duration;
-use tern_proto::{Message, TelemetryBody, TelemetryRoute, WireVersion};
+use tern_proto::{Message, TelemetryBody};
 use tokio::sync::watch;
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
-
-/// The wire version of every MQTT message.
-const WIRE: WireVersion = WireVersion::V8;
 
 /// The most encoded record bytes one batch carries, as on QUIC.
 const BATCH_BYTES: usize = 96 << 10;
@@ -44,7 +41,7 @@ const KEEP_ALIVE: Duration = Duration::from_secs(120);
 pub async fn run(
     identity: Arc<Identity>,
     outbox: Arc<Outbox>,
-    mut route: watch::Receiver<TelemetryRoute>,
+    mut route: watch::Receiver<crate::link::Routed>,
     metered: Option<Duration>,
 ) {
     let mut backoff = Duration::from_secs(1);
@@ -99,10 +96,12 @@ async fn session(
     identity: &Identity,
     outbox: &Arc<Outbox>,
     url: &str,
-    route: &mut watch::Receiver<TelemetryRoute>,
+    route: &mut watch::Receiver<crate::link::Routed>,
     metered: bool,
 ) -> Result<()> {
     let id = identity.info.device_id.clone();
+    // Frames of the version of the coordinator that gave the route.
+    let wire = route.borrow().wire();
     let (host, port) = broker(url, &identity.info.coordinator)?;
     let tls =
         tern_net::mqtt_client_config(&identity.ca_der, &identity.cert_der, &identity.key_der, identity.tls_floor())?;
@@ -117,8 +116,12 @@ async fn session(
     let (tx, mut events_rx) = tokio::sync::mpsc::channel(16);
     let pump = tokio::spawn(pump(events, tx));
     let _stop = Abort(pump);
-    let (topic_ack, topic_telemetry, topic_alerts) =
-        (format!("tern/v1/{id}/ack"), format!("tern/v1/{id}/telemetry"), format!("tern/v1/{id}/alerts"));
+    let (topic_ack, topic_telemetry, topic_alerts, topic_capture) = (
+        format!("tern/v1/{id}/ack"),
+        format!("tern/v1/{id}/telemetry"),
+        format!("tern/v1/{id}/alerts"),
+        format!("tern/v1/{id}/capture"),
+    );
     let ready = outbox.ready.clone();
     // Sending starts once the acknowledgements are subscribed to.
     let mut subscribed = false;
@@ -146,7 +149,7 @@ async fn session(
                     ready.notify_one();
                 }
                 Event::Incoming(Packet::Publish(p)) if p.topic == topic_ack => {
-                    let Ok(Some((Message::TelemetryAck(a), _))) = tern_proto::decode_frame(&p.payload, MAX_PACKET, WIRE) else {
+                    let Ok(Some((Message::TelemetryAck(a), _))) = tern_proto::decode_frame(&p.payload, MAX_PACKET, wire) else {
                         warn!("ignoring a message on {topic_ack} that is not an acknowledgement");
                         continue;
                     };
@@ -167,17 +170,20 @@ async fn session(
             },
             _ = ready.notified(), if subscribed && in_flight.is_none() => {
                 let o = outbox.clone();
-                let records = tokio::task::spawn_blocking(move || o.oldest(tern_proto::MAX_TELEMETRY_BATCH, BATCH_BYTES)).await?;
+                let records = tokio::task::spawn_blocking(move || o.oldest(tern_proto::MAX_TELEMETRY_BATCH, BATCH_BYTES, wire)).await?;
                 let Some(last) = records.last() else { continue };
                 let alerts = records.iter().any(|r| matches!(r.body, TelemetryBody::Alert(_)));
+                let captures = records.iter().any(|r| matches!(r.body, TelemetryBody::Capture(_)));
                 in_flight = Some((last.id, Instant::now()));
                 debug!(records = records.len(), up_to = last.id, alerts, "sending telemetry over MQTT");
                 let batch = tern_proto::TelemetryBatch { stream: outbox.stream(), dropped: outbox.dropped(), records };
-                let frame = tern_proto::encode_frame(&Message::Telemetry(batch), WIRE)?;
+                let frame = tern_proto::encode_frame(&Message::Telemetry(batch), wire)?;
                 // A batch holding an alert goes on `alerts`, so that a
-                // subscriber to alerts alone sees every one; one batch in
-                // flight keeps the two topics in order.
-                client.try_publish(if alerts { &topic_alerts } else { &topic_telemetry }, QoS::AtLeastOnce, false, frame)?;
+                // subscriber to alerts alone sees every one; else one
+                // holding a capture on `capture`; one batch in flight keeps
+                // the topics in order.
+                let topic = if alerts { &topic_alerts } else if captures { &topic_capture } else { &topic_telemetry };
+                client.try_publish(topic, QoS::AtLeastOnce, false, frame)?;
             }
             _ = tick.tick() => {
                 if in_flight.is_some_and(|(_, at)| at.elapsed() >= ack_within) {

@@ -4,12 +4,15 @@
 //! is ever sent that a power cut could hand out again), and removed once it
 //! acknowledges them. The buffer is bounded: when full the oldest records
 //! go, and a running count of those dropped travels with every batch.
+//! Captured samples have a bound of their own within it (an index of their
+//! ids beside the records), so that captures never push windows and
+//! alerts out.
 
 use crate::store::Store;
 use anyhow::{Context, Result};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use tern_proto::{TelemetryBody, TelemetryRecord};
+use tern_proto::{TelemetryBody, TelemetryRecord, WireVersion};
 use tokio::sync::Notify;
 use tracing::{error, warn};
 
@@ -17,6 +20,7 @@ const NEXT: &[u8] = b"m/next";
 const STREAM: &[u8] = b"m/stream";
 const DROPPED: &[u8] = b"m/dropped";
 const RECORD: u8 = b'r';
+const CAPTURE: u8 = b'c';
 
 /// Records queued for the outbox thread before new ones are dropped (and
 /// counted) at once: the request path never waits on the disk.
@@ -26,6 +30,17 @@ fn record_key(id: u64) -> [u8; 9] {
     let mut k = [RECORD; 9];
     k[1..].copy_from_slice(&id.to_be_bytes());
     k
+}
+
+fn capture_key(id: u64) -> [u8; 9] {
+    let mut k = [CAPTURE; 9];
+    k[1..].copy_from_slice(&id.to_be_bytes());
+    k
+}
+
+/// The id of a record or capture key.
+fn key_id(k: &[u8]) -> Option<u64> {
+    Some(u64::from_be_bytes(k.get(1..9)?.try_into().ok()?))
 }
 
 fn read_u64(tree: &sled::Tree, key: &[u8]) -> Result<Option<u64>> {
@@ -49,6 +64,8 @@ pub struct Outbox {
     unqueued: Arc<AtomicU64>,
     /// Records on disk.
     held: Arc<AtomicU64>,
+    /// Of those, captured samples.
+    captures: Arc<AtomicU64>,
     /// Records queued for the thread and not yet written (or dropped).
     queued: Arc<AtomicU64>,
     /// The highest id fsynced: what may be sent.
@@ -58,8 +75,9 @@ pub struct Outbox {
 }
 
 impl Outbox {
-    /// Opens the buffer in the agent's store, holding at most `max` records.
-    pub fn open(store: Arc<Store>, max: u64) -> Result<Arc<Self>> {
+    /// Opens the buffer in the agent's store, holding at most `max` records
+    /// and of those at most `max_captures` captured samples.
+    pub fn open(store: Arc<Store>, max: u64, max_captures: u64) -> Result<Arc<Self>> {
         let tree = store.telemetry()?;
         let stream = match read_u64(&tree, STREAM)? {
             Some(s) => s,
@@ -73,6 +91,7 @@ impl Outbox {
             }
         };
         let held = tree.scan_prefix([RECORD]).count() as u64;
+        let captures = tree.scan_prefix([CAPTURE]).count() as u64;
         // After a restart what is there is what the disk kept: ids below
         // the next one (written with the records). Not found by iterating
         // backwards: sled's reverse scan brings a 1 MiB constant into the
@@ -86,13 +105,14 @@ impl Outbox {
             ready: Arc::new(Notify::new()),
             unqueued: Arc::new(AtomicU64::new(0)),
             held: Arc::new(AtomicU64::new(held)),
+            captures: Arc::new(AtomicU64::new(captures)),
             queued: Arc::new(AtomicU64::new(0)),
             durable: durable.clone(),
             lock: Arc::new(Mutex::new(())),
         });
         let (ready, unqueued, held, lock) =
             (outbox.ready.clone(), outbox.unqueued.clone(), outbox.held.clone(), outbox.lock.clone());
-        let queued = outbox.queued.clone();
+        let (queued, captures) = (outbox.queued.clone(), outbox.captures.clone());
         std::thread::Builder::new()
             .name("outbox".into())
             .spawn(move || {
@@ -103,7 +123,8 @@ impl Outbox {
                     let n = batch.len() as u64;
                     let _guard = lock.lock().expect("lock");
                     let pending = unqueued.swap(0, Ordering::Relaxed);
-                    match write(&tree, &store, batch, max, pending, &held) {
+                    let bound = Bound { max, max_captures };
+                    match write(&tree, &store, batch, bound, pending, &held, &captures) {
                         Ok(last) => durable.store(last, Ordering::Release),
                         Err(e) => {
                             // Counted as dropped with the next write.
@@ -154,9 +175,11 @@ impl Outbox {
     }
 
     /// The oldest records fsynced: at most `max` of them, together at most
-    /// `max_bytes` encoded. A record larger than `max_bytes` alone is
-    /// dropped (and counted): the coordinator could never take it.
-    pub fn oldest(&self, max: usize, max_bytes: usize) -> Vec<TelemetryRecord> {
+    /// `max_bytes` encoded, each one `wire` has. A record larger than
+    /// `max_bytes` alone, or one `wire` does not have (a quality window or
+    /// a capture for a coordinator older than wire 9), is dropped (and
+    /// counted): the coordinator could never take it.
+    pub fn oldest(&self, max: usize, max_bytes: usize, wire: WireVersion) -> Vec<TelemetryRecord> {
         let _guard = self.lock.lock().expect("lock");
         let durable = self.durable.load(Ordering::Acquire);
         let mut out = Vec::new();
@@ -170,6 +193,7 @@ impl Outbox {
                 continue;
             }
             match postcard::from_bytes::<TelemetryRecord>(&v) {
+                Ok(r) if r.body.since() > wire => drop_keys.push(k),
                 Ok(r) => {
                     bytes += v.len();
                     if bytes > max_bytes {
@@ -187,11 +211,23 @@ impl Outbox {
         if !drop_keys.is_empty() {
             let n = drop_keys.len() as u64;
             let mut batch = sled::Batch::default();
-            drop_keys.into_iter().for_each(|k| batch.remove(k));
+            let mut c = 0;
+            for k in drop_keys {
+                if let Some(id) = key_id(&k)
+                    && self.tree.contains_key(capture_key(id)).unwrap_or(false)
+                {
+                    batch.remove(&capture_key(id));
+                    c += 1;
+                }
+                batch.remove(k);
+            }
             let dropped = self.dropped() + n;
             batch.insert(DROPPED, &dropped.to_be_bytes());
             if self.tree.apply_batch(batch).is_ok() {
                 self.held.fetch_sub(n, Ordering::Relaxed);
+                self.captures.fetch_sub(c, Ordering::Relaxed);
+                // More may wait behind the ones dropped.
+                self.ready.notify_one();
             }
         }
         out
@@ -208,12 +244,25 @@ impl Outbox {
             batch.remove(k);
             n += 1;
         }
+        let mut c = 0;
+        for k in self.tree.range(capture_key(0)..=capture_key(up_to)).keys().flatten() {
+            batch.remove(k);
+            c += 1;
+        }
         if let Err(e) = self.tree.apply_batch(batch) {
             error!("telemetry buffer: removing acknowledged records: {e}");
             return;
         }
         self.held.fetch_sub(n, Ordering::Relaxed);
+        self.captures.fetch_sub(c, Ordering::Relaxed);
     }
+}
+
+/// How many records, and captured samples among them, the buffer holds.
+#[derive(Clone, Copy)]
+struct Bound {
+    max: u64,
+    max_captures: u64,
 }
 
 /// Numbers, bounds and writes a batch of records, durably; returns the
@@ -222,41 +271,68 @@ fn write(
     tree: &sled::Tree,
     store: &Store,
     bodies: Vec<(u64, TelemetryBody)>,
-    max: u64,
+    bound: Bound,
     unqueued: u64,
     held: &AtomicU64,
+    captures: &AtomicU64,
 ) -> Result<u64> {
     let mut next = read_u64(tree, NEXT)?.unwrap_or(1);
     let mut dropped = read_u64(tree, DROPPED)?.unwrap_or(0) + unqueued;
     let mut batch = sled::Batch::default();
+    // This batch's ids, and whether each is a capture.
     let mut ids = Vec::new();
     for (at_ms, body) in bodies {
+        let capture = matches!(body, TelemetryBody::Capture(_));
         let r = TelemetryRecord { id: next, at_ms, body };
         batch.insert(&record_key(r.id), postcard::to_stdvec(&r)?);
-        ids.push(r.id);
+        if capture {
+            batch.insert(&capture_key(r.id), &[]);
+        }
+        ids.push((r.id, capture));
         next += 1;
     }
     let added = ids.len() as u64;
-    // Over the bound: the oldest go, counted.
-    let over = (held.load(Ordering::Relaxed) + added).saturating_sub(max);
-    let mut removed = 0;
-    for k in tree.scan_prefix([RECORD]).keys().flatten().take(over as usize) {
-        batch.remove(k);
-        removed += 1;
+    let added_captures = ids.iter().filter(|(_, c)| *c).count() as u64;
+    // Removed: (id, whether a capture).
+    let mut gone: std::collections::BTreeMap<u64, bool> = Default::default();
+    // Captures over their own bound: the oldest captures go.
+    let over = (captures.load(Ordering::Relaxed) + added_captures).saturating_sub(bound.max_captures);
+    let on_disk = tree.scan_prefix([CAPTURE]).keys().flatten().filter_map(|k| key_id(&k));
+    let own = ids.iter().filter(|(_, c)| *c).map(|(id, _)| *id);
+    for id in on_disk.chain(own).take(over as usize) {
+        gone.insert(id, true);
     }
-    // Still over (the batch alone is larger than the bound): its own oldest.
-    let mut own = ids.iter();
-    while removed < over {
-        let Some(id) = own.next() else { break };
+    // Still over the whole bound: the oldest records go, whatever they are.
+    let over = (held.load(Ordering::Relaxed) + added).saturating_sub(bound.max + gone.len() as u64);
+    let on_disk = tree.scan_prefix([RECORD]).keys().flatten().filter_map(|k| key_id(&k));
+    let own = ids.iter().map(|(id, _)| *id);
+    let mut more = 0;
+    for id in on_disk.chain(own) {
+        if more == over {
+            break;
+        }
+        if gone.contains_key(&id) {
+            continue;
+        }
+        let capture = ids.iter().any(|(i, c)| *i == id && *c) || tree.contains_key(capture_key(id))?;
+        gone.insert(id, capture);
+        more += 1;
+    }
+    for (id, capture) in &gone {
         batch.remove(&record_key(*id));
-        removed += 1;
+        if *capture {
+            batch.remove(&capture_key(*id));
+        }
     }
+    let removed = gone.len() as u64;
+    let removed_captures = gone.values().filter(|c| **c).count() as u64;
     dropped += removed;
     batch.insert(NEXT, &next.to_be_bytes());
     batch.insert(DROPPED, &dropped.to_be_bytes());
     tree.apply_batch(batch)?;
     store.sync()?;
     held.store(held.load(Ordering::Relaxed) + added - removed, Ordering::Relaxed);
+    captures.store(captures.load(Ordering::Relaxed) + added_captures - removed_captures, Ordering::Relaxed);
     Ok(next - 1)
 }
 
@@ -289,33 +365,87 @@ mod tests {
     fn a_full_buffer_drops_the_oldest_and_counts_them_and_ids_go_on_after_a_restart() {
         let dir = tempfile::tempdir().unwrap();
         let store = Arc::new(Store::open(dir.path()).unwrap());
-        let outbox = Outbox::open(store.clone(), 3).unwrap();
+        let outbox = Outbox::open(store.clone(), 3, 3).unwrap();
         let stream = outbox.stream();
         for i in 0..5 {
             outbox.push(body(i));
         }
-        wait_until("five records written", || outbox.oldest(10, 1 << 20).last().is_some_and(|r| r.id == 5));
-        let ids: Vec<u64> = outbox.oldest(10, 1 << 20).iter().map(|r| r.id).collect();
+        wait_until("five records written", || {
+            outbox.oldest(10, 1 << 20, WireVersion::CURRENT).last().is_some_and(|r| r.id == 5)
+        });
+        let ids: Vec<u64> = outbox.oldest(10, 1 << 20, WireVersion::CURRENT).iter().map(|r| r.id).collect();
         assert_eq!(ids, vec![3, 4, 5], "the oldest two went");
         assert_eq!((outbox.held(), outbox.dropped()), (3, 2));
         // At most `max` records, and within the byte budget (one record
         // alone over it is dropped, counted).
-        assert_eq!(outbox.oldest(2, 1 << 20).len(), 2);
+        assert_eq!(outbox.oldest(2, 1 << 20, WireVersion::CURRENT).len(), 2);
         outbox.acknowledged(4);
-        let ids: Vec<u64> = outbox.oldest(10, 1 << 20).iter().map(|r| r.id).collect();
+        let ids: Vec<u64> = outbox.oldest(10, 1 << 20, WireVersion::CURRENT).iter().map(|r| r.id).collect();
         assert_eq!(ids, vec![5]);
-        assert!(outbox.oldest(10, 4).is_empty());
+        assert!(outbox.oldest(10, 4, WireVersion::CURRENT).is_empty());
         assert_eq!((outbox.held(), outbox.dropped()), (0, 3));
         outbox.push(body(9));
-        wait_until("the sixth record", || outbox.oldest(10, 1 << 20).len() == 1);
+        wait_until("the sixth record", || outbox.oldest(10, 1 << 20, WireVersion::CURRENT).len() == 1);
         drop(outbox);
         // The same store again, as after a restart: the stream, the count
         // and the numbering go on.
-        let again = Outbox::open(store, 3).unwrap();
+        let again = Outbox::open(store, 3, 3).unwrap();
         assert_eq!((again.stream(), again.held(), again.dropped()), (stream, 1, 3));
         again.push(body(10));
-        wait_until("the seventh record", || again.oldest(10, 1 << 20).len() == 2);
-        let ids: Vec<u64> = again.oldest(10, 1 << 20).iter().map(|r| r.id).collect();
+        wait_until("the seventh record", || again.oldest(10, 1 << 20, WireVersion::CURRENT).len() == 2);
+        let ids: Vec<u64> = again.oldest(10, 1 << 20, WireVersion::CURRENT).iter().map(|r| r.id).collect();
         assert_eq!(ids, vec![6, 7]);
+    }
+
+    fn capture(i: u32) -> TelemetryBody {
+        TelemetryBody::Capture(tern_proto::CapturedSample {
+            model: "m".into(),
+            version: i,
+            inference_id: format!("{i}"),
+            inputs: vec![],
+            outputs: vec![],
+        })
+    }
+
+    #[test]
+    fn captured_samples_have_a_bound_of_their_own_and_never_push_windows_out() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(Store::open(dir.path()).unwrap());
+        let outbox = Outbox::open(store.clone(), 5, 2).unwrap();
+        // 1 window, 3 captures (ids 2..4), 1 window, 1 capture (6).
+        for b in [body(1), capture(2), capture(3), capture(4), body(5), capture(6)] {
+            outbox.push(b);
+            wait_until("written", || outbox.queued() == 0);
+        }
+        let ids: Vec<u64> = outbox.oldest(10, 1 << 20, WireVersion::CURRENT).iter().map(|r| r.id).collect();
+        assert_eq!(ids, vec![1, 4, 5, 6], "only the oldest captures went");
+        assert_eq!((outbox.held(), outbox.dropped()), (4, 2));
+        outbox.acknowledged(4);
+        drop(outbox);
+        // After a restart the index counts what is left: one capture.
+        let again = Outbox::open(store, 5, 2).unwrap();
+        assert_eq!(again.held(), 2);
+        again.push(capture(7));
+        again.push(capture(8));
+        wait_until("written", || {
+            again.queued() == 0 && again.oldest(10, 1 << 20, WireVersion::CURRENT).last().is_some_and(|r| r.id == 8)
+        });
+        let ids: Vec<u64> = again.oldest(10, 1 << 20, WireVersion::CURRENT).iter().map(|r| r.id).collect();
+        assert_eq!(ids, vec![5, 7, 8]);
+        // Windows past the whole bound push the oldest out, captures too.
+        for i in 0..4 {
+            again.push(body(10 + i));
+        }
+        wait_until("written", || {
+            again.queued() == 0 && again.oldest(10, 1 << 20, WireVersion::CURRENT).last().is_some_and(|r| r.id == 12)
+        });
+        let ids: Vec<u64> = again.oldest(10, 1 << 20, WireVersion::CURRENT).iter().map(|r| r.id).collect();
+        assert_eq!(ids, vec![8, 9, 10, 11, 12]);
+        assert_eq!(again.captures.load(Ordering::Relaxed), 1);
+        // A session of wire 8 cannot carry the capture: dropped, counted.
+        let dropped = again.dropped();
+        let ids: Vec<u64> = again.oldest(10, 1 << 20, WireVersion::V8).iter().map(|r| r.id).collect();
+        assert_eq!(ids, vec![9, 10, 11, 12]);
+        assert_eq!((again.dropped(), again.captures.load(Ordering::Relaxed)), (dropped + 1, 0));
     }
 }

@@ -313,8 +313,10 @@ impl<W: Work> Runner<W> {
                 None
             }
         };
+        let quality = crate::feedback::Quality::new(&m, self.shared.feedback, self.shared.outbox.get().cloned());
         let mut served = Served::new(m, backend, gate, &self.shared.limits);
         served.drift = drift;
+        served.quality = quality;
         let served = Arc::new(served);
         self.shared.shadows.write().expect("lock").remove(&name);
         // In-flight requests finish on the old version, which the freeing
@@ -338,6 +340,8 @@ impl<W: Work> Runner<W> {
                     self.persister.persist_trust(self.slots.persisted(), t);
                 }
                 let names: Vec<String> = models.iter().map(|m| format!("{}:{}", m.name, m.version)).collect();
+                *self.shared.capture.write().expect("lock") =
+                    models.iter().filter_map(|m| Some((m.name.clone(), (m.version, m.capture?)))).collect();
                 info!(generation, models = ?names, "desired state");
                 self.slots.set_desired(generation, models, Instant::now());
             }
@@ -838,6 +842,7 @@ mod tests {
             update: None,
             alternative: None,
             baseline: None,
+            capture: None,
         }
     }
 
@@ -964,6 +969,7 @@ mod tests {
             update: Some(tern_proto::UpdatePolicy { probation_secs: 0, ..Default::default() }),
             alternative: None,
             baseline: None,
+            capture: None,
             ..manifest(v)
         };
         agent.desire(1, quick(1)).await;

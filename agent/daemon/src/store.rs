@@ -174,6 +174,8 @@ impl From<StoredManifest> for ModelManifest {
             // fields above already.
             alternative: None,
             baseline: m.baseline,
+            // Taken from each verified desired state, never from disk.
+            capture: None,
         }
     }
 }
@@ -746,6 +748,7 @@ mod tests {
             update: None,
             alternative: None,
             baseline: None,
+            capture: None,
         }
     }
 
@@ -814,6 +817,7 @@ mod tests {
                     update: Some(UpdatePolicy { probation_secs: 7, ..UpdatePolicy::default() }),
                     alternative: None,
                     baseline: None,
+                    capture: None,
                     ..m("iris", 3)
                 }),
                 stage: Stage::GaveUp { reason: "self-test failed".into(), rolled_back: false },

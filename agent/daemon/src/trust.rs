@@ -328,6 +328,7 @@ mod tests {
             update: None,
             alternative: None,
             baseline: None,
+            capture: None,
         };
         DesiredState { generation, models: vec![key.sign(&m, ManifestEncoding::CanonicalJson).unwrap()] }
     }

@@ -376,7 +376,7 @@ pub(crate) fn table(header: &[&str]) -> Table {
     t
 }
 
-fn ago(t: Option<u64>) -> String {
+pub(crate) fn ago(t: Option<u64>) -> String {
     let Some(t) = t else { return "never".into() };
     let d = unix_now().saturating_sub(t);
     match d {

@@ -66,6 +66,47 @@ pub enum MonitorCmd {
         #[arg(long)]
         out: Option<PathBuf>,
     },
+    /// Model quality from the ground truth apps post for past answers
+    /// (`POST /v1/models/NAME:feedback` on the device): each device's
+    /// quality windows (accuracy, macro F1; RMSE, MAE for a regressor),
+    /// and the fleet's, all windows merged, per version.
+    Quality {
+        /// NAME or NAME:VERSION.
+        target: String,
+        /// Only this device.
+        #[arg(long)]
+        device: Option<String>,
+    },
+    /// Ask devices serving a version to capture a share of its requests
+    /// and answers for upload (for retraining and audit), within a daily
+    /// byte budget each; `--off` ends it.
+    Capture {
+        /// NAME:VERSION.
+        target: ModelRef,
+        /// The share of requests captured, 0 to 1.
+        #[arg(long, required_unless_present = "off")]
+        share: Option<f64>,
+        /// Bytes of inputs and outputs each device captures per UTC day
+        /// at most.
+        #[arg(long, default_value_t = 1_000_000)]
+        daily_bytes: u64,
+        /// Capture nothing more.
+        #[arg(long, conflicts_with = "share")]
+        off: bool,
+    },
+    /// The samples devices captured of a version, oldest first, as JSON
+    /// lines (one capture each: device, inference id, input and output
+    /// tensors) to --out or stdout.
+    Captures {
+        /// NAME:VERSION.
+        target: ModelRef,
+        /// The file to write (default: stdout).
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// At most this many.
+        #[arg(long, default_value_t = 10_000)]
+        limit: usize,
+    },
 }
 
 /// A Model Monitor file, parsed field for field, its errors naming the file.
@@ -210,6 +251,108 @@ pub fn run(c: &Client, cmd: MonitorCmd, json: bool) -> Result<()> {
                 ]);
             }
             out(t);
+        }
+        MonitorCmd::Quality { target, device } => {
+            let (name, version) = match target.split_once(':') {
+                Some((n, v)) => (n.to_owned(), Some(v.parse::<u32>().with_context(|| format!("version {v:?}"))?)),
+                None => (target.clone(), None),
+            };
+            ModelRef::check_name(&name)?;
+            let mut q = Vec::new();
+            if let Some(v) = version {
+                q.push(format!("version={v}"));
+            }
+            if let Some(d) = &device {
+                tern_proto::DeviceId::new(d).with_context(|| format!("--device {d:?}"))?;
+                q.push(format!("device={d}"));
+            }
+            let view: serde_json::Value = c.get(&format!("/v1/monitor/quality/{name}?{}", q.join("&")))?;
+            if json {
+                return crate::cli::print_json(&view);
+            }
+            let metric = |m: &serde_json::Value, k: &str| m[k].as_f64().map_or("-".into(), |x| format!("{x:.3}"));
+            let mut t = crate::cli::table(&["version", "rows", "accuracy", "f1", "rmse", "mae"]);
+            for f in view["fleet"].as_array().into_iter().flatten() {
+                let m = &f["metrics"];
+                t.add_row(vec![
+                    f["version"].to_string(),
+                    m["rows"].to_string(),
+                    metric(m, "accuracy"),
+                    metric(m, "f1"),
+                    metric(m, "rmse"),
+                    metric(m, "mae"),
+                ]);
+            }
+            out(format!("{name}: the fleet, every window merged"));
+            out(t);
+            let mut t = crate::cli::table(&["device", "version", "closed", "rows", "accuracy", "f1", "rmse"]);
+            for w in view["windows"].as_array().into_iter().flatten() {
+                let m = &w["metrics"];
+                t.add_row(vec![
+                    w["device"].as_str().unwrap_or("").to_owned(),
+                    w["version"].to_string(),
+                    crate::cli::ago(w["at_ms"].as_u64().map(|ms| ms / 1000)),
+                    m["rows"].to_string(),
+                    metric(m, "accuracy"),
+                    metric(m, "f1"),
+                    metric(m, "rmse"),
+                ]);
+            }
+            out(t);
+        }
+        MonitorCmd::Capture { target, share, daily_bytes, off } => {
+            let path = format!("/v1/models/{}/versions/{}/capture", target.name, target.version);
+            let v: ModelVersion = if off {
+                c.send("DELETE", &path, &())?
+            } else {
+                let share = share.expect("required unless --off");
+                anyhow::ensure!((0.0..=1.0).contains(&share), "--share {share}: between 0 and 1");
+                let policy = tern_proto::CapturePolicy { per_million: (share * 1e6).round() as u32, daily_bytes };
+                c.send("PUT", &path, &policy)?
+            };
+            if json {
+                return crate::cli::print_json(&v);
+            }
+            match v.capture {
+                Some(p) => out(format!(
+                    "{target}: devices capture {:.4} % of requests, at most {} bytes a day each",
+                    f64::from(p.per_million) / 1e4,
+                    p.daily_bytes
+                )),
+                None => out(format!("{target}: no capture")),
+            }
+        }
+        MonitorCmd::Captures { target, out: path, limit } => {
+            let mut w: Box<dyn std::io::Write> = match &path {
+                Some(p) => Box::new(std::io::BufWriter::new(
+                    std::fs::File::create(p).with_context(|| format!("creating {}", p.display()))?,
+                )),
+                None => Box::new(std::io::stdout().lock()),
+            };
+            let (mut after, mut written) = (None::<u64>, 0usize);
+            while written < limit {
+                let page = (limit - written).min(1000);
+                let mut q = format!("limit={page}");
+                if let Some(a) = after {
+                    q += &format!("&after={a}");
+                }
+                let v: serde_json::Value =
+                    c.get(&format!("/v1/models/{}/versions/{}/captures?{q}", target.name, target.version))?;
+                let list = v["captures"].as_array().cloned().unwrap_or_default();
+                if list.is_empty() {
+                    break;
+                }
+                for item in &list {
+                    serde_json::to_writer(&mut w, item)?;
+                    w.write_all(b"\n")?;
+                }
+                written += list.len();
+                after = v["next"].as_u64();
+            }
+            w.flush()?;
+            if let Some(p) = &path {
+                eprintln!("wrote {written} captures to {}", p.display());
+            }
         }
         MonitorCmd::ExportConstraints { target, out: dir } => {
             let v: ModelVersion = c.get(&format!("/v1/models/{}/versions/{}", target.name, target.version))?;

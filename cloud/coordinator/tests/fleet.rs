@@ -325,6 +325,11 @@ fn a_metered_agent_holds_no_session_and_takes_changes_at_its_next_one() {
         d["reported"].as_array()?.iter().any(|m| m["name"] == "iris" && m["state"] == "serving").then_some(())
     });
     wait_for("the session to close again", Duration::from_secs(10), closed);
+    // The agent says so once its side is closed, after the coordinator may
+    // have counted it gone.
+    wait_for("the agent to log the second close", Duration::from_secs(10), || {
+        (agent.logs().matches("metered session closed").count() >= 2).then_some(())
+    });
     let logs = agent.logs();
     let sessions = logs.matches("connected to coordinator").count();
     let ended = logs.matches("metered session closed").count();

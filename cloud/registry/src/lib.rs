@@ -10,7 +10,10 @@ mod types;
 
 pub use artifacts::Artifacts;
 pub use store::Registry;
-pub use telemetry::{ALERTS_KEPT, Alert, StoredWindow, Taken, WINDOWS_KEPT};
+pub use telemetry::{
+    ALERTS_KEPT, Alert, CAPTURES_KEPT, QUALITY_RULES, QualityRules, StoredCapture, StoredQuality, StoredWindow, Taken,
+    WINDOWS_KEPT,
+};
 pub use types::{
     Approval, Artifact, Capabilities, CompileReport, Device, EnrollToken, Fit, HistoryEntry, Latency,
     MAX_DEVICE_HISTORY, ModelVersion, NewVersion, OutputError, Report, TargetArtifact,

@@ -10,7 +10,7 @@ use sled::Transactional;
 use sled::transaction::{ConflictableTransactionError, TransactionError};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use tern_proto::{DeviceId, Sha256Digest};
+use tern_proto::{CapturePolicy, DeviceId, Sha256Digest};
 
 /// The registry database.
 ///
@@ -123,6 +123,7 @@ impl Registry {
                 baseline: new.baseline,
                 baseline_full: new.baseline_full,
                 constraints: None,
+                capture: None,
             };
             let key = version_key(name, version);
             // A concurrent registration that took this number makes us retry with the next.
@@ -288,6 +289,48 @@ impl Registry {
                 return Ok(record);
             }
         }
+    }
+
+    /// Sets (or, with `None`, ends) the data capture devices serving
+    /// `name:version` are asked for; every device assigned the version gets
+    /// a new generation, so its session sends the state again. Returns the
+    /// record and those devices.
+    pub fn set_capture(
+        &self,
+        name: &str,
+        version: u32,
+        capture: Option<CapturePolicy>,
+    ) -> Result<(ModelVersion, Vec<Device>)> {
+        let key = version_key(name, version);
+        let ids: Vec<sled::IVec> = self.devices.iter().keys().collect::<Result<_, _>>()?;
+        let result = (&self.models, &self.devices).transaction(|(models, devices)| {
+            let Some(raw) = models.get(&key)? else {
+                return abort(RegistryError::UnknownVersion { name: name.to_owned(), version });
+            };
+            let mut record: ModelVersion = match decode(&key, &raw) {
+                Ok(r) => r,
+                Err(e) => return abort(e),
+            };
+            record.capture = capture;
+            models.insert(key.as_slice(), encode(&record))?;
+            let mut changed = Vec::new();
+            for k in &ids {
+                let Some(raw) = devices.get(k)? else { continue };
+                let mut d: Device = match decode(k, &raw) {
+                    Ok(d) => d,
+                    Err(e) => return abort(e),
+                };
+                if d.desired.get(name) == Some(&version) {
+                    d.next_generation();
+                    devices.insert(k, encode(&d))?;
+                    changed.push(d);
+                }
+            }
+            Ok((record, changed))
+        });
+        let out = unwrap_tx(result)?;
+        self.sync()?;
+        Ok(out)
     }
 
     /// Stores `artifact` as `name:version`'s compiled artifact for

@@ -1,6 +1,9 @@
 //! Device telemetry in the registry: drift windows per model version and
 //! device (the latest [`WINDOWS_KEPT`]), and alerts raised and cleared,
-//! acknowledged by operators (the latest [`ALERTS_KEPT`]). A record is kept once: its key is
+//! acknowledged by operators (the latest [`ALERTS_KEPT`]), model-quality
+//! windows (with alerts the coordinator raises on them under
+//! [`QualityRules`]) and captured samples (the latest [`CAPTURES_KEPT`] per
+//! version). A record is kept once: its key is
 //! the device, its record stream and its id, and ids at or below the
 //! stream's last stored one are dropped as sent again.
 
@@ -9,7 +12,7 @@ use crate::{Registry, Result};
 use serde::{Deserialize, Serialize};
 use sled::Transactional;
 use sled::transaction::TransactionalTree;
-use tern_proto::{AlertChange, DeviceId, TelemetryBatch, TelemetryBody};
+use tern_proto::{AlertChange, DeviceId, QualityCounts, TelemetryBatch, TelemetryBody};
 
 /// Marks the alert stored under `id` cleared at `at_ms`; it, as now stored.
 fn clear(alerts: &TransactionalTree, id: &[u8], at_ms: u64) -> std::result::Result<Option<Alert>, TxError> {
@@ -84,6 +87,94 @@ pub struct Alert {
     pub acked_at: Option<u64>,
 }
 
+/// A model-quality window as the coordinator keeps it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StoredQuality {
+    /// The device.
+    pub device: DeviceId,
+    /// Its record id on the device.
+    pub record: u64,
+    /// Model name.
+    pub model: String,
+    /// Version.
+    pub version: u32,
+    /// When the device closed it (its clock, never after the arrival; Unix
+    /// milliseconds).
+    pub at_ms: u64,
+    /// When the coordinator took it (Unix seconds).
+    pub received_at: u64,
+    /// How long it was open (milliseconds).
+    pub millis: u64,
+    /// What it counted.
+    pub counts: QualityCounts,
+}
+
+/// A captured request and answer as the coordinator keeps it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StoredCapture {
+    /// The device.
+    pub device: DeviceId,
+    /// Its record id on the device.
+    pub record: u64,
+    /// When the device captured it (its clock, Unix milliseconds).
+    pub at_ms: u64,
+    /// When the coordinator took it (Unix seconds).
+    pub received_at: u64,
+    /// The inference id the app was answered with.
+    pub inference_id: String,
+    /// The inputs, a binary tensor body.
+    pub inputs: Vec<u8>,
+    /// The outputs, a binary tensor body.
+    pub outputs: Vec<u8>,
+}
+
+/// Captured samples kept per model version; older ones are dropped.
+pub const CAPTURES_KEPT: usize = 10_000;
+
+/// When the coordinator raises and clears an alert on a device's quality
+/// window (rules `accuracy`, `f1`: below the threshold; `rmse`: above it).
+/// An alert clears on a window back past the clearing level: a quarter of
+/// the way from the threshold to a perfect score for accuracy and F1, 0.8
+/// × the threshold for RMSE, so that a metric hovering at the threshold
+/// does not flap. Windows with fewer than `min_rows` pairs are kept but
+/// not judged.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct QualityRules {
+    /// Lowest accuracy.
+    pub accuracy: Option<f64>,
+    /// Lowest macro F1.
+    pub f1: Option<f64>,
+    /// Highest RMSE.
+    pub rmse: Option<f64>,
+    /// Pairs a window needs to be judged.
+    pub min_rows: u64,
+}
+
+/// The coordinator's quality rule names.
+pub const QUALITY_RULES: [&str; 3] = ["accuracy", "f1", "rmse"];
+
+impl QualityRules {
+    /// Each rule's (name, value, past its threshold, back past its
+    /// clearing level, threshold) on a window's metrics.
+    fn judge(&self, m: &tern_drift::quality::Metrics) -> Vec<(&'static str, f64, bool, bool, f64)> {
+        let low = |t: Option<f64>, v: Option<f64>, name| {
+            let (t, v) = (t?, v?);
+            Some((name, v, v < t, v >= t + (1.0 - t) / 4.0, t))
+        };
+        let high = |t: Option<f64>, v: Option<f64>, name| {
+            let (t, v) = (t?, v?);
+            Some((name, v, v > t, v <= 0.8 * t, t))
+        };
+        if m.rows < self.min_rows.max(1) {
+            return Vec::new();
+        }
+        [low(self.accuracy, m.accuracy, "accuracy"), low(self.f1, m.f1, "f1"), high(self.rmse, m.rmse, "rmse")]
+            .into_iter()
+            .flatten()
+            .collect()
+    }
+}
+
 /// What one batch added.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Taken {
@@ -101,6 +192,12 @@ pub struct Taken {
     pub cleared: Vec<Alert>,
     /// Records the device dropped since its last batch.
     pub dropped: u64,
+    /// Quality windows stored.
+    pub quality: Vec<StoredQuality>,
+    /// Captured samples stored.
+    pub captures: u64,
+    /// The version prefixes captures were stored under (for retention).
+    capture_keys: Vec<Vec<u8>>,
 }
 
 /// Alerts kept; past this the oldest cleared ones go.
@@ -128,6 +225,12 @@ fn device_windows(model: &str, version: u32, device: &DeviceId) -> Vec<u8> {
     let mut k = window_prefix(model, Some(version));
     k.push(0);
     k.extend_from_slice(device.as_str().as_bytes());
+    k.push(0);
+    k
+}
+
+fn capture_prefix(model: &str, version: u32) -> Vec<u8> {
+    let mut k = window_prefix(model, Some(version));
     k.push(0);
     k
 }
@@ -161,11 +264,26 @@ impl Registry {
         now: u64,
         keep: impl Fn(&TelemetryBody) -> bool,
     ) -> Result<Taken> {
+        self.take_telemetry_judged(device, batch, now, &QualityRules::default(), keep)
+    }
+
+    /// [`Registry::take_telemetry`], raising and clearing alerts on the
+    /// quality windows under `rules`.
+    pub fn take_telemetry_judged(
+        &self,
+        device: &DeviceId,
+        batch: &TelemetryBatch,
+        now: u64,
+        rules: &QualityRules,
+        keep: impl Fn(&TelemetryBody) -> bool,
+    ) -> Result<Taken> {
         let _one_at_a_time = self.telemetry_lock().lock().expect("lock");
         let streams = self.db().open_tree("telemetry_streams")?;
         let windows = self.db().open_tree("windows")?;
         let alerts = self.db().open_tree("alerts")?;
         let open = self.db().open_tree("alerts_open")?;
+        let quality = self.db().open_tree("quality")?;
+        let captures = self.db().open_tree("captures")?;
         let key = device.as_str().as_bytes();
         // Judged before: sled holds every tree while a transaction runs, so
         // `keep` (which may read the registry) cannot run inside one.
@@ -176,6 +294,13 @@ impl Registry {
         for r in &batch.records {
             match &r.body {
                 TelemetryBody::Alert(AlertChange { raised: true, .. }) => ids.push(self.db().generate_id()?),
+                // One id for each rule it may raise, or for the capture.
+                TelemetryBody::Quality(_) => {
+                    for _ in QUALITY_RULES {
+                        ids.push(self.db().generate_id()?);
+                    }
+                }
+                TelemetryBody::Capture(_) => ids.push(self.db().generate_id()?),
                 TelemetryBody::Started(s) => {
                     let prefix = format!("{}\0{}\0", device.as_str(), s.model).into_bytes();
                     let now_open = open.scan_prefix(&prefix).collect::<std::result::Result<_, _>>()?;
@@ -184,7 +309,8 @@ impl Registry {
                 _ => {}
             }
         }
-        let result = (&streams, &windows, &alerts, &open).transaction(|(streams, windows, alerts, open)| {
+        let trees = (&streams, &windows, &alerts, &open, &quality, &captures);
+        let result = trees.transaction(|(streams, windows, alerts, open, quality, captures)| {
             let mut state = match streams.get(key)? {
                 Some(raw) => decode::<StreamState>(key, &raw).map_err(TxError::Abort)?,
                 None => StreamState { stream: batch.stream, last: 0, dropped: 0 },
@@ -265,6 +391,78 @@ impl Registry {
                             (false, None) => {}
                         }
                     }
+                    TelemetryBody::Quality(q) => {
+                        let mut rule_ids: Vec<u64> = ids.by_ref().take(QUALITY_RULES.len()).copied().collect();
+                        let stored = StoredQuality {
+                            device: device.clone(),
+                            record: r.id,
+                            model: q.model.clone(),
+                            version: q.version,
+                            at_ms: r.at_ms.min(now.saturating_mul(1000)),
+                            received_at: now,
+                            millis: q.millis,
+                            counts: q.counts.clone(),
+                        };
+                        let mut k = device_windows(&q.model, q.version, device);
+                        k.extend_from_slice(&batch.stream.to_be_bytes());
+                        k.extend_from_slice(&r.id.to_be_bytes());
+                        quality.insert(k, encode(&stored))?;
+                        let metrics = tern_drift::quality::metrics(&q.counts);
+                        for (rule, value, past, back, threshold) in rules.judge(&metrics) {
+                            let ok = open_key(device, &q.model, q.version, rule, "");
+                            match (open.get(&ok)?, past, back) {
+                                (None, true, _) => {
+                                    let id = rule_ids.pop().expect("an id per rule");
+                                    let alert = Alert {
+                                        id,
+                                        device: device.clone(),
+                                        model: q.model.clone(),
+                                        version: q.version,
+                                        rule: rule.to_owned(),
+                                        feature: String::new(),
+                                        value: finite(value),
+                                        threshold,
+                                        raised_at_ms: stored.at_ms,
+                                        cleared_at_ms: None,
+                                        acked_at: None,
+                                    };
+                                    alerts.insert(&id.to_be_bytes(), encode(&alert))?;
+                                    open.insert(ok.clone(), &id.to_be_bytes())?;
+                                    opened.push((ok, id.to_be_bytes()));
+                                    taken.raised.push(alert);
+                                }
+                                (Some(id), _, true) => {
+                                    taken.cleared.extend(clear(alerts, &id, stored.at_ms)?);
+                                    open.remove(ok)?;
+                                }
+                                _ => {}
+                            }
+                        }
+                        taken.quality.push(stored);
+                    }
+                    TelemetryBody::Capture(c) => {
+                        let seq = *ids.next().expect("an id per capture");
+                        let stored = StoredCapture {
+                            device: device.clone(),
+                            record: r.id,
+                            at_ms: r.at_ms.min(now.saturating_mul(1000)),
+                            received_at: now,
+                            inference_id: c.inference_id.clone(),
+                            inputs: c.inputs.clone(),
+                            outputs: c.outputs.clone(),
+                        };
+                        let mut k = capture_prefix(&c.model, c.version);
+                        k.extend_from_slice(&seq.to_be_bytes());
+                        let bytes = postcard::to_stdvec(&stored).map_err(|e| {
+                            TxError::Abort(crate::RegistryError::Corrupt {
+                                key: "capture".into(),
+                                reason: e.to_string(),
+                            })
+                        })?;
+                        captures.insert(k, bytes)?;
+                        taken.captures += 1;
+                        taken.capture_keys.push(capture_prefix(&c.model, c.version));
+                    }
                     TelemetryBody::Started(_) => {
                         // Every alert of the model open on this device ends.
                         let (prefix, before) = standing.next().expect("one scan per Started");
@@ -299,6 +497,21 @@ impl Registry {
                 windows.remove(old?)?;
             }
         }
+        for q in &taken.quality {
+            let prefix = device_windows(&q.model, q.version, device);
+            let held = quality.scan_prefix(&prefix).keys().count();
+            for old in quality.scan_prefix(&prefix).keys().take(held.saturating_sub(WINDOWS_KEPT)) {
+                quality.remove(old?)?;
+            }
+        }
+        let mut prefixes = taken.capture_keys.clone();
+        prefixes.dedup();
+        for prefix in prefixes {
+            let held = captures.scan_prefix(&prefix).keys().count();
+            for old in captures.scan_prefix(&prefix).keys().take(held.saturating_sub(CAPTURES_KEPT)) {
+                captures.remove(old?)?;
+            }
+        }
         if !taken.raised.is_empty() && alerts.len() > ALERTS_KEPT {
             let over = alerts.len() - ALERTS_KEPT;
             let mut gone = 0;
@@ -330,6 +543,57 @@ impl Registry {
             }
         }
         out.sort_by_key(|w| (w.received_at, w.at_ms));
+        Ok(out)
+    }
+
+    /// The quality windows of `model` (one version or all), of one device or
+    /// all, oldest first by when they were taken.
+    pub fn quality(&self, model: &str, version: Option<u32>, device: Option<&str>) -> Result<Vec<StoredQuality>> {
+        let tree = self.db().open_tree("quality")?;
+        let mut out = Vec::new();
+        for kv in tree.scan_prefix(window_prefix(model, version)) {
+            let (k, v) = kv?;
+            let q: StoredQuality = decode(&k, &v)?;
+            if q.model == model && device.is_none_or(|d| q.device.as_str() == d) {
+                out.push(q);
+            }
+        }
+        out.sort_by_key(|q| (q.received_at, q.at_ms));
+        Ok(out)
+    }
+
+    /// Captured samples of `model:version` in the order they were stored,
+    /// after the one numbered `after` (from the first with `None`): at most
+    /// `limit`, each with its number.
+    pub fn captures(
+        &self,
+        model: &str,
+        version: u32,
+        after: Option<u64>,
+        limit: usize,
+    ) -> Result<Vec<(u64, StoredCapture)>> {
+        let tree = self.db().open_tree("captures")?;
+        let prefix = capture_prefix(model, version);
+        let mut from = prefix.clone();
+        if let Some(after) = after {
+            let Some(next) = after.checked_add(1) else { return Ok(Vec::new()) };
+            from.extend_from_slice(&next.to_be_bytes());
+        }
+        let mut out = Vec::new();
+        for kv in tree.range(from..) {
+            let (k, v) = kv?;
+            if !k.starts_with(&prefix) || out.len() == limit {
+                break;
+            }
+            let Some(seq) = k.get(prefix.len()..).and_then(|b| <[u8; 8]>::try_from(b).ok()).map(u64::from_be_bytes)
+            else {
+                continue;
+            };
+            // One record that does not read back hides no other.
+            if let Ok(c) = postcard::from_bytes::<StoredCapture>(&v) {
+                out.push((seq, c));
+            }
+        }
         Ok(out)
     }
 
@@ -452,5 +716,61 @@ mod tests {
         let all_alerts = r.alerts(true).unwrap();
         assert!(all_alerts.iter().all(|a| a.cleared_at_ms.is_some()), "{all_alerts:?}");
         assert!(matches!(r.ack_alert(999, 1), Err(crate::RegistryError::UnknownAlert(999))));
+    }
+
+    fn quality(id: u64, right: u64, wrong: u64) -> TelemetryRecord {
+        let counts =
+            QualityCounts::Classes { classes: 2, confusion: vec![right, wrong, 0, 0], other: 0, other_correct: 0 };
+        let q = tern_proto::QualityWindow { model: "m".into(), version: 1, seq: id, millis: 10, counts };
+        TelemetryRecord { id, at_ms: id * 1000, body: TelemetryBody::Quality(q) }
+    }
+
+    #[test]
+    fn quality_windows_raise_an_alert_below_the_threshold_and_clear_past_the_clearing_level() {
+        let dir = tempfile::tempdir().unwrap();
+        let r = Registry::open(dir.path().join("db")).unwrap();
+        let dev: DeviceId = "cam-1".parse().unwrap();
+        let rules = QualityRules { accuracy: Some(0.9), min_rows: 10, ..QualityRules::default() };
+        let take = |records, now| r.take_telemetry_judged(&dev, &batch(1, 0, records), now, &rules, |_| true).unwrap();
+        // Too few rows to judge, then 50 % right.
+        assert!(take(vec![quality(1, 1, 4)], 1).raised.is_empty());
+        let t = take(vec![quality(2, 10, 10)], 2);
+        assert_eq!(t.raised.len(), 1);
+        assert_eq!((t.raised[0].rule.as_str(), t.raised[0].value, t.raised[0].threshold), ("accuracy", 0.5, 0.9));
+        // Back above the threshold but short of its clearing level (0.925):
+        // still open, and not raised twice.
+        let t = take(vec![quality(3, 92, 8), quality(4, 10, 10)], 3);
+        assert!(t.raised.is_empty() && t.cleared.is_empty(), "{t:?}");
+        let t = take(vec![quality(5, 99, 1)], 4);
+        assert_eq!(t.cleared.len(), 1);
+        assert!(r.alerts(false).unwrap().iter().all(|a| a.cleared_at_ms.is_some()));
+        assert_eq!(r.quality("m", Some(1), Some("cam-1")).unwrap().len(), 5);
+    }
+
+    #[test]
+    fn captures_are_listed_in_order_after_a_number() {
+        let dir = tempfile::tempdir().unwrap();
+        let r = Registry::open(dir.path().join("db")).unwrap();
+        let dev: DeviceId = "cam-1".parse().unwrap();
+        let capture = |id: u64| TelemetryRecord {
+            id,
+            at_ms: id,
+            body: TelemetryBody::Capture(tern_proto::CapturedSample {
+                model: "m".into(),
+                version: 1,
+                inference_id: format!("i{id}"),
+                inputs: vec![1, 2],
+                outputs: vec![3],
+            }),
+        };
+        let t = r.take_telemetry(&dev, &batch(1, 0, vec![capture(1), capture(2), capture(3)]), 1, |_| true).unwrap();
+        assert_eq!(t.captures, 3);
+        let all = r.captures("m", 1, None, 10).unwrap();
+        let ids: Vec<&str> = all.iter().map(|(_, c)| c.inference_id.as_str()).collect();
+        assert_eq!(ids, ["i1", "i2", "i3"]);
+        let rest = r.captures("m", 1, Some(all[0].0), 1).unwrap();
+        assert_eq!(rest.len(), 1);
+        assert_eq!(rest[0].1.inference_id, "i2");
+        assert!(r.captures("m", 2, None, 10).unwrap().is_empty());
     }
 }

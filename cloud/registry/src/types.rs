@@ -2,8 +2,8 @@ use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::fmt;
 use tern_proto::{
-    BaselineRef, DeviceId, LinkDay, ModelFormat, ModelManifest, ModelStatus, Refusal, SelfTestRef, Sha256Digest,
-    TensorSpec, UpdateEvent,
+    BaselineRef, CapturePolicy, DeviceId, LinkDay, ModelFormat, ModelManifest, ModelStatus, Refusal, SelfTestRef,
+    Sha256Digest, TensorSpec, UpdateEvent,
 };
 
 /// Whether a version may be deployed.
@@ -130,6 +130,10 @@ pub struct ModelVersion {
     /// `export-constraints` use in place of suggested ones.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub constraints: Option<Sha256Digest>,
+    /// The data capture its manifests ask devices for (`tern monitor
+    /// capture`); none when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub capture: Option<CapturePolicy>,
 }
 
 /// What a device of one profile is sent for a version.
@@ -158,6 +162,7 @@ impl ModelVersion {
             update: None,
             alternative: None,
             baseline: self.baseline,
+            capture: self.capture,
         }
     }
 

@@ -8,6 +8,7 @@ pub mod kll;
 pub mod model;
 pub mod moments;
 mod profile;
+pub mod quality;
 pub mod sagemaker;
 
 pub use distance::{DEFAULT_C_ALPHA, PSI_FLOOR};

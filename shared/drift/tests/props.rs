@@ -178,3 +178,43 @@ proptest! {
         prop_assert_eq!(back, w);
     }
 }
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
+
+    /// Quality counts of device windows merged equal the counts of the
+    /// pooled pairs, exactly for a classifier, and so do the metrics.
+    #[test]
+    fn merged_quality_counts_equal_the_pooled_counts(
+        pairs in prop::collection::vec((-2i64..80, -2i64..80), 0..300),
+        values in prop::collection::vec((-1e3f64..1e3, -1e3f64..1e3), 0..300),
+        cut in 0usize..300,
+    ) {
+        use tern_drift::quality::*;
+        let (mut pooled, mut left, mut right) = (empty_classes(), empty_classes(), empty_classes());
+        for (i, (p, a)) in pairs.iter().enumerate() {
+            add_label(&mut pooled, *p, *a);
+            add_label(if i < cut { &mut left } else { &mut right }, *p, *a);
+        }
+        prop_assert!(merge(&mut left, &right));
+        prop_assert_eq!(&left, &pooled);
+        prop_assert_eq!(metrics(&left), metrics(&pooled));
+        if let Some(a) = metrics(&pooled).accuracy {
+            prop_assert!((0.0..=1.0).contains(&a));
+        }
+        if let Some(f) = metrics(&pooled).f1 {
+            prop_assert!((0.0..=1.0).contains(&f));
+        }
+        let (mut pooled, mut left, mut right) = (empty_values(), empty_values(), empty_values());
+        for (i, (p, a)) in values.iter().enumerate() {
+            add_value(&mut pooled, *p, *a);
+            add_value(if i < cut { &mut left } else { &mut right }, *p, *a);
+        }
+        prop_assert!(merge(&mut left, &right));
+        let (m, q) = (metrics(&left), metrics(&pooled));
+        prop_assert_eq!(m.rows, q.rows);
+        if let (Some(a), Some(b)) = (m.rmse, q.rmse) {
+            prop_assert!(close(a, b, b));
+        }
+    }
+}

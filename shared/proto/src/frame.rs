@@ -252,19 +252,39 @@ mod tests {
     }
 
     #[test]
+    fn quality_and_capture_records_are_not_in_wire_8() {
+        let q = crate::QualityWindow {
+            model: "m".into(),
+            version: 1,
+            seq: 0,
+            millis: 1,
+            counts: crate::QualityCounts::Values { n: 1, sum: 1.0, sum_abs: 1.0, sum_sq: 1.0 },
+        };
+        let record = crate::TelemetryRecord { id: 1, at_ms: 0, body: crate::TelemetryBody::Quality(q) };
+        let msg = Message::Telemetry(crate::TelemetryBatch { stream: 1, dropped: 0, records: vec![record] });
+        assert!(matches!(encode_frame(&msg, WireVersion::V8), Err(FrameError::Encode(_))));
+        let f = encode_frame(&msg, WireVersion::V9).unwrap();
+        assert_eq!(decode_frame(&f, MAX_FRAME_LEN, WireVersion::V9).unwrap().unwrap().0, msg);
+        // Relabelled as wire 8, it is refused after decoding.
+        let mut f8 = f.clone();
+        f8[2] = 8;
+        assert!(matches!(decode_frame(&f8, MAX_FRAME_LEN, WireVersion::V8), Err(FrameError::Payload(_))));
+    }
+
+    #[test]
     fn other_version_and_magic_are_refused() {
         let mut f = encode_frame(&sample(), V).unwrap();
-        f[2] = 9;
+        f[2] = 10;
         assert_eq!(
             decode_frame(&f, MAX_FRAME_LEN, V).unwrap_err(),
-            FrameError::WrongVersion { got: WireVersion(9), session: V }
+            FrameError::WrongVersion { got: WireVersion(10), session: V }
         );
         f[0] = b'X';
         assert!(matches!(decode_frame(&f, MAX_FRAME_LEN, V), Err(FrameError::BadMagic(_))));
         // A frame of one supported version on a connection of another.
         let old = encode_frame(&sample(), WireVersion::V1).unwrap();
         assert!(matches!(decode_frame(&old, MAX_FRAME_LEN, V), Err(FrameError::WrongVersion { .. })));
-        assert_eq!(encode_frame(&sample(), WireVersion(9)), Err(FrameError::UnsupportedVersion(WireVersion(9))));
+        assert_eq!(encode_frame(&sample(), WireVersion(10)), Err(FrameError::UnsupportedVersion(WireVersion(10))));
     }
 
     #[test]

@@ -29,15 +29,16 @@ pub use golden::{
 pub use half::{bf16, f16};
 pub use ids::{DeviceId, IdError, ModelRef, Sha256Digest};
 pub use manifest::{
-    Alternative, BaselineRef, DEFAULT_READY_SECS, DEFAULT_SHADOW_TOLERANCE_PPM, DType, LocalTime, MINUTES_PER_DAY,
-    MaintenanceWindow, ManifestEncoding, ManifestError, ModelFormat, ModelManifest, SelfTestRef, ShadowCompare,
-    SignedManifest, TensorSpec, UpdatePolicy,
+    Alternative, BaselineRef, CapturePolicy, DEFAULT_READY_SECS, DEFAULT_SHADOW_TOLERANCE_PPM, DType, LocalTime,
+    MINUTES_PER_DAY, MaintenanceWindow, ManifestEncoding, ManifestError, ModelFormat, ModelManifest, SelfTestRef,
+    ShadowCompare, SignedManifest, TensorSpec, UpdatePolicy,
 };
 pub use msg::{
-    AlertChange, ArtifactHeader, DesiredState, EnrollRequest, EnrollResponse, ErrorCode, FetchArtifact, Hello, LinkDay,
-    MAX_HISTORY, MAX_TELEMETRY_BATCH, MAX_TRAFFIC_DAYS, Message, ModelState, ModelStatus, MonitorStarted, Refusal,
-    SignedDesired, StatusReport, TelemetryAck, TelemetryBatch, TelemetryBody, TelemetryRecord, TelemetryRoute,
-    TrafficReport, TufMetadata, UpdateEvent, UpdateHistory, Welcome, WindowSummary, WireError, root_intro_statement,
+    AlertChange, ArtifactHeader, CapturedSample, DesiredState, EnrollRequest, EnrollResponse, ErrorCode, FetchArtifact,
+    Hello, LinkDay, MAX_CAPTURE_BYTES, MAX_HISTORY, MAX_QUALITY_CLASSES, MAX_TELEMETRY_BATCH, MAX_TRAFFIC_DAYS,
+    Message, ModelState, ModelStatus, MonitorStarted, QualityCounts, QualityWindow, Refusal, SignedDesired,
+    StatusReport, TelemetryAck, TelemetryBatch, TelemetryBody, TelemetryRecord, TelemetryRoute, TrafficReport,
+    TufMetadata, UpdateEvent, UpdateHistory, Welcome, WindowSummary, WireError, root_intro_statement,
 };
 pub use tensor::{TENSORS_MEDIA_TYPE, Tensor, TensorData, decode_tensors, encode_tensors};
 pub use token::{EnrollTokenText, TokenError};
@@ -84,10 +85,17 @@ impl WireVersion {
     /// messages are frames of this version). Older agents keep theirs on
     /// QUIC, which every coordinator takes.
     pub const V8: WireVersion = WireVersion(8);
+    /// Version 9: version 8, and telemetry records may be model-quality
+    /// windows ([`TelemetryBody::Quality`]) and captured samples
+    /// ([`TelemetryBody::Capture`]), appended after the others: a batch
+    /// holding one is not in an older version, and an agent drops such
+    /// records rather than send them to an older coordinator.
+    pub const V9: WireVersion = WireVersion(9);
     /// The newest version this build speaks.
-    pub const CURRENT: WireVersion = WireVersion::V8;
+    pub const CURRENT: WireVersion = WireVersion::V9;
     /// Every version this build speaks, newest first.
     pub const SUPPORTED: &'static [WireVersion] = &[
+        WireVersion::V9,
         WireVersion::V8,
         WireVersion::V7,
         WireVersion::V6,
@@ -143,9 +151,13 @@ mod tests {
         assert_eq!(WireVersion::from_alpn(b"tern/1"), Some(WireVersion::V1));
         assert_eq!(WireVersion::from_alpn(b"h3"), None);
         assert_eq!(WireVersion::up_to(WireVersion::V1), [WireVersion::V1]);
-        assert_eq!(WireVersion::up_to(WireVersion(9)), WireVersion::SUPPORTED);
+        assert_eq!(WireVersion::up_to(WireVersion(10)), WireVersion::SUPPORTED);
         assert_eq!(
-            WireVersion::highest_shared(WireVersion::SUPPORTED, &[1, 2, 3, 4, 5, 6, 7, 8, 9]),
+            WireVersion::highest_shared(WireVersion::SUPPORTED, &[1, 2, 3, 4, 5, 6, 7, 8, 9, 10]),
+            Some(WireVersion::V9)
+        );
+        assert_eq!(
+            WireVersion::highest_shared(WireVersion::SUPPORTED, &[1, 2, 3, 4, 5, 6, 7, 8]),
             Some(WireVersion::V8)
         );
         assert_eq!(WireVersion::highest_shared(WireVersion::SUPPORTED, &[1, 2, 3, 4, 5, 6, 7]), Some(WireVersion::V7));
@@ -155,6 +167,6 @@ mod tests {
         assert_eq!(WireVersion::highest_shared(WireVersion::SUPPORTED, &[1, 2, 3]), Some(WireVersion::V3));
         assert_eq!(WireVersion::highest_shared(WireVersion::SUPPORTED, &[1, 2]), Some(WireVersion::V2));
         assert_eq!(WireVersion::highest_shared(WireVersion::SUPPORTED, &[1]), Some(WireVersion::V1));
-        assert_eq!(WireVersion::highest_shared(WireVersion::SUPPORTED, &[9]), None);
+        assert_eq!(WireVersion::highest_shared(WireVersion::SUPPORTED, &[10]), None);
     }
 }

@@ -176,6 +176,22 @@ pub struct ModelManifest {
     /// check it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub baseline: Option<BaselineRef>,
+    /// Which share of requests the device captures for upload, and how many
+    /// bytes a day at most (absent: none). Set by the fleet per version;
+    /// older agents ignore it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub capture: Option<CapturePolicy>,
+}
+
+/// Data capture on the device (see [`ModelManifest::capture`]). Integers
+/// only: the manifest is signed as canonical JSON, which has no floats.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct CapturePolicy {
+    /// Requests captured per million answered (1,000,000: every one).
+    pub per_million: u32,
+    /// Encoded bytes of inputs and outputs captured per UTC day at most;
+    /// past it the device captures nothing more that day.
+    pub daily_bytes: u64,
 }
 
 /// A model version's baseline file, fetched like an artifact and checked

@@ -74,7 +74,8 @@ impl Message {
         match self {
             Message::History(_) => crate::WireVersion::V3,
             Message::SignedDesired(_) => crate::WireVersion::V4,
-            Message::Telemetry(_) | Message::TelemetryAck(_) => crate::WireVersion::V6,
+            Message::Telemetry(b) => b.records.iter().map(|r| r.body.since()).max().unwrap_or(crate::WireVersion::V6),
+            Message::TelemetryAck(_) => crate::WireVersion::V6,
             Message::Traffic(_) => crate::WireVersion::V7,
             Message::Route(_) => crate::WireVersion::V8,
             _ => crate::WireVersion::V1,
@@ -134,6 +135,92 @@ pub enum TelemetryBody {
     /// took the version in): no alert of the model raised before is
     /// standing any more.
     Started(MonitorStarted),
+    /// (Wire version 9 on.) Predictions the app posted the ground truth
+    /// of, counted over a window.
+    Quality(QualityWindow),
+    /// (Wire version 9 on.) A request and its answer, sampled under the
+    /// version's capture policy.
+    Capture(CapturedSample),
+}
+
+impl TelemetryBody {
+    /// The first wire version that has this record.
+    pub fn since(&self) -> crate::WireVersion {
+        match self {
+            TelemetryBody::Quality(_) | TelemetryBody::Capture(_) => crate::WireVersion::V9,
+            _ => crate::WireVersion::V6,
+        }
+    }
+}
+
+/// Most classes a [`QualityCounts::Classes`] counts (its matrix is the
+/// square of it).
+pub const MAX_QUALITY_CLASSES: u32 = 64;
+
+/// See [`TelemetryBody::Quality`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct QualityWindow {
+    /// Model name.
+    pub model: String,
+    /// Version.
+    pub version: u32,
+    /// Quality windows of this version the device closed before it since
+    /// it started serving it.
+    pub seq: u64,
+    /// How long it was open, in milliseconds.
+    pub millis: u64,
+    /// What was counted.
+    pub counts: QualityCounts,
+}
+
+/// Predictions against the ground truth, counted.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum QualityCounts {
+    /// A classifier: `confusion[actual * classes + predicted]` counts the
+    /// pairs whose labels are both below `classes`; the others (a label
+    /// negative or at or above [`MAX_QUALITY_CLASSES`]) only in `other`.
+    Classes {
+        /// Labels counted one by one (at most [`MAX_QUALITY_CLASSES`]).
+        classes: u32,
+        /// The confusion matrix, `classes` × `classes`, row-major by the
+        /// actual label.
+        confusion: Vec<u64>,
+        /// Pairs outside the matrix.
+        other: u64,
+        /// Of those, the ones predicted right.
+        other_correct: u64,
+    },
+    /// A regressor: sums over the rows of the error `predicted - actual`.
+    Values {
+        /// Rows.
+        n: u64,
+        /// Sum of errors.
+        sum: f64,
+        /// Sum of absolute errors.
+        sum_abs: f64,
+        /// Sum of squared errors.
+        sum_sq: f64,
+    },
+}
+
+/// Largest encoded inputs plus outputs a [`CapturedSample`] carries: one
+/// record must fit a telemetry batch.
+pub const MAX_CAPTURE_BYTES: usize = 48 << 10;
+
+/// See [`TelemetryBody::Capture`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CapturedSample {
+    /// Model name.
+    pub model: String,
+    /// Version.
+    pub version: u32,
+    /// The inference id the app was answered with.
+    pub inference_id: String,
+    /// The request's inputs, as a binary tensor body
+    /// ([`crate::encode_tensors`]).
+    pub inputs: Vec<u8>,
+    /// The answer's outputs, the same way.
+    pub outputs: Vec<u8>,
 }
 
 /// See [`TelemetryBody::Started`].

@@ -310,6 +310,7 @@ impl From<ModelManifest> for cur_m::ModelManifest {
             update: None,
             alternative: None,
             baseline: None,
+            capture: None,
         }
     }
 }

@@ -53,6 +53,7 @@ fn manifest() -> impl Strategy<Value = ModelManifest> {
             update: None,
             alternative: None,
             baseline: None,
+            capture: None,
         })
 }
 

@@ -68,6 +68,7 @@ fn manifest() -> ModelManifest {
         update: None,
         alternative: None,
         baseline: None,
+        capture: None,
     }
 }
 

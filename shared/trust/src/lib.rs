@@ -158,6 +158,7 @@ mod tests {
             update: None,
             alternative: None,
             baseline: None,
+            capture: None,
         }
     }
 

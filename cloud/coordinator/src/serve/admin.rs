@@ -12,7 +12,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
 use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
-use serde_json::json;
+use serde_json::{Value, json};
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use tern_proto::{
@@ -98,6 +98,9 @@ pub fn router(state: Arc<State>) -> Router {
             "/v1/models/{name}/versions/{version}/constraints",
             put(set_constraints).delete(clear_constraints).layer(DefaultBodyLimit::max(MAX_CONSTRAINTS_BYTES)),
         )
+        .route("/v1/models/{name}/versions/{version}/capture", put(set_capture).delete(clear_capture))
+        .route("/v1/models/{name}/versions/{version}/captures", get(list_captures))
+        .route("/v1/monitor/quality/{name}", get(quality_view))
         .route("/v1/tokens", post(new_token))
         .route("/v1/broker/server-certificate", post(broker_certificate))
         .route("/metrics", get(metrics))
@@ -429,6 +432,7 @@ async fn register(
         update: Some(state.policy),
         alternative: None,
         baseline: new.baseline,
+        capture: None,
     };
     check_canonical(&probe)?;
     let n = name.clone();
@@ -734,6 +738,128 @@ async fn clear_constraints(
     Path((name, version)): Path<(String, u32)>,
 ) -> ApiResult<Json<ModelVersion>> {
     Ok(Json(blocking(&state, move |s| s.registry.set_constraints(&name, version, None)).await?))
+}
+
+/// `PUT .../capture` with `{"per_million": N, "daily_bytes": B}`: devices
+/// serving the version capture that share of requests, at most B bytes a
+/// day each; they are sent the state again.
+async fn set_capture(
+    Ext(state): Ext<Arc<State>>,
+    Path((name, version)): Path<(String, u32)>,
+    Json(policy): Json<tern_proto::CapturePolicy>,
+) -> ApiResult<Json<ModelVersion>> {
+    if policy.per_million > 1_000_000 {
+        return Err(bad(format!("per_million is {}: at most 1000000 (every request)", policy.per_million)));
+    }
+    capture(&state, name, version, Some(policy)).await
+}
+
+async fn clear_capture(
+    Ext(state): Ext<Arc<State>>,
+    Path((name, version)): Path<(String, u32)>,
+) -> ApiResult<Json<ModelVersion>> {
+    capture(&state, name, version, None).await
+}
+
+async fn capture(
+    state: &Arc<State>,
+    name: String,
+    version: u32,
+    policy: Option<tern_proto::CapturePolicy>,
+) -> ApiResult<Json<ModelVersion>> {
+    let n = name.clone();
+    let (v, changed) = blocking(state, move |s| s.registry.set_capture(&n, version, policy)).await?;
+    for d in &changed {
+        state.sessions.wake(&d.id);
+    }
+    info!(model = %name, version, ?policy, devices = changed.len(), "capture policy set");
+    Ok(Json(v))
+}
+
+#[derive(Deserialize)]
+struct CapturesQuery {
+    after: Option<u64>,
+    limit: Option<usize>,
+}
+
+/// Captured samples, oldest first, their tensors decoded.
+async fn list_captures(
+    Ext(state): Ext<Arc<State>>,
+    Path((name, version)): Path<(String, u32)>,
+    Query(q): Query<CapturesQuery>,
+) -> ApiResult<Json<Value>> {
+    let limit = q.limit.unwrap_or(100).clamp(1, 1000);
+    let n = name.clone();
+    let found = blocking(&state, move |s| s.registry.captures(&n, version, q.after, limit)).await?;
+    let tensors = |bytes: &[u8]| -> Value {
+        match tern_proto::decode_tensors(bytes) {
+            Ok(ts) => Value::Array(
+                ts.iter().map(|t| json!({ "dtype": t.dtype(), "shape": t.shape, "data": t.data.to_f64() })).collect(),
+            ),
+            Err(e) => json!({ "error": e }),
+        }
+    };
+    let next = found.last().map(|(seq, _)| *seq);
+    let captures: Vec<Value> = found
+        .iter()
+        .map(|(seq, c)| {
+            json!({
+                "seq": seq,
+                "device": c.device,
+                "record": c.record,
+                "at_ms": c.at_ms,
+                "received_at": c.received_at,
+                "inference_id": c.inference_id,
+                "inputs": tensors(&c.inputs),
+                "outputs": tensors(&c.outputs),
+            })
+        })
+        .collect();
+    Ok(Json(json!({ "model": name, "version": version, "captures": captures, "next": next })))
+}
+
+#[derive(Deserialize)]
+struct QualityQuery {
+    version: Option<u32>,
+    device: Option<String>,
+}
+
+/// Quality windows with their metrics, and the merge of them all per
+/// version.
+async fn quality_view(
+    Ext(state): Ext<Arc<State>>,
+    Path(name): Path<String>,
+    Query(q): Query<QualityQuery>,
+) -> ApiResult<Json<Value>> {
+    let n = name.clone();
+    let windows = blocking(&state, move |s| s.registry.quality(&n, q.version, q.device.as_deref())).await?;
+    let mut merged: BTreeMap<u32, tern_proto::QualityCounts> = BTreeMap::new();
+    let rows: Vec<Value> = windows
+        .iter()
+        .map(|w| {
+            match merged.get_mut(&w.version) {
+                Some(m) => _ = tern_drift::quality::merge(m, &w.counts),
+                None => _ = merged.insert(w.version, w.counts.clone()),
+            }
+            json!({
+                "device": w.device,
+                "version": w.version,
+                "at_ms": w.at_ms,
+                "received_at": w.received_at,
+                "secs": w.millis as f64 / 1000.0,
+                "metrics": tern_drift::quality::metrics(&w.counts),
+            })
+        })
+        .collect();
+    let fleet: Vec<Value> =
+        merged.iter().map(|(v, c)| json!({ "version": v, "metrics": tern_drift::quality::metrics(c) })).collect();
+    let r = state.quality_rules;
+    Ok(Json(json!({
+        "model": name,
+        "rules": { "accuracy": r.accuracy, "f1": r.f1, "rmse": r.rmse, "min_rows": r.min_rows },
+        "windows": rows,
+        "fleet": fleet,
+    })))
 }
 
 #[derive(Deserialize)]

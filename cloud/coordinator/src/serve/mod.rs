@@ -57,7 +57,7 @@ pub struct ServeArgs {
     /// below 3, agents keep their update history to themselves; below 6,
     /// agents keep their drift windows and alerts buffered; below 8, they
     /// send them over QUIC whatever `--telemetry` says).
-    #[arg(long, default_value_t = WireVersion::CURRENT.0, value_parser = clap::value_parser!(u16).range(1..=8))]
+    #[arg(long, default_value_t = WireVersion::CURRENT.0, value_parser = clap::value_parser!(u16).range(1..=9))]
     pub max_wire_version: u16,
     /// Connections at most, devices included.
     #[arg(long, default_value_t = 20_000)]
@@ -114,6 +114,15 @@ pub struct ServeArgs {
     /// coordinator at). Default: `--mqtt-url`, or the embedded broker's port.
     #[arg(long, value_name = "URL")]
     pub mqtt_advertise: Option<String>,
+    /// A model-quality alert the coordinator raises on a device's quality
+    /// window (the ground truth apps post for past answers), repeatable:
+    /// `accuracy=MIN`, `f1=MIN` (macro F1) or `rmse=MAX`. It clears on a
+    /// window a quarter of the way from MIN to 1 (RMSE: at most 0.8 × MAX).
+    #[arg(long = "quality-alert", value_name = "RULE=VALUE", value_parser = parse_quality_alert)]
+    pub quality_alerts: Vec<(String, f64)>,
+    /// Pairs a quality window needs before it is judged.
+    #[arg(long, default_value_t = 20)]
+    pub quality_min_rows: u64,
     /// How agents take updates (TOML: deadlines in seconds per stage,
     /// shadow and probation limits; keys as in README's "Staged updates");
     /// keys left out keep their defaults, unknown keys and out-of-range
@@ -185,6 +194,8 @@ pub struct State {
     pub webhook: webhook::Webhook,
     /// Where agents of wire 8 on are told to send telemetry.
     pub route: tern_proto::TelemetryRoute,
+    /// When quality windows raise and clear alerts.
+    pub quality_rules: tern_registry::QualityRules,
 }
 
 impl State {
@@ -386,6 +397,7 @@ pub async fn run(data_dir: PathBuf, args: ServeArgs) -> Result<()> {
         metrics,
         baselines: Default::default(),
         route,
+        quality_rules: quality_rules(&args),
     });
     tokio::spawn(quic::accept_loop(endpoint.clone(), state.clone()));
     if let (Some((host, port)), Some(tls)) = (broker, mqtt_client) {
@@ -401,6 +413,31 @@ pub async fn run(data_dir: PathBuf, args: ServeArgs) -> Result<()> {
 
 /// An update policy from TOML; a key it does not know is an error (a typo
 /// would otherwise leave a limit at its default unnoticed).
+/// `--quality-alert RULE=VALUE`.
+fn parse_quality_alert(s: &str) -> Result<(String, f64), String> {
+    let (rule, value) = s.split_once('=').ok_or_else(|| format!("{s:?}: expected RULE=VALUE"))?;
+    let value: f64 = value.parse().map_err(|e| format!("{s:?}: {e}"))?;
+    match rule {
+        "accuracy" | "f1" if (0.0..=1.0).contains(&value) => Ok((rule.to_owned(), value)),
+        "rmse" if value.is_finite() && value > 0.0 => Ok((rule.to_owned(), value)),
+        "accuracy" | "f1" => Err(format!("{s:?}: {rule} is between 0 and 1")),
+        "rmse" => Err(format!("{s:?}: rmse is a positive number")),
+        _ => Err(format!("{s:?}: unknown rule {rule:?} (accuracy, f1, rmse)")),
+    }
+}
+
+fn quality_rules(args: &ServeArgs) -> tern_registry::QualityRules {
+    let mut r = tern_registry::QualityRules { min_rows: args.quality_min_rows, ..Default::default() };
+    for (rule, value) in &args.quality_alerts {
+        match rule.as_str() {
+            "accuracy" => r.accuracy = Some(*value),
+            "f1" => r.f1 = Some(*value),
+            _ => r.rmse = Some(*value),
+        }
+    }
+    r
+}
+
 fn parse_policy(text: &str) -> Result<UpdatePolicy> {
     let mut table: toml::Table = toml::from_str(text)?;
     // Fields at their defaults are left out of the encoding: set each.

@@ -1,5 +1,5 @@
 //! The coordinator's MQTT client: takes the telemetry devices publish on
-//! `tern/v1/<device>/{telemetry,alerts}` (from the embedded broker or an
+//! `tern/v1/<device>/{telemetry,alerts,capture}` (from the embedded broker or an
 //! external one) and acknowledges it on `tern/v1/<device>/ack`.
 
 use super::State;
@@ -11,6 +11,7 @@ use tern_proto::{DeviceId, Message, WireVersion};
 use tracing::{debug, info, warn};
 
 /// The wire version of every MQTT message.
+/// The oldest wire version of MQTT messages.
 const WIRE: WireVersion = WireVersion::V8;
 
 /// The most bytes a device's message may have: as on its control stream.
@@ -22,7 +23,7 @@ const IN_HAND: usize = 64;
 /// The device of a topic the coordinator takes telemetry on.
 fn device_topic(topic: &str) -> Option<DeviceId> {
     let (id, kind) = topic.strip_prefix("tern/v1/")?.split_once('/')?;
-    matches!(kind, "telemetry" | "alerts").then(|| DeviceId::new(id).ok())?
+    matches!(kind, "telemetry" | "alerts" | "capture").then(|| DeviceId::new(id).ok())?
 }
 
 /// What the coordinator's client takes in one packet: more than any broker
@@ -49,7 +50,7 @@ pub async fn run(state: Arc<State>, host: String, port: u16, tls: rustls::Client
         match events.poll().await {
             Ok(Event::Incoming(Packet::ConnAck(_))) => {
                 info!(broker = %format!("{host}:{port}"), "connected to the MQTT broker");
-                for topic in ["tern/v1/+/telemetry", "tern/v1/+/alerts"] {
+                for topic in ["tern/v1/+/telemetry", "tern/v1/+/alerts", "tern/v1/+/capture"] {
                     if let Err(e) = client.try_subscribe(topic, QoS::AtLeastOnce) {
                         warn!("subscribing to {topic}: {e}");
                     }
@@ -90,7 +91,14 @@ pub async fn run(state: Arc<State>, host: String, port: u16, tls: rustls::Client
 /// Takes one device's message: a telemetry batch, acknowledged once stored.
 async fn take(state: &Arc<State>, client: &AsyncClient, topic: &str, payload: &[u8]) -> Result<()> {
     let id = device_topic(topic).ok_or_else(|| anyhow::anyhow!("not a device's telemetry topic"))?;
-    let (msg, used) = tern_proto::decode_frame(payload, MAX_MESSAGE, WIRE)?
+    // Frames of wire 8 on, answered in the device's version: the one of
+    // the route it was given.
+    let wire = payload
+        .get(2..4)
+        .map(|v| WireVersion(u16::from_le_bytes([v[0], v[1]])))
+        .filter(|v| (WIRE..=WireVersion::CURRENT).contains(v))
+        .ok_or_else(|| anyhow::anyhow!("not a frame of wire 8 to {}", WireVersion::CURRENT))?;
+    let (msg, used) = tern_proto::decode_frame(payload, MAX_MESSAGE, wire)?
         .ok_or_else(|| anyhow::anyhow!("a frame cut short ({} bytes)", payload.len()))?;
     anyhow::ensure!(used == payload.len(), "{} bytes past the frame", payload.len() - used);
     let Message::Telemetry(batch) = msg else { anyhow::bail!("{} is not telemetry", msg.kind()) };
@@ -101,7 +109,7 @@ async fn take(state: &Arc<State>, client: &AsyncClient, topic: &str, payload: &[
     debug!(device = %id, new = taken.new, again = taken.again, up_to = taken.up_to, "telemetry over MQTT");
     let ack = tern_proto::encode_frame(
         &Message::TelemetryAck(tern_proto::TelemetryAck { stream, up_to: taken.up_to }),
-        WIRE,
+        wire,
     )?;
     client.try_publish(format!("tern/v1/{id}/ack"), QoS::AtLeastOnce, false, ack)?;
     Ok(())

@@ -405,8 +405,15 @@ pub(super) async fn take_telemetry(
             TelemetryBody::Started(s) => {
                 d.desired.contains_key(&s.model) || d.reported.iter().any(|m| m.name == s.model)
             }
+            TelemetryBody::Quality(q) => given(&q.model, q.version) && tern_drift::quality::well_formed(&q.counts),
+            TelemetryBody::Capture(c) => {
+                given(&c.model, c.version)
+                    && c.inputs.len() + c.outputs.len() <= tern_proto::MAX_CAPTURE_BYTES
+                    && tern_proto::decode_tensors(&c.inputs).is_ok()
+                    && tern_proto::decode_tensors(&c.outputs).is_ok()
+            }
         };
-        let taken = st.registry.take_telemetry(&id, &batch, unix_now(), keep)?;
+        let taken = st.registry.take_telemetry_judged(&id, &batch, unix_now(), &st.quality_rules, keep)?;
         let mut distances = Vec::new();
         for w in taken.windows.iter().filter(|w| !w.profile.is_empty()) {
             let Some(b) = st.baseline(&w.model, w.version) else { continue };
