@@ -301,9 +301,20 @@ mod tests {
         assert_eq!(f.feedback("b", Truth::Values(vec![0.0]), 999), Ok(1));
         assert!(matches!(f.feedback("c", Truth::Values(vec![0.0]), 1000), Err(FeedbackError::Unknown(_))));
         assert_eq!(f.kept(), 0);
-        // A classifier's one score against labels: 0.5 and above is class 1.
+        // A window of values takes no labels.
         f.predicted("p".into(), Prediction::Values(vec![0.7, 0.2]), 2000);
         assert_eq!(f.feedback("p", Truth::Labels(vec![1, 1]), 2000), Err(FeedbackError::Mixed("values")));
+    }
+
+    #[test]
+    fn one_score_per_row_against_labels_is_a_binary_classifier_s_probability() {
+        let mut f = Feedback::new(config(), 0);
+        f.predicted("p".into(), Prediction::Values(vec![0.7, 0.2, 0.5]), 0);
+        assert_eq!(f.feedback("p", Truth::Labels(vec![1, 1, 1]), 1), Ok(3));
+        let w = f.poll(1000).expect("old");
+        // 0.7 and 0.5 are class 1, 0.2 class 0: two of three right.
+        let m = quality::metrics(&w.counts);
+        assert!((m.accuracy.unwrap() - 2.0 / 3.0).abs() < 1e-12, "{m:?}");
     }
 
     #[test]

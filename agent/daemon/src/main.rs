@@ -141,8 +141,9 @@ enum Cmd {
         /// dropped (and the count sent).
         #[arg(long, default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..=10_000_000))]
         telemetry_buffer: u64,
-        /// Of those, captured samples kept at most (each up to 48 KiB);
-        /// past this the oldest captured samples are dropped (and counted).
+        /// Of those, captured samples kept at most (each up to 48 KiB; at
+        /// most half of --telemetry-buffer); past this the oldest captured
+        /// samples are dropped (and counted).
         #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u64).range(1..=100_000))]
         capture_buffer: u64,
         /// Answers wait this many seconds for their ground truth
@@ -438,7 +439,7 @@ async fn run(
     );
     shared.feedback = feedback;
     let shared = Arc::new(shared);
-    let outbox = outbox::Outbox::open(store.clone(), telemetry_buffer, capture_buffer)?;
+    let outbox = outbox::Outbox::open(store.clone(), telemetry_buffer, capture_buffer.min(telemetry_buffer / 2))?;
     let _ = shared.outbox.set(outbox.clone());
     let traffic = Arc::new(traffic::Traffic::open(data_dir.join("traffic.json")));
     let _ = shared.traffic.set(traffic.clone());
@@ -474,7 +475,7 @@ async fn run(
         runner::Runner::new(slots, complete, work, shared, trust, persister, live, status_tx, history_tx, hooks);
     let route = Arc::new(link::Route::open(data_dir.join("route.json")));
     #[cfg(feature = "mqtt")]
-    tokio::spawn(mqtt::run(identity.clone(), outbox.clone(), route.watch(), pace.metered));
+    tokio::spawn(mqtt::run(identity.clone(), outbox.clone(), route.watch(), pace.metered, traffic.clone()));
     tokio::spawn(link::run(
         identity.clone(),
         formats,

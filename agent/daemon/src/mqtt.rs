@@ -1,7 +1,9 @@
 //! Telemetry over MQTT, when the fleet's route says so: the outbox's
 //! batches published at QoS 1 under `tern/v1/<device>/`, one in flight,
 //! each removed once the coordinator's acknowledgement comes back on
-//! `tern/v1/<device>/ack`.
+//! `tern/v1/<device>/ack`. rumqttc reaches the broker through a relay on
+//! 127.0.0.1 that counts the connection's bytes (TCP's own counters, plus
+//! the IP and TCP headers of each segment) into the `mqtt` link's traffic.
 
 use crate::identity::Identity;
 use crate::outbox::Outbox;
@@ -43,6 +45,7 @@ pub async fn run(
     outbox: Arc<Outbox>,
     mut route: watch::Receiver<crate::link::Routed>,
     metered: Option<Duration>,
+    traffic: Arc<crate::traffic::Traffic>,
 ) {
     let mut backoff = Duration::from_secs(1);
     let mut next_metered = Instant::now();
@@ -68,7 +71,7 @@ pub async fn run(
             }
             continue;
         }
-        match session(&identity, &outbox, &url, &mut route, metered.is_some()).await {
+        match session(&identity, &outbox, &url, &mut route, metered.is_some(), &traffic).await {
             Ok(()) => backoff = Duration::from_secs(1),
             Err(e) => {
                 warn!(broker = %url, "MQTT telemetry: {e:#}; retrying in {backoff:?}");
@@ -76,6 +79,110 @@ pub async fn run(
                 backoff = (backoff * 2).min(Duration::from_secs(60));
             }
         }
+    }
+}
+
+/// How often a connection's counts are added to the day's traffic.
+const COUNT_EVERY: Duration = Duration::from_secs(10);
+
+/// Listens on 127.0.0.1 for the one connection of a session and relays it
+/// to the broker, counting its bytes; its port, and the task (aborted when
+/// dropped).
+async fn relay(host: String, port: u16, traffic: Arc<crate::traffic::Traffic>) -> Result<(u16, Abort)> {
+    let listener = tokio::net::TcpListener::bind(("127.0.0.1", 0)).await?;
+    let local = listener.local_addr()?.port();
+    let task = tokio::spawn(async move {
+        let Ok((mut inner, _)) = listener.accept().await else { return };
+        drop(listener);
+        let mut outer = match tokio::net::TcpStream::connect((host.as_str(), port)).await {
+            Ok(s) => s,
+            Err(e) => {
+                warn!("MQTT: connecting to {host}:{port}: {e}");
+                return;
+            }
+        };
+        let _ = (inner.set_nodelay(true), outer.set_nodelay(true));
+        // Declared after `outer`: dropped (and counted) before it closes,
+        // also when the session aborts the task.
+        let mut count = Counted::new(&outer, traffic);
+        let mut every = tokio::time::interval(COUNT_EVERY);
+        every.tick().await;
+        let copy = tokio::io::copy_bidirectional(&mut inner, &mut outer);
+        tokio::pin!(copy);
+        loop {
+            tokio::select! {
+                _ = &mut copy => break,
+                _ = every.tick() => count.add(),
+            }
+        }
+    });
+    Ok((local, Abort(task)))
+}
+
+/// A TCP connection's counters, as last added to the traffic.
+struct Counted {
+    traffic: Arc<crate::traffic::Traffic>,
+    #[cfg(target_os = "linux")]
+    fd: std::os::fd::RawFd,
+    /// IP and TCP header bytes of a segment (with TCP timestamps).
+    header: u64,
+    last: [u64; 4],
+}
+
+impl Counted {
+    fn new(s: &tokio::net::TcpStream, traffic: Arc<crate::traffic::Traffic>) -> Self {
+        let header = if s.peer_addr().is_ok_and(|a| a.is_ipv6()) { 40 + 32 } else { 20 + 32 };
+        Self {
+            traffic,
+            #[cfg(target_os = "linux")]
+            fd: std::os::fd::AsRawFd::as_raw_fd(s),
+            header,
+            last: [0; 4],
+        }
+    }
+
+    /// Bytes acknowledged by the peer, bytes received, segments out, in.
+    /// No crate the agent has reads TCP_INFO: one getsockopt on the
+    /// stream's own fd.
+    #[cfg(target_os = "linux")]
+    #[allow(unsafe_code)]
+    fn read(&self) -> Option<[u64; 4]> {
+        // SAFETY: tcp_info is plain integers; all zeros is a valid value.
+        let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
+        let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
+        // SAFETY: `info` is a tcp_info of `len` bytes; the fd is the
+        // stream's, open while the relay task holds it.
+        let rc =
+            unsafe { libc::getsockopt(self.fd, libc::IPPROTO_TCP, libc::TCP_INFO, (&raw mut info).cast(), &mut len) };
+        // Older kernels fill less of the struct than these fields need.
+        let needed = std::mem::offset_of!(libc::tcp_info, tcpi_segs_in) + 4;
+        (rc == 0 && len as usize >= needed).then(|| {
+            [
+                info.tcpi_bytes_acked,
+                info.tcpi_bytes_received,
+                u64::from(info.tcpi_segs_out),
+                u64::from(info.tcpi_segs_in),
+            ]
+        })
+    }
+
+    #[cfg(not(target_os = "linux"))]
+    fn read(&self) -> Option<[u64; 4]> {
+        None
+    }
+
+    /// Adds what the connection carried since the last call.
+    fn add(&mut self) {
+        let Some(now) = self.read() else { return };
+        let d: Vec<u64> = now.iter().zip(self.last).map(|(n, l)| n.saturating_sub(l)).collect();
+        self.last = now;
+        self.traffic.add("mqtt", crate::traffic::today(), d[0] + d[2] * self.header, d[1] + d[3] * self.header);
+    }
+}
+
+impl Drop for Counted {
+    fn drop(&mut self) {
+        self.add();
     }
 }
 
@@ -98,6 +205,7 @@ async fn session(
     url: &str,
     route: &mut watch::Receiver<crate::link::Routed>,
     metered: bool,
+    traffic: &Arc<crate::traffic::Traffic>,
 ) -> Result<()> {
     let id = identity.info.device_id.clone();
     // Frames of the version of the coordinator that gave the route.
@@ -105,7 +213,10 @@ async fn session(
     let (host, port) = broker(url, &identity.info.coordinator)?;
     let tls =
         tern_net::mqtt_client_config(&identity.ca_der, &identity.cert_der, &identity.key_der, identity.tls_floor())?;
-    let mut opts = MqttOptions::new(id.as_str(), host, port);
+    // The broker's certificate is checked for `broker.tern` whatever
+    // address it is reached at: the relay's is as good.
+    let (relay, _relay) = relay(host, port, traffic.clone()).await?;
+    let mut opts = MqttOptions::new(id.as_str(), "127.0.0.1", relay);
     opts.set_keep_alive(KEEP_ALIVE);
     opts.set_clean_session(true);
     opts.set_max_packet_size(MAX_PACKET, MAX_PACKET);
@@ -208,7 +319,10 @@ async fn session(
                 }
             }
             changed = route.changed() => {
-                if changed.is_err() || route.borrow().mqtt.as_deref() != Some(url) {
+                // A new broker, or a coordinator of another wire version
+                // (frames, and which records it takes, follow it).
+                let r = route.borrow().clone();
+                if changed.is_err() || r.mqtt.as_deref() != Some(url) || r.wire() != wire {
                     close(&client, &mut events_rx).await;
                     return Ok(());
                 }

@@ -5,8 +5,8 @@
 //! acknowledges them. The buffer is bounded: when full the oldest records
 //! go, and a running count of those dropped travels with every batch.
 //! Captured samples have a bound of their own within it (an index of their
-//! ids beside the records), so that captures never push windows and
-//! alerts out.
+//! ids beside the records; the agent holds it to half the whole bound), so
+//! that captures alone cannot push windows and alerts out.
 
 use crate::store::Store;
 use anyhow::{Context, Result};
@@ -151,6 +151,12 @@ impl Outbox {
     pub fn push(&self, body: TelemetryBody) {
         let at_ms =
             std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
+        // A burst of captures leaves the queue's other half to windows and
+        // alerts.
+        if matches!(body, TelemetryBody::Capture(_)) && self.queued() >= QUEUE as u64 / 2 {
+            self.unqueued.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
         // Counted before it is sent: the thread may take it at once.
         self.queued.fetch_add(1, Ordering::Relaxed);
         if self.queue.try_send((at_ms, body)).is_err() {

@@ -135,7 +135,16 @@ fn over_mqtt_too() {
     let coord =
         Coord::start_with(&["--telemetry", "mqtt", "--quality-alert", "accuracy=0.9", "--quality-min-rows", "10"]);
     let mut agent = Agent::enrolled(&coord, "cam-01");
-    run(&coord, &mut agent, &[]);
+    run(&coord, &mut agent, &["--heartbeat-secs", "2"]);
+    // The MQTT link's bytes are counted (TCP's counters and headers; the
+    // TLS handshake alone is a few kB) and reported with the QUIC link's.
+    let mqtt_sent = |days: &Value| {
+        days.as_array()?.iter().find(|d| d["link"] == "mqtt").and_then(|d| d["sent"].as_u64()).filter(|s| *s > 2000)
+    };
+    wait_for("the agent's MQTT bytes", Duration::from_secs(30), || mqtt_sent(&agent.get("/v1/telemetry").1["traffic"]));
+    wait_for("MQTT bytes at the coordinator", Duration::from_secs(30), || {
+        mqtt_sent(&coord.device("cam-01")["traffic"])
+    });
     let (_, metrics) = coord.admin_get("/metrics");
     assert!(metrics.contains(r#"tern_telemetry_batches_total{link="mqtt"}"#), "{metrics}");
     assert!(agent.logs().contains("sending telemetry over MQTT"), "over MQTT");

@@ -235,6 +235,12 @@ fn capture_prefix(model: &str, version: u32) -> Vec<u8> {
     k
 }
 
+/// Whether an open alert's key is of a coordinator quality rule (its rule
+/// the fourth field).
+fn is_quality_key(k: &[u8]) -> bool {
+    k.split(|b| *b == 0).nth(3).is_some_and(|rule| QUALITY_RULES.iter().any(|q| q.as_bytes() == rule))
+}
+
 fn open_key(device: &DeviceId, model: &str, version: u32, rule: &str, feature: &str) -> Vec<u8> {
     format!("{}\0{model}\0{version}\0{rule}\0{feature}", device.as_str()).into_bytes()
 }
@@ -464,15 +470,17 @@ impl Registry {
                         taken.capture_keys.push(capture_prefix(&c.model, c.version));
                     }
                     TelemetryBody::Started(_) => {
-                        // Every alert of the model open on this device ends.
+                        // Every alert of the model the device raised ends;
+                        // the coordinator's quality alerts stand on their
+                        // windows.
                         let (prefix, before) = standing.next().expect("one scan per Started");
-                        for (ok, id) in before {
+                        for (ok, id) in before.iter().filter(|(k, _)| !is_quality_key(k)) {
                             if open.get(ok)?.is_some() {
                                 taken.cleared.extend(clear(alerts, id, r.at_ms)?);
                                 open.remove(ok)?;
                             }
                         }
-                        for (ok, id) in opened.iter().filter(|(k, _)| k.starts_with(prefix)) {
+                        for (ok, id) in opened.iter().filter(|(k, _)| k.starts_with(prefix) && !is_quality_key(k)) {
                             if open.get(ok.as_slice())?.is_some() {
                                 taken.cleared.extend(clear(alerts, id, r.at_ms)?);
                                 open.remove(ok.as_slice())?;

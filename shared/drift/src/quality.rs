@@ -69,7 +69,7 @@ pub fn add_value(c: &mut QualityCounts, predicted: f64, actual: f64) -> bool {
 /// (and `a` unchanged) when one is a classifier's and the other a
 /// regressor's, or a matrix does not match its class count.
 pub fn merge(a: &mut QualityCounts, b: &QualityCounts) -> bool {
-    if !well_formed(a) || !well_formed(b) {
+    if !well_formed(a) || !well_formed(b) || rows(a) + rows(b) > MAX_ROWS {
         return false;
     }
     match (a, b) {
@@ -104,23 +104,39 @@ pub fn merge(a: &mut QualityCounts, b: &QualityCounts) -> bool {
     }
 }
 
+/// Most pairs one set of counts may hold: far more than any fleet counts,
+/// and far from where sums of them overflow.
+pub const MAX_ROWS: u64 = 1 << 40;
+
 /// Whether the counts are consistent: a matrix of `classes`² within the
-/// limit, sums that are finite and not negative where they cannot be.
+/// limit, at most [`MAX_ROWS`] pairs, sums that are finite and not
+/// negative where they cannot be (and zero with no pairs).
 pub fn well_formed(c: &QualityCounts) -> bool {
     match c {
         QualityCounts::Classes { classes, confusion, other, other_correct } => {
-            *classes <= MAX_QUALITY_CLASSES && confusion.len() == (*classes as usize).pow(2) && other_correct <= other
+            let total = confusion.iter().try_fold(*other, |t, x| t.checked_add(*x));
+            *classes <= MAX_QUALITY_CLASSES
+                && confusion.len() == (*classes as usize).pow(2)
+                && other_correct <= other
+                && total.is_some_and(|t| t <= MAX_ROWS)
         }
-        QualityCounts::Values { sum, sum_abs, sum_sq, .. } => {
-            sum.is_finite() && sum_abs.is_finite() && sum_sq.is_finite() && *sum_abs >= 0.0 && *sum_sq >= 0.0
+        QualityCounts::Values { n, sum, sum_abs, sum_sq } => {
+            sum.is_finite()
+                && sum_abs.is_finite()
+                && sum_sq.is_finite()
+                && *sum_abs >= 0.0
+                && *sum_sq >= 0.0
+                && *n <= MAX_ROWS
+                && (*n > 0 || (*sum == 0.0 && *sum_abs == 0.0 && *sum_sq == 0.0))
         }
     }
 }
 
-/// Pairs counted.
+/// Pairs counted (saturating: counts that are not [`well_formed`] may
+/// hold anything).
 pub fn rows(c: &QualityCounts) -> u64 {
     match c {
-        QualityCounts::Classes { confusion, other, .. } => confusion.iter().sum::<u64>() + other,
+        QualityCounts::Classes { confusion, other, .. } => confusion.iter().fold(*other, |t, x| t.saturating_add(*x)),
         QualityCounts::Values { n, .. } => *n,
     }
 }
@@ -134,7 +150,7 @@ pub struct Metrics {
     /// Share predicted right.
     pub accuracy: Option<f64>,
     /// Macro-averaged F1 over the labels that occur (as actual or
-    /// predicted) in the matrix.
+    /// predicted), when every pair is in the matrix (labels 0 to 63).
     pub f1: Option<f64>,
     /// Root mean squared error.
     pub rmse: Option<f64>,
@@ -146,11 +162,11 @@ pub struct Metrics {
 pub fn metrics(c: &QualityCounts) -> Metrics {
     let n = rows(c);
     let mut m = Metrics { rows: n, ..Metrics::default() };
-    if n == 0 {
+    if n == 0 || !well_formed(c) {
         return m;
     }
     match c {
-        QualityCounts::Classes { classes, confusion, other_correct, .. } => {
+        QualityCounts::Classes { classes, confusion, other, other_correct } => {
             let k = *classes as usize;
             let right: u64 = (0..k).map(|i| confusion[i * k + i]).sum::<u64>() + other_correct;
             m.accuracy = Some(right as f64 / n as f64);
@@ -164,7 +180,9 @@ pub fn metrics(c: &QualityCounts) -> Metrics {
                 }
                 f1s.push(2.0 * tp / (actual + predicted) as f64);
             }
-            if !f1s.is_empty() {
+            // Pairs outside the matrix are a false negative or positive of
+            // a class in it that F1 cannot place: no F1 then.
+            if !f1s.is_empty() && *other == 0 {
                 m.f1 = Some(f1s.iter().sum::<f64>() / f1s.len() as f64);
             }
         }
@@ -205,8 +223,11 @@ mod tests {
         let m = metrics(&c);
         assert_eq!(m.rows, 3);
         assert!((m.accuracy.unwrap() - 2.0 / 3.0).abs() < 1e-12);
-        assert_eq!(m.f1, Some(1.0));
+        assert_eq!(m.f1, None, "F1 cannot place the pairs outside the matrix");
         assert!(well_formed(&c));
+        let huge = QualityCounts::Classes { classes: 1, confusion: vec![u64::MAX], other: 1, other_correct: 0 };
+        assert!(!well_formed(&huge));
+        assert_eq!(metrics(&huge).accuracy, None, "no metrics of counts that overflow");
     }
 
     #[test]

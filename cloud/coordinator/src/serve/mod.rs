@@ -49,14 +49,15 @@ pub struct ServeArgs {
     /// Fleet name, shown in the CA certificate (first start only).
     #[arg(long, default_value = "default")]
     pub fleet: String,
-    /// The newest wire version to speak with agents (1 to 8): older agents
+    /// The newest wire version to speak with agents (1 to 9): older agents
     /// are always served in theirs; pin a lower one to hold a fleet on an
     /// older protocol while it is upgraded (below 5, models with `f16` or
     /// `bf16` tensors are not sent, and agents unload them; below 4,
     /// desired states are not signed as a whole and carry no TUF metadata;
     /// below 3, agents keep their update history to themselves; below 6,
     /// agents keep their drift windows and alerts buffered; below 8, they
-    /// send them over QUIC whatever `--telemetry` says).
+    /// send them over QUIC whatever `--telemetry` says; below 9, agents
+    /// drop their quality windows and captured samples).
     #[arg(long, default_value_t = WireVersion::CURRENT.0, value_parser = clap::value_parser!(u16).range(1..=9))]
     pub max_wire_version: u16,
     /// Connections at most, devices included.

@@ -332,7 +332,7 @@ fn clean(s: &str) -> String {
 }
 
 /// Links an agent counts traffic on.
-const LINKS: &[&str] = &["quic"];
+const LINKS: &[&str] = &["quic", "mqtt"];
 
 /// The entries of a traffic report kept: of known links, once per day, a
 /// few.
@@ -406,8 +406,12 @@ pub(super) async fn take_telemetry(
                 d.desired.contains_key(&s.model) || d.reported.iter().any(|m| m.name == s.model)
             }
             TelemetryBody::Quality(q) => given(&q.model, q.version) && tern_drift::quality::well_formed(&q.counts),
+            // Only what a policy asked for (a device may still send what it
+            // captured before the policy ended).
             TelemetryBody::Capture(c) => {
                 given(&c.model, c.version)
+                    && c.inference_id.len() <= 64
+                    && st.registry.version(&c.model, c.version).is_ok_and(|v| v.capture.is_some())
                     && c.inputs.len() + c.outputs.len() <= tern_proto::MAX_CAPTURE_BYTES
                     && tern_proto::decode_tensors(&c.inputs).is_ok()
                     && tern_proto::decode_tensors(&c.outputs).is_ok()
