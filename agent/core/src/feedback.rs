@@ -6,7 +6,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use tern_drift::quality;
-use tern_proto::{DType, QualityCounts, Tensor, TensorData};
+use tern_proto::{QualityCounts, Tensor, TensorData};
 
 /// What a model answered, row by row.
 #[derive(Debug, Clone, PartialEq)]
@@ -47,6 +47,10 @@ pub enum FeedbackError {
     /// Labels and values both counted in one window.
     #[error("this window counts {0}; the feedback is of the other kind")]
     Mixed(&'static str),
+    /// A label other than 0 or 1 for a model that answers one score per
+    /// row (a binary classifier's probability).
+    #[error("this model answers one score per row: labels are 0 or 1")]
+    NotBinary,
 }
 
 /// How long predictions are kept and when windows close.
@@ -100,37 +104,44 @@ fn len(p: &Prediction) -> usize {
     }
 }
 
+/// Most rows of an answer kept for its feedback: larger answers get none.
+pub const MAX_ROWS: usize = 1024;
+
+/// Rows of `width` scores each read through `get`: the value of each row
+/// when it holds one, else the index of its highest score.
+fn by_row(rows: usize, width: usize, get: impl Fn(usize) -> f64) -> Prediction {
+    if width == 1 {
+        return Prediction::Values((0..rows).map(get).collect());
+    }
+    let classes = (0..rows)
+        .map(|r| {
+            let (mut best, mut top) = (0, get(r * width));
+            for i in 1..width {
+                let x = get(r * width + i);
+                if x > top || top.is_nan() {
+                    (best, top) = (i, x);
+                }
+            }
+            best as i64
+        })
+        .collect();
+    Prediction::Classes(classes)
+}
+
 /// What `outputs` predict, read from the first output: an integer tensor
 /// is a label per element (rank 0 or 1) or per row; a float one is a value
 /// per row when a row holds one element, else the row's highest score.
-/// Rows are the first dimension. `None` for an empty or boolean output.
+/// Rows are the first dimension. `None` for an empty or boolean output,
+/// or one of more than [`MAX_ROWS`] rows.
 pub fn prediction(outputs: &[Tensor]) -> Option<Prediction> {
     let t = outputs.first()?;
     let rows = if t.shape.len() <= 1 { t.shape.first().copied().unwrap_or(1) } else { t.shape[0] };
     let n = t.data.len();
-    if rows == 0 || n == 0 || n % rows != 0 {
+    if rows == 0 || rows > MAX_ROWS || n == 0 || n % rows != 0 {
         return None;
     }
     let width = n / rows;
     let ints = |v: Vec<i64>| (width == 1).then_some(Prediction::Classes(v));
-    let floats = |v: Vec<f64>| {
-        if width == 1 {
-            return Some(Prediction::Values(v));
-        }
-        let classes = v
-            .chunks(width)
-            .map(|row| {
-                let mut best = 0;
-                for (i, x) in row.iter().enumerate() {
-                    if *x > row[best] || row[best].is_nan() {
-                        best = i;
-                    }
-                }
-                best as i64
-            })
-            .collect();
-        Some(Prediction::Classes(classes))
-    };
     match &t.data {
         TensorData::I8(v) => ints(v.iter().map(|x| i64::from(*x)).collect()),
         TensorData::I16(v) => ints(v.iter().map(|x| i64::from(*x)).collect()),
@@ -140,13 +151,12 @@ pub fn prediction(outputs: &[Tensor]) -> Option<Prediction> {
         TensorData::U16(v) => ints(v.iter().map(|x| i64::from(*x)).collect()),
         TensorData::U32(v) => ints(v.iter().map(|x| i64::from(*x)).collect()),
         TensorData::U64(v) => ints(v.iter().map(|x| i64::try_from(*x).unwrap_or(i64::MAX)).collect()),
-        TensorData::F32(v) => floats(v.iter().map(|x| f64::from(*x)).collect()),
-        TensorData::F64(v) => floats(v.clone()),
-        TensorData::F16(v) => floats(v.iter().map(|x| f64::from(x.to_f32())).collect()),
-        TensorData::BF16(v) => floats(v.iter().map(|x| f64::from(x.to_f32())).collect()),
+        TensorData::F32(v) => Some(by_row(rows, width, |i| f64::from(v[i]))),
+        TensorData::F64(v) => Some(by_row(rows, width, |i| v[i])),
+        TensorData::F16(v) => Some(by_row(rows, width, |i| f64::from(v[i].to_f32()))),
+        TensorData::BF16(v) => Some(by_row(rows, width, |i| f64::from(v[i].to_f32()))),
         TensorData::Bool(_) => None,
     }
-    .filter(|_| t.dtype() != DType::Bool)
 }
 
 impl Feedback {
@@ -207,7 +217,11 @@ impl Feedback {
             (Prediction::Classes(ps), Truth::Labels(ls)) => {
                 ps.iter().zip(ls).for_each(|(p, l)| _ = quality::add_label(&mut window, *p, *l))
             }
-            // One score per row against labels: a binary classifier.
+            (Prediction::Values(_), Truth::Labels(ls)) if ls.iter().any(|l| !matches!(l, 0 | 1)) => {
+                return Err(FeedbackError::NotBinary);
+            }
+            // One score per row against labels: a binary classifier's
+            // probability of class 1.
             (Prediction::Values(ps), Truth::Labels(ls)) => {
                 ps.iter().zip(ls).for_each(|(p, l)| _ = quality::add_label(&mut window, i64::from(*p >= 0.5), *l))
             }
@@ -226,9 +240,19 @@ impl Feedback {
 
     /// The window, if it is full or old enough to close.
     pub fn poll(&mut self, now_ms: u64) -> Option<QualityReport> {
+        self.close(now_ms, false)
+    }
+
+    /// The window, closed now if it counted anything: the version is no
+    /// longer served, and no more feedback for it is coming.
+    pub fn flush(&mut self, now_ms: u64) -> Option<QualityReport> {
+        self.close(now_ms, true)
+    }
+
+    fn close(&mut self, now_ms: u64, now: bool) -> Option<QualityReport> {
         let rows = self.window.as_ref().map_or(0, quality::rows);
         let full = rows >= self.config.window_rows;
-        let old = rows > 0 && now_ms.saturating_sub(self.opened_ms) >= self.config.window_ms;
+        let old = rows > 0 && (now || now_ms.saturating_sub(self.opened_ms) >= self.config.window_ms);
         if !(full || old) {
             return None;
         }
@@ -315,6 +339,19 @@ mod tests {
         // 0.7 and 0.5 are class 1, 0.2 class 0: two of three right.
         let m = quality::metrics(&w.counts);
         assert!((m.accuracy.unwrap() - 2.0 / 3.0).abs() < 1e-12, "{m:?}");
+    }
+
+    #[test]
+    fn a_single_score_takes_only_binary_labels_and_a_flush_closes_what_was_counted() {
+        let mut f = Feedback::new(config(), 0);
+        f.predicted("p".into(), Prediction::Values(vec![0.9]), 0);
+        assert_eq!(f.feedback("p", Truth::Labels(vec![2]), 1), Err(FeedbackError::NotBinary));
+        assert_eq!(f.flush(2), None, "nothing counted");
+        assert_eq!(f.feedback("p", Truth::Labels(vec![1]), 3), Ok(1));
+        let w = f.flush(4).expect("one row, closed at once");
+        assert_eq!(quality::metrics(&w.counts).accuracy, Some(1.0));
+        let big = Tensor { shape: vec![MAX_ROWS + 1], data: TensorData::I64(vec![0; MAX_ROWS + 1]) };
+        assert_eq!(prediction(&[big]), None, "too many rows to keep");
     }
 
     #[test]

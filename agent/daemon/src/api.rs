@@ -64,7 +64,7 @@ pub struct Served {
     /// Its drift windows, where the version has a baseline.
     pub drift: Option<crate::drift::Drift>,
     /// Its answers awaiting ground truth, quality windows and captures.
-    pub quality: crate::feedback::Quality,
+    pub quality: Arc<crate::feedback::Quality>,
 }
 
 /// The committed version.
@@ -89,7 +89,7 @@ impl Served {
             busy: AtomicU64::new(0),
             nonfinite_inputs: AtomicU64::new(0),
             latency: Latency::default(),
-            quality: crate::feedback::Quality::new(&manifest, Default::default(), None),
+            quality: Arc::new(crate::feedback::Quality::new(&manifest, Default::default(), None)),
             manifest,
             update: AtomicU8::new(COMMITTED),
             drift: None,
@@ -226,6 +226,62 @@ pub struct Shared {
     /// The capture policy of each model's version in the last verified
     /// desired state, by model name.
     pub capture: RwLock<BTreeMap<String, (u32, tern_proto::CapturePolicy)>>,
+    /// Where `capture` is kept across restarts (`None`: not kept).
+    pub capture_path: Option<std::path::PathBuf>,
+    /// The operator's refusal of every capture policy (`--no-capture`).
+    pub no_capture: bool,
+    /// Versions replaced a while ago: their answers may still get their
+    /// ground truth (when, and the version's quality windows).
+    pub retired: Mutex<Vec<(Instant, Arc<crate::feedback::Quality>)>>,
+}
+
+/// Versions replaced that still take feedback, at most.
+const RETIRED: usize = 8;
+
+impl Shared {
+    /// Keeps a replaced version's quality windows taking feedback for the
+    /// answers it gave, until they have waited long enough.
+    pub fn retire(&self, q: Arc<crate::feedback::Quality>) {
+        let mut r = self.retired.lock().expect("lock");
+        r.push((Instant::now(), q));
+        while r.len() > RETIRED {
+            r.remove(0).1.flush();
+        }
+    }
+
+    /// Closes the windows of replaced versions that are old or full, and
+    /// flushes and forgets those whose answers have waited long enough.
+    pub fn tick_retired(&self) {
+        let keep = Duration::from_millis(self.feedback.keep_ms);
+        let mut r = self.retired.lock().expect("lock");
+        r.retain(|(at, q)| {
+            if at.elapsed() >= keep {
+                q.flush();
+                return false;
+            }
+            q.tick();
+            true
+        });
+    }
+
+    /// Takes the capture policies of a verified desired state and keeps
+    /// them on disk (off the runtime), unless the operator refuses them.
+    pub fn set_capture(&self, policies: BTreeMap<String, (u32, tern_proto::CapturePolicy)>) {
+        let policies = if self.no_capture { BTreeMap::new() } else { policies };
+        let mut now = self.capture.write().expect("lock");
+        if *now == policies {
+            return;
+        }
+        *now = policies.clone();
+        drop(now);
+        let Some(path) = self.capture_path.clone() else { return };
+        std::thread::spawn(move || {
+            let bytes = serde_json::to_vec(&policies).expect("policies encode");
+            if let Err(e) = tern_durable::write_atomic(&path, &bytes, false) {
+                tracing::warn!("writing {}: {e}", path.display());
+            }
+        });
+    }
 }
 
 impl Shared {
@@ -254,6 +310,9 @@ impl Shared {
             traffic: Default::default(),
             feedback: Default::default(),
             capture: Default::default(),
+            capture_path: None,
+            no_capture: false,
+            retired: Default::default(),
         }
     }
 
@@ -342,7 +401,15 @@ async fn feedback(shared: &Shared, name: &str, req: Request) -> Result<Response,
         .cloned()
         .ok_or_else(|| ApiError(StatusCode::NOT_FOUND, format!("no model named {name:?} is loaded")))?;
     let mut held = None;
-    let body = read_body(req.into_body(), FEEDBACK_BODY, &shared.budget, &mut held).await?;
+    let body =
+        tokio::time::timeout(BODY_DEADLINE, read_body(req.into_body(), FEEDBACK_BODY, &shared.budget, &mut held))
+            .await
+            .map_err(|_| {
+                ApiError(
+                    StatusCode::REQUEST_TIMEOUT,
+                    format!("request body not received within {} s", BODY_DEADLINE.as_secs()),
+                )
+            })??;
     #[derive(serde::Deserialize)]
     #[serde(deny_unknown_fields)]
     struct Post {
@@ -362,10 +429,22 @@ async fn feedback(shared: &Shared, name: &str, req: Request) -> Result<Response,
         (None, None, None, Some(v)) => Truth::Values(v),
         _ => return Err(bad("give exactly one of label, labels, value, values")),
     };
-    match served.quality.feedback(&post.inference_id, truth) {
-        Ok(rows) => {
-            Ok(Json(json!({ "model": name, "version": served.manifest.version, "counted": rows })).into_response())
+    // The serving version's answer, or one a version replaced gave.
+    let mut result = served.quality.feedback(&post.inference_id, truth.clone()).map(|n| (n, served.manifest.version));
+    if matches!(result, Err(FeedbackError::Unknown(_))) {
+        let retired: Vec<_> = shared.retired.lock().expect("lock").iter().rev().map(|(_, q)| q.clone()).collect();
+        for q in retired.iter().filter(|q| q.name() == name) {
+            match q.feedback(&post.inference_id, truth.clone()) {
+                Err(FeedbackError::Unknown(_)) => continue,
+                other => {
+                    result = other.map(|n| (n, q.version()));
+                    break;
+                }
+            }
         }
+    }
+    match result {
+        Ok((rows, version)) => Ok(Json(json!({ "model": name, "version": version, "counted": rows })).into_response()),
         Err(e @ FeedbackError::Unknown(_)) => Err(ApiError(StatusCode::NOT_FOUND, e.to_string())),
         Err(e) => Err(bad(e.to_string())),
     }

@@ -181,5 +181,6 @@ pub async fn close_old_windows(shared: std::sync::Arc<crate::api::Shared>) {
             }
             s.quality.tick();
         }
+        shared.tick_retired();
     }
 }

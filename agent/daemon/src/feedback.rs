@@ -59,7 +59,8 @@ struct CaptureDay {
     bytes: u64,
 }
 
-fn today() -> u64 {
+/// Today, in days since 1970 (UTC, by the device's clock).
+pub fn today() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs() / 86_400)
 }
 
@@ -79,6 +80,9 @@ fn estimate(ts: &[Tensor]) -> usize {
 impl Quality {
     /// For `m`, its windows going to `outbox`.
     pub fn new(m: &ModelManifest, config: FeedbackConfig, outbox: Option<Arc<Outbox>>) -> Self {
+        // The day's captures so far, whichever version or start made them.
+        let day = today();
+        let bytes = outbox.as_ref().map_or(0, |o| o.captured_on(&m.name, day));
         Self {
             name: m.name.clone(),
             version: m.version,
@@ -86,7 +90,7 @@ impl Quality {
             inner: Mutex::new(Feedback::new(config, 0)),
             last: Mutex::new(None),
             outbox,
-            capture: Mutex::new(CaptureDay::default()),
+            capture: Mutex::new(CaptureDay { day, bytes }),
             rng: AtomicU64::new(boot() ^ u64::from(m.version).rotate_left(32) ^ 0x9e37_79b9_7f4a_7c15),
             captured: AtomicU64::new(0),
             capture_skipped: AtomicU64::new(0),
@@ -112,14 +116,37 @@ impl Quality {
         Ok(n)
     }
 
+    /// The version this counts for.
+    pub fn version(&self) -> u32 {
+        self.version
+    }
+
+    /// The model this counts for.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
     /// Closes the window if it is full or old.
     pub fn tick(&self) {
         let mut inner = self.inner.lock().expect("lock");
         self.poll(&mut inner);
     }
 
+    /// Closes the window now if it counted anything (the version is gone
+    /// and its answers have waited long enough).
+    pub fn flush(&self) {
+        let mut inner = self.inner.lock().expect("lock");
+        let report = inner.flush(self.now_ms());
+        self.report(report);
+    }
+
     fn poll(&self, inner: &mut Feedback) {
-        let Some(report) = inner.poll(self.now_ms()) else { return };
+        let report = inner.poll(self.now_ms());
+        self.report(report);
+    }
+
+    fn report(&self, report: Option<QualityReport>) {
+        let Some(report) = report else { return };
         let m = tern_drift::quality::metrics(&report.counts);
         info!(model = %self.name, version = self.version, rows = m.rows, accuracy = ?m.accuracy, f1 = ?m.f1, rmse = ?m.rmse, "quality window closed");
         if let Some(o) = &self.outbox {

@@ -151,6 +151,10 @@ enum Cmd {
         /// forgotten first.
         #[arg(long, default_value_t = 3600, value_parser = clap::value_parser!(u64).range(1..=7 * 86_400))]
         feedback_secs: u64,
+        /// Capture nothing, whatever capture policy the fleet's manifests
+        /// carry (captures are apps' raw inputs).
+        #[arg(long)]
+        no_capture: bool,
         /// A quality window (answers with their ground truth) closes after
         /// this many rows, or after --drift-window-secs with at least one.
         #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u64).range(1..=10_000_000))]
@@ -231,6 +235,7 @@ fn main() -> ExitCode {
                 telemetry_buffer,
                 capture_buffer,
                 feedback_secs,
+                no_capture,
                 quality_window_rows,
                 keep_alive_secs,
                 idle_timeout_secs,
@@ -270,6 +275,7 @@ fn main() -> ExitCode {
                     window_ms: drift_window_secs * 1000,
                 };
                 let serving = Serving {
+                    no_capture,
                     formats,
                     hooks,
                     onnxruntime,
@@ -336,6 +342,7 @@ fn record_panics(data_dir: &Path) {
 /// How `run` serves models: formats taken, health hooks, onnxruntime,
 /// drift windows and alert rules.
 struct Serving {
+    no_capture: bool,
     formats: Vec<ModelFormat>,
     hooks: runner::Hooks,
     onnxruntime: Option<PathBuf>,
@@ -353,7 +360,8 @@ async fn run(
     asked: profiles::Asked,
     serving: Serving,
 ) -> Result<()> {
-    let Serving { formats, hooks, onnxruntime, monitor, feedback, telemetry_buffer, capture_buffer, pace } = serving;
+    let Serving { no_capture, formats, hooks, onnxruntime, monitor, feedback, telemetry_buffer, capture_buffer, pace } =
+        serving;
     let identity = Arc::new(identity::Identity::load(data_dir)?);
     let profile = profiles::lookup(&identity.info.profile);
     let onnxruntime = onnxruntime.or_else(|| profile.and_then(|p| p.onnxruntime).map(PathBuf::from));
@@ -438,6 +446,17 @@ async fn run(
         monitor,
     );
     shared.feedback = feedback;
+    shared.no_capture = no_capture;
+    // The capture policies of the last verified desired state, until the
+    // next one: a restart offline keeps capturing as the fleet asked.
+    let capture_path = data_dir.join("capture.json");
+    if !no_capture && let Ok(bytes) = std::fs::read(&capture_path) {
+        match serde_json::from_slice(&bytes) {
+            Ok(kept) => *shared.capture.write().expect("lock") = kept,
+            Err(e) => warn!("{}: {e}; no capture until the next desired state", capture_path.display()),
+        }
+    }
+    shared.capture_path = Some(capture_path);
     let shared = Arc::new(shared);
     let outbox = outbox::Outbox::open(store.clone(), telemetry_buffer, capture_buffer.min(telemetry_buffer / 2))?;
     let _ = shared.outbox.set(outbox.clone());

@@ -21,6 +21,24 @@ const STREAM: &[u8] = b"m/stream";
 const DROPPED: &[u8] = b"m/dropped";
 const RECORD: u8 = b'r';
 const CAPTURE: u8 = b'c';
+/// `m/cday/<model>`: the UTC day (u32) and the capture bytes written on it
+/// (u64), so a restart or a new version keeps the day's budget.
+const CAPTURE_DAY: &[u8] = b"m/cday/";
+
+fn capture_day_key(model: &str) -> Vec<u8> {
+    [CAPTURE_DAY, model.as_bytes()].concat()
+}
+
+/// The (day, bytes) stored under `key`.
+fn read_day(tree: &sled::Tree, key: &[u8]) -> (u64, u64) {
+    match tree.get(key) {
+        Ok(Some(v)) if v.len() == 16 => {
+            let (d, b) = v.split_at(8);
+            (u64::from_be_bytes(d.try_into().expect("8")), u64::from_be_bytes(b.try_into().expect("8")))
+        }
+        _ => (0, 0),
+    }
+}
 
 /// Records queued for the outbox thread before new ones are dropped (and
 /// counted) at once: the request path never waits on the disk.
@@ -91,6 +109,13 @@ impl Outbox {
             }
         };
         let held = tree.scan_prefix([RECORD]).count() as u64;
+        // An index entry whose record is gone (removed by a build without
+        // the index) is dropped.
+        for k in tree.scan_prefix([CAPTURE]).keys().flatten() {
+            if key_id(&k).is_none_or(|id| !tree.contains_key(record_key(id)).unwrap_or(false)) {
+                tree.remove(k)?;
+            }
+        }
         let captures = tree.scan_prefix([CAPTURE]).count() as u64;
         // After a restart what is there is what the disk kept: ids below
         // the next one (written with the records). Not found by iterating
@@ -165,6 +190,14 @@ impl Outbox {
         }
     }
 
+    /// The bytes of `model`'s captures written on UTC day `day`.
+    pub fn captured_on(&self, model: &str, day: u64) -> u64 {
+        match read_day(&self.tree, &capture_day_key(model)) {
+            (d, bytes) if d == day => bytes,
+            _ => 0,
+        }
+    }
+
     /// Records pushed and not yet written to disk.
     pub fn queued(&self) -> u64 {
         self.queued.load(Ordering::Relaxed)
@@ -230,8 +263,8 @@ impl Outbox {
             let dropped = self.dropped() + n;
             batch.insert(DROPPED, &dropped.to_be_bytes());
             if self.tree.apply_batch(batch).is_ok() {
-                self.held.fetch_sub(n, Ordering::Relaxed);
-                self.captures.fetch_sub(c, Ordering::Relaxed);
+                sub(&self.held, n);
+                sub(&self.captures, c);
                 // More may wait behind the ones dropped.
                 self.ready.notify_one();
             }
@@ -259,8 +292,8 @@ impl Outbox {
             error!("telemetry buffer: removing acknowledged records: {e}");
             return;
         }
-        self.held.fetch_sub(n, Ordering::Relaxed);
-        self.captures.fetch_sub(c, Ordering::Relaxed);
+        sub(&self.held, n);
+        sub(&self.captures, c);
     }
 }
 
@@ -287,8 +320,18 @@ fn write(
     let mut batch = sled::Batch::default();
     // This batch's ids, and whether each is a capture.
     let mut ids = Vec::new();
+    let mut days: std::collections::BTreeMap<Vec<u8>, (u64, u64)> = Default::default();
     for (at_ms, body) in bodies {
         let capture = matches!(body, TelemetryBody::Capture(_));
+        if let TelemetryBody::Capture(c) = &body {
+            let key = capture_day_key(&c.model);
+            let day = at_ms / 86_400_000;
+            let entry = days.entry(key.clone()).or_insert_with(|| read_day(tree, &key));
+            if entry.0 != day {
+                *entry = (day, 0);
+            }
+            entry.1 += (c.inputs.len() + c.outputs.len()) as u64;
+        }
         let r = TelemetryRecord { id: next, at_ms, body };
         batch.insert(&record_key(r.id), postcard::to_stdvec(&r)?);
         if capture {
@@ -333,13 +376,22 @@ fn write(
     let removed = gone.len() as u64;
     let removed_captures = gone.values().filter(|c| **c).count() as u64;
     dropped += removed;
+    for (key, (day, bytes)) in days {
+        batch.insert(key, [day.to_be_bytes(), bytes.to_be_bytes()].concat());
+    }
     batch.insert(NEXT, &next.to_be_bytes());
     batch.insert(DROPPED, &dropped.to_be_bytes());
     tree.apply_batch(batch)?;
     store.sync()?;
-    held.store(held.load(Ordering::Relaxed) + added - removed, Ordering::Relaxed);
-    captures.store(captures.load(Ordering::Relaxed) + added_captures - removed_captures, Ordering::Relaxed);
+    held.store((held.load(Ordering::Relaxed) + added).saturating_sub(removed), Ordering::Relaxed);
+    captures
+        .store((captures.load(Ordering::Relaxed) + added_captures).saturating_sub(removed_captures), Ordering::Relaxed);
     Ok(next - 1)
+}
+
+/// Takes `n` off a count, never below zero.
+fn sub(count: &AtomicU64, n: u64) {
+    let _ = count.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |c| Some(c.saturating_sub(n)));
 }
 
 /// Random bytes from the kernel.
@@ -408,8 +460,8 @@ mod tests {
             model: "m".into(),
             version: i,
             inference_id: format!("{i}"),
-            inputs: vec![],
-            outputs: vec![],
+            inputs: vec![1, 2],
+            outputs: vec![3],
         })
     }
 
@@ -427,10 +479,14 @@ mod tests {
         assert_eq!(ids, vec![1, 4, 5, 6], "only the oldest captures went");
         assert_eq!((outbox.held(), outbox.dropped()), (4, 2));
         outbox.acknowledged(4);
+        // The day's capture bytes are kept with them (each capture 3 bytes).
+        let today = crate::feedback::today();
+        assert_eq!((outbox.captured_on("m", today), outbox.captured_on("m", today + 1)), (12, 0));
         drop(outbox);
-        // After a restart the index counts what is left: one capture.
+        // After a restart the index counts what is left: one capture; the
+        // day's bytes stand.
         let again = Outbox::open(store, 5, 2).unwrap();
-        assert_eq!(again.held(), 2);
+        assert_eq!((again.held(), again.captured_on("m", today)), (2, 12));
         again.push(capture(7));
         again.push(capture(8));
         wait_until("written", || {

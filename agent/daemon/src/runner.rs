@@ -313,7 +313,8 @@ impl<W: Work> Runner<W> {
                 None
             }
         };
-        let quality = crate::feedback::Quality::new(&m, self.shared.feedback, self.shared.outbox.get().cloned());
+        let quality =
+            Arc::new(crate::feedback::Quality::new(&m, self.shared.feedback, self.shared.outbox.get().cloned()));
         let mut served = Served::new(m, backend, gate, &self.shared.limits);
         served.drift = drift;
         served.quality = quality;
@@ -322,7 +323,9 @@ impl<W: Work> Runner<W> {
         // In-flight requests finish on the old version, which the freeing
         // thread frees after the last of them.
         let old = self.shared.models.write().expect("lock").insert(name.clone(), served);
-        drop(old);
+        if let Some(old) = old {
+            self.shared.retire(old.quality.clone());
+        }
         info!(model = %name, version, threads = self.shared.threads, queue = self.shared.queue, "serving");
     }
 
@@ -340,8 +343,9 @@ impl<W: Work> Runner<W> {
                     self.persister.persist_trust(self.slots.persisted(), t);
                 }
                 let names: Vec<String> = models.iter().map(|m| format!("{}:{}", m.name, m.version)).collect();
-                *self.shared.capture.write().expect("lock") =
-                    models.iter().filter_map(|m| Some((m.name.clone(), (m.version, m.capture?)))).collect();
+                self.shared.set_capture(
+                    models.iter().filter_map(|m| Some((m.name.clone(), (m.version, m.capture?)))).collect(),
+                );
                 info!(generation, models = ?names, "desired state");
                 self.slots.set_desired(generation, models, Instant::now());
             }

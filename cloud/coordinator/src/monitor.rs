@@ -271,11 +271,13 @@ pub fn run(c: &Client, cmd: MonitorCmd, json: bool) -> Result<()> {
                 return crate::cli::print_json(&view);
             }
             let metric = |m: &serde_json::Value, k: &str| m[k].as_f64().map_or("-".into(), |x| format!("{x:.3}"));
-            let mut t = crate::cli::table(&["version", "rows", "accuracy", "f1", "rmse", "mae"]);
+            let mut t = crate::cli::table(&["version", "windows", "left out", "rows", "accuracy", "f1", "rmse", "mae"]);
             for f in view["fleet"].as_array().into_iter().flatten() {
                 let m = &f["metrics"];
                 t.add_row(vec![
                     f["version"].to_string(),
+                    f["windows"].to_string(),
+                    f["skipped"].to_string(),
                     m["rows"].to_string(),
                     metric(m, "accuracy"),
                     metric(m, "f1"),
@@ -283,7 +285,9 @@ pub fn run(c: &Client, cmd: MonitorCmd, json: bool) -> Result<()> {
                     metric(m, "mae"),
                 ]);
             }
-            out(format!("{name}: the fleet, every window merged"));
+            out(format!(
+                "{name}: the fleet, its windows merged per version (left out: of the other kind, labels or values)"
+            ));
             out(t);
             let mut t = crate::cli::table(&["device", "version", "closed", "rows", "accuracy", "f1", "rmse"]);
             for w in view["windows"].as_array().into_iter().flatten() {

@@ -748,8 +748,11 @@ async fn set_capture(
     Path((name, version)): Path<(String, u32)>,
     Json(policy): Json<tern_proto::CapturePolicy>,
 ) -> ApiResult<Json<ModelVersion>> {
-    if policy.per_million > 1_000_000 {
-        return Err(bad(format!("per_million is {}: at most 1000000 (every request)", policy.per_million)));
+    if !(1..=1_000_000).contains(&policy.per_million) || policy.daily_bytes == 0 {
+        return Err(bad(format!(
+            "per_million {} and daily_bytes {}: 1 to 1000000 (every request), and at least one byte; DELETE ends capture",
+            policy.per_million, policy.daily_bytes
+        )));
     }
     capture(&state, name, version, Some(policy)).await
 }
@@ -790,12 +793,22 @@ async fn list_captures(
 ) -> ApiResult<Json<Value>> {
     let limit = q.limit.unwrap_or(100).clamp(1, 1000);
     let n = name.clone();
-    let found = blocking(&state, move |s| s.registry.captures(&n, version, q.after, limit)).await?;
+    let mut found = blocking(&state, move |s| s.registry.captures(&n, version, q.after, limit)).await?;
+    // A page holds at most PAGE_BYTES of tensors (at least one capture).
+    const PAGE_BYTES: usize = 4 << 20;
+    let mut bytes = 0;
+    let keep = found
+        .iter()
+        .take_while(|(_, c)| {
+            bytes += c.inputs.len() + c.outputs.len();
+            bytes <= PAGE_BYTES
+        })
+        .count()
+        .max(1);
+    found.truncate(keep);
     let tensors = |bytes: &[u8]| -> Value {
         match tern_proto::decode_tensors(bytes) {
-            Ok(ts) => Value::Array(
-                ts.iter().map(|t| json!({ "dtype": t.dtype(), "shape": t.shape, "data": t.data.to_f64() })).collect(),
-            ),
+            Ok(ts) => Value::Array(ts.iter().map(tensor_json).collect()),
             Err(e) => json!({ "error": e }),
         }
     };
@@ -822,6 +835,8 @@ async fn list_captures(
 struct QualityQuery {
     version: Option<u32>,
     device: Option<String>,
+    /// The latest windows listed (all are merged).
+    limit: Option<usize>,
 }
 
 /// Quality windows with their metrics, and the merge of them all per
@@ -832,15 +847,25 @@ async fn quality_view(
     Query(q): Query<QualityQuery>,
 ) -> ApiResult<Json<Value>> {
     let n = name.clone();
+    let limit = q.limit.unwrap_or(500).clamp(1, 10_000);
     let windows = blocking(&state, move |s| s.registry.quality(&n, q.version, q.device.as_deref())).await?;
-    let mut merged: BTreeMap<u32, tern_proto::QualityCounts> = BTreeMap::new();
-    let rows: Vec<Value> = windows
+    // Per version: the merge, its windows, and those of the other kind
+    // (labels against values) left out of it.
+    let mut merged: BTreeMap<u32, (tern_proto::QualityCounts, u64, u64)> = BTreeMap::new();
+    for w in &windows {
+        match merged.get_mut(&w.version) {
+            Some((m, n, skipped)) => {
+                *n += 1;
+                if !tern_drift::quality::merge(m, &w.counts) {
+                    *skipped += 1;
+                }
+            }
+            None => _ = merged.insert(w.version, (w.counts.clone(), 1, 0)),
+        }
+    }
+    let rows: Vec<Value> = windows[windows.len().saturating_sub(limit)..]
         .iter()
         .map(|w| {
-            match merged.get_mut(&w.version) {
-                Some(m) => _ = tern_drift::quality::merge(m, &w.counts),
-                None => _ = merged.insert(w.version, w.counts.clone()),
-            }
             json!({
                 "device": w.device,
                 "version": w.version,
@@ -851,8 +876,12 @@ async fn quality_view(
             })
         })
         .collect();
-    let fleet: Vec<Value> =
-        merged.iter().map(|(v, c)| json!({ "version": v, "metrics": tern_drift::quality::metrics(c) })).collect();
+    let fleet: Vec<Value> = merged
+        .iter()
+        .map(|(v, (c, n, skipped))| {
+            json!({ "version": v, "windows": n, "skipped": skipped, "metrics": tern_drift::quality::metrics(c) })
+        })
+        .collect();
     let r = state.quality_rules;
     Ok(Json(json!({
         "model": name,
@@ -860,6 +889,28 @@ async fn quality_view(
         "windows": rows,
         "fleet": fleet,
     })))
+}
+
+/// A tensor as JSON, each element as the number it is (integers stay
+/// integers; `f16` and `bf16` as the floats they hold).
+fn tensor_json(t: &tern_proto::Tensor) -> Value {
+    use tern_proto::TensorData as D;
+    let data = match &t.data {
+        D::F32(v) => json!(v),
+        D::F64(v) => json!(v),
+        D::I8(v) => json!(v),
+        D::I16(v) => json!(v),
+        D::I32(v) => json!(v),
+        D::I64(v) => json!(v),
+        D::U8(v) => json!(v),
+        D::U16(v) => json!(v),
+        D::U32(v) => json!(v),
+        D::U64(v) => json!(v),
+        D::Bool(v) => json!(v),
+        D::F16(v) => json!(v.iter().map(|x| x.to_f32()).collect::<Vec<_>>()),
+        D::BF16(v) => json!(v.iter().map(|x| x.to_f32()).collect::<Vec<_>>()),
+    };
+    json!({ "dtype": t.dtype(), "shape": t.shape, "data": data })
 }
 
 #[derive(Deserialize)]

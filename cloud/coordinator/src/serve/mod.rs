@@ -197,6 +197,8 @@ pub struct State {
     pub route: tern_proto::TelemetryRoute,
     /// When quality windows raise and clear alerts.
     pub quality_rules: tern_registry::QualityRules,
+    /// The newest wire version spoken (`--max-wire-version`), MQTT too.
+    pub max_wire: WireVersion,
 }
 
 impl State {
@@ -399,6 +401,7 @@ pub async fn run(data_dir: PathBuf, args: ServeArgs) -> Result<()> {
         baselines: Default::default(),
         route,
         quality_rules: quality_rules(&args),
+        max_wire: WireVersion(args.max_wire_version),
     });
     tokio::spawn(quic::accept_loop(endpoint.clone(), state.clone()));
     if let (Some((host, port)), Some(tls)) = (broker, mqtt_client) {

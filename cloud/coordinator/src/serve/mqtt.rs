@@ -96,8 +96,8 @@ async fn take(state: &Arc<State>, client: &AsyncClient, topic: &str, payload: &[
     let wire = payload
         .get(2..4)
         .map(|v| WireVersion(u16::from_le_bytes([v[0], v[1]])))
-        .filter(|v| (WIRE..=WireVersion::CURRENT).contains(v))
-        .ok_or_else(|| anyhow::anyhow!("not a frame of wire 8 to {}", WireVersion::CURRENT))?;
+        .filter(|v| (WIRE..=state.max_wire).contains(v))
+        .ok_or_else(|| anyhow::anyhow!("not a frame of wire 8 to {}", state.max_wire))?;
     let (msg, used) = tern_proto::decode_frame(payload, MAX_MESSAGE, wire)?
         .ok_or_else(|| anyhow::anyhow!("a frame cut short ({} bytes)", payload.len()))?;
     anyhow::ensure!(used == payload.len(), "{} bytes past the frame", payload.len() - used);

@@ -405,7 +405,14 @@ pub(super) async fn take_telemetry(
             TelemetryBody::Started(s) => {
                 d.desired.contains_key(&s.model) || d.reported.iter().any(|m| m.name == s.model)
             }
-            TelemetryBody::Quality(q) => given(&q.model, q.version) && tern_drift::quality::well_formed(&q.counts),
+            // A replaced version's last window comes after the device moved
+            // on: a version it took (its history says) that is registered.
+            TelemetryBody::Quality(q) => {
+                (given(&q.model, q.version)
+                    || (d.history.iter().any(|h| h.event.name == q.model && h.event.version == q.version)
+                        && st.registry.version(&q.model, q.version).is_ok()))
+                    && tern_drift::quality::well_formed(&q.counts)
+            }
             // Only what a policy asked for (a device may still send what it
             // captured before the policy ended).
             TelemetryBody::Capture(c) => {
