@@ -90,6 +90,8 @@ pub struct QualityReport {
 pub struct Feedback {
     config: FeedbackConfig,
     kept: HashMap<String, Prediction>,
+    /// Rows of the predictions kept.
+    rows: usize,
     order: VecDeque<(u64, String)>,
     window: Option<QualityCounts>,
     opened_ms: u64,
@@ -106,6 +108,10 @@ fn len(p: &Prediction) -> usize {
 
 /// Most rows of an answer kept for its feedback: larger answers get none.
 pub const MAX_ROWS: usize = 1024;
+
+/// Most rows kept of all answers awaiting feedback, per version (8 bytes
+/// each): past it the oldest answers are forgotten.
+pub const MAX_KEPT_ROWS: usize = 65_536;
 
 /// Rows of `width` scores each read through `get`: the value of each row
 /// when it holds one, else the index of its highest score.
@@ -162,7 +168,7 @@ pub fn prediction(outputs: &[Tensor]) -> Option<Prediction> {
 impl Feedback {
     /// Nothing kept yet; the first window opens at `now_ms`.
     pub fn new(config: FeedbackConfig, now_ms: u64) -> Self {
-        Self { config, kept: HashMap::new(), order: VecDeque::new(), window: None, opened_ms: now_ms, seq: 0 }
+        Self { config, kept: HashMap::new(), rows: 0, order: VecDeque::new(), window: None, opened_ms: now_ms, seq: 0 }
     }
 
     /// Answers waiting for their feedback.
@@ -170,15 +176,25 @@ impl Feedback {
         self.kept.len()
     }
 
-    /// Keeps an answer's prediction under its id.
+    /// Keeps an answer's prediction under its id (the oldest forgotten
+    /// past `keep` answers or [`MAX_KEPT_ROWS`] rows).
     pub fn predicted(&mut self, id: String, p: Prediction, now_ms: u64) {
         self.expire(now_ms);
-        while self.kept.len() >= self.config.keep.max(1) {
+        while self.kept.len() >= self.config.keep.max(1) || self.rows + len(&p) > MAX_KEPT_ROWS {
             let Some((_, oldest)) = self.order.pop_front() else { break };
-            self.kept.remove(&oldest);
+            self.forget(&oldest);
         }
         self.order.push_back((now_ms, id.clone()));
-        self.kept.insert(id, p);
+        self.rows += len(&p);
+        if let Some(before) = self.kept.insert(id, p) {
+            self.rows -= len(&before);
+        }
+    }
+
+    fn forget(&mut self, id: &str) {
+        if let Some(p) = self.kept.remove(id) {
+            self.rows -= len(&p);
+        }
     }
 
     fn expire(&mut self, now_ms: u64) {
@@ -189,7 +205,7 @@ impl Feedback {
                 break;
             }
             let (_, id) = self.order.pop_front().expect("front");
-            self.kept.remove(&id);
+            self.forget(&id);
         }
     }
 
@@ -234,7 +250,7 @@ impl Feedback {
             self.opened_ms = now_ms;
         }
         self.window = Some(window);
-        self.kept.remove(id);
+        self.forget(id);
         Ok(got as u64)
     }
 
@@ -352,6 +368,17 @@ mod tests {
         assert_eq!(quality::metrics(&w.counts).accuracy, Some(1.0));
         let big = Tensor { shape: vec![MAX_ROWS + 1], data: TensorData::I64(vec![0; MAX_ROWS + 1]) };
         assert_eq!(prediction(&[big]), None, "too many rows to keep");
+    }
+
+    #[test]
+    fn kept_rows_are_bounded_whatever_the_number_of_answers() {
+        let mut f = Feedback::new(FeedbackConfig { keep: 100_000, ..FeedbackConfig::default() }, 0);
+        for i in 0..100 {
+            f.predicted(format!("{i}"), Prediction::Classes(vec![0; MAX_ROWS]), 0);
+        }
+        assert_eq!(f.kept(), MAX_KEPT_ROWS / MAX_ROWS);
+        assert!(matches!(f.feedback("0", Truth::Labels(vec![0; MAX_ROWS]), 1), Err(FeedbackError::Unknown(_))));
+        assert_eq!(f.feedback("99", Truth::Labels(vec![0; MAX_ROWS]), 1), Ok(MAX_ROWS as u64));
     }
 
     #[test]

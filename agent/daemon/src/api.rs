@@ -228,6 +228,8 @@ pub struct Shared {
     pub capture: RwLock<BTreeMap<String, (u32, tern_proto::CapturePolicy)>>,
     /// Where `capture` is kept across restarts (`None`: not kept).
     pub capture_path: Option<std::path::PathBuf>,
+    /// Held while `capture` is written.
+    pub capture_writing: Mutex<()>,
     /// The operator's refusal of every capture policy (`--no-capture`).
     pub no_capture: bool,
     /// Versions replaced a while ago: their answers may still get their
@@ -235,14 +237,21 @@ pub struct Shared {
     pub retired: Mutex<Vec<(Instant, Arc<crate::feedback::Quality>)>>,
 }
 
-/// Versions replaced that still take feedback, at most.
-const RETIRED: usize = 8;
+/// Versions replaced or unloaded that still take feedback, at most, per
+/// model and in all.
+const RETIRED_PER_MODEL: usize = 2;
+const RETIRED: usize = 16;
 
 impl Shared {
     /// Keeps a replaced version's quality windows taking feedback for the
     /// answers it gave, until they have waited long enough.
     pub fn retire(&self, q: Arc<crate::feedback::Quality>) {
         let mut r = self.retired.lock().expect("lock");
+        if r.iter().filter(|(_, o)| o.name() == q.name()).count() >= RETIRED_PER_MODEL
+            && let Some(i) = r.iter().position(|(_, o)| o.name() == q.name())
+        {
+            r.remove(i).1.flush();
+        }
         r.push((Instant::now(), q));
         while r.len() > RETIRED {
             r.remove(0).1.flush();
@@ -266,17 +275,21 @@ impl Shared {
 
     /// Takes the capture policies of a verified desired state and keeps
     /// them on disk (off the runtime), unless the operator refuses them.
-    pub fn set_capture(&self, policies: BTreeMap<String, (u32, tern_proto::CapturePolicy)>) {
+    pub fn set_capture(self: &Arc<Self>, policies: BTreeMap<String, (u32, tern_proto::CapturePolicy)>) {
         let policies = if self.no_capture { BTreeMap::new() } else { policies };
         let mut now = self.capture.write().expect("lock");
         if *now == policies {
             return;
         }
-        *now = policies.clone();
+        *now = policies;
         drop(now);
         let Some(path) = self.capture_path.clone() else { return };
+        let shared = self.clone();
         std::thread::spawn(move || {
-            let bytes = serde_json::to_vec(&policies).expect("policies encode");
+            // One write at a time, each of the policies current then: the
+            // last to finish writes the newest.
+            let _one = shared.capture_writing.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            let bytes = serde_json::to_vec(&*shared.capture.read().expect("lock")).expect("policies encode");
             if let Err(e) = tern_durable::write_atomic(&path, &bytes, false) {
                 tracing::warn!("writing {}: {e}", path.display());
             }
@@ -311,6 +324,7 @@ impl Shared {
             feedback: Default::default(),
             capture: Default::default(),
             capture_path: None,
+            capture_writing: Mutex::new(()),
             no_capture: false,
             retired: Default::default(),
         }
@@ -393,13 +407,13 @@ const FEEDBACK_BODY: usize = 64 << 10;
 /// one per row of the answer; `value` / `values` for a regressor): the
 /// ground truth of an answer of the serving version, counted once.
 async fn feedback(shared: &Shared, name: &str, req: Request) -> Result<Response, ApiError> {
-    let served = shared
-        .models
-        .read()
-        .expect("lock")
-        .get(name)
-        .cloned()
-        .ok_or_else(|| ApiError(StatusCode::NOT_FOUND, format!("no model named {name:?} is loaded")))?;
+    // The serving version first, then versions replaced or unloaded.
+    let serving = shared.models.read().expect("lock").get(name).map(|s| s.quality.clone());
+    let retired = shared.retired.lock().expect("lock").iter().rev().map(|(_, q)| q.clone()).collect::<Vec<_>>();
+    let candidates: Vec<_> = serving.into_iter().chain(retired.into_iter().filter(|q| q.name() == name)).collect();
+    if candidates.is_empty() {
+        return Err(ApiError(StatusCode::NOT_FOUND, format!("no model named {name:?} is loaded")));
+    }
     let mut held = None;
     let body =
         tokio::time::timeout(BODY_DEADLINE, read_body(req.into_body(), FEEDBACK_BODY, &shared.budget, &mut held))
@@ -429,17 +443,13 @@ async fn feedback(shared: &Shared, name: &str, req: Request) -> Result<Response,
         (None, None, None, Some(v)) => Truth::Values(v),
         _ => return Err(bad("give exactly one of label, labels, value, values")),
     };
-    // The serving version's answer, or one a version replaced gave.
-    let mut result = served.quality.feedback(&post.inference_id, truth.clone()).map(|n| (n, served.manifest.version));
-    if matches!(result, Err(FeedbackError::Unknown(_))) {
-        let retired: Vec<_> = shared.retired.lock().expect("lock").iter().rev().map(|(_, q)| q.clone()).collect();
-        for q in retired.iter().filter(|q| q.name() == name) {
-            match q.feedback(&post.inference_id, truth.clone()) {
-                Err(FeedbackError::Unknown(_)) => continue,
-                other => {
-                    result = other.map(|n| (n, q.version()));
-                    break;
-                }
+    let mut result = Err(FeedbackError::Unknown(post.inference_id.clone()));
+    for q in &candidates {
+        match q.feedback(&post.inference_id, truth.clone()) {
+            Err(FeedbackError::Unknown(_)) => continue,
+            other => {
+                result = other.map(|n| (n, q.version()));
+                break;
             }
         }
     }

@@ -136,9 +136,10 @@ enum Cmd {
         /// clear_ratio × the threshold that clear it, 2; clear_ratio 0.8).
         #[arg(long = "alert")]
         alerts: Vec<String>,
-        /// Telemetry records (drift windows, alert changes) kept on disk
-        /// while the coordinator cannot take them; past this the oldest are
-        /// dropped (and the count sent).
+        /// Telemetry records (drift and quality windows, alert changes,
+        /// captured samples) kept on disk while the coordinator cannot take
+        /// them; past this the oldest are dropped, captures first (and the
+        /// count sent).
         #[arg(long, default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..=10_000_000))]
         telemetry_buffer: u64,
         /// Of those, captured samples kept at most (each up to 48 KiB; at

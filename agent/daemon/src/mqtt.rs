@@ -1,9 +1,13 @@
 //! Telemetry over MQTT, when the fleet's route says so: the outbox's
 //! batches published at QoS 1 under `tern/v1/<device>/`, one in flight,
 //! each removed once the coordinator's acknowledgement comes back on
-//! `tern/v1/<device>/ack`. rumqttc reaches the broker through a relay on
+//! `tern/v1/<device>/ack`; the link counts on `tern/v1/<device>/state`
+//! (at each connection and every 5 minutes held). rumqttc reaches the broker through a relay on
 //! 127.0.0.1 that counts the connection's bytes (TCP's own counters, plus
 //! the IP and TCP headers of each segment) into the `mqtt` link's traffic.
+//! The broker's certificate is checked for `broker.tern` whatever address
+//! it is reached at; no SNI goes out (rumqttc names the relay's address),
+//! so a broker behind a load balancer that routes by SNI is not reached.
 
 use crate::identity::Identity;
 use crate::outbox::Outbox;
@@ -85,12 +89,18 @@ pub async fn run(
 /// How often a connection's counts are added to the day's traffic.
 const COUNT_EVERY: Duration = Duration::from_secs(10);
 
+/// How often a held connection publishes the traffic counts on `state`
+/// (and once when it connects).
+const STATE_EVERY: Duration = Duration::from_secs(300);
+
 /// Listens on 127.0.0.1 for the one connection of a session and relays it
 /// to the broker, counting its bytes; its port, and the task (aborted when
 /// dropped).
-async fn relay(host: String, port: u16, traffic: Arc<crate::traffic::Traffic>) -> Result<(u16, Abort)> {
+async fn relay(host: String, port: u16, traffic: Arc<crate::traffic::Traffic>) -> Result<(u16, Counter, Abort)> {
     let listener = tokio::net::TcpListener::bind(("127.0.0.1", 0)).await?;
     let local = listener.local_addr()?.port();
+    let counter = Counter::default();
+    let shared = counter.clone();
     let task = tokio::spawn(async move {
         let Ok((mut inner, _)) = listener.accept().await else { return };
         drop(listener);
@@ -104,7 +114,8 @@ async fn relay(host: String, port: u16, traffic: Arc<crate::traffic::Traffic>) -
         let _ = (inner.set_nodelay(true), outer.set_nodelay(true));
         // Declared after `outer`: dropped (and counted) before it closes,
         // also when the session aborts the task.
-        let mut count = Counted::new(&outer, traffic);
+        *shared.0.lock().expect("lock") = Some(Counted::new(&outer, traffic));
+        let _count = Closing(shared.clone());
         let mut every = tokio::time::interval(COUNT_EVERY);
         every.tick().await;
         let copy = tokio::io::copy_bidirectional(&mut inner, &mut outer);
@@ -112,11 +123,36 @@ async fn relay(host: String, port: u16, traffic: Arc<crate::traffic::Traffic>) -
         loop {
             tokio::select! {
                 _ = &mut copy => break,
-                _ = every.tick() => count.add(),
+                _ = every.tick() => shared.add(),
             }
         }
     });
-    Ok((local, Abort(task)))
+    Ok((local, counter, Abort(task)))
+}
+
+/// The relay's connection counts, for the session to bring up to date
+/// before it reports them; empty before the connection and after it closes.
+#[derive(Clone, Default)]
+struct Counter(Arc<std::sync::Mutex<Option<Counted>>>);
+
+impl Counter {
+    fn add(&self) {
+        if let Some(c) = self.0.lock().expect("lock").as_mut() {
+            c.add();
+        }
+    }
+}
+
+/// Counts the last bytes and empties the counter as the connection closes
+/// (its fd is not read after).
+struct Closing(Counter);
+
+impl Drop for Closing {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.0.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner).take() {
+            c.add();
+        }
+    }
 }
 
 /// A TCP connection's counters, as last added to the traffic.
@@ -180,10 +216,18 @@ impl Counted {
     }
 }
 
-impl Drop for Counted {
-    fn drop(&mut self) {
-        self.add();
-    }
+/// Publishes the link counts, this connection's up to now, on `state`.
+fn publish_state(
+    client: &AsyncClient,
+    topic: &str,
+    counter: &Counter,
+    traffic: &crate::traffic::Traffic,
+    wire: tern_proto::WireVersion,
+) -> Result<()> {
+    counter.add();
+    let report = tern_proto::TrafficReport { heartbeat_secs: STATE_EVERY.as_secs() as u32, days: traffic.days() };
+    client.try_publish(topic, QoS::AtLeastOnce, false, tern_proto::encode_frame(&Message::Traffic(report), wire)?)?;
+    Ok(())
 }
 
 /// The broker's host and port; an empty host is the coordinator's.
@@ -215,7 +259,7 @@ async fn session(
         tern_net::mqtt_client_config(&identity.ca_der, &identity.cert_der, &identity.key_der, identity.tls_floor())?;
     // The broker's certificate is checked for `broker.tern` whatever
     // address it is reached at: the relay's is as good.
-    let (relay, _relay) = relay(host, port, traffic.clone()).await?;
+    let (relay, counter, _relay) = relay(host, port, traffic.clone()).await?;
     let mut opts = MqttOptions::new(id.as_str(), "127.0.0.1", relay);
     opts.set_keep_alive(KEEP_ALIVE);
     opts.set_clean_session(true);
@@ -233,6 +277,8 @@ async fn session(
         format!("tern/v1/{id}/alerts"),
         format!("tern/v1/{id}/capture"),
     );
+    let topic_state = format!("tern/v1/{id}/state");
+    let mut state_at: Option<Instant> = None;
     let ready = outbox.ready.clone();
     // Sending starts once the acknowledgements are subscribed to.
     let mut subscribed = false;
@@ -297,6 +343,13 @@ async fn session(
                 client.try_publish(topic, QoS::AtLeastOnce, false, frame)?;
             }
             _ = tick.tick() => {
+                // The bytes each link carried, as the QUIC heartbeat says
+                // them: a metered device whose QUIC session is closed
+                // still reports what MQTT cost.
+                if subscribed && state_at.is_none_or(|at| at.elapsed() >= STATE_EVERY) {
+                    state_at = Some(Instant::now());
+                    publish_state(&client, &topic_state, &counter, traffic, wire)?;
+                }
                 if in_flight.is_some_and(|(_, at)| at.elapsed() >= ack_within) {
                     if metered {
                         // The coordinator is not taking them now: the next
@@ -313,6 +366,7 @@ async fn session(
                 if !done {
                     idle_since = Instant::now();
                 } else if metered && idle_since.elapsed() >= METERED_SETTLE {
+                    publish_state(&client, &topic_state, &counter, traffic, wire)?;
                     close(&client, &mut events_rx).await;
                     info!("metered MQTT connection closed: nothing more to send");
                     return Ok(());

@@ -5,8 +5,9 @@
 //! acknowledges them. The buffer is bounded: when full the oldest records
 //! go, and a running count of those dropped travels with every batch.
 //! Captured samples have a bound of their own within it (an index of their
-//! ids beside the records; the agent holds it to half the whole bound), so
-//! that captures alone cannot push windows and alerts out.
+//! ids beside the records; the agent holds it to half the whole bound),
+//! and when the whole buffer is full the oldest captures go before any
+//! window or alert.
 
 use crate::store::Store;
 use anyhow::{Context, Result};
@@ -21,8 +22,8 @@ const STREAM: &[u8] = b"m/stream";
 const DROPPED: &[u8] = b"m/dropped";
 const RECORD: u8 = b'r';
 const CAPTURE: u8 = b'c';
-/// `m/cday/<model>`: the UTC day (u32) and the capture bytes written on it
-/// (u64), so a restart or a new version keeps the day's budget.
+/// `m/cday/<model>`: the UTC day and the capture bytes written on it (two
+/// u64), so a restart or a new version keeps the day's budget.
 const CAPTURE_DAY: &[u8] = b"m/cday/";
 
 fn capture_day_key(model: &str) -> Vec<u8> {
@@ -224,6 +225,9 @@ impl Outbox {
         let mut out = Vec::new();
         let mut bytes = 0;
         let mut drop_keys = Vec::new();
+        // Of those, the ones this wire version cannot carry: gone, but not
+        // counted as dropped (no buffer overflowed).
+        let mut unsendable = 0;
         for kv in self.tree.range(record_key(0)..=record_key(durable)).take(max) {
             let Ok((k, v)) = kv else { break };
             if v.len() > max_bytes {
@@ -232,7 +236,10 @@ impl Outbox {
                 continue;
             }
             match postcard::from_bytes::<TelemetryRecord>(&v) {
-                Ok(r) if r.body.since() > wire => drop_keys.push(k),
+                Ok(r) if r.body.since() > wire => {
+                    unsendable += 1;
+                    drop_keys.push(k);
+                }
                 Ok(r) => {
                     bytes += v.len();
                     if bytes > max_bytes {
@@ -260,7 +267,7 @@ impl Outbox {
                 }
                 batch.remove(k);
             }
-            let dropped = self.dropped() + n;
+            let dropped = self.dropped() + n - unsendable;
             batch.insert(DROPPED, &dropped.to_be_bytes());
             if self.tree.apply_batch(batch).is_ok() {
                 sub(&self.held, n);
@@ -351,12 +358,15 @@ fn write(
     for id in on_disk.chain(own).take(over as usize) {
         gone.insert(id, true);
     }
-    // Still over the whole bound: the oldest records go, whatever they are.
+    // Still over the whole bound: the oldest captures go first, then the
+    // oldest records, whatever they are.
     let over = (held.load(Ordering::Relaxed) + added).saturating_sub(bound.max + gone.len() as u64);
+    let captures_first = tree.scan_prefix([CAPTURE]).keys().flatten().filter_map(|k| key_id(&k));
+    let own_captures = ids.iter().filter(|(_, c)| *c).map(|(id, _)| *id);
     let on_disk = tree.scan_prefix([RECORD]).keys().flatten().filter_map(|k| key_id(&k));
     let own = ids.iter().map(|(id, _)| *id);
     let mut more = 0;
-    for id in on_disk.chain(own) {
+    for id in captures_first.chain(own_captures).chain(on_disk).chain(own) {
         if more == over {
             break;
         }
@@ -494,20 +504,21 @@ mod tests {
         });
         let ids: Vec<u64> = again.oldest(10, 1 << 20, WireVersion::CURRENT).iter().map(|r| r.id).collect();
         assert_eq!(ids, vec![5, 7, 8]);
-        // Windows past the whole bound push the oldest out, captures too.
-        for i in 0..4 {
-            again.push(body(10 + i));
-        }
+        // Windows past the whole bound push the oldest captures out first.
+        again.push(body(9));
+        again.push(body(10));
+        again.push(body(11));
         wait_until("written", || {
-            again.queued() == 0 && again.oldest(10, 1 << 20, WireVersion::CURRENT).last().is_some_and(|r| r.id == 12)
+            again.queued() == 0 && again.oldest(10, 1 << 20, WireVersion::CURRENT).last().is_some_and(|r| r.id == 11)
         });
         let ids: Vec<u64> = again.oldest(10, 1 << 20, WireVersion::CURRENT).iter().map(|r| r.id).collect();
-        assert_eq!(ids, vec![8, 9, 10, 11, 12]);
+        assert_eq!(ids, vec![5, 8, 9, 10, 11]);
         assert_eq!(again.captures.load(Ordering::Relaxed), 1);
-        // A session of wire 8 cannot carry the capture: dropped, counted.
+        // A session of wire 8 cannot carry the capture: gone, and not
+        // counted as dropped (no buffer overflowed).
         let dropped = again.dropped();
         let ids: Vec<u64> = again.oldest(10, 1 << 20, WireVersion::V8).iter().map(|r| r.id).collect();
-        assert_eq!(ids, vec![9, 10, 11, 12]);
-        assert_eq!((again.dropped(), again.captures.load(Ordering::Relaxed)), (dropped + 1, 0));
+        assert_eq!(ids, vec![5, 9, 10, 11]);
+        assert_eq!((again.dropped(), again.captures.load(Ordering::Relaxed)), (dropped, 0));
     }
 }

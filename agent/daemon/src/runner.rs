@@ -645,7 +645,9 @@ impl<W: Work> Runner<W> {
                 }
                 Action::Unload(name) => {
                     self.shared.shadows.write().expect("lock").remove(&name);
-                    if self.shared.models.write().expect("lock").remove(&name).is_some() {
+                    let gone = self.shared.models.write().expect("lock").remove(&name);
+                    if let Some(old) = gone {
+                        self.shared.retire(old.quality.clone());
                         info!(model = %name, "unloaded");
                     }
                 }

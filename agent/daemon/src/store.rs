@@ -174,7 +174,8 @@ impl From<StoredManifest> for ModelManifest {
             // fields above already.
             alternative: None,
             baseline: m.baseline,
-            // Taken from each verified desired state, never from disk.
+            // Kept apart, in capture.json: the policy of the last verified
+            // desired state, not of the state the slot was filled from.
             capture: None,
         }
     }

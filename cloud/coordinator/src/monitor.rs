@@ -83,7 +83,8 @@ pub enum MonitorCmd {
     Capture {
         /// NAME:VERSION.
         target: ModelRef,
-        /// The share of requests captured, 0 to 1.
+        /// The share of requests captured: above 0 (at least one in a
+        /// million) up to 1.
         #[arg(long, required_unless_present = "off")]
         share: Option<f64>,
         /// Bytes of inputs and outputs each device captures per UTC day
@@ -271,11 +272,14 @@ pub fn run(c: &Client, cmd: MonitorCmd, json: bool) -> Result<()> {
                 return crate::cli::print_json(&view);
             }
             let metric = |m: &serde_json::Value, k: &str| m[k].as_f64().map_or("-".into(), |x| format!("{x:.3}"));
-            let mut t = crate::cli::table(&["version", "windows", "left out", "rows", "accuracy", "f1", "rmse", "mae"]);
+            let mut t = crate::cli::table(&[
+                "version", "truth", "windows", "left out", "rows", "accuracy", "f1", "rmse", "mae",
+            ]);
             for f in view["fleet"].as_array().into_iter().flatten() {
                 let m = &f["metrics"];
                 t.add_row(vec![
                     f["version"].to_string(),
+                    f["kind"].as_str().unwrap_or("").to_owned(),
                     f["windows"].to_string(),
                     f["skipped"].to_string(),
                     m["rows"].to_string(),
@@ -285,9 +289,7 @@ pub fn run(c: &Client, cmd: MonitorCmd, json: bool) -> Result<()> {
                     metric(m, "mae"),
                 ]);
             }
-            out(format!(
-                "{name}: the fleet, its windows merged per version (left out: of the other kind, labels or values)"
-            ));
+            out(format!("{name}: the fleet, its windows merged per version and kind of truth (labels or values)"));
             out(t);
             let mut t = crate::cli::table(&["device", "version", "closed", "rows", "accuracy", "f1", "rmse"]);
             for w in view["windows"].as_array().into_iter().flatten() {
@@ -310,7 +312,10 @@ pub fn run(c: &Client, cmd: MonitorCmd, json: bool) -> Result<()> {
                 c.send("DELETE", &path, &())?
             } else {
                 let share = share.expect("required unless --off");
-                anyhow::ensure!((0.0..=1.0).contains(&share), "--share {share}: between 0 and 1");
+                anyhow::ensure!(
+                    share > 0.0 && share <= 1.0,
+                    "--share {share}: above 0 (one in a million at least), at most 1"
+                );
                 let policy = tern_proto::CapturePolicy { per_million: (share * 1e6).round() as u32, daily_bytes };
                 c.send("PUT", &path, &policy)?
             };

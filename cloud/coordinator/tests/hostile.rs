@@ -304,59 +304,84 @@ fn forged_telemetry_is_acknowledged_and_kept_out() {
 #[test]
 fn forged_quality_counts_and_unasked_captures_are_acknowledged_and_kept_out() {
     use tern_proto::{
-        CapturedSample, QualityCounts, QualityWindow, TelemetryAck, TelemetryBatch, TelemetryBody, TelemetryRecord,
+        CapturedSample, ModelState, ModelStatus, QualityCounts, QualityWindow, TelemetryBatch, TelemetryBody,
+        TelemetryRecord,
     };
     let coord = Coord::start_with(&["--quality-alert", "accuracy=0.9", "--quality-min-rows", "1"]);
     let agent = Agent::enrolled(&coord, "cam-04");
     coord.register_iris("iris");
+    // A version the device is never given; it claims to serve it.
+    coord.register_iris("other");
     coord.ok(&["fleet", "assign", "cam-04", "iris:1"]);
-    let quality = |id, confusion: Vec<u64>| TelemetryRecord {
+    let quality = |id, model: &str, confusion: Vec<u64>| TelemetryRecord {
         id,
         at_ms: 1,
         body: TelemetryBody::Quality(QualityWindow {
-            model: "iris".into(),
+            model: model.into(),
             version: 1,
             seq: id,
             millis: 1,
             counts: QualityCounts::Classes { classes: 2, confusion, other: 0, other_correct: 0 },
         }),
     };
-    let capture = TelemetryRecord {
-        id: 3,
+    let capture = |id, inference_id: String| TelemetryRecord {
+        id,
         at_ms: 1,
         body: TelemetryBody::Capture(CapturedSample {
             model: "iris".into(),
             version: 1,
-            inference_id: "x".repeat(10_000),
+            inference_id,
             inputs: tern_proto::encode_tensors(&[]).unwrap(),
             outputs: tern_proto::encode_tensors(&[]).unwrap(),
         }),
     };
     let rt = runtime();
-    rt.block_on(async {
-        let dev = RawDevice::connect(&coord, &agent, tern_proto::WireVersion::SUPPORTED).await.unwrap();
-        let (mut send, mut reader, first) = dev.ask(&hello("raw")).await.unwrap();
-        assert!(matches!(first, Some(Message::Welcome(_))), "{first:?}");
-        // Counts that overflow a sum; a capture no policy asked for (with
-        // an id of 10 kB); then a real window at 50 %.
-        let records = vec![quality(1, vec![u64::MAX, u64::MAX, 1, 1]), quality(2, vec![1, 1, 1, 1]), capture];
-        let batch = TelemetryBatch { stream: 42, dropped: 0, records };
-        tern_net::write_msg(&mut send, &Message::Telemetry(batch), dev.version).await.unwrap();
-        loop {
-            let m = tokio::time::timeout(Duration::from_secs(10), reader.next()).await.unwrap().unwrap();
-            if let Some(Message::TelemetryAck(a)) = m {
-                assert_eq!(a, TelemetryAck { stream: 42, up_to: 3 });
-                break;
+    let send = |records: Vec<TelemetryRecord>, up_to: u64| {
+        rt.block_on(async {
+            let dev = RawDevice::connect(&coord, &agent, tern_proto::WireVersion::SUPPORTED).await.unwrap();
+            let Message::Hello(mut hello) = hello("raw") else { unreachable!() };
+            hello.models =
+                vec![ModelStatus { name: "other".into(), version: 1, state: ModelState::Serving, detail: None }];
+            let (mut send, mut reader, first) = dev.ask(&Message::Hello(hello)).await.unwrap();
+            assert!(matches!(first, Some(Message::Welcome(_))), "{first:?}");
+            let batch = TelemetryBatch { stream: 42, dropped: 0, records };
+            tern_net::write_msg(&mut send, &Message::Telemetry(batch), dev.version).await.unwrap();
+            loop {
+                let m = tokio::time::timeout(Duration::from_secs(10), reader.next()).await.unwrap().unwrap();
+                if let Some(Message::TelemetryAck(a)) = m {
+                    assert_eq!(a.up_to, up_to);
+                    break;
+                }
             }
-        }
-    });
+        })
+    };
+    // Counts that overflow a sum; a window of a version it only claims to
+    // serve; a capture while the version has no policy; then a real
+    // window at 50 %.
+    send(
+        vec![
+            quality(1, "iris", vec![u64::MAX, u64::MAX, 1, 1]),
+            quality(2, "other", vec![0, 5, 5, 0]),
+            capture(3, "a".into()),
+            quality(4, "iris", vec![1, 1, 1, 1]),
+        ],
+        4,
+    );
     let alerts = coord.json(&["alerts", "list"]);
     let alerts = alerts.as_array().unwrap();
     assert_eq!(alerts.len(), 1, "only the real window raised one: {alerts:?}");
-    assert_eq!(alerts[0]["value"], 0.5);
-    let (status, body) = coord.admin_get("/v1/models/iris/versions/1/captures");
-    assert_eq!(status, 200);
-    assert!(body.contains(r#""captures":[]"#), "{body}");
+    assert_eq!((alerts[0]["model"].as_str(), alerts[0]["value"].as_f64()), (Some("iris"), Some(0.5)));
     let view = coord.json(&["monitor", "quality", "iris:1"]);
     assert_eq!(view["fleet"][0]["metrics"]["rows"], 4, "the forged window is kept out of the merge: {view}");
+    let view = coord.json(&["monitor", "quality", "other:1"]);
+    assert_eq!(view["windows"], serde_json::json!([]), "{view}");
+    // With a policy: an id of 10 kB is kept out, a real one kept.
+    coord.ok(&["monitor", "capture", "iris:1", "--share", "1"]);
+    send(vec![capture(5, "x".repeat(10_000)), capture(6, "b".into())], 6);
+    let (status, body) = coord.admin_get("/v1/models/iris/versions/1/captures");
+    assert_eq!(status, 200);
+    let body: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let ids: Vec<&str> =
+        body["captures"].as_array().unwrap().iter().filter_map(|c| c["inference_id"].as_str()).collect();
+    assert_eq!(ids, ["b"], "{body}");
 }

@@ -127,8 +127,10 @@ fn run(coord: &Coord, agent: &mut Agent, extra: &[&str]) {
         (local["captured"].as_u64(), local["capture_skipped"].as_u64()),
         "{after}"
     );
-    let kept: Value = serde_json::from_slice(&std::fs::read(agent.data().join("capture.json")).unwrap()).unwrap();
-    assert_eq!(kept, serde_json::json!({}));
+    wait_for("capture.json emptied", Duration::from_secs(10), || {
+        let kept: Value = serde_json::from_slice(&std::fs::read(agent.data().join("capture.json")).ok()?).ok()?;
+        (kept == serde_json::json!({})).then_some(())
+    });
 
     // An answer of version 1 takes its truth after version 2 replaced it,
     // and its window reaches the coordinator once the answers have waited
@@ -181,4 +183,51 @@ fn over_mqtt_too() {
     let (_, metrics) = coord.admin_get("/metrics");
     assert!(metrics.contains(r#"tern_telemetry_batches_total{link="mqtt"}"#), "{metrics}");
     assert!(agent.logs().contains("sending telemetry over MQTT"), "over MQTT");
+}
+
+#[test]
+fn an_agent_restarted_offline_keeps_its_capture_policy_and_the_day_s_budget() {
+    let coord = Coord::start();
+    let mut agent = Agent::enrolled(&coord, "cam-01");
+    coord.register_iris("iris");
+    coord.ok(&["monitor", "capture", "iris:1", "--share", "1", "--daily-bytes", "300"]);
+    coord.ok(&["fleet", "assign", "cam-01", "iris:1"]);
+    agent.start();
+    agent.wait_serving("iris", 1);
+    let skipped = || agent.get("/v1/models/iris/quality").1["capture_skipped"].as_u64().unwrap();
+    while skipped() == 0 {
+        agent.post("/v1/models/iris:predict", SETOSA);
+    }
+    let captured = agent.get("/v1/models/iris/quality").1["captured"].as_u64().unwrap();
+    assert!(captured > 0);
+    // The coordinator goes away; the agent is killed and starts again
+    // offline: it captures under the kept policy, and the day is spent.
+    wait_for("the captures on disk", Duration::from_secs(10), || {
+        (agent.get("/v1/telemetry").1["queued"] == 0).then_some(())
+    });
+    let _dir = coord.stop();
+    agent.proc.as_mut().unwrap().kill9();
+    agent.start();
+    agent.wait_answering("iris", 1);
+    agent.post("/v1/models/iris:predict", SETOSA);
+    let (_, local) = agent.get("/v1/models/iris/quality");
+    assert_eq!((local["captured"].as_u64(), local["capture_skipped"].as_u64()), (Some(0), Some(1)), "{local}");
+}
+
+#[test]
+fn the_mqtt_link_s_bytes_reach_the_coordinator_on_the_state_topic() {
+    // The control session reports traffic at its start and every 300 s
+    // (the default heartbeat): the MQTT link's bytes, counted from its
+    // first connection on, arrive sooner only on `tern/v1/<id>/state`.
+    let coord = Coord::start_with(&["--telemetry", "mqtt", "--quality-min-rows", "1"]);
+    let mut agent = Agent::enrolled(&coord, "cam-01");
+    coord.register_iris("iris");
+    coord.ok(&["fleet", "assign", "cam-01", "iris:1"]);
+    agent.start_with(&["--quality-window-rows", "1"]);
+    agent.wait_serving("iris", 1);
+    ask_and_tell(&agent, 0);
+    wait_for("MQTT bytes at the coordinator", Duration::from_secs(30), || {
+        let days = coord.device("cam-01")["traffic"].clone();
+        days.as_array()?.iter().find(|d| d["link"] == "mqtt").and_then(|d| d["sent"].as_u64()).filter(|s| *s > 1000)
+    });
 }

@@ -252,6 +252,7 @@ impl Registry {
                     };
                     if d.desired.get(name) == Some(&version) {
                         d.desired.remove(name);
+                        d.remember(name, version);
                         d.next_generation();
                         changed.push(d);
                     }
@@ -449,6 +450,7 @@ impl Registry {
                 capabilities: None,
                 history: Vec::new(),
                 traffic: Vec::new(),
+                past: Vec::new(),
             };
             tokens.insert(&tkey, encode(&token))?;
             devices.insert(id.as_str(), encode(&device))?;
@@ -628,7 +630,9 @@ impl Registry {
                     profile: d.profile.clone(),
                 });
             }
-            d.desired.insert(name.to_owned(), version);
+            if let Some(before) = d.desired.insert(name.to_owned(), version).filter(|v| *v != version) {
+                d.remember(name, before);
+            }
             d.next_generation();
             devices.insert(id, encode(&d))?;
             Ok(d)
@@ -641,9 +645,10 @@ impl Registry {
     /// Stops a device from serving any version of `name`.
     pub fn unassign(&self, id: &str, name: &str) -> Result<Device> {
         self.update_device(id, true, |d| {
-            if d.desired.remove(name).is_none() {
+            let Some(before) = d.desired.remove(name) else {
                 return Err(RegistryError::NotAssigned { device: id.to_owned(), model: name.to_owned() });
-            }
+            };
+            d.remember(name, before);
             d.next_generation();
             Ok(())
         })

@@ -296,8 +296,10 @@ impl Registry {
         let wanted: Vec<bool> = batch.records.iter().map(|r| keep(&r.body)).collect();
         let mut ids = Vec::new();
         // What a `Started` ends, read before: a transaction cannot scan.
-        let mut standing: Vec<(Vec<u8>, Vec<OpenAlert>)> = Vec::new();
-        for r in &batch.records {
+        // By the record's place in the batch: records sent again are
+        // skipped below, and must not shift the scans onto later ones.
+        let mut standing: Vec<Option<(Vec<u8>, Vec<OpenAlert>)>> = vec![None; batch.records.len()];
+        for (i, r) in batch.records.iter().enumerate() {
             match &r.body {
                 TelemetryBody::Alert(AlertChange { raised: true, .. }) => ids.push(self.db().generate_id()?),
                 // One id for each rule it may raise, or for the capture.
@@ -310,7 +312,7 @@ impl Registry {
                 TelemetryBody::Started(s) => {
                     let prefix = format!("{}\0{}\0", device.as_str(), s.model).into_bytes();
                     let now_open = open.scan_prefix(&prefix).collect::<std::result::Result<_, _>>()?;
-                    standing.push((prefix, now_open));
+                    standing[i] = Some((prefix, now_open));
                 }
                 _ => {}
             }
@@ -329,10 +331,9 @@ impl Registry {
             let mut taken = Taken { dropped: batch.dropped.saturating_sub(state.dropped), ..Taken::default() };
             state.dropped = state.dropped.max(batch.dropped);
             let mut ids = ids.iter();
-            let mut standing = standing.iter();
             // Alerts this batch opened, which a later `Started` ends too.
             let mut opened: Vec<(Vec<u8>, [u8; 8])> = Vec::new();
-            for (r, wanted) in batch.records.iter().zip(&wanted) {
+            for (i, (r, wanted)) in batch.records.iter().zip(&wanted).enumerate() {
                 if r.id <= state.last {
                     taken.again += 1;
                     continue;
@@ -473,7 +474,7 @@ impl Registry {
                         // Every alert of the model the device raised ends;
                         // the coordinator's quality alerts stand on their
                         // windows.
-                        let (prefix, before) = standing.next().expect("one scan per Started");
+                        let (prefix, before) = standing[i].as_ref().expect("one scan per Started");
                         for (ok, id) in before.iter().filter(|(k, _)| !is_quality_key(k)) {
                             if open.get(ok)?.is_some() {
                                 taken.cleared.extend(clear(alerts, id, r.at_ms)?);
@@ -780,5 +781,23 @@ mod tests {
         assert_eq!(rest.len(), 1);
         assert_eq!(rest[0].1.inference_id, "i2");
         assert!(r.captures("m", 2, None, 10).unwrap().is_empty());
+    }
+
+    #[test]
+    fn a_started_record_sent_again_does_not_shift_the_next_one_onto_its_model() {
+        let dir = tempfile::tempdir().unwrap();
+        let r = Registry::open(dir.path().join("db")).unwrap();
+        let dev: DeviceId = "cam-1".parse().unwrap();
+        let started = |id, model: &str| TelemetryRecord {
+            id,
+            at_ms: id * 1000,
+            body: TelemetryBody::Started(MonitorStarted { model: model.into(), version: 1 }),
+        };
+        r.take_telemetry(&dev, &batch(1, 0, vec![alert(1, true, 0.5), started(2, "x")]), 1, |_| true).unwrap();
+        assert_eq!(r.alerts(false).unwrap().len(), 1);
+        // The acknowledgement was lost: 2 comes again, with m's restart.
+        let t = r.take_telemetry(&dev, &batch(1, 0, vec![started(2, "x"), started(3, "m")]), 2, |_| true).unwrap();
+        assert_eq!(t.cleared.len(), 1, "m's alert ends with m's restart");
+        assert!(r.alerts(true).unwrap().iter().all(|a| a.cleared_at_ms.is_some()));
     }
 }

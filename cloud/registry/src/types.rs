@@ -392,9 +392,31 @@ pub struct Device {
     /// report: today's and the day before (agents of wire version 7 on).
     #[serde(default)]
     pub traffic: Vec<LinkDay>,
+    /// The versions it was assigned before its current ones, newest last
+    /// (at most [`MAX_PAST_ASSIGNMENTS`]): the coordinator's own record of
+    /// what the device may still send telemetry of.
+    #[serde(default)]
+    pub past: Vec<(String, u32)>,
 }
 
+/// Earlier assignments kept per device.
+pub const MAX_PAST_ASSIGNMENTS: usize = 16;
+
 impl Device {
+    /// Keeps `model:version`, just replaced or unassigned, among its past
+    /// assignments.
+    pub fn remember(&mut self, model: &str, version: u32) {
+        self.past.retain(|(m, v)| !(m == model && *v == version));
+        self.past.push((model.to_owned(), version));
+        let over = self.past.len().saturating_sub(MAX_PAST_ASSIGNMENTS);
+        self.past.drain(..over);
+    }
+
+    /// Whether the coordinator gave it `model:version`, now or before.
+    pub fn was_given(&self, model: &str, version: u32) -> bool {
+        self.desired.get(model) == Some(&version) || self.past.iter().any(|(m, v)| m == model && *v == version)
+    }
+
     /// Moves the generation on for a change to `desired`: past what the
     /// agent reported applying too, so that after the registry is restored
     /// from an older backup a new change is not taken for a replay (the

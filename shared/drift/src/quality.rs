@@ -50,13 +50,13 @@ pub fn add_label(c: &mut QualityCounts, predicted: i64, actual: i64) -> bool {
     true
 }
 
-/// Counts one regressor prediction against its value (non-finite pairs
-/// are not counted). Counts of a classifier are left as they are (and
-/// `false` returned).
+/// Counts one regressor prediction against its value (a pair whose error,
+/// its square or the sums would not be finite is not counted). Counts of a
+/// classifier are left as they are (and `false` returned).
 pub fn add_value(c: &mut QualityCounts, predicted: f64, actual: f64) -> bool {
     let QualityCounts::Values { n, sum, sum_abs, sum_sq } = c else { return false };
     let e = predicted - actual;
-    if e.is_finite() {
+    if e.is_finite() && (*sum + e).is_finite() && (*sum_abs + e.abs()).is_finite() && (*sum_sq + e * e).is_finite() {
         *n += 1;
         *sum += e;
         *sum_abs += e.abs();
@@ -94,6 +94,9 @@ pub fn merge(a: &mut QualityCounts, b: &QualityCounts) -> bool {
             QualityCounts::Values { n, sum, sum_abs, sum_sq },
             QualityCounts::Values { n: bn, sum: bs, sum_abs: ba, sum_sq: bq },
         ) => {
+            if !((*sum + bs).is_finite() && (*sum_abs + ba).is_finite() && (*sum_sq + bq).is_finite()) {
+                return false;
+            }
             *n += bn;
             *sum += bs;
             *sum_abs += ba;
@@ -236,6 +239,7 @@ mod tests {
         add_value(&mut c, 1.0, 0.0);
         add_value(&mut c, 0.0, 3.0);
         add_value(&mut c, f64::NAN, 3.0);
+        add_value(&mut c, 1e200, 0.0);
         let m = metrics(&c);
         assert_eq!(m.rows, 2);
         assert!((m.rmse.unwrap() - 5f64.sqrt()).abs() < 1e-12);

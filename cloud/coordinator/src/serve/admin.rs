@@ -849,18 +849,22 @@ async fn quality_view(
     let n = name.clone();
     let limit = q.limit.unwrap_or(500).clamp(1, 10_000);
     let windows = blocking(&state, move |s| s.registry.quality(&n, q.version, q.device.as_deref())).await?;
-    // Per version: the merge, its windows, and those of the other kind
-    // (labels against values) left out of it.
-    let mut merged: BTreeMap<u32, (tern_proto::QualityCounts, u64, u64)> = BTreeMap::new();
+    // Per version and kind (labels, values): the merge and its windows.
+    let kind = |c: &tern_proto::QualityCounts| match c {
+        tern_proto::QualityCounts::Classes { .. } => "labels",
+        tern_proto::QualityCounts::Values { .. } => "values",
+    };
+    let mut merged: BTreeMap<(u32, &str), (tern_proto::QualityCounts, u64, u64)> = BTreeMap::new();
     for w in &windows {
-        match merged.get_mut(&w.version) {
+        match merged.get_mut(&(w.version, kind(&w.counts))) {
             Some((m, n, skipped)) => {
                 *n += 1;
+                // Only sums past what a merge may hold are left out.
                 if !tern_drift::quality::merge(m, &w.counts) {
                     *skipped += 1;
                 }
             }
-            None => _ = merged.insert(w.version, (w.counts.clone(), 1, 0)),
+            None => _ = merged.insert((w.version, kind(&w.counts)), (w.counts.clone(), 1, 0)),
         }
     }
     let rows: Vec<Value> = windows[windows.len().saturating_sub(limit)..]
@@ -878,8 +882,14 @@ async fn quality_view(
         .collect();
     let fleet: Vec<Value> = merged
         .iter()
-        .map(|(v, (c, n, skipped))| {
-            json!({ "version": v, "windows": n, "skipped": skipped, "metrics": tern_drift::quality::metrics(c) })
+        .map(|((v, kind), (c, n, skipped))| {
+            json!({
+                "version": v,
+                "kind": kind,
+                "windows": n,
+                "skipped": skipped,
+                "metrics": tern_drift::quality::metrics(c),
+            })
         })
         .collect();
     let r = state.quality_rules;

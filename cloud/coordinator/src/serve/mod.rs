@@ -102,10 +102,11 @@ pub struct ServeArgs {
     /// Mosquitto setup `tern broker mosquitto-config` writes does.
     #[arg(long, value_name = "URL")]
     pub mqtt_url: Option<String>,
-    /// How agents send telemetry (drift windows, alerts): `quic`, on their
-    /// control stream, or `mqtt`, published at QoS 1 to the broker
-    /// (`tern/v1/<device>/telemetry`, or `…/alerts` for a batch holding an
-    /// alert) and acknowledged on `tern/v1/<device>/ack`. Agents of wire
+    /// How agents send telemetry (drift and quality windows, alerts,
+    /// captured samples): `quic`, on their control stream, or `mqtt`,
+    /// published at QoS 1 to the broker (`tern/v1/<device>/telemetry`,
+    /// `…/alerts` for a batch holding an alert, `…/capture` for one holding
+    /// a capture) and acknowledged on `tern/v1/<device>/ack`. Agents of wire
     /// version 7 and older use QUIC whatever this says; the coordinator
     /// takes both.
     #[arg(long, value_enum, default_value_t = TelemetryLink::Quic)]

@@ -23,7 +23,7 @@ const IN_HAND: usize = 64;
 /// The device of a topic the coordinator takes telemetry on.
 fn device_topic(topic: &str) -> Option<DeviceId> {
     let (id, kind) = topic.strip_prefix("tern/v1/")?.split_once('/')?;
-    matches!(kind, "telemetry" | "alerts" | "capture").then(|| DeviceId::new(id).ok())?
+    matches!(kind, "telemetry" | "alerts" | "capture" | "state").then(|| DeviceId::new(id).ok())?
 }
 
 /// What the coordinator's client takes in one packet: more than any broker
@@ -50,7 +50,7 @@ pub async fn run(state: Arc<State>, host: String, port: u16, tls: rustls::Client
         match events.poll().await {
             Ok(Event::Incoming(Packet::ConnAck(_))) => {
                 info!(broker = %format!("{host}:{port}"), "connected to the MQTT broker");
-                for topic in ["tern/v1/+/telemetry", "tern/v1/+/alerts", "tern/v1/+/capture"] {
+                for topic in ["tern/v1/+/telemetry", "tern/v1/+/alerts", "tern/v1/+/capture", "tern/v1/+/state"] {
                     if let Err(e) = client.try_subscribe(topic, QoS::AtLeastOnce) {
                         warn!("subscribing to {topic}: {e}");
                     }
@@ -101,7 +101,37 @@ async fn take(state: &Arc<State>, client: &AsyncClient, topic: &str, payload: &[
     let (msg, used) = tern_proto::decode_frame(payload, MAX_MESSAGE, wire)?
         .ok_or_else(|| anyhow::anyhow!("a frame cut short ({} bytes)", payload.len()))?;
     anyhow::ensure!(used == payload.len(), "{} bytes past the frame", payload.len() - used);
-    let Message::Telemetry(batch) = msg else { anyhow::bail!("{} is not telemetry", msg.kind()) };
+    let batch = match msg {
+        Message::Telemetry(batch) if !topic.ends_with("/state") => batch,
+        // The agent's traffic counts: taken as the larger of each count
+        // kept and sent (counts of a day only grow; this message and the
+        // control session's may arrive in either order).
+        Message::Traffic(t) if topic.ends_with("/state") => {
+            let (st, device) = (state.clone(), id.clone());
+            tokio::task::spawn_blocking(move || {
+                let kept = st.registry.device(device.as_str())?.traffic;
+                let mut days = super::quic::clean_traffic(t.days);
+                for d in &mut days {
+                    if let Some(k) = kept.iter().find(|k| k.link == d.link && k.day == d.day) {
+                        (d.sent, d.received) = (d.sent.max(k.sent), d.received.max(k.received));
+                    }
+                }
+                for k in kept {
+                    if days.len() < tern_proto::MAX_TRAFFIC_DAYS
+                        && !days.iter().any(|d| d.link == k.link && d.day == k.day)
+                    {
+                        days.push(k);
+                    }
+                }
+                let report = tern_registry::Report { traffic: Some(days), ..Default::default() };
+                st.registry.seen(device.as_str(), crate::fsutil::unix_now(), &report)
+            })
+            .await??;
+            debug!(device = %id, "traffic over MQTT");
+            return Ok(());
+        }
+        other => anyhow::bail!("{} is not what {topic} carries", other.kind()),
+    };
     // A removed device's certificate still passes the broker's TLS (it has
     // no revocation list): `take_telemetry` takes only enrolled devices'.
     let stream = batch.stream;

@@ -336,7 +336,7 @@ const LINKS: &[&str] = &["quic", "mqtt"];
 
 /// The entries of a traffic report kept: of known links, once per day, a
 /// few.
-fn clean_traffic(days: Vec<tern_proto::LinkDay>) -> Vec<tern_proto::LinkDay> {
+pub(super) fn clean_traffic(days: Vec<tern_proto::LinkDay>) -> Vec<tern_proto::LinkDay> {
     let mut kept: Vec<tern_proto::LinkDay> = Vec::new();
     for d in days.into_iter().filter(|d| LINKS.contains(&d.link.as_str())) {
         if kept.len() < tern_proto::MAX_TRAFFIC_DAYS && !kept.iter().any(|k| k.link == d.link && k.day == d.day) {
@@ -366,10 +366,12 @@ const RULES: &[&str] =
     &["feature_drift", "missing_rate", "output_drift", "p99_latency", "error_rate", "low_confidence"];
 
 /// Stores a device's telemetry off the async runtime. Only what the device
-/// could have made is kept: windows and alerts of versions it was given or
-/// says it serves, rules the agent knows, features of the version's
-/// baseline, profiles that fit its layout (a device cannot make the
-/// registry keep records under names or in shapes of its own choosing).
+/// could have made is kept: records of versions the coordinator gave it
+/// (now or among its last assignments; never by the device's own word),
+/// rules the agent knows, features of the version's baseline, profiles
+/// that fit its layout, quality counts that add up, captures of versions
+/// with a capture policy (a device cannot make the registry keep records
+/// under names or in shapes of its own choosing).
 pub(super) async fn take_telemetry(
     state: &Arc<State>,
     id: &DeviceId,
@@ -383,9 +385,7 @@ pub(super) async fn take_telemetry(
         let id = device;
         let bytes = postcard::to_stdvec(&batch.records).map_or(0, |v| v.len() as u64);
         let d = st.registry.device(id.as_str())?;
-        let given = |model: &str, version: u32| {
-            d.desired.get(model) == Some(&version) || d.reported.iter().any(|m| m.name == model && m.version == version)
-        };
+        let given = |model: &str, version: u32| d.was_given(model, version);
         let keep = |body: &TelemetryBody| match body {
             TelemetryBody::Window(w) => {
                 given(&w.model, w.version)
@@ -406,15 +406,10 @@ pub(super) async fn take_telemetry(
                 d.desired.contains_key(&s.model) || d.reported.iter().any(|m| m.name == s.model)
             }
             // A replaced version's last window comes after the device moved
-            // on: a version it took (its history says) that is registered.
-            TelemetryBody::Quality(q) => {
-                (given(&q.model, q.version)
-                    || (d.history.iter().any(|h| h.event.name == q.model && h.event.version == q.version)
-                        && st.registry.version(&q.model, q.version).is_ok()))
-                    && tern_drift::quality::well_formed(&q.counts)
-            }
-            // Only what a policy asked for (a device may still send what it
-            // captured before the policy ended).
+            // on: among its past assignments.
+            TelemetryBody::Quality(q) => given(&q.model, q.version) && tern_drift::quality::well_formed(&q.counts),
+            // Only while the version has a policy: what devices still hold
+            // when it ends is acknowledged and dropped.
             TelemetryBody::Capture(c) => {
                 given(&c.model, c.version)
                     && c.inference_id.len() <= 64
