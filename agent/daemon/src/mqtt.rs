@@ -2,7 +2,7 @@
 //! batches published at QoS 1 under `tern/v1/<device>/`, one in flight,
 //! each removed once the coordinator's acknowledgement comes back on
 //! `tern/v1/<device>/ack`; the link counts on `tern/v1/<device>/state`
-//! (at each connection and every 5 minutes held). rumqttc reaches the broker through a relay on
+//! (when a connection is up, or before a metered one closes). rumqttc reaches the broker through a relay on
 //! 127.0.0.1 that counts the connection's bytes (TCP's own counters, plus
 //! the IP and TCP headers of each segment) into the `mqtt` link's traffic.
 //! The broker's certificate is checked for `broker.tern` whatever address
@@ -88,10 +88,6 @@ pub async fn run(
 
 /// How often a connection's counts are added to the day's traffic.
 const COUNT_EVERY: Duration = Duration::from_secs(10);
-
-/// How often a held connection publishes the traffic counts on `state`
-/// (and once when it connects).
-const STATE_EVERY: Duration = Duration::from_secs(300);
 
 /// Listens on 127.0.0.1 for the one connection of a session and relays it
 /// to the broker, counting its bytes; its port, and the task (aborted when
@@ -225,7 +221,8 @@ fn publish_state(
     wire: tern_proto::WireVersion,
 ) -> Result<()> {
     counter.add();
-    let report = tern_proto::TrafficReport { heartbeat_secs: STATE_EVERY.as_secs() as u32, days: traffic.days() };
+    // The heartbeat field is the control session's: 0 says nothing of it.
+    let report = tern_proto::TrafficReport { heartbeat_secs: 0, days: traffic.days() };
     client.try_publish(topic, QoS::AtLeastOnce, false, tern_proto::encode_frame(&Message::Traffic(report), wire)?)?;
     Ok(())
 }
@@ -278,7 +275,10 @@ async fn session(
         format!("tern/v1/{id}/capture"),
     );
     let topic_state = format!("tern/v1/{id}/state");
-    let mut state_at: Option<Instant> = None;
+    // The counts go on `state` once a connection is up, and before a
+    // metered one closes; a held connection's reach the coordinator with
+    // the control session's heartbeat.
+    let mut state_sent = false;
     let ready = outbox.ready.clone();
     // Sending starts once the acknowledgements are subscribed to.
     let mut subscribed = false;
@@ -346,8 +346,8 @@ async fn session(
                 // The bytes each link carried, as the QUIC heartbeat says
                 // them: a metered device whose QUIC session is closed
                 // still reports what MQTT cost.
-                if subscribed && state_at.is_none_or(|at| at.elapsed() >= STATE_EVERY) {
-                    state_at = Some(Instant::now());
+                if subscribed && !state_sent && !metered {
+                    state_sent = true;
                     publish_state(&client, &topic_state, &counter, traffic, wire)?;
                 }
                 if in_flight.is_some_and(|(_, at)| at.elapsed() >= ack_within) {
@@ -366,7 +366,11 @@ async fn session(
                 if !done {
                     idle_since = Instant::now();
                 } else if metered && idle_since.elapsed() >= METERED_SETTLE {
-                    publish_state(&client, &topic_state, &counter, traffic, wire)?;
+                    // What this connection cost, up to now: its close is
+                    // counted with the next turn's.
+                    if let Err(e) = publish_state(&client, &topic_state, &counter, traffic, wire) {
+                        warn!("MQTT: publishing the link counts: {e:#}");
+                    }
                     close(&client, &mut events_rx).await;
                     info!("metered MQTT connection closed: nothing more to send");
                     return Ok(());

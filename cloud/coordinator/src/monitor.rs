@@ -313,8 +313,8 @@ pub fn run(c: &Client, cmd: MonitorCmd, json: bool) -> Result<()> {
             } else {
                 let share = share.expect("required unless --off");
                 anyhow::ensure!(
-                    share > 0.0 && share <= 1.0,
-                    "--share {share}: above 0 (one in a million at least), at most 1"
+                    share <= 1.0 && (share * 1e6).round() >= 1.0,
+                    "--share {share}: one in a million (0.000001) at least, at most 1"
                 );
                 let policy = tern_proto::CapturePolicy { per_million: (share * 1e6).round() as u32, daily_bytes };
                 c.send("PUT", &path, &policy)?

@@ -450,7 +450,7 @@ impl Registry {
                 capabilities: None,
                 history: Vec::new(),
                 traffic: Vec::new(),
-                past: Vec::new(),
+                past: Some(Vec::new()),
             };
             tokens.insert(&tkey, encode(&token))?;
             devices.insert(id.as_str(), encode(&device))?;
@@ -675,7 +675,7 @@ impl Registry {
                 d.refused = r.clone();
             }
             if let Some(t) = &report.traffic {
-                d.traffic = t.clone();
+                d.merge_traffic(t);
             }
             // The agent sends its recent steps whole each time: each is kept once.
             for e in report.history.iter().flatten() {
@@ -693,7 +693,7 @@ impl Registry {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tern_proto::ModelFormat;
+    use tern_proto::{LinkDay, ModelFormat};
 
     fn new_version(bytes: &[u8]) -> NewVersion {
         NewVersion {
@@ -895,6 +895,45 @@ mod tests {
         let d = r.assign("cam-1", "iris", 1).unwrap();
         assert_eq!((d.desired["iris"], d.generation), (1, 1));
         assert!(matches!(r.assign("cam-9", "iris", 1), Err(RegistryError::UnknownDevice(_))));
+    }
+
+    #[test]
+    fn a_device_may_report_versions_it_was_given_and_its_own_only_while_the_registry_cannot_tell() {
+        let (_dir, r) = approved_and_assigned();
+        r.register("iris", new_version(b"b")).unwrap();
+        r.set_status("iris", 2, Approval::Approved, 3, false).unwrap();
+        let d = r.assign("cam-1", "iris", 2).unwrap();
+        assert!(d.may_report("iris", 2) && d.may_report("iris", 1), "now and before");
+        // It says it serves iris:7: not taken while the record can tell.
+        let status = tern_proto::ModelStatus {
+            name: "iris".into(),
+            version: 7,
+            state: tern_proto::ModelState::Serving,
+            detail: None,
+        };
+        let report = Report { models: Some(vec![status]), generation: Some(d.generation), ..Report::default() };
+        let d = r.seen("cam-1", 5, &report).unwrap();
+        assert!(!d.may_report("iris", 7));
+        // A record from before past assignments were kept, or one behind
+        // the generation the device applied, takes its word.
+        assert!(Device { past: None, ..d.clone() }.may_report("iris", 7));
+        assert!(Device { reported_generation: Some(d.generation + 1), ..d.clone() }.may_report("iris", 7));
+        // Unassigned: still among its past.
+        let d = r.unassign("cam-1", "iris").unwrap();
+        assert!(d.may_report("iris", 2) && !d.may_report("iris", 3));
+    }
+
+    #[test]
+    fn traffic_reports_keep_the_larger_count_and_the_newest_two_days() {
+        let (_dir, r) = approved_and_assigned();
+        let day = |link: &str, day, sent, received| LinkDay { link: link.into(), day, sent, received };
+        let seen = |days: Vec<LinkDay>| r.seen("cam-1", 1, &Report { traffic: Some(days), ..Report::default() });
+        seen(vec![day("quic", 10, 500, 400), day("mqtt", 10, 900, 800)]).unwrap();
+        // An older count of one link (it crossed a newer one) lowers nothing.
+        let d = seen(vec![day("quic", 10, 300, 200)]).unwrap();
+        assert_eq!(d.traffic, vec![day("quic", 10, 500, 400), day("mqtt", 10, 900, 800)]);
+        let d = seen(vec![day("quic", 12, 5, 5)]).unwrap();
+        assert_eq!(d.traffic, vec![day("quic", 12, 5, 5)], "day 10 is two days before the newest");
     }
 
     fn approved_and_assigned() -> (tempfile::TempDir, Registry) {

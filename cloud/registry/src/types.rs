@@ -394,9 +394,10 @@ pub struct Device {
     pub traffic: Vec<LinkDay>,
     /// The versions it was assigned before its current ones, newest last
     /// (at most [`MAX_PAST_ASSIGNMENTS`]): the coordinator's own record of
-    /// what the device may still send telemetry of.
+    /// what the device may still send telemetry of. `None` on a record
+    /// written before it was kept.
     #[serde(default)]
-    pub past: Vec<(String, u32)>,
+    pub past: Option<Vec<(String, u32)>>,
 }
 
 /// Earlier assignments kept per device.
@@ -406,15 +407,40 @@ impl Device {
     /// Keeps `model:version`, just replaced or unassigned, among its past
     /// assignments.
     pub fn remember(&mut self, model: &str, version: u32) {
-        self.past.retain(|(m, v)| !(m == model && *v == version));
-        self.past.push((model.to_owned(), version));
-        let over = self.past.len().saturating_sub(MAX_PAST_ASSIGNMENTS);
-        self.past.drain(..over);
+        let past = self.past.get_or_insert_with(Vec::new);
+        past.retain(|(m, v)| !(m == model && *v == version));
+        past.push((model.to_owned(), version));
+        let over = past.len().saturating_sub(MAX_PAST_ASSIGNMENTS);
+        past.drain(..over);
     }
 
-    /// Whether the coordinator gave it `model:version`, now or before.
-    pub fn was_given(&self, model: &str, version: u32) -> bool {
-        self.desired.get(model) == Some(&version) || self.past.iter().any(|(m, v)| m == model && *v == version)
+    /// Whether the device may send telemetry of `model:version`: the
+    /// coordinator gave it the version, now or before; or the device says
+    /// it has it while the coordinator's own record cannot tell (a record
+    /// from before past assignments were kept, or a registry restored
+    /// from an older backup, behind the generation the device applied).
+    pub fn may_report(&self, model: &str, version: u32) -> bool {
+        let given = self.desired.get(model) == Some(&version)
+            || self.past.iter().flatten().any(|(m, v)| m == model && *v == version);
+        let behind = self.past.is_none() || self.reported_generation.is_some_and(|g| g > self.generation);
+        given || (behind && self.reported.iter().any(|m| m.name == model && m.version == version))
+    }
+
+    /// Takes an agent's traffic report: per link and day the larger of the
+    /// count kept and the count reported (a day's counts only grow, and
+    /// the control session's and MQTT's reports may arrive in either
+    /// order), keeping only the report's newest day and the one before.
+    pub fn merge_traffic(&mut self, days: &[LinkDay]) {
+        let Some(newest) = days.iter().map(|d| d.day).max() else { return };
+        let mut merged: Vec<LinkDay> =
+            self.traffic.iter().filter(|d| d.day <= newest && d.day + 1 >= newest).cloned().collect();
+        for d in days.iter().filter(|d| d.day + 1 >= newest) {
+            match merged.iter_mut().find(|k| k.link == d.link && k.day == d.day) {
+                Some(k) => (k.sent, k.received) = (k.sent.max(d.sent), k.received.max(d.received)),
+                None => merged.push(d.clone()),
+            }
+        }
+        self.traffic = merged;
     }
 
     /// Moves the generation on for a change to `desired`: past what the

@@ -107,26 +107,13 @@ async fn take(state: &Arc<State>, client: &AsyncClient, topic: &str, payload: &[
         // kept and sent (counts of a day only grow; this message and the
         // control session's may arrive in either order).
         Message::Traffic(t) if topic.ends_with("/state") => {
+            // Merged with what the control session reported (the registry
+            // keeps the larger count of each link and day).
             let (st, device) = (state.clone(), id.clone());
-            tokio::task::spawn_blocking(move || {
-                let kept = st.registry.device(device.as_str())?.traffic;
-                let mut days = super::quic::clean_traffic(t.days);
-                for d in &mut days {
-                    if let Some(k) = kept.iter().find(|k| k.link == d.link && k.day == d.day) {
-                        (d.sent, d.received) = (d.sent.max(k.sent), d.received.max(k.received));
-                    }
-                }
-                for k in kept {
-                    if days.len() < tern_proto::MAX_TRAFFIC_DAYS
-                        && !days.iter().any(|d| d.link == k.link && d.day == k.day)
-                    {
-                        days.push(k);
-                    }
-                }
-                let report = tern_registry::Report { traffic: Some(days), ..Default::default() };
-                st.registry.seen(device.as_str(), crate::fsutil::unix_now(), &report)
-            })
-            .await??;
+            let report =
+                tern_registry::Report { traffic: Some(super::quic::clean_traffic(t.days)), ..Default::default() };
+            tokio::task::spawn_blocking(move || st.registry.seen(device.as_str(), crate::fsutil::unix_now(), &report))
+                .await??;
             debug!(device = %id, "traffic over MQTT");
             return Ok(());
         }

@@ -367,7 +367,8 @@ const RULES: &[&str] =
 
 /// Stores a device's telemetry off the async runtime. Only what the device
 /// could have made is kept: records of versions the coordinator gave it
-/// (now or among its last assignments; never by the device's own word),
+/// (now or among its last assignments; by the device's own word only while
+/// the coordinator's record cannot tell: see `Device::may_report`),
 /// rules the agent knows, features of the version's baseline, profiles
 /// that fit its layout, quality counts that add up, captures of versions
 /// with a capture policy (a device cannot make the registry keep records
@@ -385,7 +386,7 @@ pub(super) async fn take_telemetry(
         let id = device;
         let bytes = postcard::to_stdvec(&batch.records).map_or(0, |v| v.len() as u64);
         let d = st.registry.device(id.as_str())?;
-        let given = |model: &str, version: u32| d.was_given(model, version);
+        let given = |model: &str, version: u32| d.may_report(model, version);
         let keep = |body: &TelemetryBody| match body {
             TelemetryBody::Window(w) => {
                 given(&w.model, w.version)
