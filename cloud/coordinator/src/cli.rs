@@ -169,6 +169,25 @@ pub enum FleetCmd {
     },
     /// Enrolled devices with group, profile, last contact and models.
     List,
+    /// Add tags to a device (or, with --remove, take them off): rollouts
+    /// select on them.
+    Tag {
+        /// Device id.
+        device: String,
+        /// Tags: 1 to 64 letters, digits, -, _ or . each.
+        #[arg(required = true)]
+        tags: Vec<String>,
+        /// Take these tags off.
+        #[arg(long)]
+        remove: bool,
+    },
+    /// Move a device to another group.
+    Group {
+        /// Device id.
+        device: String,
+        /// The group.
+        group: String,
+    },
     /// One device: what it serves, what it should, and its update history
     /// (each step with its reason and the device's time; agents of wire
     /// version 3 on report it).
@@ -610,6 +629,21 @@ pub fn fleet(c: &Client, cmd: FleetCmd, json: bool) -> Result<()> {
                 return print_json(&d);
             }
             out(format!("{} no longer serves {model} (desired state generation {})", d.id, d.generation));
+        }
+        FleetCmd::Tag { device, tags, remove } => {
+            let body = if remove { json!({ "remove": tags }) } else { json!({ "add": tags }) };
+            let d: Device = c.send("POST", &format!("/v1/devices/{device}/tags"), &body)?;
+            if json {
+                return print_json(&d);
+            }
+            out(format!("{}: tags {}", d.id, d.tags.iter().cloned().collect::<Vec<_>>().join(", ")));
+        }
+        FleetCmd::Group { device, group } => {
+            let d: Device = c.send("PUT", &format!("/v1/devices/{device}/group"), &json!({ "group": group }))?;
+            if json {
+                return print_json(&d);
+            }
+            out(format!("{}: group {}", d.id, d.group));
         }
         FleetCmd::Remove { device } => {
             let d: Device = c.send("DELETE", &format!("/v1/devices/{device}"), &json!({}))?;

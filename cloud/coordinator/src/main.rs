@@ -8,6 +8,7 @@ mod demo;
 mod fsutil;
 mod monitor;
 mod mosquitto;
+mod rollout;
 mod serve;
 
 use clap::{Parser, Subcommand};
@@ -52,6 +53,10 @@ enum Cmd {
     /// Alerts raised on devices: list, acknowledge.
     #[command(subcommand)]
     Alerts(monitor::AlertsCmd),
+    /// Staged rollouts over the fleet: waves, gates, pause, resume, abort,
+    /// rollback.
+    #[command(subcommand)]
+    Rollout(rollout::RolloutCmd),
     /// An external MQTT broker for the fleet: `mosquitto-config`.
     #[command(subcommand)]
     Broker(mosquitto::BrokerCmd),
@@ -124,6 +129,11 @@ fn main() -> ExitCode {
             init_logs("warn");
             cli::Client::new(&cli.data_dir, cli.admin, cli.token_file.as_deref())
                 .and_then(|c| monitor::alerts(&c, cmd, cli.json))
+        }
+        Cmd::Rollout(cmd) => {
+            init_logs("warn");
+            cli::Client::new(&cli.data_dir, cli.admin, cli.token_file.as_deref())
+                .and_then(|c| rollout::run(&c, cmd, cli.json))
         }
         Cmd::Broker(cmd) => {
             init_logs("warn");

@@ -4,11 +4,13 @@
 //! artifacts. Stored in sled behind [`Registry`]; durable on return.
 
 mod artifacts;
+mod rollouts;
 mod store;
 mod telemetry;
 mod types;
 
 pub use artifacts::Artifacts;
+pub use rollouts::{Selector, StoredRollout};
 pub use store::Registry;
 pub use telemetry::{
     ALERTS_KEPT, Alert, CAPTURES_KEPT, QUALITY_RULES, QualityRules, StoredCapture, StoredQuality, StoredWindow, Taken,
@@ -38,6 +40,13 @@ pub enum RegistryError {
     /// No device of that id is enrolled.
     #[error("no device {0:?} is enrolled")]
     UnknownDevice(String),
+    /// A rollout's selector names what no device has, or its devices are
+    /// held by another rollout, or its plan or target set is refused.
+    #[error("{0}")]
+    Selector(String),
+    /// No rollout has that id.
+    #[error("no rollout {0}")]
+    UnknownRollout(u64),
     /// A device with the requested id exists already.
     #[error("device {0:?} is enrolled already")]
     DeviceExists(String),

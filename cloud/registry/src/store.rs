@@ -28,6 +28,9 @@ pub struct Registry {
     tokens: sled::Tree,
     /// Held while a telemetry batch is stored.
     telemetry: std::sync::Mutex<()>,
+    /// Held while a rollout is started (its devices checked against the
+    /// active ones).
+    rollout: std::sync::Mutex<()>,
 }
 
 fn version_key(name: &str, version: u32) -> Vec<u8> {
@@ -77,6 +80,7 @@ impl Registry {
             revoked: db.open_tree("revoked")?,
             tokens: db.open_tree("tokens")?,
             telemetry: std::sync::Mutex::new(()),
+            rollout: std::sync::Mutex::new(()),
             db,
             path,
         })
@@ -88,6 +92,15 @@ impl Registry {
 
     pub(crate) fn telemetry_lock(&self) -> &std::sync::Mutex<()> {
         &self.telemetry
+    }
+
+    pub(crate) fn rollout_lock(&self) -> &std::sync::Mutex<()> {
+        &self.rollout
+    }
+
+    /// [`Registry::update_device`], durably.
+    pub(crate) fn update_device_pub(&self, id: &str, f: impl Fn(&mut Device) -> Result<()>) -> Result<Device> {
+        self.update_device(id, true, f)
     }
 
     /// Makes everything written so far durable.
@@ -451,6 +464,7 @@ impl Registry {
                 history: Vec::new(),
                 traffic: Vec::new(),
                 past: Some(Vec::new()),
+                tags: Default::default(),
             };
             tokens.insert(&tkey, encode(&token))?;
             devices.insert(id.as_str(), encode(&device))?;
@@ -630,7 +644,12 @@ impl Registry {
                     profile: d.profile.clone(),
                 });
             }
-            if let Some(before) = d.desired.insert(name.to_owned(), version).filter(|v| *v != version) {
+            // The version it has already: no change, and no new generation
+            // (a rollout's assignment carried out again after a restart).
+            if d.desired.get(name) == Some(&version) {
+                return Ok(d);
+            }
+            if let Some(before) = d.desired.insert(name.to_owned(), version) {
                 d.remember(name, before);
             }
             d.next_generation();

@@ -398,6 +398,9 @@ pub struct Device {
     /// written before it was kept.
     #[serde(default)]
     pub past: Option<Vec<(String, u32)>>,
+    /// Its tags (`tern fleet tag`), which rollouts select on.
+    #[serde(default)]
+    pub tags: std::collections::BTreeSet<String>,
 }
 
 /// Earlier assignments kept per device.

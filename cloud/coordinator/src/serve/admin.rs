@@ -45,7 +45,9 @@ impl From<RegistryError> for ApiError {
             | RegistryError::UnknownDevice(_)
             | RegistryError::UnknownArtifact(_)
             | RegistryError::UnknownAlert(_)
+            | RegistryError::UnknownRollout(_)
             | RegistryError::NotAssigned { .. } => StatusCode::NOT_FOUND,
+            RegistryError::Selector(_) => StatusCode::BAD_REQUEST,
             RegistryError::NotApproved { .. }
             | RegistryError::DeviceExists(_)
             | RegistryError::Unsupported { .. }
@@ -101,6 +103,11 @@ pub fn router(state: Arc<State>) -> Router {
         .route("/v1/models/{name}/versions/{version}/capture", put(set_capture).delete(clear_capture))
         .route("/v1/models/{name}/versions/{version}/captures", get(list_captures))
         .route("/v1/monitor/quality/{name}", get(quality_view))
+        .route("/v1/rollouts", get(list_rollouts).post(start_rollout))
+        .route("/v1/rollouts/{id}", get(show_rollout))
+        .route("/v1/rollouts/{id}/{command}", post(command_rollout))
+        .route("/v1/devices/{id}/group", put(set_group))
+        .route("/v1/devices/{id}/tags", post(tag_device))
         .route("/v1/tokens", post(new_token))
         .route("/v1/broker/server-certificate", post(broker_certificate))
         .route("/metrics", get(metrics))
@@ -921,6 +928,152 @@ fn tensor_json(t: &tern_proto::Tensor) -> Value {
         D::BF16(v) => json!(v.iter().map(|x| x.to_f32()).collect::<Vec<_>>()),
     };
     json!({ "dtype": t.dtype(), "shape": t.shape, "data": data })
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct StartRollout {
+    plan: tern_rollout::Plan,
+    #[serde(default)]
+    select: tern_registry::Selector,
+}
+
+/// A rollout as the API shows it: the stored state and, per wave, its
+/// standing.
+fn rollout_json(r: &tern_registry::StoredRollout) -> Value {
+    let waves: Vec<Value> = (0..r.rollout.waves().len())
+        .map(|w| {
+            let s = r.rollout.wave_status(w);
+            json!({
+                "devices": s.devices, "pending": s.pending, "waiting": s.waiting, "succeeded": s.succeeded,
+                "failed": s.failed, "reverted": s.reverted, "failed_share": s.failed_share,
+            })
+        })
+        .collect();
+    let failed: Vec<Value> = r
+        .rollout
+        .waves()
+        .concat()
+        .into_iter()
+        .filter_map(|d| match r.rollout.device(d) {
+            Some(tern_rollout::DeviceState::Failed(why)) => Some(json!({ "device": d, "reason": why })),
+            _ => None,
+        })
+        .collect();
+    json!({
+        "id": r.id,
+        "created_at": r.created_at,
+        "select": r.selector,
+        "plan": r.rollout.plan(),
+        "phase": r.rollout.phase(),
+        "waves": waves,
+        "failed": failed,
+        "max_failed": r.rollout.plan().gates.max_failed,
+    })
+}
+
+async fn start_rollout(
+    Ext(state): Ext<Arc<State>>,
+    body: Result<Json<StartRollout>, JsonRejection>,
+) -> ApiResult<(StatusCode, Json<Value>)> {
+    let StartRollout { plan, select } = json_body(body)?;
+    let r = {
+        let _one = state.rollouts.lock().await;
+        blocking(&state, move |s| s.registry.start_rollout(select, plan, unix_now())).await?
+    };
+    info!(rollout = r.id, model = %r.rollout.plan().model, version = r.rollout.plan().version,
+        devices = r.rollout.waves().concat().len(), "rollout started");
+    super::rollouts::drive_all(&state)
+        .await
+        .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, format!("{e:#}")))?;
+    let r = blocking(&state, move |s| s.registry.rollout(r.id)).await?;
+    Ok((StatusCode::CREATED, Json(rollout_json(&r))))
+}
+
+async fn list_rollouts(Ext(state): Ext<Arc<State>>) -> ApiResult<Json<Vec<Value>>> {
+    let all = blocking(&state, |s| s.registry.rollouts()).await?;
+    Ok(Json(all.iter().map(rollout_json).collect()))
+}
+
+async fn show_rollout(Ext(state): Ext<Arc<State>>, Path(id): Path<u64>) -> ApiResult<Json<Value>> {
+    let r = blocking(&state, move |s| s.registry.rollout(id)).await?;
+    Ok(Json(rollout_json(&r)))
+}
+
+async fn command_rollout(
+    Ext(state): Ext<Arc<State>>,
+    Path((id, command)): Path<(u64, String)>,
+) -> ApiResult<Json<Value>> {
+    let command = match command.as_str() {
+        "pause" => tern_rollout::Command::Pause,
+        "resume" => tern_rollout::Command::Resume,
+        "abort" => tern_rollout::Command::Abort,
+        "rollback" => tern_rollout::Command::Rollback,
+        other => {
+            return Err(ApiError(
+                StatusCode::NOT_FOUND,
+                format!("unknown command {other:?}: pause, resume, abort or rollback"),
+            ));
+        }
+    };
+    {
+        let _one = state.rollouts.lock().await;
+        let mut r = blocking(&state, move |s| s.registry.rollout(id)).await?;
+        r.rollout.command(command, unix_now()).map_err(|e| ApiError(StatusCode::CONFLICT, e.to_string()))?;
+        blocking(&state, move |s| s.registry.put_rollout(&r)).await?;
+    }
+    info!(rollout = id, ?command, "rollout command");
+    super::rollouts::drive_all(&state)
+        .await
+        .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, format!("{e:#}")))?;
+    let r = blocking(&state, move |s| s.registry.rollout(id)).await?;
+    Ok(Json(rollout_json(&r)))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct GroupBody {
+    group: String,
+}
+
+async fn set_group(
+    Ext(state): Ext<Arc<State>>,
+    Path(id): Path<String>,
+    body: Result<Json<GroupBody>, JsonRejection>,
+) -> ApiResult<Json<tern_registry::Device>> {
+    let GroupBody { group } = json_body(body)?;
+    check_label(&group)?;
+    Ok(Json(blocking(&state, move |s| s.registry.set_group(&id, &group)).await?))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TagBody {
+    #[serde(default)]
+    add: Vec<String>,
+    #[serde(default)]
+    remove: Vec<String>,
+}
+
+async fn tag_device(
+    Ext(state): Ext<Arc<State>>,
+    Path(id): Path<String>,
+    body: Result<Json<TagBody>, JsonRejection>,
+) -> ApiResult<Json<tern_registry::Device>> {
+    let TagBody { add, remove } = json_body(body)?;
+    if add.len() + remove.len() > 64 {
+        return Err(bad("at most 64 tags at once"));
+    }
+    add.iter().chain(&remove).try_for_each(|t| check_label(t))?;
+    Ok(Json(blocking(&state, move |s| s.registry.tag(&id, &add, &remove)).await?))
+}
+
+/// A group or tag: 1 to 64 of letters, digits, `-`, `_`, `.`.
+fn check_label(s: &str) -> ApiResult<()> {
+    if s.is_empty() || s.len() > 64 || !s.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)) {
+        return Err(bad(format!("{s:?}: 1 to 64 letters, digits, -, _ or .")));
+    }
+    Ok(())
 }
 
 #[derive(Deserialize)]

@@ -11,6 +11,7 @@ mod limits;
 mod metrics;
 mod mqtt;
 mod quic;
+mod rollouts;
 mod sessions;
 pub mod tuf;
 mod webhook;
@@ -200,6 +201,8 @@ pub struct State {
     pub quality_rules: tern_registry::QualityRules,
     /// The newest wire version spoken (`--max-wire-version`), MQTT too.
     pub max_wire: WireVersion,
+    /// Held while rollouts are driven or commanded: one at a time.
+    pub rollouts: tokio::sync::Mutex<()>,
 }
 
 impl State {
@@ -403,8 +406,10 @@ pub async fn run(data_dir: PathBuf, args: ServeArgs) -> Result<()> {
         route,
         quality_rules: quality_rules(&args),
         max_wire: WireVersion(args.max_wire_version),
+        rollouts: tokio::sync::Mutex::new(()),
     });
     tokio::spawn(quic::accept_loop(endpoint.clone(), state.clone()));
+    tokio::spawn(rollouts::run(state.clone()));
     if let (Some((host, port)), Some(tls)) = (broker, mqtt_client) {
         tokio::spawn(mqtt::run(state.clone(), host, port, tls));
     }
