@@ -12,9 +12,10 @@ use std::path::PathBuf;
 pub enum RolloutCmd {
     /// Start a rollout from a plan (TOML: model, version, waves in
     /// cumulative percent, bake_secs, deadline_secs, max_wait_secs, seed,
-    /// on_failure = "pause" | "rollback", [gates] max_failed,
-    /// min_shadow_agreement, max_error_rate, max_p99_ms, max_drift; and
-    /// [select] group, tags, profile). Refused before any device is
+    /// on_failure = "pause" | "rollback", [gates] max_failed (the share of
+    /// a wave's devices that may fail; the gates min_shadow_agreement,
+    /// max_error_rate, max_p99_ms and max_drift are read but agents do not
+    /// report those values yet); and [select] group, tags, profile). Refused before any device is
     /// touched if the version is not approved, the selector names what no
     /// device has, the target set is empty, the waves do not reach 100 %,
     /// or an active rollout of the model holds one of its devices.

@@ -45,17 +45,23 @@ fn a_plan_goes_wave_by_wave_to_every_device_and_a_rollback_puts_them_back() {
     let good = plan(
         &coord,
         "good.toml",
-        "model = \"iris\"\nversion = 2\nwaves = [34, 100]\nbake_secs = 1\ndeadline_secs = 60\n[gates]\nmax_failed = 0.0\n",
+        "model = \"iris\"\nversion = 2\nwaves = [34, 100]\nbake_secs = 4\ndeadline_secs = 60\n[gates]\nmax_failed = 0.0\n",
     );
     let started = coord.json(&["rollout", "start", &good]);
     let id = started["id"].as_u64().unwrap();
     let waves = started["waves"].as_array().unwrap();
     assert_eq!(waves.iter().map(|w| w["devices"].as_u64().unwrap()).collect::<Vec<_>>(), vec![2, 1], "{started}");
-    // The canary first: one device is still on version 1 while it bakes.
+    // The canary first: the third device is still on version 1 while it
+    // bakes.
     wait_for("the canary updated", Duration::from_secs(60), || {
         let s = coord.json(&["rollout", "status", &id.to_string()]);
         (s["waves"][0]["succeeded"] == 2).then_some(())
     });
+    let s = coord.json(&["rollout", "status", &id.to_string()]);
+    assert!(s["phase"]["Baking"].is_object(), "{s}");
+    let on_v1: Vec<&str> =
+        ["cam-01", "cam-02", "cam-03"].into_iter().filter(|d| coord.device(d)["desired"]["iris"] == 1).collect();
+    assert_eq!(on_v1.len(), 1, "one device waits for the second wave: {on_v1:?}");
     wait_for("every wave through", Duration::from_secs(60), || (phase(&coord, id) == "Done").then_some(()));
     for a in &agents {
         a.wait_serving("iris", 2);

@@ -113,13 +113,13 @@ impl Registry {
         }
         let targets = self.targets(&selector, &plan.model)?;
         let ids: BTreeSet<&str> = targets.iter().map(|t| t.device.as_str()).collect();
-        for other in self.rollouts()?.iter().filter(|r| !r.rollout.is_finished()) {
+        for other in self.rollouts()?.iter().filter(|r| !r.rollout.is_finished() || r.rollout.has_actions()) {
             if other.rollout.plan().model != plan.model {
                 continue;
             }
             if let Some(d) = other.rollout.waves().concat().into_iter().find(|d| ids.contains(d)) {
                 return Err(RegistryError::Selector(format!(
-                    "rollout {} of {} is active on {d}: pause, abort or finish it first",
+                    "rollout {} of {} is active on {d}: abort it or let it finish first",
                     other.id, plan.model
                 )));
             }

@@ -50,8 +50,8 @@ pub enum DeviceState {
     },
     /// It reported the version healthy.
     Succeeded,
-    /// It failed, for this reason (a late success is recorded, but the
-    /// wave's judgement stands).
+    /// It failed, for this reason (a success reported after its deadline
+    /// changes nothing).
     Failed(String),
     /// Put back on its previous version.
     Reverted,
@@ -179,6 +179,9 @@ pub struct Rollout {
     /// Waves an operator resumed past their failed gate: not judged again.
     #[serde(default)]
     overridden: Vec<usize>,
+    /// The wave whose gate failure paused the rollout, if one did.
+    #[serde(default)]
+    gate_paused: Option<usize>,
 }
 
 impl Rollout {
@@ -195,8 +198,17 @@ impl Rollout {
             phase: Phase::Running { wave: 0 },
             actions: VecDeque::new(),
             overridden: Vec::new(),
+            gate_paused: None,
         };
+        // A device on the version already is not touched: it counts as
+        // updated in its wave.
+        for (i, t) in r.targets.iter().enumerate() {
+            if t.previous == Some(r.plan.version) {
+                r.devices[i] = DeviceState::Succeeded;
+            }
+        }
         r.send(0, now);
+        r.evaluate(now);
         Ok(r)
     }
 
@@ -242,14 +254,21 @@ impl Rollout {
                 .iter()
                 .filter_map(|&i| match &self.devices[i] {
                     DeviceState::Sent { at, waiting_since: None, waited } => {
-                        Some(at + waited + self.plan.deadline_secs)
+                        Some(at.saturating_add(*waited).saturating_add(self.plan.deadline_secs))
                     }
-                    DeviceState::Sent { waiting_since: Some(since), .. } => Some(since + self.plan.max_wait_secs),
+                    DeviceState::Sent { waiting_since: Some(since), .. } => {
+                        Some(since.saturating_add(self.plan.max_wait_secs))
+                    }
                     _ => None,
                 })
                 .min(),
             _ => None,
         }
+    }
+
+    /// Whether actions wait to be carried out.
+    pub fn has_actions(&self) -> bool {
+        !self.actions.is_empty()
     }
 
     fn send(&mut self, wave: usize, now: u64) {
@@ -290,10 +309,11 @@ impl Rollout {
             for &i in &self.waves[wave] {
                 let late = match &self.devices[i] {
                     DeviceState::Sent { at, waiting_since: None, waited } => (now
-                        >= at + waited + self.plan.deadline_secs)
-                        .then(|| format!("no report within {} s of the update", self.plan.deadline_secs)),
-                    DeviceState::Sent { waiting_since: Some(since), .. } => (now >= since + self.plan.max_wait_secs)
-                        .then(|| format!("waited {} s for its maintenance window", self.plan.max_wait_secs)),
+                        >= at.saturating_add(*waited).saturating_add(self.plan.deadline_secs))
+                    .then(|| format!("no report within {} s of the update", self.plan.deadline_secs)),
+                    DeviceState::Sent { waiting_since: Some(since), .. } => (now
+                        >= since.saturating_add(self.plan.max_wait_secs))
+                    .then(|| format!("waited {} s for its maintenance window", self.plan.max_wait_secs)),
                     _ => None,
                 };
                 if let Some(reason) = late {
@@ -339,7 +359,10 @@ impl Rollout {
                         self.plan.gates.max_failed * 100.0
                     );
                     match self.plan.on_failure {
-                        OnFailure::Pause => self.phase = Phase::Paused { wave, reason },
+                        OnFailure::Pause => {
+                            self.phase = Phase::Paused { wave, reason };
+                            self.gate_paused = Some(wave);
+                        }
                         OnFailure::Rollback => self.roll_back(),
                     }
                     return;
@@ -351,7 +374,7 @@ impl Rollout {
                     if !decided {
                         return;
                     }
-                    self.phase = Phase::Baking { wave, until: now + self.plan.bake_secs };
+                    self.phase = Phase::Baking { wave, until: now.saturating_add(self.plan.bake_secs) };
                 }
                 Phase::Baking { wave, until } if now >= until => {
                     if wave + 1 == self.waves.len() {
@@ -393,9 +416,11 @@ impl Rollout {
                 // Devices of the wave not sent yet (none, unless restored
                 // from an older state) are sent now; deadlines run on.
                 self.send(wave, now);
-                // Resuming a wave that failed its gate goes on past the
-                // failure: the operator's call, not judged again.
-                if self.over_threshold(wave) {
+                // Resuming the wave whose failed gate paused it goes on past
+                // the failure: the operator's call, not judged again. A
+                // wave that failed while an operator had paused it is
+                // judged now, as the plan says.
+                if self.gate_paused.take() == Some(wave) && self.over_threshold(wave) {
                     self.overridden.push(wave);
                 }
                 self.evaluate(now);

@@ -91,6 +91,9 @@ pub struct Plan {
     pub seed: u64,
 }
 
+/// The longest bake, deadline or wait a plan may give: 30 days.
+pub const MAX_SECS: u64 = 30 * 86_400;
+
 fn default_waves() -> Vec<u32> {
     vec![1, 5, 25, 100]
 }
@@ -123,6 +126,14 @@ pub enum PlanError {
         /// What it may be.
         range: &'static str,
     },
+    /// A duration out of its range.
+    #[error("{what} = {secs}: 1 s to 30 days (a bake may be 0)")]
+    Duration {
+        /// Which.
+        what: &'static str,
+        /// What it was given.
+        secs: u64,
+    },
     /// A device is listed twice.
     #[error("device {0} is in the target set twice")]
     Duplicate(String),
@@ -134,6 +145,15 @@ impl Plan {
         let w = &self.waves;
         if w.is_empty() || w.last() != Some(&100) || w[0] == 0 || w.windows(2).any(|p| p[0] >= p[1]) {
             return Err(PlanError::Waves(w.clone()));
+        }
+        for (what, secs) in [
+            ("bake_secs", self.bake_secs),
+            ("deadline_secs", self.deadline_secs),
+            ("max_wait_secs", self.max_wait_secs),
+        ] {
+            if secs > MAX_SECS || (what != "bake_secs" && secs == 0) {
+                return Err(PlanError::Duration { what, secs });
+            }
         }
         let g = &self.gates;
         let share = |gate, v: f64| {

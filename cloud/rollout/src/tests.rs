@@ -277,3 +277,43 @@ proptest! {
         prop_assert!(r.is_finished(), "stuck in {:?}", r.phase());
     }
 }
+
+#[test]
+fn devices_on_the_version_already_are_not_touched_and_count_as_updated() {
+    let mut targets = fleet(4);
+    targets[1].previous = Some(2);
+    let mut r = Rollout::start(Plan { waves: vec![100], ..plan() }, targets, 0).unwrap();
+    let (assigned, _) = drain(&mut r);
+    assert_eq!(assigned.len(), 3);
+    assert!(!assigned.contains(&"cam-0001".to_string()));
+    assert_eq!(r.device("cam-0001"), Some(&DeviceState::Succeeded));
+    // All on it already: the wave bakes at once, nothing sent.
+    let all: Vec<Target> = fleet(2).into_iter().map(|t| Target { previous: Some(2), ..t }).collect();
+    let mut r = Rollout::start(Plan { waves: vec![100], ..plan() }, all, 0).unwrap();
+    assert_eq!(drain(&mut r), (vec![], vec![]));
+    assert_eq!(r.phase(), &Phase::Baking { wave: 0, until: 60 });
+}
+
+#[test]
+fn failures_while_an_operator_paused_are_judged_at_resume() {
+    let p = Plan { on_failure: OnFailure::Rollback, ..plan() };
+    let mut r = Rollout::start(p, fleet(100), 0).unwrap();
+    let (canary, _) = drain(&mut r);
+    r.command(Command::Pause, 1).unwrap();
+    r.report(&canary[0], Report::Failed("self-test".into()), 2);
+    assert!(matches!(r.phase(), Phase::Paused { .. }), "paused: judged later");
+    r.command(Command::Resume, 3).unwrap();
+    assert_eq!(r.phase(), &Phase::RolledBack, "the plan's on-failure, not the operator's override");
+}
+
+#[test]
+fn durations_out_of_range_are_refused() {
+    for (p, what) in [
+        (Plan { deadline_secs: 0, ..plan() }, "deadline_secs"),
+        (Plan { bake_secs: u64::MAX, ..plan() }, "bake_secs"),
+        (Plan { max_wait_secs: 31 * 86_400, ..plan() }, "max_wait_secs"),
+    ] {
+        assert!(matches!(p.check(), Err(PlanError::Duration { what: w, .. }) if w == what), "{what}");
+    }
+    assert!(Plan { bake_secs: 0, ..plan() }.check().is_ok());
+}

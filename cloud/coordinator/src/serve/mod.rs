@@ -202,7 +202,7 @@ pub struct State {
     /// The newest wire version spoken (`--max-wire-version`), MQTT too.
     pub max_wire: WireVersion,
     /// Held while rollouts are driven or commanded: one at a time.
-    pub rollouts: tokio::sync::Mutex<()>,
+    pub rollouts: Arc<tokio::sync::Mutex<()>>,
 }
 
 impl State {
@@ -406,7 +406,7 @@ pub async fn run(data_dir: PathBuf, args: ServeArgs) -> Result<()> {
         route,
         quality_rules: quality_rules(&args),
         max_wire: WireVersion(args.max_wire_version),
-        rollouts: tokio::sync::Mutex::new(()),
+        rollouts: Arc::new(tokio::sync::Mutex::new(())),
     });
     tokio::spawn(quic::accept_loop(endpoint.clone(), state.clone()));
     tokio::spawn(rollouts::run(state.clone()));

@@ -29,12 +29,15 @@ pub async fn run(state: Arc<State>) {
     }
 }
 
-/// One round over the active rollouts.
+/// One round over the active rollouts. The lock is held by the blocking
+/// work itself, so a caller that goes away (a cancelled request) cannot let
+/// another round start beside it.
 pub async fn drive_all(state: &Arc<State>) -> Result<()> {
-    let _one = state.rollouts.lock().await;
+    let guard = state.rollouts.clone().lock_owned().await;
     let st = state.clone();
     tokio::task::spawn_blocking(move || {
-        for r in st.registry.rollouts()?.into_iter().filter(|r| !r.rollout.is_finished() || has_actions(r)) {
+        let _one = guard;
+        for r in st.registry.rollouts()?.into_iter().filter(|r| !r.rollout.is_finished() || r.rollout.has_actions()) {
             let id = r.id;
             if let Err(e) = drive(&st, r) {
                 warn!(rollout = id, "rollout: {e:#}");
@@ -44,11 +47,6 @@ pub async fn drive_all(state: &Arc<State>) -> Result<()> {
     })
     .await??;
     Ok(())
-}
-
-fn has_actions(r: &StoredRollout) -> bool {
-    let mut copy = r.rollout.clone();
-    copy.poll_action().is_some()
 }
 
 /// What a device's history says of its update to `model:version` since
@@ -74,11 +72,13 @@ fn report_of(d: &tern_registry::Device, model: &str, version: u32, since: u64) -
     out
 }
 
-/// One rollout: reports in, time on, the state kept, its actions carried
-/// out, the state kept again.
+/// One rollout: reports in, time on; then, as long as the engine has
+/// actions, the state is written with them queued before they are carried
+/// out (so a crash replays them, never loses them), and written again.
 fn drive(state: &State, mut r: StoredRollout) -> Result<()> {
     let now = unix_now();
     let plan = r.rollout.plan().clone();
+    let before = r.rollout.clone();
     let sent: Vec<(String, u64)> = r
         .rollout
         .waves()
@@ -90,47 +90,67 @@ fn drive(state: &State, mut r: StoredRollout) -> Result<()> {
         })
         .collect();
     for (device, at) in sent {
-        let Ok(d) = state.registry.device(&device) else {
-            r.rollout.report(&device, Report::Failed("removed from the fleet".into()), now);
-            continue;
-        };
-        if let Some(report) = report_of(&d, &plan.model, plan.version, at) {
-            r.rollout.report(&device, report, now);
+        match state.registry.device(&device) {
+            Ok(d) => {
+                if let Some(report) = report_of(&d, &plan.model, plan.version, at) {
+                    r.rollout.report(&device, report, now);
+                }
+            }
+            Err(tern_registry::RegistryError::UnknownDevice(_)) => {
+                r.rollout.report(&device, Report::Failed("removed from the fleet".into()), now);
+            }
+            // Read again next round.
+            Err(e) => warn!(rollout = r.id, device = %device, "rollout: reading the device: {e}"),
         }
     }
     r.rollout.handle_timeout(now);
-    state.registry.put_rollout(&r)?;
-    let mut done = Vec::new();
-    while let Some(a) = r.rollout.poll_action() {
-        let result = match &a {
-            Action::Assign { device } => state.registry.assign(device, &plan.model, plan.version).map(|d| Some(d.id)),
-            Action::Revert { device, previous: Some(v) } => {
-                state.registry.assign(device, &plan.model, *v).map(|d| Some(d.id))
-            }
-            Action::Revert { device, previous: None } => match state.registry.unassign(device, &plan.model) {
-                Err(tern_registry::RegistryError::NotAssigned { .. }) => Ok(None),
-                other => other.map(|d| Some(d.id)),
-            },
-        };
-        match result {
-            Ok(id) => {
-                if let Some(id) = id {
-                    state.sessions.wake(&id);
+    // Nothing new, and nothing left to carry out (a queue written before a
+    // crash is carried out now).
+    if r.rollout == before && !r.rollout.has_actions() {
+        return Ok(());
+    }
+    let mut carried = 0;
+    while r.rollout.has_actions() {
+        state.registry.put_rollout(&r)?;
+        let mut batch = Vec::new();
+        while let Some(a) = r.rollout.poll_action() {
+            batch.push(a);
+        }
+        for a in batch {
+            let result = match &a {
+                Action::Assign { device } => {
+                    state.registry.assign(device, &plan.model, plan.version).map(|d| Some(d.id))
                 }
-                done.push(a);
-            }
-            Err(e) => {
-                warn!(rollout = r.id, ?a, "rollout action: {e}");
-                // An assignment the registry refuses (the device was removed,
-                // or cannot run the version) fails the device for the gate.
-                if let Action::Assign { device } = &a {
-                    r.rollout.report(device, Report::Failed(format!("not assigned: {e}")), now);
+                Action::Revert { device, previous: Some(v) } => {
+                    state.registry.assign(device, &plan.model, *v).map(|d| Some(d.id))
+                }
+                Action::Revert { device, previous: None } => match state.registry.unassign(device, &plan.model) {
+                    Err(tern_registry::RegistryError::NotAssigned { .. }) => Ok(None),
+                    other => other.map(|d| Some(d.id)),
+                },
+            };
+            match result {
+                Ok(id) => {
+                    if let Some(id) = id {
+                        state.sessions.wake(&id);
+                    }
+                    carried += 1;
+                }
+                Err(e) => {
+                    warn!(rollout = r.id, ?a, "rollout action: {e}");
+                    // An assignment the registry refuses (the device was
+                    // removed, or cannot run the version) fails the device
+                    // for the gate; its new actions are written before they
+                    // are carried out, in the next pass of this loop.
+                    if let Action::Assign { device } = &a {
+                        r.rollout.report(device, Report::Failed(format!("not assigned: {e}")), now);
+                    }
                 }
             }
         }
     }
-    if !done.is_empty() {
-        info!(rollout = r.id, actions = done.len(), phase = ?r.rollout.phase(), "rollout moved on");
+    if carried > 0 {
+        info!(rollout = r.id, actions = carried, phase = ?r.rollout.phase(), "rollout moved on");
     }
     state.registry.put_rollout(&r)?;
     Ok(())
