@@ -171,8 +171,11 @@ impl Plan {
     }
 
     /// The waves over `targets`, as indexes into it: devices ordered by a
-    /// hash of the seed and their id; the canary the first of each
-    /// (profile, group) present, then the next in order up to its share;
+    /// hash of the seed and their id; the canary, in that order, each device
+    /// that brings a profile or a group no device before it in the canary
+    /// has (so every profile and every group present is in it, with at
+    /// most as many devices as there are profiles and groups), then the
+    /// next in order up to its share;
     /// each later wave the next in order up to its share (a wave its share
     /// rounds to nothing is left out). Every device is in exactly one wave.
     pub fn waves(&self, targets: &[Target]) -> Result<Vec<Vec<usize>>, PlanError> {
@@ -192,9 +195,13 @@ impl Plan {
         let upto = |pct: u32| (n * pct as usize).div_ceil(100);
         let mut placed = vec![false; n];
         let mut canary = Vec::new();
-        let mut classes = BTreeSet::new();
+        let (mut profiles, mut groups) = (BTreeSet::new(), BTreeSet::new());
         for &i in &order {
-            if classes.insert((targets[i].profile.as_str(), targets[i].group.as_str())) {
+            let new_profile = !profiles.contains(targets[i].profile.as_str());
+            let new_group = !groups.contains(targets[i].group.as_str());
+            if new_profile || new_group {
+                profiles.insert(targets[i].profile.as_str());
+                groups.insert(targets[i].group.as_str());
                 canary.push(i);
                 placed[i] = true;
             }
@@ -263,9 +270,9 @@ mod tests {
         let waves = plan().waves(&targets).unwrap();
         let sizes: Vec<usize> = waves.iter().map(Vec::len).collect();
         assert_eq!(sizes, vec![10, 40, 200, 750]);
-        let classes: BTreeSet<_> =
-            waves[0].iter().map(|&i| (targets[i].profile.clone(), targets[i].group.clone())).collect();
-        assert_eq!(classes.len(), 6, "3 profiles × 2 groups");
+        let profiles: BTreeSet<_> = waves[0].iter().map(|&i| targets[i].profile.clone()).collect();
+        let groups: BTreeSet<_> = waves[0].iter().map(|&i| targets[i].group.clone()).collect();
+        assert_eq!((profiles.len(), groups.len()), (3, 2), "every profile and group");
         let mut all: Vec<usize> = waves.concat();
         all.sort();
         assert_eq!(all, (0..1000).collect::<Vec<_>>(), "every device once");
@@ -276,12 +283,35 @@ mod tests {
     }
 
     #[test]
+    fn a_canary_over_many_groups_stays_near_the_number_of_classes_not_their_product() {
+        // 10 profiles × 50 groups over 5,000 devices: a device per class
+        // would be 500 (10 %); one per new profile or group is at most 60.
+        let targets: Vec<Target> = (0..5000)
+            .map(|i| Target {
+                device: format!("d{i}"),
+                profile: format!("p{}", i % 10),
+                group: format!("g{}", (i / 10) % 50),
+                previous: None,
+            })
+            .collect();
+        let waves = plan().waves(&targets).unwrap();
+        assert!(waves[0].len() <= 60, "{}", waves[0].len());
+        let profiles: BTreeSet<_> = waves[0].iter().map(|&i| &targets[i].profile).collect();
+        let groups: BTreeSet<_> = waves[0].iter().map(|&i| &targets[i].group).collect();
+        assert_eq!((profiles.len(), groups.len()), (10, 50));
+    }
+
+    #[test]
     fn a_small_fleet_gets_its_canary_and_no_empty_waves() {
-        let waves = plan().waves(&fleet(4)).unwrap();
-        // 3 profiles × 2 groups present in 4 devices: cam-0000 (rpi4/lab),
-        // the others field: 4 classes, all in the canary.
-        assert_eq!(waves.len(), 1);
-        assert_eq!(waves[0].len(), 4);
+        let targets = fleet(4);
+        let waves = plan().waves(&targets).unwrap();
+        // 3 profiles and 2 groups in 4 devices: the canary holds 3 or 4 of
+        // them (every profile and group), the rest is one more wave.
+        let profiles: BTreeSet<_> = waves[0].iter().map(|&i| &targets[i].profile).collect();
+        let groups: BTreeSet<_> = waves[0].iter().map(|&i| &targets[i].group).collect();
+        assert_eq!((profiles.len(), groups.len()), (3, 2));
+        assert!(waves.len() <= 2 && waves.iter().all(|w| !w.is_empty()));
+        assert_eq!(waves.concat().len(), 4);
         let waves = Plan { waves: vec![50, 100], ..plan() }.waves(&fleet(20)).unwrap();
         assert_eq!(waves.iter().map(Vec::len).collect::<Vec<_>>(), vec![10, 10]);
     }
