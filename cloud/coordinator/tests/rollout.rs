@@ -149,3 +149,27 @@ fn a_coordinator_killed_mid_rollout_goes_on_and_touches_no_device_twice() {
         assert_eq!(coord.device(d)["generation"].as_u64().unwrap(), before + 1, "{d} touched more than once");
     }
 }
+
+#[test]
+fn a_device_offline_during_its_wave_updates_when_it_returns() {
+    let coord = Coord::start();
+    let quick = ["--keep-alive-secs", "1", "--idle-timeout-secs", "4"];
+    let mut agents = serving_v1_with(&coord, &["cam-01", "cam-02"], &quick);
+    assert_eq!(coord.register_iris("iris"), 2);
+    // cam-02 goes away before the rollout; its deadline (5 s) would pass
+    // long before it returns, were an offline device counted down.
+    let a = agents.pop().unwrap();
+    let dir = a.dir;
+    drop(a.proc);
+    wait_for("cam-02 gone", Duration::from_secs(60), || (coord.status()["sessions"] == 1).then_some(()));
+    let body = "model = \"iris\"\nversion = 2\nwaves = [100]\nbake_secs = 0\ndeadline_secs = 5\n";
+    let id = coord.json(&["rollout", "start", &plan(&coord, "plan.toml", body)])["id"].as_u64().unwrap();
+    std::thread::sleep(Duration::from_secs(10));
+    let s = coord.json(&["rollout", "status", &id.to_string()]);
+    assert_eq!((s["waves"][0]["succeeded"].as_u64(), s["waves"][0]["waiting"].as_u64()), (Some(1), Some(1)), "{s}");
+    let mut back = Agent::new();
+    back.dir = dir;
+    back.start_with(&quick);
+    back.wait_serving("iris", 2);
+    wait_for("the rollout done", Duration::from_secs(30), || (phase(&coord, id) == "Done").then_some(()));
+}

@@ -28,9 +28,13 @@ pub enum Report {
     /// Its update failed (a self-test, shadow or probation failure; a
     /// rollback by itself), for this reason.
     Failed(String),
-    /// It holds the version until its maintenance window opens: its
-    /// deadline does not run meanwhile.
+    /// It cannot act now: it holds the version until its maintenance
+    /// window opens, or it is offline. Its deadline does not run meanwhile
+    /// (up to the plan's `max_wait_secs`).
     Waiting,
+    /// It is online and at work on the update: a wait ends, and its
+    /// deadline runs on.
+    Active,
 }
 
 /// Where a device stands in the rollout.
@@ -288,6 +292,12 @@ impl Rollout {
             (DeviceState::Sent { at, waited, waiting_since }, Report::Waiting) => {
                 DeviceState::Sent { at: *at, waited: *waited, waiting_since: Some(waiting_since.unwrap_or(now)) }
             }
+            (DeviceState::Sent { waiting_since: None, .. }, Report::Active) => return false,
+            (DeviceState::Sent { at, waited, waiting_since: Some(since) }, Report::Active) => DeviceState::Sent {
+                at: *at,
+                waited: waited.saturating_add(now.saturating_sub(*since)),
+                waiting_since: None,
+            },
             (DeviceState::Sent { .. }, Report::Updated(h)) => match self.judge(&h) {
                 Ok(()) => DeviceState::Succeeded,
                 Err(reason) => DeviceState::Failed(reason),
@@ -296,7 +306,7 @@ impl Rollout {
             // A late success after its deadline: recorded as failed still
             // for the wave that judged it; nothing else.
             (DeviceState::Queued | DeviceState::Reverted | DeviceState::Failed(_), _)
-            | (DeviceState::Succeeded, Report::Updated(_) | Report::Waiting) => return false,
+            | (DeviceState::Succeeded, Report::Updated(_) | Report::Waiting | Report::Active) => return false,
         };
         self.devices[i] = next;
         self.evaluate(now);
@@ -311,9 +321,14 @@ impl Rollout {
                     DeviceState::Sent { at, waiting_since: None, waited } => (now
                         >= at.saturating_add(*waited).saturating_add(self.plan.deadline_secs))
                     .then(|| format!("no report within {} s of the update", self.plan.deadline_secs)),
-                    DeviceState::Sent { waiting_since: Some(since), .. } => (now
-                        >= since.saturating_add(self.plan.max_wait_secs))
-                    .then(|| format!("waited {} s for its maintenance window", self.plan.max_wait_secs)),
+                    DeviceState::Sent { waiting_since: Some(since), .. } => {
+                        (now >= since.saturating_add(self.plan.max_wait_secs)).then(|| {
+                            format!(
+                                "could not act for {} s (offline, or waiting for its maintenance window)",
+                                self.plan.max_wait_secs
+                            )
+                        })
+                    }
                     _ => None,
                 };
                 if let Some(reason) = late {

@@ -317,3 +317,18 @@ fn durations_out_of_range_are_refused() {
     }
     assert!(Plan { bake_secs: 0, ..plan() }.check().is_ok());
 }
+
+#[test]
+fn a_wait_ends_when_the_device_is_active_and_its_deadline_runs_on_from_there() {
+    let mut r = Rollout::start(Plan { waves: vec![100], ..plan() }, fleet(1), 0).unwrap();
+    let (wave, _) = drain(&mut r);
+    // Offline from 10 to 1010: its 300 s deadline moves on by 1000 s.
+    r.report(&wave[0], Report::Waiting, 10);
+    r.report(&wave[0], Report::Active, 1010);
+    assert_eq!(r.device(&wave[0]), Some(&DeviceState::Sent { at: 0, waiting_since: None, waited: 1000 }));
+    assert_eq!(r.poll_timeout(), Some(1300));
+    r.handle_timeout(1299);
+    assert!(matches!(r.device(&wave[0]), Some(DeviceState::Sent { .. })));
+    r.handle_timeout(1300);
+    assert!(matches!(r.device(&wave[0]), Some(DeviceState::Reverted)), "failed at its deadline, rolled back");
+}

@@ -50,8 +50,8 @@ pub async fn drive_all(state: &Arc<State>) -> Result<()> {
 }
 
 /// What a device's history says of its update to `model:version` since
-/// `since` (Unix seconds, by the coordinator's clock): the last step that
-/// decides.
+/// `since` (Unix seconds, by the coordinator's clock): its latest step
+/// (`None`: at work on it, or not started).
 fn report_of(d: &tern_registry::Device, model: &str, version: u32, since: u64) -> Option<Report> {
     let mut out = None;
     for h in d.history.iter().filter(|h| h.received_at >= since) {
@@ -66,7 +66,7 @@ fn report_of(d: &tern_registry::Device, model: &str, version: u32, since: u64) -
                 Some(Report::Failed(format!("{}: {}", e.phase, why())))
             }
             "ready" => Some(Report::Waiting),
-            _ => out,
+            _ => None,
         };
     }
     out
@@ -92,9 +92,14 @@ fn drive(state: &State, mut r: StoredRollout) -> Result<()> {
     for (device, at) in sent {
         match state.registry.device(&device) {
             Ok(d) => {
-                if let Some(report) = report_of(&d, &plan.model, plan.version, at) {
-                    r.rollout.report(&device, report, now);
-                }
+                // A device that cannot act (offline: no control session,
+                // or holding for its window) is not counted down.
+                let report = match report_of(&d, &plan.model, plan.version, at) {
+                    Some(r) => r,
+                    None if state.sessions.is_connected(&d.id) => Report::Active,
+                    None => Report::Waiting,
+                };
+                r.rollout.report(&device, report, now);
             }
             Err(tern_registry::RegistryError::UnknownDevice(_)) => {
                 r.rollout.report(&device, Report::Failed("removed from the fleet".into()), now);

@@ -143,6 +143,11 @@ impl Sessions {
         }
     }
 
+    /// Whether the device has a control session now.
+    pub fn is_connected(&self, device: &DeviceId) -> bool {
+        self.devices.lock().expect("lock").get(device).is_some_and(|d| d.session.is_some())
+    }
+
     /// How many devices have a control session.
     pub fn len(&self) -> usize {
         self.devices.lock().expect("lock").values().filter(|d| d.session.is_some()).count()
