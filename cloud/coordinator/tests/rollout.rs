@@ -68,8 +68,14 @@ fn a_plan_goes_wave_by_wave_to_every_device_and_a_rollback_puts_them_back() {
     }
     let table = coord.ok(&["rollout", "list"]);
     assert!(table.contains("iris:2") && table.contains("done"), "{table}");
-    // Rolled back after it finished: every device is on version 1 again.
+    // Rolled back after it finished, while version 1 is rejected: the
+    // reverts wait; once it is approved again they go through, and every
+    // device is on version 1 again.
+    coord.ok(&["model", "reject", "iris:1"]);
     coord.ok(&["rollout", "rollback", &id.to_string()]);
+    std::thread::sleep(Duration::from_secs(5));
+    assert_eq!(coord.device("cam-01")["desired"]["iris"], 2, "not reverted onto a rejected version");
+    coord.ok(&["model", "approve", "iris:1"]);
     for a in &agents {
         a.wait_serving("iris", 1);
     }

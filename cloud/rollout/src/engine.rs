@@ -275,6 +275,12 @@ impl Rollout {
         !self.actions.is_empty()
     }
 
+    /// Puts back an action the caller could not carry out (a revert the
+    /// registry refused for now), to be handed out again.
+    pub fn requeue(&mut self, action: Action) {
+        self.actions.push_back(action);
+    }
+
     fn send(&mut self, wave: usize, now: u64) {
         for &i in &self.waves[wave] {
             if self.devices[i] == DeviceState::Queued {

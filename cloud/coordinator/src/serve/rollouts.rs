@@ -115,6 +115,9 @@ fn drive(state: &State, mut r: StoredRollout) -> Result<()> {
         return Ok(());
     }
     let mut carried = 0;
+    // Reverts the registry refuses now (the previous version rejected,
+    // say) are tried again every round until they go through.
+    let mut again = Vec::new();
     while r.rollout.has_actions() {
         state.registry.put_rollout(&r)?;
         let mut batch = Vec::new();
@@ -147,15 +150,24 @@ fn drive(state: &State, mut r: StoredRollout) -> Result<()> {
                     // removed, or cannot run the version) fails the device
                     // for the gate; its new actions are written before they
                     // are carried out, in the next pass of this loop.
-                    if let Action::Assign { device } = &a {
-                        r.rollout.report(device, Report::Failed(format!("not assigned: {e}")), now);
-                    }
+                    match &a {
+                        Action::Assign { device } => {
+                            r.rollout.report(device, Report::Failed(format!("not assigned: {e}")), now)
+                        }
+                        Action::Revert { .. } => {
+                            again.push(a.clone());
+                            true
+                        }
+                    };
                 }
             }
         }
     }
     if carried > 0 {
         info!(rollout = r.id, actions = carried, phase = ?r.rollout.phase(), "rollout moved on");
+    }
+    for a in again {
+        r.rollout.requeue(a);
     }
     state.registry.put_rollout(&r)?;
     Ok(())
