@@ -251,6 +251,18 @@ fn finite(x: f64) -> f64 {
     if x.is_nan() { 0.0 } else { x.clamp(-f64::MAX, f64::MAX) }
 }
 
+/// Removes the oldest records under each of `prefixes` past `keep`.
+fn trim(tree: &sled::Tree, prefixes: impl Iterator<Item = Vec<u8>>, keep: usize) -> Result<()> {
+    let prefixes: std::collections::BTreeSet<Vec<u8>> = prefixes.collect();
+    for prefix in prefixes {
+        let held = tree.scan_prefix(&prefix).keys().count();
+        for old in tree.scan_prefix(&prefix).keys().take(held.saturating_sub(keep)) {
+            tree.remove(old?)?;
+        }
+    }
+    Ok(())
+}
+
 /// An open alert's key and id.
 type OpenAlert = (sled::IVec, sled::IVec);
 
@@ -498,29 +510,13 @@ impl Registry {
             sled::transaction::TransactionError::Abort(e) => e,
             sled::transaction::TransactionError::Storage(e) => crate::RegistryError::Storage(e),
         })?;
-        // Retention, after: a crash here only keeps a few more.
-        for w in &taken.windows {
-            let prefix = device_windows(&w.model, w.version, device);
-            let held = windows.scan_prefix(&prefix).keys().count();
-            for old in windows.scan_prefix(&prefix).keys().take(held.saturating_sub(WINDOWS_KEPT)) {
-                windows.remove(old?)?;
-            }
-        }
-        for q in &taken.quality {
-            let prefix = device_windows(&q.model, q.version, device);
-            let held = quality.scan_prefix(&prefix).keys().count();
-            for old in quality.scan_prefix(&prefix).keys().take(held.saturating_sub(WINDOWS_KEPT)) {
-                quality.remove(old?)?;
-            }
-        }
-        let mut prefixes = taken.capture_keys.clone();
-        prefixes.dedup();
-        for prefix in prefixes {
-            let held = captures.scan_prefix(&prefix).keys().count();
-            for old in captures.scan_prefix(&prefix).keys().take(held.saturating_sub(CAPTURES_KEPT)) {
-                captures.remove(old?)?;
-            }
-        }
+        // Retention, after: a crash here only keeps a few more. Each
+        // prefix once, however many records of it the batch held.
+        let window_prefixes = taken.windows.iter().map(|w| device_windows(&w.model, w.version, device));
+        trim(&windows, window_prefixes, WINDOWS_KEPT)?;
+        let quality_prefixes = taken.quality.iter().map(|q| device_windows(&q.model, q.version, device));
+        trim(&quality, quality_prefixes, WINDOWS_KEPT)?;
+        trim(&captures, taken.capture_keys.iter().cloned(), CAPTURES_KEPT)?;
         if !taken.raised.is_empty() && alerts.len() > ALERTS_KEPT {
             let over = alerts.len() - ALERTS_KEPT;
             let mut gone = 0;

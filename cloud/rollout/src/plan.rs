@@ -236,7 +236,7 @@ fn hash(seed: u64, id: &str) -> u64 {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     pub(crate) fn fleet(n: usize) -> Vec<Target> {

@@ -1,19 +1,9 @@
 //! The rollout machine in virtual time.
 
+use crate::plan::tests::fleet;
 use crate::*;
 use proptest::prelude::*;
 use std::collections::BTreeMap;
-
-fn fleet(n: usize) -> Vec<Target> {
-    (0..n)
-        .map(|i| Target {
-            device: format!("cam-{i:04}"),
-            profile: ["rpi4", "jetson-orin", "x86"][i % 3].into(),
-            group: if i % 10 == 0 { "lab".into() } else { "field".into() },
-            previous: Some(1),
-        })
-        .collect()
-}
 
 fn plan() -> Plan {
     Plan {
